@@ -1,0 +1,1 @@
+"""Backends: tactics per device; cpu/ and cuda/ register theirs on import."""

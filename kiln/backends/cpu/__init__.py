@@ -1,0 +1,1 @@
+"""CPU tactics (oneDNN through torch)."""

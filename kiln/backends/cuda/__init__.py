@@ -1,0 +1,1 @@
+"""CUDA tactics (cuDNN/cuBLAS through torch, Triton kernels)."""

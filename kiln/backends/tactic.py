@@ -1,0 +1,81 @@
+"""Tactic: one implementation of a (fused) node on one backend, competing under the autotuner."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kiln.ir.graph import Node
+
+Kernel = Callable[..., Any]
+
+
+@dataclass
+class TacticContext:
+    """What a tactic may look at when deciding support: target device and precision flags."""
+
+    device: torch.device
+    fp16: bool = False
+    bf16: bool = False
+    tf32: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Tactic:
+    """Base class of tactics. Subclasses register with `register_tactic`.
+
+    id:        stable name stored in plans ("ref", "cpu.conv_mkldnn", "cuda.triton_conv", ...)
+    devices:   device types it runs on
+    priority:  heuristic rank used when not timing (higher first)
+    """
+
+    id: str = ""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    priority: int = 0
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        raise NotImplementedError
+
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        return [{}]
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        raise NotImplementedError
+
+    def workspace_bytes(self, node: Node, config: dict[str, Any]) -> int:
+        return 0
+
+
+_TACTICS: dict[str, Tactic] = {}
+
+
+def register_tactic(t: Tactic) -> Tactic:
+    if t.id in _TACTICS:
+        raise RuntimeError(f"tactic {t.id} registered twice")
+    _TACTICS[t.id] = t
+    return t
+
+
+def get_tactic(tid: str) -> Tactic | None:
+    _ensure_loaded()
+    return _TACTICS.get(tid)
+
+
+def candidate_tactics(node: Node, ctx: TacticContext) -> list[Tactic]:
+    """Tactics that support `node` on ctx.device, best heuristic first."""
+    _ensure_loaded()
+    out = [t for t in _TACTICS.values() if ctx.device.type in t.devices and t.supports(node, ctx)]
+    return sorted(out, key=lambda t: -t.priority)
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import kiln.backends.reference  # noqa: F401
+        import kiln.backends.cpu  # noqa: F401
+        import kiln.backends.cuda  # noqa: F401

@@ -1,0 +1,179 @@
+"""Builder + BuilderConfig + OptimizationProfile: the one place that wires the stages together.
+
+    import -> passes (pipeline.py) -> shape inference per profile -> tactic choice -> memory plan -> Plan
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import torch
+
+from kiln import __version__
+from kiln.backends.tactic import TacticContext, candidate_tactics
+from kiln.errors import BuildError, ProfileError
+from kiln.ir.graph import Graph
+from kiln.ir.types import TensorType
+from kiln.logger import Logger
+from kiln.passes.base import PassContext, PassManager
+from kiln.passes.pipeline import default_pipeline
+from kiln.passes.shape_inference import infer_types
+from kiln.plan.format import Plan
+from kiln.plan.memory import lifetimes, plan_memory
+from kiln.plan.serialize import GraphWriter, type_to_json
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class OptimizationProfile:
+    """min/opt/max shapes per dynamic input; the engine accepts any shape within [min, max]."""
+
+    shapes: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
+
+    def set_shape(self, name: str, min: Shape, opt: Shape, max: Shape) -> "OptimizationProfile":
+        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+        return self
+
+    def to_json(self) -> dict[str, dict[str, list[int]]]:
+        return {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.shapes.items()}
+
+
+@dataclass
+class BuilderConfig:
+    """Every build option travels here: target, precision, profiles, workspace, tuning."""
+
+    device: str = "cpu"
+    profiles: list[OptimizationProfile] = field(default_factory=list)
+    fp16: bool = False
+    bf16: bool = False
+    tf32: bool = True
+    int8: bool = False
+    workspace_bytes: int | None = None
+    optimization_level: int = 3
+    timing_cache: str | None = None
+
+
+def _device_target(device: str) -> dict[str, Any]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BuildError("--device cuda requested but no CUDA GPU is available")
+        idx = dev.index or 0
+        cc = torch.cuda.get_device_capability(idx)
+        return {"device": "cuda", "capability": f"{cc[0]}.{cc[1]}", "name": torch.cuda.get_device_name(idx)}
+    if dev.type != "cpu":
+        raise BuildError(f"unsupported target device '{device}' (use cpu or cuda)")
+    return {"device": "cpu"}
+
+
+class Builder:
+    """Optimizes a Graph (or ONNX model) for one target and returns a Plan."""
+
+    def __init__(self, logger: Logger | None = None) -> None:
+        self.logger = logger or Logger()
+
+    def build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig | None = None) -> Plan:
+        config = config or BuilderConfig()
+        t0 = time.perf_counter()
+        target = _device_target(config.device)
+        if isinstance(model, Graph):
+            g = model
+        else:
+            from kiln.frontend.onnx import load_onnx
+            g = load_onnx(model, self.logger)
+        self.logger.info(f"Building '{g.name}' for {target['device']}: {len(g.nodes)} layers")
+        _validate_profiles(g, config.profiles)
+        ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})
+        PassManager(default_pipeline()).run(g, ctx)
+        self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
+        opt_types = _infer_at(g, config.profiles, "opt", self.logger)
+        tctx = TacticContext(torch.device(config.device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32)
+        tactics = self._choose_tactics(g, tctx)
+        memory = self._plan_memory(g, opt_types)
+        writer = GraphWriter()
+        spec = writer.graph(g, tactics)
+        plan = Plan(
+            target=target,
+            inputs=[{"name": v.name, **type_to_json(v.type), "kind": v.kind} for v in g.inputs],
+            outputs=[{"name": v.name, **type_to_json(v.type), "kind": v.kind} for v in g.outputs],
+            profiles=[p.to_json() for p in config.profiles],
+            graph=spec, memory=memory, kiln_version=__version__, weights=writer.weights,
+            build={"fp16": config.fp16, "bf16": config.bf16, "tf32": config.tf32, "int8": config.int8,
+                   "optimization_level": config.optimization_level, "layers": len(g.nodes),
+                   "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__},
+        )
+        self.logger.info(f"Built plan: {len(g.nodes)} layers, {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
+                         f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
+                         f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
+        return plan
+
+    def _choose_tactics(self, g: Graph, tctx: TacticContext) -> dict[int, tuple[str, dict[str, Any]]]:
+        chosen: dict[int, tuple[str, dict[str, Any]]] = {}
+        for n in g.nodes:
+            cands = candidate_tactics(n, tctx)
+            if not cands:
+                raise BuildError(f"node '{n.name}' ({n.op_type}): no tactic supports it on {tctx.device.type}")
+            t = cands[0]
+            cfg = t.configs(n, tctx)[0]
+            chosen[id(n)] = (t.id, cfg)
+            if t.id != "ref":
+                self.logger.verbose(f"{n.name} ({n.op_type}): tactic {t.id} {cfg or ''}")
+        return chosen
+
+    def _plan_memory(self, g: Graph, types: dict[str, TensorType]) -> dict[str, Any]:
+        sizes = {name: t.nbytes() for name, t in types.items() if t.nbytes() is not None}
+        bufs = lifetimes(g, sizes)  # type: ignore[arg-type]
+        if not bufs:
+            return {}
+        mp = plan_memory(bufs)
+        self.logger.verbose(f"Activation memory: arena {mp.arena_bytes} bytes for {len(bufs)} tensors "
+                            f"(naive sum {mp.naive_bytes} bytes, {mp.arena_bytes / max(mp.naive_bytes, 1):.2f}x)")
+        return mp.to_json()
+
+
+def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:
+    names = {v.name: v for v in g.inputs}
+    for k, p in enumerate(profiles):
+        for name, (mn, op, mx) in p.shapes.items():
+            v = names.get(name)
+            if v is None:
+                raise ProfileError(f"profile {k} names input '{name}', which the model does not have "
+                                   f"(inputs: {', '.join(names) or 'none'})")
+            shape = v.type.shape
+            for which, s in (("kMIN", mn), ("kOPT", op), ("kMAX", mx)):
+                if shape is not None and len(s) != len(shape):
+                    raise ProfileError(f"{which} dimensions in profile {k} for input '{name}' have rank {len(s)} "
+                                       f"but the input has rank {len(shape)} {_fmt(shape)}")
+                if any(d < 0 for d in s):
+                    raise ProfileError(f"{which} dimensions in profile {k} for input '{name}' are negative: {_fmt(s)}")
+                if shape is not None and any(isinstance(d, int) and d != e for d, e in zip(shape, s)):
+                    raise ProfileError(f"{which} dimensions in profile {k} for input '{name}' are {_fmt(s)} "
+                                       f"but the input has static dimensions {_fmt(shape)}")
+            if not all(a <= b <= c for a, b, c in zip(mn, op, mx)):
+                raise ProfileError(f"profile {k} for input '{name}' needs min <= opt <= max per dim, "
+                                   f"got min {_fmt(mn)} opt {_fmt(op)} max {_fmt(mx)}")
+
+
+def _fmt(s: Any) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in s) + "]"
+
+
+def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger: Logger) -> dict[str, TensorType]:
+    """Concrete types of every value with dynamic inputs pinned at a profile point (opt by default)."""
+    idx = {"min": 0, "opt": 1, "max": 2}[which]
+    saved = [v.type for v in g.inputs]
+    try:
+        if profiles:
+            for v in g.inputs:
+                if v.name in profiles[0].shapes:
+                    v.type = TensorType(v.type.dtype, profiles[0].shapes[v.name][idx])
+        infer_types(g, logger)
+        return {v.name: v.type for v in g.values() if not v.is_const}
+    finally:
+        for v, t in zip(g.inputs, saved):
+            v.type = t
+        infer_types(g, logger)

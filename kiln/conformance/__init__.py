@@ -1,0 +1,1 @@
+"""ONNX backend conformance: the Backend adapter and the suite runner."""

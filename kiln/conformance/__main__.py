@@ -1,0 +1,5 @@
+import sys
+
+from kiln.conformance.runner import main
+
+sys.exit(main())

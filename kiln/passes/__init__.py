@@ -1,0 +1,1 @@
+"""Graph passes; pipeline.py lists them in order."""

@@ -1,0 +1,67 @@
+"""Constant folding: nodes whose inputs are all build-time constants become constants."""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Value
+from kiln.ops.registry import lookup
+from kiln.passes.base import Pass, PassContext
+
+MAX_FOLD_BYTES = 1 << 28
+
+
+class FoldConstants(Pass):
+    """Evaluates constant subgraphs with the reference implementation (Shape of static tensors included)."""
+
+    name = "constant folding"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        kept = []
+        folded = 0
+        for n in g.nodes:
+            values = self._fold(n, ctx)
+            if values is None:
+                kept.append(n)
+                continue
+            for old, t in zip(n.outputs, values):
+                new = Value(g.unique_name(old.name + "_const"), const=t)
+                g.replace_uses(old, new)
+            folded += 1
+        for sub in (s for n in kept for s in n.subgraphs()):
+            self.run(sub, ctx)
+        g.nodes = kept
+        if folded:
+            ctx.logger.verbose(f"Folded {folded} constant layers")
+        return folded > 0
+
+    @staticmethod
+    def _fold(n, ctx: PassContext) -> list[torch.Tensor] | None:
+        if n.subgraphs() or n.captures:
+            return None
+        opdef = lookup(n.op_type, n.domain)
+        if not opdef.deterministic:
+            return None
+        if n.op_type in ("Shape", "Size") and n.domain == "" and n.inputs and n.inputs[0] is not None \
+                and n.inputs[0].type.is_static:
+            x = n.inputs[0]
+            meta = torch.empty(x.type.shape, dtype=(x.type.dtype or DType.FLOAT32).torch, device="meta")
+            args = [meta]
+        elif all(v is None or v.is_const for v in n.inputs):
+            args = [None if v is None else v.const for v in n.inputs]
+        else:
+            return None
+        try:
+            r = opdef.compute(n, *args)
+        except Exception as e:
+            ctx.logger.verbose(f"not folding {n.name} ({n.op_type}): {e}")
+            return None
+        outs = list(r) if isinstance(r, tuple) else [r]
+        if len(n.outputs) == 1 and isinstance(r, tuple):
+            outs = [r[0]]
+        if len(outs) < len(n.outputs) or not all(isinstance(t, torch.Tensor) for t in outs[:len(n.outputs)]):
+            return None
+        outs = outs[:len(n.outputs)]
+        if any(t.is_meta or t.numel() * t.element_size() > MAX_FOLD_BYTES for t in outs):
+            return None
+        return [t.detach().contiguous() for t in outs]

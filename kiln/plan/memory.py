@@ -1,0 +1,86 @@
+"""Activation memory planning: value lifetimes -> offsets in one arena, with a verifier."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import BuildError
+from kiln.ir.graph import Graph
+
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One activation: alive from the step producing it to the last step reading it (inclusive)."""
+
+    name: str
+    size: int
+    first: int
+    last: int
+
+
+@dataclass
+class MemoryPlan:
+    """Offsets of each buffer in an arena of `arena_bytes`; `naive_bytes` is the sum of all sizes."""
+
+    offsets: dict[str, int]
+    sizes: dict[str, int]
+    arena_bytes: int
+    naive_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"arena_bytes": self.arena_bytes, "naive_bytes": self.naive_bytes,
+                "offsets": self.offsets, "sizes": self.sizes}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def lifetimes(g: Graph, sizes: dict[str, int]) -> list[Buffer]:
+    """Buffers for node outputs that are neither graph inputs, outputs nor constants."""
+    produced: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.all_inputs:
+            if v is not None:
+                last[v.name] = i
+        for v in n.outputs:
+            produced[v.name] = i
+    outs = {v.name for v in g.outputs}
+    return [Buffer(name, _align(sizes[name]), first, max(first, last.get(name, first)))
+            for name, first in produced.items() if name not in outs and name in sizes]
+
+
+def plan_memory(buffers: list[Buffer]) -> MemoryPlan:
+    """Greedy by size (largest first): each buffer takes the lowest offset free during its lifetime."""
+    placed: list[tuple[Buffer, int]] = []
+    offsets: dict[str, int] = {}
+    for b in sorted(buffers, key=lambda b: (-b.size, b.first)):
+        busy = sorted((off, off + p.size) for p, off in placed if p.first <= b.last and b.first <= p.last)
+        off = 0
+        for lo, hi in busy:
+            if off + b.size <= lo:
+                break
+            off = max(off, hi)
+        placed.append((b, off))
+        offsets[b.name] = off
+    arena = max((off + b.size for b, off in placed), default=0)
+    mp = MemoryPlan(offsets, {b.name: b.size for b in buffers}, arena, sum(b.size for b in buffers))
+    verify(buffers, mp)
+    return mp
+
+
+def verify(buffers: list[Buffer], mp: MemoryPlan) -> None:
+    """Raise if two buffers alive at the same time overlap in the arena."""
+    bs = sorted(buffers, key=lambda b: mp.offsets[b.name])
+    for i, a in enumerate(bs):
+        ao = mp.offsets[a.name]
+        for b in bs[i + 1:]:
+            bo = mp.offsets[b.name]
+            if bo >= ao + a.size:
+                break
+            if a.first <= b.last and b.first <= a.last:
+                raise BuildError(f"memory plan overlaps '{a.name}' and '{b.name}'")
+        if ao + a.size > mp.arena_bytes:
+            raise BuildError(f"memory plan places '{a.name}' past the arena end")

@@ -1,0 +1,167 @@
+"""Engine (a loaded plan with materialized kernels) and ExecutionContext (per-caller state)."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from kiln.backends.tactic import get_tactic
+from kiln.errors import InputError, PlanFormatError
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node
+from kiln.plan.format import Plan, load_plan
+from kiln.plan.serialize import GraphReader
+from kiln.runtime.interpreter import GraphFunction
+
+
+def _check_target(plan: Plan, where: str) -> torch.device:
+    dev = plan.target.get("device")
+    if dev == "cpu":
+        return torch.device("cpu")
+    if dev == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanFormatError(f"{where}: plan was built for CUDA (compute capability "
+                                  f"{plan.target.get('capability')}) but no CUDA GPU is available")
+        cc = torch.cuda.get_device_capability()
+        have = f"{cc[0]}.{cc[1]}"
+        if have != plan.target.get("capability"):
+            raise PlanFormatError(f"{where}: plan was built for compute capability {plan.target.get('capability')}, "
+                                  f"this GPU is {have}; rebuild the plan on this GPU")
+        return torch.device("cuda")
+    raise PlanFormatError(f"{where}: plan has an unknown target {plan.target!r}")
+
+
+class Engine:
+    """A plan ready to run: weights on the target device, kernels built once, shared by contexts."""
+
+    def __init__(self, plan: Plan, where: str = "plan") -> None:
+        self.plan = plan
+        self.device = _check_target(plan, where)
+        reader = GraphReader(plan.weights)
+        self.graph = reader.graph(plan.graph)
+        tactics = reader.tactics
+
+        def factory(node: Node) -> Any:
+            tid, cfg = tactics.get(id(node), ("ref", {}))
+            t = get_tactic(tid)
+            if t is None:
+                raise PlanFormatError(f"{where}: plan names tactic '{tid}' unknown to this Kiln version")
+            return t.build(node, cfg, self.device)
+
+        t0 = time.perf_counter()
+        self.function = GraphFunction(self.graph, self.device, factory)
+        self.load_seconds = time.perf_counter() - t0
+        self.input_specs = {d["name"]: d for d in plan.inputs}
+        self.output_names = [d["name"] for d in plan.outputs]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Engine":
+        return cls(load_plan(path), os.fspath(path))
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_specs)
+
+    def create_execution_context(self) -> "ExecutionContext":
+        return ExecutionContext(self)
+
+    def shape_range(self, name: str) -> list[tuple[list[int], list[int]]]:
+        """(min, max) per profile for an input; empty when no profile names it."""
+        return [(p[name]["min"], p[name]["max"]) for p in self.plan.profiles if name in p]
+
+
+class ExecutionContext:
+    """Owns its input shapes and activation memory; many contexts may share one Engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.profiler: Any = None
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
+        self._check_shape(name, tuple(int(d) for d in shape))
+        self.input_shapes[name] = tuple(int(d) for d in shape)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        spec = self.engine.input_specs.get(name)
+        if spec is None:
+            raise InputError(f"unknown input '{name}'; inputs are: {', '.join(self.engine.input_specs)}")
+        decl = spec.get("shape")
+        if decl is not None:
+            want = "[" + ",".join(str(d) if isinstance(d, int) else "?" for d in decl) + "]"
+            if len(decl) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(decl, shape)):
+                raise InputError(f"input '{name}' has shape {list(shape)}, expected {want}")
+        ranges = self.engine.shape_range(name)
+        if ranges and not any(all(a <= s <= b for a, s, b in zip(mn, shape, mx)) for mn, mx in ranges):
+            allowed = " or ".join(f"{mn}..{mx}" for mn, mx in ranges)
+            raise InputError(f"input '{name}' has shape {list(shape)}, outside the profile range {allowed}")
+
+    def _to_tensor(self, name: str, x: Any) -> tuple[Any, bool]:
+        spec = self.engine.input_specs.get(name)
+        if spec is None:
+            raise InputError(f"unknown input '{name}'; inputs are: {', '.join(self.engine.input_specs)}")
+        if spec.get("kind", "tensor") != "tensor":
+            return x, False
+        is_np = not isinstance(x, torch.Tensor)
+        if is_np:
+            if not isinstance(x, np.ndarray):
+                x = np.asarray(x)
+            from kiln.frontend.onnx import array_to_torch
+            want = DType(spec["dtype"]) if spec.get("dtype") else None
+            t = array_to_torch(x, want)
+        else:
+            t = x
+        if spec.get("dtype") and t.dtype != DType(spec["dtype"]).torch:
+            got = DType.from_torch(t.dtype).value if t.dtype in _TORCH_NAMES else str(t.dtype)
+            raise InputError(f"input '{name}' has dtype {got}, expected {spec['dtype']}")
+        self._check_shape(name, tuple(t.shape))
+        if t.device != self.engine.device:
+            t = t.to(self.engine.device, non_blocking=True)
+        return t, is_np
+
+    def execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
+        """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device)."""
+        names = self.engine.input_names
+        if not isinstance(inputs, Mapping):
+            inputs = dict(zip(names, inputs))
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
+        extra = [n for n in inputs if n not in self.engine.input_specs]
+        if extra:
+            raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
+        args, numpy_io = [], False
+        for n in names:
+            t, was_np = self._to_tensor(n, inputs[n])
+            args.append(t)
+            numpy_io |= was_np
+        fn = self.engine.function
+        fn.hook = self.profiler
+        try:
+            outs = fn(args)
+        finally:
+            fn.hook = None
+        return {n: _to_numpy(o) if numpy_io else o for n, o in zip(self.engine.output_names, outs)}
+
+
+_TORCH_NAMES = {d.torch for d in DType}
+
+
+def _to_numpy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+            import ml_dtypes
+            name = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2",
+                    torch.float8_e4m3fnuz: "float8_e4m3fnuz", torch.float8_e5m2fnuz: "float8_e5m2fnuz"}[t.dtype]
+            return t.view(torch.uint8).numpy().view(getattr(ml_dtypes, name))
+        return t.numpy()
+    if isinstance(x, list):
+        return [_to_numpy(v) for v in x]
+    return x
