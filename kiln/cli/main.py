@@ -1,0 +1,232 @@
+"""`kiln` command line: build | run | inspect | conformance. Bad input: one line on stderr, non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.logger import Logger, Severity
+
+
+def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:
+    """'x:1x3x224x224,y:4' -> {'x': (1,3,224,224), 'y': (4,)}."""
+    out: dict[str, tuple[int, ...]] = {}
+    if not spec:
+        return out
+    for item in spec.split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        if not sep or not name:
+            raise KilnError(f"{flag}: expected name:DxDxD, got '{item}'")
+        try:
+            out[name] = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            raise KilnError(f"{flag}: bad dimensions '{dims}' for input '{name}' (expected e.g. 1x3x224x224)") from None
+    return out
+
+
+def _profiles(args: argparse.Namespace) -> list[Any]:
+    from kiln.builder import OptimizationProfile
+    fixed = parse_shapes(args.shapes, "--shapes")
+    mins = parse_shapes(args.min_shapes, "--min-shapes")
+    opts = parse_shapes(args.opt_shapes, "--opt-shapes")
+    maxs = parse_shapes(args.max_shapes, "--max-shapes")
+    if not (fixed or mins or opts or maxs):
+        return []
+    p = OptimizationProfile()
+    for name, s in fixed.items():
+        p.set_shape(name, s, s, s)
+    for name in set(mins) | set(opts) | set(maxs):
+        if name in fixed:
+            raise KilnError(f"input '{name}' is given both --shapes and min/opt/max shapes")
+        have = [d.get(name) for d in (mins, opts, maxs)]
+        if any(h is None for h in have):
+            missing = [f for f, h in zip(("--min-shapes", "--opt-shapes", "--max-shapes"), have) if h is None]
+            if have[1] is None or len(missing) > 1:
+                raise KilnError(f"input '{name}': give --min-shapes, --opt-shapes and --max-shapes "
+                                f"(missing {', '.join(missing)})")
+        mn, op, mx = (h if h is not None else have[1] for h in have)
+        p.set_shape(name, mn, op, mx)  # type: ignore[arg-type]
+    return [p]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.plan.format import save_plan
+    logger = Logger(Severity.VERBOSE if args.verbose else Severity.WARNING)
+    device = args.device or "cpu"
+    cfg = BuilderConfig(device=device, profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
+                        tf32=args.tf32, workspace_bytes=args.workspace and args.workspace << 20,
+                        timing_cache=args.timing_cache, optimization_level=args.opt_level)
+    plan = Builder(logger).build(args.model, cfg)
+    out = args.output or os.path.splitext(args.model)[0] + ".kiln"
+    save_plan(plan, out)
+    print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
+          f"built in {plan.build['build_seconds']:.2f} s)")
+    return 0
+
+
+def _read_tensor(path: str, what: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise KilnError(f"{what}: file not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        import onnx
+        from onnx import numpy_helper
+        t = onnx.TensorProto()
+        with open(path, "rb") as f:
+            t.ParseFromString(f.read())
+        return numpy_helper.to_array(t)
+    except Exception as e:
+        raise KilnError(f"{what}: cannot read tensor from {path} ({type(e).__name__})") from None
+
+
+def dummy_input(spec: dict[str, Any], profiles: list[dict[str, Any]]) -> np.ndarray:
+    """The ONNX backend suite's deterministic input: arange(n)/n, dynamic dims at the profile's opt (or 1)."""
+    shape = list(spec.get("shape") or [])
+    opt = next((p[spec["name"]]["opt"] for p in profiles if spec["name"] in p), None)
+    dims = [d if isinstance(d, int) else (opt[i] if opt else 1) for i, d in enumerate(shape)]
+    n = int(np.prod(dims)) if dims else 1
+    from kiln.ir.dtype import DType
+    dt = DType(spec["dtype"]).torch if spec.get("dtype") else None
+    arr = (np.arange(n).reshape(dims) / max(n, 1)).astype(np.float32)
+    if dt is not None and not dt.is_floating_point:
+        arr = np.arange(n).reshape(dims) % 7
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(dt or torch.float32).numpy() if dt not in (
+        torch.bfloat16,) else arr
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kiln.runtime.engine import Engine
+    t0 = time.perf_counter()
+    engine = Engine.load(args.plan)
+    load_s = time.perf_counter() - t0
+    feeds: dict[str, Any] = {}
+    for item in args.input or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(engine.input_names) != 1:
+                raise KilnError(f"--input {item}: name the input (name=file); inputs are {', '.join(engine.input_names)}")
+            name, path = engine.input_names[0], item
+        if name not in engine.input_specs:
+            raise KilnError(f"--input: unknown input '{name}'; inputs are: {', '.join(engine.input_names)}")
+        feeds[name] = _read_tensor(path, f"input '{name}'")
+    for spec in engine.plan.inputs:
+        if spec["name"] not in feeds:
+            feeds[spec["name"]] = dummy_input(spec, engine.plan.profiles)
+            print(f"input '{spec['name']}': no file given, using the ONNX backend suite's dummy data "
+                  f"(arange(n)/n) of shape {list(feeds[spec['name']].shape)}")
+    ctx = engine.create_execution_context()
+    outs = ctx.execute(feeds)
+    times = []
+    for _ in range(max(args.iterations, 1)):
+        t = time.perf_counter()
+        ctx.execute(feeds)
+        times.append(time.perf_counter() - t)
+    print(f"plan {args.plan}: target {engine.plan.target['device']}, loaded in {load_s * 1e3:.1f} ms")
+    for name, o in outs.items():
+        a = np.asarray(o)
+        stats = (f" min {a.min():.6g} max {a.max():.6g} mean {a.astype(np.float64).mean():.6g}"
+                 if a.size and a.dtype.kind in "fiub" else "")
+        print(f"output '{name}': {a.dtype} {list(a.shape)}{stats}")
+    print(f"latency: median {np.median(times) * 1e3:.3f} ms, min {min(times) * 1e3:.3f} ms "
+          f"over {len(times)} iterations")
+    ok = True
+    for item in args.check or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = engine.output_names[0], item
+        if name not in outs:
+            raise KilnError(f"--check: unknown output '{name}'; outputs are: {', '.join(outs)}")
+        want = _read_tensor(path, f"expected output '{name}'")
+        got = np.asarray(outs[name])
+        if got.shape != want.shape:
+            print(f"check '{name}': FAILED, shape {list(got.shape)} != expected {list(want.shape)}")
+            ok = False
+            continue
+        err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        rel = float((err / np.maximum(np.abs(want.astype(np.float64)), 1e-12)).max()) if err.size else 0.0
+        close = np.allclose(got.astype(np.float64), want.astype(np.float64), rtol=args.rtol, atol=args.atol)
+        print(f"check '{name}': {'PASSED' if close else 'FAILED'} (max abs err {float(err.max()) if err.size else 0:.3g}, "
+              f"max rel err {rel:.3g}; rtol {args.rtol}, atol {args.atol})")
+        ok &= bool(close)
+    return 0 if ok else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kiln.plan.format import load_plan
+    from kiln.plan.inspect import describe
+    print(describe(load_plan(args.plan), layers=not args.summary))
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from kiln.conformance.runner import main
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kiln", description="Kiln: deep-learning inference optimizer and runtime")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="optimize an ONNX model into a .kiln plan")
+    b.add_argument("model")
+    b.add_argument("-o", "--output")
+    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--shapes", help="fixed input shapes: name:1x3x224x224[,name2:...]")
+    b.add_argument("--min-shapes")
+    b.add_argument("--opt-shapes")
+    b.add_argument("--max-shapes")
+    b.add_argument("--fp16", action="store_true")
+    b.add_argument("--bf16", action="store_true")
+    b.add_argument("--tf32", dest="tf32", action="store_true", default=True)
+    b.add_argument("--no-tf32", dest="tf32", action="store_false")
+    b.add_argument("--workspace", type=int, help="workspace limit in MiB")
+    b.add_argument("--timing-cache")
+    b.add_argument("--opt-level", type=int, default=3)
+    b.add_argument("--verbose", "-v", action="store_true")
+    b.set_defaults(func=cmd_build)
+    r = sub.add_parser("run", help="run a plan and report outputs and latency")
+    r.add_argument("plan")
+    r.add_argument("--input", action="append", help="name=file.npy|file.pb (default: ONNX-suite dummy data)")
+    r.add_argument("--check", action="append", help="[name=]expected.npy|.pb")
+    r.add_argument("--iterations", type=int, default=10)
+    r.add_argument("--rtol", type=float, default=1e-3)
+    r.add_argument("--atol", type=float, default=1e-5)
+    r.set_defaults(func=cmd_run)
+    i = sub.add_parser("inspect", help="show a plan's layers, shapes, dtypes and memory")
+    i.add_argument("plan")
+    i.add_argument("--summary", action="store_true", help="no per-layer table")
+    i.set_defaults(func=cmd_inspect)
+    c = sub.add_parser("conformance", help="run the ONNX backend test suite against Kiln", add_help=False)
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c.set_defaults(func=cmd_conformance)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KilnError as e:
+        print(f"kiln: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure is still one line unless --debug
+        if args.debug:
+            raise
+        msg = (str(e).strip().splitlines() or [""])[0]
+        print(f"kiln: internal error: {type(e).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
