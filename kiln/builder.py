@@ -82,6 +82,8 @@ class Builder:
         target = _device_target(config.device)
         if isinstance(model, Graph):
             g = model
+        elif isinstance(getattr(model, "graph", None), Graph):  # a NetworkDefinition
+            g = model.graph  # type: ignore[union-attr]
         else:
             from kiln.frontend.onnx import load_onnx
             g = load_onnx(model, self.logger)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from onnx.backend.base import Backend, BackendRep
@@ -28,28 +27,8 @@ class KilnBackendRep(BackendRep):
             if not isinstance(inputs, (list, tuple)):
                 inputs = [inputs]
             feeds = dict(zip(self.engine.input_names, inputs))
-        outs = self.context.execute(_numpy_feeds(feeds, self.engine))
+        outs = self.context.execute(feeds)
         return tuple(outs[n] for n in self.engine.output_names)
-
-
-def _numpy_feeds(feeds: dict[str, Any], engine: Engine) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, x in feeds.items():
-        kind = engine.input_specs.get(name, {}).get("kind", "tensor")
-        if kind == "tensor":
-            out[name] = np.asarray(x) if not isinstance(x, (np.ndarray, torch.Tensor)) else x
-        else:
-            out[name] = _to_torch_tree(x)
-    return out
-
-
-def _to_torch_tree(x: Any) -> Any:
-    from kiln.frontend.onnx import array_to_torch
-    if x is None:
-        return None
-    if isinstance(x, (list, tuple)):
-        return [_to_torch_tree(v) for v in x]
-    return array_to_torch(np.asarray(x))
 
 
 class KilnBackend(Backend):

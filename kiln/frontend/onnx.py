@@ -20,7 +20,7 @@ from kiln.ir.types import TensorType
 from kiln.logger import Logger
 from kiln.ops.registry import lookup
 
-MIN_OPSET, MAX_OPSET = 7, 28
+MIN_OPSET, MAX_OPSET = 1, 28
 
 
 def tensor_to_torch(t: onnx.TensorProto, base_dir: str | None = None, where: str = "") -> torch.Tensor:

@@ -104,7 +104,7 @@ class ExecutionContext:
         if spec is None:
             raise InputError(f"unknown input '{name}'; inputs are: {', '.join(self.engine.input_specs)}")
         if spec.get("kind", "tensor") != "tensor":
-            return x, False
+            return _tree_to_torch(x, self.engine.device)
         is_np = not isinstance(x, torch.Tensor)
         if is_np:
             if not isinstance(x, np.ndarray):
@@ -114,6 +114,8 @@ class ExecutionContext:
             t = array_to_torch(x, want)
         else:
             t = x
+        if spec.get("shape") == [] and t.dim() == 1 and t.numel() == 1:
+            t = t.reshape(())  # a one-element vector fed to a scalar input
         if spec.get("dtype") and t.dtype != DType(spec["dtype"]).torch:
             got = DType.from_torch(t.dtype).value if t.dtype in _TORCH_NAMES else str(t.dtype)
             raise InputError(f"input '{name}' has dtype {got}, expected {spec['dtype']}")
@@ -148,6 +150,19 @@ class ExecutionContext:
 
 
 _TORCH_NAMES = {d.torch for d in DType}
+
+
+def _tree_to_torch(x: Any, device: torch.device) -> tuple[Any, bool]:
+    """Sequence/optional inputs: nested lists of arrays -> tensors; reports whether numpy was seen."""
+    if x is None:
+        return None, False
+    if isinstance(x, (list, tuple)):
+        pairs = [_tree_to_torch(v, device) for v in x]
+        return [p[0] for p in pairs], any(p[1] for p in pairs)
+    if isinstance(x, torch.Tensor):
+        return x.to(device), False
+    from kiln.frontend.onnx import array_to_torch
+    return array_to_torch(np.asarray(x)).to(device), True
 
 
 def _to_numpy(x: Any) -> Any:

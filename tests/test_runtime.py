@@ -1,0 +1,118 @@
+"""Runtime: profiles and dynamic shapes, input validation, several contexts per engine, memory plan."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln.builder import Builder, BuilderConfig, OptimizationProfile
+from kiln.errors import InputError, ProfileError
+from kiln.plan.memory import Buffer, plan_memory
+from kiln.runtime.engine import Engine
+from kiln.testing import run_oracle
+
+
+def _model(rng, batch="N"):
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "b"], ["d"]),
+             helper.make_node("Sigmoid", ["d"], ["y"])]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 8, 8])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _engine(model, *profiles):
+    return Engine(Builder().build(model, BuilderConfig(profiles=list(profiles))))
+
+
+def test_dynamic_batch_within_profile():
+    rng = np.random.default_rng()
+    model = _model(rng)
+    p = OptimizationProfile().set_shape("x", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
+    ctx = _engine(model, p).create_execution_context()
+    for n in (1, 3, 4):
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(ctx.execute({"x": x})["y"], run_oracle(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"input 'x'.*\[5, 3, 8, 8\].*\[1, 3, 8, 8\]\.\.\[4, 3, 8, 8\]"):
+        ctx.execute({"x": rng.standard_normal((5, 3, 8, 8)).astype(np.float32)})
+
+
+def test_several_profiles():
+    rng = np.random.default_rng()
+    model = _model(rng)
+    p0 = OptimizationProfile().set_shape("x", (1, 3, 8, 8), (1, 3, 8, 8), (2, 3, 8, 8))
+    p1 = OptimizationProfile().set_shape("x", (8, 3, 8, 8), (8, 3, 8, 8), (16, 3, 8, 8))
+    ctx = _engine(model, p0, p1).create_execution_context()
+    x = rng.standard_normal((9, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(ctx.execute({"x": x})["y"], run_oracle(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="outside the profile range"):
+        ctx.set_input_shape("x", (4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("profile, msg", [
+    (OptimizationProfile().set_shape("x", (1, 3, 9, 8), (1, 3, 8, 8), (1, 3, 8, 8)), "kMIN dimensions in profile 0"),
+    (OptimizationProfile().set_shape("x", (1, 3, 8), (1, 3, 8, 8), (1, 3, 8, 8)), "rank"),
+    (OptimizationProfile().set_shape("x", (4, 3, 8, 8), (2, 3, 8, 8), (8, 3, 8, 8)), "min <= opt <= max"),
+    (OptimizationProfile().set_shape("nope", (1,), (1,), (1,)), "does not have"),
+])
+def test_bad_profiles(profile, msg):
+    with pytest.raises(ProfileError, match=msg):
+        _engine(_model(np.random.default_rng()), profile)
+
+
+def test_input_errors_name_the_input():
+    rng = np.random.default_rng()
+    ctx = _engine(_model(rng, 2)).create_execution_context()
+    with pytest.raises(InputError, match="unknown input 'z'"):
+        ctx.execute({"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32), "z": np.zeros(1)})
+    with pytest.raises(InputError, match="input 'x' has dtype float64, expected float32"):
+        ctx.execute({"x": rng.standard_normal((2, 3, 8, 8))})
+    with pytest.raises(InputError, match=r"input 'x' has shape \[2, 3, 8, 7\], expected \[2,3,8,8\]"):
+        ctx.execute({"x": rng.standard_normal((2, 3, 8, 7)).astype(np.float32)})
+    with pytest.raises(InputError, match="missing input 'x'"):
+        ctx.execute({})
+
+
+def test_contexts_share_engine_and_run_concurrently():
+    rng = np.random.default_rng()
+    model = _model(rng)
+    engine = _engine(model, OptimizationProfile().set_shape("x", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8)))
+    xs = [rng.standard_normal((k % 4 + 1, 3, 8, 8)).astype(np.float32) for k in range(8)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        ctx = engine.create_execution_context()
+        results[k] = ctx.execute({"x": xs[k]})["y"]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, x in enumerate(xs):
+        np.testing.assert_allclose(results[k], run_oracle(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_planner_reuses_and_never_overlaps():
+    rng = np.random.default_rng()
+    bufs = []
+    for i in range(60):
+        first = int(rng.integers(0, 50))
+        bufs.append(Buffer(f"b{i}", int(rng.integers(1, 10)) * 256, first, first + int(rng.integers(0, 5))))
+    mp = plan_memory(bufs)  # verify() inside raises on any overlap
+    assert mp.arena_bytes < mp.naive_bytes
+    for a in bufs:
+        for b in bufs:
+            if a is not b and a.first <= b.last and b.first <= a.last:
+                oa, ob = mp.offsets[a.name], mp.offsets[b.name]
+                assert oa + a.size <= ob or ob + b.size <= oa
+
+
+def test_plan_reports_arena_smaller_than_naive():
+    plan = Builder().build(_model(np.random.default_rng(), 2), BuilderConfig())
+    assert 0 < plan.memory["arena_bytes"] <= plan.memory["naive_bytes"]
