@@ -31,7 +31,7 @@ def make_node_model(op_type: str, inputs: dict[str, np.ndarray], outputs: list[s
     g_inputs = [helper.make_tensor_value_info(n, _np_to_onnx_type(a.dtype), a.shape)
                 for n, a in inputs.items() if not n.startswith("_")]
     inits = [numpy_helper.from_array(a, n) for n, a in const_inputs.items() if not n.startswith("_")]
-    g_outputs = [helper.make_empty_tensor_value_info(n) for n in out_names]
+    g_outputs = [helper.make_empty_tensor_value_info(n) for n in out_names if n]
     graph = helper.make_graph([node], f"{op_type}_test", g_inputs, g_outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 10)

@@ -151,7 +151,7 @@ class OnnxImporter:
         if (np_.domain, np_.op_type) in self.functions and (domain, np_.op_type) != ("", np_.op_type):
             raise ModelError(f"node '{name}': model-local function {np_.domain}.{np_.op_type} is not supported")
         opset = opsets.get(domain)
-        lookup(np_.op_type, domain, opset if domain == "" else None, where=name)
+        opdef = lookup(np_.op_type, domain, opset if domain == "" else None, where=name)
         inputs: list[Value | None] = []
         for iname in np_.input:
             if not iname:
@@ -178,6 +178,7 @@ class OnnxImporter:
             for c in sg.captures:
                 if all(c is not x for x in node.captures):
                     node.captures.append(c)
+        opdef.check(node)
         g.add_node(node)
 
     def _attr(self, a: AttributeProto, opsets: dict[str, int], scope: _Scope, where: str) -> Any:

@@ -3,16 +3,20 @@
 Attention builds one additive bias from the attention mask (bool or float), the causal frontier
 (bottom-right aligned: offset = past length, or nonpad_kv_seqlen - q_len for an external cache),
 the sliding window (opset 25) and the nonpad padding mask. Rows whose bias is -inf everywhere
-produce zeros. Half-precision inputs are computed in float32 and cast back at the end.
+produce zeros. Like the ONNX reference, Attention computes in the precision of Q (softmax_precision
+selects another one for the softmax); RotaryEmbedding and LinearAttention compute half-precision
+inputs in float32 and cast back.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ir.types import Dim, TensorType
 from kiln.ops.registry import OpDef, register
 
 Tensor = torch.Tensor
@@ -72,10 +76,11 @@ class Attention(OpDef):
     def compute(self, node: Node, Q: Tensor, K: Tensor, V: Tensor, attn_mask: Tensor | None = None,
                 past_key: Tensor | None = None, past_value: Tensor | None = None,
                 nonpad_kv_seqlen: Tensor | None = None) -> object:
+        self.check(node)
         _check_float(node, Q, K, V, past_key, past_value)
         if (past_key is None) != (past_value is None):
             raise UnsupportedOpError(f"node '{node.name}': past_key and past_value must be given together")
-        out_dtype = Q.dtype
+        dt = Q.dtype
         rank3 = Q.dim() == 3
         if rank3:
             hq, hkv = node.attr("q_num_heads"), node.attr("kv_num_heads")
@@ -87,12 +92,11 @@ class Attention(OpDef):
             V = torch.cat([past_value.to(V.dtype), V], 2)
         present_k, present_v = K, V
 
-        cdt = _compute_dtype(out_dtype)
         scale = node.attr("scale")
         if scale is None:
             scale = 1.0 / math.sqrt(Q.shape[-1])
-        root = torch.tensor(math.sqrt(scale), dtype=out_dtype, device=Q.device).to(cdt)
-        q, k, v = Q.to(cdt) * root, K.to(cdt) * root, V.to(cdt)
+        root = torch.tensor(math.sqrt(scale), dtype=dt, device=Q.device)
+        q, k, v = Q * root, K.to(dt) * root, V.to(dt)
         hq, hkv = q.shape[1], k.shape[1]
         if hq != hkv:
             if hq % hkv:
@@ -109,27 +113,25 @@ class Attention(OpDef):
         if mode == 1:
             qk_out = scores
 
-        bias = self._bias(node, attn_mask, past_key, nonpad_kv_seqlen, q.shape[2], k.shape[2], cdt, q.device)
+        bias = self._bias(node, attn_mask, past_key, nonpad_kv_seqlen, q.shape[2], k.shape[2], dt, q.device)
         logits = scores + bias
         if mode == 2:
             qk_out = logits
         sp = node.attr("softmax_precision")
-        sdt = _SOFTMAX_PRECISIONS[sp] if sp is not None else cdt
+        sdt = _SOFTMAX_PRECISIONS[sp] if sp is not None else dt
         row_max = logits.to(sdt).amax(-1, keepdim=True)
         safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
         e = torch.exp(logits.to(sdt) - safe_max)
         total = e.sum(-1, keepdim=True)
         probs = e / torch.where(total == 0, torch.ones_like(total), total)
         masked_rows = torch.isneginf(bias.amax(-1, keepdim=True))
-        probs = torch.where(masked_rows, torch.zeros_like(probs), probs).to(cdt)
+        probs = torch.where(masked_rows, torch.zeros_like(probs), probs).to(dt)
         if mode == 3:
             qk_out = probs
-        if out_dtype != cdt:
-            probs = probs.to(out_dtype).to(cdt)
         y = torch.matmul(probs, v)
         if rank3:
             y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
-        outs = (y.to(out_dtype), present_k, present_v, qk_out.to(out_dtype))
+        outs = (y, present_k, present_v, qk_out.to(dt))
         n = len(node.outputs)
         return outs[0] if n == 1 else outs[:n]
 
@@ -226,6 +228,25 @@ class LinearAttention(OpDef):
         if not hq or not hkv or hq % hkv:
             raise UnsupportedOpError(f"node '{node.name}': q_num_heads must be a positive multiple of "
                                      "kv_num_heads (both required)")
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        q, v = types[0], types[2] if len(types) > 2 else None
+        past = types[3] if len(types) > 3 else None
+        dtype = q.dtype if q is not None else None
+        state_dtype = past.dtype if past is not None else dtype
+        hq, hkv = node.attr("q_num_heads") or 1, node.attr("kv_num_heads") or 1
+
+        def per_head(t: TensorType | None, heads: int) -> Dim:
+            last = t.shape[-1] if t is not None and t.shape else None
+            return last // heads if isinstance(last, int) else None
+
+        if q is None or q.shape is None or len(q.shape) != 3:
+            return [TensorType(dtype, None), TensorType(state_dtype, None)]
+        dk, dv = per_head(q, hq), per_head(v, hkv)
+        out_last = dv * hq if dv is not None else None
+        return [TensorType(dtype, (q.shape[0], q.shape[1], out_last)),
+                TensorType(state_dtype, (q.shape[0], hkv, dk, dv))]
 
     def compute(self, node: Node, query: Tensor, key: Tensor, value: Tensor, past_state: Tensor | None = None,
                 decay: Tensor | None = None, beta: Tensor | None = None) -> object:

@@ -8,12 +8,13 @@ handled in the shared code. Half-precision inputs are computed in float32 and ca
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ir.types import Dim, TensorType
 from kiln.ops.registry import OpDef, register
 
 Tensor = torch.Tensor
@@ -80,12 +81,6 @@ def _clipper(node: Node) -> Callable[[Tensor], Tensor]:
     return lambda x: torch.clamp(x, -c, c)
 
 
-def _check_common(node: Node, gates: int, defaults: Sequence[str]) -> None:
-    _activations(node, defaults)
-    if node.attr("layout", 0) not in (0, 1):
-        raise UnsupportedOpError(f"node '{node.name}': layout must be 0 or 1")
-
-
 def _reverse_index(lens: Tensor | None, steps: int, batch: int, device: torch.device) -> Tensor:
     """[T, B] time index that reverses each sequence's valid prefix (padding stays in place)."""
     t = torch.arange(steps, device=device).unsqueeze(1).expand(steps, batch)
@@ -105,6 +100,8 @@ def _run(node: Node, X: Tensor, W: Tensor, R: Tensor, B: Tensor | None, lens: Te
     """
     if X.dtype not in _FLOAT_TYPES:
         raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} does not support dtype {X.dtype}")
+    if node.attr("layout", 0) not in (0, 1):
+        raise UnsupportedOpError(f"node '{node.name}': layout must be 0 or 1")
     out_dtype = X.dtype
     cdt = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     layout = node.attr("layout", 0)
@@ -160,23 +157,55 @@ def _run(node: Node, X: Tensor, W: Tensor, R: Tensor, B: Tensor | None, lens: Te
     return [r.to(out_dtype) for r in results]
 
 
+def _infer(node: Node, types: Sequence[TensorType | None]) -> list[TensorType]:
+    """Output types without stepping through time: Y [T, D, B, H] (layout 1: [B, T, D, H]), states [D, B, H]."""
+    x, r = types[0], types[2] if len(types) > 2 else None
+    dtype = x.dtype if x is not None else None
+    hidden: Dim = node.attr("hidden_size")
+    if hidden is None and r is not None and r.shape is not None:
+        hidden = r.shape[-1]
+    dirs = _num_directions(node)
+    if x is None or x.shape is None or len(x.shape) != 3:
+        return [TensorType(dtype, None) for _ in node.outputs]
+    if node.attr("layout", 0) == 1:
+        batch, steps = x.shape[0], x.shape[1]
+        y, state = (batch, steps, dirs, hidden), (batch, dirs, hidden)
+    else:
+        steps, batch = x.shape[0], x.shape[1]
+        y, state = (steps, dirs, batch, hidden), (dirs, batch, hidden)
+    return [TensorType(dtype, y)] + [TensorType(dtype, state) for _ in node.outputs[1:]]
+
+
+class _Recurrent(OpDef):
+    """Shared inference and attribute checks of the recurrent layers."""
+
+    activations: ClassVar[list[str]] = []
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        return _infer(node, types)
+
+    def check(self, node: Node) -> None:
+        _activations(node, self.activations)
+        if node.attr("layout", 0) not in (0, 1):
+            raise UnsupportedOpError(f"node '{node.name}': layout must be 0 or 1")
+
+
 def _select(node: Node, results: list[Tensor]) -> Tensor | tuple[Tensor, ...]:
     n = len(node.outputs)
     return results[0] if n == 1 else tuple(results[:n])
 
 
 @register
-class RNN(OpDef):
+class RNN(_Recurrent):
     """Simple recurrent layer: Hₜ = f(Xₜ·Wᵀ + Hₜ₋₁·Rᵀ + Wb + Rb)."""
 
     op_type = "RNN"
-
-    def check(self, node: Node) -> None:
-        _check_common(node, 1, ["Tanh"])
+    activations = ["Tanh"]
 
     def compute(self, node: Node, X: Tensor, W: Tensor, R: Tensor, B: Tensor | None = None,
                 sequence_lens: Tensor | None = None, initial_h: Tensor | None = None) -> object:
-        acts = _activations(node, ["Tanh"])
+        acts = _activations(node, self.activations)
         clip = _clipper(node)
 
         def make_cell(d: int, Rd: Tensor, Rb: Tensor) -> Cell:
@@ -188,18 +217,16 @@ class RNN(OpDef):
 
 
 @register
-class LSTM(OpDef):
+class LSTM(_Recurrent):
     """Long short-term memory layer (gate order i, o, f, c; optional peepholes and coupled input-forget)."""
 
     op_type = "LSTM"
-
-    def check(self, node: Node) -> None:
-        _check_common(node, 4, ["Sigmoid", "Tanh", "Tanh"])
+    activations = ["Sigmoid", "Tanh", "Tanh"]
 
     def compute(self, node: Node, X: Tensor, W: Tensor, R: Tensor, B: Tensor | None = None,
                 sequence_lens: Tensor | None = None, initial_h: Tensor | None = None,
                 initial_c: Tensor | None = None, P: Tensor | None = None) -> object:
-        acts = _activations(node, ["Sigmoid", "Tanh", "Tanh"])
+        acts = _activations(node, self.activations)
         clip = _clipper(node)
         input_forget = bool(node.attr("input_forget", 0))
         cdt = torch.float32 if X.dtype in (torch.float16, torch.bfloat16) else X.dtype
@@ -232,17 +259,15 @@ class LSTM(OpDef):
 
 
 @register
-class GRU(OpDef):
+class GRU(_Recurrent):
     """Gated recurrent unit layer (gate order z, r, h; linear_before_reset variant)."""
 
     op_type = "GRU"
-
-    def check(self, node: Node) -> None:
-        _check_common(node, 3, ["Sigmoid", "Tanh"])
+    activations = ["Sigmoid", "Tanh"]
 
     def compute(self, node: Node, X: Tensor, W: Tensor, R: Tensor, B: Tensor | None = None,
                 sequence_lens: Tensor | None = None, initial_h: Tensor | None = None) -> object:
-        acts = _activations(node, ["Sigmoid", "Tanh"])
+        acts = _activations(node, self.activations)
         clip = _clipper(node)
         linear_before_reset = bool(node.attr("linear_before_reset", 0))
         hidden = R.shape[-1]
