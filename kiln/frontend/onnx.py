@@ -35,7 +35,7 @@ def tensor_to_torch(t: onnx.TensorProto, base_dir: str | None = None, where: str
 
 def array_to_torch(arr: np.ndarray, dtype: DType | None = None) -> torch.Tensor:
     """numpy (including ml_dtypes bfloat16/float8 arrays) -> torch, without going through float."""
-    arr = np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays 1-d
     if arr.dtype.kind == "V" or arr.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
                                                     "float8_e5m2", "float8_e5m2fnuz"):
         if dtype is None:
