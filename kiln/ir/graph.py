@@ -151,7 +151,7 @@ class Graph:
     def values(self) -> Iterable[Value]:
         """Every distinct value of this graph (not of its subgraphs)."""
         seen: set[int] = set()
-        for v in itertools.chain(self.inputs, *(n.all_inputs + n.outputs for n in self.nodes), self.outputs):
+        for v in itertools.chain(self.inputs, self.captures, *(n.all_inputs + n.outputs for n in self.nodes), self.outputs):
             if v is not None and id(v) not in seen:
                 seen.add(id(v))
                 yield v

@@ -48,7 +48,7 @@ def lifetimes(g: Graph, sizes: dict[str, int]) -> list[Buffer]:
         for v in n.outputs:
             produced[v.name] = i
     outs = {v.name for v in g.outputs}
-    return [Buffer(name, _align(sizes[name]), first, max(first, last.get(name, first)))
+    return [Buffer(name, max(_align(sizes[name]), ALIGN), first, max(first, last.get(name, first)))
             for name, first in produced.items() if name not in outs and name in sizes]
 
 

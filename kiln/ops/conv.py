@@ -1,0 +1,244 @@
+"""Convolutions: Conv, ConvTranspose and DeformConv over 1-D/2-D/3-D (DeformConv: any rank).
+
+Also the window geometry shared with the pooling ops (kiln.ops.pool): strides, dilations and
+begin/end pads from `auto_pad` or `pads`. torch's convolutions take one symmetric padding per
+dim, so asymmetric pads are applied explicitly with F.pad first.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import ShapeError, UnsupportedDTypeError, UnsupportedOpError
+from kiln.ir.graph import Node
+from kiln.ops.registry import OpDef, register
+
+Tensor = torch.Tensor
+
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+# ---- window geometry (shared with kiln.ops.pool) --------------------------------------------------
+
+def require_float(node: Node, *xs: Tensor | None) -> None:
+    """Raise UnsupportedDTypeError unless every given tensor has a floating-point dtype."""
+    for x in xs:
+        if x is not None and not x.dtype.is_floating_point:
+            raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} does not support element type {x.dtype}")
+
+
+def spatial_rank(node: Node, x: Tensor, ranks: Sequence[int] = (1, 2, 3)) -> int:
+    nd = x.dim() - 2
+    if nd not in ranks:
+        raise UnsupportedOpError(f"node '{node.name}': {node.op_type} on a rank-{x.dim()} input is not supported")
+    return nd
+
+
+def auto_pad_mode(node: Node) -> str:
+    mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if mode not in _AUTO_PADS:
+        raise UnsupportedOpError(f"node '{node.name}': unknown auto_pad '{mode}'")
+    return mode
+
+
+def strides_dilations(node: Node, nd: int) -> tuple[list[int], list[int]]:
+    strides = list(node.attr("strides", None) or [1] * nd)
+    dilations = list(node.attr("dilations", None) or [1] * nd)
+    return strides, dilations
+
+
+def same_pads(mode: str, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> list[int]:
+    """Begin pads then end pads for auto_pad SAME_UPPER/SAME_LOWER (output size ceil(in / stride))."""
+    begin, end = [], []
+    for n, k, s, d in zip(sizes, kernel, strides, dilations):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
+def window_pads(node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                dilations: Sequence[int]) -> list[int]:
+    """Begin pads then end pads of a sliding-window op, from auto_pad or the pads attribute."""
+    nd = len(sizes)
+    mode = auto_pad_mode(node)
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        return same_pads(mode, sizes, kernel, strides, dilations)
+    if mode == "VALID":
+        return [0] * (2 * nd)
+    pads = list(node.attr("pads", None) or [0] * (2 * nd))
+    if len(pads) != 2 * nd:
+        raise UnsupportedOpError(f"node '{node.name}': pads has {len(pads)} values, expected {2 * nd}")
+    return pads
+
+
+def torch_pad(begin: Sequence[int], end: Sequence[int]) -> list[int]:
+    """F.pad argument (last dim first) from per-dim begin and end pads."""
+    out: list[int] = []
+    for b, e in zip(reversed(list(begin)), reversed(list(end))):
+        out += [b, e]
+    return out
+
+
+def kernel_shape(node: Node, w: Tensor) -> list[int]:
+    ks = [int(k) for k in w.shape[2:]]
+    attr = node.attr("kernel_shape", None)
+    if attr is not None and list(attr) != ks:
+        raise UnsupportedOpError(f"node '{node.name}': kernel_shape {list(attr)} disagrees with weight shape {ks}")
+    return ks
+
+
+def _bias_shape(b: Tensor, nd: int) -> Tensor:
+    return b.reshape(1, -1, *([1] * nd))
+
+
+# ---- Conv -----------------------------------------------------------------------------------------
+
+@register
+class Conv(OpDef):
+    op_type = "Conv"
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        require_float(node, x, w, b)
+        nd = spatial_rank(node, x)
+        kernel = kernel_shape(node, w)
+        strides, dilations = strides_dilations(node, nd)
+        pads = window_pads(node, list(x.shape[2:]), kernel, strides, dilations)
+        begin, end = pads[:nd], pads[nd:]
+        if begin == end and min(begin, default=0) >= 0:
+            padding: list[int] = begin
+        else:
+            x = F.pad(x, torch_pad(begin, end))
+            padding = [0] * nd
+        return _CONV[nd](x, w, b, strides, padding, dilations, int(node.attr("group", 1)))
+
+
+# ---- ConvTranspose --------------------------------------------------------------------------------
+
+def conv_transpose_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                            dilations: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(begin crop, output size) per spatial dim, relative to the full transposed-conv output."""
+    nd = len(sizes)
+    out_pad = list(node.attr("output_padding", None) or [0] * nd)
+    full = [s * (n - 1) + op + (k - 1) * d + 1 for n, k, s, d, op in zip(sizes, kernel, strides, dilations, out_pad)]
+    mode = auto_pad_mode(node)
+    out_shape = node.attr("output_shape", None)
+    pads = node.attr("pads", None)
+    if out_shape:
+        out = [int(v) for v in list(out_shape)[-nd:]]
+    elif mode in ("SAME_UPPER", "SAME_LOWER"):
+        out = [n * s for n, s in zip(sizes, strides)]
+    else:
+        pads = list(pads or [0] * (2 * nd)) if mode == "NOTSET" else [0] * (2 * nd)
+        return pads[:nd], [f - b - e for f, b, e in zip(full, pads[:nd], pads[nd:])]
+    if pads and mode == "NOTSET":
+        return list(pads[:nd]), out
+    totals = [f - o for f, o in zip(full, out)]
+    if mode == "SAME_UPPER":
+        begin = [t // 2 for t in totals]
+    else:
+        begin = [t - t // 2 for t in totals]
+    return begin, out
+
+
+@register
+class ConvTranspose(OpDef):
+    op_type = "ConvTranspose"
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        require_float(node, x, w, b)
+        nd = spatial_rank(node, x)
+        kernel = kernel_shape(node, w)
+        strides, dilations = strides_dilations(node, nd)
+        group = int(node.attr("group", 1))
+        sizes = [int(n) for n in x.shape[2:]]
+        begin, out = conv_transpose_geometry(node, sizes, kernel, strides, dilations)
+        natural = [s * (n - 1) + (k - 1) * d + 1 for n, k, s, d in zip(sizes, kernel, strides, dilations)]
+        crop_end = [f - bg - o for f, bg, o in zip(natural, begin, out)]
+        extra = [bg - ce for bg, ce in zip(begin, crop_end)]
+        if all(bg >= 0 and 0 <= e < max(s, d) for bg, e, s, d in zip(begin, extra, strides, dilations)):
+            return _CONV_T[nd](x, w, b, strides, begin, extra, group, dilations)
+        y = _CONV_T[nd](x, w, None, strides, 0, 0, group, dilations)
+        y = F.pad(y, torch_pad([-bg for bg in begin], [-ce for ce in crop_end]))
+        return y if b is None else y + _bias_shape(b, nd).to(y.dtype)
+
+
+# ---- DeformConv -----------------------------------------------------------------------------------
+
+def _sample_linear(x: Tensor, pos: list[Tensor]) -> Tensor:
+    """Multilinear samples of x (N, G, Cg, *sizes) at positions pos[i] (N, G, L), zeros outside.
+
+    Returns (N, G, Cg, L).
+    """
+    n, g, cg = x.shape[:3]
+    sizes = [int(s) for s in x.shape[3:]]
+    flat = x.reshape(n, g, cg, -1)
+    lows = [p.floor() for p in pos]
+    fracs = [p - lo for p, lo in zip(pos, lows)]
+    lows_i = [lo.to(torch.int64) for lo in lows]
+    out = torch.zeros((n, g, cg, pos[0].shape[-1]), dtype=x.dtype, device=x.device)
+    for corner in itertools.product((0, 1), repeat=len(sizes)):
+        weight = torch.ones_like(pos[0])
+        index = torch.zeros_like(lows_i[0])
+        valid = torch.ones_like(pos[0], dtype=torch.bool)
+        for dim, bit in enumerate(corner):
+            idx = lows_i[dim] + bit
+            weight = weight * (fracs[dim] if bit else 1 - fracs[dim])
+            valid = valid & (idx >= 0) & (idx < sizes[dim])
+            index = index * sizes[dim] + idx.clamp(0, sizes[dim] - 1)
+        vals = torch.gather(flat, 3, index.unsqueeze(2).expand(n, g, cg, -1))
+        out = out + vals * (weight * valid).unsqueeze(2).to(x.dtype)
+    return out
+
+
+@register
+class DeformConv(OpDef):
+    op_type = "DeformConv"
+    opsets = (19, 28)
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, offset: Tensor, b: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        require_float(node, x, w, offset, b, mask)
+        nd = spatial_rank(node, x, range(1, 8))
+        kernel = kernel_shape(node, w)
+        strides, dilations = strides_dilations(node, nd)
+        pads = list(node.attr("pads", None) or [0] * (2 * nd))
+        group = int(node.attr("group", 1))
+        og = int(node.attr("offset_group", 1))
+        n, c = int(x.shape[0]), int(x.shape[1])
+        oc = int(w.shape[0])
+        out_sizes = [int(s) for s in offset.shape[2:]]
+        expect = [(int(x.shape[2 + i]) + pads[i] + pads[nd + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                  for i in range(nd)]
+        if out_sizes != expect or c % group or c % og or int(w.shape[1]) * group != c:
+            raise ShapeError(f"node '{node.name}': DeformConv shapes disagree: input {tuple(x.shape)}, "
+                                     f"weight {tuple(w.shape)}, offset {tuple(offset.shape)}, output {expect}")
+        kk = math.prod(kernel)
+        npos = kk * math.prod(out_sizes)
+        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        off = offset.to(cdt).reshape(n, og, kk, nd, -1)
+        kidx = torch.cartesian_prod(*[torch.arange(k, device=x.device) for k in kernel]).reshape(kk, nd)
+        oidx = torch.cartesian_prod(*[torch.arange(s, device=x.device) for s in out_sizes]).reshape(-1, nd)
+        pos = []
+        for i in range(nd):
+            base = (oidx[:, i] * strides[i] - pads[i]).unsqueeze(0) + (kidx[:, i] * dilations[i]).unsqueeze(1)
+            pos.append((base.to(cdt).unsqueeze(0).unsqueeze(0) + off[:, :, :, i, :]).reshape(n, og, npos))
+        cols = _sample_linear(x.to(cdt).reshape(n, og, c // og, *x.shape[2:]), pos)
+        cols = cols.reshape(n, og, c // og, kk, -1)
+        if mask is not None:
+            cols = cols * mask.to(cdt).reshape(n, og, 1, kk, -1)
+        cols = cols.reshape(n, group, (c // group) * kk, -1)
+        wm = w.to(cdt).reshape(group, oc // group, -1)
+        y = torch.matmul(wm.unsqueeze(0), cols).reshape(n, oc, *out_sizes)
+        if b is not None:
+            y = y + _bias_shape(b.to(cdt), nd)
+        return y.to(x.dtype)
