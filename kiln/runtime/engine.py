@@ -1,19 +1,28 @@
-"""Engine (a loaded plan with materialized kernels) and ExecutionContext (per-caller state)."""
+"""Engine (a loaded plan with materialized kernels) and ExecutionContext (per-caller state).
+
+On CUDA an Engine holds the weights on the device once (prepacked inside the kernels that want
+another layout); each ExecutionContext captures the whole step list as a CUDA graph per input shape
+(its own static buffers and memory pool) and replays it on the caller's stream, so several contexts
+run concurrently on their own streams.
+"""
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from kiln.backends.tactic import get_tactic
-from kiln.errors import InputError, PlanFormatError
+from kiln.errors import InputError, KilnError, PlanFormatError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.plan.format import Plan, load_plan
 from kiln.plan.serialize import GraphReader
+from kiln.runtime.cuda_graph import CapturedGraph, capturable
+from kiln.runtime.flags import cuda_flags
 from kiln.runtime.interpreter import GraphFunction
 
 
@@ -56,6 +65,8 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         self.input_specs = {d["name"]: d for d in plan.inputs}
         self.output_names = [d["name"] for d in plan.outputs]
+        self.tf32 = bool(plan.build.get("tf32", True))
+        self.graph_capturable, self.graph_reason = capturable(self.graph) if self.device.type == "cuda" else (False, "")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Engine":
@@ -65,8 +76,9 @@ class Engine:
     def input_names(self) -> list[str]:
         return list(self.input_specs)
 
-    def create_execution_context(self) -> "ExecutionContext":
-        return ExecutionContext(self)
+    def create_execution_context(self, cuda_graph: bool | None = None) -> "ExecutionContext":
+        """A new context; on CUDA it replays CUDA graphs unless cuda_graph=False (or the plan cannot be captured)."""
+        return ExecutionContext(self, cuda_graph)
 
     def shape_range(self, name: str) -> list[tuple[list[int], list[int]]]:
         """(min, max) per profile for an input; empty when no profile names it."""
@@ -76,10 +88,15 @@ class Engine:
 class ExecutionContext:
     """Owns its input shapes and activation memory; many contexts may share one Engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cuda_graph: bool | None = None) -> None:
         self.engine = engine
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.profiler: Any = None
+        on_cuda = engine.device.type == "cuda"
+        self.use_cuda_graph = on_cuda and engine.graph_capturable and cuda_graph is not False
+        self._graphs: dict[tuple[Any, ...], CapturedGraph] = {}
+        self._checked: set[tuple[Any, ...]] = set()
+        self.last_graph: CapturedGraph | None = None
 
     def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
         self._check_shape(name, tuple(int(d) for d in shape))
@@ -140,13 +157,94 @@ class ExecutionContext:
             t, was_np = self._to_tensor(n, inputs[n])
             args.append(t)
             numpy_io |= was_np
-        fn = self.engine.function
-        fn.hook = self.profiler
-        try:
-            outs = fn(args)
-        finally:
-            fn.hook = None
+        if self.engine.device.type == "cuda":
+            outs = self._run_cuda(args, None)
+            if self.last_graph is not None and not numpy_io:  # static buffers: hand out copies
+                outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
+        else:
+            outs = self.engine.function(args, hook=self.profiler)
         return {n: _to_numpy(o) if numpy_io else o for n, o in zip(self.engine.output_names, outs)}
+
+    def execute_async(self, inputs: Mapping[str, Any] | Sequence[Any],
+                      stream: torch.cuda.Stream | None = None) -> dict[str, Any]:
+        """Enqueue a run on `stream` (default: the current stream) and return without waiting.
+
+        Inputs are torch tensors (CUDA tensors are read in place); outputs are CUDA tensors. With CUDA
+        graphs (the default on CUDA) the outputs are this context's static buffers: valid until the
+        next call on this context, on this stream. Writing into `input_buffers()` skips the input copy.
+        """
+        if self.engine.device.type != "cuda":
+            return self.execute(inputs)
+        names = self.engine.input_names
+        args = [inputs[n] for n in names] if isinstance(inputs, Mapping) else list(inputs)
+        key = tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else id(a) for a in args)
+        if key not in self._checked or (isinstance(inputs, Mapping) and len(inputs) != len(names)):
+            checked = self.execute_inputs(inputs)
+            if all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                self._checked.add(key)
+            args = checked
+        else:
+            args = list(args)
+        outs = self._run_cuda(args, stream)
+        return dict(zip(self.engine.output_names, outs))
+
+    def execute_inputs(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
+        """Validated device tensors for a call (names, dtypes, shapes against the profiles)."""
+        names = self.engine.input_names
+        if not isinstance(inputs, Mapping):
+            inputs = dict(zip(names, inputs))
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
+        extra = [n for n in inputs if n not in self.engine.input_specs]
+        if extra:
+            raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
+        return [self._to_tensor(n, inputs[n])[0] for n in names]
+
+    def input_buffers(self) -> dict[str, Any]:
+        """The static input tensors of the most recently used CUDA graph (write into them to skip copies)."""
+        if self.last_graph is None:
+            return {}
+        return dict(zip(self.engine.input_names, self.last_graph.static_in))
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        """Device memory reserved by this context's captured graphs (activations and outputs)."""
+        return sum(g.pool_bytes for g in self._graphs.values())
+
+    def _run_cuda(self, args: list[Any], stream: torch.cuda.Stream | None) -> list[Any]:
+        eng = self.engine
+        stream = stream or torch.cuda.current_stream(eng.device)
+        with torch.cuda.stream(stream):
+            if self.use_cuda_graph and self.profiler is None:
+                key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else None for a in args)
+                cg = self._graphs.get(key)
+                if cg is None:
+                    cg = self._capture(args, key)
+                if cg is not None:
+                    self.last_graph = cg
+                    return cg.run(args)
+            self.last_graph = None
+            with cuda_flags(eng.tf32):
+                return eng.function(args, hook=self.profiler)
+
+    def _capture(self, args: list[Any], key: tuple[Any, ...]) -> CapturedGraph | None:
+        with cuda_flags(self.engine.tf32):
+            try:
+                cg = CapturedGraph(self.engine.function, args)
+            except KilnError:
+                raise
+            except Exception as e:  # capture refused (host sync inside a kernel, ...): run eagerly from now on
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                warnings.warn(f"kiln: CUDA graph capture failed ({type(e).__name__}: {msg}); running eagerly")
+                self.use_cuda_graph = False
+                return None
+        self._graphs[key] = cg
+        return cg
 
 
 _TORCH_NAMES = {d.torch for d in DType}

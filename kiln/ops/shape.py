@@ -1,0 +1,698 @@
+"""Shape and layout ops: Reshape, Transpose, Concat, Split, Tile, Expand, Pad, Squeeze, Unsqueeze,
+Flatten, DepthToSpace, SpaceToDepth, Resize, Upsample, Shape, Size, Trilu, CenterCropPad, Col2Im.
+
+Pure data movement is done on a same-width signed integer view for the element types (unsigned
+ints, float8) for which torch lacks gather/scatter kernels; see `as_bits` / `from_bits`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
+from kiln.ir.graph import Node
+from kiln.ops.registry import OpDef, ints, norm_axis, register
+
+Tensor = torch.Tensor
+
+_BITS: dict[torch.dtype, torch.dtype] = {
+    torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64,
+    torch.float8_e4m3fn: torch.int8, torch.float8_e4m3fnuz: torch.int8,
+    torch.float8_e5m2: torch.int8, torch.float8_e5m2fnuz: torch.int8,
+}
+
+
+def as_bits(x: Tensor) -> Tensor:
+    """A view of x whose element type torch can gather/scatter/copy (bit-exact)."""
+    bits = _BITS.get(x.dtype)
+    return x if bits is None else x.view(bits)
+
+
+def from_bits(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Inverse of as_bits."""
+    return y if y.dtype == dtype else y.view(dtype)
+
+
+def wide_dtype(dtype: torch.dtype, node: Node) -> torch.dtype:
+    """A dtype in which torch can do arithmetic/comparisons that is exact for values of `dtype`."""
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return torch.int64
+    if dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz,
+                 torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype.is_complex:
+        raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} does not support {dtype}")
+    return dtype
+
+
+def optional_ints(t: Tensor | None) -> list[int] | None:
+    """Host ints of an optional shape-like input; None when omitted or empty."""
+    if t is None or t.numel() == 0:
+        return None
+    return ints(t)
+
+
+def _prod(xs: Sequence[int]) -> int:
+    p = 1
+    for v in xs:
+        p *= int(v)
+    return p
+
+
+# ---- Reshape / Transpose / Concat / Split ---------------------------------------------------------
+
+@register
+class Reshape(OpDef):
+    op_type = "Reshape"
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, shape: Tensor | None = None) -> Tensor:
+        dims = ints(shape) if node.opset >= 5 else list(node.attr("shape", []))
+        if not node.attr("allowzero", 0):
+            dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+        return x.reshape(dims)
+
+
+@register
+class Transpose(OpDef):
+    op_type = "Transpose"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        perm = node.attr("perm") or list(range(x.dim() - 1, -1, -1))
+        return x.permute([norm_axis(p, x.dim()) for p in perm])
+
+
+@register
+class Concat(OpDef):
+    op_type = "Concat"
+
+    def compute(self, node: Node, *xs: Tensor) -> Tensor:
+        parts = [x for x in xs if x is not None]
+        axis = norm_axis(node.attr("axis", 1), parts[0].dim())
+        return torch.cat(parts, dim=axis)
+
+
+def split_sizes(node: Node, dim: int, split: list[int] | None, n_out: int) -> list[int]:
+    """Chunk sizes for Split: explicit, by num_outputs (last chunk smaller), or equal parts."""
+    if split:
+        return split
+    num = node.attr("num_outputs")
+    if num:
+        chunk = -(-dim // num)
+        return [chunk] * (num - 1) + [dim - chunk * (num - 1)]
+    if dim % n_out:
+        raise ValueError(f"node '{node.name}': cannot split dim {dim} into {n_out} equal parts")
+    return [dim // n_out] * n_out
+
+
+@register
+class Split(OpDef):
+    op_type = "Split"
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, split: Tensor | None = None) -> tuple[Tensor, ...]:
+        axis = norm_axis(node.attr("axis", 0), x.dim())
+        if node.opset >= 13 or (node.opset < 2 and split is not None):
+            sizes = optional_ints(split)
+        else:
+            sizes = list(node.attr("split") or []) or None
+        sizes = split_sizes(node, x.shape[axis], sizes, len(node.outputs))
+        return tuple(torch.split(x, sizes, dim=axis))
+
+
+# ---- Tile / Expand / Squeeze / Unsqueeze / Flatten ------------------------------------------------
+
+@register
+class Tile(OpDef):
+    op_type = "Tile"
+    value_inputs = (1, 2)
+
+    def compute(self, node: Node, x: Tensor, repeats: Tensor, axis: Tensor | None = None) -> Tensor:
+        if node.opset < 6:
+            reps = [1] * x.dim()
+            reps[norm_axis(ints(axis)[0], x.dim())] = ints(repeats)[0]
+        else:
+            reps = ints(repeats)
+        return from_bits(as_bits(x).repeat(*reps), x.dtype) if reps else x
+
+
+@register
+class Expand(OpDef):
+    op_type = "Expand"
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, shape: Tensor) -> Tensor:
+        out = torch.broadcast_shapes(tuple(x.shape), tuple(ints(shape)))
+        return from_bits(as_bits(x).expand(out).contiguous(), x.dtype)
+
+
+@register
+class Squeeze(OpDef):
+    op_type = "Squeeze"
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, axes: Tensor | None = None) -> Tensor:
+        ax = optional_ints(axes) if node.opset >= 13 else node.attr("axes")
+        if not ax:
+            return x.reshape([d for d in x.shape if d != 1])
+        ax = sorted({norm_axis(a, x.dim()) for a in ax})
+        for a in ax:
+            if x.shape[a] != 1:
+                raise ValueError(f"node '{node.name}': cannot squeeze axis {a} of size {x.shape[a]}")
+        return x.reshape([d for i, d in enumerate(x.shape) if i not in ax])
+
+
+@register
+class Unsqueeze(OpDef):
+    op_type = "Unsqueeze"
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, axes: Tensor | None = None) -> Tensor:
+        ax = ints(axes) if node.opset >= 13 else list(node.attr("axes", []))
+        rank = x.dim() + len(ax)
+        shape = list(x.shape)
+        for a in sorted(norm_axis(a, rank) for a in ax):
+            shape.insert(a, 1)
+        return x.reshape(shape)
+
+
+@register
+class Flatten(OpDef):
+    op_type = "Flatten"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        axis = norm_axis(node.attr("axis", 1), x.dim())
+        return x.reshape(_prod(x.shape[:axis]), _prod(x.shape[axis:]))
+
+
+# ---- DepthToSpace / SpaceToDepth -------------------------------------------------------------------
+
+@register
+class DepthToSpace(OpDef):
+    op_type = "DepthToSpace"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        b = node.attr("blocksize")
+        n, c, h, w = x.shape
+        if node.attr("mode", "DCR") == "CRD":
+            y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+        else:
+            y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@register
+class SpaceToDepth(OpDef):
+    op_type = "SpaceToDepth"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        b = node.attr("blocksize")
+        n, c, h, w = x.shape
+        y = x.reshape(n, c, h // b, b, w // b, b)
+        if node.attr("mode", "DCR") == "CRD":
+            y = y.permute(0, 1, 3, 5, 2, 4)
+        else:
+            y = y.permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(n, c * b * b, h // b, w // b)
+
+
+# ---- Shape / Size / Trilu ------------------------------------------------------------------------
+
+@register
+class Shape(OpDef):
+    op_type = "Shape"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        r = x.dim()
+        start = min(max(norm_axis(node.attr("start", 0), r), 0), r)
+        end = node.attr("end")
+        end = r if end is None else min(max(norm_axis(end, r), 0), r)
+        return torch.tensor(list(x.shape[start:end]), dtype=torch.int64, device=x.device)
+
+
+@register
+class Size(OpDef):
+    op_type = "Size"
+
+    def compute(self, node: Node, x: Tensor) -> Tensor:
+        return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+
+@register
+class Trilu(OpDef):
+    op_type = "Trilu"
+    opsets = (14, 28)
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, k: Tensor | None = None) -> Tensor:
+        kk = ints(k)[0] if k is not None else 0
+        xb = as_bits(x)
+        y = torch.triu(xb, kk) if node.attr("upper", 1) else torch.tril(xb, kk)
+        return from_bits(y, x.dtype)
+
+
+# ---- Pad / CenterCropPad ---------------------------------------------------------------------------
+
+def _pad_index(dim: int, begin: int, end: int, mode: str, device: torch.device) -> Tensor:
+    i = torch.arange(-begin, dim + end, device=device)
+    if mode == "edge" or (mode == "reflect" and dim == 1):
+        return i.clamp(0, dim - 1)
+    if mode == "wrap":
+        return torch.remainder(i, dim)
+    period = 2 * (dim - 1)
+    j = torch.remainder(i, period)
+    return torch.where(j >= dim, period - j, j)
+
+
+def pad_tensor(x: Tensor, begins: list[int], ends: list[int], mode: str, value: Any = None) -> Tensor:
+    """Pad (negative amounts crop) every axis of x; value is a scalar or a 0-d tensor for constant mode."""
+    x = x[tuple(slice(max(-b, 0), d - max(-e, 0)) for b, e, d in zip(begins, ends, x.shape))]
+    begins = [max(b, 0) for b in begins]
+    ends = [max(e, 0) for e in ends]
+    if mode == "constant":
+        shape = [d + b + e for d, b, e in zip(x.shape, begins, ends)]
+        xb = as_bits(x)
+        if isinstance(value, Tensor):
+            fill = as_bits(value.reshape(()).to(x.dtype))
+            out = fill.expand(shape).clone()
+        else:
+            out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            if value:
+                out.fill_(value)
+            out = as_bits(out)
+        out[tuple(slice(b, b + d) for b, d in zip(begins, x.shape))] = xb
+        return from_bits(out, x.dtype)
+    if mode not in ("edge", "reflect", "wrap"):
+        raise ValueError(f"unknown pad mode {mode!r}")
+    y = as_bits(x)
+    for axis, (b, e) in enumerate(zip(begins, ends)):
+        if b or e:
+            y = y.index_select(axis, _pad_index(y.shape[axis], b, e, mode, y.device))
+    return from_bits(y, x.dtype)
+
+
+@register
+class Pad(OpDef):
+    op_type = "Pad"
+    value_inputs = (1, 3)
+
+    def check(self, node: Node) -> None:
+        mode = node.attr("mode", "constant")
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            raise UnsupportedOpError(f"node '{node.name}': Pad mode {mode!r} is not supported")
+
+    def compute(self, node: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None,
+                axes: Tensor | None = None) -> Tensor:
+        r = x.dim()
+        if node.opset < 11:
+            raw = list(node.attr("paddings" if node.opset < 2 else "pads", []))
+            fill: Any = node.attr("value", 0.0)
+        else:
+            raw = ints(pads)
+            fill = value if value is not None and value.numel() else None
+        ax = [norm_axis(a, r) for a in ints(axes)] if axes is not None and node.opset >= 18 else list(range(r))
+        begins, ends = [0] * r, [0] * r
+        for i, a in enumerate(ax):
+            begins[a], ends[a] = raw[i], raw[len(ax) + i]
+        return pad_tensor(x, begins, ends, node.attr("mode", "constant"), fill)
+
+
+@register
+class CenterCropPad(OpDef):
+    op_type = "CenterCropPad"
+    opsets = (18, 28)
+    value_inputs = (1,)
+
+    def compute(self, node: Node, x: Tensor, shape: Tensor) -> Tensor:
+        r = x.dim()
+        ax = [norm_axis(a, r) for a in node.attr("axes") or range(r)]
+        begins, ends = [0] * r, [0] * r
+        for a, target in zip(ax, ints(shape)):
+            diff = target - x.shape[a]
+            if diff < 0:
+                begins[a], ends[a] = -((-diff) // 2), -((-diff) - (-diff) // 2)
+            else:
+                begins[a], ends[a] = diff // 2, diff - diff // 2
+        return pad_tensor(x, begins, ends, "constant")
+
+
+# ---- Col2Im --------------------------------------------------------------------------------------
+
+@register
+class Col2Im(OpDef):
+    op_type = "Col2Im"
+    opsets = (18, 28)
+    value_inputs = (1, 2)
+
+    def compute(self, node: Node, x: Tensor, image_shape: Tensor, block_shape: Tensor) -> Tensor:
+        image, block = ints(image_shape), ints(block_shape)
+        nd = len(image)
+        dil = list(node.attr("dilations") or [1] * nd)
+        strides = list(node.attr("strides") or [1] * nd)
+        pads = list(node.attr("pads") or [0] * (2 * nd))
+        padded = [image[d] + pads[d] + pads[nd + d] for d in range(nd)]
+        nblocks = [(padded[d] - dil[d] * (block[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
+        dev = x.device
+        lin = torch.zeros((), dtype=torch.int64, device=dev)
+        for d in range(nd):
+            k = torch.arange(block[d], device=dev) * dil[d]
+            pos = k[:, None] + torch.arange(nblocks[d], device=dev)[None, :] * strides[d]  # (K_d, L_d)
+            view = [1] * (2 * nd)
+            view[d], view[nd + d] = block[d], nblocks[d]
+            lin = lin * padded[d] + pos.reshape(view)
+        n = x.shape[0]
+        c = x.shape[1] // _prod(block)
+        src = x.reshape(n, c, -1)
+        out = torch.zeros(n, c, _prod(padded), dtype=x.dtype, device=dev)
+        out.index_add_(2, lin.reshape(-1), src)
+        out = out.reshape(n, c, *padded)
+        return out[(slice(None), slice(None)) + tuple(slice(pads[d], pads[d] + image[d]) for d in range(nd))]
+
+
+# ---- Resize / Upsample -----------------------------------------------------------------------------
+
+_CTMS = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
+         "tf_half_pixel_for_nn", "tf_crop_and_resize")
+_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _source_coords(ctm: str, out_w: int, in_w: int, scale: float,
+                   roi: tuple[float, float] | None, dev: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Input coordinate of each output index (float64), and the extrapolation mask for tf_crop_and_resize."""
+    y = torch.arange(out_w, dtype=torch.float64, device=dev)
+    out_f = scale * in_w
+    if ctm == "align_corners":
+        x = y * 0.0 if out_f == 1 else y * (in_w - 1) / (out_f - 1)
+    elif ctm == "asymmetric":
+        x = y / scale
+    elif ctm == "pytorch_half_pixel":
+        x = y * 0.0 - 0.5 if out_f == 1 else (y + 0.5) / scale - 0.5
+    elif ctm == "half_pixel":
+        x = (y + 0.5) / scale - 0.5
+    elif ctm == "half_pixel_symmetric":
+        offset = in_w / 2 * (1 - out_w / out_f)
+        x = offset + (y + 0.5) / scale - 0.5
+    elif ctm == "tf_half_pixel_for_nn":
+        x = (y + 0.5) / scale
+    else:  # tf_crop_and_resize
+        r0, r1 = roi if roi is not None else (0.0, 1.0)
+        if out_f == 1:
+            x = y * 0.0 + (r1 - r0) * (in_w - 1) / 2
+        else:
+            x = y * (r1 - r0) * (in_w - 1) / (out_f - 1)
+        x = x + r0 * (in_w - 1)
+        return x, (x < 0) | (x > in_w - 1)
+    return x, None
+
+
+def _cubic(a: float) -> Callable[[Tensor], Tensor]:
+    def kernel(t: Tensor) -> Tensor:
+        t = t.abs()
+        near = ((a + 2) * t - (a + 3)) * t * t + 1
+        far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+    return kernel
+
+
+def _coefficients(mode: str, ratio: Tensor, scale: float, antialias: bool, a: float) -> Tensor:
+    """Interpolation weights (out, n) for the n taps left-to-right around each sample point."""
+    if mode == "linear":
+        if antialias:
+            s = min(scale, 1.0)
+            start = math.floor(-1 / s) + 1
+            taps = torch.arange(start, 2 - start, dtype=torch.float64, device=ratio.device)
+            w = (1 - ((taps[None, :] - ratio[:, None]) * s).abs()).clamp(0, 1)
+            return w / w.sum(dim=1, keepdim=True)
+        return torch.stack([1 - ratio, ratio], dim=1)
+    s = min(scale, 1.0) if antialias else 1.0
+    start = math.floor(-2 / s) + 1
+    taps = torch.arange(start, 2 - start, dtype=torch.float64, device=ratio.device)
+    w = _cubic(a)((taps[None, :] - ratio[:, None]) * s)
+    return w / w.sum(dim=1, keepdim=True) if antialias else w
+
+
+def _nearest_index(coords: Tensor, scale: float, in_w: int, nearest_mode: str) -> Tensor:
+    fl = torch.floor(coords)
+    if nearest_mode == "simple":
+        nearest_mode = "ceil" if scale < 1 else "floor"
+    if nearest_mode == "round_prefer_floor":
+        idx = fl + (coords - fl > 0.5)
+    elif nearest_mode == "round_prefer_ceil":
+        idx = fl + (coords - fl >= 0.5)
+    elif nearest_mode == "floor":
+        idx = fl
+    else:
+        idx = torch.ceil(coords)
+    return idx.to(torch.int64).clamp(0, in_w - 1)
+
+
+def _taps(coords: Tensor, n: int) -> Tensor:
+    """Indices (out, n) of the n input samples nearest each coordinate, ties to the left (may lie outside)."""
+    pad = -(-n // 2)
+    xp = coords + pad
+    pf = torch.floor(xp)
+    frac = xp - pf
+    if n % 2 == 0:
+        off = torch.where(frac == 0, -(n // 2), -(n // 2) + 1)
+    else:
+        off = torch.where(frac <= 0.5, -((n - 1) // 2), -((n - 1) // 2) + 1)
+    return (pf.to(torch.int64) + off)[:, None] + torch.arange(n, device=coords.device)[None, :] - pad
+
+
+AxisKey = tuple  # (mode, ctm, nearest_mode, antialias, cubic_a, exclude_outside, out_w, in_w, scale, roi)
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_plan(key: AxisKey, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Resampling plan of one axis, built once per shape/attributes/device: (indices, weights, mask).
+
+    nearest: indices (out,); linear/cubic: clamped tap indices (out, n) and weights (out, n) in dtype.
+    mask flags outputs that take extrapolation_value (tf_crop_and_resize), else None.
+    """
+    mode, ctm, nearest_mode, antialias, cubic_a, exclude_outside, out_w, in_w, scale, roi = key
+    coords, mask = _source_coords(ctm, out_w, in_w, scale, roi, device)
+    if mode == "nearest":
+        return _nearest_index(coords, scale, in_w, nearest_mode), None, mask
+    fl = torch.floor(coords)
+    ratio = torch.where(coords == fl, torch.ones_like(coords), coords - fl)
+    w = _coefficients(mode, ratio, scale, antialias, cubic_a)
+    taps = _taps(coords, w.shape[1])
+    if exclude_outside:
+        w = torch.where((taps < 0) | (taps >= in_w), torch.zeros_like(w), w)
+        total = w.sum(dim=1, keepdim=True)
+        w = w / torch.where(total == 0, torch.ones_like(total), total)
+    return taps.clamp(0, in_w - 1), w.to(dtype), mask
+
+
+def _interp_axis(x: Tensor, axis: int, taps: Tensor, w: Tensor) -> Tensor:
+    """Weighted sum of the n taps around each source coordinate along one axis (linear/cubic)."""
+    out_w, n = taps.shape
+    g = x.index_select(axis, taps.reshape(-1))
+    g = g.reshape(*x.shape[:axis], out_w, n, *x.shape[axis + 1:])
+    wshape = [1] * (x.dim() + 1)
+    wshape[axis], wshape[axis + 1] = out_w, n
+    return (g * w.reshape(wshape)).sum(dim=axis + 1)
+
+
+def _extrapolate(y: Tensor, masks: dict[int, Tensor], value: float) -> Tensor:
+    """tf_crop_and_resize: extrapolation_value where a source coordinate falls outside the input."""
+    for axis, mask in masks.items():
+        shape = [1] * y.dim()
+        shape[axis] = mask.shape[0]
+        y = torch.where(mask.reshape(shape), torch.tensor(value, dtype=y.dtype, device=y.device), y)
+    return y
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.float64 or dtype in (torch.int32, torch.int64, torch.uint32, torch.uint64):
+        return torch.float64
+    return torch.float32
+
+
+def resize(x: Tensor, out_sizes: list[int], scales: list[float], axes: list[int],
+           roi: list[float] | None, p: dict[str, Any]) -> Tensor:
+    """Separable N-D resize of x along `axes` to out_sizes (full rank) with per-axis scales (full rank)."""
+    r = x.dim()
+    dtype = x.dtype
+
+    def axis_roi(a: int) -> tuple[float, float] | None:
+        return None if roi is None else (roi[a], roi[r + a])
+
+    def trivial(a: int) -> bool:
+        ra = axis_roi(a)
+        return (math.isclose(scales[a], 1.0) and out_sizes[a] == x.shape[a]
+                and (ra is None or (math.isclose(ra[0], 0.0) and math.isclose(ra[1], 1.0))))
+
+    todo = [a for a in axes if not trivial(a)]
+    if not todo:
+        return x
+    if any(out_sizes[a] == 0 or x.shape[a] == 0 for a in todo):
+        return x.new_empty([out_sizes[a] if a in todo else d for a, d in enumerate(x.shape)])
+    keys = {a: (p["mode"], p["ctm"], p["nearest_mode"], p["antialias"], p["cubic_a"], p["exclude_outside"],
+                out_sizes[a], x.shape[a], scales[a], axis_roi(a)) for a in todo}
+    if p["mode"] == "nearest":
+        lin, masks = _nearest_plan(tuple(keys.items()), tuple(x.shape), x.device)
+        lo = min(todo)
+        flat = as_bits(x).reshape(_prod(x.shape[:lo]), _prod(x.shape[lo:]))
+        y = flat.index_select(1, lin.reshape(-1)).reshape(list(x.shape[:lo]) + list(lin.shape))
+        return from_bits(_extrapolate(y, masks, p["extrapolation_value"]) if masks else y, dtype)
+    if _torch_interp_ok(x, todo, scales, out_sizes, p):
+        return _torch_interp(x, todo, scales, out_sizes, p)
+    cdt = _compute_dtype(dtype)
+    y = x.to(cdt)
+    masks = {}
+    for a in todo:
+        taps, w, mask = _axis_plan(keys[a], x.device, cdt)
+        y = _interp_axis(y, a, taps, w)  # type: ignore[arg-type]
+        if mask is not None:
+            masks[a] = mask
+    y = _extrapolate(y, masks, p["extrapolation_value"])
+    if dtype.is_floating_point:
+        return y.to(dtype)
+    info = torch.iinfo(dtype)
+    return y.round().clamp(info.min, info.max).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_plan(keys: tuple[tuple[int, AxisKey], ...], shape: tuple[int, ...],
+                  device: torch.device) -> tuple[Tensor, dict[int, Tensor]]:
+    """Linear source offsets into the trailing block from the first resized axis: one index_select does
+    the whole nearest resize. Also the extrapolation masks of the resized axes."""
+    index, masks = {}, {}
+    for a, key in keys:
+        index[a], _, mask = _axis_plan(key, device, torch.float64)
+        if mask is not None:
+            masks[a] = mask
+    lin = torch.zeros((), dtype=torch.int64, device=device)
+    for a in range(min(index), len(shape)):
+        idx = index.get(a)
+        if idx is None:
+            idx = torch.arange(shape[a], device=device)
+        lin = lin[..., None] * shape[a] + idx
+    return lin, masks
+
+
+def _torch_interp_ok(x: Tensor, todo: list[int], scales: list[float], out_sizes: list[int],
+                     p: dict[str, Any]) -> bool:
+    """Whether aten's upsample kernels compute exactly the ONNX result for this configuration."""
+    r = x.dim()
+    if not x.dtype.is_floating_point or x.dtype.itemsize == 1 or p["antialias"] or not todo or min(todo) < 2:
+        return False
+    if p["mode"] == "cubic":
+        if r != 4 or p["exclude_outside"] or p["cubic_a"] != -0.75:
+            return False
+    elif p["mode"] != "linear" or not 3 <= r <= 5:
+        return False
+    if p["ctm"] == "pytorch_half_pixel":
+        return all(out_sizes[d] > 1 for d in todo)
+    if p["ctm"] == "align_corners":
+        return all(scales[d] * x.shape[d] == out_sizes[d] for d in todo)
+    return p["ctm"] == "half_pixel"
+
+
+def _torch_interp(x: Tensor, todo: list[int], scales: list[float], out_sizes: list[int],
+                  p: dict[str, Any]) -> Tensor:
+    """aten's upsample kernels take both the output size and the ONNX scales (used as 1/scale)."""
+    if p["mode"] == "cubic":
+        kernel = torch.ops.aten.upsample_bicubic2d
+    else:
+        kernel = {3: torch.ops.aten.upsample_linear1d, 4: torch.ops.aten.upsample_bilinear2d,
+                  5: torch.ops.aten.upsample_trilinear3d}[x.dim()]
+    factors = [scales[d] if d in todo else 1.0 for d in range(2, x.dim())]
+    return kernel(x, out_sizes[2:], p["ctm"] == "align_corners", *factors)
+
+
+def _resize_params(node: Node) -> dict[str, Any]:
+    legacy = node.op_type == "Upsample" or node.opset < 11
+    mode = node.attr("mode", "nearest")
+    return {
+        "mode": "linear" if mode in ("bilinear", "trilinear") else mode,
+        "ctm": "asymmetric" if legacy else node.attr("coordinate_transformation_mode", "half_pixel"),
+        "nearest_mode": "simple" if legacy else node.attr("nearest_mode", "round_prefer_floor"),
+        "cubic_a": node.attr("cubic_coeff_a", -0.75),
+        "exclude_outside": bool(node.attr("exclude_outside", 0)),
+        "extrapolation_value": node.attr("extrapolation_value", 0.0),
+        "antialias": bool(node.attr("antialias", 0)),
+    }
+
+
+def _check_resize(node: Node) -> None:
+    p = _resize_params(node)
+    at = f"node '{node.name}': {node.op_type}"
+    if p["mode"] not in ("nearest", "linear", "cubic"):
+        raise UnsupportedOpError(f"{at} mode {node.attr('mode')!r} is not supported")
+    if p["ctm"] not in _CTMS:
+        raise UnsupportedOpError(f"{at} coordinate_transformation_mode {p['ctm']!r} is not supported")
+    if p["nearest_mode"] not in _NEAREST + ("simple",):
+        raise UnsupportedOpError(f"{at} nearest_mode {p['nearest_mode']!r} is not supported")
+    policy = node.attr("keep_aspect_ratio_policy", "stretch")
+    if policy not in ("stretch", "not_larger", "not_smaller"):
+        raise UnsupportedOpError(f"{at} keep_aspect_ratio_policy {policy!r} is not supported")
+
+
+@register
+class Resize(OpDef):
+    op_type = "Resize"
+    opsets = (10, 28)
+    value_inputs = (1, 2, 3)
+
+    def check(self, node: Node) -> None:
+        _check_resize(node)
+
+    def compute(self, node: Node, x: Tensor, *rest: Tensor | None) -> Tensor:
+        if node.opset < 11:
+            roi_t, scales_t, sizes_t = None, rest[0], None
+        else:
+            roi_t, scales_t, sizes_t = (tuple(rest) + (None, None, None))[:3]
+        p = _resize_params(node)
+        r = x.dim()
+        axes = [norm_axis(a, r) for a in node.attr("axes") or range(r)]
+        full_roi = None
+        if roi_t is not None and roi_t.numel() and p["ctm"] == "tf_crop_and_resize":
+            vals = [float(v) for v in roi_t.reshape(-1).tolist()]
+            full_roi = [0.0] * r + [1.0] * r
+            for i, a in enumerate(axes):
+                full_roi[a], full_roi[r + a] = vals[i], vals[len(axes) + i]
+        in_shape = list(x.shape)
+        scales = [1.0] * r
+        out = list(in_shape)
+        sizes = optional_ints(sizes_t)
+        if sizes is not None:
+            for i, a in enumerate(axes):
+                out[a] = sizes[i]
+                scales[a] = sizes[i] / in_shape[a]
+            policy = node.attr("keep_aspect_ratio_policy", "stretch")
+            if policy != "stretch":
+                s = (min if policy == "not_larger" else max)(scales[a] for a in axes)
+                for a in axes:
+                    scales[a] = s
+                    out[a] = int(s * in_shape[a] + 0.5)
+        else:
+            if scales_t is None or scales_t.numel() == 0:
+                raise ValueError(f"node '{node.name}': Resize needs scales or sizes")
+            vals = [float(v) for v in scales_t.reshape(-1).tolist()]
+            for i, a in enumerate(axes):
+                scales[a] = vals[i]
+            out = [int(s * d) for s, d in zip(scales, in_shape)]
+        return resize(x, out, scales, axes, full_roi, p)
+
+
+@register
+class Upsample(OpDef):
+    op_type = "Upsample"
+    opsets = (7, 9)
+    value_inputs = (1,)
+
+    def check(self, node: Node) -> None:
+        _check_resize(node)
+
+    def compute(self, node: Node, x: Tensor, scales_t: Tensor | None = None) -> Tensor:
+        if node.opset >= 9:
+            scales = [float(v) for v in scales_t.reshape(-1).tolist()]  # type: ignore[union-attr]
+        else:
+            scales = [float(v) for v in node.attr("scales")]
+        out = [int(s * d) for s, d in zip(scales, x.shape)]
+        return resize(x, out, scales, list(range(x.dim())), None, _resize_params(node))
