@@ -71,21 +71,30 @@ def cast_tensor(x: Tensor, dtype: torch.dtype, saturate: bool = True) -> Tensor:
     return x.to(dtype)
 
 
+_OPSET1_TYPE_NAMES = {"FLOAT": 1, "UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "INT32": 6, "INT64": 7,
+                      "BOOL": 9, "FLOAT16": 10, "DOUBLE": 11, "UINT32": 12, "UINT64": 13}
+
+
+def _cast_target(node: Node) -> torch.dtype:
+    to = node.attr("to")
+    if to is None:
+        raise UnsupportedOpError(f"node '{node.name}': Cast needs the 'to' attribute")
+    if isinstance(to, str):  # opsets 1-5 named the type
+        if to.upper() not in _OPSET1_TYPE_NAMES:
+            raise UnsupportedDTypeError(f"node '{node.name}' (Cast): unsupported target type {to}")
+        to = _OPSET1_TYPE_NAMES[to.upper()]
+    return onnx_dtype(to, node)
+
+
 @register
 class Cast(OpDef):
     op_type = "Cast"
 
     def check(self, node: Node) -> None:
-        if node.attr("to") is None:
-            raise UnsupportedOpError(f"node '{node.name}': Cast needs the 'to' attribute")
-        onnx_dtype(node.attr("to"), node)
+        _cast_target(node)
 
     def compute(self, node: Node, x: Tensor) -> Tensor:
-        to = node.attr("to")
-        if isinstance(to, str):  # opset 1 spelled the type as a string
-            to = {"FLOAT": 1, "UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "INT32": 6, "INT64": 7,
-                  "BOOL": 9, "FLOAT16": 10, "DOUBLE": 11, "UINT32": 12, "UINT64": 13}.get(to.upper(), -1)
-        return cast_tensor(x, onnx_dtype(to, node), bool(node.attr("saturate", 1)))
+        return cast_tensor(x, _cast_target(node), bool(node.attr("saturate", 1)))
 
 
 @register
@@ -146,6 +155,16 @@ class ConstantOfShape(OpDef):
     opsets = (9, 28)
     value_inputs = (0,)
 
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        if consts[0] is not None:
+            return super().infer(node, types, consts)
+        value = node.attr("value")
+        dtype = DType.from_torch(value.dtype) if value is not None else DType.FLOAT32
+        t = types[0]
+        rank = t.shape[0] if t is not None and t.shape is not None and len(t.shape) == 1 else None
+        return [TensorType(dtype, (None,) * rank if isinstance(rank, int) else None)]
+
     def compute(self, node: Node, shape: Tensor) -> Tensor:
         value = node.attr("value")
         if value is None:
@@ -204,7 +223,7 @@ class Range(OpDef):
 
 def _generator(node: Node, device: torch.device | str | None = None) -> torch.Generator | None:
     seed = node.attr("seed")
-    if seed is None:
+    if seed is None or torch.device(device or "cpu").type == "meta":
         return None
     g = torch.Generator(device=device or "cpu")
     g.manual_seed(int(seed) if float(seed) == int(seed) else hash(float(seed)) & 0x7FFFFFFF)
