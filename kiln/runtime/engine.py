@@ -152,11 +152,8 @@ class ExecutionContext:
         extra = [n for n in inputs if n not in self.engine.input_specs]
         if extra:
             raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
-        args, numpy_io = [], False
-        for n in names:
-            t, was_np = self._to_tensor(n, inputs[n])
-            args.append(t)
-            numpy_io |= was_np
+        args = [self._to_tensor(n, inputs[n])[0] for n in names]
+        numpy_io = not any(isinstance(inputs[n], torch.Tensor) for n in names)
         if self.engine.device.type == "cuda":
             outs = self._run_cuda(args, None)
             if self.last_graph is not None and not numpy_io:  # static buffers: hand out copies
