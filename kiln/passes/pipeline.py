@@ -2,11 +2,35 @@
 from __future__ import annotations
 
 from kiln.passes.base import Fixpoint, Pass
+from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
+from kiln.passes.concat import MarkConcatElision
+from kiln.passes.conv_fusion import FuseConv
 from kiln.passes.dce import DeadCodeElimination
+from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
+from kiln.passes.gemm_fusion import FuseGemm
+from kiln.passes.horizontal import FuseSiblingConvs
+from kiln.passes.pad import FoldPad
+from kiln.passes.pointwise import FusePointwise
+from kiln.passes.scale import FoldScale
+from kiln.passes.shapes import SimplifyShapes
 
 
 def default_pipeline() -> list[Pass]:
     return [
         Fixpoint("simplify", [FoldConstants(), DeadCodeElimination()]),
+        # cleanup: no-ops and shape-op chains (so that producers and consumers meet)
+        Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), DeadCodeElimination()]),
+        # weight folding into convolutions / gemms, while they are still plain ONNX ops
+        FoldBatchNorm(),
+        BatchNormToScale(),
+        FoldPad(),
+        FoldScale(),
+        # layer fusion: conv / gemm epilogues, sibling 1x1 convs, then leftover elementwise chains
+        FuseConv(),
+        FuseGemm(),
+        FuseSiblingConvs(),
+        FusePointwise(),
+        Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
+        MarkConcatElision(),
     ]

@@ -1,0 +1,155 @@
+"""Fused layers made by the graph optimizer (domain "kiln"): FusedConv, FusedGemm, Pointwise.
+
+The contract these definitions implement is shared with the CPU and CUDA backends:
+
+* ``FusedConv(X, W, B?, Z?)``: convolution with explicit ``pads`` (all begins, then all ends),
+  ``strides``, ``dilations``, ``group``, an optional bias, an optional residual ``Z`` of the output's
+  shape and an activation epilogue. ``act_before_add`` 0: ``act(conv + B + Z)``; 1: ``act(conv + B) + Z``.
+* ``FusedGemm(A, W, B?, Z?)``: ``act(A @ W^T + B (+ Z))`` with W stored ``[N, K]`` (like nn.Linear) and
+  A of any rank >= 2 (contraction over its last dim); same activation attributes.
+* ``Pointwise(*inputs)``: a small program of elementwise ONNX ops (numpy broadcasting), each evaluated
+  with that op's own registered definition at opset 21.
+
+Activations are named by ``activation`` with parameters ``alpha``/``beta`` (see ``ACTIVATIONS``).
+float16/bfloat16 activations are evaluated in float32 and rounded back, like the ONNX activation ops.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import UnsupportedOpError
+from kiln.ir.graph import Node, Value
+from kiln.ops.conv import require_float, spatial_rank, torch_pad
+from kiln.ops.registry import OpDef, lookup, register
+
+Tensor = torch.Tensor
+_HALF = (torch.float16, torch.bfloat16)
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+ACTIVATIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "": lambda x, a, b: x,
+    "Relu": lambda x, a, b: torch.relu(x),
+    "LeakyRelu": lambda x, a, b: F.leaky_relu(x, a),
+    "Clip": lambda x, a, b: torch.clamp(x, a, b),
+    "Sigmoid": lambda x, a, b: torch.sigmoid(x),
+    "Tanh": lambda x, a, b: torch.tanh(x),
+    "SiLU": lambda x, a, b: F.silu(x),
+    "HardSwish": lambda x, a, b: F.hardswish(x),
+    "HardSigmoid": lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0),
+    "Mish": lambda x, a, b: F.mish(x),
+    "Gelu": lambda x, a, b: F.gelu(x),
+    "GeluTanh": lambda x, a, b: F.gelu(x, approximate="tanh"),
+}
+"""activation name -> fn(x, alpha, beta). LeakyRelu slope = alpha; Clip [alpha, beta]; HardSigmoid as ONNX."""
+
+
+def activate(x: Tensor, name: str, alpha: float = 0.0, beta: float = 0.0) -> Tensor:
+    """Apply a fused activation by name (half types computed in float32)."""
+    fn = ACTIVATIONS.get(name)
+    if fn is None:
+        raise UnsupportedOpError(f"unknown fused activation {name!r}")
+    if not name:
+        return x
+    if x.dtype in _HALF:
+        return fn(x.float(), alpha, beta).to(x.dtype)
+    return fn(x, alpha, beta)
+
+
+def _epilogue(node: Node, y: Tensor, z: Tensor | None) -> Tensor:
+    """Residual add and activation in the order `act_before_add` asks for."""
+    act = str(node.attr("activation", "") or "")
+    alpha, beta = float(node.attr("alpha", 0.0)), float(node.attr("beta", 0.0))
+    if z is not None and not int(node.attr("act_before_add", 0)):
+        y = y + z.to(y.dtype)
+        z = None
+    y = activate(y, act, alpha, beta)
+    return y if z is None else y + z.to(y.dtype)
+
+
+class _FusedBase(OpDef):
+    domain = "kiln"
+
+    def check(self, node: Node) -> None:
+        if str(node.attr("activation", "") or "") not in ACTIVATIONS:
+            raise UnsupportedOpError(f"node '{node.name}': unknown fused activation {node.attr('activation')!r}")
+
+
+@register
+class FusedConv(_FusedBase):
+    """Conv (explicit pads) + bias + optional residual Z + activation epilogue."""
+
+    op_type = "FusedConv"
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,
+                z: Tensor | None = None) -> Tensor:
+        require_float(node, x, w, b)
+        nd = spatial_rank(node, x)
+        strides = [int(s) for s in node.attr("strides", None) or [1] * nd]
+        dilations = [int(d) for d in node.attr("dilations", None) or [1] * nd]
+        pads = [int(p) for p in node.attr("pads", None) or [0] * (2 * nd)]
+        begin, end = pads[:nd], pads[nd:]
+        if begin == end:
+            padding: list[int] = begin
+        else:
+            x = F.pad(x, torch_pad(begin, end))
+            padding = [0] * nd
+        y = _CONV[nd](x, w, b, strides, padding, dilations, int(node.attr("group", 1)))
+        return _epilogue(node, y, z)
+
+
+@register
+class FusedGemm(_FusedBase):
+    """A @ W^T + B (W constant [N, K]) + optional residual Z + activation epilogue."""
+
+    op_type = "FusedGemm"
+
+    def compute(self, node: Node, a: Tensor, w: Tensor, b: Tensor | None = None,
+                z: Tensor | None = None) -> Tensor:
+        require_float(node, a, w, b)
+        if a.dim() < 2:
+            raise UnsupportedOpError(f"node '{node.name}': FusedGemm needs an input of rank >= 2")
+        if a.device.type == "cpu" and a.dtype == torch.float16:
+            y = F.linear(a.float(), w.float(), None if b is None else b.float()).to(a.dtype)
+        else:
+            y = F.linear(a, w.to(a.dtype), None if b is None else b.to(a.dtype))
+        return _epilogue(node, y, z)
+
+
+def _ref(ref: str, inputs: tuple[Any, ...], temps: list[Any], consts: list[float], like: Tensor | None) -> Any:
+    kind, k = ref[0], int(ref[1:])
+    if kind == "i":
+        return inputs[k]
+    if kind == "t":
+        return temps[k]
+    if kind == "c":
+        dtype = like.dtype if like is not None else torch.float32
+        device = like.device if like is not None else "cpu"
+        return torch.tensor(consts[k], dtype=dtype, device=device)
+    raise UnsupportedOpError(f"bad Pointwise operand reference {ref!r}")
+
+
+@register
+class Pointwise(OpDef):
+    """A fused chain / small DAG of elementwise ops, evaluated instruction by instruction."""
+
+    op_type = "Pointwise"
+    domain = "kiln"
+
+    def compute(self, node: Node, *inputs: Any) -> Any:
+        consts = [float(c) for c in node.attr("consts", None) or []]
+        temps: list[Any] = []
+        for ins in node.attr("program", None) or []:
+            op = ins["op"]
+            attrs = dict(ins.get("attrs") or {})
+            refs = list(ins.get("args") or [])
+            like = next((inputs[int(r[1:])] if r[0] == "i" else temps[int(r[1:])]
+                         for r in refs if r and r[0] in "it"), None)
+            args = [None if not r else _ref(r, inputs, temps, consts, like) for r in refs]
+            step = Node(op, [], [Value(f"{node.name}.t{len(temps)}")], attrs, name=f"{node.name}/{op}", opset=21)
+            r = lookup(op, "").compute(step, *args)
+            temps.append(r[0] if isinstance(r, tuple) else r)
+        outs = [_ref(r, inputs, temps, consts, None) for r in node.attr("outputs", None) or [f"t{len(temps) - 1}"]]
+        return outs[0] if len(outs) == 1 else tuple(outs)

@@ -1,0 +1,105 @@
+"""Conv fusion: Conv (+ bias) + activation + residual Add -> one FusedConv.
+
+Every Conv with constant float weights becomes a FusedConv (auto_pad resolved into explicit pads),
+absorbing the activation that follows it (Relu, LeakyRelu, Clip, Sigmoid, Tanh, HardSigmoid,
+HardSwish, Mish, Gelu, and the x*sigmoid(x) / x*hardsigmoid(x) / x*tanh(softplus(x)) patterns)
+and a residual Add of a runtime tensor with the output's shape (before or after the activation).
+The fused node takes the place of the last node it absorbs, so Z is always computed before it.
+Convs are visited last to first so that, when both operands of an Add are convs, the later conv
+absorbs the Add and the earlier one's output becomes Z.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.ir.graph import Graph, Node
+from kiln.ops.conv import same_pads
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.epilogue import Epilogue, absorb
+from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes
+
+
+def conv_geometry(conv: Node) -> dict[str, Any] | None:
+    """strides/pads/dilations/group of a Conv with auto_pad resolved; None if the input shape is needed but unknown."""
+    w = const(conv.input(1))
+    x = conv.input(0)
+    if w is None or x is None:
+        return None
+    nd = w.dim() - 2
+    if not 1 <= nd <= 3 or (x.type.rank is not None and x.type.rank != nd + 2):
+        return None
+    strides = [int(s) for s in conv.attr("strides", None) or [1] * nd]
+    dilations = [int(d) for d in conv.attr("dilations", None) or [1] * nd]
+    mode = conv.attr("auto_pad", "NOTSET") or "NOTSET"
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        if x.type.shape is None or not all(isinstance(d, int) for d in x.type.shape[2:]):
+            return None
+        pads = same_pads(mode, list(x.type.shape[2:]), list(w.shape[2:]), strides, dilations)  # type: ignore[arg-type]
+    elif mode == "VALID":
+        pads = [0] * (2 * nd)
+    elif mode == "NOTSET":
+        pads = [int(p) for p in conv.attr("pads", None) or [0] * (2 * nd)]
+    else:
+        return None
+    if len(strides) != nd or len(dilations) != nd or len(pads) != 2 * nd or min(pads) < 0:
+        return None
+    ks = conv.attr("kernel_shape", None)
+    if ks is not None and list(ks) != list(w.shape[2:]):
+        return None
+    return {"strides": strides, "pads": pads, "dilations": dilations, "group": int(conv.attr("group", 1))}
+
+
+class FuseConv(Pass):
+    """Turns Conv (+ activation) (+ residual Add) into FusedConv; extends existing FusedConvs likewise."""
+
+    name = "conv fusion"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for conv in reversed(list(g.nodes)):
+            if is_op(conv, "Conv"):
+                changed |= self._convert(g, conv, uses, ctx)
+            elif conv.domain == "kiln" and conv.op_type == "FusedConv":
+                changed |= self._extend(g, conv, uses, ctx)
+            else:
+                continue
+            uses.refresh()
+        return changed
+
+    def _convert(self, g: Graph, conv: Node, uses: Uses, ctx: PassContext) -> bool:
+        w, b = const(conv.input(1)), const(conv.input(2))
+        if not is_float_weight(w) or (conv.input(2) is not None and b is None) or len(conv.outputs) != 1:
+            return False
+        geo = conv_geometry(conv)
+        if geo is None:
+            return False
+        ep = absorb(Epilogue(conv.outputs[0]), uses)
+        inputs = [conv.inputs[0], conv.inputs[1], conv.input(2), ep.z]
+        while inputs[-1] is None:
+            inputs.pop()
+        fused = Node("FusedConv", inputs, [ep.out], {**geo, **ep.attrs()}, name=conv.name, domain="kiln", opset=1)
+        replace_nodes(g, [conv] + ep.nodes, [fused])
+        for n in ep.nodes:
+            ctx.logger.verbose(f"Fusing {conv.name} with {n.name}")
+        if not ep.nodes:
+            ctx.logger.verbose(f"Converting {conv.name} to FusedConv")
+        return True
+
+    def _extend(self, g: Graph, fc: Node, uses: Uses, ctx: PassContext) -> bool:
+        if fc.attr("activation") and fc.input(3) is not None:
+            return False
+        ep = absorb(Epilogue.of(fc), uses)
+        if not ep.nodes:
+            return False
+        inputs = [fc.inputs[0], fc.inputs[1], fc.input(2), ep.z]
+        while inputs[-1] is None:
+            inputs.pop()
+        fc.inputs = inputs
+        fc.attrs.update(ep.attrs())
+        replace_nodes(g, [fc] + ep.nodes, [fc])
+        fc.outputs = [ep.out]
+        ep.out.producer = fc
+        for n in ep.nodes:
+            ctx.logger.verbose(f"Fusing {fc.name} with {n.name}")
+        return True

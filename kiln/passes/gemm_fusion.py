@@ -1,0 +1,121 @@
+"""Gemm fusion: Gemm / MatMul with a constant weight (+ bias Add) (+ activation) (+ residual) -> FusedGemm.
+
+FusedGemm stores W as [N, K] (transposed like nn.Linear) with alpha folded in; Gemm's C becomes the
+bias (times beta) when it is a constant per-column vector, or Z when it is a runtime tensor of the
+output's shape with beta 1; anything else (transA, other C shapes) leaves the Gemm alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.epilogue import Epilogue, absorb
+from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
+                                 same_shape)
+
+Tensor = torch.Tensor
+
+
+def _gemm_parts(g: Graph, n: Node) -> tuple[Value, Tensor, Tensor | None, Value | None] | None:
+    """(A, W [N, K], bias [N] or None, Z or None) of a Gemm / MatMul that FusedGemm can compute."""
+    a, wv = n.input(0), n.input(1)
+    w = const(wv)
+    if a is None or w is None or not is_float_weight(w) or w.dim() != 2 or a.is_const or len(n.outputs) != 1:
+        return None
+    if is_op(n, "MatMul"):
+        if a.type.rank is None or a.type.rank < 2:
+            return None
+        return a, w.t().contiguous(), None, None
+    if n.attr("transA", 0) or a.type.rank != 2:
+        return None
+    alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))
+    wt = w if n.attr("transB", 0) else w.t()
+    wt = cast_like(wt.double() * alpha, w) if alpha != 1.0 else wt.contiguous()
+    cv = n.input(2)
+    if cv is None or beta == 0.0:
+        return a, wt, None, None
+    c = const(cv)
+    if c is None:
+        if beta != 1.0 or not same_shape(cv.type, n.outputs[0].type) or cv.type.dtype != a.type.dtype:
+            return None
+        return a, wt, None, cv
+    bias = per_channel(c, 2, wt.shape[0], axis=1)
+    if bias is None or not is_float_weight(bias):
+        return None
+    return a, wt, cast_like(bias.double() * beta, c), None
+
+
+def _bias_add(out: Value, n_out: int, uses: Uses) -> tuple[Node, Tensor] | None:
+    """An Add of a constant [N]-broadcast bias reading `out` (and nothing else reading it)."""
+    add = uses.only(out)
+    rank = out.type.rank
+    if not is_op(add, "Add") or len(add.inputs) != 2 or rank is None or add.opset < 7:  # type: ignore[union-attr]
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]  # type: ignore[union-attr]
+    c = const(other)
+    if c is None or not is_float_weight(c):
+        return None
+    bias = per_channel(c, rank, n_out, axis=rank - 1)
+    return None if bias is None else (add, bias)  # type: ignore[return-value]
+
+
+class FuseGemm(Pass):
+    """Turns Gemm / MatMul-with-constant-weight (+ bias) (+ activation) (+ residual) into FusedGemm."""
+
+    name = "gemm fusion"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in reversed(list(g.nodes)):
+            if is_op(n, "Gemm", "MatMul"):
+                changed |= self._convert(g, n, uses, ctx)
+            elif n.domain == "kiln" and n.op_type == "FusedGemm" and not (n.attr("activation") and n.input(3)):
+                changed |= self._extend(g, n, uses, ctx)
+            else:
+                continue
+            uses.refresh()
+        return changed
+
+    def _convert(self, g: Graph, n: Node, uses: Uses, ctx: PassContext) -> bool:
+        parts = _gemm_parts(g, n)
+        if parts is None:
+            return False
+        a, w, bias, z = parts
+        absorbed: list[Node] = []
+        out = n.outputs[0]
+        if z is None:
+            ba = _bias_add(out, w.shape[0], uses)
+            if ba is not None:
+                extra = ba[1].double() if bias is None else bias.double() + ba[1].double()
+                bias = cast_like(extra, w)
+                absorbed.append(ba[0])
+                out = ba[0].outputs[0]
+        ep = absorb(Epilogue(out, z=z), uses)
+        inputs = [a, g.constant(f"{n.name}_w", w), None if bias is None else g.constant(f"{n.name}_b", bias), ep.z]
+        while inputs[-1] is None:
+            inputs.pop()
+        fused = Node("FusedGemm", inputs, [ep.out], ep.attrs(), name=n.name, domain="kiln", opset=1)
+        replace_nodes(g, [n] + absorbed + ep.nodes, [fused])
+        for m in absorbed + ep.nodes:
+            ctx.logger.verbose(f"Fusing {n.name} with {m.name}")
+        if not absorbed and not ep.nodes:
+            ctx.logger.verbose(f"Converting {n.name} to FusedGemm")
+        return True
+
+    def _extend(self, g: Graph, fg: Node, uses: Uses, ctx: PassContext) -> bool:
+        ep = absorb(Epilogue.of(fg), uses)
+        if not ep.nodes:
+            return False
+        inputs = [fg.inputs[0], fg.inputs[1], fg.input(2), ep.z]
+        while inputs[-1] is None:
+            inputs.pop()
+        fg.inputs = inputs
+        fg.attrs.update(ep.attrs())
+        replace_nodes(g, [fg] + ep.nodes, [fg])
+        fg.outputs = [ep.out]
+        ep.out.producer = fg
+        for m in ep.nodes:
+            ctx.logger.verbose(f"Fusing {fg.name} with {m.name}")
+        return True

@@ -1,0 +1,125 @@
+"""Pad folding: a constant-mode Pad of the spatial dims only, read by one Conv or pool, becomes its pads.
+
+* Conv: the Pad value must be 0 (convolution pads with zeros).
+* AveragePool: value 0, and the pool must count padding (count_include_pad=1, or have no pads of its
+  own so that it can be switched to count_include_pad=1); ceil_mode pools are left alone.
+* MaxPool: MaxPool pads with -inf, so the Pad value must be -inf; a zero Pad is also folded when
+  the padded tensor is known to be >= 0 (it comes from Relu, Clip(min >= 0) or Sigmoid) and every
+  window still holds a real element (each pad smaller than the window). Never with an Indices output
+  or ceil_mode (which drops windows relative to the end of the unpadded input).
+"""
+from __future__ import annotations
+
+import math
+
+from kiln.ir.graph import Graph, Node
+from kiln.ops.registry import ints
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.rewrite import Uses, const, is_op, remove_node, scalar
+
+
+def pad_spec(pad: Node) -> tuple[list[int], list[int], float] | None:
+    """(begins, ends, value) per axis of a constant-mode Pad with constant arguments; None otherwise."""
+    if not is_op(pad, "Pad") or (pad.attr("mode", "constant") or "constant") != "constant":
+        return None
+    x = pad.input(0)
+    rank = x.type.rank if x is not None else None
+    if rank is None:
+        return None
+    if pad.opset < 11:
+        raw = list(pad.attr("paddings" if pad.opset < 2 else "pads", []))
+        value = float(pad.attr("value", 0.0))
+    else:
+        if const(pad.input(1)) is None or (pad.input(2) is not None and const(pad.input(2)) is None):
+            return None
+        raw = ints(const(pad.input(1)))
+        v = const(pad.input(2))
+        value = 0.0 if v is None or v.numel() == 0 else float(v.reshape(-1)[0].item())
+    axes = list(range(rank))
+    if pad.opset >= 18 and pad.input(3) is not None:
+        if const(pad.input(3)) is None:
+            return None
+        axes = [a + rank if a < 0 else a for a in ints(const(pad.input(3)))]
+    if len(raw) != 2 * len(axes):
+        return None
+    begins, ends = [0] * rank, [0] * rank
+    for i, a in enumerate(axes):
+        begins[a], ends[a] = raw[i], raw[len(axes) + i]
+    return begins, ends, value
+
+
+def _nonnegative(n: Node | None) -> bool:
+    """Whether n's output is known to be >= 0 everywhere."""
+    if n is None:
+        return False
+    if is_op(n, "Relu", "Sigmoid", "HardSigmoid"):
+        return True
+    if is_op(n, "Clip"):
+        lo = n.attr("min") if n.opset < 11 else scalar(n.input(1))
+        return lo is not None and lo >= 0
+    if n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm"):
+        act = n.attr("activation", "")
+        if n.attr("act_before_add", 0) and n.input(3) is not None:
+            return False
+        return act in ("Relu", "Sigmoid", "HardSigmoid") or (act == "Clip" and float(n.attr("alpha", -1.0)) >= 0)
+    return False
+
+
+class FoldPad(Pass):
+    """Folds an explicit zero (or -inf for MaxPool) Pad into the Conv / pool that reads it."""
+
+    name = "pad folding"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for pad in list(g.nodes):
+            spec = pad_spec(pad)
+            if spec is None:
+                continue
+            begins, ends, value = spec
+            c = uses.only(pad.outputs[0])
+            if c is None or c.input(0) is not pad.outputs[0] or len(begins) < 3 \
+                    or any(begins[:2]) or any(ends[:2]) or min(begins + ends) < 0:
+                continue
+            if not self._accepts(c, begins[2:], ends[2:], value, pad):
+                continue
+            nd = len(begins) - 2
+            old = list(c.attr("pads", None) or [0] * (2 * nd))
+            c.attrs["pads"] = [o + p for o, p in zip(old, begins[2:] + ends[2:])]
+            c.attrs["auto_pad"] = "NOTSET"
+            c.inputs[0] = pad.inputs[0]
+            remove_node(g, pad)
+            ctx.logger.verbose(f"Fusing {pad.name} with {c.name}")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _accepts(c: Node, begins: list[int], ends: list[int], value: float, pad: Node) -> bool:
+        if (c.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID") or len(c.outputs) != 1:
+            return False
+        if c.attr("auto_pad") == "VALID":
+            c.attrs.pop("pads", None)
+        if is_op(c, "Conv"):
+            return value == 0.0
+        if is_op(c, "AveragePool"):
+            if value != 0.0 or c.attr("ceil_mode", 0):
+                return False
+            if not c.attr("count_include_pad", 0):
+                if any(c.attr("pads", None) or []):
+                    return False
+                c.attrs["count_include_pad"] = 1
+            return True
+        if is_op(c, "MaxPool"):
+            if c.attr("ceil_mode", 0):
+                return False
+            if value == -math.inf:
+                return True
+            kernel = list(c.attr("kernel_shape", None) or [])
+            if value != 0.0 or len(kernel) != len(begins) or not _nonnegative(pad.inputs[0].producer):
+                return False
+            old = list(c.attr("pads", None) or [0] * (2 * len(kernel)))
+            total = [o + p for o, p in zip(old, begins + ends)]
+            return all(t < k for t, k in zip(total, kernel + kernel))
+        return False
