@@ -6,6 +6,7 @@ from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
 from kiln.passes.concat import MarkConcatElision
 from kiln.passes.conv_fusion import FuseConv
 from kiln.passes.dce import DeadCodeElimination
+from kiln.passes.donate import DonateResidual
 from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
 from kiln.passes.gemm_fusion import FuseGemm
@@ -33,4 +34,5 @@ def default_pipeline() -> list[Pass]:
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
         MarkConcatElision(),
+        DonateResidual(),
     ]

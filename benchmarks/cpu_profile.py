@@ -1,0 +1,127 @@
+"""Per-layer CPU profile: Kiln (runtime step hook) next to ONNX Runtime (its node profiler).
+
+    python benchmarks/cpu_profile.py [resnet50|yolov4_tiny] [--threads 2] [--runs 20] [--opt-level 0] [--layers]
+
+Prints wall time per inference for both, the sum of Kiln's per-layer medians (the rest of the wall time
+is the interpreter and input handling), time per op type for both, and with --layers every Kiln layer
+next to the ORT node of the same name (ORT names its NCHWc convs "<name>_nchwc").
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # see cpu_bench.py: must precede the torch import
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kiln.backends.cpu.runtime import configure  # noqa: E402
+from kiln.builder import Builder, BuilderConfig  # noqa: E402
+from kiln.ir.graph import Node  # noqa: E402
+from kiln.logger import Logger, Severity  # noqa: E402
+from kiln.runtime.engine import Engine  # noqa: E402
+
+
+def _base(name: str) -> str:
+    return name.split("/")[0].removesuffix("_nchwc")
+
+
+def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int) -> tuple[list[float], dict[str, tuple[str, float]]]:
+    """(wall ms per run, layer name -> (op type, median ms)) for a Kiln engine."""
+    engine = Engine(Builder(Logger(Severity.WARNING)).build(model, BuilderConfig(optimization_level=level)))
+    ctx = engine.create_execution_context()
+    feeds_t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    ops: dict[str, str] = {}
+
+    def hook(node: Node, seconds: float) -> None:
+        per[node.name].append(seconds * 1e3)
+        ops[node.name] = node.op_type
+    walls = []
+    with torch.inference_mode():
+        for i in range(2 * runs + 3):
+            ctx.profiler = hook if i % 2 and i > 2 else None
+            t0 = time.perf_counter()
+            ctx.execute(feeds_t)
+            if i > 2 and not i % 2:
+                walls.append((time.perf_counter() - t0) * 1e3)
+    return walls, {n: (ops[n], statistics.median(v)) for n, v in per.items()}
+
+
+def ort_profile(model, feeds: dict[str, np.ndarray], runs: int, threads: int) -> tuple[list[float], dict[str, tuple[str, float]]]:
+    """(wall ms per run, node name -> (op type, median ms)) for an ORT session (default optimizations)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, feeds)
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            name = e["name"][: -len("_kernel_time")]
+            per[name].append(e["dur"] / 1e3)
+            ops[name] = e["args"].get("op_name", "?")
+    return walls, {n: (ops[n], statistics.median(v[-runs:])) for n, v in per.items()}
+
+
+def by_op(layers: dict[str, tuple[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = collections.defaultdict(float)
+    for op, ms in layers.values():
+        out[op] += ms
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="resnet50", choices=["resnet50", "yolov4_tiny"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--opt-level", type=int, default=0)
+    ap.add_argument("--layers", action="store_true", help="print every layer")
+    args = ap.parse_args(argv)
+    configure(threads=args.threads)
+    from examples.zoo import resnet50, yolov4_tiny
+    mod = {"resnet50": resnet50, "yolov4_tiny": yolov4_tiny}[args.model]
+    model = mod.onnx_model(0, 1)
+    feeds = {"input": np.random.default_rng(0).standard_normal((1, *mod.INPUT_SHAPE)).astype(np.float32)}
+    k_wall, k_layers = kiln_profile(model, feeds, args.runs, args.opt_level)
+    o_wall, o_layers = ort_profile(model, feeds, args.runs, args.threads)
+    k_sum, o_sum = sum(ms for _, ms in k_layers.values()), sum(ms for _, ms in o_layers.values())
+    print(f"{args.model}: Kiln wall {statistics.median(k_wall):.2f} ms (layers {k_sum:.2f} ms), "
+          f"ORT wall {statistics.median(o_wall):.2f} ms (nodes {o_sum:.2f} ms)")
+    print("Kiln by op:", ", ".join(f"{op} {ms:.2f}" for op, ms in by_op(k_layers).items()))
+    print("ORT  by op:", ", ".join(f"{op} {ms:.2f}" for op, ms in by_op(o_layers).items()))
+    if args.layers:
+        ort_by_base = {_base(n): ms for n, (_, ms) in o_layers.items()}
+        print(f"{'layer':44s} {'op':10s} {'Kiln ms':>8s} {'ORT ms':>8s}")
+        for name, (op, ms) in k_layers.items():
+            o = ort_by_base.get(_base(name))
+            print(f"{name[:44]:44s} {op[:10]:10s} {ms:8.3f} {'' if o is None else f'{o:8.3f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Pooling tactic for the CPU: MaxPool / AveragePool (2-D) and global / spatial-mean pooling.
+
+The window geometry (auto_pad, pads, ceil_mode) is resolved once at kernel build from the static
+input sizes, so an inference is one torch pooling call (2x2/stride-2 max pooling: two maxima of
+strided views, which skips the indices aten's pooling computes). torch's CPU pooling kernels keep the
+channels-last layout of their input (what the oneDNN convolutions produce), so no reformat happens
+between a conv chain and its pools. Geometries torch cannot express (asymmetric pads, pads larger
+than half a window) stay with the reference tactic.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
+from kiln.backends.tactic import Kernel, register_tactic
+from kiln.ir.graph import Node
+from kiln.ops.pool import Window
+
+Tensor = torch.Tensor
+
+
+def _window(node: Node) -> Window | None:
+    """The pooling geometry at the node's (static) input sizes, when torch's own pooling realises it."""
+    x = node.input(0)
+    hint = shape_hint(x) if x is not None else None  # type: ignore[arg-type]
+    if hint is None or len(hint) != 4:
+        return None
+    try:
+        win = Window(node, torch.empty(hint, device="meta"), ranks=(2,))
+    except Exception:
+        return None
+    return win if win.torch_ceil_mode() is not None else None
+
+
+def _spatial_mean(node: Node) -> tuple[bool, bool] | None:
+    """(is a mean over H, W; keepdims) for ReduceMean nodes reducing exactly axes 2 and 3 of a 4-D input."""
+    if node.op_type != "ReduceMean":
+        return None
+    axes = node.attr("axes", None)
+    if axes is None and node.input(1) is not None and node.inputs[1].const is not None:  # type: ignore[union-attr]
+        axes = [int(a) for a in node.inputs[1].const.reshape(-1).tolist()]  # type: ignore[union-attr]
+    if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        return None
+    return True, bool(int(node.attr("keepdims", 1)))
+
+
+class CpuPoolTactic(CpuTactic):
+    """MaxPool / AveragePool / GlobalAveragePool / GlobalMaxPool / spatial ReduceMean, channels-last friendly."""
+
+    id = "cpu.pool"
+    priority = 10
+    ops = (("", "MaxPool"), ("", "AveragePool"), ("", "GlobalAveragePool"), ("", "GlobalMaxPool"),
+           ("", "ReduceMean"))
+
+    def accepts(self, node: Node) -> bool:
+        x = node.input(0)
+        if not is_f32(x) or x.type.rank != 4 or len(node.outputs) != 1:  # type: ignore[union-attr]
+            return False
+        op = node.op_type
+        if op in ("GlobalAveragePool", "GlobalMaxPool"):
+            return True
+        if op == "ReduceMean":
+            return _spatial_mean(node) is not None
+        win = _window(node)
+        if win is None:
+            return False
+        return op == "MaxPool" or win.dilations == [1, 1]
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        op = node.op_type
+        if op == "GlobalAveragePool":
+            return _global_avg(True)
+        if op == "GlobalMaxPool":
+            def k_gmax(x: Tensor, *_: Any) -> Tensor:
+                return torch.amax(x, (2, 3), keepdim=True)
+            return k_gmax
+        if op == "ReduceMean":
+            kernel = _global_avg(_spatial_mean(node)[1])  # type: ignore[index]
+            kernel.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
+            return kernel
+        win = _window(node)
+        assert win is not None
+        kernel_size, stride, pad, dil = win.kernel, win.strides, win.begin, win.dilations
+        ceil = bool(win.torch_ceil_mode())
+        if op == "MaxPool":
+            if kernel_size == [2, 2] and stride == [2, 2] and pad == [0, 0] and dil == [1, 1] and not ceil:
+                return _max_pool_2x2
+            mp = getattr(torch.ops.aten.max_pool2d.default, "_op", torch.ops.aten.max_pool2d.default)
+
+            def k_max(x: Tensor) -> Tensor:
+                return mp(x, kernel_size, stride, pad, dil, ceil)
+            return k_max
+        include_pad = bool(int(node.attr("count_include_pad", 0)))
+        ap = torch.ops.aten.avg_pool2d.default
+
+        def k_avg(x: Tensor) -> Tensor:
+            return ap(x, kernel_size, stride, pad, ceil, include_pad)
+        return k_avg
+
+
+def _max_pool_2x2(x: Tensor) -> Tensor:
+    """2x2 / stride 2 max pooling as two maxima of strided views (aten's pool also computes indices)."""
+    oh, ow = x.shape[2] // 2, x.shape[3] // 2
+    rows = torch.maximum(x[:, :, 0:2 * oh:2], x[:, :, 1:2 * oh:2])
+    return torch.maximum(rows[:, :, :, 0:2 * ow:2], rows[:, :, :, 1:2 * ow:2])
+
+
+def _global_avg(keep: bool) -> Kernel:
+    def k_mean(x: Tensor, *_: Any) -> Tensor:
+        return torch.mean(x, (2, 3), keep)
+    return k_mean
+
+
+register_tactic(CpuPoolTactic())
