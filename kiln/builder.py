@@ -1,6 +1,7 @@
 """Builder + BuilderConfig + OptimizationProfile: the one place that wires the stages together.
 
-    import -> passes (pipeline.py) -> shape inference per profile -> tactic choice -> memory plan -> Plan
+    import -> passes (pipeline.py) -> reduced precision (fp16/bf16) -> shape inference per profile
+           -> tactic choice (autotuner + timing cache) -> memory plan -> Plan
 """
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import onnx
 import torch
 
 from kiln import __version__
-from kiln.backends.tactic import TacticContext, candidate_tactics
+from kiln.backends.tactic import TacticContext
 from kiln.errors import BuildError, ProfileError
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
 from kiln.passes.base import PassContext, PassManager
 from kiln.passes.pipeline import default_pipeline
+from kiln.passes.precision import ReducedPrecision, precision_dtype
 from kiln.passes.shape_inference import infer_types
 from kiln.plan.format import Plan
 from kiln.plan.memory import lifetimes, plan_memory
 from kiln.plan.serialize import GraphWriter, type_to_json
+from kiln.tune.autotuner import Autotuner
+from kiln.tune.timing_cache import TimingCache
 
 Shape = tuple[int, ...]
 
@@ -44,7 +48,13 @@ class OptimizationProfile:
 
 @dataclass
 class BuilderConfig:
-    """Every build option travels here: target, precision, profiles, workspace, tuning."""
+    """Every build option travels here: target, precision, profiles, workspace, tuning.
+
+    device: "cpu", "cuda" (or "cuda:N") or "auto" (CUDA when a GPU is present).
+    fp16 / bf16: run layers that tolerate it in that type (kiln.passes.precision); `fp32_layers`
+    names layers to keep in float32. optimization_level: 0 = heuristic tactics, no timing; 3+ = time
+    every candidate. timing_cache: a JSON file read before and merged back after tuning.
+    """
 
     device: str = "cpu"
     profiles: list[OptimizationProfile] = field(default_factory=list)
@@ -55,6 +65,14 @@ class BuilderConfig:
     workspace_bytes: int | None = None
     optimization_level: int = 3
     timing_cache: str | None = None
+    fp32_layers: list[str] = field(default_factory=list)
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None) -> 'cuda' when a CUDA GPU is present, else 'cpu'."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _device_target(device: str) -> dict[str, Any]:
@@ -64,7 +82,8 @@ def _device_target(device: str) -> dict[str, Any]:
             raise BuildError("--device cuda requested but no CUDA GPU is available")
         idx = dev.index or 0
         cc = torch.cuda.get_device_capability(idx)
-        return {"device": "cuda", "capability": f"{cc[0]}.{cc[1]}", "name": torch.cuda.get_device_name(idx)}
+        return {"device": "cuda", "capability": f"{cc[0]}.{cc[1]}", "name": torch.cuda.get_device_name(idx),
+                "cuda": str(torch.version.cuda)}
     if dev.type != "cpu":
         raise BuildError(f"unsupported target device '{device}' (use cpu or cuda)")
     return {"device": "cpu"}
@@ -79,7 +98,8 @@ class Builder:
     def build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig | None = None) -> Plan:
         config = config or BuilderConfig()
         t0 = time.perf_counter()
-        target = _device_target(config.device)
+        device = resolve_device(config.device)
+        target = _device_target(device)
         if isinstance(model, Graph):
             g = model
         elif isinstance(getattr(model, "graph", None), Graph):  # a NetworkDefinition
@@ -91,10 +111,14 @@ class Builder:
         _validate_profiles(g, config.profiles)
         ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})
         PassManager(default_pipeline()).run(g, ctx)
+        low = precision_dtype(config.fp16, config.bf16)
+        if low is not None:
+            PassManager([ReducedPrecision(low, config.fp32_layers)]).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         opt_types = _infer_at(g, config.profiles, "opt", self.logger)
-        tctx = TacticContext(torch.device(config.device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32)
-        tactics = self._choose_tactics(g, tctx)
+        tctx = TacticContext(torch.device(device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32,
+                             extra={"opt_level": config.optimization_level})
+        tactics, tuning = self._choose_tactics(g, tctx, opt_types, config)
         memory = self._plan_memory(g, opt_types)
         writer = GraphWriter()
         spec = writer.graph(g, tactics)
@@ -106,25 +130,23 @@ class Builder:
             graph=spec, memory=memory, kiln_version=__version__, weights=writer.weights,
             build={"fp16": config.fp16, "bf16": config.bf16, "tf32": config.tf32, "int8": config.int8,
                    "optimization_level": config.optimization_level, "layers": len(g.nodes),
-                   "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__},
+                   "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__,
+                   "tuning": tuning},
         )
         self.logger.info(f"Built plan: {len(g.nodes)} layers, {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
                          f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
                          f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
         return plan
 
-    def _choose_tactics(self, g: Graph, tctx: TacticContext) -> dict[int, tuple[str, dict[str, Any]]]:
-        chosen: dict[int, tuple[str, dict[str, Any]]] = {}
-        for n in g.nodes:
-            cands = candidate_tactics(n, tctx)
-            if not cands:
-                raise BuildError(f"node '{n.name}' ({n.op_type}): no tactic supports it on {tctx.device.type}")
-            t = cands[0]
-            cfg = t.configs(n, tctx)[0]
-            chosen[id(n)] = (t.id, cfg)
-            if t.id != "ref":
-                self.logger.verbose(f"{n.name} ({n.op_type}): tactic {t.id} {cfg or ''}")
-        return chosen
+    def _choose_tactics(self, g: Graph, tctx: TacticContext, types: dict[str, TensorType],
+                        config: BuilderConfig) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any]]:
+        """The autotuner's choice per node, with the timing cache file read before and merged after."""
+        cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
+        tuner = Autotuner(self.logger, tctx, config.optimization_level, cache)
+        chosen = tuner.choose(g, types)
+        if config.timing_cache:
+            cache.save(config.timing_cache)
+        return chosen, dict(tuner.stats)
 
     def _plan_memory(self, g: Graph, types: dict[str, TensorType]) -> dict[str, Any]:
         sizes = {name: t.nbytes() for name, t in types.items() if t.nbytes() is not None}

@@ -10,6 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.errors import KilnError
+
+# Bounded OpenMP spin-waiting: torch's default spinning starves other processes on small shared CPUs.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 from kiln.logger import Logger, Severity
 
 
@@ -58,7 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kiln.builder import Builder, BuilderConfig
     from kiln.plan.format import save_plan
     logger = Logger(Severity.VERBOSE if args.verbose else Severity.WARNING)
-    device = args.device or "cpu"
+    device = args.device or "auto"  # CUDA when a GPU is present
     cfg = BuilderConfig(device=device, profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
                         tf32=args.tf32, workspace_bytes=args.workspace and args.workspace << 20,
                         timing_cache=args.timing_cache, optimization_level=args.opt_level)
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="optimize an ONNX model into a .kiln plan")
     b.add_argument("model")
     b.add_argument("-o", "--output")
-    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--device", choices=["cpu", "cuda", "auto"], help="target (default: cuda when a GPU is present)")
     b.add_argument("--shapes", help="fixed input shapes: name:1x3x224x224[,name2:...]")
     b.add_argument("--min-shapes")
     b.add_argument("--opt-shapes")
@@ -188,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tf32", dest="tf32", action="store_true", default=True)
     b.add_argument("--no-tf32", dest="tf32", action="store_false")
     b.add_argument("--workspace", type=int, help="workspace limit in MiB")
-    b.add_argument("--timing-cache")
-    b.add_argument("--opt-level", type=int, default=3)
+    b.add_argument("--timing-cache", help="JSON timing cache: read before tuning, merged back after")
+    b.add_argument("--opt-level", type=int, default=3, help="0: heuristic tactics, no timing; 3+: time every candidate")
     b.add_argument("--verbose", "-v", action="store_true")
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="run a plan and report outputs and latency")

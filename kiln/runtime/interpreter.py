@@ -22,6 +22,15 @@ class _Step:
         self.single = len(outs) == 1
 
 
+def _host_inputs(node: Node) -> set[int]:
+    """Input positions the op reads as host values (OpDef.value_inputs)."""
+    from kiln.ops.registry import lookup
+    try:
+        return set(lookup(node.op_type, node.domain).value_inputs)
+    except Exception:
+        return set()
+
+
 def _reference_factory(node: Node) -> Callable[..., Any]:
     from kiln.ops.registry import lookup
     compute = lookup(node.op_type, node.domain).compute
@@ -41,36 +50,54 @@ class GraphFunction:
         self.graph = graph
         self.device = torch.device(device)
         factory = kernel_factory or _reference_factory
-        slot: dict[int, int] = {}
-        template: list[Any] = []
+        slot: dict[tuple[int, bool], int] = {}
+        consts: dict[int, tuple[Value, bool]] = {}  # slot -> (constant, read as a host value)
+        n_slots = 0
 
-        def slot_of(v: Value) -> int:
-            k = id(v)
+        def slot_of(v: Value, host: bool = False) -> int:
+            nonlocal n_slots
+            k = (id(v), host and v.const is not None)
             if k not in slot:
-                slot[k] = len(template)
-                template.append(v.const.to(self.device) if v.const is not None else None)
+                slot[k] = n_slots
+                if v.const is not None:
+                    consts[n_slots] = (v, k[1])
+                n_slots += 1
             return slot[k]
 
         self.input_slots = [slot_of(v) for v in graph.inputs]
         self.capture_names = [v.name for v in graph.captures]
         self.capture_slots = [slot_of(v) for v in graph.captures]
+        step_ins: list[list[int]] = []
         last_use: dict[int, int] = {}
         for i, n in enumerate(graph.nodes):
-            for v in n.all_inputs:
-                if v is not None:
-                    last_use[slot_of(v)] = i
+            host = _host_inputs(n)
+            ins = [-1 if v is None else slot_of(v, j in host) for j, v in enumerate(n.all_inputs)]
+            step_ins.append(ins)
+            for s_ in ins:
+                if s_ >= 0:
+                    last_use[s_] = i
             for v in n.outputs:
                 slot_of(v)
         self.output_slots = [slot_of(v) for v in graph.outputs]
-        keep = set(self.output_slots) | {slot[id(v)] for v in graph.values() if v.is_const}
+        keep = set(self.output_slots) | set(consts)
         self.steps: list[_Step] = []
+        needed: set[int] = set(self.output_slots) & set(consts)
         for i, n in enumerate(graph.nodes):
             rn = self._runtime_node(n)
-            ins = [-1 if v is None else slot[id(v)] for v in n.all_inputs]
-            outs = [slot[id(v)] for v in n.outputs]
-            frees = sorted({s for s in ins if s >= 0 and last_use.get(s) == i and s not in keep}
-                           | {s for s in outs if s not in last_use and s not in keep})
-            self.steps.append(_Step(rn, factory(rn), ins, outs, frees))
+            ins = step_ins[i]
+            outs = [slot[(id(v), False)] for v in n.outputs]
+            frees = sorted({s_ for s_ in ins if s_ >= 0 and last_use.get(s_) == i and s_ not in keep}
+                           | {s_ for s_ in outs if s_ not in last_use and s_ not in keep})
+            kernel = factory(rn)
+            own = getattr(kernel, "prepacked", frozenset())  # inputs the kernel holds its own copy of
+            needed |= {s_ for j, s_ in enumerate(ins) if s_ in consts and j not in own}
+            self.steps.append(_Step(rn, kernel, ins, outs, frees))
+        # constants go to the device once, and only where some kernel reads them as given;
+        # host values (shapes, axes, scales) stay on the CPU so reading them never syncs the device
+        template: list[Any] = [None] * n_slots
+        for s_ in needed:
+            v, host = consts[s_]
+            template[s_] = v.const if host else v.const.to(self.device)  # type: ignore[union-attr]
         self.template = template
         self.hook: StepHook | None = None
 
@@ -87,7 +114,14 @@ class GraphFunction:
                            else GraphFunction(v, self.device))
         return rn
 
-    def __call__(self, inputs: Sequence[Any], outer: dict[str, Any] | None = None) -> list[Any]:
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of constants this function holds on its device (prepacked copies live in the kernels)."""
+        return sum(t.numel() * t.element_size() for t in self.template
+                   if isinstance(t, torch.Tensor) and t.device == self.device)
+
+    def __call__(self, inputs: Sequence[Any], outer: dict[str, Any] | None = None,
+                 hook: StepHook | None = None) -> list[Any]:
         env = list(self.template)
         if len(inputs) != len(self.input_slots):
             raise KilnError(f"graph '{self.graph.name}' takes {len(self.input_slots)} inputs, got {len(inputs)}")
@@ -97,7 +131,7 @@ class GraphFunction:
             outer = outer or {}
             for s, name in zip(self.capture_slots, self.capture_names):
                 env[s] = outer[name]
-        hook = self.hook
+        hook = hook or self.hook
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:

@@ -1,1 +1,31 @@
-"""CUDA tactics (cuDNN/cuBLAS through torch, Triton kernels)."""
+"""CUDA tactics: cuDNN/cuBLAS through torch, and Triton kernels (registered only when triton imports).
+
+| tactic id                 | layers                                   | what                                      |
+|---------------------------|------------------------------------------|-------------------------------------------|
+| cuda.cudnn_conv           | Conv, FusedConv (2-D)                    | cuDNN conv, NHWC or NCHW, torch epilogue  |
+| cuda.cudnn_fused_conv     | FusedConv with Relu (optional residual)  | cuDNN conv+bias(+add)+ReLU in one call    |
+| cuda.conv1x1_gemm         | 1x1 stride-1 convs                       | cuBLASLt GEMM over the NHWC view          |
+| cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU) epilogue       |
+| cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
+| cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
+| cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
+| ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
+"""
+from __future__ import annotations
+
+from kiln.backends.cuda import cublas_gemm, cudnn_conv  # noqa: F401
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+HAVE_TRITON = _triton_available()
+
+if HAVE_TRITON:
+    from kiln.backends.cuda import triton_conv, triton_gemm, triton_pointwise  # noqa: F401

@@ -1,0 +1,176 @@
+"""Helpers shared by the CUDA tactics: conv geometry, epilogue attributes, weight prepacking, layouts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node
+
+Tensor = torch.Tensor
+
+ACT_CODES: dict[str, int] = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3, "Sigmoid": 4, "Tanh": 5, "SiLU": 6,
+                             "HardSwish": 7, "HardSigmoid": 8, "Mish": 9, "Gelu": 10, "GeluTanh": 11}
+"""Activation name (FusedConv/FusedGemm `activation`) -> the code the Triton epilogue switches on."""
+
+FLOAT_DTYPES = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
+CONV_OPS = ("Conv", "FusedConv")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows the matrix product: bias, residual Z, activation (with alpha/beta), their order."""
+
+    activation: str = ""
+    alpha: float = 0.0
+    beta: float = 0.0
+    act_before_add: bool = False
+
+    @property
+    def code(self) -> int:
+        return ACT_CODES[self.activation]
+
+
+def epilogue_of(node: Node) -> Epilogue:
+    """The fused epilogue of a FusedConv/FusedGemm (plain Conv/MatMul: none)."""
+    if node.op_type not in ("FusedConv", "FusedGemm"):
+        return Epilogue()
+    return Epilogue(str(node.attr("activation", "") or ""), float(node.attr("alpha", 0.0) or 0.0),
+                    float(node.attr("beta", 0.0) or 0.0), bool(int(node.attr("act_before_add", 0) or 0)))
+
+
+def is_conv(node: Node) -> bool:
+    return node.op_type in CONV_OPS and node.domain in ("", "ai.onnx", "kiln")
+
+
+def input_dtype(node: Node, i: int) -> DType | None:
+    v = node.input(i)
+    return None if v is None else v.type.dtype
+
+
+def float_io(node: Node) -> bool:
+    """All present tensor inputs and the first output are float32/16/bf16 (and agree with X)."""
+    x = input_dtype(node, 0)
+    if x not in FLOAT_DTYPES or node.outputs[0].type.dtype != x:
+        return False
+    return all(v is None or v.type.dtype == x for v in node.inputs)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """2-D convolution parameters with explicit (begin, end) pads."""
+
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    dilations: tuple[int, int]
+    group: int
+    kernel: tuple[int, int]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.pads[0] == self.pads[2] and self.pads[1] == self.pads[3]
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        kh, kw = self.kernel
+        oh = (h + self.pads[0] + self.pads[2] - self.dilations[0] * (kh - 1) - 1) // self.strides[0] + 1
+        ow = (w + self.pads[1] + self.pads[3] - self.dilations[1] * (kw - 1) - 1) // self.strides[1] + 1
+        return oh, ow
+
+
+def conv_static_ok(node: Node) -> bool:
+    """A 2-D Conv/FusedConv whose weight is a build-time constant and whose pads do not need input sizes."""
+    if not is_conv(node):
+        return False
+    w = node.input(1)
+    if w is None or not w.is_const or w.const.dim() != 4:  # type: ignore[union-attr]
+        return False
+    b = node.input(2)
+    if b is not None and not b.is_const:
+        return False
+    if node.op_type == "Conv" and (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID"):
+        return False
+    x = node.input(0)
+    return x is not None and (x.type.rank in (None, 4))
+
+
+def conv_geometry(node: Node) -> ConvGeometry:
+    """Geometry of a 2-D Conv/FusedConv accepted by `conv_static_ok`."""
+    w = node.inputs[1].const  # type: ignore[union-attr]
+    kernel = (int(w.shape[2]), int(w.shape[3]))
+    strides = tuple(int(s) for s in (node.attr("strides", None) or [1, 1]))
+    dil = tuple(int(d) for d in (node.attr("dilations", None) or [1, 1]))
+    if node.op_type == "Conv" and (node.attr("auto_pad", "NOTSET") or "NOTSET") == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = [int(p) for p in (node.attr("pads", None) or [0, 0, 0, 0])]
+    return ConvGeometry(strides, (pads[0], pads[1], pads[2], pads[3]), dil,  # type: ignore[arg-type]
+                        int(node.attr("group", 1) or 1), kernel)
+
+
+def const_on(node: Node, i: int, device: torch.device, dtype: torch.dtype | None = None) -> Tensor | None:
+    """Input i (a build-time constant) on `device`, optionally converted; None when absent."""
+    v = node.input(i)
+    if v is None:
+        return None
+    assert v.const is not None, f"input {i} of {node.name} is not a constant"
+    t = v.const
+    return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """x in channels_last memory format (no copy when it already is)."""
+    if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def apply_epilogue_(y: Tensor, z: Tensor | None, ep: Epilogue) -> Tensor:
+    """Residual add and activation on y (owned by the caller, modified in place where torch allows)."""
+    if z is not None and not ep.act_before_add:
+        y.add_(z)
+    y = activate_(y, ep.activation, ep.alpha, ep.beta)
+    if z is not None and ep.act_before_add:
+        y.add_(z)
+    return y
+
+
+def activate_(y: Tensor, name: str, alpha: float, beta: float) -> Tensor:
+    """In-place activation by FusedConv/FusedGemm name (half types use torch's float32 op math)."""
+    if name == "":
+        return y
+    if name == "Relu":
+        return y.relu_()
+    if name == "LeakyRelu":
+        return F.leaky_relu_(y, alpha)
+    if name == "Clip":
+        return y.clamp_(alpha, beta)
+    if name == "Sigmoid":
+        return y.sigmoid_()
+    if name == "Tanh":
+        return y.tanh_()
+    if name == "SiLU":
+        return F.silu(y, inplace=True)
+    if name == "HardSwish":
+        return F.hardswish(y, inplace=True)
+    if name == "HardSigmoid":
+        return y.mul_(alpha).add_(beta).clamp_(0.0, 1.0)
+    if name == "Mish":
+        return F.mish(y, inplace=True)
+    if name == "Gelu":
+        return F.gelu(y)
+    if name == "GeluTanh":
+        return F.gelu(y, approximate="tanh")
+    raise ValueError(f"unknown fused activation {name!r}")
+
+
+def prepacked(kernel: Any, indices: tuple[int, ...]) -> Any:
+    """Mark a kernel as holding its own copies of the given constant inputs (the runtime skips them)."""
+    kernel.prepacked = frozenset(indices)
+    return kernel
+
+
+def tf32_precision(allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 else "ieee"

@@ -1,0 +1,69 @@
+"""FusedGemm and MatMul-by-a-constant through cuBLAS(Lt) via torch, epilogue fused where cuBLASLt can."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.backends.cuda.common import apply_epilogue_, const_on, epilogue_of, float_io, prepacked
+from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.ir.graph import Node
+
+Tensor = torch.Tensor
+
+
+def gemm_static_ok(node: Node) -> bool:
+    """FusedGemm (W constant [N, K], bias constant) or MatMul whose B is a constant matrix."""
+    if node.op_type == "FusedGemm" and node.domain == "kiln":
+        w, b = node.input(1), node.input(2)
+        return (w is not None and w.is_const and w.const.dim() == 2  # type: ignore[union-attr]
+                and (b is None or b.is_const))
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        w, a = node.input(1), node.input(0)
+        return (w is not None and w.is_const and w.const.dim() == 2  # type: ignore[union-attr]
+                and a is not None and (a.type.rank is None or a.type.rank >= 2))
+    return False
+
+
+def packed_weight(node: Node, device: torch.device) -> Tensor:
+    """The weight as [K, N] (FusedGemm stores [N, K]; MatMul's B already is [K, N])."""
+    w = const_on(node, 1, device)
+    assert w is not None
+    return w.t() if node.op_type == "FusedGemm" else w
+
+
+class CublasGemm(Tactic):
+    """A @ W^T + B through addmm / _addmm_activation (ReLU fused by cuBLASLt), other epilogues in place."""
+
+    id = "cuda.cublas_gemm"
+    devices = ("cuda",)
+    priority = 50
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        return gemm_static_ok(node) and float_io(node)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        ep = epilogue_of(node)
+        wkn = packed_weight(node, device)  # [K, N] view (column-major for cuBLAS is free)
+        b = const_on(node, 2, device) if node.op_type == "FusedGemm" else None
+        has_z = node.op_type == "FusedGemm" and node.input(3) is not None
+        relu_only = ep.activation == "Relu" and not has_z and b is not None
+        n_out = int(wkn.shape[1])
+
+        def kernel(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+            lead = a.shape[:-1]
+            a2 = a.reshape(-1, a.shape[-1])
+            if relu_only:
+                y = torch._addmm_activation(b, a2, wkn)
+            elif b is not None:
+                y = torch.addmm(b, a2, wkn)
+            else:
+                y = torch.mm(a2, wkn)
+            y = y.view(*lead, n_out)
+            if not relu_only:
+                y = apply_epilogue_(y, z, ep)
+            return y
+        return prepacked(kernel, (1, 2))
+
+
+register_tactic(CublasGemm())

@@ -1,0 +1,151 @@
+"""Convolution through cuDNN (via torch): plain NCHW/NHWC, and cuDNN's fused conv+bias+(add)+ReLU.
+
+Every conv tactic on CUDA returns its output in channels_last memory format (logical NCHW shape):
+activations flow between layers as NHWC, which is what cuDNN's and Triton's fast paths want; the
+`nchw` variant converts in and out, and its timing includes those conversions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.backends.cuda.common import (Epilogue, ConvGeometry, apply_epilogue_, channels_last, const_on,
+                                       conv_geometry, conv_static_ok, epilogue_of, float_io, prepacked)
+from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.ir.graph import Node
+
+Tensor = torch.Tensor
+
+
+def _pad_args(geo: ConvGeometry) -> tuple[list[int] | None, list[int]]:
+    """(F.pad argument or None, conv padding) for the geometry's pads."""
+    if geo.symmetric:
+        return None, [geo.pads[0], geo.pads[1]]
+    t, l, b, r = geo.pads
+    return [l, r, t, b], [0, 0]
+
+
+class CudnnConv(Tactic):
+    """torch conv2d (cuDNN) with bias, then the epilogue as in-place torch ops. Any group, any float type."""
+
+    id = "cuda.cudnn_conv"
+    devices = ("cuda",)
+    priority = 50
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        return conv_static_ok(node) and float_io(node)
+
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        return [{"layout": "nhwc"}, {"layout": "nchw"}]
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        geo = conv_geometry(node)
+        ep = epilogue_of(node)
+        nhwc = config.get("layout", "nhwc") == "nhwc"
+        mf = torch.channels_last if nhwc else torch.contiguous_format
+        w = const_on(node, 1, device).contiguous(memory_format=mf)  # type: ignore[union-attr]
+        b = const_on(node, 2, device)
+        pad, padding = _pad_args(geo)
+        stride, dil, groups = list(geo.strides), list(geo.dilations), geo.group
+
+        def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+            x = x.contiguous(memory_format=mf)
+            if pad is not None:
+                x = F.pad(x, pad)
+            y = F.conv2d(x, w, b, stride, padding, dil, groups)
+            y = apply_epilogue_(y, z, ep)
+            return y if nhwc else y.contiguous(memory_format=torch.channels_last)
+        return prepacked(kernel, (1, 2))
+
+
+class CudnnFusedConv(Tactic):
+    """cuDNN's fused conv + bias (+ residual) + ReLU: torch.cudnn_convolution_relu / _add_relu.
+
+    Covers FusedConv with activation Relu, and with a residual Z added before the ReLU.
+    """
+
+    id = "cuda.cudnn_fused_conv"
+    devices = ("cuda",)
+    priority = 60
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        if node.op_type != "FusedConv" or not conv_static_ok(node) or not float_io(node):
+            return False
+        ep = epilogue_of(node)
+        if ep.activation != "Relu":
+            return False
+        if node.input(3) is not None and ep.act_before_add:
+            return False
+        return conv_geometry(node).symmetric
+
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        return [{"layout": "nhwc"}, {"layout": "nchw"}]
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        geo = conv_geometry(node)
+        nhwc = config.get("layout", "nhwc") == "nhwc"
+        mf = torch.channels_last if nhwc else torch.contiguous_format
+        w = const_on(node, 1, device).contiguous(memory_format=mf)  # type: ignore[union-attr]
+        b = const_on(node, 2, device)
+        stride, padding, dil, groups = list(geo.strides), [geo.pads[0], geo.pads[1]], list(geo.dilations), geo.group
+
+        def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+            x = x.contiguous(memory_format=mf)
+            if z is None:
+                y = torch.cudnn_convolution_relu(x, w, b, stride, padding, dil, groups)
+            else:
+                y = torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=mf), 1.0, b,
+                                                     stride, padding, dil, groups)
+            return y if nhwc else y.contiguous(memory_format=torch.channels_last)
+        return prepacked(kernel, (1, 2))
+
+
+class Conv1x1Gemm(Tactic):
+    """A 1x1, stride-1, unpadded, ungrouped conv as one cuBLAS GEMM over the NHWC view.
+
+    [N*H*W, C] @ [C, K] with the bias (and ReLU when it is the only epilogue) fused by cuBLASLt.
+    """
+
+    id = "cuda.conv1x1_gemm"
+    devices = ("cuda",)
+    priority = 40
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        if not conv_static_ok(node) or not float_io(node):
+            return False
+        geo = conv_geometry(node)
+        return (geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.pads == (0, 0, 0, 0)
+                and geo.group == 1)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        ep = epilogue_of(node)
+        w = const_on(node, 1, device)
+        k_out = int(w.shape[0])  # type: ignore[union-attr]
+        wt = w.reshape(k_out, -1).t().contiguous()  # type: ignore[union-attr]  [C, K]
+        b = const_on(node, 2, device)
+        relu_only = ep.activation == "Relu" and node.input(3) is None and b is not None
+
+        def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+            x = channels_last(x)
+            n, c, h, wd = x.shape
+            a = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
+            if relu_only:
+                y2 = torch._addmm_activation(b, a, wt)
+            elif b is not None:
+                y2 = torch.addmm(b, a, wt)
+            else:
+                y2 = torch.mm(a, wt)
+            y = y2.view(n, h, wd, k_out).permute(0, 3, 1, 2)
+            if not relu_only:
+                y = apply_epilogue_(y, z, ep)
+            return y
+        return prepacked(kernel, (1, 2))
+
+
+register_tactic(CudnnConv())
+register_tactic(CudnnFusedConv())
+register_tactic(Conv1x1Gemm())
+
+__all__ = ["CudnnConv", "CudnnFusedConv", "Conv1x1Gemm", "Epilogue"]

@@ -1,0 +1,178 @@
+"""Reduced precision: run layers that tolerate it in float16/bfloat16, the rest in float32.
+
+The builder runs this after the optimization pipeline when `fp16` or `bf16` is set. Each node whose
+op is in `LOW_PRECISION_OPS` (and not named in `fp32_layers`) computes in the low type: its float32
+constant inputs (weights) are converted once, its float32 activation inputs get a Cast. Nodes outside
+the list keep float32 and get a Cast back where they read a low-precision value. Casts are inserted
+only where the element type changes and are shared by all readers of a value. Graph inputs and
+outputs keep their declared element types (a Cast sits at each boundary that needs one).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import TensorType
+from kiln.passes.base import Pass, PassContext
+
+LOW_PRECISION_OPS: frozenset[str] = frozenset({
+    # compute layers
+    "Conv", "ConvTranspose", "FusedConv", "FusedGemm", "Gemm", "MatMul", "Pointwise",
+    # elementwise and activations
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Sum", "Mean", "Where", "Relu", "LeakyRelu",
+    "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu", "Celu", "Gelu", "Mish",
+    "Softplus", "Softsign", "ThresholdedRelu", "Erf", "Identity", "Dropout",
+    # pooling, resampling, data movement
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample",
+    "Concat", "Split", "Slice", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Tile",
+    "Expand", "Gather", "GatherElements", "GatherND", "DepthToSpace", "SpaceToDepth", "BatchNormalization",
+    # reductions that cannot overflow (torch accumulates the mean in float32)
+    "ReduceMean", "ReduceMax", "ReduceMin",
+})
+"""Ops that run in float16/bfloat16. Sums, normalizations with statistics, softmax, exp/log/pow and
+everything else stay float32 (they accumulate or overflow)."""
+
+FP32_POINTWISE_OPS: frozenset[str] = frozenset({"Exp", "Log", "Pow", "Reciprocal", "Cast", "Softmax"})
+"""A Pointwise program using one of these stays float32."""
+
+NEUTRAL_OPS: frozenset[str] = frozenset({"Cast", "Shape", "Size"})
+"""Ops that read any element type as is: no Cast is inserted in front of them."""
+
+
+def _is_float32(v: Value | None) -> bool:
+    return v is not None and v.kind == "tensor" and v.type.dtype == DType.FLOAT32
+
+
+class ReducedPrecision(Pass):
+    """Casts float32 layers to `dtype` (FLOAT16 or BFLOAT16) with per-layer fallback to float32."""
+
+    name = "reduced_precision"
+
+    def __init__(self, dtype: DType, fp32_layers: Iterable[str] = ()) -> None:
+        if dtype not in (DType.FLOAT16, DType.BFLOAT16):
+            raise ValueError(f"reduced precision must be float16 or bfloat16, not {dtype.value}")
+        self.dtype = dtype
+        self.fp32_layers = set(fp32_layers)
+
+    # -- decisions --------------------------------------------------------------------------------
+    def runs_low(self, n: Node) -> bool:
+        """Whether node `n` computes in the low type."""
+        if n.domain not in ("", "ai.onnx", "kiln") or n.op_type not in LOW_PRECISION_OPS:
+            return False
+        if n.name in self.fp32_layers or n.subgraphs():
+            return False
+        if n.op_type == "Pointwise":
+            prog = n.attr("program", None) or []
+            if any(ins.get("op") in FP32_POINTWISE_OPS for ins in prog) or len(n.attr("outputs", None) or [1]) != 1:
+                return False
+        cast_idx = self._cast_indices(n)
+        if not cast_idx:
+            return False
+        for i in cast_idx:
+            dt = n.inputs[i].type.dtype  # type: ignore[union-attr]
+            if dt not in (DType.FLOAT32, self.dtype):
+                return False
+        return True
+
+    @staticmethod
+    def _cast_indices(n: Node) -> list[int]:
+        """Inputs that carry float data (not host values like shapes/scales)."""
+        from kiln.ops.registry import lookup
+        try:
+            value_inputs = set(lookup(n.op_type, n.domain).value_inputs)
+        except Exception:
+            return []
+        out = []
+        for i, v in enumerate(n.inputs):
+            if v is None or i in value_inputs or v.kind != "tensor":
+                continue
+            if v.type.dtype is None:
+                return []  # unknown element type: leave the node alone
+            if v.type.dtype.is_float:
+                out.append(i)
+        return out
+
+    # -- rewrite ----------------------------------------------------------------------------------
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        low = self.dtype
+        low_vals: set[int] = set()  # ids of values that now hold the low type
+        to_low: dict[int, Value] = {}  # float32 value -> its low-type twin (Cast output or converted const)
+        to_f32: dict[int, Value] = {}  # low value -> its float32 twin (Cast output)
+        new_nodes: list[Node] = []
+        changed = False
+
+        def cast(v: Value, dt: DType, cache: dict[int, Value]) -> Value:
+            if id(v) in cache:
+                return cache[id(v)]
+            if v.is_const:
+                out = g.constant(f"{v.name}_{dt.value}", v.const.to(dt.torch))  # type: ignore[union-attr]
+            else:
+                out = g.new_value(f"{v.name}_{dt.value}", TensorType(dt, v.type.shape))
+                new_nodes.append(Node("Cast", [v], [out], {"to": dt.onnx}, name=g.unique_name(f"cast_{v.name}")))
+            cache[id(v)] = out
+            return out
+
+        for n in list(g.nodes):
+            if n.op_type in NEUTRAL_OPS and n.domain in ("", "ai.onnx"):
+                new_nodes.append(n)
+                continue
+            if self.runs_low(n):
+                for i in self._cast_indices(n):
+                    v = n.inputs[i]
+                    assert v is not None
+                    if id(v) in low_vals or v.type.dtype == low:
+                        continue
+                    n.inputs[i] = cast(v, low, to_low)
+                    changed = True
+                new_nodes.append(n)
+                for o in n.outputs:
+                    if _is_float32(o):
+                        o.type = TensorType(low, o.type.shape)
+                        low_vals.add(id(o))
+                        changed = True
+            else:
+                for i, v in enumerate(n.inputs):
+                    if v is not None and id(v) in low_vals:
+                        n.inputs[i] = cast(v, DType.FLOAT32, to_f32)
+                for j, v in enumerate(n.captures):
+                    if id(v) in low_vals:
+                        n.captures[j] = cast(v, DType.FLOAT32, to_f32)
+                new_nodes.append(n)
+        g.nodes = new_nodes
+        # graph outputs keep float32: the producer writes a renamed low value, a Cast restores the name
+        for k, v in enumerate(g.outputs):
+            if id(v) not in low_vals:
+                continue
+            inner = g.new_value(f"{v.name}_{low.value}", TensorType(low, v.type.shape))
+            producer = v.producer
+            assert producer is not None
+            producer.outputs = [inner if o is v else o for o in producer.outputs]
+            inner.producer = producer
+            for n in g.nodes:
+                n.inputs = [inner if x is v else x for x in n.inputs]
+                n.captures = [inner if x is v else x for x in n.captures]
+            cast_node = Node("Cast", [inner], [v], {"to": DType.FLOAT32.onnx}, name=g.unique_name(f"cast_{v.name}"))
+            v.type = TensorType(DType.FLOAT32, v.type.shape)
+            g.nodes.append(cast_node)
+            low_vals.discard(id(v))
+            low_vals.add(id(inner))
+        if changed:
+            from kiln.passes.shape_inference import infer_types
+            infer_types(g, ctx.logger)
+            n_low = sum(1 for n in g.nodes if any(id(o) in low_vals for o in n.outputs))
+            n_cast = sum(1 for n in g.nodes if n.op_type == "Cast" and n.name.startswith("cast_"))
+            ctx.logger.verbose(f"Reduced precision ({low.value}): {n_low} layers in {low.value}, "
+                               f"{n_cast} Cast layers inserted")
+        return changed
+
+
+def precision_dtype(fp16: bool, bf16: bool) -> DType | None:
+    """The low type a build asks for (float16 wins when both flags are set)."""
+    if fp16:
+        return DType.FLOAT16
+    if bf16:
+        return DType.BFLOAT16
+    return None
+
+

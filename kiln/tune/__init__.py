@@ -1,0 +1,1 @@
+"""Tactic selection: the autotuner and its timing cache."""

@@ -1,0 +1,315 @@
+"""Autotuner: picks one (tactic, config) per layer by timing the candidates at the profile's opt shape.
+
+Optimization levels: 0 takes the heuristic first candidate (highest priority, first config) without
+timing; 1 and 2 time a few configs per tactic; 3 and above time every supported tactic and config.
+On CUDA a candidate is timed with CUDA events (warm-up, then the median of several runs queued
+behind a short GPU sleep, so that the events measure GPU time and not Python launch gaps: in a
+CUDA graph the launches cost nothing). On the CPU it is timed with perf_counter, same interface.
+Each candidate's output is also checked once against the reference tactic; a candidate that fails
+to build, runs out of memory or disagrees is skipped with a warning. Timings go to a TimingCache,
+so identical layers are timed once and a rebuild with a warm cache times nothing it already knows.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from kiln.backends.tactic import Tactic, TacticContext, candidate_tactics, get_tactic
+from kiln.errors import BuildError
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import TensorType
+from kiln.logger import Logger, Progress
+from kiln.tune.timing_cache import TimingCache, choice_id, entry_key, environment
+
+Choice = tuple[Tactic, dict[str, Any]]
+_TOL = 5e-2  # normwise; wrong kernels land near 1, correct reduced-precision ones under 1e-2
+
+
+def _json_attr(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return {"tensor": list(a.shape), "dtype": str(a.dtype)}
+    if isinstance(a, (list, tuple)):
+        return [_json_attr(x) for x in a]
+    if isinstance(a, dict):
+        return {str(k): _json_attr(v) for k, v in a.items()}
+    if isinstance(a, (int, float, str, bool)) or a is None:
+        return a
+    return type(a).__name__
+
+
+def node_signature(node: Node, types: dict[str, TensorType], device: torch.device) -> dict[str, Any]:
+    """What a layer's timing depends on: op, attributes, input/output types at opt shape, layout."""
+    def vt(v: Value | None) -> Any:
+        if v is None:
+            return None
+        t = v.type if v.is_const else types.get(v.name, v.type)
+        layout = "nhwc" if device.type == "cuda" and t.rank == 4 and not v.is_const else "dense"
+        return [t.dtype.value if t.dtype else None, None if t.shape is None else list(t.shape),
+                "const" if v.is_const else "act", layout]
+    return {"op": node.op_type, "domain": node.domain, "opset": node.opset,
+            "attrs": {k: _json_attr(v) for k, v in sorted(node.attrs.items())},
+            "inputs": [vt(v) for v in node.inputs], "outputs": [vt(v) for v in node.outputs]}
+
+
+def precision_name(tctx: TacticContext) -> str:
+    return "fp16" if tctx.fp16 else "bf16" if tctx.bf16 else ("tf32" if tctx.tf32 else "fp32")
+
+
+def _rel_err(got: Any, want: Any) -> float:
+    if isinstance(want, (tuple, list)):
+        want, got = want[0], (got[0] if isinstance(got, (tuple, list)) else got)
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or not want.is_floating_point():
+        return 0.0
+    if got.shape != want.shape:
+        return float("inf")
+    g, w = got.detach().double(), want.detach().double()
+    if torch.isnan(g).any() and not torch.isnan(w).any():
+        return float("inf")
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    return float((g - w).abs().max() / max(scale, 1e-30)) if w.numel() else 0.0
+
+
+class Timer:
+    """Median time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, budget_ms: float = 25.0, min_runs: int = 5, max_runs: int = 30) -> None:
+        self.device, self.budget_ms, self.min_runs, self.max_runs = device, budget_ms, min_runs, max_runs
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.device.type == "cuda":
+            return self._cuda(fn)
+        return self._cpu(fn)
+
+    def _cpu(self, fn: Callable[[], Any]) -> float:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        est = time.perf_counter() - t0
+        runs = max(self.min_runs, min(self.max_runs, int(self.budget_ms / 1e3 / max(est, 1e-6))))
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    def _cuda(self, fn: Callable[[], Any]) -> float:
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        est = max(a.elapsed_time(b), 1e-4)
+        runs = max(self.min_runs, min(self.max_runs, int(self.budget_ms / est)))
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(runs + 1)]
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(4_000_000)  # ~2 ms of GPU cycles: the queue stays ahead of the launches
+        events[0].record()
+        for i in range(runs):
+            fn()
+            events[i + 1].record()
+        torch.cuda.synchronize()
+        return statistics.median(events[i].elapsed_time(events[i + 1]) for i in range(runs))
+
+
+class Autotuner:
+    """Chooses tactics for every node of a graph (see module doc)."""
+
+    def __init__(self, logger: Logger, tctx: TacticContext, level: int = 3, cache: TimingCache | None = None) -> None:
+        self.logger, self.tctx, self.level = logger, tctx, level
+        self.cache = cache if cache is not None else TimingCache()
+        self.device = tctx.device
+        self.timer = Timer(self.device)
+        self.env = environment(self.device)
+        self.precision = precision_name(tctx)
+        self.stats = {"layers_timed": 0, "measured": 0, "cached": 0, "skipped": 0, "seconds": 0.0}
+        self._consts: dict[int, torch.Tensor] = {}
+
+    # -- public -----------------------------------------------------------------------------------
+    def choose(self, g: Graph, types: dict[str, TensorType]) -> dict[int, tuple[str, dict[str, Any]]]:
+        t0 = time.perf_counter()
+        plans: list[tuple[Node, list[Choice]]] = []
+        for n in g.nodes:
+            cands = candidate_tactics(n, self.tctx)
+            if not cands:
+                raise BuildError(f"node '{n.name}' ({n.op_type}): no tactic supports it on {self.device.type}")
+            choices = [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)]
+            plans.append((n, choices))
+        tunable = [p for p in plans if self.level > 0 and len(p[1]) > 1]
+        progress = Progress(self.logger, len(tunable), "Autotuning")
+        chosen: dict[int, tuple[str, dict[str, Any]]] = {}
+        flags = self._flags()
+        with flags:
+            self._precompile(tunable, types)
+            for n, choices in plans:
+                if self.level > 0 and len(choices) > 1:
+                    t, cfg = self._tune(n, choices, types)
+                    progress.step()
+                else:
+                    t, cfg = choices[0]
+                    if t.id != "ref":
+                        self.logger.verbose(f"{n.name} ({n.op_type}): tactic {t.id} {_cfg(cfg)} (heuristic)")
+                chosen[id(n)] = (t.id, cfg)
+        self._consts.clear()
+        self.stats["seconds"] = round(time.perf_counter() - t0, 3)
+        if tunable:
+            self.logger.info(f"Autotuning: {self.stats['layers_timed']} layers, {self.stats['measured']} candidates "
+                             f"timed, {self.stats['cached']} from the timing cache, {self.stats['skipped']} skipped, "
+                             f"{self.stats['seconds']:.1f} s")
+        return chosen
+
+    # -- one layer --------------------------------------------------------------------------------
+    def _tune(self, n: Node, choices: list[Choice], types: dict[str, TensorType]) -> Choice:
+        key = entry_key(self.env, node_signature(n, types, self.device), self.precision)
+        known = self.cache.times(key)
+        todo = [c for c in choices if choice_id(c[0].id, c[1]) not in known]
+        if todo:
+            if not self._measure(n, todo, types, key):
+                self.logger.verbose(f"{n.name}: shapes unknown at the opt point; heuristic tactic {choices[0][0].id}")
+                return choices[0]
+            self.stats["layers_timed"] += 1
+            known = self.cache.times(key)
+        fresh = {choice_id(t.id, cfg) for t, cfg in todo}
+        best: Choice | None = None
+        best_ms = float("inf")
+        for t, cfg in choices:
+            cid = choice_id(t.id, cfg)
+            ms = known.get(cid)
+            if cid not in fresh:
+                self.stats["cached"] += 1
+                self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {_ms(ms)} (timing cache)")
+            if ms is not None and ms < best_ms:
+                best, best_ms = (t, cfg), ms
+        if best is None:
+            self.logger.warning(f"{n.name} ({n.op_type}): no candidate could be timed; using {choices[-1][0].id}")
+            return choices[-1]
+        self.logger.verbose(f"Fastest tactic for {n.name} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
+                            f"time {best_ms:.4f} ms")
+        return best
+
+    def _measure(self, n: Node, todo: list[Choice], types: dict[str, TensorType], key: str) -> bool:
+        """Time each candidate into the cache; False when the layer cannot be timed (unknown shapes)."""
+        layer = f"{n.op_type} {n.name}"
+        args = self._inputs(n, types)
+        if args is None:
+            return False
+        want = self._reference(n, args)
+        for t, cfg in todo:
+            cid = choice_id(t.id, cfg)
+            ms: float | None = None
+            try:
+                kern = t.build(n, cfg, self.device)
+                out = kern(*args)
+                err = 0.0 if t.id == "ref" or want is None else _rel_err(out, want)
+                if err > _TOL:
+                    raise BuildError(f"result differs from the reference (normwise error {err:.3g})")
+                del out
+                ms = self.timer(lambda: kern(*args))
+                self.stats["measured"] += 1
+                self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {ms:.4f} ms")
+            except Exception as e:  # compile errors, unsupported shapes, out of memory
+                self.stats["skipped"] += 1
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                self.logger.warning(f"Tactic {t.id} {_cfg(cfg)} skipped for {n.name} ({n.op_type}): "
+                                    f"{type(e).__name__}: {msg}")
+                if self.device.type == "cuda":
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception:
+                        pass
+            self.cache.record(key, cid, ms, self.env, layer)
+        return True
+
+    def _precompile(self, tunable: list[tuple[Node, list[Choice]]], types: dict[str, TensorType]) -> None:
+        """Compile the Triton kernels of all untimed candidates in parallel before timing them serially."""
+        if self.device.type != "cuda" or not any(t.id.startswith("cuda.triton") for _, cs in tunable for t, _ in cs):
+            return
+        from kiln.backends.cuda.triton_launch import precompile, recording
+        t0 = time.perf_counter()
+        with recording() as recipes:
+            for n, choices in tunable:
+                known = self.cache.times(entry_key(self.env, node_signature(n, types, self.device), self.precision))
+                todo = [(t, cfg) for t, cfg in choices
+                        if t.id.startswith("cuda.triton") and choice_id(t.id, cfg) not in known]
+                if not todo:
+                    continue
+                args = self._inputs(n, types)
+                if args is None:
+                    continue
+                for t, cfg in todo:
+                    try:
+                        t.build(n, cfg, self.device)(*args)
+                    except Exception:  # reported when the candidate is timed
+                        pass
+        self.logger.verbose(f"Recorded {len(recipes)} Triton launches in {time.perf_counter() - t0:.1f} s")
+        precompile(recipes, self.logger)
+        self.stats["precompile_seconds"] = round(time.perf_counter() - t0, 3)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _flags(self) -> Any:
+        if self.device.type == "cuda":
+            from kiln.runtime.flags import cuda_flags
+            return cuda_flags(self.tctx.tf32)
+        import contextlib
+        return contextlib.nullcontext()
+
+    def _inputs(self, n: Node, types: dict[str, TensorType]) -> list[Any] | None:
+        """Random activations at the opt shape (NHWC for 4-D on CUDA) and the real constants."""
+        from kiln.ops.registry import lookup
+        try:
+            host = set(lookup(n.op_type, n.domain).value_inputs)
+        except Exception:
+            host = set()
+        out: list[Any] = []
+        for i, v in enumerate(n.inputs):
+            if v is None:
+                out.append(None)
+                continue
+            if v.is_const:
+                if i in host:
+                    out.append(v.const)
+                else:
+                    if id(v) not in self._consts:
+                        self._consts[id(v)] = v.const.to(self.device)  # type: ignore[union-attr]
+                    out.append(self._consts[id(v)])
+                continue
+            if i in host or v.kind != "tensor":
+                return None
+            t = types.get(v.name, v.type)
+            if not t.is_static or t.dtype is None:
+                return None
+            shape = tuple(int(d) for d in t.shape)  # type: ignore[union-attr, arg-type]
+            dt = t.dtype.torch
+            if dt.is_floating_point:
+                x = torch.randn(shape, device=self.device, dtype=torch.float32).to(dt)
+            elif dt == torch.bool:
+                x = torch.rand(shape, device=self.device) > 0.5
+            else:
+                x = torch.zeros(shape, device=self.device, dtype=dt)
+            if self.device.type == "cuda" and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(x)
+        return out
+
+    def _reference(self, n: Node, args: list[Any]) -> Any:
+        ref = get_tactic("ref")
+        try:
+            return ref.build(n, {}, self.device)(*args) if ref is not None else None
+        except Exception:
+            return None
+
+
+def _cfg(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":")) if cfg else "{}"
+
+
+def _ms(ms: float | None) -> str:
+    return "failed" if ms is None else f"{ms:.4f} ms"

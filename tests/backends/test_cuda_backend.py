@@ -1,0 +1,205 @@
+"""CUDA backend on a GPU: cuDNN/cuBLAS tactics vs the reference, CUDA-target builds with autotuning and a
+timing cache, CUDA graphs, execute_async on streams and concurrent contexts. Skipped without a GPU."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from kiln.backends.tactic import TacticContext, candidate_tactics, get_tactic  # noqa: E402
+from kiln.builder import Builder, BuilderConfig, OptimizationProfile  # noqa: E402
+from kiln.errors import PlanFormatError  # noqa: E402
+from kiln.ir.dtype import DType  # noqa: E402
+from kiln.ir.graph import Node, Value  # noqa: E402
+from kiln.ir.types import TensorType  # noqa: E402
+from kiln.ops.registry import lookup  # noqa: E402
+from kiln.runtime.engine import Engine  # noqa: E402
+from kiln.testing import run_oracle  # noqa: E402
+from tests.conftest import rel_error  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def _conv_node(dtype, act="Relu", residual=False, k=3, stride=1, cin=16, cout=32, hw=10, n=2):
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    pad = k // 2
+    oh = (hw + 2 * pad - k) // stride + 1
+    ins = [Value("x", TensorType(DType.from_torch(dtype), (n, cin, hw, hw))), Value("w", const=w),
+           Value("b", const=torch.randn(cout).to(dtype))]
+    if residual:
+        ins.append(Value("z", TensorType(DType.from_torch(dtype), (n, cout, oh, oh))))
+    node = Node("FusedConv", ins, [Value("y", TensorType(DType.from_torch(dtype), (n, cout, oh, oh)))],
+                {"strides": [stride, stride], "pads": [pad] * 4, "dilations": [1, 1], "group": 1,
+                 "activation": act}, name="c", domain="kiln")
+    x = torch.randn(n, cin, hw, hw, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(n, cout, oh, oh, device=DEV).to(dtype) if residual else None
+    return node, [x, None, None] + ([z] if residual else [])
+
+
+@pytest.mark.parametrize("tid", ["cuda.cudnn_conv", "cuda.cudnn_fused_conv", "cuda.conv1x1_gemm",
+                                 "cuda.triton_conv", "cuda.triton_gemm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_tactics_match_reference(tid, dtype, residual, k):
+    node, args = _conv_node(dtype, residual=residual, k=k)
+    t = get_tactic(tid)
+    if t is None:
+        pytest.skip(f"{tid} not registered (triton missing?)")
+    ctx = TacticContext(DEV, fp16=dtype == torch.float16)
+    if not t.supports(node, ctx):
+        assert tid in ("cuda.conv1x1_gemm", "cuda.triton_gemm") and k != 1
+        return
+    full = [a if a is not None else v.const.to(DEV) for a, v in zip(args, node.inputs)]
+    want = lookup("FusedConv", "kiln").compute(node, *[a.double() for a in full])
+    for cfg in t.configs(node, ctx)[:2]:
+        got = t.build(node, cfg, DEV)(*args)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < (1e-2 if dtype == torch.float16 else 3e-3), cfg
+
+
+@pytest.mark.parametrize("tid", ["cuda.cublas_gemm", "cuda.triton_gemm"])
+@pytest.mark.parametrize("act", ["Relu", "Gelu", ""])
+def test_gemm_tactics_match_reference(tid, act):
+    w = (torch.randn(64, 96) / 10).half()
+    node = Node("FusedGemm", [Value("a", TensorType(DType.FLOAT16, (8, 96))), Value("w", const=w),
+                              Value("b", const=torch.randn(64).half())],
+                [Value("y", TensorType(DType.FLOAT16, (8, 64)))], {"activation": act}, name="g", domain="kiln")
+    a = torch.randn(8, 96, device=DEV).half()
+    t = get_tactic(tid)
+    if t is None:
+        pytest.skip(f"{tid} not registered")
+    want = lookup("FusedGemm", "kiln").compute(node, a.double(), w.double().to(DEV), node.inputs[2].const.double().to(DEV))
+    got = t.build(node, t.configs(node, TacticContext(DEV, fp16=True))[0], DEV)(a)
+    assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2
+
+
+def test_cuda_conv_candidates_include_cudnn_and_triton():
+    node, _ = _conv_node(torch.float16)
+    ids = {t.id for t in candidate_tactics(node, TacticContext(DEV, fp16=True))}
+    assert {"cuda.cudnn_conv", "cuda.cudnn_fused_conv", "ref"} <= ids
+
+
+def _model(rng, batch="N"):
+    w1 = (rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32)
+    w2 = (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    w3 = (rng.standard_normal((16, 16, 1, 1)) / 4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "b"], ["d"]),
+             helper.make_node("Relu", ["d"], ["e"]), helper.make_node("Conv", ["e", "w3"], ["f"]),
+             helper.make_node("Sigmoid", ["f"], ["g"]), helper.make_node("Mul", ["f", "g"], ["y"])]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, 16, 16])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                           numpy_helper.from_array(w3, "w3")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _profile(lo=1, opt=4, hi=8):
+    return OptimizationProfile().set_shape("x", (lo, 3, 16, 16), (opt, 3, 16, 16), (hi, 3, 16, 16))
+
+
+@pytest.mark.parametrize("flags, level", [({"fp16": True}, 3), ({"bf16": True}, 1), ({}, 1)])
+def test_cuda_build_matches_onnxruntime(flags, level, tmp_path):
+    rng = np.random.default_rng(0)
+    model = _model(rng)
+    cache = tmp_path / "tc.json"
+    cfg = BuilderConfig(device="cuda", profiles=[_profile()], timing_cache=str(cache), optimization_level=level,
+                        **flags)
+    plan = Builder().build(model, cfg)
+    assert plan.target["device"] == "cuda" and plan.target["capability"]
+    assert plan.build["tuning"]["measured"] > 0
+    tol = {"fp16": 1e-2, "bf16": 3e-2}.get(next(iter(flags), ""), 3e-3)
+    ctx = Engine(plan).create_execution_context()
+    for n in (1, 4, 7):
+        x = rng.standard_normal((n, 3, 16, 16)).astype(np.float32)
+        assert rel_error(ctx.execute({"x": x})["y"], run_oracle(model, {"x": x})[0]) < tol
+    warm = Builder().build(model, cfg)
+    assert warm.build["tuning"]["measured"] == 0
+    assert [s["tactic"] for s in warm.graph["steps"]] == [s["tactic"] for s in plan.graph["steps"]]
+
+
+def test_cuda_graph_execute_async_streams_and_buffers():
+    rng = np.random.default_rng(1)
+    model = _model(rng)
+    eng = Engine(Builder().build(model, BuilderConfig(device="cuda", fp16=True, profiles=[_profile()])))
+    assert eng.graph_capturable, eng.graph_reason
+    graphed, eager = eng.create_execution_context(), eng.create_execution_context(cuda_graph=False)
+    s = torch.cuda.Stream()
+    for n in (2, 5, 2):
+        x = torch.randn(n, 3, 16, 16, device=DEV)
+        s.wait_stream(torch.cuda.current_stream())  # x was made on the default stream
+        with torch.cuda.stream(s):
+            y = graphed.execute_async({"x": x}, s)["y"]
+        s.synchronize()
+        y_eager = eager.execute_async([x])["y"]
+        torch.cuda.synchronize()
+        assert graphed.last_graph is not None and y.is_cuda
+        assert rel_error(y.cpu().numpy(), y_eager.cpu().numpy()) < 1e-2  # cuDNN may pick other algorithms
+    # writing into the static input buffer skips the copy
+    buf = graphed.input_buffers()["x"]
+    buf.copy_(torch.randn_like(buf))
+    y1 = graphed.execute_async({"x": buf})["y"].clone()
+    y2 = eager.execute_async({"x": buf.clone()})["y"]
+    torch.cuda.synchronize()
+    assert rel_error(y1.cpu().numpy(), y2.cpu().numpy()) < 1e-2
+    assert graphed.graph_pool_bytes > 0
+
+
+def test_concurrent_contexts_on_own_streams():
+    rng = np.random.default_rng(2)
+    model = _model(rng)
+    eng = Engine(Builder().build(model, BuilderConfig(device="cuda", fp16=True, profiles=[_profile()])))
+    xs = [torch.randn(3, 3, 16, 16, device=DEV) for _ in range(4)]
+    torch.cuda.synchronize()
+    want = [run_oracle(model, {"x": x.cpu().numpy()})[0] for x in xs]
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            ctx, stream = eng.create_execution_context(), torch.cuda.Stream()
+            for _ in range(20):
+                with torch.cuda.stream(stream):
+                    y = ctx.execute_async({"x": xs[k]}, stream)["y"]
+                stream.synchronize()
+                if rel_error(y.cpu().numpy(), want[k]) > 1e-2:
+                    errors.append(f"context {k}: wrong result")
+                    return
+        except Exception as e:  # reported below
+            errors.append(f"context {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_plan_for_another_capability_is_refused():
+    plan = Builder().build(_model(np.random.default_rng(3)), BuilderConfig(device="cuda", optimization_level=0))
+    plan.target["capability"] = "1.0"
+    with pytest.raises(PlanFormatError, match="compute capability 1.0"):
+        Engine(plan)
+
+
+def test_split_k_results_do_not_move():
+    """A split-K reduction racing would give run-to-run differences on the same input (beyond the last-bit
+    noise of float atomics adding in a different order)."""
+    t = get_tactic("cuda.triton_conv")
+    if t is None:
+        pytest.skip("triton not installed")
+    node, args = _conv_node(torch.float16, residual=True, cin=256, cout=128, hw=7, n=1)
+    cfgs = [c for c in t.configs(node, TacticContext(DEV, fp16=True)) if c.get("SPLIT_K", 1) > 1]
+    assert cfgs
+    for cfg in cfgs:
+        kern = t.build(node, cfg, DEV)
+        first = kern(*args).clone()
+        for _ in range(30):
+            assert rel_error(kern(*args).cpu().numpy(), first.cpu().numpy()) < 2e-3, cfg

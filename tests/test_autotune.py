@@ -1,0 +1,146 @@
+"""Autotuner and timing cache on the CPU (perf_counter timing; same interface as CUDA events)."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from kiln.backends.tactic import Tactic, TacticContext, get_tactic, register_tactic
+from kiln.builder import Builder, BuilderConfig
+from kiln.logger import Logger, Severity
+from kiln.ops.registry import lookup
+from kiln.runtime.engine import Engine
+from kiln.tune.timing_cache import TimingCache
+
+
+class _Test(Tactic):
+    """Test tactics; they only support Softmax nodes whose name starts with 'tune_me'."""
+
+    devices = ("cpu",)
+    delay = 0.0
+
+    def supports(self, node, ctx: TacticContext) -> bool:
+        return node.op_type == "Softmax" and node.name.startswith("tune_me")
+
+    def configs(self, node, ctx):
+        return [{"k": 1}, {"k": 2}]
+
+    def build(self, node, config, device):
+        compute = lookup("Softmax").compute
+        delay = self.delay * config["k"]
+
+        def kernel(x):
+            if delay:
+                time.sleep(delay)
+            return compute(node, x)
+        return kernel
+
+
+class Slow(_Test):
+    id, priority, delay = "test.slow", 10, 0.002
+
+
+class Fast(_Test):
+    id, priority = "test.fast", 5
+
+
+class Broken(_Test):
+    id, priority = "test.broken", 20
+
+    def build(self, node, config, device):
+        raise RuntimeError("does not compile")
+
+
+class Wrong(_Test):
+    id, priority = "test.wrong", 1
+
+    def build(self, node, config, device):
+        return lambda x: x * 0 + 7
+
+
+for _t in (Slow(), Fast(), Broken(), Wrong()):
+    if get_tactic(_t.id) is None:
+        register_tactic(_t)
+
+
+def _model():
+    nodes = [helper.make_node("Softmax", ["x"], ["a"], name="tune_me_1"),
+             helper.make_node("Softmax", ["a"], ["b"], name="other"),
+             helper.make_node("Softmax", ["b"], ["y"], name="tune_me_2")]
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _build(**kw):
+    log = io.StringIO()
+    plan = Builder(Logger(Severity.VERBOSE, log)).build(_model(), BuilderConfig(**kw))
+    return plan, log.getvalue()
+
+
+def _tactics(plan):
+    return {s["name"]: (s["tactic"], s["config"]) for s in plan.graph["steps"]}
+
+
+def test_fastest_tactic_wins_and_failures_are_skipped():
+    plan, log = _build()
+    t = _tactics(plan)
+    assert t["tune_me_1"][0] in ("test.fast", "ref") and t["tune_me_2"][0] in ("test.fast", "ref")
+    assert t["other"] == ("ref", {})
+    assert "Tactic test.slow {\"k\":2} time" in log
+    assert "Fastest tactic for tune_me_1 (Softmax):" in log
+    assert "[W] Tactic test.broken" in log and "does not compile" in log
+    assert "[W] Tactic test.wrong" in log and "differs from the reference" in log
+    # identical layers are timed once
+    assert plan.build["tuning"]["layers_timed"] == 1
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    y = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    for _ in range(3):
+        x = np.exp(x - x.max(-1, keepdims=True))
+        x = x / x.sum(-1, keepdims=True)
+    np.testing.assert_allclose(y, x, rtol=1e-5)
+
+
+def test_level0_is_heuristic_without_timing():
+    plan, log = _build(optimization_level=0)
+    assert _tactics(plan)["tune_me_1"] == ("test.broken", {"k": 1})  # highest priority, first config
+    assert " time " not in log and plan.build["tuning"]["measured"] == 0
+
+
+def test_timing_cache_file_warm_rebuild_times_nothing(tmp_path):
+    path = tmp_path / "tc.json"
+    plan1, _ = _build(timing_cache=str(path))
+    data = json.loads(path.read_text())
+    assert data["format"] == "kiln-timing-cache" and data["version"] == 1
+    (entry,) = data["entries"].values()
+    assert entry["env"]["torch"] and entry["times"]['test.broken {"k":1}'] is None
+    plan2, log = _build(timing_cache=str(path))
+    assert plan2.build["tuning"]["measured"] == 0 and plan2.build["tuning"]["layers_timed"] == 0
+    assert "(timing cache)" in log
+    assert _tactics(plan1) == _tactics(plan2)
+
+
+def test_timing_cache_merge_keeps_the_union_and_the_faster_time():
+    a, b = TimingCache(), TimingCache()
+    a.record("k1", "t1 {}", 2.0)
+    a.record("k1", "t2 {}", None)
+    b.record("k1", "t1 {}", 1.0)
+    b.record("k1", "t3 {}", 3.0)
+    b.record("k2", "t1 {}", 5.0)
+    a.merge(b)
+    assert a.times("k1") == {"t1 {}": 1.0, "t2 {}": None, "t3 {}": 3.0}
+    assert a.times("k2") == {"t1 {}": 5.0}
+    assert TimingCache.from_json(json.loads(json.dumps(a.to_json()))).entries == a.entries
+
+
+def test_bad_timing_cache_file_is_one_clear_error(tmp_path):
+    import pytest
+
+    from kiln.errors import KilnError
+    p = tmp_path / "bad.json"
+    p.write_text('{"format": "something-else"}')
+    with pytest.raises(KilnError, match="not a Kiln timing cache"):
+        TimingCache.load(p)
