@@ -47,7 +47,7 @@ def node_signature(node: Node, types: dict[str, TensorType], device: torch.devic
         if v is None:
             return None
         t = v.type if v.is_const else types.get(v.name, v.type)
-        layout = "nhwc" if device.type == "cuda" and t.rank == 4 and not v.is_const else "dense"
+        layout = "nhwc" if t.rank == 4 and not v.is_const else "dense"
         return [t.dtype.value if t.dtype else None, None if t.shape is None else list(t.shape),
                 "const" if v.is_const else "act", layout]
     return {"op": node.op_type, "domain": node.domain, "opset": node.opset,
@@ -294,7 +294,7 @@ class Autotuner:
                 x = torch.rand(shape, device=self.device) > 0.5
             else:
                 x = torch.zeros(shape, device=self.device, dtype=dt)
-            if self.device.type == "cuda" and x.dim() == 4:
+            if x.dim() == 4:  # both backends run 4-D activations channels-last
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(x)
         return out
