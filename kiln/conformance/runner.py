@@ -59,6 +59,10 @@ def _match(name: str, excl: dict[str, tuple[str, str]]) -> tuple[str, str] | Non
 
 def collect() -> dict[str, dict[str, object]]:
     """{category: {case name: test function}} for the CPU device."""
+    # the suite writes light-model inputs under ONNX_HOME: a private folder avoids races between runs
+    if "ONNX_HOME" not in os.environ:
+        import tempfile
+        os.environ["ONNX_HOME"] = tempfile.mkdtemp(prefix="kiln-onnx-home-")
     import onnx.backend.test
 
     from kiln.conformance import backend

@@ -12,6 +12,8 @@ import pytest
 from kiln.conformance.runner import load_exclusions, run_suite, summarize, _match
 
 MIN_PASSED = 1700
+# one worker runs the whole module (pytest -n with --dist loadgroup): one suite run, not one per worker
+pytestmark = pytest.mark.xdist_group("conformance")
 
 
 @pytest.fixture(scope="module")
