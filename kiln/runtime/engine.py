@@ -143,17 +143,9 @@ class ExecutionContext:
 
     def execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device)."""
-        names = self.engine.input_names
-        if not isinstance(inputs, Mapping):
-            inputs = dict(zip(names, inputs))
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
-        extra = [n for n in inputs if n not in self.engine.input_specs]
-        if extra:
-            raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
-        args = [self._to_tensor(n, inputs[n])[0] for n in names]
-        numpy_io = not any(isinstance(inputs[n], torch.Tensor) for n in names)
+        args = self.execute_inputs(inputs)
+        values = inputs.values() if isinstance(inputs, Mapping) else inputs
+        numpy_io = not any(isinstance(x, torch.Tensor) for x in values)
         if self.engine.device.type == "cuda":
             outs = self._run_cuda(args, None)
             if self.last_graph is not None and not numpy_io:  # static buffers: hand out copies
