@@ -64,6 +64,7 @@ class Engine:
         self.function = GraphFunction(self.graph, self.device, factory)
         self.load_seconds = time.perf_counter() - t0
         self.input_specs = {d["name"]: d for d in plan.inputs}
+        self._checks = {name: _InputCheck(name, d, self.shape_range(name)) for name, d in self.input_specs.items()}
         self.output_names = [d["name"] for d in plan.outputs]
         self.tf32 = bool(plan.build.get("tf32", True))
         self.graph_capturable, self.graph_reason = capturable(self.graph) if self.device.type == "cuda" else (False, "")
@@ -102,44 +103,33 @@ class ExecutionContext:
         self._check_shape(name, tuple(int(d) for d in shape))
         self.input_shapes[name] = tuple(int(d) for d in shape)
 
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        spec = self.engine.input_specs.get(name)
-        if spec is None:
+    def _check(self, name: str) -> "_InputCheck":
+        check = self.engine._checks.get(name)
+        if check is None:
             raise InputError(f"unknown input '{name}'; inputs are: {', '.join(self.engine.input_specs)}")
-        decl = spec.get("shape")
-        if decl is not None:
-            want = "[" + ",".join(str(d) if isinstance(d, int) else "?" for d in decl) + "]"
-            if len(decl) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(decl, shape)):
-                raise InputError(f"input '{name}' has shape {list(shape)}, expected {want}")
-        ranges = self.engine.shape_range(name)
-        if ranges and not any(all(a <= s <= b for a, s, b in zip(mn, shape, mx)) for mn, mx in ranges):
-            allowed = " or ".join(f"{mn}..{mx}" for mn, mx in ranges)
-            raise InputError(f"input '{name}' has shape {list(shape)}, outside the profile range {allowed}")
+        return check
 
-    def _to_tensor(self, name: str, x: Any) -> tuple[Any, bool]:
-        spec = self.engine.input_specs.get(name)
-        if spec is None:
-            raise InputError(f"unknown input '{name}'; inputs are: {', '.join(self.engine.input_specs)}")
-        if spec.get("kind", "tensor") != "tensor":
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        self._check(name).shape(shape)
+
+    def _to_tensor(self, name: str, x: Any) -> Any:
+        check = self._check(name)
+        if not check.is_tensor:
             return _tree_to_torch(x, self.engine.device)
-        is_np = not isinstance(x, torch.Tensor)
-        if is_np:
-            if not isinstance(x, np.ndarray):
-                x = np.asarray(x)
-            from kiln.frontend.onnx import array_to_torch
-            want = DType(spec["dtype"]) if spec.get("dtype") else None
-            t = array_to_torch(x, want)
-        else:
+        if isinstance(x, torch.Tensor):
             t = x
-        if spec.get("shape") == [] and t.dim() == 1 and t.numel() == 1:
+        else:
+            from kiln.frontend.onnx import array_to_torch
+            t = array_to_torch(x if isinstance(x, np.ndarray) else np.asarray(x), check.dtype)
+        if check.scalar and t.dim() == 1 and t.numel() == 1:
             t = t.reshape(())  # a one-element vector fed to a scalar input
-        if spec.get("dtype") and t.dtype != DType(spec["dtype"]).torch:
+        if check.torch_dtype is not None and t.dtype != check.torch_dtype:
             got = DType.from_torch(t.dtype).value if t.dtype in _TORCH_NAMES else str(t.dtype)
-            raise InputError(f"input '{name}' has dtype {got}, expected {spec['dtype']}")
-        self._check_shape(name, tuple(t.shape))
+            raise InputError(f"input '{name}' has dtype {got}, expected {check.dtype.value}")  # type: ignore[union-attr]
+        check.shape(tuple(t.shape))
         if t.device != self.engine.device:
             t = t.to(self.engine.device, non_blocking=True)
-        return t, is_np
+        return t
 
     def execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device)."""
@@ -188,7 +178,7 @@ class ExecutionContext:
         extra = [n for n in inputs if n not in self.engine.input_specs]
         if extra:
             raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
-        return [self._to_tensor(n, inputs[n])[0] for n in names]
+        return [self._to_tensor(n, inputs[n]) for n in names]
 
     def input_buffers(self) -> dict[str, Any]:
         """The static input tensors of the most recently used CUDA graph (write into them to skip copies)."""
@@ -239,17 +229,39 @@ class ExecutionContext:
 _TORCH_NAMES = {d.torch for d in DType}
 
 
-def _tree_to_torch(x: Any, device: torch.device) -> tuple[Any, bool]:
-    """Sequence/optional inputs: nested lists of arrays -> tensors; reports whether numpy was seen."""
+class _InputCheck:
+    """An input's dtype, declared shape and profile ranges, decoded once per engine."""
+
+    def __init__(self, name: str, spec: dict[str, Any], ranges: list[tuple[list[int], list[int]]]) -> None:
+        self.name = name
+        self.is_tensor = spec.get("kind", "tensor") == "tensor"
+        self.dtype = DType(spec["dtype"]) if spec.get("dtype") else None
+        self.torch_dtype = self.dtype.torch if self.dtype else None
+        self.decl = spec.get("shape")
+        self.scalar = self.decl == []
+        self.ranges = ranges
+
+    def shape(self, shape: tuple[int, ...]) -> None:
+        decl = self.decl
+        if decl is not None and (len(decl) != len(shape)
+                                 or any(isinstance(d, int) and d != s for d, s in zip(decl, shape))):
+            want = "[" + ",".join(str(d) if isinstance(d, int) else "?" for d in decl) + "]"
+            raise InputError(f"input '{self.name}' has shape {list(shape)}, expected {want}")
+        if self.ranges and not any(all(a <= s <= b for a, s, b in zip(mn, shape, mx)) for mn, mx in self.ranges):
+            allowed = " or ".join(f"{mn}..{mx}" for mn, mx in self.ranges)
+            raise InputError(f"input '{self.name}' has shape {list(shape)}, outside the profile range {allowed}")
+
+
+def _tree_to_torch(x: Any, device: torch.device) -> Any:
+    """Sequence/optional inputs: nested lists of arrays -> tensors on `device`."""
     if x is None:
-        return None, False
+        return None
     if isinstance(x, (list, tuple)):
-        pairs = [_tree_to_torch(v, device) for v in x]
-        return [p[0] for p in pairs], any(p[1] for p in pairs)
+        return [_tree_to_torch(v, device) for v in x]
     if isinstance(x, torch.Tensor):
-        return x.to(device), False
+        return x.to(device)
     from kiln.frontend.onnx import array_to_torch
-    return array_to_torch(np.asarray(x)).to(device), True
+    return array_to_torch(np.asarray(x)).to(device)
 
 
 def _to_numpy(x: Any) -> Any:
