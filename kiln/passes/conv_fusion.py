@@ -15,7 +15,7 @@ from typing import Any
 from kiln.ir.graph import Graph, Node
 from kiln.ops.conv import same_pads
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import Epilogue, absorb
+from kiln.passes.epilogue import Epilogue, absorb, extend_fused, fused_inputs
 from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes
 
 
@@ -75,9 +75,7 @@ class FuseConv(Pass):
         if geo is None:
             return False
         ep = absorb(Epilogue(conv.outputs[0]), uses)
-        inputs = [conv.inputs[0], conv.inputs[1], conv.input(2), ep.z]
-        while inputs[-1] is None:
-            inputs.pop()
+        inputs = fused_inputs(conv.inputs[0], conv.inputs[1], conv.input(2), ep.z)
         fused = Node("FusedConv", inputs, [ep.out], {**geo, **ep.attrs()}, name=conv.name, domain="kiln", opset=1)
         replace_nodes(g, [conv] + ep.nodes, [fused])
         for n in ep.nodes:
@@ -89,17 +87,4 @@ class FuseConv(Pass):
     def _extend(self, g: Graph, fc: Node, uses: Uses, ctx: PassContext) -> bool:
         if fc.attr("activation") and fc.input(3) is not None:
             return False
-        ep = absorb(Epilogue.of(fc), uses)
-        if not ep.nodes:
-            return False
-        inputs = [fc.inputs[0], fc.inputs[1], fc.input(2), ep.z]
-        while inputs[-1] is None:
-            inputs.pop()
-        fc.inputs = inputs
-        fc.attrs.update(ep.attrs())
-        replace_nodes(g, [fc] + ep.nodes, [fc])
-        fc.outputs = [ep.out]
-        ep.out.producer = fc
-        for n in ep.nodes:
-            ctx.logger.verbose(f"Fusing {fc.name} with {n.name}")
-        return True
+        return extend_fused(g, fc, uses, ctx)

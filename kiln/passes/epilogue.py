@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.ir.graph import Node, Value
-from kiln.passes.rewrite import Uses, is_op, runtime, same_shape, scalar
+from typing import TYPE_CHECKING
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.rewrite import Uses, is_op, replace_nodes, runtime, same_shape, scalar
+
+if TYPE_CHECKING:
+    from kiln.passes.base import PassContext
 
 FLT_MAX = 3.4028234663852886e38  # Clip bounds that are absent
 
@@ -150,3 +155,26 @@ def absorb(ep: Epilogue, uses: Uses) -> Epilogue:
                 ep.out = r[0].outputs[0]
                 continue
         return ep
+
+
+def fused_inputs(x: Value, w: Value, bias: Value | None, z: Value | None) -> list[Value | None]:
+    """Inputs of a FusedConv/FusedGemm: X, W, then B and Z only as far as they are present."""
+    inputs = [x, w, bias, z]
+    while inputs[-1] is None:
+        inputs.pop()
+    return inputs
+
+
+def extend_fused(g: Graph, fused: Node, uses: Uses, ctx: "PassContext") -> bool:
+    """Absorb further epilogue ops (activation, residual add) into an existing fused conv/gemm node."""
+    ep = absorb(Epilogue.of(fused), uses)
+    if not ep.nodes:
+        return False
+    fused.inputs = fused_inputs(fused.inputs[0], fused.inputs[1], fused.input(2), ep.z)
+    fused.attrs.update(ep.attrs())
+    replace_nodes(g, [fused] + ep.nodes, [fused])
+    fused.outputs = [ep.out]
+    ep.out.producer = fused
+    for n in ep.nodes:
+        ctx.logger.verbose(f"Fusing {fused.name} with {n.name}")
+    return True

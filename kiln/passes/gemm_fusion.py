@@ -10,7 +10,7 @@ import torch
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import Epilogue, absorb
+from kiln.passes.epilogue import Epilogue, absorb, extend_fused, fused_inputs
 from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
                                  same_shape)
 
@@ -72,7 +72,7 @@ class FuseGemm(Pass):
             if is_op(n, "Gemm", "MatMul"):
                 changed |= self._convert(g, n, uses, ctx)
             elif n.domain == "kiln" and n.op_type == "FusedGemm" and not (n.attr("activation") and n.input(3)):
-                changed |= self._extend(g, n, uses, ctx)
+                changed |= extend_fused(g, n, uses, ctx)
             else:
                 continue
             uses.refresh()
@@ -93,9 +93,8 @@ class FuseGemm(Pass):
                 absorbed.append(ba[0])
                 out = ba[0].outputs[0]
         ep = absorb(Epilogue(out, z=z), uses)
-        inputs = [a, g.constant(f"{n.name}_w", w), None if bias is None else g.constant(f"{n.name}_b", bias), ep.z]
-        while inputs[-1] is None:
-            inputs.pop()
+        inputs = fused_inputs(a, g.constant(f"{n.name}_w", w), None if bias is None else g.constant(f"{n.name}_b", bias),
+                              ep.z)
         fused = Node("FusedGemm", inputs, [ep.out], ep.attrs(), name=n.name, domain="kiln", opset=1)
         replace_nodes(g, [n] + absorbed + ep.nodes, [fused])
         for m in absorbed + ep.nodes:
@@ -104,18 +103,3 @@ class FuseGemm(Pass):
             ctx.logger.verbose(f"Converting {n.name} to FusedGemm")
         return True
 
-    def _extend(self, g: Graph, fg: Node, uses: Uses, ctx: PassContext) -> bool:
-        ep = absorb(Epilogue.of(fg), uses)
-        if not ep.nodes:
-            return False
-        inputs = [fg.inputs[0], fg.inputs[1], fg.input(2), ep.z]
-        while inputs[-1] is None:
-            inputs.pop()
-        fg.inputs = inputs
-        fg.attrs.update(ep.attrs())
-        replace_nodes(g, [fg] + ep.nodes, [fg])
-        fg.outputs = [ep.out]
-        ep.out.producer = fg
-        for m in ep.nodes:
-            ctx.logger.verbose(f"Fusing {fg.name} with {m.name}")
-        return True
