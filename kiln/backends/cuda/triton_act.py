@@ -76,6 +76,26 @@ def finish(acc, bias_ptr, offs_n, n_mask, z, has_bias, act, act_before_add, alph
 
 
 @triton.jit
+def tile_schedule(M, N, total_its, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """This program's output tile (grouped ordering for L2 reuse) and its split-K range of reduction steps."""
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    k_split = pid % SPLIT_K
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % gsize
+    pid_n = (tile % per_group) // gsize
+    chunk = tl.cdiv(total_its, SPLIT_K)
+    it_lo = k_split * chunk
+    it_hi = tl.minimum(total_its, it_lo + chunk)
+    return tile, pid_m, pid_n, it_lo, it_hi
+
+
+@triton.jit
 def split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, N, SPLIT_K: tl.constexpr):
     """Split-K reduction in one launch: each of a tile's SPLIT_K programs adds its partial sum into a
     zeroed float32 workspace [M, N] and bumps the tile's counter; the program that arrives last reads

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, conv_geometry, conv_static_ok,
                                        epilogue_of, float_io, prepacked, tf32_precision)
-from kiln.backends.cuda.triton_act import finish, split_k_gather
+from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
@@ -42,16 +42,7 @@ def _conv2d_nhwc_kernel(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid // SPLIT_K
-    k_split = pid % SPLIT_K
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(K, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % gsize
-    pid_n = (tile % per_group) // gsize
+    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, KH * KW * CB, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,10 +59,6 @@ def _conv2d_nhwc_kernel(
     x_row = nb * sxn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    total_its = KH * KW * CB
-    chunk = tl.cdiv(total_its, SPLIT_K)
-    it_lo = k_split * chunk
-    it_hi = tl.minimum(total_its, it_lo + chunk)
     for it in range(it_lo, it_hi):
         tap = it // CB
         c0 = (it - tap * CB) * BLOCK_K
