@@ -14,12 +14,13 @@ import onnx
 import torch
 
 from kiln import __version__
-from kiln.backends.tactic import TacticContext
+from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import BuildError, ProfileError
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
 from kiln.passes.base import PassContext, PassManager
+from kiln.passes.cast import FoldCasts
 from kiln.passes.pipeline import default_pipeline
 from kiln.passes.precision import ReducedPrecision, precision_dtype
 from kiln.passes.shape_inference import infer_types
@@ -113,13 +114,15 @@ class Builder:
         PassManager(default_pipeline()).run(g, ctx)
         low = precision_dtype(config.fp16, config.bf16)
         if low is not None:
-            PassManager([ReducedPrecision(low, config.fp32_layers)]).run(g, ctx)
+            PassManager([ReducedPrecision(low, config.fp32_layers)]
+                        + ([FoldCasts()] if target["device"] == "cuda" else [])).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         opt_types = _infer_at(g, config.profiles, "opt", self.logger)
         tctx = TacticContext(torch.device(device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32,
                              extra={"opt_level": config.optimization_level})
         tactics, tuning = self._choose_tactics(g, tctx, opt_types, config)
-        memory = self._plan_memory(g, opt_types)
+        counts = _layer_counts(g, tactics)
+        memory = self._plan_memory(g, opt_types, _aliases(g, tactics))
         writer = GraphWriter()
         spec = writer.graph(g, tactics)
         plan = Plan(
@@ -129,11 +132,12 @@ class Builder:
             profiles=[p.to_json() for p in config.profiles],
             graph=spec, memory=memory, kiln_version=__version__, weights=writer.weights,
             build={"fp16": config.fp16, "bf16": config.bf16, "tf32": config.tf32, "int8": config.int8,
-                   "optimization_level": config.optimization_level, "layers": len(g.nodes),
+                   "optimization_level": config.optimization_level, **counts,
                    "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__,
                    "tuning": tuning},
         )
-        self.logger.info(f"Built plan: {len(g.nodes)} layers, {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
+        self.logger.info(f"Built plan: {counts['layers']} layers (+{counts['views']} zero-copy views, "
+                         f"{counts['elided']} concats elided), {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
                          f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
                          f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
         return plan
@@ -148,15 +152,38 @@ class Builder:
             cache.save(config.timing_cache)
         return chosen, dict(tuner.stats)
 
-    def _plan_memory(self, g: Graph, types: dict[str, TensorType]) -> dict[str, Any]:
+    def _plan_memory(self, g: Graph, types: dict[str, TensorType], aliases: dict[str, list[str]]) -> dict[str, Any]:
         sizes = {name: t.nbytes() for name, t in types.items() if t.nbytes() is not None}
-        bufs = lifetimes(g, sizes)  # type: ignore[arg-type]
+        bufs = lifetimes(g, sizes, aliases)  # type: ignore[arg-type]
         if not bufs:
             return {}
         mp = plan_memory(bufs)
         self.logger.verbose(f"Activation memory: arena {mp.arena_bytes} bytes for {len(bufs)} tensors "
                             f"(naive sum {mp.naive_bytes} bytes, {mp.arena_bytes / max(mp.naive_bytes, 1):.2f}x)")
         return mp.to_json()
+
+
+def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, int]:
+    """Layers that launch work, zero-copy views, and elided concats (which launch nothing)."""
+    views = elided = 0
+    for n in g.nodes:
+        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
+        views += int(t is not None and t.is_view)
+        elided += int(t is not None and t.elides)
+    return {"layers": len(g.nodes) - views - elided, "views": views, "elided": elided}
+
+
+def _aliases(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    """value -> the values whose memory it lives in (views of their input; inputs of elided concats)."""
+    out: dict[str, list[str]] = {}
+    for n in g.nodes:
+        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
+        if t is not None and t.is_view and n.inputs and n.inputs[0] is not None:
+            out.setdefault(n.outputs[0].name, []).append(n.inputs[0].name)
+        elif t is not None and t.elides:
+            for v in n.inputs:
+                out.setdefault(v.name, []).append(n.outputs[0].name)  # type: ignore[union-attr]
+    return out
 
 
 def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:

@@ -28,11 +28,25 @@ class Tactic:
     id:        stable name stored in plans ("ref", "cpu.conv_mkldnn", "cuda.triton_conv", ...)
     devices:   device types it runs on
     priority:  heuristic rank used when not timing (higher first)
+    writes_out: how many destinations its kernels can write into: they take ``out=`` (a tensor of the
+               output's shape and dtype, possibly a strided view such as a slice of a Concat's output; or
+               a tuple of such tensors, up to writes_out of them), write the result there instead of
+               allocating, and return the first
+    is_view:   its kernels return a view of their input: nothing is launched, nothing is timed
+    elides:    the runtime removes the layer (its producers write its output; see kiln.backends.views)
     """
 
     id: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
     priority: int = 0
+    writes_out: int = 0
+    is_view: bool = False
+    elides: bool = False
+
+    @property
+    def launches(self) -> bool:
+        """Whether the layer costs a kernel at run time (counted in the plan's layers)."""
+        return not (self.is_view or self.elides)
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         raise NotImplementedError
@@ -62,6 +76,12 @@ def get_tactic(tid: str) -> Tactic | None:
     return _TACTICS.get(tid)
 
 
+def is_layer(tid: str) -> bool:
+    """Whether a node running tactic `tid` launches work (views and elided layers do not)."""
+    t = get_tactic(tid)
+    return t is None or t.launches
+
+
 def candidate_tactics(node: Node, ctx: TacticContext) -> list[Tactic]:
     """Tactics that support `node` on ctx.device, best heuristic first."""
     _ensure_loaded()
@@ -77,5 +97,6 @@ def _ensure_loaded() -> None:
     if not _loaded:
         _loaded = True
         import kiln.backends.reference  # noqa: F401
+        import kiln.backends.views  # noqa: F401
         import kiln.backends.cpu  # noqa: F401
         import kiln.backends.cuda  # noqa: F401

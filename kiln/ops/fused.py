@@ -5,6 +5,8 @@ The contract these definitions implement is shared with the CPU and CUDA backend
 * ``FusedConv(X, W, B?, Z?)``: convolution with explicit ``pads`` (all begins, then all ends),
   ``strides``, ``dilations``, ``group``, an optional bias, an optional residual ``Z`` of the output's
   shape and an activation epilogue. ``act_before_add`` 0: ``act(conv + B + Z)``; 1: ``act(conv + B) + Z``.
+* Optional ``out_dtype`` (ONNX element type): the result is stored in that float type; an X/A of
+  another float type than W is converted to W's on load (both from folded Casts, kiln.passes.cast).
 * ``FusedGemm(A, W, B?, Z?)``: ``act(A @ W^T + B (+ Z))`` with W stored ``[N, K]`` (like nn.Linear) and
   A of any rank >= 2 (contraction over its last dim); same activation attributes.
 * ``Pointwise(*inputs)``: a small program of elementwise ONNX ops (numpy broadcasting), each evaluated
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import UnsupportedOpError
+from kiln.ir.dtype import onnx_to_torch
 from kiln.ir.graph import Node, Value
 from kiln.ops.conv import require_float, spatial_rank, torch_pad
 from kiln.ops.registry import OpDef, lookup, register
@@ -59,14 +62,21 @@ def activate(x: Tensor, name: str, alpha: float = 0.0, beta: float = 0.0) -> Ten
 
 
 def _epilogue(node: Node, y: Tensor, z: Tensor | None) -> Tensor:
-    """Residual add and activation in the order `act_before_add` asks for."""
+    """Residual add and activation in the order `act_before_add` asks for, then the `out_dtype` cast."""
     act = str(node.attr("activation", "") or "")
     alpha, beta = float(node.attr("alpha", 0.0)), float(node.attr("beta", 0.0))
     if z is not None and not int(node.attr("act_before_add", 0)):
         y = y + z.to(y.dtype)
         z = None
     y = activate(y, act, alpha, beta)
-    return y if z is None else y + z.to(y.dtype)
+    y = y if z is None else y + z.to(y.dtype)
+    out = node.attr("out_dtype", None)
+    return y if out is None else y.to(onnx_to_torch(int(out)))
+
+
+def _as_weight_type(x: Tensor, w: Tensor) -> Tensor:
+    """The activation converted to the weight's float type (a folded input Cast; see kiln.passes.cast)."""
+    return x.to(w.dtype) if x.dtype != w.dtype and x.is_floating_point() and w.is_floating_point() else x
 
 
 class _FusedBase(OpDef):
@@ -86,6 +96,7 @@ class FusedConv(_FusedBase):
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,
                 z: Tensor | None = None) -> Tensor:
         require_float(node, x, w, b)
+        x = _as_weight_type(x, w)
         nd = spatial_rank(node, x)
         strides = [int(s) for s in node.attr("strides", None) or [1] * nd]
         dilations = [int(d) for d in node.attr("dilations", None) or [1] * nd]
@@ -109,6 +120,7 @@ class FusedGemm(_FusedBase):
     def compute(self, node: Node, a: Tensor, w: Tensor, b: Tensor | None = None,
                 z: Tensor | None = None) -> Tensor:
         require_float(node, a, w, b)
+        a = _as_weight_type(a, w)
         if a.dim() < 2:
             raise UnsupportedOpError(f"node '{node.name}': FusedGemm needs an input of rank >= 2")
         if a.device.type == "cpu" and a.dtype == torch.float16:

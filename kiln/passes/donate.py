@@ -8,8 +8,8 @@ from kiln.passes.base import Pass, PassContext
 class DonateResidual(Pass):
     """Sets kiln_z_donate=1 on FusedConv nodes whose residual input dies at that node.
 
-    Z must be an activation (not a weight, graph input or output, nor read by a subgraph) whose
-    last reader in execution order is the conv; the backend then accumulates into Z's buffer.
+    Z must be an activation (not a weight, graph input or output, nor read by a subgraph, nor a buffer
+    shared with an elided Concat) whose last reader in execution order is the conv; the backend then accumulates into Z's buffer.
     """
 
     name = "residual donation"
@@ -23,6 +23,8 @@ class DonateResidual(Pass):
         pinned = {id(v) for v in g.inputs} | {id(v) for v in g.outputs}
         for n in g.nodes:
             pinned.update(id(v) for v in n.captures)
+            if n.op_type == "Concat" and n.attr("kiln_elide", 0):  # aliased buffers: other readers may follow
+                pinned.update(id(v) for v in n.inputs + n.outputs if v is not None)
         changed = False
         for i, n in enumerate(g.nodes):
             if n.op_type != "FusedConv" or n.domain != "kiln" or len(n.inputs) < 4 or n.inputs[3] is None:

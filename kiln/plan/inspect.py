@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from kiln.backends.tactic import is_layer
 from kiln.plan.format import Plan
 
 
@@ -33,8 +34,11 @@ def describe(plan: Plan, layers: bool = True) -> str:
         lines.append(f"activations: arena {mem['arena_bytes']} bytes vs naive sum {mem['naive_bytes']} bytes "
                      f"({ratio:.2f}x) at the opt shapes")
     steps = g["steps"]
-    counts = Counter(s["op"] for s in steps)
-    lines.append(f"layers: {len(steps)} ({', '.join(f'{op} {n}' for op, n in counts.most_common())})")
+    launching = [s for s in steps if is_layer(s["tactic"])]
+    counts = Counter(s["op"] for s in launching)
+    free = Counter(s["op"] for s in steps if not is_layer(s["tactic"]))
+    lines.append(f"layers: {len(launching)} ({', '.join(f'{op} {n}' for op, n in counts.most_common())})"
+                 + (f"; launching nothing: {', '.join(f'{op} {n}' for op, n in free.most_common())}" if free else ""))
     if layers:
         vals = g["values"]
         for i, s in enumerate(steps):

@@ -37,19 +37,34 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def lifetimes(g: Graph, sizes: dict[str, int]) -> list[Buffer]:
-    """Buffers for node outputs that are neither graph inputs, outputs nor constants."""
-    produced: dict[str, int] = {}
+def lifetimes(g: Graph, sizes: dict[str, int], aliases: dict[str, list[str]] | None = None) -> list[Buffer]:
+    """Buffers for node outputs that are neither graph inputs, outputs nor constants.
+
+    `aliases` maps a value to the values whose memory it lives in (a view of its input; a producer
+    writing into one or two elided Concat outputs): such a value has no buffer of its own, and each
+    buffer it lives in stays alive from the first step writing any of its aliases to the last step
+    reading one.
+    """
+    aliases = aliases or {}
+
+    def roots(name: str, depth: int = 0) -> list[str]:
+        if name not in aliases or depth > len(aliases):
+            return [name]
+        return [r for a in aliases[name] for r in roots(a, depth + 1)]
+
+    first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, n in enumerate(g.nodes):
         for v in n.all_inputs:
             if v is not None:
-                last[v.name] = i
+                for r in roots(v.name):
+                    last[r] = i
         for v in n.outputs:
-            produced[v.name] = i
-    outs = {v.name for v in g.outputs}
-    return [Buffer(name, max(_align(sizes[name]), ALIGN), first, max(first, last.get(name, first)))
-            for name, first in produced.items() if name not in outs and name in sizes]
+            for r in roots(v.name):
+                first[r] = min(first.get(r, i), i)
+    outs = {r for v in g.outputs for r in roots(v.name)} | {v.name for v in g.inputs}
+    return [Buffer(name, max(_align(sizes[name]), ALIGN), f, max(f, last.get(name, f)))
+            for name, f in first.items() if name not in outs and name in sizes]
 
 
 def plan_memory(buffers: list[Buffer]) -> MemoryPlan:

@@ -58,7 +58,10 @@ class Engine:
             t = get_tactic(tid)
             if t is None:
                 raise PlanFormatError(f"{where}: plan names tactic '{tid}' unknown to this Kiln version")
-            return t.build(node, cfg, self.device)
+            kernel = t.build(node, cfg, self.device)
+            if t.writes_out:
+                kernel.writes_out = t.writes_out  # the runtime may hand it slices of elided Concats as out=
+            return kernel
 
         t0 = time.perf_counter()
         self.function = GraphFunction(self.graph, self.device, factory)

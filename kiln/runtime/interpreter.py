@@ -13,13 +13,29 @@ KernelFactory = Callable[[Node], Callable[..., Any]]
 StepHook = Callable[[Node, float], None]
 
 
+class _Alloc:
+    """The output buffer of an elided Concat, allocated before its first producer runs."""
+
+    __slots__ = ("slot", "shape", "dtype", "channels_last")
+
+    def __init__(self, slot: int, shape: tuple[int | str, ...], dtype: torch.dtype, channels_last: bool) -> None:
+        self.slot, self.shape, self.dtype, self.channels_last = slot, shape, dtype, channels_last
+
+    def make(self, dims: dict[str, int], device: torch.device) -> torch.Tensor:
+        shape = [d if isinstance(d, int) else dims[d] for d in self.shape]
+        fmt = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
+        return torch.empty(shape, dtype=self.dtype, device=device, memory_format=fmt)
+
+
 class _Step:
-    __slots__ = ("node", "kernel", "ins", "outs", "frees", "single")
+    __slots__ = ("node", "kernel", "ins", "outs", "frees", "single", "out", "allocs")
 
     def __init__(self, node: Node, kernel: Callable[..., Any], ins: list[int], outs: list[int],
                  frees: list[int]) -> None:
         self.node, self.kernel, self.ins, self.outs, self.frees = node, kernel, ins, outs, frees
         self.single = len(outs) == 1
+        self.out: list[tuple[int, int, int, int]] = []  # (buffer slot, axis, start, length) to write into
+        self.allocs: list[_Alloc] = []
 
 
 def _host_inputs(node: Node) -> set[int]:
@@ -68,30 +84,39 @@ class GraphFunction:
         self.capture_names = [v.name for v in graph.captures]
         self.capture_slots = [slot_of(v) for v in graph.captures]
         step_ins: list[list[int]] = []
-        last_use: dict[int, int] = {}
-        for i, n in enumerate(graph.nodes):
+        for n in graph.nodes:
             host = _host_inputs(n)
-            ins = [-1 if v is None else slot_of(v, j in host) for j, v in enumerate(n.all_inputs)]
-            step_ins.append(ins)
-            for s_ in ins:
-                if s_ >= 0:
-                    last_use[s_] = i
+            step_ins.append([-1 if v is None else slot_of(v, j in host) for j, v in enumerate(n.all_inputs)])
             for v in n.outputs:
                 slot_of(v)
         self.output_slots = [slot_of(v) for v in graph.outputs]
         keep = set(self.output_slots) | set(consts)
+        nodes = [self._runtime_node(n) for n in graph.nodes]
+        kernels = [factory(rn) for rn in nodes]
+        elided, writes, allocs = self._elisions(graph, kernels, lambda v: slot[(id(v), False)])
+        last_use: dict[int, int] = {}
+        for i, ins in enumerate(step_ins):
+            if i not in elided:
+                for s_ in ins:
+                    if s_ >= 0:
+                        last_use[s_] = i
         self.steps: list[_Step] = []
         needed: set[int] = set(self.output_slots) & set(consts)
-        for i, n in enumerate(graph.nodes):
-            rn = self._runtime_node(n)
+        for i, (rn, kernel) in enumerate(zip(nodes, kernels)):
+            if i in elided:
+                continue
             ins = step_ins[i]
-            outs = [slot[(id(v), False)] for v in n.outputs]
+            outs = [slot[(id(v), False)] for v in rn.outputs]
             frees = sorted({s_ for s_ in ins if s_ >= 0 and last_use.get(s_) == i and s_ not in keep}
                            | {s_ for s_ in outs if s_ not in last_use and s_ not in keep})
-            kernel = factory(rn)
             own = getattr(kernel, "prepacked", frozenset())  # inputs the kernel holds its own copy of
             needed |= {s_ for j, s_ in enumerate(ins) if s_ in consts and j not in own}
-            self.steps.append(_Step(rn, kernel, ins, outs, frees))
+            st = _Step(rn, kernel, ins, outs, frees)
+            st.out, st.allocs = writes.get(i, []), allocs.get(i, [])
+            self.steps.append(st)
+        self.elided = len(elided)
+        self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
+                         for v in graph.inputs] if allocs else None
         # constants go to the device once, and only where some kernel reads them as given;
         # host values (shapes, axes, scales) stay on the CPU so reading them never syncs the device
         template: list[Any] = [None] * n_slots
@@ -100,6 +125,44 @@ class GraphFunction:
             template[s_] = v.const if host else v.const.to(self.device)  # type: ignore[union-attr]
         self.template = template
         self.hook: StepHook | None = None
+
+    @staticmethod
+    def _elisions(graph: Graph, kernels: list[Callable[..., Any]], slot: Callable[[Value], int]
+                  ) -> tuple[set[int], dict[int, list[tuple[int, int, int, int]]], dict[int, list[_Alloc]]]:
+        """Concats whose kernels allow elision (`elide_axis`) and whose producers' kernels write into a
+        given output: (their step indices, producer step -> where it writes, step -> buffers to allocate)."""
+        index = {id(n): i for i, n in enumerate(graph.nodes)}
+        elided: set[int] = set()
+        writes: dict[int, list[tuple[int, int, int, int]]] = {}
+        allocs: dict[int, list[_Alloc]] = {}
+        symbols = {d for v in graph.inputs if v.type.shape is not None for d in v.type.shape if isinstance(d, str)}
+        for i, (n, k) in enumerate(zip(graph.nodes, kernels)):
+            axis = getattr(k, "elide_axis", None)
+            out_t = n.outputs[0].type if len(n.outputs) == 1 else None
+            if axis is None or out_t is None or out_t.shape is None or out_t.dtype is None:
+                continue
+            if not all(isinstance(d, int) or d in symbols for d in out_t.shape):
+                continue
+            spans: list[tuple[int, int, int]] = []  # (producer step, start, length)
+            start = 0
+            for v in n.inputs:
+                p = v.producer if v is not None else None
+                j = index.get(id(p), -1) if p is not None else -1
+                ext = v.type.shape[axis] if v is not None and v.type.shape is not None else None
+                if (j < 0 or len(p.outputs) != 1 or not isinstance(ext, int)  # type: ignore[union-attr]
+                        or int(getattr(kernels[j], "writes_out", 0)) <= len(writes.get(j, []))):
+                    break
+                spans.append((j, start, ext))
+                start += ext
+            else:
+                buf = slot(n.outputs[0])
+                for j, st, ln in spans:
+                    writes.setdefault(j, []).append((buf, axis, st, ln))
+                first = min(j for j, _, _ in spans)
+                allocs.setdefault(first, []).append(
+                    _Alloc(buf, tuple(out_t.shape), out_t.dtype.torch, bool(getattr(k, "channels_last", False))))
+                elided.add(i)
+        return elided, writes, allocs
 
     def _runtime_node(self, n: Node) -> Node:
         subs = {k: v for k, v in n.attrs.items()
@@ -132,14 +195,23 @@ class GraphFunction:
             for s, name in zip(self.capture_slots, self.capture_names):
                 env[s] = outer[name]
         hook = hook or self.hook
+        dims: dict[str, int] = {}
+        if self._symbols:
+            for syms, x in zip(self._symbols, inputs):
+                for k, d in syms:
+                    dims[d] = int(x.shape[k])
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:
-                if hook is None:
+                for a in st.allocs:
+                    env[a.slot] = a.make(dims, self.device)
+                t0 = time.perf_counter() if hook is not None else 0.0
+                if not st.out:
                     r = st.kernel(*args)
                 else:
-                    t0 = time.perf_counter()
-                    r = st.kernel(*args)
+                    outs = tuple(env[buf].narrow(axis, start, length) for buf, axis, start, length in st.out)
+                    r = st.kernel(*args, out=outs[0] if len(outs) == 1 else outs)
+                if hook is not None:
                     hook(st.node, time.perf_counter() - t0)
             except KilnError as e:
                 raise type(e)(f"node '{st.node.name}' ({st.node.op_type}): {e}".replace("\n", " ")) from None

@@ -130,17 +130,30 @@ class Autotuner:
         self.precision = precision_name(tctx)
         self.stats = {"layers_timed": 0, "measured": 0, "cached": 0, "skipped": 0, "seconds": 0.0}
         self._consts: dict[int, torch.Tensor] = {}
+        self._homes: dict[int, int] = {}  # value -> elided Concats its producer already writes into
 
     # -- public -----------------------------------------------------------------------------------
     def choose(self, g: Graph, types: dict[str, TensorType]) -> dict[int, tuple[str, dict[str, Any]]]:
         t0 = time.perf_counter()
         plans: list[tuple[Node, list[Choice]]] = []
+        homes: dict[int, int] = {}  # value -> how many Concats want it written in place
         for n in g.nodes:
             cands = candidate_tactics(n, self.tctx)
             if not cands:
                 raise BuildError(f"node '{n.name}' ({n.op_type}): no tactic supports it on {self.device.type}")
-            choices = [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)]
-            plans.append((n, choices))
+            views = [t for t in cands if t.is_view]
+            if views:  # a view launches nothing: no kernel can beat it
+                cands = views[:1]
+            if any(t.elides for t in cands):
+                for v in n.inputs:
+                    homes[id(v)] = homes.get(id(v), 0) + 1
+            plans.append((n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)]))
+        for k, (n, choices) in enumerate(plans):
+            want = max((homes.get(id(o), 0) for o in n.outputs), default=0)
+            if want:  # feeds Concats to elide: only tactics that can write into their slices
+                direct = ([c for c in choices if c[0].writes_out >= want]
+                          or [c for c in choices if c[0].writes_out])
+                plans[k] = (n, direct or choices)
         tunable = [p for p in plans if self.level > 0 and len(p[1]) > 1]
         progress = Progress(self.logger, len(tunable), "Autotuning")
         chosen: dict[int, tuple[str, dict[str, Any]]] = {}
@@ -148,21 +161,45 @@ class Autotuner:
         with flags:
             self._precompile(tunable, types)
             for n, choices in plans:
+                counted = self.level > 0 and len(choices) > 1
+                if any(t.elides for t, _ in choices):
+                    choices = self._elide_or_not(n, choices, chosen)
+                if counted:
+                    progress.step()
                 if self.level > 0 and len(choices) > 1:
                     t, cfg = self._tune(n, choices, types)
-                    progress.step()
                 else:
                     t, cfg = choices[0]
                     if t.id != "ref":
                         self.logger.verbose(f"{n.name} ({n.op_type}): tactic {t.id} {_cfg(cfg)} (heuristic)")
                 chosen[id(n)] = (t.id, cfg)
         self._consts.clear()
+        self._homes.clear()
         self.stats["seconds"] = round(time.perf_counter() - t0, 3)
         if tunable:
             self.logger.info(f"Autotuning: {self.stats['layers_timed']} layers, {self.stats['measured']} candidates "
                              f"timed, {self.stats['cached']} from the timing cache, {self.stats['skipped']} skipped, "
                              f"{self.stats['seconds']:.1f} s")
         return chosen
+
+    def _elide_or_not(self, n: Node, choices: list[Choice], chosen: dict[int, tuple[str, dict[str, Any]]]
+                      ) -> list[Choice]:
+        """The elision choice alone when every producer's tactic writes into a given output; else the rest."""
+        blockers = []
+        for v in n.inputs:
+            p = v.producer if v is not None else None
+            tid = chosen.get(id(p), ("?", {}))[0] if p is not None else "?"
+            t = get_tactic(tid)
+            if t is None or t.writes_out <= self._homes.get(id(v), 0):
+                blockers.append(f"{p.name if p is not None else v}: {tid}")
+        if not blockers:
+            for v in n.inputs:
+                self._homes[id(v)] = self._homes.get(id(v), 0) + 1
+            self.logger.verbose(f"Eliding {n.name} (Concat): its {len(n.inputs)} producers write into its output")
+            return [c for c in choices if c[0].elides][:1]
+        self.logger.verbose(f"Concat {n.name} not elided: producer tactic cannot write into a slice "
+                            f"({', '.join(blockers)})")
+        return [c for c in choices if not c[0].elides]
 
     # -- one layer --------------------------------------------------------------------------------
     def _tune(self, n: Node, choices: list[Choice], types: dict[str, TensorType]) -> Choice:

@@ -477,7 +477,7 @@ def test_slice_view(starts: list[int], ends: list[int], axes: list[int] | None, 
                                    (torch.tensor(steps) if steps is not None else None, True)]
     node = make_node("Slice", ins, None, {}, opset=13, out_dtype=DType.from_torch(dtype))
     args = [t for t, _ in ins]
-    got, want = run_both(node, "cpu.slice_view", args)
+    got, want = run_both(node, "view.slice", args)
     assert torch.equal(got, want)
 
 
@@ -485,10 +485,10 @@ def test_slice_declines_negative_steps_and_runtime_params() -> None:
     x = torch.randn(4, 6)
     neg = make_node("Slice", [(x, False), (torch.tensor([5]), True), (torch.tensor([0]), True),
                               (torch.tensor([1]), True), (torch.tensor([-1]), True)], None, {}, opset=13)
-    assert not get_tactic("cpu.slice_view").supports(neg, CPU)
+    assert not get_tactic("view.slice").supports(neg, CPU)
     runtime = make_node("Slice", [(x, False), (torch.tensor([1]), False), (torch.tensor([3]), True)], None, {},
                         opset=13)
-    assert not get_tactic("cpu.slice_view").supports(runtime, CPU)
+    assert not get_tactic("view.slice").supports(runtime, CPU)
 
 
 @pytest.mark.parametrize("axis", [1, -1, 0])

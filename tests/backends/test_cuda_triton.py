@@ -267,3 +267,53 @@ def test_triton_split_k_conv_and_gemm() -> None:
     want = a.float() @ w.float().to(DEV).t()
     for cfg in split:
         assert rel_err(tg.build(gemm, cfg, DEV)(a), want) <= TOL[f16], cfg
+
+
+# ---- destination passing (elided Concats) and folded Casts -------------------------------------------
+def _conv_node(k: int, ks: int, dtype: torch.dtype, x_dtype: torch.dtype | None = None,
+               out_dtype: torch.dtype | None = None, seed: int = 7) -> tuple[Node, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    wt = (torch.randn(k, 8, ks, ks, generator=g) / (8 * ks * ks) ** 0.5).to(dtype)
+    attrs: dict = dict(strides=[1, 1], pads=[ks // 2] * 4, dilations=[1, 1], group=1, activation="LeakyRelu", alpha=0.1)
+    if out_dtype is not None:
+        attrs["out_dtype"] = DType.from_torch(out_dtype).onnx
+    node = fused_conv((2, 8, 5, 6), wt, torch.randn(k, generator=g).to(dtype), None, (2, k, 5, 6), dtype, **attrs)
+    node.inputs[0].type = TensorType(DType.from_torch(x_dtype or dtype), (2, 8, 5, 6))
+    node.outputs[0].type = TensorType(DType.from_torch(out_dtype or dtype), (2, k, 5, 6))
+    return node, torch.randn(2, 8, 5, 6, generator=g).to(x_dtype or dtype).to(DEV)
+
+
+@pytest.mark.parametrize("tactic_id,ks", [("cuda.triton_conv", 3), ("cuda.triton_gemm", 1)])
+@pytest.mark.parametrize("homes", [1, 2])
+def test_conv_writes_into_concat_slices(tactic_id: str, ks: int, homes: int) -> None:
+    """out= one or two channel slices of channels-last buffers: the result lands there, nothing else changes."""
+    dtype = torch.float16
+    node, x = _conv_node(16, ks, dtype)
+    t = get_tactic(tactic_id)
+    assert t.writes_out >= homes and t.supports(node, _ctx())
+    want = lookup("FusedConv", "kiln").compute(node, x.float(), node.inputs[1].const.float().to(DEV),
+                                                node.inputs[2].const.float().to(DEV))
+    bufs = [torch.randn(2, 40, 5, 6).to(dtype).to(DEV).contiguous(memory_format=torch.channels_last)
+            for _ in range(homes)]
+    before = [b.clone() for b in bufs]
+    outs = tuple(b[:, 8 + 4 * k: 24 + 4 * k] for k, b in enumerate(bufs))
+    kern = t.build(node, t.configs(node, _ctx())[0], DEV)
+    got = kern(x, out=outs[0] if homes == 1 else outs)
+    assert got.data_ptr() == outs[0].data_ptr()
+    for k, (b, b0) in enumerate(zip(bufs, before)):
+        lo, hi = 8 + 4 * k, 24 + 4 * k
+        assert rel_err(b[:, lo:hi], want) <= TOL[dtype]
+        assert torch.equal(b[:, :lo], b0[:, :lo]) and torch.equal(b[:, hi:], b0[:, hi:])
+
+
+@pytest.mark.parametrize("tactic_id,ks", [("cuda.triton_conv", 3), ("cuda.triton_gemm", 1)])
+def test_conv_with_folded_casts(tactic_id: str, ks: int) -> None:
+    """float32 input converted on load, float16 weights, float32 output converted on store."""
+    node, x = _conv_node(16, ks, torch.float16, x_dtype=torch.float32, out_dtype=torch.float32)
+    t = get_tactic(tactic_id)
+    assert t.supports(node, _ctx())
+    assert not get_tactic("cuda.cudnn_conv").supports(node, _ctx())  # cuDNN takes one element type
+    want = lookup("FusedConv", "kiln").compute(node, x, node.inputs[1].const.to(DEV), node.inputs[2].const.to(DEV))
+    assert want.dtype == torch.float32
+    got = t.build(node, t.configs(node, _ctx())[0], DEV)(x)
+    assert got.dtype == torch.float32 and rel_err(got, want) <= TOL[torch.float16]

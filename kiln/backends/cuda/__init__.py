@@ -9,6 +9,7 @@
 | cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
+| cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
 from __future__ import annotations
@@ -28,4 +29,4 @@ def _triton_available() -> bool:
 HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
-    from kiln.backends.cuda import triton_conv, triton_gemm, triton_pointwise  # noqa: F401
+    from kiln.backends.cuda import triton_conv, triton_gemm, triton_pointwise, triton_pool  # noqa: F401

@@ -51,12 +51,41 @@ def input_dtype(node: Node, i: int) -> DType | None:
     return None if v is None else v.type.dtype
 
 
-def float_io(node: Node) -> bool:
-    """All present tensor inputs and the first output are float32/16/bf16 (and agree with X)."""
-    x = input_dtype(node, 0)
-    if x not in FLOAT_DTYPES or node.outputs[0].type.dtype != x:
+def float_io(node: Node, cast_ok: bool = False) -> bool:
+    """All present tensor inputs and the first output are float32/16/bf16 and agree with the weight
+    (input 1; X when it has none). With `cast_ok` X and the output may have any float type (a kernel
+    that casts on load and store: folded Casts, see kiln.passes.cast)."""
+    w = input_dtype(node, 1) or input_dtype(node, 0)
+    if w not in FLOAT_DTYPES:
         return False
-    return all(v is None or v.type.dtype == x for v in node.inputs)
+    for k, v in enumerate([node.outputs[0], *node.inputs]):
+        if v is None:
+            continue
+        dt = v.type.dtype
+        if dt != w and not (cast_ok and k in (0, 1) and dt in FLOAT_DTYPES):
+            return False
+    return True
+
+
+Out = Tensor | tuple[Tensor, ...] | None
+"""A kernel's `out=`: nothing, one destination, or several (see Tactic.writes_out)."""
+
+
+def out_list(out: Out) -> tuple[Tensor, ...]:
+    return () if out is None else out if isinstance(out, tuple) else (out,)
+
+
+def nhwc_outs(out: Out) -> bool:
+    """Every destination has channel stride 1 (what the NHWC kernels store through)."""
+    return all(o.stride(1) == 1 or o.shape[1] == 1 for o in out_list(out))
+
+
+def write_out(y: Tensor, out: Out) -> Tensor:
+    """y, or y copied into the caller's destinations (for kernel paths that cannot write there directly)."""
+    outs = out_list(out)
+    for o in outs:
+        o.copy_(y)
+    return outs[0] if outs else y
 
 
 @dataclass(frozen=True)

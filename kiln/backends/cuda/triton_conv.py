@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, conv_geometry, conv_static_ok,
-                                       epilogue_of, float_io, prepacked, tf32_precision)
+                                       epilogue_of, float_io, nhwc_outs, out_list, prepacked, tf32_precision,
+                                       write_out, Out)
 from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
@@ -27,18 +28,18 @@ Tensor = torch.Tensor
 _I32 = 2**31 - 1
 
 
-_RUNTIME = ["alpha", "beta", "has_bias", "has_z", "act", "act_before_add"]
+_RUNTIME = ["alpha", "beta", "has_bias", "has_z", "act", "act_before_add", "has_y2"]
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "CB",
                                *_RUNTIME])
 def _conv2d_nhwc_kernel(
-    x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
     M, C, H, W, K, OH, OW,
-    sxn, sxh, sxw, szn, szh, szw, syn, syh, syw,
+    sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
     KH, KW, SH, SW, PH, PW, DH, DW, CB,
     alpha, beta,
-    has_bias, has_z, act, act_before_add,
+    has_bias, has_z, act, act_before_add, has_y2,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -70,7 +71,7 @@ def _conv2d_nhwc_kernel(
         cs = c0 + offs_k
         c_mask = cs < C
         a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + cs[None, :],
-                    mask=a_mask[:, None] & c_mask[None, :], other=0.0)
+                    mask=a_mask[:, None] & c_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         b = tl.load(w_ptr + (tap * C + cs)[:, None] * K + offs_n[None, :],
                     mask=c_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -85,6 +86,9 @@ def _conv2d_nhwc_kernel(
     acc = finish(acc, b_ptr, offs_n, n_mask, z, has_bias, act, act_before_add, alpha, beta)
     tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2 != 0:  # a second destination (a value written into two elided Concats)
+        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + offs_n[None, :],
+                 acc.to(y2_ptr.dtype.element_ty), mask=y_mask)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most generally useful first; every distinct tile is
@@ -169,13 +173,19 @@ def _nhwc_ok(t: Tensor) -> Tensor:
 
 
 def conv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, geo: ConvGeometry, ep: Epilogue,
-                cfg: dict[str, Any], allow_tf32: bool = True) -> Tensor:
-    """Launch the implicit-GEMM conv: x [N,C,H,W] (any NHWC-like strides) -> y [N,K,OH,OW] channels_last."""
+                cfg: dict[str, Any], allow_tf32: bool = True, out: Out = None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+    """Launch the implicit-GEMM conv: x [N,C,H,W] (any NHWC-like strides, any float type: cast on load)
+    -> y [N,K,OH,OW], channels_last in `out_dtype` (default x's), or stored into the one or two `out`
+    tensors (channel stride 1)."""
     x = _nhwc_ok(x)
     n, c, h, w = x.shape
     k = wp.shape[1]
     oh, ow = geo.out_hw(h, w)
-    y = torch.empty((n, k, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=out_dtype or x.dtype,
+                                         memory_format=torch.channels_last)
+    y2 = outs[1] if len(outs) > 1 else y
     if z is not None:
         z = _nhwc_ok(z)
     m = n * oh * ow
@@ -185,13 +195,15 @@ def conv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, ge
     ws, cnt = split_k_workspace(m, k, tiles, split, y)
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
     launch(_conv2d_nhwc_kernel, (tiles * split,), [
-        x, wp, bias if bias is not None else y, z if z is not None else y, y, ws, cnt,
+        x, wp, bias if bias is not None else y, z if z is not None else y, y, y2, ws, cnt,
         m, c, h, w, k, oh, ow,
         x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], y.stride(0), y.stride(2), y.stride(3),
+        y2.stride(0), y2.stride(2), y2.stride(3),
         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1],
         geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk),
-        ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add)],
-        dict(PREC=tf32_precision(allow_tf32) if x.dtype == torch.float32 else "tf32",
+        ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add),
+        int(y2 is not y)],
+        dict(PREC=tf32_precision(allow_tf32) if wp.dtype == torch.float32 else "tf32",
              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split,
              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
     return y
@@ -203,9 +215,10 @@ class TritonConv(Tactic):
     id = "cuda.triton_conv"
     devices = ("cuda",)
     priority = 30
+    writes_out = 2
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        return conv_static_ok(node) and float_io(node) and conv_geometry(node).group == 1
+        return conv_static_ok(node) and float_io(node, cast_ok=True) and conv_geometry(node).group == 1
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         w = node.inputs[1].const  # type: ignore[union-attr]
@@ -232,12 +245,16 @@ class TritonConv(Tactic):
         k_out, c_in, kh, kw = (int(d) for d in w.shape)
         del w  # the device holds the packed weight only
 
-        def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+        out_dtype = node.outputs[0].type.dtype.torch  # type: ignore[union-attr]
+
+        def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None, out: Out = None) -> Tensor:
             oh, ow = geo.out_hw(x.shape[2], x.shape[3])
             if max(x.numel(), x.shape[0] * k_out * oh * ow) >= _I32:  # past int32 indexing: cuDNN
                 w_nchw = wp.reshape(kh, kw, c_in, k_out).permute(3, 2, 0, 1)
-                return _torch_conv(x, w_nchw, bias, z, geo, ep)
-            return conv2d_nhwc(x, wp, bias, z, geo, ep, config, allow_tf32)
+                return write_out(_torch_conv(x.to(wp.dtype), w_nchw, bias, z, geo, ep).to(out_dtype), out)
+            if not nhwc_outs(out):
+                return write_out(conv2d_nhwc(x, wp, bias, z, geo, ep, config, allow_tf32, None, out_dtype), out)
+            return conv2d_nhwc(x, wp, bias, z, geo, ep, config, allow_tf32, out, out_dtype)
         return prepacked(kernel, (1, 2))
 
 

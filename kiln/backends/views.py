@@ -1,10 +1,16 @@
-"""Slice with constant starts/ends/axes/steps as one prebuilt indexing key (a view, no copy); Concat
-with its axis resolved at build time.
+"""Zero-copy layers: constant Slices as views, and Concats elided into their producers' outputs.
 
-For positive steps ONNX Slice clamps starts and ends exactly like Python slices do (negative values
-count from the end, out-of-range values clamp), so the whole node becomes ``x[key]`` with ``key`` a
-tuple of ``slice`` objects built once at kernel build. Negative steps stay with the reference tactic.
-Any element type: nothing is computed.
+* ``view.slice``: a Slice with constant starts/ends/axes and positive steps. For positive steps ONNX
+  Slice clamps starts and ends exactly like Python slices do (negative values count from the end,
+  out-of-range values clamp), so the node becomes ``x[key]`` with ``key`` built once: a view, no
+  kernel, on any device and element type.
+* ``concat.elide``: a Concat the optimizer marked ``kiln_elide`` (see kiln.passes.concat) whose
+  producers all run tactics that write into a given output (``Tactic.writes_out``). The runtime
+  allocates the Concat's output before its first producer runs and hands each producer its slice as
+  ``out=``; the Concat itself launches nothing. Its kernel is a plain ``torch.cat``, used only where the
+  runtime cannot elide (a caller's own kernel factory, or a shape it cannot resolve).
+
+Neither counts as a layer (``Tactic.launches`` is False).
 """
 from __future__ import annotations
 
@@ -57,15 +63,16 @@ def slice_key(node: Node) -> tuple[slice, ...] | None:
     return tuple(key)
 
 
-class CpuSliceTactic(Tactic):
+class SliceView(Tactic):
     """Constant-parameter Slice as a prebuilt view."""
 
-    id = "cpu.slice_view"
-    devices = ("cpu",)
-    priority = 10
+    id = "view.slice"
+    devices = ("cpu", "cuda")
+    priority = 50
+    is_view = True
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        return (ctx.device.type == "cpu" and node.op_type == "Slice" and node.domain in ("", "ai.onnx")
+        return (node.op_type == "Slice" and node.domain in ("", "ai.onnx")
                 and len(node.outputs) == 1 and slice_key(node) is not None)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
@@ -77,30 +84,37 @@ class CpuSliceTactic(Tactic):
         return k_slice
 
 
-class CpuConcatTactic(Tactic):
-    """Concat as one torch.cat with the axis normalized once (keeps channels-last inputs channels-last)."""
+def concat_axis(node: Node) -> int | None:
+    """The Concat's axis normalized to [0, rank), or None when the rank is unknown."""
+    rank = node.inputs[0].type.rank if node.inputs and node.inputs[0] is not None else None
+    if rank is None:
+        return None
+    axis = int(node.attr("axis", 1))
+    return axis % rank if -rank <= axis < rank else None
 
-    id = "cpu.concat"
-    devices = ("cpu",)
-    priority = 10
+
+class ConcatElide(Tactic):
+    """A marked Concat written in place by its producers (chosen by the autotuner, never timed)."""
+
+    id = "concat.elide"
+    devices = ("cpu", "cuda")
+    priority = 100
+    elides = True
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        if ctx.device.type != "cpu" or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
-            return False
-        rank = node.inputs[0].type.rank if node.inputs and node.inputs[0] is not None else None
-        axis = int(node.attr("axis", 1))
-        return (rank is not None and -rank <= axis < rank and len(node.outputs) == 1
-                and all(v is not None and v.kind == "tensor" for v in node.inputs))
+        return (node.op_type == "Concat" and node.domain in ("", "ai.onnx") and bool(node.attr("kiln_elide", 0))
+                and concat_axis(node) is not None)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
-        rank = int(node.inputs[0].type.rank)  # type: ignore[union-attr,arg-type]
-        axis = int(node.attr("axis", 1)) % rank
+        axis = concat_axis(node)
         cat = torch.cat
 
         def k_cat(*xs: Tensor) -> Tensor:
             return cat(xs, axis)
+        k_cat.elide_axis = axis  # type: ignore[attr-defined]
+        k_cat.channels_last = device.type == "cuda"  # type: ignore[attr-defined]  # the CUDA producers are NHWC
         return k_cat
 
 
-register_tactic(CpuSliceTactic())
-register_tactic(CpuConcatTactic())
+register_tactic(SliceView())
+register_tactic(ConcatElide())

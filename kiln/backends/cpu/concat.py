@@ -1,0 +1,37 @@
+"""Concat on the CPU as one torch.cat with the axis normalized once (keeps channels-last inputs channels-last)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.views import concat_axis
+from kiln.ir.graph import Node
+
+Tensor = torch.Tensor
+
+
+class CpuConcatTactic(Tactic):
+    """Concat as one torch.cat with the axis normalized once (keeps channels-last inputs channels-last)."""
+
+    id = "cpu.concat"
+    devices = ("cpu",)
+    priority = 10
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        if ctx.device.type != "cpu" or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            return False
+        return (concat_axis(node) is not None and len(node.outputs) == 1
+                and all(v is not None and v.kind == "tensor" for v in node.inputs))
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        axis = concat_axis(node)
+        cat = torch.cat
+
+        def k_cat(*xs: Tensor) -> Tensor:
+            return cat(xs, axis)
+        return k_cat
+
+
+register_tactic(CpuConcatTactic())

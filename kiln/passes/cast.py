@@ -1,0 +1,56 @@
+"""Cast folding: float Casts at the edges of reduced-precision convolutions and GEMMs become part of them.
+
+After ReducedPrecision a float16 network reads its float32 input through a Cast and hands its float32
+outputs back through Casts. A Cast between float types whose only readers are FusedConv/FusedGemm
+activation inputs is dropped (the layer reads the wider tensor and converts on load), and a Cast of a
+FusedConv/FusedGemm output that nothing else reads is dropped with the layer storing the cast type
+directly (attribute ``out_dtype``). Either way one kernel and one tensor disappear. Only tactics that
+convert on load/store accept such layers (``float_io(node, cast_ok=True)``), so the builder runs this
+pass for targets that have them (CUDA).
+"""
+from __future__ import annotations
+
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.rewrite import Uses, is_op, remove_node, take_output
+
+_FLOATS = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
+
+
+def _fused(n: Node | None) -> bool:
+    return n is not None and n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm")
+
+
+class FoldCasts(Pass):
+    """Folds float-to-float Casts into the FusedConv/FusedGemm layers on either side (see module doc)."""
+
+    name = "cast folding"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for c in list(g.nodes):
+            if not is_op(c, "Cast") or len(c.inputs) != 1 or c.inputs[0] is None:
+                continue
+            x, y = c.inputs[0], c.outputs[0]
+            if x.is_const or x.type.dtype not in _FLOATS or y.type.dtype not in _FLOATS:
+                continue
+            readers = uses.of(y)
+            p = x.producer
+            if (readers and not uses.is_output(y) and all(_fused(r) and r.inputs[0] is y and
+                                                         sum(v is y for v in r.inputs) == 1 for r in readers)):
+                for r in readers:
+                    r.inputs[0] = x
+                remove_node(g, c)
+                ctx.logger.verbose(f"Folding {c.name} into {', '.join(r.name for r in readers)} (convert on load)")
+            elif _fused(p) and p in g.nodes and uses.only(x) is c and len(p.outputs) == 1:  # type: ignore[operator]
+                take_output(p, x, y)  # type: ignore[arg-type]
+                p.attrs["out_dtype"] = y.type.dtype.onnx  # type: ignore[union-attr]
+                remove_node(g, c)
+                ctx.logger.verbose(f"Fusing {p.name} with {c.name} (convert on store)")  # type: ignore[union-attr]
+            else:
+                continue
+            changed = True
+            uses.refresh()
+        return changed
