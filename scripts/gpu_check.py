@@ -165,7 +165,7 @@ def main() -> int:
     cache = os.path.join(out_dir, "timing_cache.json")
     if os.path.exists(cache):
         os.unlink(cache)
-    models = [("resnet50", resnet50, (1, 32, 256)), ("yolov4_tiny", yolov4_tiny, (1, 32))]
+    models = [("yolov4_tiny", yolov4_tiny, (1, 32)), ("resnet50", resnet50, (1, 32, 256))]
     for name, mod, batches in models:
         runner = KilnRunner(name, mod, out_dir, cache)
         net = mod.build_torch(0).eval().half().cuda().to(memory_format=torch.channels_last)
@@ -206,7 +206,8 @@ def main() -> int:
                 row["pool_mb"] = ctx.graph_pool_bytes / 2**20
                 from collections import Counter
                 row["tactics"] = dict(Counter(s["tactic"] for s in plan.graph["steps"]))
-                log(f"{name} b{batch}: tactics {row['tactics']}")
+                row["layers"] = {k: plan.build.get(k) for k in ("layers", "views", "elided")}
+                log(f"{name} b{batch}: tactics {row['tactics']}, layers {row['layers']}")
                 buf = ctx.input_buffers().get("input")
                 if buf is not None:
                     buf.copy_(xt)
@@ -237,6 +238,8 @@ def main() -> int:
                 traceback.print_exc()
                 NOTES.append(f"{name} b{batch}: peer failed: {type(e).__name__}: {str(e)[:200]}")
             RESULTS.append(row)
+            with open(args.out, "w") as f:  # after every row: a run cut short still leaves its table
+                f.write(render(dev))
             torch.cuda.empty_cache()
         del net
     table = render(dev)
@@ -275,6 +278,9 @@ def render(dev: str) -> str:
             lines.append(f"- Kiln without CUDA graph {r['model']} b{r['batch']}: {r['kiln_nograph']:.3f} ms")
         if "tactics" in r:
             lines.append(f"- Kiln tactics {r['model']} b{r['batch']}: {r['tactics']}")
+        if "layers" in r:
+            lines.append(f"- Kiln layers {r['model']} b{r['batch']}: {r['layers']['layers']} launching kernels "
+                         f"(+{r['layers']['views']} zero-copy views, {r['layers']['elided']} concats elided)")
     lines += [f"- {n}" for n in NOTES]
     lines.append(f"- total wall time {time.perf_counter() - T_START:.0f} s")
     return "\n".join(lines) + "\n"

@@ -58,10 +58,10 @@ class Window:
     def torch_ceil_mode(self) -> bool | None:
         """ceil_mode for torch's own padded pooling when it yields this geometry exactly, else None.
 
-        torch pads symmetrically (at most half the window) and, in ceil mode, drops a last window
-        that would start in the end padding, as ONNX does.
+        torch pads symmetrically (at most half the undilated kernel) and, in ceil mode, drops a last
+        window that would start in the end padding, as ONNX does.
         """
-        if self.begin != self.end or any(b < 0 or 2 * b > e for b, e in zip(self.begin, self.extent)):
+        if self.begin != self.end or any(b < 0 or 2 * b > k for b, k in zip(self.begin, self.kernel)):
             return None
         for ceil in (False, True):
             geometry = zip(self.sizes, self.begin, self.end, self.extent, self.strides)

@@ -203,3 +203,51 @@ def test_split_k_results_do_not_move():
         first = kern(*args).clone()
         for _ in range(30):
             assert rel_error(kern(*args).cpu().numpy(), first.cpu().numpy()) < 2e-3, cfg
+
+
+def _csp_model(rng, batch="N"):
+    """One YOLOv4-tiny CSP block: conv a, channel half of a, convs b, c, concat(c, b) -> 1x1 d,
+    concat(a, d) -> maxpool, plus an upsampled branch concatenated with d (d lives in two concats)."""
+    def w(name, k, c, ks):
+        return numpy_helper.from_array((rng.standard_normal((k, c, ks, ks)) / (c * ks * ks) ** 0.5).astype(np.float32), name)
+    mk = helper.make_node
+    nodes = [mk("Conv", ["x", "wa"], ["a0"], pads=[1] * 4), mk("LeakyRelu", ["a0"], ["a"], alpha=0.1),
+             mk("Slice", ["a", "s0", "s1", "ax"], ["half"]),
+             mk("Conv", ["half", "wb"], ["b0"], pads=[1] * 4), mk("LeakyRelu", ["b0"], ["b"], alpha=0.1),
+             mk("Conv", ["b", "wc"], ["c0"], pads=[1] * 4), mk("LeakyRelu", ["c0"], ["c"], alpha=0.1),
+             mk("Concat", ["c", "b"], ["cb"], axis=1), mk("Conv", ["cb", "wd"], ["d0"]),
+             mk("LeakyRelu", ["d0"], ["d"], alpha=0.1),
+             mk("Concat", ["a", "d"], ["ad"], axis=1), mk("MaxPool", ["ad"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             mk("Conv", ["p", "we"], ["e"]), mk("Resize", ["e", "", "sc"], ["up"], mode="nearest"),
+             mk("Concat", ["up", "d"], ["ud"], axis=1), mk("Conv", ["ud", "wf"], ["y"], pads=[1] * 4)]
+    inits = [w("wa", 32, 8, 3), w("wb", 16, 16, 3), w("wc", 16, 16, 3), w("wd", 32, 32, 1), w("we", 16, 64, 1),
+             w("wf", 16, 48, 3),
+             numpy_helper.from_array(np.array([16], np.int64), "s0"), numpy_helper.from_array(np.array([32], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    g = helper.make_graph(nodes, "csp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, 16, 16]),
+                           helper.make_tensor_value_info("p", TensorProto.FLOAT, [batch, 64, 8, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_concat_elision_and_views_on_cuda(fp16):
+    """Every Concat elided (d written into two), the Slice a view, Triton pool/resize: one layer per
+    conv + pool + resize; outputs match onnxruntime with and without CUDA graphs, for two batch sizes."""
+    rng = np.random.default_rng(11)
+    model = _csp_model(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 8, 16, 16), (2, 8, 16, 16), (4, 8, 16, 16))
+    plan = Builder().build(model, BuilderConfig(device="cuda", fp16=fp16, profiles=[prof], optimization_level=2))
+    assert plan.build["elided"] == 3 and plan.build["views"] == 1
+    # 6 convs, the pool, the resize; in fp16 the Cast of output p (a pool's) stays, the others fold into convs
+    assert plan.build["layers"] == 8 + int(fp16)
+    eng = Engine(plan)
+    for graph in (True, False):
+        ctx = eng.create_execution_context(cuda_graph=graph)
+        for n in (1, 3):
+            x = rng.standard_normal((n, 8, 16, 16)).astype(np.float32)
+            got = ctx.execute({"x": x})
+            want = run_oracle(model, {"x": x})
+            for name, w in zip(("y", "p"), want):
+                assert rel_error(got[name], w) <= (1e-2 if fp16 else 3e-3), (graph, n, name)  # fp32: TF32

@@ -201,3 +201,17 @@ def test_unsupported_cases_are_refused() -> None:
     runtime_scales = Node("Resize", [_x("x", f32, (1, 6, 4, 4)), None, _x("s", f32, (4,))],
                           [_x("y", f32, None)], {"mode": "nearest"}, opset=13)
     assert not res.supports(runtime_scales, CTX)
+
+
+def test_reference_dilated_maxpool_with_wide_pads() -> None:
+    """kernel 3, dilation 2, pads 2: torch's own padding refuses pads above half the undilated kernel,
+    so the reference must pad explicitly; checked against a float64 window max."""
+    node = Node("MaxPool", [Value("x", TensorType(DType.FLOAT32, (1, 3, 9, 9)))],
+                [Value("y", TensorType(DType.FLOAT32, None))],
+                {"kernel_shape": [3, 3], "dilations": [2, 2], "pads": [2, 2, 2, 2]}, name="pool", opset=12)
+    x = torch.randn(1, 3, 9, 9)
+    got = lookup("MaxPool", "").compute(node, x)
+    xp = torch.nn.functional.pad(x.double(), [2, 2, 2, 2], value=float("-inf"))
+    want = torch.stack([xp[:, :, i:i + 9, j:j + 9] for i in (0, 2, 4) for j in (0, 2, 4)]).amax(0)
+    assert got.shape == (1, 3, 9, 9)
+    torch.testing.assert_close(got.double(), want)
