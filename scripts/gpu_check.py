@@ -59,9 +59,9 @@ def bench(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> float:
 
 
 def run_tests(timeout: int) -> None:
-    log("GPU-only tests: tests/backends/test_cuda_backend.py")
+    log("GPU tests: tests/backends/test_cuda_{backend,triton,pool}.py")
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider",
-           "tests/backends/test_cuda_backend.py"]
+           "tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_triton.py", "tests/backends/test_cuda_pool.py"]
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         out = (r.stdout + r.stderr).strip().splitlines()
@@ -134,6 +134,7 @@ def main() -> int:
     ap.add_argument("--test-timeout", type=int, default=240)
     ap.add_argument("--compile-batches", default="resnet50:1,32,256;yolov4_tiny:1,32",
                     help="which (model:batches) get a torch.compile peer (time-box); 'none' for none")
+    ap.add_argument("--models", default="yolov4_tiny,resnet50", help="comma-separated subset to build and time")
     ap.add_argument("--budget", type=float, default=540, help="seconds; torch.compile peers are skipped past 70%%")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -165,7 +166,8 @@ def main() -> int:
     cache = os.path.join(out_dir, "timing_cache.json")
     if os.path.exists(cache):
         os.unlink(cache)
-    models = [("yolov4_tiny", yolov4_tiny, (1, 32)), ("resnet50", resnet50, (1, 32, 256))]
+    models = [m for m in [("yolov4_tiny", yolov4_tiny, (1, 32)), ("resnet50", resnet50, (1, 32, 256))]
+              if m[0] in args.models.split(",")]
     for name, mod, batches in models:
         runner = KilnRunner(name, mod, out_dir, cache)
         net = mod.build_torch(0).eval().half().cuda().to(memory_format=torch.channels_last)

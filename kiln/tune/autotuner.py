@@ -320,21 +320,42 @@ class Autotuner:
                 continue
             if i in host or v.kind != "tensor":
                 return None
-            t = types.get(v.name, v.type)
-            if not t.is_static or t.dtype is None:
+            view = self._view_of(v, types)
+            x = view if view is not None else self._random(types.get(v.name, v.type))
+            if x is None:
                 return None
-            shape = tuple(int(d) for d in t.shape)  # type: ignore[union-attr, arg-type]
-            dt = t.dtype.torch
-            if dt.is_floating_point:
-                x = torch.randn(shape, device=self.device, dtype=torch.float32).to(dt)
-            elif dt == torch.bool:
-                x = torch.rand(shape, device=self.device) > 0.5
-            else:
-                x = torch.zeros(shape, device=self.device, dtype=dt)
-            if x.dim() == 4:  # both backends run 4-D activations channels-last
-                x = x.contiguous(memory_format=torch.channels_last)
             out.append(x)
         return out
+
+    def _random(self, t: TensorType) -> torch.Tensor | None:
+        """A random activation of a static type (4-D: channels-last, as both backends run them)."""
+        if not t.is_static or t.dtype is None:
+            return None
+        shape = tuple(int(d) for d in t.shape)  # type: ignore[union-attr, arg-type]
+        dt = t.dtype.torch
+        if dt.is_floating_point:
+            x = torch.randn(shape, device=self.device, dtype=torch.float32).to(dt)
+        elif dt == torch.bool:
+            x = torch.rand(shape, device=self.device) > 0.5
+        else:
+            x = torch.zeros(shape, device=self.device, dtype=dt)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def _view_of(self, v: Value, types: dict[str, TensorType]) -> torch.Tensor | None:
+        """A value that a zero-copy view tactic produces is timed as that view (same strides as at run time)."""
+        p = v.producer
+        if p is None or len(p.outputs) != 1 or not p.inputs or p.inputs[0] is None or p.inputs[0].is_const:
+            return None
+        views = [t for t in candidate_tactics(p, self.tctx) if t.is_view]
+        base = self._random(types.get(p.inputs[0].name, p.inputs[0].type)) if views else None
+        if base is None:
+            return None
+        try:
+            x = views[0].build(p, {}, self.device)(base, *[None if c is None else c.const for c in p.inputs[1:]])
+        except Exception:
+            return None
+        want = types.get(v.name, v.type)
+        return x if want.is_static and tuple(x.shape) == tuple(want.shape) else None  # type: ignore[arg-type]
 
     def _reference(self, n: Node, args: list[Any]) -> Any:
         ref = get_tactic("ref")
