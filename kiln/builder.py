@@ -213,10 +213,19 @@ def _fmt(s: Any) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in s) + "]"
 
 
+def _graphs(g: Graph) -> list[Graph]:
+    """g and all its subgraphs, recursively."""
+    out = [g]
+    for n in g.nodes:
+        for sg in n.subgraphs():
+            out.extend(_graphs(sg))
+    return out
+
+
 def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger: Logger) -> dict[str, TensorType]:
     """Concrete types of every value with dynamic inputs pinned at a profile point (opt by default)."""
     idx = {"min": 0, "opt": 1, "max": 2}[which]
-    saved = [v.type for v in g.inputs]
+    saved_all = [(v, v.type) for sub in _graphs(g) for v in sub.values()]
     try:
         if profiles:
             for v in g.inputs:
@@ -224,7 +233,6 @@ def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger:
                     v.type = TensorType(v.type.dtype, profiles[0].shapes[v.name][idx])
         infer_types(g, logger)
         return {v.name: v.type for v in g.values() if not v.is_const}
-    finally:
-        for v, t in zip(g.inputs, saved):
+    finally:  # every type back as it was: re-inference would keep the opt point's dims where it sees symbols
+        for v, t in saved_all:
             v.type = t
-        infer_types(g, logger)

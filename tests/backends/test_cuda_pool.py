@@ -159,7 +159,7 @@ def test_resize_sizes_input_and_half_pixel() -> None:
 
 
 @pytest.mark.parametrize("ctm", ["asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners",
-                                 "half_pixel_symmetric", "tf_half_pixel_for_nn"])
+                                 "tf_half_pixel_for_nn"])
 @pytest.mark.parametrize("nearest_mode", ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])
 def test_resize_non_integer_scales(ctm, nearest_mode) -> None:
     x = _rand(1, 6, 7, 6, dtype=torch.float16, seed=8).contiguous(memory_format=CL)
@@ -196,6 +196,7 @@ def test_unsupported_cases_are_refused() -> None:
     assert not res.supports(resize(f32, sizes=[1, 6, 8, 8]), CTX)  # batch not known to be 1
     assert not res.supports(resize(f32, [1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), CTX)
     assert not res.supports(resize(f32, [1, 1, 2, 2], antialias=1), CTX)
+    assert not res.supports(resize(f32, [1, 1, 1.5, 0.5], coordinate_transformation_mode="half_pixel_symmetric"), CTX)
     assert not res.supports(resize(f32, sizes=[1, 6, 8, 8], shape=(1, 6, 4, 4),
                                    keep_aspect_ratio_policy="not_larger"), CTX)
     runtime_scales = Node("Resize", [_x("x", f32, (1, 6, 4, 4)), None, _x("s", f32, (4,))],
