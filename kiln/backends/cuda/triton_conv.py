@@ -2,9 +2,12 @@
 
 GEMM view: M = N*OH*OW output pixels, N = output channels, K = KH*KW*C. The weight is prepacked once
 as [KH*KW*C, K_out] (tap-major, then input channel). The reduction loop walks (tap, channel block)
-pairs in one flat loop so that Triton software-pipelines it. The epilogue adds the bias, the
-residual Z (read in place, any NHWC-compatible strides) and the activation in float32, and stores in
-the output's type (the cast is fused). Channel-sliced inputs (views) are read without a copy.
+pairs in one flat loop so that Triton software-pipelines it; with few input channels (a network's
+stem) config FLAT walks the flattened (tap, channel) index instead, so that one block spans several
+taps. The epilogue adds the bias, the residual Z (read in place, any NHWC-compatible strides) and the
+activation in float32, and stores in the output's type (the cast is fused), into a new channels-last
+tensor or into one or two given destinations (slices of elided Concats). The input may be a
+channel-sliced view and of another float type than the weight (converted on load).
 """
 from __future__ import annotations
 
@@ -31,19 +34,19 @@ _I32 = 2**31 - 1
 _RUNTIME = ["alpha", "beta", "has_bias", "has_z", "act", "act_before_add", "has_y2"]
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "CB",
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "CB", "ITS",
                                *_RUNTIME])
 def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
     M, C, H, W, K, OH, OW,
     sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
-    KH, KW, SH, SW, PH, PW, DH, DW, CB,
+    KH, KW, SH, SW, PH, PW, DH, DW, CB, ITS,
     alpha, beta,
     has_bias, has_z, act, act_before_add, has_y2,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FLAT: tl.constexpr,
 ):
-    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, KH * KW * CB, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
+    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, ITS, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,20 +64,34 @@ def _conv2d_nhwc_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(it_lo, it_hi):
-        tap = it // CB
-        c0 = (it - tap * CB) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * DH
-        iw = iw0 + kw * DW
-        a_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        cs = c0 + offs_k
-        c_mask = cs < C
-        a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + cs[None, :],
-                    mask=a_mask[:, None] & c_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
-        b = tl.load(w_ptr + (tap * C + cs)[:, None] * K + offs_n[None, :],
-                    mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if FLAT:  # few input channels: one reduction step spans several taps (k = tap * C + c)
+            ks = it * BLOCK_K + offs_k
+            k_ok = ks < KH * KW * C
+            tap_k = ks // C
+            c_k = ks - tap_k * C
+            kh_k = tap_k // KW
+            ih2 = ih0[:, None] + (kh_k * DH)[None, :]
+            iw2 = iw0[:, None] + ((tap_k - kh_k * KW) * DW)[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + ih2 * sxh + iw2 * sxw + c_k[None, :],
+                        mask=m_mask[:, None] & k_ok[None, :] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W),
+                        other=0.0).to(w_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + ks[:, None] * K + offs_n[None, :], mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        else:
+            tap = it // CB
+            c0 = (it - tap * CB) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * DH
+            iw = iw0 + kw * DW
+            a_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            cs = c0 + offs_k
+            c_mask = cs < C
+            a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + cs[None, :],
+                        mask=a_mask[:, None] & c_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + (tap * C + cs)[:, None] * K + offs_n[None, :],
+                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
 
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -102,6 +119,8 @@ TILES: list[tuple[int, int, int, int, int]] = [
     (128, 256, 64, 8, 3),
     (64, 64, 32, 4, 5),
     (32, 32, 32, 2, 4),
+    (64, 32, 64, 4, 4),  # narrow layers (<= 32 output channels) get more than one tile to try
+    (128, 32, 32, 4, 3),
 ]
 
 
@@ -194,17 +213,20 @@ def conv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, ge
     split = int(cfg.get("SPLIT_K", 1))
     ws, cnt = split_k_workspace(m, k, tiles, split, y)
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
+    flat = bool(cfg.get("FLAT", False))
+    taps = geo.kernel[0] * geo.kernel[1]
+    its = triton.cdiv(taps * c, bk) if flat else taps * triton.cdiv(c, bk)
     launch(_conv2d_nhwc_kernel, (tiles * split,), [
         x, wp, bias if bias is not None else y, z if z is not None else y, y, y2, ws, cnt,
         m, c, h, w, k, oh, ow,
         x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], y.stride(0), y.stride(2), y.stride(3),
         y2.stride(0), y2.stride(2), y2.stride(3),
         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1],
-        geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk),
+        geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk), its,
         ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add),
         int(y2 is not y)],
         dict(PREC=tf32_precision(allow_tf32) if wp.dtype == torch.float32 else "tf32",
-             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split,
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, FLAT=flat,
              num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
     return y
 
@@ -230,6 +252,10 @@ class TritonConv(Tactic):
             m = int(s[0]) * int(s[2]) * int(s[3])  # type: ignore[arg-type]
         kh, kw = int(w.shape[2]), int(w.shape[3])
         cfgs = tile_configs(m, k_out, c, int(ctx.extra.get("opt_level", 3)), c * kh * kw)
+        if c < 16 and kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
+            bn = 32 if k_out <= 32 else 64
+            cfgs = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8, "FLAT": True, "num_warps": 4,
+                     "num_stages": 3} for bm in (128, 64)] + cfgs
         if node.inputs[0].type.dtype == DType.FLOAT32:  # type: ignore[union-attr]
             cfgs = [{**cfg, "tf32": ctx.tf32} for cfg in cfgs]
         return cfgs
