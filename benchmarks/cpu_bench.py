@@ -96,8 +96,8 @@ def kiln_runner(case: Case, opt_level: int, feeds_t: dict[str, torch.Tensor]) ->
     engine = Engine(plan)
     ctx = engine.create_execution_context()
     tactics = [s.get("tactic", "ref") for s in plan.graph["steps"]]
-    note = (f"build {time.perf_counter() - t0:.1f} s, {len(tactics)} layers, "
-            f"{sum(t == 'ref' for t in tactics)} on the reference tactic")
+    note = (f"build {time.perf_counter() - t0:.1f} s, {plan.build['layers']} layers "
+            f"(+{plan.build['views']} zero-copy views), {sum(t == 'ref' for t in tactics)} on the reference tactic")
 
     def run() -> Any:
         with torch.inference_mode():

@@ -302,6 +302,19 @@ def test_pool(op: str, k: int, s: int, pads: list[int], ceil: int, include_pad: 
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kernel, strides, pads", [
+    ([3, 3], [2, 2], [1, 1, 1, 1]), ([5, 5], [2, 2], [2, 2, 2, 2]), ([3, 3], [1, 1], [1, 1, 1, 1]),
+    ([3, 2], [3, 1], [0, 0, 0, 0]), ([4, 4], [3, 3], [1, 1, 1, 1]), ([1, 3], [1, 2], [0, 1, 0, 1])])
+@pytest.mark.parametrize("algo", ["separable", "aten"])
+def test_maxpool_algorithms(kernel: list[int], strides: list[int], pads: list[int], algo: str) -> None:
+    x = torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last)
+    node = make_node("MaxPool", [(x, False)], None, {"kernel_shape": kernel, "strides": strides, "pads": pads},
+                     opset=19)
+    assert {"algo": algo} in get_tactic("cpu.pool").configs(node, CPU)
+    got, want = run_both(node, "cpu.pool", [x], {"algo": algo})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_maxpool_dilated_and_declines_asymmetric() -> None:
     x = torch.randn(1, 4, 11, 11)
     node = make_node("MaxPool", [(x, False)], None, {"kernel_shape": [3, 3], "dilations": [2, 2]}, opset=19)

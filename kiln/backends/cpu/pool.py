@@ -69,6 +69,12 @@ class CpuPoolTactic(CpuTactic):
             return False
         return op == "MaxPool" or win.dilations == [1, 1]
 
+    def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
+        win = _window(node) if node.op_type == "MaxPool" else None
+        if win is not None and _separable_ok(win):
+            return [{"algo": "separable"}, {"algo": "aten"}]
+        return [{}]
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         op = node.op_type
         if op == "GlobalAveragePool":
@@ -88,6 +94,8 @@ class CpuPoolTactic(CpuTactic):
         if op == "MaxPool":
             if kernel_size == [2, 2] and stride == [2, 2] and pad == [0, 0] and dil == [1, 1] and not ceil:
                 return _max_pool_2x2
+            if config.get("algo") == "separable" and _separable_ok(win):
+                return _separable_max_pool(win)
             mp = getattr(torch.ops.aten.max_pool2d.default, "_op", torch.ops.aten.max_pool2d.default)
 
             def k_max(x: Tensor) -> Tensor:
@@ -106,6 +114,60 @@ def _max_pool_2x2(x: Tensor) -> Tensor:
     oh, ow = x.shape[2] // 2, x.shape[3] // 2
     rows = torch.maximum(x[:, :, 0:2 * oh:2], x[:, :, 1:2 * oh:2])
     return torch.maximum(rows[:, :, :, 0:2 * ow:2], rows[:, :, :, 1:2 * ow:2])
+
+
+def _axis_taps(n: int, k: int, s: int, p: int) -> tuple[int, list[tuple[int, int, slice]]]:
+    """Output length of one pooled axis and, per window tap, (first, last + 1) output index it reaches
+    inside the input and the strided input slice feeding those outputs."""
+    out = (n + 2 * p - k) // s + 1
+    taps = []
+    for t in range(k):
+        off = t - p
+        j0 = max(0, (-off + s - 1) // s)
+        j1 = min(out, (n - 1 - off) // s + 1)
+        if j1 > j0:
+            start = j0 * s + off
+            taps.append((j0, j1, slice(start, start + (j1 - j0 - 1) * s + 1, s)))
+    return out, taps
+
+
+def _separable_ok(win: Window) -> bool:
+    """Floor-mode, undilated windows whose every axis has a tap covering all outputs (center tap)."""
+    if win.dilations != [1, 1] or win.begin != win.end or win.torch_ceil_mode():
+        return False
+    for n, k, s, p in zip(win.sizes, win.kernel, win.strides, win.begin):
+        out, taps = _axis_taps(n, k, s, p)
+        if not any(j0 == 0 and j1 == out for j0, j1, _ in taps):
+            return False
+    return True
+
+
+def _separable_max_pool(win: Window) -> Kernel:
+    """Max pooling as a max over W taps, then over H taps: elementwise maxima of strided views, written
+    in place (2k - 1 passes over small tensors instead of aten's per-window loop, which also stays
+    channels-last)."""
+    plan = []
+    for dim, (n, k, s, p) in zip((3, 2), zip(win.sizes[::-1], win.kernel[::-1], win.strides[::-1], win.begin[::-1])):
+        out, taps = _axis_taps(n, k, s, p)
+        full = [t for t in taps if t[0] == 0 and t[1] == out]
+        rest = [t for t in taps if t is not full[0] and (len(full) < 2 or t is not full[1])]
+        plan.append((dim, full[:2], rest))
+
+    def k_sep(x: Tensor) -> Tensor:
+        for dim, full, rest in plan:
+            key = [slice(None)] * 4
+
+            def view(t: Tensor, sl: slice) -> Tensor:
+                key[dim] = sl
+                return t[tuple(key)]
+            a = view(x, full[0][2])
+            r = torch.maximum(a, view(x, full[1][2])) if len(full) > 1 else a.clone()
+            for j0, j1, sl in rest:
+                dst = view(r, slice(j0, j1))
+                torch.max(dst, view(x, sl), out=dst)
+            x = r
+        return x
+    return k_sep
 
 
 def _global_avg(keep: bool) -> Kernel:
