@@ -4,9 +4,10 @@ After ReducedPrecision a float16 network reads its float32 input through a Cast 
 outputs back through Casts. A Cast between float types whose only readers are FusedConv/FusedGemm
 activation inputs is dropped (the layer reads the wider tensor and converts on load), and a Cast of a
 FusedConv/FusedGemm output that nothing else reads is dropped with the layer storing the cast type
-directly (attribute ``out_dtype``). Either way one kernel and one tensor disappear. Only tactics that
-convert on load/store accept such layers (``float_io(node, cast_ok=True)``), so the builder runs this
-pass for targets that have them (CUDA).
+directly (attribute ``out_dtype``). The Triton tactics convert on load and store, so one kernel and
+one tensor disappear; the cuDNN/cuBLAS tactics take one element type and convert with separate kernels
+(``converting`` in kiln.backends.cuda.common), and the autotuner weighs both. The builder runs this
+pass for the CUDA target; the CPU tactics take float32 only.
 """
 from __future__ import annotations
 

@@ -312,7 +312,7 @@ def test_conv_with_folded_casts(tactic_id: str, ks: int) -> None:
     node, x = _conv_node(16, ks, torch.float16, x_dtype=torch.float32, out_dtype=torch.float32)
     t = get_tactic(tactic_id)
     assert t.supports(node, _ctx())
-    assert not get_tactic("cuda.cudnn_conv").supports(node, _ctx())  # cuDNN takes one element type
+    assert get_tactic("cuda.cudnn_conv").supports(node, _ctx())  # with separate conversions around cuDNN
     want = lookup("FusedConv", "kiln").compute(node, x, node.inputs[1].const.to(DEV), node.inputs[2].const.to(DEV))
     assert want.dtype == torch.float32
     got = t.build(node, t.configs(node, _ctx())[0], DEV)(x)

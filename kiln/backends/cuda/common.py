@@ -80,6 +80,21 @@ def nhwc_outs(out: Out) -> bool:
     return all(o.stride(1) == 1 or o.shape[1] == 1 for o in out_list(out))
 
 
+def converting(kernel: Any, node: Node) -> Any:
+    """`kernel` wrapped to take X of another float type than the weight and to return the node's output
+    type (folded Casts, kiln.passes.cast) with separate conversions: for library calls (cuDNN, cuBLAS)
+    that take one element type; the Triton kernels convert on load and store instead."""
+    w = input_dtype(node, 1)
+    x_t, out_t = input_dtype(node, 0), node.outputs[0].type.dtype
+    if w is None or (x_t == w and out_t == w):
+        return kernel
+    wt, ot = w.torch, out_t.torch  # type: ignore[union-attr]
+
+    def k_convert(x: Tensor, *rest: Any) -> Tensor:
+        return kernel(x.to(wt), *rest).to(ot)
+    return k_convert
+
+
 def write_out(y: Tensor, out: Out) -> Tensor:
     """y, or y copied into the caller's destinations (for kernel paths that cannot write there directly)."""
     outs = out_list(out)

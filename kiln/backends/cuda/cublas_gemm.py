@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cuda.common import apply_epilogue_, const_on, epilogue_of, float_io, prepacked
+from kiln.backends.cuda.common import apply_epilogue_, const_on, converting, epilogue_of, float_io, prepacked
 from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 
@@ -40,7 +40,7 @@ class CublasGemm(Tactic):
     priority = 50
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        return gemm_static_ok(node) and float_io(node)
+        return gemm_static_ok(node) and float_io(node, cast_ok=True)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         ep = epilogue_of(node)
@@ -63,7 +63,7 @@ class CublasGemm(Tactic):
             if not relu_only:
                 y = apply_epilogue_(y, z, ep)
             return y
-        return prepacked(kernel, (1, 2))
+        return prepacked(converting(kernel, node), (1, 2))
 
 
 register_tactic(CublasGemm())

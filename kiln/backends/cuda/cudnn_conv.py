@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.backends.cuda.common import (Epilogue, ConvGeometry, apply_epilogue_, channels_last, const_on,
+from kiln.backends.cuda.common import (Epilogue, ConvGeometry, apply_epilogue_, channels_last, const_on, converting,
                                        conv_geometry, conv_static_ok, epilogue_of, float_io, prepacked)
 from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
@@ -35,7 +35,7 @@ class CudnnConv(Tactic):
     priority = 50
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        return conv_static_ok(node) and float_io(node)
+        return conv_static_ok(node) and float_io(node, cast_ok=True)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{"layout": "nhwc"}, {"layout": "nchw"}]
@@ -57,7 +57,7 @@ class CudnnConv(Tactic):
             y = F.conv2d(x, w, b, stride, padding, dil, groups)
             y = apply_epilogue_(y, z, ep)
             return y if nhwc else y.contiguous(memory_format=torch.channels_last)
-        return prepacked(kernel, (1, 2))
+        return prepacked(converting(kernel, node), (1, 2))
 
 
 class CudnnFusedConv(Tactic):
@@ -71,7 +71,7 @@ class CudnnFusedConv(Tactic):
     priority = 60
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        if node.op_type != "FusedConv" or not conv_static_ok(node) or not float_io(node):
+        if node.op_type != "FusedConv" or not conv_static_ok(node) or not float_io(node, cast_ok=True):
             return False
         ep = epilogue_of(node)
         if ep.activation != "Relu":
@@ -99,7 +99,7 @@ class CudnnFusedConv(Tactic):
                 y = torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=mf), 1.0, b,
                                                      stride, padding, dil, groups)
             return y if nhwc else y.contiguous(memory_format=torch.channels_last)
-        return prepacked(kernel, (1, 2))
+        return prepacked(converting(kernel, node), (1, 2))
 
 
 class Conv1x1Gemm(Tactic):
@@ -113,7 +113,7 @@ class Conv1x1Gemm(Tactic):
     priority = 40
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
-        if not conv_static_ok(node) or not float_io(node):
+        if not conv_static_ok(node) or not float_io(node, cast_ok=True):
             return False
         geo = conv_geometry(node)
         return (geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.pads == (0, 0, 0, 0)
@@ -141,7 +141,7 @@ class Conv1x1Gemm(Tactic):
             if not relu_only:
                 y = apply_epilogue_(y, z, ep)
             return y
-        return prepacked(kernel, (1, 2))
+        return prepacked(converting(kernel, node), (1, 2))
 
 
 register_tactic(CudnnConv())
