@@ -206,6 +206,8 @@ def main() -> int:
                 row["arena_mb"] = plan.memory.get("arena_bytes", 0) / 2**20
                 row["naive_mb"] = plan.memory.get("naive_bytes", 0) / 2**20
                 row["pool_mb"] = ctx.graph_pool_bytes / 2**20
+                arena = eng.function.arena
+                row["run_arena_mb"] = (arena.arena_bytes if arena is not None else 0) / 2**20
                 from collections import Counter
                 row["tactics"] = dict(Counter(s["tactic"] for s in plan.graph["steps"]))
                 row["layers"] = {k: plan.build.get(k) for k in ("layers", "views", "elided")}
@@ -260,14 +262,15 @@ def render(dev: str) -> str:
              "Latency: median of 50 runs, CUDA events, idle GPU before each run. FP16. Kiln/peer < 1 = Kiln faster.", "",
              "| model | batch | Kiln ms | eager ms | eager+graph ms | compile ms | Kiln img/s | compile img/s "
              "| Kiln/eager | Kiln/graph | Kiln/compile | rel err | build s (warm) | load s | first run s "
-             "| arena / naive / graph-pool peak MB |",
+             "| planned arena / naive / run-time arena / graph-pool peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in RESULTS:
         k = r.get("kiln")
         ratio = (lambda p: _f(k / r[p], "{:.2f}") if k and r.get(p) else "-")
         thr = (lambda v: _f(r["batch"] / v * 1e3, "{:.0f}") if v else "-")
         build = _f(r.get("build_s"), "{:.1f}") + (f" ({r['warm_build_s']:.1f})" if "warm_build_s" in r else "")
-        mem = f"{_f(r.get('arena_mb'), '{:.1f}')} / {_f(r.get('naive_mb'), '{:.1f}')} / {_f(r.get('pool_mb'), '{:.1f}')}"
+        mem = (f"{_f(r.get('arena_mb'), '{:.1f}')} / {_f(r.get('naive_mb'), '{:.1f}')} / "
+               f"{_f(r.get('run_arena_mb'), '{:.1f}')} / {_f(r.get('pool_mb'), '{:.1f}')}")
         lines.append(f"| {r['model']} | {r['batch']} | {_f(k)} | {_f(r.get('eager'))} | {_f(r.get('eager+graph'))} "
                      f"| {_f(r.get('torch.compile'))} | {thr(k)} | {thr(r.get('torch.compile'))} | {ratio('eager')} "
                      f"| {ratio('eager+graph')} | {ratio('torch.compile')} | {_f(r.get('rel_err'), '{:.1e}')} | {build} "

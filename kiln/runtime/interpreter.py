@@ -8,6 +8,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.runtime.arena import ActivationArena
 
 KernelFactory = Callable[[Node], Callable[..., Any]]
 StepHook = Callable[[Node, float], None]
@@ -28,7 +29,7 @@ class _Alloc:
 
 
 class _Step:
-    __slots__ = ("node", "kernel", "ins", "outs", "frees", "single", "out", "allocs")
+    __slots__ = ("node", "kernel", "ins", "outs", "frees", "single", "out", "allocs", "place")
 
     def __init__(self, node: Node, kernel: Callable[..., Any], ins: list[int], outs: list[int],
                  frees: list[int]) -> None:
@@ -36,6 +37,7 @@ class _Step:
         self.single = len(outs) == 1
         self.out: list[tuple[int, int, int, int]] = []  # (buffer slot, axis, start, length) to write into
         self.allocs: list[_Alloc] = []
+        self.place = -1  # the output's slot when the arena holds it (passed to the kernel as out=)
 
 
 def _host_inputs(node: Node) -> set[int]:
@@ -115,8 +117,18 @@ class GraphFunction:
             st.out, st.allocs = writes.get(i, []), allocs.get(i, [])
             self.steps.append(st)
         self.elided = len(elided)
+        self.arena: ActivationArena | None = None
+        if any(getattr(k, "writes_out", 0) for k in kernels):
+            symbols = {d for v in graph.inputs for d in (v.type.shape or ()) if isinstance(d, str)}
+            out_types = {slot[(id(v), False)]: v.type for n in nodes for v in n.outputs}
+            arena = ActivationArena(self.steps, out_types, self.output_slots, symbols)
+            if arena.placed:
+                self.arena = arena
+                for st in self.steps:
+                    if not st.out and len(st.outs) == 1 and st.outs[0] in arena.placed:
+                        st.place = st.outs[0]
         self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
-                         for v in graph.inputs] if allocs else None
+                         for v in graph.inputs] if allocs or self.arena else None
         # constants go to the device once, and only where some kernel reads them as given;
         # host values (shapes, axes, scales) stay on the CPU so reading them never syncs the device
         template: list[Any] = [None] * n_slots
@@ -200,13 +212,16 @@ class GraphFunction:
             for syms, x in zip(self._symbols, inputs):
                 for k, d in syms:
                     dims[d] = int(x.shape[k])
+        placed = self.arena.views(dims, self.device) if self.arena is not None else {}
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:
                 for a in st.allocs:
-                    env[a.slot] = a.make(dims, self.device)
+                    env[a.slot] = placed[a.slot] if a.slot in placed else a.make(dims, self.device)
                 t0 = time.perf_counter() if hook is not None else 0.0
-                if not st.out:
+                if st.place >= 0:
+                    r = st.kernel(*args, out=placed[st.place])
+                elif not st.out:
                     r = st.kernel(*args)
                 else:
                     outs = tuple(env[buf].narrow(axis, start, length) for buf, axis, start, length in st.out)

@@ -1,0 +1,98 @@
+"""One activation arena per input shape: the outputs of destination-passing kernels at planned offsets.
+
+Kernels whose tactic writes into a given ``out=`` (``Tactic.writes_out``) get their output as a view
+of one arena tensor, placed by the liveness planner of kiln.plan.memory; so do elided Concat buffers
+(which their producers write into). Everything else allocates as before (the caching allocator, or
+the CUDA graph's pool during capture).
+
+Lifetimes are alias-aware and conservative: a step whose kernel does not write into a given output
+may return a view of an input (a reshape, a slice), so its outputs count as living in every buffer
+its inputs live in; an arena buffer stays alive until the last step reading any of its aliases, and
+to the end of the run when a graph output aliases it. The placement is computed once per input shape
+(symbols bound from the graph inputs) and cached.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from kiln.ir.types import TensorType
+from kiln.plan.memory import ALIGN, Buffer, plan_memory
+
+Shape = tuple[int | str, ...]
+
+
+class ActivationArena:
+    """Placement of arena buffers for one step list (see module doc)."""
+
+    def __init__(self, steps: Sequence[Any], out_types: dict[int, TensorType], output_slots: Sequence[int],
+                 symbols: set[str]) -> None:
+        self.specs: dict[int, tuple[Shape, torch.dtype, bool, int]] = {}  # slot -> (shape, dtype, cl, first)
+        roots: dict[int, set[int]] = {}
+        last: dict[int, int] = {}
+        outputs = set(output_slots)
+        for i, st in enumerate(steps):
+            for a in st.allocs:  # elided Concat buffers: written from their first producer on
+                self.specs[a.slot] = (a.shape, a.dtype, a.channels_last, i)
+                roots[a.slot] = {a.slot}
+            for s in st.ins:
+                for r in roots.get(s, ()):
+                    last[r] = i
+            writes = int(getattr(st.kernel, "writes_out", 0))
+            for s in st.outs:
+                if st.out:  # writes into elided Concat buffers
+                    roots[s] = {buf for buf, *_ in st.out}
+                elif writes and len(st.outs) == 1 and s not in outputs and _resolvable(out_types.get(s), symbols):
+                    t = out_types[s]
+                    self.specs[s] = (tuple(t.shape), t.dtype.torch, t.rank == 4, i)  # type: ignore[arg-type,union-attr]
+                    roots[s] = {s}
+                elif not writes:  # may be a view of an input
+                    roots[s] = set().union(*(roots.get(x, set()) for x in st.ins if x >= 0))
+                last.update({r: i for r in roots.get(s, ())})
+        end = len(steps)
+        for s in outputs:
+            last.update({r: end for r in roots.get(s, ())})
+        self.last = {r: last.get(r, self.specs[r][3]) for r in self.specs}
+        self.placed = frozenset(self.specs)
+        self._cache: dict[tuple[tuple[str, int], ...], tuple[int, dict[int, tuple[int, tuple[int, ...]]]]] = {}
+        self.arena_bytes = 0
+
+    def views(self, dims: dict[str, int], device: torch.device) -> dict[int, torch.Tensor]:
+        """Fresh arena for these bound dims; slot -> its tensor view (channels-last for 4-D)."""
+        key = tuple(sorted(dims.items()))
+        layout = self._cache.get(key)
+        if layout is None:
+            layout = self._cache[key] = self._layout(dims)
+        total, places = layout
+        self.arena_bytes = total
+        arena = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        out: dict[int, torch.Tensor] = {}
+        for s, (off, shape) in places.items():
+            _, dtype, cl, _ = self.specs[s]
+            n = 1
+            for d in shape:
+                n *= d
+            flat = arena[off:off + n * dtype.itemsize].view(dtype)
+            if cl and len(shape) == 4:
+                b, c, h, w = shape
+                out[s] = flat.view(b, h, w, c).permute(0, 3, 1, 2)
+            else:
+                out[s] = flat.view(shape)
+        return out
+
+    def _layout(self, dims: dict[str, int]) -> tuple[int, dict[int, tuple[int, tuple[int, ...]]]]:
+        shapes = {s: tuple(d if isinstance(d, int) else dims[d] for d in spec[0]) for s, spec in self.specs.items()}
+        bufs = []
+        for s, (_, dtype, _, first) in self.specs.items():
+            n = dtype.itemsize
+            for d in shapes[s]:
+                n *= d
+            bufs.append(Buffer(str(s), max(ALIGN, -(-n // ALIGN) * ALIGN), first, max(first, self.last[s])))
+        mp = plan_memory(bufs)
+        return mp.arena_bytes, {int(name): (off, shapes[int(name)]) for name, off in mp.offsets.items()}
+
+
+def _resolvable(t: TensorType | None, symbols: set[str]) -> bool:
+    return (t is not None and t.dtype is not None and t.shape is not None
+            and all(isinstance(d, int) or d in symbols for d in t.shape))
