@@ -101,15 +101,19 @@ class Timer:
         fn()
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         a.record()
         fn()
         b.record()
+        host_s = time.perf_counter() - t0  # what one launch costs the host (Python, Triton's launcher)
         torch.cuda.synchronize()
         est = max(a.elapsed_time(b), 1e-4)
         runs = max(self.min_runs, min(self.max_runs, int(self.budget_ms / est)))
         events = [torch.cuda.Event(enable_timing=True) for _ in range(runs + 1)]
         if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(4_000_000)  # ~2 ms of GPU cycles: the queue stays ahead of the launches
+            # hold the GPU (about 2e9 cycles/s) while the host queues every run, so that back-to-back GPU
+            # time is measured and not the host's launch rate (which is slower than small kernels)
+            torch.cuda._sleep(int(min(0.2, 0.5e-3 + 2.0 * runs * host_s) * 2e9))
         events[0].record()
         for i in range(runs):
             fn()
