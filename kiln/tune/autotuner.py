@@ -2,9 +2,10 @@
 
 Optimization levels: 0 takes the heuristic first candidate (highest priority, first config) without
 timing; 1 and 2 time a few configs per tactic; 3 and above time every supported tactic and config.
-On CUDA a candidate is timed with CUDA events (warm-up, then the median of several runs queued
-behind a short GPU sleep, so that the events measure GPU time and not Python launch gaps: in a
-CUDA graph the launches cost nothing). On the CPU it is timed with perf_counter, same interface.
+On CUDA a candidate is timed with CUDA events inside a CUDA graph of ten calls (warm-up outside it,
+then the median of several replays), as the runtime replays it: every kernel a tactic launches counts,
+Python launch costs do not; a candidate that cannot be captured is timed on a stream instead, queued
+behind a GPU sleep sized to its launch cost. On the CPU it is timed with perf_counter, same interface.
 Each candidate's output is also checked once against the reference tactic; a candidate that fails
 to build, runs out of memory or disagrees is skipped with a warning. Timings go to a TimingCache,
 so identical layers are timed once and a rebuild with a warm cache times nothing it already knows.
@@ -98,6 +99,41 @@ class Timer:
         return statistics.median(ts) * 1e3
 
     def _cuda(self, fn: Callable[[], Any]) -> float:
+        ms = self._cuda_graph(fn)
+        return ms if ms is not None else self._cuda_stream(fn)
+
+    def _cuda_graph(self, fn: Callable[[], Any], reps: int = 10, replays: int = 7) -> float | None:
+        """Median time of fn inside a CUDA graph, as the runtime replays it: every kernel a tactic
+        launches (and the gaps between them) counts, the host's launch cost does not. None when fn
+        cannot be captured (then the stream timer below is used)."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # first calls (compiles, cuDNN's algorithm search) happen outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                for _ in range(reps):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
+            events[0].record()
+            for i in range(replays):
+                graph.replay()
+                events[i + 1].record()
+            torch.cuda.synchronize()
+            del graph
+            return statistics.median(events[i].elapsed_time(events[i + 1]) for i in range(replays)) / reps
+        except Exception:
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                pass
+            return None
+
+    def _cuda_stream(self, fn: Callable[[], Any]) -> float:
         fn()
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
