@@ -2,8 +2,9 @@
 
 A Concat is marked with attribute ``kiln_elide = 1`` when each of its inputs is a runtime tensor
 produced by a node of this graph (not a graph input, output or constant), appears once, is in at
-most one other marked Concat (a producer may store into two places) and has a static extent along the axis, and when the output's shape can be
-resolved at run time from the graph inputs' shapes (every dim an int or a symbol of an input dim).
+most one other marked Concat (a producer may store into two places) and has a static extent along
+the axis, and when the output's shape can be resolved at run time from the graph inputs' shapes
+(every dim an int or a symbol of an input dim).
 The autotuner then elides it where every producer runs a tactic that writes into a given output
 (kiln.backends.views): the runtime allocates the output before the first producer runs, each producer
 writes its slice, and inputs with other readers are read as views of that buffer.
@@ -61,7 +62,8 @@ class MarkConcatElision(Pass):
             return False
         axis = int(n.attr("axis", 1)) % rank
         for v in ins:
-            if v is None or v.is_const or v.kind != "tensor" or uses.is_output(v) or claimed.get(id(v), 0) >= MAX_HOMES:
+            if (v is None or v.is_const or v.kind != "tensor" or uses.is_output(v)
+                    or claimed.get(id(v), 0) >= MAX_HOMES):
                 return False
             if v.type.shape is None or len(v.type.shape) != rank or not isinstance(v.type.shape[axis], int):
                 return False

@@ -9,7 +9,8 @@ class DonateResidual(Pass):
     """Sets kiln_z_donate=1 on FusedConv nodes whose residual input dies at that node.
 
     Z must be an activation (not a weight, graph input or output, nor read by a subgraph, nor a buffer
-    shared with an elided Concat) whose last reader in execution order is the conv; the backend then accumulates into Z's buffer.
+    shared with an elided Concat) whose last reader in execution order is the conv; the backend then
+    accumulates into Z's buffer.
     """
 
     name = "residual donation"

@@ -317,3 +317,12 @@ def test_conv_with_folded_casts(tactic_id: str, ks: int) -> None:
     assert want.dtype == torch.float32
     got = t.build(node, t.configs(node, _ctx())[0], DEV)(x)
     assert got.dtype == torch.float32 and rel_err(got, want) <= TOL[torch.float16]
+
+
+def test_out_of_the_wrong_shape_is_refused() -> None:
+    node, x = _conv_node(16, 3, torch.float16)
+    t = get_tactic("cuda.triton_conv")
+    kern = t.build(node, t.configs(node, _ctx())[0], DEV)
+    bad = torch.empty(2, 16, 4, 6, dtype=torch.float16, device=DEV)
+    with pytest.raises(Exception, match="shape"):
+        kern(x, out=bad)

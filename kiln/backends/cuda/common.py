@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
@@ -93,6 +94,15 @@ def converting(kernel: Any, node: Node) -> Any:
     def k_convert(x: Tensor, *rest: Any) -> Tensor:
         return kernel(x.to(wt), *rest).to(ot)
     return k_convert
+
+
+def check_out(out: Out, shape: tuple[int, ...], node: Node | str) -> None:
+    """Raise unless every destination has the output's shape (a plan whose types disagree with the run)."""
+    for o in out_list(out):
+        if tuple(o.shape) != tuple(shape):
+            name = node if isinstance(node, str) else node.name
+            raise KilnError(f"'{name}' would write an output of shape {list(shape)} into a destination of shape "
+                            f"{list(o.shape)} (the plan's shapes disagree with this run)")
 
 
 def write_out(y: Tensor, out: Out) -> Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, conv_geometry, conv_static_ok,
-                                       epilogue_of, float_io, nhwc_outs, out_list, prepacked, tf32_precision,
+                                       check_out, epilogue_of, float_io, nhwc_outs, out_list, prepacked, tf32_precision,
                                        write_out, Out)
 from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
@@ -275,6 +275,8 @@ class TritonConv(Tactic):
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None, out: Out = None) -> Tensor:
             oh, ow = geo.out_hw(x.shape[2], x.shape[3])
+            if out is not None:
+                check_out(out, (x.shape[0], k_out, oh, ow), node.name)
             if max(x.numel(), x.shape[0] * k_out * oh * ow) >= _I32:  # past int32 indexing: cuDNN
                 w_nchw = wp.reshape(kh, kw, c_in, k_out).permute(3, 2, 0, 1)
                 return write_out(_torch_conv(x.to(wp.dtype), w_nchw, bias, z, geo, ep).to(out_dtype), out)

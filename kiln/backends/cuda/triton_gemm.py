@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.cuda.common import (Epilogue, channels_last, conv_geometry, conv_static_ok, epilogue_of,
+from kiln.backends.cuda.common import (Epilogue, channels_last, check_out, conv_geometry, conv_static_ok, epilogue_of,
                                        float_io, nhwc_outs, out_list, prepacked, tf32_precision, write_out,
                                        Out)
 from kiln.backends.cuda.cublas_gemm import gemm_static_ok, packed_weight
@@ -140,6 +140,7 @@ class TritonGemm(Tactic):
         b_in = node.input(2)
         bias = None if b_in is None or node.op_type == "MatMul" else b_in.const.to(device)  # type: ignore[union-attr]
         out_dtype = node.outputs[0].type.dtype.torch  # type: ignore[union-attr]
+        name = node.name
         if _is_conv1x1(node):
             w = node.inputs[1].const.to(device)  # type: ignore[union-attr]
             k_out = int(w.shape[0])
@@ -149,6 +150,8 @@ class TritonGemm(Tactic):
                             out: Out = None) -> Tensor:
                 x = channels_last(x) if x.stride(1) != 1 else x
                 n, c, h, wd = x.shape
+                if out is not None:
+                    check_out(out, (n, k_out, h, wd), name)
                 direct = out_list(out) if nhwc_outs(out) else ()
                 y = direct[0] if direct else torch.empty((n, k_out, h, wd), device=x.device, dtype=out_dtype,
                                                          memory_format=torch.channels_last)
@@ -165,6 +168,8 @@ class TritonGemm(Tactic):
         def gemm_kernel(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                         out: Out = None) -> Tensor:
             lead = a.shape[:-1]
+            if out is not None:
+                check_out(out, (*lead, n_out), name)
             a2 = _rows(a, a.shape[-1])
             rows = [_out_rows(o, n_out) for o in out_list(out)]
             direct = all(r is not None for r in rows) and bool(rows)

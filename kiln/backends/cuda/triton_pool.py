@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.cuda.common import FLOAT_DTYPES
+from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node, Value
@@ -148,6 +148,8 @@ def _run(node: Node, x: Tensor, out: Tensor | None, oh: int, ow: int, cfg: dict[
          body: Callable[[Tensor, int, tuple[int, int]], None]) -> Tensor:
     """Allocate (or take) the output and launch `body(y, pixels, grid)`; the reference past int32 pixels."""
     n, c = int(x.shape[0]), int(x.shape[1])
+    if out is not None:
+        check_out(out, (n, c, oh, ow), node)
     pixels = n * oh * ow
     if pixels + cfg["BLOCK_P"] > _I32:
         ref = lookup(node.op_type, node.domain).compute(node, x, *[None if v is None else v.const
@@ -182,7 +184,7 @@ class TritonMaxPool(Tactic):
     id = "cuda.triton_maxpool"
     devices = ("cuda",)
     priority = 20
-    writes_out = True
+    writes_out = 1
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         return node.op_type == "MaxPool" and _float_4d(node) and _pool_attrs_ok(node)
@@ -284,7 +286,7 @@ class TritonResizeNearest(Tactic):
     id = "cuda.triton_resize"
     devices = ("cuda",)
     priority = 20
-    writes_out = True
+    writes_out = 1
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         return node.op_type in ("Resize", "Upsample") and _resize_spec(node) is not None
