@@ -157,3 +157,24 @@ def test_arena_places_outputs_and_respects_views(n: int) -> None:
     one = n * 4 * 30 * 4
     # a lives until y (through v); b..e need two buffers at a time (reader and writer): 3 buffers, not 5
     assert fn.arena.arena_bytes == 3 * max(256, -(-one // 256) * 256)
+
+
+@pytest.mark.parametrize("name", ["light_inception_v1", "light_inception_v2", "light_densenet121",
+                                  "light_squeezenet", "light_shufflenet"])
+def test_concat_heavy_models_with_destination_passing(name: str) -> None:
+    """Real topologies (sibling-conv splits feeding concats, concat chains, channel shuffles) with every
+    kernel taking out=: elided Concats and arena placement must not change the results (vs onnxruntime)."""
+    import os
+    from kiln.passes.base import PassManager
+    from kiln.passes.pipeline import default_pipeline
+    from kiln.testing import run_oracle
+    from tests.passes.models import LIGHT_DIR, randomize_light, rel_error
+    m = randomize_light(os.path.join(LIGHT_DIR, f"{name}.onnx"))
+    g = load_onnx(m, Logger())
+    PassManager(default_pipeline()).run(g, PassContext(Logger()))
+    fn = GraphFunction(g, CPU, _writing_factory([]))
+    assert fn.arena is not None
+    x = np.random.default_rng(1).standard_normal(g.inputs[0].type.shape).astype(np.float32)
+    got = fn([torch.from_numpy(x)])
+    for a, b in zip(got, run_oracle(m, {g.inputs[0].name: x})):
+        assert rel_error(a.numpy(), b) <= 1e-4

@@ -5,9 +5,8 @@ of one arena tensor, placed by the liveness planner of kiln.plan.memory; so do e
 (which their producers write into). Everything else allocates as before (the caching allocator, or
 the CUDA graph's pool during capture).
 
-Lifetimes are alias-aware and conservative: a step whose kernel does not write into a given output
-may return a view of an input (a reshape, a slice), so its outputs count as living in every buffer
-its inputs live in; an arena buffer stays alive until the last step reading any of its aliases, and
+Lifetimes are alias-aware and conservative: a step not handed a destination may return a view of an
+input (a reshape, a slice, a split), so its outputs count as living in every buffer its inputs live in; an arena buffer stays alive until the last step reading any of its aliases, and
 to the end of the run when a graph output aliases it. The placement is computed once per input shape
 (symbols bound from the graph inputs) and cached.
 """
@@ -47,7 +46,7 @@ class ActivationArena:
                     t = out_types[s]
                     self.specs[s] = (tuple(t.shape), t.dtype.torch, t.rank == 4, i)  # type: ignore[arg-type,union-attr]
                     roots[s] = {s}
-                elif not writes:  # may be a view of an input
+                else:  # not handed a destination: the result may be a view of an input
                     roots[s] = set().union(*(roots.get(x, set()) for x in st.ins if x >= 0))
                 last.update({r: i for r in roots.get(s, ())})
         end = len(steps)

@@ -230,7 +230,7 @@ class Autotuner:
             p = v.producer if v is not None else None
             tid = chosen.get(id(p), ("?", {}))[0] if p is not None else "?"
             t = get_tactic(tid)
-            if t is None or t.writes_out <= self._homes.get(id(v), 0):
+            if t is None or t.writes_out <= self._homes.get(id(v), 0) or len(p.outputs) != 1:  # type: ignore[union-attr]
                 blockers.append(f"{p.name if p is not None else v}: {tid}")
         if not blockers:
             for v in n.inputs:
