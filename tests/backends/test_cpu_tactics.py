@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kiln.backends.cpu.common import onednn_available
+from kiln.backends.cpu.dnnl import library as dnnl_library
 from kiln.backends.tactic import TacticContext, candidate_tactics, get_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
@@ -107,22 +108,29 @@ def _fused_conv(case: tuple[Any, ...], x: torch.Tensor, w: torch.Tensor, b: torc
     return make_node("FusedConv", ins, out, attrs, domain="kiln", shapes={0: x_shape} if x_shape else None)
 
 
+CONV_TACTICS = ["cpu.conv_onednn",
+                pytest.param("cpu.conv_dnnl", marks=pytest.mark.skipif(
+                    dnnl_library() is None, reason="the oneDNN library (pip install onednn-cpu-gomp) is not installed"))]
+
+
+@pytest.mark.parametrize("tactic", CONV_TACTICS)
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{a[0] or 'none'}{a[1]:g}")
-def test_fused_conv_activations(case: tuple[Any, ...], act: tuple[str, float, float]) -> None:
+def test_fused_conv_activations(tactic: str, case: tuple[Any, ...], act: tuple[str, float, float]) -> None:
     x, w, b, _ = _conv_inputs(case, 0)
     node = _fused_conv(case, x, w, b, None, act, 0)
-    got, want = run_both(node, "cpu.conv_onednn", [x, w, b])
+    got, want = run_both(node, tactic, [x, w, b])
     assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.parametrize("tactic", CONV_TACTICS)
 @pytest.mark.parametrize("case", CONV_CASES[:4] + CONV_CASES[6:])
 @pytest.mark.parametrize("act", [ACTS[0], ACTS[1], ACTS[2], ACTS[5], ACTS[12]], ids=lambda a: a[0] or "none")
 @pytest.mark.parametrize("before_add", [0, 1])
-def test_fused_conv_residual(case: tuple[Any, ...], act: tuple[str, float, float], before_add: int) -> None:
+def test_fused_conv_residual(tactic: str, case: tuple[Any, ...], act: tuple[str, float, float], before_add: int) -> None:
     x, w, b, z = _conv_inputs(case, 1)
     node = _fused_conv(case, x, w, b, z, act, before_add)
-    got, want = run_both(node, "cpu.conv_onednn", [x, w, b, z])
+    got, want = run_both(node, tactic, [x, w, b, z])
     assert rel_err(got, want) <= TOL
 
 
@@ -138,13 +146,19 @@ def test_fused_conv_layouts(layout: str, input_cl: bool) -> None:
     assert rel_err(got, want) <= TOL
 
 
-def test_fused_conv_dynamic_batch() -> None:
+@pytest.mark.parametrize("tactic", CONV_TACTICS)
+def test_fused_conv_dynamic_batch(tactic: str) -> None:
     case = CONV_CASES[1]
     x, w, b, z = _conv_inputs(case, 3, batch=3)
     node = _fused_conv(case, x, w, b, z, ("Relu", 0.0, 0.0), 0, x_shape=("N",) + tuple(x.shape[1:]))
     node.inputs[3].type = TensorType(DType.FLOAT32, ("N",) + tuple(z.shape[1:]))  # type: ignore[union-attr]
-    got, want = run_both(node, "cpu.conv_onednn", [x, w, b, z])
+    got, want = run_both(node, tactic, [x, w, b, z])
     assert rel_err(got, want) <= TOL
+    kernel = get_tactic(tactic).build(node, get_tactic(tactic).configs(node, CPU)[0], torch.device("cpu"))
+    for n in (1, 2):  # another batch size through the same kernel (a new primitive for the dnnl tactic)
+        xs, zs = x[:n].contiguous(), z[:n].contiguous()
+        got = kernel(xs, None, None, zs)
+        assert rel_err(got, lookup("FusedConv", "kiln").compute(node, xs, w, b, zs)) <= TOL
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{a[0] or 'none'}{a[1]:g}")
@@ -221,7 +235,11 @@ def test_conv_declines() -> None:
     assert not get_tactic("cpu.conv_onednn").supports(half, CPU)
     node = make_node("Conv", [(x4, False), (w4, True)], None, {})
     assert not get_tactic("cpu.conv_onednn").supports(node, TacticContext(torch.device("cuda")))
-    assert candidate_tactics(node, CPU)[0].id == "cpu.conv_onednn"
+    ids = [t.id for t in candidate_tactics(node, CPU)]
+    assert "cpu.conv_onednn" in ids and ids[-1] == "ref"
+    assert ("cpu.conv_dnnl" in ids) == (dnnl_library() is not None)
+    for tid in ("cpu.conv_onednn", "cpu.conv_dnnl"):
+        assert not get_tactic(tid).supports(half, CPU) and not get_tactic(tid).supports(runtime_w, CPU)
 
 
 # ---- linear layers --------------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""oneDNN's C API through ctypes: convolution primitives created once per shape, executed on torch memory.
+
+torch's oneDNN ops rebuild their primitive descriptor on every call (about 20-30 us per layer at batch
+1). With the library itself (the ``onednn-cpu-gomp`` wheel, ``pip install kiln[cpu]``: ``libdnnl.so.3``
+under ``sys.prefix/lib`` or the user base, or the path in ``KILN_DNNL_LIB``) a kernel creates its
+primitive once per input shape, reorders its weights once into the layout the primitive chose, and an
+inference is two handle updates and one ``dnnl_primitive_execute`` on the tensors' own memory. When
+the library is absent, ``library()`` is None and the tactic built on it declines every layer.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import glob
+import os
+import site
+import sys
+import threading
+from typing import Any, Sequence
+
+import torch
+
+P = C.c_void_p
+Dims = C.c_int64 * 12
+
+F32 = 3
+CPU_ENGINE, IN_ORDER = 1, 1
+FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
+QUERY_IMPL_INFO, QUERY_WEIGHTS_MD = 8, 131
+ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS = 1, 2, 17, 33, 41
+POST_OP_ARG_BASE = 32768
+TAG_ANY = 1
+
+ELTWISE: dict[str, tuple[int, Any]] = {
+    # activation -> (algorithm, (alpha, beta) from the node's alpha/beta)
+    "Relu": (0x20, lambda a, b: (0.0, 0.0)),
+    "LeakyRelu": (0x20, lambda a, b: (a, 0.0)),
+    "Tanh": (0x21, lambda a, b: (0.0, 0.0)),
+    "HardSigmoid": (0x28, lambda a, b: (a, b)),
+    "Sigmoid": (0x29, lambda a, b: (0.0, 0.0)),
+    "GeluTanh": (0x2B, lambda a, b: (0.0, 0.0)),
+    "SiLU": (0x2C, lambda a, b: (1.0, 0.0)),
+    "Clip": (0x2E, lambda a, b: (a, b)),
+    "Gelu": (0x31, lambda a, b: (0.0, 0.0)),
+    "Mish": (0x33, lambda a, b: (0.0, 0.0)),
+    "HardSwish": (0x34, lambda a, b: (1.0 / 6.0, 0.5)),
+}
+"""Fused activations oneDNN applies as eltwise post-ops (kiln.ops.fused.ACTIVATIONS names)."""
+
+
+class DnnlError(RuntimeError):
+    """A oneDNN call returned an error status."""
+
+
+class _Arg(C.Structure):
+    _fields_ = [("arg", C.c_int), ("memory", P)]
+
+
+class _Lib:
+    """The loaded library, one CPU engine and one in-order stream."""
+
+    def __init__(self, path: str) -> None:
+        self.dll = C.CDLL(path)
+        self.dll.dnnl_primitive_desc_query_md.restype = P
+        self.dll.dnnl_primitive_desc_query_md.argtypes = [P, C.c_int, C.c_int]
+        self.dll.dnnl_memory_desc_get_size.restype = C.c_size_t
+        self.dll.dnnl_memory_desc_get_size.argtypes = [P]
+        self.dll.dnnl_memory_set_data_handle.argtypes = [P, P]
+        self.dll.dnnl_primitive_execute.argtypes = [P, P, C.c_int, P]
+        self.engine, self.stream = P(), P()
+        self.ok(self.dll.dnnl_engine_create(C.byref(self.engine), CPU_ENGINE, 0), "engine")
+        self.ok(self.dll.dnnl_stream_create(C.byref(self.stream), self.engine, IN_ORDER), "stream")
+
+    @staticmethod
+    def ok(status: int, what: str) -> None:
+        if status != 0:
+            raise DnnlError(f"oneDNN {what} failed with status {status}")
+
+    def md(self, shape: Sequence[int], strides: Sequence[int] | None) -> P:
+        """A float32 memory descriptor: plain with these strides, or format `any` (strides None)."""
+        md = P()
+        if strides is None:
+            self.ok(self.dll.dnnl_memory_desc_create_with_tag(C.byref(md), len(shape), Dims(*shape), F32, TAG_ANY),
+                    "memory descriptor")
+        else:
+            self.ok(self.dll.dnnl_memory_desc_create_with_strides(C.byref(md), len(shape), Dims(*shape), F32,
+                                                                  Dims(*strides)), "memory descriptor")
+        return md
+
+    def memory(self, md: Any, data: int) -> P:
+        mem = P()
+        self.ok(self.dll.dnnl_memory_create(C.byref(mem), P(md) if isinstance(md, int) else md, self.engine,
+                                            P(data)), "memory")
+        return mem
+
+
+_LIB: _Lib | None = None
+_LOADED = False
+_LOCK = threading.Lock()
+
+
+def library() -> _Lib | None:
+    """The oneDNN library when it can be found and loaded, else None (checked once)."""
+    global _LIB, _LOADED
+    with _LOCK:
+        if not _LOADED:
+            _LOADED = True
+            paths = [os.environ.get("KILN_DNNL_LIB", "")]
+            for base in (sys.prefix, site.getuserbase()):
+                paths += sorted(glob.glob(os.path.join(base, "lib", "libdnnl.so*")))
+            for path in paths:
+                if path and os.path.exists(path):
+                    try:
+                        _LIB = _Lib(path)
+                        break
+                    except (OSError, DnnlError, AttributeError):
+                        _LIB = None
+    return _LIB
+
+
+class Convolution:
+    """One oneDNN convolution primitive for fixed input/residual/output shapes and strides.
+
+    Weights are reordered once into the primitive's chosen layout; bias and residual add and the
+    activation are post-ops in the node's order. `run` is safe to call from several threads.
+    """
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
+                 pad_r: Sequence[int], groups: int, act: str, alpha: float, beta: float, act_first: bool) -> None:
+        d = lib.dll
+        self.lib = lib
+        k, cg, kh, kw = (int(s) for s in w.shape)
+        w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
+        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        b_md = lib.md([k], [1]) if b is not None else None
+        attr, po = P(), P()
+        lib.ok(d.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
+        lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
+        ops: list[str] = []
+        if act and not act_first:
+            ops = ["z", "act"]
+        elif act:
+            ops = ["act", "z"]
+        else:
+            ops = ["z"]
+        self.z_arg = -1
+        for op in ops:
+            if op == "act":
+                alg, params = ELTWISE[act]
+                a, bb = params(alpha, beta)
+                lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, C.c_float(a), C.c_float(bb)), "eltwise post-op")
+            elif z is not None:
+                self.z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
+                lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, lib.md(z.shape, z.stride())), "binary post-op")
+        lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
+        pd = P()
+        lib.ok(d.dnnl_convolution_forward_primitive_desc_create(
+            C.byref(pd), lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(w_shape, None),
+            b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr),
+            "convolution descriptor")
+        impl = C.c_char_p()
+        lib.ok(d.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
+        self.impl = (impl.value or b"").decode()
+        if self.impl.startswith("ref"):  # oneDNN's reference loops: orders of magnitude slower than torch's path
+            raise DnnlError(f"oneDNN has only its reference implementation ({self.impl}) for this convolution")
+        w_md = d.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
+        self.weights = torch.empty(d.dnnl_memory_desc_get_size(w_md), dtype=torch.uint8)
+        plain = w.detach().float().contiguous().reshape(w_shape)
+        self._reorder(lib.md(w_shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
+        self.bias = None if b is None else b.detach().float().contiguous()
+        self.prim = P()
+        lib.ok(d.dnnl_primitive_create(C.byref(self.prim), pd), "convolution primitive")
+        self.m_src, self.m_dst = lib.memory(src_md, x.data_ptr()), lib.memory(dst_md, y.data_ptr())
+        args = [_Arg(ARG_SRC, self.m_src), _Arg(ARG_WEIGHTS, lib.memory(w_md, self.weights.data_ptr())),
+                _Arg(ARG_DST, self.m_dst)]
+        if self.bias is not None:
+            args.append(_Arg(ARG_BIAS, lib.memory(b_md, self.bias.data_ptr())))
+        self.m_z = None
+        if self.z_arg >= 0:
+            self.m_z = lib.memory(lib.md(z.shape, z.stride()), z.data_ptr())  # type: ignore[union-attr]
+            args.append(_Arg(self.z_arg, self.m_z))
+        self.args = (_Arg * len(args))(*args)
+        self.lock = threading.Lock()
+
+    def _reorder(self, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
+        d, lib = self.lib.dll, self.lib
+        pd, prim = P(), P()
+        lib.ok(d.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, P(dst_md), lib.engine, None),
+               "weight reorder descriptor")
+        lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "weight reorder")
+        args = (_Arg * 2)(_Arg(ARG_SRC, lib.memory(src_md, src)), _Arg(ARG_DST, lib.memory(dst_md, dst)))
+        lib.ok(d.dnnl_primitive_execute(prim, lib.stream, 2, args), "weight reorder")
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.lib.dll
+        with self.lock:
+            d.dnnl_memory_set_data_handle(self.m_src, x.data_ptr())
+            d.dnnl_memory_set_data_handle(self.m_dst, y.data_ptr())
+            if self.m_z is not None:
+                d.dnnl_memory_set_data_handle(self.m_z, z.data_ptr())  # type: ignore[union-attr]
+            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, len(self.args), self.args)
+        if status != 0:
+            raise DnnlError(f"oneDNN convolution failed with status {status}")
+        return y
