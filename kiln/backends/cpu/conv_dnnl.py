@@ -89,7 +89,8 @@ class DnnlConvTactic(CpuTactic):
             if prim is None:
                 prim = cache[key] = Convolution(lib, x, w, b, y, z, strides, dilations, pad_l, pad_r, groups,
                                                 act, alpha, beta, act_first)
-            return prim.run(x, y, z)
+            prim.run(x, y) if z is None else prim.run(x, y, z)
+            return y
         k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
         return k_conv
 

@@ -24,7 +24,7 @@ Dims = C.c_int64 * 12
 
 F32 = 3
 CPU_ENGINE, IN_ORDER = 1, 1
-FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
+FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD, POOLING_MAX = 96, 1, 0x1FFF0, 0x1FF
 QUERY_IMPL_INFO, QUERY_WEIGHTS_MD = 8, 131
 ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS = 1, 2, 17, 33, 41
 POST_OP_ARG_BASE = 32768
@@ -117,18 +117,45 @@ def library() -> _Lib | None:
     return _LIB
 
 
-class Convolution:
+class _Primitive:
+    """A created primitive with its memory objects; `run` points the per-call ones at the given tensors."""
+
+    def _finish(self, lib: _Lib, pd: Any, fixed: list[tuple[int, Any, int]], dynamic: list[tuple[int, Any]]) -> None:
+        """fixed: (arg, md, data pointer kept alive by self); dynamic: (arg, md) set per call, in run's order."""
+        self.lib = lib
+        impl = C.c_char_p()
+        lib.ok(lib.dll.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
+        self.impl = (impl.value or b"").decode()
+        if self.impl.startswith("ref"):  # oneDNN's reference loops: orders of magnitude slower than torch's path
+            raise DnnlError(f"oneDNN has only its reference implementation ({self.impl}) here")
+        self.prim = P()
+        lib.ok(lib.dll.dnnl_primitive_create(C.byref(self.prim), pd), "primitive")
+        self.mems = [lib.memory(md, 0) for _, md in dynamic]
+        args = [_Arg(a, lib.memory(md, ptr)) for a, md, ptr in fixed] + [_Arg(a, m) for (a, _), m in zip(dynamic, self.mems)]
+        self.args = (_Arg * len(args))(*args)
+        self.lock = threading.Lock()
+
+    def run(self, *tensors: torch.Tensor) -> None:
+        d = self.lib.dll
+        with self.lock:
+            for m, t in zip(self.mems, tensors):
+                d.dnnl_memory_set_data_handle(m, t.data_ptr())
+            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, len(self.args), self.args)
+        if status != 0:
+            raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
+
+
+class Convolution(_Primitive):
     """One oneDNN convolution primitive for fixed input/residual/output shapes and strides.
 
     Weights are reordered once into the primitive's chosen layout; bias and residual add and the
-    activation are post-ops in the node's order. `run` is safe to call from several threads.
+    activation are post-ops in the node's order. `run(x, y[, z])` is safe to call from several threads.
     """
 
     def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
                  pad_r: Sequence[int], groups: int, act: str, alpha: float, beta: float, act_first: bool) -> None:
         d = lib.dll
-        self.lib = lib
         k, cg, kh, kw = (int(s) for s in w.shape)
         w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
         src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
@@ -136,69 +163,53 @@ class Convolution:
         attr, po = P(), P()
         lib.ok(d.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
         lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
-        ops: list[str] = []
-        if act and not act_first:
-            ops = ["z", "act"]
-        elif act:
-            ops = ["act", "z"]
-        else:
-            ops = ["z"]
-        self.z_arg = -1
-        for op in ops:
-            if op == "act":
+        z_arg, z_md = -1, None
+        for op in (["act", "z"] if act_first else ["z", "act"]):
+            if op == "act" and act:
                 alg, params = ELTWISE[act]
                 a, bb = params(alpha, beta)
                 lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, C.c_float(a), C.c_float(bb)), "eltwise post-op")
-            elif z is not None:
-                self.z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
-                lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, lib.md(z.shape, z.stride())), "binary post-op")
+            elif op == "z" and z is not None:
+                z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
+                z_md = lib.md(z.shape, z.stride())
+                lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, z_md), "binary post-op")
         lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
         pd = P()
         lib.ok(d.dnnl_convolution_forward_primitive_desc_create(
             C.byref(pd), lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(w_shape, None),
             b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr),
             "convolution descriptor")
-        impl = C.c_char_p()
-        lib.ok(d.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
-        self.impl = (impl.value or b"").decode()
-        if self.impl.startswith("ref"):  # oneDNN's reference loops: orders of magnitude slower than torch's path
-            raise DnnlError(f"oneDNN has only its reference implementation ({self.impl}) for this convolution")
         w_md = d.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
         self.weights = torch.empty(d.dnnl_memory_desc_get_size(w_md), dtype=torch.uint8)
         plain = w.detach().float().contiguous().reshape(w_shape)
-        self._reorder(lib.md(w_shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
+        _reorder(lib, lib.md(w_shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
         self.bias = None if b is None else b.detach().float().contiguous()
-        self.prim = P()
-        lib.ok(d.dnnl_primitive_create(C.byref(self.prim), pd), "convolution primitive")
-        self.m_src, self.m_dst = lib.memory(src_md, x.data_ptr()), lib.memory(dst_md, y.data_ptr())
-        args = [_Arg(ARG_SRC, self.m_src), _Arg(ARG_WEIGHTS, lib.memory(w_md, self.weights.data_ptr())),
-                _Arg(ARG_DST, self.m_dst)]
+        fixed = [(ARG_WEIGHTS, w_md, self.weights.data_ptr())]
         if self.bias is not None:
-            args.append(_Arg(ARG_BIAS, lib.memory(b_md, self.bias.data_ptr())))
-        self.m_z = None
-        if self.z_arg >= 0:
-            self.m_z = lib.memory(lib.md(z.shape, z.stride()), z.data_ptr())  # type: ignore[union-attr]
-            args.append(_Arg(self.z_arg, self.m_z))
-        self.args = (_Arg * len(args))(*args)
-        self.lock = threading.Lock()
+            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
+        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
+        self._finish(lib, pd, fixed, dynamic)
 
-    def _reorder(self, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
-        d, lib = self.lib.dll, self.lib
-        pd, prim = P(), P()
-        lib.ok(d.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, P(dst_md), lib.engine, None),
-               "weight reorder descriptor")
-        lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "weight reorder")
-        args = (_Arg * 2)(_Arg(ARG_SRC, lib.memory(src_md, src)), _Arg(ARG_DST, lib.memory(dst_md, dst)))
-        lib.ok(d.dnnl_primitive_execute(prim, lib.stream, 2, args), "weight reorder")
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        d = self.lib.dll
-        with self.lock:
-            d.dnnl_memory_set_data_handle(self.m_src, x.data_ptr())
-            d.dnnl_memory_set_data_handle(self.m_dst, y.data_ptr())
-            if self.m_z is not None:
-                d.dnnl_memory_set_data_handle(self.m_z, z.data_ptr())  # type: ignore[union-attr]
-            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, len(self.args), self.args)
-        if status != 0:
-            raise DnnlError(f"oneDNN convolution failed with status {status}")
-        return y
+class MaxPooling(_Primitive):
+    """One oneDNN max pooling primitive for fixed input/output shapes and strides: `run(x, y)`."""
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
+                 dilations: Sequence[int], pad_l: Sequence[int], pad_r: Sequence[int]) -> None:
+        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        pd = P()
+        lib.ok(lib.dll.dnnl_pooling_forward_primitive_desc_create(
+            C.byref(pd), lib.engine, FORWARD_INFERENCE, POOLING_MAX, src_md, dst_md, Dims(*strides), Dims(*kernel),
+            Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), None), "pooling descriptor")
+        self._finish(lib, pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+
+
+def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
+    """Copy src into dst's layout once (weights into the layout a primitive chose)."""
+    d = lib.dll
+    pd, prim = P(), P()
+    lib.ok(d.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, P(dst_md), lib.engine, None),
+           "reorder descriptor")
+    lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "reorder")
+    args = (_Arg * 2)(_Arg(ARG_SRC, lib.memory(src_md, src)), _Arg(ARG_DST, lib.memory(dst_md, dst)))
+    lib.ok(d.dnnl_primitive_execute(prim, lib.stream, 2, args), "reorder")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
+from kiln.backends.cpu.dnnl import MaxPooling, library as dnnl_library
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.pool import Window
@@ -71,9 +72,10 @@ class CpuPoolTactic(CpuTactic):
 
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         win = _window(node) if node.op_type == "MaxPool" else None
-        if win is not None and _separable_ok(win):
-            return [{"algo": "separable"}, {"algo": "aten"}]
-        return [{}]
+        if win is None:
+            return [{}]
+        algos = (["separable"] if _separable_ok(win) else []) + ["aten"] + (["dnnl"] if dnnl_library() else [])
+        return [{"algo": a} for a in algos]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         op = node.op_type
@@ -96,6 +98,8 @@ class CpuPoolTactic(CpuTactic):
                 return _max_pool_2x2
             if config.get("algo") == "separable" and _separable_ok(win):
                 return _separable_max_pool(win)
+            if config.get("algo") == "dnnl" and dnnl_library() is not None:
+                return _dnnl_max_pool(node)
             mp = getattr(torch.ops.aten.max_pool2d.default, "_op", torch.ops.aten.max_pool2d.default)
 
             def k_max(x: Tensor) -> Tensor:
@@ -168,6 +172,33 @@ def _separable_max_pool(win: Window) -> Kernel:
             x = r
         return x
     return k_sep
+
+
+def _dnnl_max_pool(node: Node) -> Kernel:
+    """Max pooling as a oneDNN primitive on channels-last tensors, one per input shape (aten where the
+    window geometry would need a crop, which oneDNN's pads cannot express)."""
+    lib = dnnl_library()
+    cache: dict[tuple[int, ...], tuple[MaxPooling | None, Window]] = {}
+    mp = torch.ops.aten.max_pool2d.default
+
+    def k_dnnl(x: Tensor) -> Tensor:
+        key = tuple(x.shape)
+        entry = cache.get(key)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if entry is None:
+            win = Window(node, torch.empty(key, device="meta"), ranks=(2,))
+            y0 = torch.empty((key[0], key[1], *win.out), memory_format=torch.channels_last)
+            prim = None
+            if min(win.need) >= 0 and min(win.begin) >= 0:
+                prim = MaxPooling(lib, x, y0, win.kernel, win.strides, win.dilations, win.begin, win.need)
+            entry = cache[key] = (prim, win)
+        prim, win = entry
+        if prim is None:
+            return mp(x, win.kernel, win.strides, win.begin, win.dilations, bool(win.torch_ceil_mode()))
+        y = torch.empty((key[0], key[1], *win.out), memory_format=torch.channels_last)
+        prim.run(x, y)
+        return y
+    return k_dnnl
 
 
 def _global_avg(keep: bool) -> Kernel:
