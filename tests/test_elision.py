@@ -178,3 +178,21 @@ def test_concat_heavy_models_with_destination_passing(name: str) -> None:
     got = fn([torch.from_numpy(x)])
     for a, b in zip(got, run_oracle(m, {g.inputs[0].name: x})):
         assert rel_error(a.numpy(), b) <= 1e-4
+
+
+def test_dense_only_destinations_are_not_given_concat_slices() -> None:
+    """A kernel whose out= must be dense (strided_out False) gets arena slots but no Concat slice: its
+    Concat stays a real step."""
+    g = _graph(2)
+    base = _writing_factory([])
+
+    def factory(node: Node) -> Any:
+        k = base(node)
+        if node.op_type == "Sigmoid":
+            k.strided_out = False  # type: ignore[attr-defined]
+        return k
+    fn = GraphFunction(g, CPU, factory)
+    assert fn.elided == 1  # cat2 (reads d = Sigmoid) stays
+    x = torch.randn(2, 4, 5, 6)
+    for a, b in zip(fn([x]), GraphFunction(g, CPU)([x])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

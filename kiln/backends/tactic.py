@@ -32,6 +32,8 @@ class Tactic:
                output's shape and dtype, possibly a strided view such as a slice of a Concat's output; or
                a tuple of such tensors, up to writes_out of them), write the result there instead of
                allocating, and return the first
+    strided_out: its `out=` may be any strided view (a channel slice of a Concat's output); False: only a
+               dense tensor of the output's own layout (an arena slot), so no Concat is elided into it
     is_view:   its kernels return a view of their input: nothing is launched, nothing is timed
     elides:    the runtime removes the layer (its producers write its output; see kiln.backends.views)
     """
@@ -40,6 +42,7 @@ class Tactic:
     devices: tuple[str, ...] = ("cpu", "cuda")
     priority: int = 0
     writes_out: int = 0
+    strided_out: bool = True
     is_view: bool = False
     elides: bool = False
 

@@ -60,7 +60,8 @@ class Engine:
                 raise PlanFormatError(f"{where}: plan names tactic '{tid}' unknown to this Kiln version")
             kernel = t.build(node, cfg, self.device)
             if t.writes_out:
-                kernel.writes_out = t.writes_out  # the runtime may hand it slices of elided Concats as out=
+                kernel.writes_out = t.writes_out  # the runtime may hand it arena slots or Concat slices as out=
+                kernel.strided_out = t.strided_out
             return kernel
 
         t0 = time.perf_counter()

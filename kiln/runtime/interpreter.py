@@ -162,7 +162,8 @@ class GraphFunction:
                 j = index.get(id(p), -1) if p is not None else -1
                 ext = v.type.shape[axis] if v is not None and v.type.shape is not None else None
                 if (j < 0 or len(p.outputs) != 1 or not isinstance(ext, int)  # type: ignore[union-attr]
-                        or int(getattr(kernels[j], "writes_out", 0)) <= len(writes.get(j, []))):
+                        or int(getattr(kernels[j], "writes_out", 0)) <= len(writes.get(j, []))
+                        or not getattr(kernels[j], "strided_out", True)):
                     break
                 spans.append((j, start, ext))
                 start += ext

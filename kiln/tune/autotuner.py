@@ -191,8 +191,8 @@ class Autotuner:
         for k, (n, choices) in enumerate(plans):
             want = max((homes.get(id(o), 0) for o in n.outputs), default=0)
             if want:  # feeds Concats to elide: only tactics that can write into their slices
-                direct = ([c for c in choices if c[0].writes_out >= want]
-                          or [c for c in choices if c[0].writes_out])
+                direct = ([c for c in choices if c[0].writes_out >= want and c[0].strided_out]
+                          or [c for c in choices if c[0].writes_out and c[0].strided_out])
                 plans[k] = (n, direct or choices)
         tunable = [p for p in plans if self.level > 0 and len(p[1]) > 1]
         progress = Progress(self.logger, len(tunable), "Autotuning")
@@ -230,7 +230,8 @@ class Autotuner:
             p = v.producer if v is not None else None
             tid = chosen.get(id(p), ("?", {}))[0] if p is not None else "?"
             t = get_tactic(tid)
-            if t is None or t.writes_out <= self._homes.get(id(v), 0) or len(p.outputs) != 1:  # type: ignore[union-attr]
+            if (t is None or t.writes_out <= self._homes.get(id(v), 0) or not t.strided_out
+                    or len(p.outputs) != 1):  # type: ignore[union-attr]
                 blockers.append(f"{p.name if p is not None else v}: {tid}")
         if not blockers:
             for v in n.inputs:

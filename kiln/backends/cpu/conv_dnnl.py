@@ -15,7 +15,7 @@ import torch
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
 from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library
 from kiln.backends.tactic import Kernel, register_tactic
-from kiln.errors import PlanFormatError
+from kiln.errors import KilnError, PlanFormatError
 from kiln.ir.graph import Node
 from kiln.ops.conv import same_pads
 
@@ -39,6 +39,8 @@ class DnnlConvTactic(CpuTactic):
 
     id = "cpu.conv_dnnl"
     priority = 12
+    writes_out = 1  # into an arena slot of its own layout (a strided Concat slice gets oneDNN's slow paths)
+    strided_out = False
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
@@ -75,12 +77,18 @@ class DnnlConvTactic(CpuTactic):
         k_out = int(w.shape[0])
         cache: dict[tuple[Any, ...], Convolution] = {}
 
-        def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+        def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
+                   out: Tensor | None = None) -> Tensor:
             n, _, h, wd = x.shape
             pad_l, pad_r = _pads(node, kernel, [h, wd], strides, dilations)
             oh = (h + pad_l[0] + pad_r[0] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
             ow = (wd + pad_l[1] + pad_r[1] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
-            y = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
+            shape = (n, k_out, oh, ow)
+            if out is not None and (tuple(out.shape) != shape
+                                    or not out.is_contiguous(memory_format=torch.channels_last)):
+                raise KilnError(f"'{node.name}' takes a channels-last destination of shape {list(shape)}, "
+                                f"got {list(out.shape)} with strides {list(out.stride())}")
+            y = out if out is not None else torch.empty(shape, memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)  # the layout the primitive was tuned for
             if z is not None:
                 z = z.contiguous(memory_format=torch.channels_last)
