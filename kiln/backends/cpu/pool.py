@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
 from kiln.backends.cpu.dnnl import MaxPooling, library as dnnl_library
