@@ -533,6 +533,10 @@ def test_concat(axis: int) -> None:
     node = make_node("Concat", [(x, False) for x in xs], None, {"axis": axis}, opset=13)
     got, want = run_both(node, "cpu.concat", xs)
     assert torch.equal(got, want)
+    kernel = get_tactic("cpu.concat").build(node, {}, torch.device("cpu"))
+    big = torch.randn(2 * want.shape[0], *want.shape[1:]).contiguous(memory_format=torch.channels_last)
+    out = big[: want.shape[0]]  # a destination (an arena slot): the result is written there
+    assert kernel(*xs, out=out) is out and torch.equal(out, want)
 
 
 # ---- end to end -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class CpuConcatTactic(Tactic):
     id = "cpu.concat"
     devices = ("cpu",)
     priority = 10
+    writes_out = 1  # each input copied straight into its slice of the destination (an arena slot)
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         if ctx.device.type != "cpu" or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
@@ -29,8 +30,15 @@ class CpuConcatTactic(Tactic):
         axis = concat_axis(node)
         cat = torch.cat
 
-        def k_cat(*xs: Tensor) -> Tensor:
-            return cat(xs, axis)
+        def k_cat(*xs: Tensor, out: Tensor | None = None) -> Tensor:
+            if out is None:
+                return cat(xs, axis)
+            start = 0
+            for x in xs:
+                n = x.shape[axis]
+                out.narrow(axis, start, n).copy_(x)
+                start += n
+            return out
         return k_cat
 
 
