@@ -148,6 +148,10 @@ class Graph:
                     g._replace_captured(old, new)
             self.outputs = [new if v is old else v for v in self.outputs]
 
+    def input_symbols(self) -> set[str]:
+        """Symbolic dims named by the graph inputs' shapes (bound from the actual inputs at run time)."""
+        return {d for v in self.inputs for d in (v.type.shape or ()) if isinstance(d, str)}
+
     def values(self) -> Iterable[Value]:
         """Every distinct value of this graph (not of its subgraphs)."""
         seen: set[int] = set()

@@ -57,7 +57,7 @@ class MarkConcatElision(Pass):
         shape, rank = n.outputs[0].type.shape, n.outputs[0].type.rank
         if shape is None or not rank or not -rank <= int(n.attr("axis", 1)) < rank:
             return False
-        symbols = {d for v in g.inputs if v.type.shape is not None for d in v.type.shape if isinstance(d, str)}
+        symbols = g.input_symbols()
         if not all(isinstance(d, int) or d in symbols for d in shape):
             return False
         axis = int(n.attr("axis", 1)) % rank

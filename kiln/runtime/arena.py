@@ -42,7 +42,7 @@ class ActivationArena:
             for s in st.outs:
                 if st.out:  # writes into elided Concat buffers
                     roots[s] = {buf for buf, *_ in st.out}
-                elif writes and len(st.outs) == 1 and s not in outputs and _resolvable(out_types.get(s), symbols):
+                elif writes and len(st.outs) == 1 and s not in outputs and resolvable(out_types.get(s), symbols):
                     t = out_types[s]
                     self.specs[s] = (tuple(t.shape), t.dtype.torch, t.rank == 4, i)  # type: ignore[arg-type,union-attr]
                     roots[s] = {s}
@@ -92,6 +92,7 @@ class ActivationArena:
         return mp.arena_bytes, {int(name): (off, shapes[int(name)]) for name, off in mp.offsets.items()}
 
 
-def _resolvable(t: TensorType | None, symbols: set[str]) -> bool:
+def resolvable(t: TensorType | None, symbols: set[str]) -> bool:
+    """A type whose shape is known at run time once the graph inputs' symbols are bound."""
     return (t is not None and t.dtype is not None and t.shape is not None
             and all(isinstance(d, int) or d in symbols for d in t.shape))

@@ -8,7 +8,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
-from kiln.runtime.arena import ActivationArena
+from kiln.runtime.arena import ActivationArena, resolvable
 
 KernelFactory = Callable[[Node], Callable[..., Any]]
 StepHook = Callable[[Node, float], None]
@@ -119,7 +119,7 @@ class GraphFunction:
         self.elided = len(elided)
         self.arena: ActivationArena | None = None
         if any(getattr(k, "writes_out", 0) for k in kernels):
-            symbols = {d for v in graph.inputs for d in (v.type.shape or ()) if isinstance(d, str)}
+            symbols = graph.input_symbols()
             out_types = {slot[(id(v), False)]: v.type for n in nodes for v in n.outputs}
             arena = ActivationArena(self.steps, out_types, self.output_slots, symbols)
             if arena.placed:
@@ -147,13 +147,11 @@ class GraphFunction:
         elided: set[int] = set()
         writes: dict[int, list[tuple[int, int, int, int]]] = {}
         allocs: dict[int, list[_Alloc]] = {}
-        symbols = {d for v in graph.inputs if v.type.shape is not None for d in v.type.shape if isinstance(d, str)}
+        symbols = graph.input_symbols()
         for i, (n, k) in enumerate(zip(graph.nodes, kernels)):
             axis = getattr(k, "elide_axis", None)
             out_t = n.outputs[0].type if len(n.outputs) == 1 else None
-            if axis is None or out_t is None or out_t.shape is None or out_t.dtype is None:
-                continue
-            if not all(isinstance(d, int) or d in symbols for d in out_t.shape):
+            if axis is None or not resolvable(out_t, symbols):
                 continue
             spans: list[tuple[int, int, int]] = []  # (producer step, start, length)
             start = 0

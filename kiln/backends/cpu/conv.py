@@ -51,6 +51,7 @@ class ConvGeometry:
         else:
             pads = [int(p) for p in node.attr("pads", None) or [0, 0, 0, 0]]
         begin, end = pads[:2], pads[2:]
+        self.begin, self.end = begin, end
         self.padding = [max(0, min(b, e)) for b, e in zip(begin, end)]
         extra_b = [b - p for b, p in zip(begin, self.padding)]
         extra_e = [e - p for e, p in zip(end, self.padding)]
@@ -60,6 +61,7 @@ class ConvGeometry:
         """The same geometry once the extra pad has been applied to the input."""
         g = object.__new__(ConvGeometry)
         g.strides, g.dilations, g.groups, g.padding, g.extra = self.strides, self.dilations, self.groups, self.padding, None
+        g.begin, g.end = self.padding, self.padding
         return g
 
     def is_pointwise(self, kernel: list[int]) -> bool:

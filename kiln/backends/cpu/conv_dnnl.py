@@ -13,25 +13,13 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
+from kiln.backends.cpu.conv import ConvGeometry
 from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.errors import KilnError, PlanFormatError
 from kiln.ir.graph import Node
-from kiln.ops.conv import same_pads
 
 Tensor = torch.Tensor
-
-
-def _pads(node: Node, kernel: list[int], sizes: list[int], strides: list[int], dilations: list[int]
-          ) -> tuple[list[int], list[int]]:
-    mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-    if mode in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(mode, sizes, kernel, strides, dilations)
-    elif mode == "VALID":
-        pads = [0, 0, 0, 0]
-    else:
-        pads = [int(p) for p in node.attr("pads", None) or [0, 0, 0, 0]]
-    return pads[:2], pads[2:]
 
 
 class DnnlConvTactic(CpuTactic):
@@ -68,35 +56,34 @@ class DnnlConvTactic(CpuTactic):
         b_v = node.input(2)
         b = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
         kernel = [int(k) for k in w.shape[2:]]
-        strides = [int(s) for s in node.attr("strides", None) or [1, 1]]
-        dilations = [int(d) for d in node.attr("dilations", None) or [1, 1]]
-        groups = int(node.attr("group", 1))
         fused = node.op_type == "FusedConv"
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
         k_out = int(w.shape[0])
-        cache: dict[tuple[Any, ...], Convolution] = {}
+        # per input shape and strides: (primitive, output shape); geometry resolved on a miss only
+        cache: dict[tuple[Any, ...], tuple[Convolution, tuple[int, ...]]] = {}
 
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
-            n, _, h, wd = x.shape
-            pad_l, pad_r = _pads(node, kernel, [h, wd], strides, dilations)
-            oh = (h + pad_l[0] + pad_r[0] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
-            ow = (wd + pad_l[1] + pad_r[1] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
-            shape = (n, k_out, oh, ow)
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout the primitive was tuned for
+            if z is not None:
+                z = z.contiguous(memory_format=torch.channels_last)
+            key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
+            entry = cache.get(key)
+            if entry is None:
+                geo = ConvGeometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
+                oh, ow = ((n + b + e - d * (k - 1) - 1) // s + 1 for n, b, e, d, k, s in
+                          zip(x.shape[2:], geo.begin, geo.end, geo.dilations, kernel, geo.strides))
+                shape = (int(x.shape[0]), k_out, oh, ow)
+                y0 = torch.empty(shape, memory_format=torch.channels_last)
+                entry = cache[key] = (Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin,
+                                                  geo.end, geo.groups, act, alpha, beta, act_first), shape)
+            prim, shape = entry
             if out is not None and (tuple(out.shape) != shape
                                     or not out.is_contiguous(memory_format=torch.channels_last)):
                 raise KilnError(f"'{node.name}' takes a channels-last destination of shape {list(shape)}, "
                                 f"got {list(out.shape)} with strides {list(out.stride())}")
             y = out if out is not None else torch.empty(shape, memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)  # the layout the primitive was tuned for
-            if z is not None:
-                z = z.contiguous(memory_format=torch.channels_last)
-            key = (tuple(x.shape), x.stride(), None if z is None else (tuple(z.shape), z.stride()))
-            prim = cache.get(key)
-            if prim is None:
-                prim = cache[key] = Convolution(lib, x, w, b, y, z, strides, dilations, pad_l, pad_r, groups,
-                                                act, alpha, beta, act_first)
             prim.run(x, y) if z is None else prim.run(x, y, z)
             return y
         k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
