@@ -323,8 +323,7 @@ def test_pool(op: str, k: int, s: int, pads: list[int], ceil: int, include_pad: 
 @pytest.mark.parametrize("kernel, strides, pads", [
     ([3, 3], [2, 2], [1, 1, 1, 1]), ([5, 5], [2, 2], [2, 2, 2, 2]), ([3, 3], [1, 1], [1, 1, 1, 1]),
     ([3, 2], [3, 1], [0, 0, 0, 0]), ([4, 4], [3, 3], [1, 1, 1, 1]), ([1, 3], [1, 2], [0, 1, 0, 1])])
-@pytest.mark.parametrize("algo", ["separable", "aten", pytest.param("dnnl", marks=pytest.mark.skipif(
-    dnnl_library() is None, reason="the oneDNN library (pip install onednn-cpu-gomp) is not installed"))])
+@pytest.mark.parametrize("algo", ["separable", "aten"])
 def test_maxpool_algorithms(kernel: list[int], strides: list[int], pads: list[int], algo: str) -> None:
     x = torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last)
     node = make_node("MaxPool", [(x, False)], None, {"kernel_shape": kernel, "strides": strides, "pads": pads},
@@ -332,10 +331,6 @@ def test_maxpool_algorithms(kernel: list[int], strides: list[int], pads: list[in
     assert {"algo": algo} in get_tactic("cpu.pool").configs(node, CPU)
     got, want = run_both(node, "cpu.pool", [x], {"algo": algo})
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    if algo == "dnnl":  # another input size through the same kernel: a new primitive
-        x2 = torch.randn(1, 8, 11, 16)
-        kernel = get_tactic("cpu.pool").build(node, {"algo": algo}, torch.device("cpu"))
-        torch.testing.assert_close(kernel(x2), lookup("MaxPool", "").compute(node, x2), rtol=0, atol=0)
 
 
 def test_maxpool_dilated_and_declines_asymmetric() -> None:

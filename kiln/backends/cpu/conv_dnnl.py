@@ -14,9 +14,8 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
 from kiln.backends.cpu.conv import ConvGeometry
-from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library
+from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library, require_library, shape_cached
 from kiln.backends.tactic import Kernel, register_tactic
-from kiln.errors import KilnError, PlanFormatError
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -48,10 +47,7 @@ class DnnlConvTactic(CpuTactic):
         return mode in ("NOTSET", "VALID") or x.type.is_static  # type: ignore[union-attr]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
-        lib = library()
-        if lib is None:
-            raise PlanFormatError(f"layer '{node.name}' uses tactic {self.id}, which needs the oneDNN library "
-                                  f"(pip install onednn-cpu-gomp); rebuild the plan without it or install it")
+        lib = require_library(node, self.id)
         w = node.inputs[1].const.float().contiguous()  # type: ignore[union-attr]
         b_v = node.input(2)
         b = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
@@ -60,32 +56,21 @@ class DnnlConvTactic(CpuTactic):
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
         k_out = int(w.shape[0])
-        # per input shape and strides: (primitive, output shape); geometry resolved on a miss only
-        cache: dict[tuple[Any, ...], tuple[Convolution, tuple[int, ...]]] = {}
+
+        def make(x: Tensor, z: Tensor | None) -> tuple[Convolution, tuple[int, ...]]:
+            geo = ConvGeometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
+            oh, ow = ((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, lo, hi, d, k, s in
+                      zip(x.shape[2:], geo.begin, geo.end, geo.dilations, kernel, geo.strides))
+            shape = (int(x.shape[0]), k_out, oh, ow)
+            y0 = torch.empty(shape, memory_format=torch.channels_last)
+            return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.groups,
+                               act, alpha, beta, act_first), shape
+        run = shape_cached(node.name, make)
 
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
             x = x.contiguous(memory_format=torch.channels_last)  # the layout the primitive was tuned for
-            if z is not None:
-                z = z.contiguous(memory_format=torch.channels_last)
-            key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
-            entry = cache.get(key)
-            if entry is None:
-                geo = ConvGeometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
-                oh, ow = ((n + b + e - d * (k - 1) - 1) // s + 1 for n, b, e, d, k, s in
-                          zip(x.shape[2:], geo.begin, geo.end, geo.dilations, kernel, geo.strides))
-                shape = (int(x.shape[0]), k_out, oh, ow)
-                y0 = torch.empty(shape, memory_format=torch.channels_last)
-                entry = cache[key] = (Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin,
-                                                  geo.end, geo.groups, act, alpha, beta, act_first), shape)
-            prim, shape = entry
-            if out is not None and (tuple(out.shape) != shape
-                                    or not out.is_contiguous(memory_format=torch.channels_last)):
-                raise KilnError(f"'{node.name}' takes a channels-last destination of shape {list(shape)}, "
-                                f"got {list(out.shape)} with strides {list(out.stride())}")
-            y = out if out is not None else torch.empty(shape, memory_format=torch.channels_last)
-            prim.run(x, y) if z is None else prim.run(x, y, z)
-            return y
+            return run(x, None if z is None else z.contiguous(memory_format=torch.channels_last), out)
         k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
         return k_conv
 

@@ -15,16 +15,19 @@ import os
 import site
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from kiln.errors import KilnError, PlanFormatError
 
 P = C.c_void_p
 Dims = C.c_int64 * 12
 
 F32 = 3
 CPU_ENGINE, IN_ORDER = 1, 1
-FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD, POOLING_MAX = 96, 1, 0x1FFF0, 0x1FF
+FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
+POOLING_MAX, POOLING_AVG_INCLUDE_PAD, POOLING_AVG_EXCLUDE_PAD = 0x1FF, 0x2FF, 0x3FF
 QUERY_IMPL_INFO, QUERY_WEIGHTS_MD = 8, 131
 ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS = 1, 2, 17, 33, 41
 POST_OP_ARG_BASE = 32768
@@ -117,6 +120,15 @@ def library() -> _Lib | None:
     return _LIB
 
 
+def require_library(node: Any, tactic: str) -> _Lib:
+    """The library for building a layer that a plan assigned to a oneDNN tactic; one clear error without it."""
+    lib = library()
+    if lib is None:
+        raise PlanFormatError(f"layer '{node.name}' uses tactic {tactic}, which needs the oneDNN library "
+                              f"(pip install onednn-cpu-gomp); rebuild the plan without it or install it")
+    return lib
+
+
 class _Primitive:
     """A created primitive with its memory objects; `run` points the per-call ones at the given tensors."""
 
@@ -135,6 +147,13 @@ class _Primitive:
         self.args = (_Arg * len(args))(*args)
         self.lock = threading.Lock()
 
+    def _weights(self, lib: _Lib, pd: Any, w: torch.Tensor, shape: list[int]) -> None:
+        """Reorder the weights once into the layout the primitive chose (self.weights, self.w_md)."""
+        self.w_md = lib.dll.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
+        self.weights = torch.empty(lib.dll.dnnl_memory_desc_get_size(self.w_md), dtype=torch.uint8)
+        plain = w.detach().float().contiguous().reshape(shape)
+        _reorder(lib, lib.md(shape, plain.stride()), plain.data_ptr(), self.w_md, self.weights.data_ptr())
+
     def run(self, *tensors: torch.Tensor) -> None:
         d = self.lib.dll
         with self.lock:
@@ -143,6 +162,28 @@ class _Primitive:
             status = d.dnnl_primitive_execute(self.prim, self.lib.stream, len(self.args), self.args)
         if status != 0:
             raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
+
+
+def _post_ops(lib: _Lib, act: str, alpha: float, beta: float, z: torch.Tensor | None,
+              act_first: bool) -> tuple[P, int, Any]:
+    """Primitive attributes with the residual add (`z`) and the activation as post-ops in the node's order:
+    (attributes, the execute argument of z or -1, z's memory descriptor or None)."""
+    d = lib.dll
+    attr, po = P(), P()
+    lib.ok(d.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
+    lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
+    z_arg, z_md = -1, None
+    for op in (["act", "z"] if act_first else ["z", "act"]):
+        if op == "act" and act:
+            alg, params = ELTWISE[act]
+            a, bb = params(alpha, beta)
+            lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, C.c_float(a), C.c_float(bb)), "eltwise post-op")
+        elif op == "z" and z is not None:
+            z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
+            z_md = lib.md(z.shape, z.stride())
+            lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, z_md), "binary post-op")
+    lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
+    return attr, z_arg, z_md
 
 
 class Convolution(_Primitive):
@@ -160,48 +201,57 @@ class Convolution(_Primitive):
         w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
         src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
         b_md = lib.md([k], [1]) if b is not None else None
-        attr, po = P(), P()
-        lib.ok(d.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
-        lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
-        z_arg, z_md = -1, None
-        for op in (["act", "z"] if act_first else ["z", "act"]):
-            if op == "act" and act:
-                alg, params = ELTWISE[act]
-                a, bb = params(alpha, beta)
-                lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, C.c_float(a), C.c_float(bb)), "eltwise post-op")
-            elif op == "z" and z is not None:
-                z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
-                z_md = lib.md(z.shape, z.stride())
-                lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, z_md), "binary post-op")
-        lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
+        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
         pd = P()
         lib.ok(d.dnnl_convolution_forward_primitive_desc_create(
             C.byref(pd), lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(w_shape, None),
             b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr),
             "convolution descriptor")
-        w_md = d.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
-        self.weights = torch.empty(d.dnnl_memory_desc_get_size(w_md), dtype=torch.uint8)
-        plain = w.detach().float().contiguous().reshape(w_shape)
-        _reorder(lib, lib.md(w_shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
+        self._weights(lib, pd, w, w_shape)
         self.bias = None if b is None else b.detach().float().contiguous()
-        fixed = [(ARG_WEIGHTS, w_md, self.weights.data_ptr())]
+        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
         if self.bias is not None:
             fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
         dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
         self._finish(lib, pd, fixed, dynamic)
 
 
-class MaxPooling(_Primitive):
-    """One oneDNN max pooling primitive for fixed input/output shapes and strides: `run(x, y)`."""
+class Pooling(_Primitive):
+    """One oneDNN pooling primitive (max, or average with/without pads) for fixed input/output shapes and
+    strides: `run(x, y)`."""
 
-    def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
-                 dilations: Sequence[int], pad_l: Sequence[int], pad_r: Sequence[int]) -> None:
+    def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor, algorithm: int, kernel: Sequence[int],
+                 strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
+                 pad_r: Sequence[int]) -> None:
         src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
         pd = P()
         lib.ok(lib.dll.dnnl_pooling_forward_primitive_desc_create(
-            C.byref(pd), lib.engine, FORWARD_INFERENCE, POOLING_MAX, src_md, dst_md, Dims(*strides), Dims(*kernel),
+            C.byref(pd), lib.engine, FORWARD_INFERENCE, algorithm, src_md, dst_md, Dims(*strides), Dims(*kernel),
             Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), None), "pooling descriptor")
         self._finish(lib, pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+
+
+class InnerProduct(_Primitive):
+    """One oneDNN inner product y = x W^T (+ b) for a fixed [N, K] input: weights [O, K] reordered once into
+    the primitive's layout; residual add and activation as post-ops. `run(x, y[, z])`."""
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 z: torch.Tensor | None, act: str, alpha: float, beta: float, act_first: bool) -> None:
+        d = lib.dll
+        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        b_md = lib.md([int(w.shape[0])], [1]) if b is not None else None
+        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
+        pd = P()
+        lib.ok(d.dnnl_inner_product_forward_primitive_desc_create(
+            C.byref(pd), lib.engine, FORWARD_INFERENCE, src_md, lib.md(w.shape, None), b_md, dst_md, attr),
+            "inner product descriptor")
+        self._weights(lib, pd, w, list(w.shape))
+        self.bias = None if b is None else b.detach().float().contiguous()
+        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
+        if self.bias is not None:
+            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
+        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
+        self._finish(lib, pd, fixed, dynamic)
 
 
 def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
@@ -213,3 +263,33 @@ def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
     lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "reorder")
     args = (_Arg * 2)(_Arg(ARG_SRC, lib.memory(src_md, src)), _Arg(ARG_DST, lib.memory(dst_md, dst)))
     lib.ok(d.dnnl_primitive_execute(prim, lib.stream, 2, args), "reorder")
+
+
+Made = tuple[_Primitive, tuple[int, ...]]
+
+
+def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made]
+                 ) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]:
+    """A layer's per-call function over primitives made once per input shape and strides.
+
+    make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
+    into `out` (dense, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns it.
+    """
+    cache: dict[tuple[Any, ...], Made] = {}
+
+    def run(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+        key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = make(x, z)
+        prim, shape = entry
+        fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+        if out is None:
+            out = torch.empty(shape, memory_format=fmt)
+        elif tuple(out.shape) != shape or not out.is_contiguous(memory_format=fmt):
+            raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)}"
+                            f"{' (channels-last)' if len(shape) == 4 else ''}, got {list(out.shape)} with "
+                            f"strides {list(out.stride())}")
+        prim.run(x, out) if z is None else prim.run(x, out, z)
+        return out
+    return run

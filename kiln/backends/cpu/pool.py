@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
-from kiln.backends.cpu.dnnl import MaxPooling, library as dnnl_library
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.pool import Window
@@ -35,7 +34,7 @@ def _window(node: Node) -> Window | None:
     return win if win.torch_ceil_mode() is not None else None
 
 
-def _spatial_mean(node: Node) -> tuple[bool, bool] | None:
+def spatial_mean(node: Node) -> tuple[bool, bool] | None:
     """(is a mean over H, W; keepdims) for ReduceMean nodes reducing exactly axes 2 and 3 of a 4-D input."""
     if node.op_type != "ReduceMean":
         return None
@@ -63,7 +62,7 @@ class CpuPoolTactic(CpuTactic):
         if op in ("GlobalAveragePool", "GlobalMaxPool"):
             return True
         if op == "ReduceMean":
-            return _spatial_mean(node) is not None
+            return spatial_mean(node) is not None
         win = _window(node)
         if win is None:
             return False
@@ -73,7 +72,7 @@ class CpuPoolTactic(CpuTactic):
         win = _window(node) if node.op_type == "MaxPool" else None
         if win is None:
             return [{}]
-        algos = (["separable"] if _separable_ok(win) else []) + ["aten"] + (["dnnl"] if dnnl_library() else [])
+        algos = (["separable"] if _separable_ok(win) else []) + ["aten"]
         return [{"algo": a} for a in algos]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
@@ -85,7 +84,7 @@ class CpuPoolTactic(CpuTactic):
                 return torch.amax(x, (2, 3), keepdim=True)
             return k_gmax
         if op == "ReduceMean":
-            kernel = _global_avg(_spatial_mean(node)[1])  # type: ignore[index]
+            kernel = _global_avg(spatial_mean(node)[1])  # type: ignore[index]
             kernel.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
             return kernel
         win = _window(node)
@@ -97,8 +96,6 @@ class CpuPoolTactic(CpuTactic):
                 return _max_pool_2x2
             if config.get("algo") == "separable" and _separable_ok(win):
                 return _separable_max_pool(win)
-            if config.get("algo") == "dnnl" and dnnl_library() is not None:
-                return _dnnl_max_pool(node)
             mp = getattr(torch.ops.aten.max_pool2d.default, "_op", torch.ops.aten.max_pool2d.default)
 
             def k_max(x: Tensor) -> Tensor:
@@ -171,33 +168,6 @@ def _separable_max_pool(win: Window) -> Kernel:
             x = r
         return x
     return k_sep
-
-
-def _dnnl_max_pool(node: Node) -> Kernel:
-    """Max pooling as a oneDNN primitive on channels-last tensors, one per input shape (aten where the
-    window geometry would need a crop, which oneDNN's pads cannot express)."""
-    lib = dnnl_library()
-    cache: dict[tuple[int, ...], tuple[MaxPooling | None, Window]] = {}
-    mp = torch.ops.aten.max_pool2d.default
-
-    def k_dnnl(x: Tensor) -> Tensor:
-        key = tuple(x.shape)
-        entry = cache.get(key)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if entry is None:
-            win = Window(node, torch.empty(key, device="meta"), ranks=(2,))
-            y0 = torch.empty((key[0], key[1], *win.out), memory_format=torch.channels_last)
-            prim = None
-            if min(win.need) >= 0 and min(win.begin) >= 0:
-                prim = MaxPooling(lib, x, y0, win.kernel, win.strides, win.dilations, win.begin, win.need)
-            entry = cache[key] = (prim, win)
-        prim, win = entry
-        if prim is None:
-            return mp(x, win.kernel, win.strides, win.begin, win.dilations, bool(win.torch_ceil_mode()))
-        y = torch.empty((key[0], key[1], *win.out), memory_format=torch.channels_last)
-        prim.run(x, y)
-        return y
-    return k_dnnl
 
 
 def _global_avg(keep: bool) -> Kernel:

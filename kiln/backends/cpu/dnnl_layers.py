@@ -1,0 +1,138 @@
+"""Pooling and linear layers on oneDNN's own primitives (kiln.backends.cpu.dnnl), one per input shape.
+
+``cpu.pool_dnnl``: MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool and spatial ReduceMean as a
+oneDNN pooling primitive on the channels-last tensors the convolutions produce. ``cpu.linear_dnnl``:
+FusedGemm / Gemm / MatMul with a constant weight as a oneDNN inner product (weights reordered once,
+bias, residual add and activation as post-ops). Both write into the run-time arena and compete under
+the autotuner with the torch-based tactics; inside a network they avoid torch's dispatcher, whose
+cold code paths cost more than the small kernels themselves (see docs/ARCHITECTURE.md). Both decline
+every layer when the oneDNN library is not installed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.backends.cpu.common import CpuTactic, act_attrs, is_f32, shape_hint, static_shape
+from kiln.backends.cpu.dnnl import (ELTWISE, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
+                                    InnerProduct, Pooling, library, require_library, shape_cached)
+from kiln.backends.cpu.gemm import linear_weights
+from kiln.backends.cpu.pool import spatial_mean
+from kiln.backends.tactic import Kernel, register_tactic
+from kiln.ir.graph import Node
+from kiln.ops.pool import Window
+
+Tensor = torch.Tensor
+_GLOBAL = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+
+
+def _pool_geometry(node: Node, x_shape: tuple[int, ...]) -> tuple[int, list[int], list[int], list[int],
+                                                                  list[int], list[int], tuple[int, ...]] | None:
+    """(algorithm, kernel, strides, dilations, pads before, pads after, output shape) at an input shape,
+    or None where oneDNN's pads cannot express the window (a ceil-mode crop)."""
+    n, c, h, w = x_shape
+    op = node.op_type
+    if op in _GLOBAL:
+        alg = POOLING_MAX if op == "GlobalMaxPool" else POOLING_AVG_EXCLUDE_PAD
+        keep = op != "ReduceMean" or spatial_mean(node)[1]  # type: ignore[index]
+        return alg, [h, w], [1, 1], [1, 1], [0, 0], [0, 0], (n, c, 1, 1) if keep else (n, c)
+    win = Window(node, torch.empty(x_shape, device="meta"), ranks=(2,))
+    if min(win.begin) < 0 or win.dilations != [1, 1]:  # dilated pooling: oneDNN's reference loops only
+        return None
+    end = [max(n, 0) for n in win.need]  # a negative need: the last rows are never read (floor division)
+    if op == "MaxPool":
+        alg = POOLING_MAX
+    else:
+        if any(n > e for n, e in zip(win.need, win.end)):  # a ceil-mode extension: ONNX never counts it
+            return None
+        alg = POOLING_AVG_INCLUDE_PAD if int(node.attr("count_include_pad", 0)) else POOLING_AVG_EXCLUDE_PAD
+    return alg, win.kernel, win.strides, win.dilations, win.begin, end, (n, c, *win.out)
+
+
+class DnnlPoolTactic(CpuTactic):
+    """2-D max / average / global pooling and spatial ReduceMean as a cached oneDNN pooling primitive."""
+
+    id = "cpu.pool_dnnl"
+    priority = 11
+    writes_out = 1
+    strided_out = False
+    ops = (("", "MaxPool"), ("", "AveragePool"), ("", "GlobalAveragePool"), ("", "GlobalMaxPool"),
+           ("", "ReduceMean"))
+
+    def accepts(self, node: Node) -> bool:
+        x = node.input(0)
+        if library() is None or not is_f32(x) or x.type.rank != 4 or len(node.outputs) != 1:  # type: ignore[union-attr]
+            return False
+        if node.op_type == "ReduceMean" and spatial_mean(node) is None:
+            return False
+        if node.op_type in _GLOBAL:
+            return True
+        hint = shape_hint(x)  # type: ignore[arg-type]
+        try:
+            return hint is not None and _pool_geometry(node, tuple(hint)) is not None
+        except Exception:
+            return False
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        lib = require_library(node, self.id)
+
+        def make(x: Tensor, _z: Tensor | None) -> tuple[Pooling, tuple[int, ...]]:
+            geo = _pool_geometry(node, tuple(int(s) for s in x.shape))
+            if geo is None:
+                raise ValueError(f"this pooling window needs a crop at input shape {list(x.shape)}")
+            alg, kernel, strides, dilations, begin, end, shape = geo
+            y0 = torch.empty((*shape, 1, 1)[:4], memory_format=torch.channels_last)  # [N, C] as [N, C, 1, 1]
+            return Pooling(lib, x, y0, alg, kernel, strides, dilations, begin, end), shape
+        run = shape_cached(node.name, make)
+
+        def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
+            return run(x.contiguous(memory_format=torch.channels_last), None, out)
+        if node.op_type == "ReduceMean":
+            k_pool.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
+        return k_pool
+
+
+class DnnlLinearTactic(CpuTactic):
+    """FusedGemm / Gemm / MatMul with a constant weight as a cached oneDNN inner product (2-D input)."""
+
+    id = "cpu.linear_dnnl"
+    priority = 11
+    writes_out = 1
+    strided_out = False
+    ops = (("kiln", "FusedGemm"), ("", "Gemm"), ("ai.onnx", "Gemm"), ("", "MatMul"), ("ai.onnx", "MatMul"))
+
+    def accepts(self, node: Node) -> bool:
+        a = node.input(0)
+        if library() is None or not is_f32(a) or a.type.rank != 2 or len(node.outputs) != 1:  # type: ignore[union-attr]
+            return False
+        if node.domain == "kiln":
+            z = node.input(3)
+            if act_attrs(node)[0] not in ("", *ELTWISE):
+                return False
+            if z is not None and (not is_f32(z) or static_shape(z) is None
+                                  or static_shape(z) != static_shape(node.outputs[0])):
+                return False
+        return linear_weights(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        lib = require_library(node, self.id)
+        w, b = linear_weights(node)  # type: ignore[misc]
+        fused = node.domain == "kiln"
+        act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
+        act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
+
+        def make(x: Tensor, z: Tensor | None) -> tuple[InnerProduct, tuple[int, ...]]:
+            shape = (int(x.shape[0]), int(w.shape[0]))
+            return InnerProduct(lib, x, w, b, torch.empty(shape), z, act, alpha, beta, act_first), shape
+        run = shape_cached(node.name, make)
+
+        def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
+                     out: Tensor | None = None) -> Tensor:
+            return run(a.contiguous(), None if z is None else z.contiguous(), out)
+        k_linear.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # weight and bias live in the kernel
+        return k_linear
+
+
+register_tactic(DnnlPoolTactic())
+register_tactic(DnnlLinearTactic())
