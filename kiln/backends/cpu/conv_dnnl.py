@@ -14,7 +14,7 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
 from kiln.backends.cpu.conv import ConvGeometry
-from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library, require_library, shape_cached
+from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, Convolution, library, require_library, shape_cached
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.ir.graph import Node
 
@@ -66,11 +66,11 @@ class DnnlConvTactic(CpuTactic):
             return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.groups,
                                act, alpha, beta, act_first), shape
         run = shape_cached(node.name, make)
+        x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)  # the layout the primitives are made for
 
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
-            x = x.contiguous(memory_format=torch.channels_last)  # the layout the primitive was tuned for
-            return run(x, None if z is None else z.contiguous(memory_format=torch.channels_last), out)
+            return run(x_cl(x), None if z is None else z_cl(z), out)
         k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
         return k_conv
 

@@ -144,7 +144,8 @@ class _Primitive:
         lib.ok(lib.dll.dnnl_primitive_create(C.byref(self.prim), pd), "primitive")
         self.mems = [lib.memory(md, 0) for _, md in dynamic]
         args = [_Arg(a, lib.memory(md, ptr)) for a, md, ptr in fixed] + [_Arg(a, m) for (a, _), m in zip(dynamic, self.mems)]
-        self.args = (_Arg * len(args))(*args)
+        self.args, self.nargs = (_Arg * len(args))(*args), len(args)
+        self.ptrs = [0] * len(dynamic)
         self.lock = threading.Lock()
 
     def _weights(self, lib: _Lib, pd: Any, w: torch.Tensor, shape: list[int]) -> None:
@@ -157,9 +158,13 @@ class _Primitive:
     def run(self, *tensors: torch.Tensor) -> None:
         d = self.lib.dll
         with self.lock:
-            for m, t in zip(self.mems, tensors):
-                d.dnnl_memory_set_data_handle(m, t.data_ptr())
-            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, len(self.args), self.args)
+            ptrs = self.ptrs
+            for i, t in enumerate(tensors):
+                p = t.data_ptr()
+                if p != ptrs[i]:  # arena slots keep their addresses from one inference to the next
+                    d.dnnl_memory_set_data_handle(self.mems[i], p)
+                    ptrs[i] = p
+            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, self.nargs, self.args)
         if status != 0:
             raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
 
@@ -254,6 +259,44 @@ class InnerProduct(_Primitive):
         self._finish(lib, pd, fixed, dynamic)
 
 
+class Reorder(_Primitive):
+    """One oneDNN reorder (a jit copy between layouts) for fixed source and destination shapes and strides."""
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor) -> None:
+        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        pd = P()
+        lib.ok(lib.dll.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, dst_md, lib.engine, None),
+               "reorder descriptor")
+        self._finish(lib, pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+
+
+class ChannelsLast:
+    """Brings a kernel input into the dense channels-last layout its primitives were made for.
+
+    A tensor already in it passes through; any other (a network's NCHW input, a strided view) is copied
+    by a cached oneDNN reorder into a buffer this object keeps per thread and reuses on every call
+    (about half the time of torch's permuting copy, and no allocation).
+    """
+
+    def __init__(self, lib: _Lib) -> None:
+        self.lib = lib
+        self.reorders: dict[tuple[Any, ...], Reorder] = {}
+        self.local = threading.local()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return x.contiguous() if x.dim() != 4 else x
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.shape != x.shape:
+            buf = self.local.buf = torch.empty(x.shape, memory_format=torch.channels_last)
+        key = (x.shape, x.stride())
+        prim = self.reorders.get(key)
+        if prim is None:
+            prim = self.reorders[key] = Reorder(self.lib, x, buf)
+        prim.run(x, buf)
+        return buf
+
+
 def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
     """Copy src into dst's layout once (weights into the layout a primitive chose)."""
     d = lib.dll
@@ -275,18 +318,18 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
     make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
     into `out` (dense, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns it.
     """
-    cache: dict[tuple[Any, ...], Made] = {}
+    cache: dict[tuple[Any, ...], tuple[_Primitive, tuple[int, ...], torch.memory_format]] = {}
 
     def run(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
         entry = cache.get(key)
         if entry is None:
-            entry = cache[key] = make(x, z)
-        prim, shape = entry
-        fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+            prim, shape = make(x, z)
+            entry = cache[key] = (prim, shape, torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+        prim, shape, fmt = entry
         if out is None:
             out = torch.empty(shape, memory_format=fmt)
-        elif tuple(out.shape) != shape or not out.is_contiguous(memory_format=fmt):
+        elif out.shape != shape or not out.is_contiguous(memory_format=fmt):
             raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)}"
                             f"{' (channels-last)' if len(shape) == 4 else ''}, got {list(out.shape)} with "
                             f"strides {list(out.stride())}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, is_f32, shape_hint, static_shape
-from kiln.backends.cpu.dnnl import (ELTWISE, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
+from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
                                     InnerProduct, Pooling, library, require_library, shape_cached)
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
@@ -85,9 +85,10 @@ class DnnlPoolTactic(CpuTactic):
             y0 = torch.empty((*shape, 1, 1)[:4], memory_format=torch.channels_last)  # [N, C] as [N, C, 1, 1]
             return Pooling(lib, x, y0, alg, kernel, strides, dilations, begin, end), shape
         run = shape_cached(node.name, make)
+        x_cl = ChannelsLast(lib)
 
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
-            return run(x.contiguous(memory_format=torch.channels_last), None, out)
+            return run(x_cl(x), None, out)
         if node.op_type == "ReduceMean":
             k_pool.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
         return k_pool
