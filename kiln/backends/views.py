@@ -112,7 +112,7 @@ class ConcatElide(Tactic):
         def k_cat(*xs: Tensor) -> Tensor:
             return cat(xs, axis)
         k_cat.elide_axis = axis  # type: ignore[attr-defined]
-        k_cat.channels_last = device.type == "cuda"  # type: ignore[attr-defined]  # the CUDA producers are NHWC
+        k_cat.channels_last = True  # type: ignore[attr-defined]  # conv producers on both backends store NHWC
         return k_cat
 
 

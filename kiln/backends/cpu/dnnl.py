@@ -259,6 +259,20 @@ class InnerProduct(_Primitive):
         self._finish(lib, pd, fixed, dynamic)
 
 
+class MatMul(_Primitive):
+    """One oneDNN (batched) matmul dst = src @ weights for fixed shapes and strides, with constant weights
+    reordered once into the primitive's layout: `run(src, dst)`."""
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        pd = P()
+        lib.ok(lib.dll.dnnl_matmul_primitive_desc_create(C.byref(pd), lib.engine, src_md, lib.md(w.shape, None),
+                                                         None, dst_md, None), "matmul descriptor")
+        self._weights(lib, pd, w, list(w.shape))
+        self._finish(lib, pd, [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())],
+                     [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+
+
 class Reorder(_Primitive):
     """One oneDNN reorder (a jit copy between layouts) for fixed source and destination shapes and strides."""
 

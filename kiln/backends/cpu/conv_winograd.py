@@ -1,0 +1,147 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) on the CPU.
+
+Per 4x4 output tile the convolution takes 36 multiplies per input/output channel pair instead of 144:
+the input transform (C, ``native/winograd.c``) turns each 6x6 input tile into 36 values per channel, one
+batched GEMM per layer (a oneDNN matmul over the 36 positions, weights transformed and reordered once
+at build) multiplies them with the transformed weights, and the output transform (C) folds the 36
+products back into the 4x4 tile, adding bias and residual and applying the activation as it stores.
+Both transforms address tensors by strides with channels contiguous, so the layer reads channel-slice
+views without a copy and writes into a channel slice of a Concat's output (``strided_out``): on the
+CPU it is the tactic through which a Concat fed by 3x3 convolutions is elided.
+
+Arithmetic error grows with the transform (about 1e-6 relative in float32 on unit-scale data, tested
+against the reference). Layers whose transformed weights exceed ``MAX_WEIGHT_BYTES`` decline: there the
+GEMM streams 4x the weights of a direct convolution from memory on every inference, which isolated
+timing (weights warm in cache) would not show. Declines everything without the oneDNN library or a C
+compiler.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import threading
+from typing import Any
+
+import torch
+
+from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
+from kiln.backends.cpu.conv import ConvGeometry
+from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, library, require_library
+from kiln.backends.cpu import native
+from kiln.backends.tactic import Kernel, register_tactic
+from kiln.errors import KilnError, PlanFormatError
+from kiln.ir.graph import Node
+
+Tensor = torch.Tensor
+MAX_WEIGHT_BYTES = 4 << 20
+_ACTS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3, "Sigmoid": 4, "SiLU": 5, "HardSwish": 6}
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_P, _I, _L, _F = C.c_void_p, C.c_int, C.c_long, C.c_float
+
+
+def _kernels() -> Any:
+    lib = native.load("winograd")
+    if lib is not None and not hasattr(lib, "_kiln_typed"):
+        lib.wino_input.argtypes = [_P, _P] + [_I] * 4 + [_L] * 3 + [_I] * 4
+        lib.wino_output.argtypes = [_P, _P, _P, _P] + [_I] * 4 + [_L] * 6 + [_I] * 2 + [_I, _F, _F, _I]
+        lib._kiln_typed = True
+    return lib
+
+
+def transform_weights(w: Tensor) -> Tensor:
+    """[K, C, 3, 3] -> U [36, C, K] with U[6i+j] = (G g G^T)[i, j] (computed in float64)."""
+    u = torch.einsum("ia,kcab,jb->ijck", _G, w.double(), _G)
+    return u.reshape(36, w.shape[1], w.shape[0]).float().contiguous()
+
+
+class WinogradConvTactic(CpuTactic):
+    """Conv / FusedConv, 3x3, stride 1, no dilation or groups, float32, as Winograd F(4x4, 3x3)."""
+
+    id = "cpu.conv_winograd"
+    priority = 9  # below the direct oneDNN convolution: chosen by timing, not by default
+    writes_out = 1
+    ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
+
+    def accepts(self, node: Node) -> bool:
+        x, wt = node.input(0), const_f32(node.input(1))
+        if library() is None or not is_f32(x) or x.type.rank != 4 or wt is None:  # type: ignore[union-attr]
+            return False
+        if tuple(wt.shape[2:]) != (3, 3) or 36 * wt.shape[0] * wt.shape[1] * 4 > MAX_WEIGHT_BYTES:
+            return False
+        if int(node.attr("group", 1)) != 1 or any(int(s) != 1 for s in node.attr("strides", None) or [1, 1]):
+            return False
+        if any(int(d) != 1 for d in node.attr("dilations", None) or [1, 1]) or len(node.outputs) != 1:
+            return False
+        b = node.input(2)
+        if (b is not None and const_f32(b) is None) or not is_f32(node.outputs[0]):
+            return False
+        if node.op_type == "FusedConv":
+            z = node.input(3)
+            if act_attrs(node)[0] not in _ACTS or (z is not None and not is_f32(z)):
+                return False
+        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
+        if mode not in ("NOTSET", "VALID") and not x.type.is_static:  # type: ignore[union-attr]
+            return False
+        return _kernels() is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        lib = require_library(node, self.id)
+        nat = _kernels()
+        if nat is None:
+            raise PlanFormatError(f"layer '{node.name}' uses tactic {self.id}, which needs a C compiler to build "
+                                  f"its kernels here ({native.error('winograd')}); rebuild the plan without it")
+        w = node.inputs[1].const.float()  # type: ignore[union-attr]
+        k_out, c_in = int(w.shape[0]), int(w.shape[1])
+        u = transform_weights(w)
+        b_v = node.input(2)
+        bias = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
+        fused = node.op_type == "FusedConv"
+        act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
+        code, act_first = _ACTS[act], int(fused and bool(int(node.attr("act_before_add", 0) or 0)))
+        geos: dict[tuple[int, int], ConvGeometry] = {}
+        gemms: dict[int, MatMul] = {}
+        local = threading.local()
+        x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
+        b_ptr = None if bias is None else bias.data_ptr()
+
+        def scratch(tiles: int) -> tuple[Tensor, Tensor]:
+            bufs = getattr(local, "bufs", None)
+            if bufs is None or bufs[0].shape[1] != tiles:
+                bufs = local.bufs = (torch.empty(36, tiles, c_in), torch.empty(36, tiles, k_out))
+            return bufs
+
+        def k_wino(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
+                   out: Tensor | None = None) -> Tensor:
+            if x.stride(1) != 1:
+                x = x_cl(x)
+            n, _, h, wd = (int(s) for s in x.shape)
+            geo = geos.get((h, wd))
+            if geo is None:
+                geo = geos[(h, wd)] = ConvGeometry(node, [3, 3], [h, wd])
+            (pt, pl), (pb, pr) = geo.begin, geo.end
+            oh, ow = h + pt + pb - 2, wd + pl + pr - 2
+            th, tw = (oh + 3) // 4, (ow + 3) // 4
+            tiles = n * th * tw
+            if out is None:
+                out = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
+            elif tuple(out.shape) != (n, k_out, oh, ow) or out.stride(1) != 1:
+                raise KilnError(f"'{node.name}' takes a destination of shape {[n, k_out, oh, ow]} with contiguous "
+                                f"channels, got {list(out.shape)} with strides {list(out.stride())}")
+            if z is not None and z.stride(1) != 1:
+                z = z_cl(z)
+            v, m = scratch(tiles)
+            gemm = gemms.get(tiles)
+            if gemm is None:
+                gemm = gemms[tiles] = MatMul(lib, v, u, m)
+            xs, ys = x.stride(), out.stride()
+            nat.wino_input(x.data_ptr(), v.data_ptr(), n, h, wd, c_in, xs[0], xs[2], xs[3], pt, pl, th, tw)
+            gemm.run(v, m)
+            zs = z.stride() if z is not None else (0, 0, 0, 0)
+            nat.wino_output(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
+                            k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
+            return out
+        k_wino.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
+        return k_wino
+
+
+register_tactic(WinogradConvTactic())

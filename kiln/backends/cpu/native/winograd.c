@@ -1,0 +1,137 @@
+/* Winograd F(4x4, 3x3) transforms for channels-last float32 tensors (Kiln CPU tactic cpu.conv_winograd).
+ *
+ * A stride-1 3x3 convolution becomes, per 4x4 output tile, 36 independent products: the input
+ * transform V = B^T d B of each 6x6 input tile (per channel), a batched GEMM M[p] = V[p] U[p] over the
+ * 36 positions p (done by oneDNN), and the output transform Y = A^T M A (per output channel) with
+ * bias, residual add and activation applied on the way out. Tensors are addressed by element strides
+ * (batch, row, pixel) with channels contiguous, so inputs may be channel slices of a larger tensor and
+ * outputs may be channel slices of a Concat's buffer.
+ */
+#include <string.h>
+#include <math.h>
+
+#define CB 64
+
+enum { ACT_NONE = 0, ACT_RELU, ACT_LEAKY, ACT_CLIP, ACT_SIGMOID, ACT_SILU, ACT_HARDSWISH };
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+
+/* x: element (n, h, w, c) at n*sn + h*sh + w*sw + c. V: [36][T][C], T = N*TH*TW tiles in (n, th, tw) order. */
+void wino_input(const float *x, float *V, int N, int H, int W, int C, long sn, long sh, long sw,
+                int pt, int pl, int TH, int TW) {
+    const long T = (long)N * TH * TW;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < T; t++) {
+        const int n = (int)(t / ((long)TH * TW)), th = (int)(t / TW % TH), tw = (int)(t % TW);
+        float d[6][6][CB], u[6][6][CB];
+        for (int c0 = 0; c0 < C; c0 += CB) {
+            const int cb = imin(CB, C - c0);
+            for (int i = 0; i < 6; i++) {
+                const int ih = th * 4 - pt + i;
+                for (int j = 0; j < 6; j++) {
+                    const int iw = tw * 4 - pl + j;
+                    if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                        memcpy(d[i][j], x + n * sn + ih * sh + iw * sw + c0, sizeof(float) * cb);
+                    else
+                        memset(d[i][j], 0, sizeof(float) * cb);
+                }
+            }
+            for (int j = 0; j < 6; j++) {
+                for (int c = 0; c < cb; c++) {
+                    const float d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c],
+                                d4 = d[4][j][c], d5 = d[5][j][c];
+                    u[0][j][c] = 4.f * d0 - 5.f * d2 + d4;
+                    u[1][j][c] = -4.f * d1 - 4.f * d2 + d3 + d4;
+                    u[2][j][c] = 4.f * d1 - 4.f * d2 - d3 + d4;
+                    u[3][j][c] = -2.f * d1 - d2 + 2.f * d3 + d4;
+                    u[4][j][c] = 2.f * d1 - d2 - 2.f * d3 + d4;
+                    u[5][j][c] = 4.f * d1 - 5.f * d3 + d5;
+                }
+            }
+            for (int i = 0; i < 6; i++) {
+                float r[6][CB];
+                for (int c = 0; c < cb; c++) {
+                    const float t0 = u[i][0][c], t1 = u[i][1][c], t2 = u[i][2][c], t3 = u[i][3][c],
+                                t4 = u[i][4][c], t5 = u[i][5][c];
+                    r[0][c] = 4.f * t0 - 5.f * t2 + t4;
+                    r[1][c] = -4.f * t1 - 4.f * t2 + t3 + t4;
+                    r[2][c] = 4.f * t1 - 4.f * t2 - t3 + t4;
+                    r[3][c] = -2.f * t1 - t2 + 2.f * t3 + t4;
+                    r[4][c] = 2.f * t1 - t2 - 2.f * t3 + t4;
+                    r[5][c] = 4.f * t1 - 5.f * t3 + t5;
+                }
+                for (int j = 0; j < 6; j++)
+                    memcpy(V + ((long)(i * 6 + j) * T + t) * C + c0, r[j], sizeof(float) * cb);
+            }
+        }
+    }
+}
+
+/* v[0:n] = act(v[0:n]), one branch-free loop per activation (vectorized; SiLU/Sigmoid through expf) */
+static void activate(float *restrict v, int n, int act, float alpha, float beta) {
+    switch (act) {
+    case ACT_RELU: for (int c = 0; c < n; c++) v[c] = v[c] > 0.f ? v[c] : 0.f; break;
+    case ACT_LEAKY: for (int c = 0; c < n; c++) v[c] = v[c] >= 0.f ? v[c] : alpha * v[c]; break;
+    case ACT_CLIP: for (int c = 0; c < n; c++) v[c] = fminf(fmaxf(v[c], alpha), beta); break;
+    case ACT_SIGMOID: for (int c = 0; c < n; c++) v[c] = 1.f / (1.f + expf(-v[c])); break;
+    case ACT_SILU: for (int c = 0; c < n; c++) v[c] = v[c] / (1.f + expf(-v[c])); break;
+    case ACT_HARDSWISH:
+        for (int c = 0; c < n; c++) v[c] = v[c] * fminf(fmaxf(v[c] / 6.f + 0.5f, 0.f), 1.f);
+        break;
+    default: break;
+    }
+}
+
+/* M: [36][T][K]. y / z: element (n, h, w, k) at n*yn + h*yh + w*yw + k (z may be NULL). */
+void wino_output(const float *M, float *y, const float *bias, const float *z, int N, int OH, int OW, int K,
+                 long yn, long yh, long yw, long zn, long zh, long zw, int TH, int TW,
+                 int act, float alpha, float beta, int act_first) {
+    const long T = (long)N * TH * TW;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < T; t++) {
+        const int n = (int)(t / ((long)TH * TW)), th = (int)(t / TW % TH), tw = (int)(t % TW);
+        float s[4][6][CB], o[4][4][CB];
+        for (int k0 = 0; k0 < K; k0 += CB) {
+            const int kb = imin(CB, K - k0);
+            const long ps = T * K;
+            for (int j = 0; j < 6; j++) {
+                const float *m = M + ((long)j * T + t) * K + k0;  /* position (i, j) at m + i * 6 * ps */
+                for (int c = 0; c < kb; c++) {
+                    const float m0 = m[c], m1 = m[6 * ps + c], m2 = m[12 * ps + c], m3 = m[18 * ps + c],
+                                m4 = m[24 * ps + c], m5 = m[30 * ps + c];
+                    s[0][j][c] = m0 + m1 + m2 + m3 + m4;
+                    s[1][j][c] = m1 - m2 + 2.f * m3 - 2.f * m4;
+                    s[2][j][c] = m1 + m2 + 4.f * m3 + 4.f * m4;
+                    s[3][j][c] = m1 - m2 + 8.f * m3 - 8.f * m4 + m5;
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                for (int c = 0; c < kb; c++) {
+                    const float a0 = s[r][0][c], a1 = s[r][1][c], a2 = s[r][2][c], a3 = s[r][3][c],
+                                a4 = s[r][4][c], a5 = s[r][5][c];
+                    o[r][0][c] = a0 + a1 + a2 + a3 + a4;
+                    o[r][1][c] = a1 - a2 + 2.f * a3 - 2.f * a4;
+                    o[r][2][c] = a1 + a2 + 4.f * a3 + 4.f * a4;
+                    o[r][3][c] = a1 - a2 + 8.f * a3 - 8.f * a4 + a5;
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                const int oh = th * 4 + r;
+                if (oh >= OH) break;
+                for (int q = 0; q < 4; q++) {
+                    const int ow = tw * 4 + q;
+                    if (ow >= OW) break;
+                    float *dst = y + n * yn + oh * yh + ow * yw + k0;
+                    const float *res = z ? z + n * zn + oh * zh + ow * zw + k0 : NULL;
+                    float v[CB];
+                    if (bias) for (int c = 0; c < kb; c++) v[c] = o[r][q][c] + bias[k0 + c];
+                    else memcpy(v, o[r][q], sizeof(float) * kb);
+                    if (res && !act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+                    activate(v, kb, act, alpha, beta);
+                    if (res && act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+                    memcpy(dst, v, sizeof(float) * kb);
+                }
+            }
+        }
+    }
+}

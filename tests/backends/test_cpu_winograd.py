@@ -1,0 +1,110 @@
+"""cpu.conv_winograd (F(4x4, 3x3) with C transforms and a oneDNN GEMM) against the reference convolution."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.backends.cpu import native
+from kiln.backends.cpu.conv_winograd import WinogradConvTactic, transform_weights
+from kiln.backends.cpu.dnnl import library
+from kiln.backends.tactic import get_tactic
+from kiln.errors import KilnError
+from kiln.ops.registry import lookup
+from tests.backends.test_cpu_tactics import CPU, make_node, rel_err, run_both
+
+pytestmark = pytest.mark.skipif(library() is None or native.load("winograd") is None,
+                                reason="needs the oneDNN library (pip install onednn-cpu-gomp) and a C compiler")
+TOL = 2e-5  # Winograd's transforms add rounding: about 1e-6 relative on unit-scale data
+
+
+def _conv(n: int, c: int, k: int, h: int, w: int, seed: int, bias: bool = True, **attrs: object):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(k, c, 3, 3, generator=gen) / (3 * c ** 0.5)
+    b = torch.randn(k, generator=gen) if bias else None
+    return x, wt, b
+
+
+@pytest.mark.parametrize("n, c, k, h, w, pads", [
+    (1, 16, 8, 9, 11, [1, 1, 1, 1]), (2, 8, 24, 12, 12, [1, 1, 1, 1]), (1, 3, 5, 7, 6, [0, 0, 0, 0]),
+    (1, 70, 130, 10, 13, [1, 1, 1, 1]),  # several 64-channel chunks, odd counts
+    (2, 32, 16, 5, 9, [0, 1, 2, 0]),  # asymmetric pads
+    (1, 8, 8, 4, 4, [2, 2, 2, 2])])
+def test_conv_matches_reference(n: int, c: int, k: int, h: int, w: int, pads: list[int]) -> None:
+    x, wt, b = _conv(n, c, k, h, w, seed=h * w + c)
+    node = make_node("Conv", [(x, False), (wt, True), (b, True)], None, {"pads": pads})
+    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b])
+    assert rel_err(got, want) <= TOL and got.is_contiguous(memory_format=torch.channels_last)
+
+
+ACTS = [("", 0.0, 0.0), ("Relu", 0.0, 0.0), ("LeakyRelu", 0.1, 0.0), ("Clip", 0.0, 6.0), ("Sigmoid", 0.0, 0.0),
+        ("SiLU", 0.0, 0.0), ("HardSwish", 0.0, 0.0)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a[0] or "none")
+@pytest.mark.parametrize("residual, before_add", [(False, 0), (True, 0), (True, 1)])
+def test_fused_epilogue(act: tuple[str, float, float], residual: bool, before_add: int) -> None:
+    x, wt, b = _conv(1, 24, 40, 13, 10, seed=3)
+    z = torch.randn(1, 40, 13, 10).contiguous(memory_format=torch.channels_last) if residual else None
+    attrs = {"pads": [1, 1, 1, 1], "activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": before_add}
+    ins = [(x, False), (wt, True), (b, True)] + ([(z, False)] if residual else [])
+    node = make_node("FusedConv", ins, None, attrs, domain="kiln")
+    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b] + ([z] if residual else []))
+    assert rel_err(got, want) <= TOL
+
+
+def test_strided_views_in_and_out_and_new_shapes() -> None:
+    """Reads a channel slice of a wider tensor, writes into a Concat-like channel slice, takes NCHW too."""
+    x, wt, _ = _conv(2, 16, 12, 11, 9, seed=5, bias=False)
+    node = make_node("Conv", [(x, False), (wt, True)], None, {"pads": [1, 1, 1, 1]})
+    kernel = get_tactic("cpu.conv_winograd").build(node, {}, torch.device("cpu"))
+    ref = lookup("Conv", "").compute
+    wide = torch.randn(2, 40, 11, 9).contiguous(memory_format=torch.channels_last)
+    view = wide[:, 8:24]  # channels contiguous, pixel stride 40
+    cat = torch.full((2, 30, 11, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+    dst = cat[:, 10:22]
+    assert kernel(view, out=dst) is dst
+    torch.testing.assert_close(dst, ref(node, view, wt), rtol=TOL, atol=TOL)
+    assert torch.isnan(cat[:, :10]).all() and torch.isnan(cat[:, 22:]).all()  # nothing outside the slice
+    for shape in ((1, 16, 6, 17), (3, 16, 11, 9)):  # other shapes through the same kernel, NCHW input
+        xn = torch.randn(*shape)
+        torch.testing.assert_close(kernel(xn), ref(node, xn, wt), rtol=TOL, atol=TOL)
+    with pytest.raises(KilnError, match="contiguous channels"):
+        kernel(view, out=torch.empty(2, 12, 11, 9))  # NCHW destination
+
+
+def test_declines() -> None:
+    x, wt, b = _conv(1, 8, 8, 9, 9, seed=1)
+    tactic = get_tactic("cpu.conv_winograd")
+    for attrs in ({"strides": [2, 2]}, {"dilations": [2, 2]}, {"group": 2}):
+        w = wt[:, :4].contiguous() if "group" in attrs else wt
+        assert not tactic.supports(make_node("Conv", [(x, False), (w, True)], None, attrs), CPU)
+    five = torch.randn(8, 8, 5, 5)
+    assert not tactic.supports(make_node("Conv", [(x, False), (five, True)], None, {}), CPU)
+    big = torch.randn(256, 256, 3, 3)  # 9.4 MB of transformed weights: streamed from memory every inference
+    xb = torch.randn(1, 256, 8, 8)
+    assert not tactic.supports(make_node("Conv", [(xb, False), (big, True)], None, {}), CPU)
+    mish = make_node("FusedConv", [(x, False), (wt, True), (b, True)], None, {"activation": "Mish"}, domain="kiln")
+    assert not tactic.supports(mish, CPU)
+    assert isinstance(tactic, WinogradConvTactic) and tactic.writes_out == 1 and tactic.strided_out
+
+
+def test_weight_transform_is_exact_in_float64() -> None:
+    """A^T [(G g G^T) * (B^T d B)] A is the 4x4 correlation of a 6x6 tile with g."""
+    bt = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                       [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+    at = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                      dtype=torch.float64)
+    g = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    d = torch.randn(6, 6, dtype=torch.float64)
+    u = transform_weights(g).double().reshape(6, 6)
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    want = torch.nn.functional.conv2d(d[None, None], g)[0, 0]
+    assert float((y - want).abs().max()) < 1e-5  # u went through float32
+
+
+def test_missing_compiler_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_CC", "/nonexistent/cc")
+    monkeypatch.setenv("KILN_CACHE_DIR", "/tmp/kiln-test-no-cc")
+    with pytest.raises(OSError):
+        native._compile("winograd")
