@@ -284,12 +284,15 @@ class Autotuner:
             ms: float | None = None
             try:
                 kern = t.build(n, cfg, self.device)
-                out = kern(*args)
+                # fresh activations per candidate: a kernel may accumulate into a donated input (kiln_z_donate)
+                own = [a.clone() if isinstance(a, torch.Tensor) and v is not None and not v.is_const else a
+                       for a, v in zip(args, n.inputs)]
+                out = kern(*own)
                 err = 0.0 if t.id == "ref" or want is None else _rel_err(out, want)
                 if err > _TOL:
                     raise BuildError(f"result differs from the reference (normwise error {err:.3g})")
                 del out
-                ms = self.timer(lambda: kern(*args))
+                ms = self.timer(lambda: kern(*own))
                 timed.append((cid, kern, ms))
                 self.stats["measured"] += 1
                 self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {ms:.4f} ms")

@@ -399,6 +399,10 @@ def test_resize_nearest(ctm: str, nearest: str, scales: tuple[float, float], by_
     got, want = run_both(node, "cpu.resize_nearest", args)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last)
+    kernel = get_tactic("cpu.resize_nearest").build(node, {}, torch.device("cpu"))
+    cat = torch.full((1, 20, *want.shape[2:]), float("nan")).contiguous(memory_format=torch.channels_last)
+    assert kernel(x, out=cat[:, 4:12]) is not None  # into a channel slice of a Concat's output
+    assert torch.equal(cat[:, 4:12], want) and torch.isnan(cat[:, :4]).all() and torch.isnan(cat[:, 12:]).all()
 
 
 @pytest.mark.parametrize("attrs, scales", [

@@ -108,3 +108,44 @@ def test_missing_compiler_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_CACHE_DIR", "/tmp/kiln-test-no-cc")
     with pytest.raises(OSError):
         native._compile("winograd")
+
+
+# ---- cpu.conv_matmul (1x1 convolutions as one matmul, any destination slice) ------------------------
+
+@pytest.mark.parametrize("act", [("", 0.0, 0.0), ("Relu", 0.0, 0.0), ("LeakyRelu", 0.1, 0.0), ("SiLU", 0.0, 0.0)],
+                         ids=lambda a: a[0] or "none")
+@pytest.mark.parametrize("residual, before_add", [(False, 0), (True, 0), (True, 1)])
+def test_matmul_conv(act: tuple[str, float, float], residual: bool, before_add: int) -> None:
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 24, 7, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(40, 24, 1, 1, generator=gen) / 5, torch.randn(40, generator=gen)
+    z = torch.randn(2, 40, 7, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    attrs = {"activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": before_add}
+    ins = [(x, False), (wt, True), (b, True)] + ([(z, False)] if residual else [])
+    node = make_node("FusedConv", ins, None, attrs, domain="kiln")
+    got, want = run_both(node, "cpu.conv_matmul", [x, wt, b] + ([z] if residual else []))
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_matmul_conv_views_two_destinations_and_declines() -> None:
+    gen = torch.Generator().manual_seed(22)
+    wide = torch.randn(1, 48, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    x, wt = wide[:, 16:40], torch.randn(12, 24, 1, 1, generator=gen)
+    node = make_node("Conv", [(x, False), (wt, True)], None, {})
+    kernel = get_tactic("cpu.conv_matmul").build(node, {}, torch.device("cpu"))
+    want = lookup("Conv", "").compute(node, x, wt)
+    cat = torch.full((1, 40, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
+    first, second = cat[:, 2:14], cat[:, 20:32]
+    kernel(x, out=(first, second))  # a value written into two Concats
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(cat[:, 14:20]).all()
+    xn = torch.randn(3, 24, 4, 4, generator=gen)  # NCHW, another shape: reordered first, a new primitive
+    torch.testing.assert_close(kernel(xn), lookup("Conv", "").compute(node, xn, wt), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KilnError, match="evenly spaced pixels"):
+        kernel(x, out=cat[:, 2:14, :, :3])
+    tactic = get_tactic("cpu.conv_matmul")
+    for attrs in ({"strides": [2, 2]}, {"pads": [1, 1, 1, 1]}):
+        assert not tactic.supports(make_node("Conv", [(x, False), (wt, True)], None, attrs), CPU)
+    three = torch.randn(12, 24, 3, 3)
+    assert not tactic.supports(make_node("Conv", [(x, False), (three, True)], None, {}), CPU)

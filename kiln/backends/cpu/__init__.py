@@ -1,4 +1,4 @@
 """CPU tactics (oneDNN through torch): fused convolutions and linear layers with prepacked weights,
 channels-last pooling and resizing, concat, generated pointwise programs; `runtime` holds the CPU runtime
 settings (threads, heap retention)."""
-from kiln.backends.cpu import concat, conv, conv_dnnl, conv_winograd, dnnl_layers, gemm, pointwise, pool, resize  # noqa: F401
+from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winograd, dnnl_layers, gemm, pointwise, pool, resize  # noqa: F401

@@ -260,17 +260,27 @@ class InnerProduct(_Primitive):
 
 
 class MatMul(_Primitive):
-    """One oneDNN (batched) matmul dst = src @ weights for fixed shapes and strides, with constant weights
-    reordered once into the primitive's layout: `run(src, dst)`."""
+    """One oneDNN (batched) matmul dst = src @ weights (+ bias) for fixed shapes and strides, with constant
+    weights reordered once into the primitive's layout; residual add and activation as post-ops.
+    `run(src, dst[, z])`."""
 
-    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, b: torch.Tensor | None = None,
+                 z: torch.Tensor | None = None, act: str = "", alpha: float = 0.0, beta: float = 0.0,
+                 act_first: bool = False) -> None:
         src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
+        b_shape = [1] * (y.dim() - 1) + [int(y.shape[-1])]
+        b_md = lib.md(b_shape, [int(y.shape[-1])] * (y.dim() - 1) + [1]) if b is not None else None
+        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
         pd = P()
         lib.ok(lib.dll.dnnl_matmul_primitive_desc_create(C.byref(pd), lib.engine, src_md, lib.md(w.shape, None),
-                                                         None, dst_md, None), "matmul descriptor")
+                                                         b_md, dst_md, attr), "matmul descriptor")
         self._weights(lib, pd, w, list(w.shape))
-        self._finish(lib, pd, [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())],
-                     [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+        self.bias = None if b is None else b.detach().float().contiguous()
+        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
+        if self.bias is not None:
+            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
+        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
+        self._finish(lib, pd, fixed, dynamic)
 
 
 class Reorder(_Primitive):

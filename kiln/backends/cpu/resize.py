@@ -4,7 +4,9 @@ For an integer factor s, ONNX nearest Resize with ``asymmetric``/``floor`` or wi
 ``pytorch_half_pixel`` and a round-to-nearest mode reads source pixel ``floor(o / s)``, which is what
 aten's ``upsample_nearest2d`` computes exactly when 1/s is exact in float32 (powers of two). The
 factors are read once at kernel build; an inference is one aten call that keeps the input's
-memory format. Everything else stays with the reference tactic.
+memory format, or, given a destination (a channel slice of a Concat's output), one strided copy of
+the input broadcast over each s_h x s_w block straight into it. Everything else stays with the
+reference tactic.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, static_shape
 from kiln.backends.tactic import Kernel, register_tactic
+from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -57,6 +60,7 @@ class CpuResizeTactic(CpuTactic):
 
     id = "cpu.resize_nearest"
     priority = 10
+    writes_out = 1
     ops = (("", "Resize"), ("ai.onnx", "Resize"))
 
     def accepts(self, node: Node) -> bool:
@@ -68,8 +72,16 @@ class CpuResizeTactic(CpuTactic):
         up = getattr(torch.ops.aten.upsample_nearest2d.default, "_op", torch.ops.aten.upsample_nearest2d.default)
         fh, fw = float(sh), float(sw)
 
-        def k_up(x: Tensor, *_: Any) -> Tensor:
-            return up(x, [x.shape[2] * sh, x.shape[3] * sw], fh, fw)
+        def k_up(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
+            if out is None:
+                return up(x, [x.shape[2] * sh, x.shape[3] * sw], fh, fw)
+            n, c, h, w = x.shape
+            if tuple(out.shape) != (n, c, h * sh, w * sw):
+                raise KilnError(f"'{node.name}' takes a destination of shape {[n, c, h * sh, w * sw]}, "
+                                f"got {list(out.shape)}")
+            blocks = out.unflatten(2, (h, sh)).unflatten(4, (w, sw))  # [n, c, h, sh, w, sw], a view
+            blocks.copy_(x[:, :, :, None, :, None].expand(n, c, h, sh, w, sw))
+            return out
         k_up.prepacked = frozenset({1, 2, 3})  # type: ignore[attr-defined]  # roi, scales, sizes baked in
         return k_up
 
