@@ -81,8 +81,8 @@ def test_declines() -> None:
         assert not tactic.supports(make_node("Conv", [(x, False), (w, True)], None, attrs), CPU)
     five = torch.randn(8, 8, 5, 5)
     assert not tactic.supports(make_node("Conv", [(x, False), (five, True)], None, {}), CPU)
-    big = torch.randn(256, 256, 3, 3)  # 9.4 MB of transformed weights: streamed from memory every inference
-    xb = torch.randn(1, 256, 8, 8)
+    big = torch.randn(512, 512, 3, 3)  # 37.7 MB of transformed weights: streamed from memory every inference
+    xb = torch.randn(1, 512, 8, 8)
     assert not tactic.supports(make_node("Conv", [(xb, False), (big, True)], None, {}), CPU)
     mish = make_node("FusedConv", [(x, False), (wt, True), (b, True)], None, {"activation": "Mish"}, domain="kiln")
     assert not tactic.supports(mish, CPU)
