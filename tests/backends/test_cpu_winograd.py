@@ -30,10 +30,12 @@ def _conv(n: int, c: int, k: int, h: int, w: int, seed: int, bias: bool = True, 
     (1, 70, 130, 10, 13, [1, 1, 1, 1]),  # several 64-channel chunks, odd counts
     (2, 32, 16, 5, 9, [0, 1, 2, 0]),  # asymmetric pads
     (1, 8, 8, 4, 4, [2, 2, 2, 2])])
-def test_conv_matches_reference(n: int, c: int, k: int, h: int, w: int, pads: list[int]) -> None:
+@pytest.mark.parametrize("tile", [4, 2])
+def test_conv_matches_reference(n: int, c: int, k: int, h: int, w: int, pads: list[int], tile: int) -> None:
     x, wt, b = _conv(n, c, k, h, w, seed=h * w + c)
     node = make_node("Conv", [(x, False), (wt, True), (b, True)], None, {"pads": pads})
-    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b])
+    assert {"tile": tile} in get_tactic("cpu.conv_winograd").configs(node, CPU)
+    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b], {"tile": tile})
     assert rel_err(got, want) <= TOL and got.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -43,21 +45,23 @@ ACTS = [("", 0.0, 0.0), ("Relu", 0.0, 0.0), ("LeakyRelu", 0.1, 0.0), ("Clip", 0.
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a[0] or "none")
 @pytest.mark.parametrize("residual, before_add", [(False, 0), (True, 0), (True, 1)])
-def test_fused_epilogue(act: tuple[str, float, float], residual: bool, before_add: int) -> None:
+@pytest.mark.parametrize("tile", [4, 2])
+def test_fused_epilogue(act: tuple[str, float, float], residual: bool, before_add: int, tile: int) -> None:
     x, wt, b = _conv(1, 24, 40, 13, 10, seed=3)
     z = torch.randn(1, 40, 13, 10).contiguous(memory_format=torch.channels_last) if residual else None
     attrs = {"pads": [1, 1, 1, 1], "activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": before_add}
     ins = [(x, False), (wt, True), (b, True)] + ([(z, False)] if residual else [])
     node = make_node("FusedConv", ins, None, attrs, domain="kiln")
-    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b] + ([z] if residual else []))
+    got, want = run_both(node, "cpu.conv_winograd", [x, wt, b] + ([z] if residual else []), {"tile": tile})
     assert rel_err(got, want) <= TOL
 
 
-def test_strided_views_in_and_out_and_new_shapes() -> None:
+@pytest.mark.parametrize("tile", [4, 2])
+def test_strided_views_in_and_out_and_new_shapes(tile: int) -> None:
     """Reads a channel slice of a wider tensor, writes into a Concat-like channel slice, takes NCHW too."""
     x, wt, _ = _conv(2, 16, 12, 11, 9, seed=5, bias=False)
     node = make_node("Conv", [(x, False), (wt, True)], None, {"pads": [1, 1, 1, 1]})
-    kernel = get_tactic("cpu.conv_winograd").build(node, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.conv_winograd").build(node, {"tile": tile}, torch.device("cpu"))
     ref = lookup("Conv", "").compute
     wide = torch.randn(2, 40, 11, 9).contiguous(memory_format=torch.channels_last)
     view = wide[:, 8:24]  # channels contiguous, pixel stride 40
@@ -81,12 +85,24 @@ def test_declines() -> None:
         assert not tactic.supports(make_node("Conv", [(x, False), (w, True)], None, attrs), CPU)
     five = torch.randn(8, 8, 5, 5)
     assert not tactic.supports(make_node("Conv", [(x, False), (five, True)], None, {}), CPU)
-    big = torch.randn(512, 512, 3, 3)  # 37.7 MB of transformed weights: streamed from memory every inference
+    big = torch.randn(640, 512, 3, 3)  # 21 MB of transformed weights even for F(2x2): streamed every inference
     xb = torch.randn(1, 512, 8, 8)
     assert not tactic.supports(make_node("Conv", [(xb, False), (big, True)], None, {}), CPU)
+    mid = make_node("Conv", [(xb, False), (torch.randn(512, 512, 3, 3), True)], None, {})
+    assert tactic.configs(mid, CPU) == [{"tile": 2}]  # 16 MiB for F(2x2) fits, 36 MiB for F(4x4) does not
+
     mish = make_node("FusedConv", [(x, False), (wt, True), (b, True)], None, {"activation": "Mish"}, domain="kiln")
     assert not tactic.supports(mish, CPU)
     assert isinstance(tactic, WinogradConvTactic) and tactic.writes_out == 1 and tactic.strided_out
+
+
+def test_weight_transform_is_exact_in_float64_f2() -> None:
+    bt = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+    at = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+    g, d = torch.randn(1, 1, 3, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    u = transform_weights(g, 2).double().reshape(4, 4)
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    assert float((y - torch.nn.functional.conv2d(d[None, None], g)[0, 0]).abs().max()) < 1e-5
 
 
 def test_weight_transform_is_exact_in_float64() -> None:

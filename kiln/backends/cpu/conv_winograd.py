@@ -1,6 +1,8 @@
-"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) on the CPU.
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) or F(2x2, 3x3) on the CPU.
 
-Per 4x4 output tile the convolution takes 36 multiplies per input/output channel pair instead of 144:
+Per 4x4 output tile the convolution takes 36 multiplies per input/output channel pair instead of 144
+(F(2x2, 3x3): 16 instead of 36 per 2x2 tile, with exact +-1 transforms and 16/9 rather than 4x the
+weights; the autotuner times both as configs ``{"tile": 4}`` and ``{"tile": 2}``):
 the input transform (C, ``native/winograd.c``) turns each 6x6 input tile into 36 values per channel, one
 batched GEMM per layer (a oneDNN matmul over the 36 positions, weights transformed and reordered once
 at build) multiplies them with the transformed weights, and the output transform (C) folds the 36
@@ -35,24 +37,33 @@ from kiln.ir.graph import Node
 Tensor = torch.Tensor
 MAX_WEIGHT_BYTES = 16 << 20
 _ACTS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3, "Sigmoid": 4, "SiLU": 5, "HardSwish": 6}
-_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                   [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_G = {4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                       [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64),
+      2: torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64)}
 _P, _I, _L, _F = C.c_void_p, C.c_int, C.c_long, C.c_float
 
 
 def _kernels() -> Any:
     lib = native.load("winograd")
     if lib is not None and not hasattr(lib, "_kiln_typed"):
-        lib.wino_input.argtypes = [_P, _P] + [_I] * 4 + [_L] * 3 + [_I] * 4
-        lib.wino_output.argtypes = [_P, _P, _P, _P] + [_I] * 4 + [_L] * 6 + [_I] * 2 + [_I, _F, _F, _I]
+        for prefix in ("wino", "wino2"):
+            getattr(lib, f"{prefix}_input").argtypes = [_P, _P] + [_I] * 4 + [_L] * 3 + [_I] * 4
+            getattr(lib, f"{prefix}_output").argtypes = [_P, _P, _P, _P] + [_I] * 4 + [_L] * 6 + [_I] * 2 + [_I, _F, _F, _I]
         lib._kiln_typed = True
     return lib
 
 
-def transform_weights(w: Tensor) -> Tensor:
-    """[K, C, 3, 3] -> U [36, C, K] with U[6i+j] = (G g G^T)[i, j] (computed in float64)."""
-    u = torch.einsum("ia,kcab,jb->ijck", _G, w.double(), _G)
-    return u.reshape(36, w.shape[1], w.shape[0]).float().contiguous()
+def transform_weights(w: Tensor, tile: int = 4) -> Tensor:
+    """[K, C, 3, 3] -> U [(tile+2)^2, C, K] with U[(tile+2)i+j] = (G g G^T)[i, j] (computed in float64)."""
+    g = _G[tile]
+    u = torch.einsum("ia,kcab,jb->ijck", g, w.double(), g)
+    return u.reshape((tile + 2) ** 2, w.shape[1], w.shape[0]).float().contiguous()
+
+
+def _tiles(node: Node) -> list[int]:
+    """The tile sizes whose transformed weights stay within MAX_WEIGHT_BYTES."""
+    k, c = node.inputs[1].const.shape[:2]  # type: ignore[union-attr]
+    return [t for t in (4, 2) if (t + 2) ** 2 * int(k) * int(c) * 4 <= MAX_WEIGHT_BYTES]
 
 
 class WinogradConvTactic(CpuTactic):
@@ -67,7 +78,7 @@ class WinogradConvTactic(CpuTactic):
         x, wt = node.input(0), const_f32(node.input(1))
         if library() is None or not is_f32(x) or x.type.rank != 4 or wt is None:  # type: ignore[union-attr]
             return False
-        if tuple(wt.shape[2:]) != (3, 3) or 36 * wt.shape[0] * wt.shape[1] * 4 > MAX_WEIGHT_BYTES:
+        if wt.dim() != 4 or tuple(wt.shape[2:]) != (3, 3) or not _tiles(node):
             return False
         if int(node.attr("group", 1)) != 1 or any(int(s) != 1 for s in node.attr("strides", None) or [1, 1]):
             return False
@@ -85,6 +96,9 @@ class WinogradConvTactic(CpuTactic):
             return False
         return _kernels() is not None
 
+    def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
+        return [{"tile": t} for t in _tiles(node)]
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         lib = require_library(node, self.id)
         nat = _kernels()
@@ -93,7 +107,10 @@ class WinogradConvTactic(CpuTactic):
                                   f"its kernels here ({native.error('winograd')}); rebuild the plan without it")
         w = node.inputs[1].const.float()  # type: ignore[union-attr]
         k_out, c_in = int(w.shape[0]), int(w.shape[1])
-        u = transform_weights(w)
+        tile = int(config.get("tile", 4))
+        pos = (tile + 2) ** 2
+        u = transform_weights(w, tile)
+        w_in, w_out = (nat.wino_input, nat.wino_output) if tile == 4 else (nat.wino2_input, nat.wino2_output)
         b_v = node.input(2)
         bias = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
         fused = node.op_type == "FusedConv"
@@ -108,7 +125,7 @@ class WinogradConvTactic(CpuTactic):
         def scratch(tiles: int) -> tuple[Tensor, Tensor]:
             bufs = getattr(local, "bufs", None)
             if bufs is None or bufs[0].shape[1] != tiles:
-                bufs = local.bufs = (torch.empty(36, tiles, c_in), torch.empty(36, tiles, k_out))
+                bufs = local.bufs = (torch.empty(pos, tiles, c_in), torch.empty(pos, tiles, k_out))
             return bufs
 
         def k_wino(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
@@ -121,7 +138,7 @@ class WinogradConvTactic(CpuTactic):
                 geo = geos[(h, wd)] = ConvGeometry(node, [3, 3], [h, wd])
             (pt, pl), (pb, pr) = geo.begin, geo.end
             oh, ow = h + pt + pb - 2, wd + pl + pr - 2
-            th, tw = (oh + 3) // 4, (ow + 3) // 4
+            th, tw = -(-oh // tile), -(-ow // tile)
             tiles = n * th * tw
             if out is None:
                 out = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
@@ -135,10 +152,10 @@ class WinogradConvTactic(CpuTactic):
             if gemm is None:
                 gemm = gemms[tiles] = MatMul(lib, v, u, m)
             xs, ys = x.stride(), out.stride()
-            nat.wino_input(x.data_ptr(), v.data_ptr(), n, h, wd, c_in, xs[0], xs[2], xs[3], pt, pl, th, tw)
+            w_in(x.data_ptr(), v.data_ptr(), n, h, wd, c_in, xs[0], xs[2], xs[3], pt, pl, th, tw)
             gemm.run(v, m)
             zs = z.stride() if z is not None else (0, 0, 0, 0)
-            nat.wino_output(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
+            w_out(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
                             k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
             return out
         k_wino.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel

@@ -135,3 +135,96 @@ void wino_output(const float *M, float *y, const float *bias, const float *z, in
         }
     }
 }
+
+/* F(2x2, 3x3): 4x4 input tiles, 16 positions, exact-in-float transforms (+-1 only). Same layouts as above
+ * with 16 in place of 36: V [16][T][C], M [16][T][K], tiles of 2x2 outputs. */
+void wino2_input(const float *x, float *V, int N, int H, int W, int C, long sn, long sh, long sw,
+                 int pt, int pl, int TH, int TW) {
+    const long T = (long)N * TH * TW;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < T; t++) {
+        const int n = (int)(t / ((long)TH * TW)), th = (int)(t / TW % TH), tw = (int)(t % TW);
+        float d[4][4][CB], u[4][4][CB];
+        for (int c0 = 0; c0 < C; c0 += CB) {
+            const int cb = imin(CB, C - c0);
+            for (int i = 0; i < 4; i++) {
+                const int ih = th * 2 - pt + i;
+                for (int j = 0; j < 4; j++) {
+                    const int iw = tw * 2 - pl + j;
+                    if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                        memcpy(d[i][j], x + n * sn + ih * sh + iw * sw + c0, sizeof(float) * cb);
+                    else
+                        memset(d[i][j], 0, sizeof(float) * cb);
+                }
+            }
+            for (int j = 0; j < 4; j++) {
+                for (int c = 0; c < cb; c++) {
+                    const float d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c];
+                    u[0][j][c] = d0 - d2;
+                    u[1][j][c] = d1 + d2;
+                    u[2][j][c] = d2 - d1;
+                    u[3][j][c] = d1 - d3;
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                float r[4][CB];
+                for (int c = 0; c < cb; c++) {
+                    const float t0 = u[i][0][c], t1 = u[i][1][c], t2 = u[i][2][c], t3 = u[i][3][c];
+                    r[0][c] = t0 - t2;
+                    r[1][c] = t1 + t2;
+                    r[2][c] = t2 - t1;
+                    r[3][c] = t1 - t3;
+                }
+                for (int j = 0; j < 4; j++)
+                    memcpy(V + ((long)(i * 4 + j) * T + t) * C + c0, r[j], sizeof(float) * cb);
+            }
+        }
+    }
+}
+
+void wino2_output(const float *M, float *y, const float *bias, const float *z, int N, int OH, int OW, int K,
+                  long yn, long yh, long yw, long zn, long zh, long zw, int TH, int TW,
+                  int act, float alpha, float beta, int act_first) {
+    const long T = (long)N * TH * TW;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < T; t++) {
+        const int n = (int)(t / ((long)TH * TW)), th = (int)(t / TW % TH), tw = (int)(t % TW);
+        float s[2][4][CB], o[2][2][CB];
+        for (int k0 = 0; k0 < K; k0 += CB) {
+            const int kb = imin(CB, K - k0);
+            const long ps = T * K;
+            for (int j = 0; j < 4; j++) {
+                const float *m = M + ((long)j * T + t) * K + k0;  /* position (i, j) at m + i * 4 * ps */
+                for (int c = 0; c < kb; c++) {
+                    const float m0 = m[c], m1 = m[4 * ps + c], m2 = m[8 * ps + c], m3 = m[12 * ps + c];
+                    s[0][j][c] = m0 + m1 + m2;
+                    s[1][j][c] = m1 - m2 - m3;
+                }
+            }
+            for (int r = 0; r < 2; r++) {
+                for (int c = 0; c < kb; c++) {
+                    const float a0 = s[r][0][c], a1 = s[r][1][c], a2 = s[r][2][c], a3 = s[r][3][c];
+                    o[r][0][c] = a0 + a1 + a2;
+                    o[r][1][c] = a1 - a2 - a3;
+                }
+            }
+            for (int r = 0; r < 2; r++) {
+                const int oh = th * 2 + r;
+                if (oh >= OH) break;
+                for (int q = 0; q < 2; q++) {
+                    const int ow = tw * 2 + q;
+                    if (ow >= OW) break;
+                    float *dst = y + n * yn + oh * yh + ow * yw + k0;
+                    const float *res = z ? z + n * zn + oh * zh + ow * zw + k0 : NULL;
+                    float v[CB];
+                    if (bias) for (int c = 0; c < kb; c++) v[c] = o[r][q][c] + bias[k0 + c];
+                    else memcpy(v, o[r][q], sizeof(float) * kb);
+                    if (res && !act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+                    activate(v, kb, act, alpha, beta);
+                    if (res && act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+                    memcpy(dst, v, sizeof(float) * kb);
+                }
+            }
+        }
+    }
+}
