@@ -45,3 +45,31 @@ def test_yolov4_tiny_one_layer_per_conv() -> None:
     # the rest are channel slices and concats (views / elidable for the backends)
     assert len(g.nodes) == kinds["Conv"] + kinds["MaxPool"] + kinds["Resize"] + kinds["Slice"] + kinds["Concat"]
     compare(m, tol=1e-4)
+
+
+def _cpu_kernels_missing() -> str:
+    from kiln.backends.cpu import native
+    from kiln.backends.cpu.dnnl import library
+    if library() is None:
+        return "the oneDNN library (pip install onednn-cpu-gomp) is not installed"
+    return "" if native.load("winograd") is not None else f"no C compiler: {native.error('winograd')}"
+
+
+@pytest.mark.skipif(bool(_cpu_kernels_missing()), reason=_cpu_kernels_missing() or "n/a")
+def test_yolov4_tiny_cpu_plan_elides_every_concat() -> None:
+    """On the CPU too: one launching layer per conv, pool and upsample; Slices are views, Concats elided."""
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.plan.format import plan_from_bytes, plan_to_bytes
+    from kiln.runtime.engine import Engine
+    from tests.passes.models import feeds_for
+    from kiln.testing import run_oracle
+    yolo = pytest.importorskip("examples.zoo.yolov4_tiny")
+    m = yolo.onnx_model(0, 1)
+    kinds = Counter(n.op_type for n in m.graph.node)
+    plan = Builder().build(m, BuilderConfig(device="cpu"))
+    assert plan.build["layers"] == kinds["Conv"] + kinds["MaxPool"] + kinds["Resize"]
+    assert plan.build["views"] == kinds["Slice"] and plan.build["elided"] == kinds["Concat"]
+    feeds = feeds_for(m, 3)
+    out = Engine(plan_from_bytes(plan_to_bytes(plan))).create_execution_context().execute(feeds)
+    for got, want in zip(out.values(), run_oracle(m, feeds)):
+        assert rel_error(got, want) <= 1e-4

@@ -148,6 +148,17 @@ class _Primitive:
         self.ptrs = [0] * len(dynamic)
         self.lock = threading.Lock()
 
+    def _finish_layer(self, lib: _Lib, pd: Any, w: torch.Tensor, w_shape: list[int], b: torch.Tensor | None,
+                      b_md: Any, src_md: Any, dst_md: Any, z_arg: int, z_md: Any) -> None:
+        """`_finish` for a layer with constant weights, an optional bias and an optional residual post-op."""
+        self._weights(lib, pd, w, w_shape)
+        self.bias = None if b is None else b.detach().float().contiguous()
+        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
+        if self.bias is not None:
+            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
+        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
+        self._finish(lib, pd, fixed, dynamic)
+
     def _weights(self, lib: _Lib, pd: Any, w: torch.Tensor, shape: list[int]) -> None:
         """Reorder the weights once into the layout the primitive chose (self.weights, self.w_md)."""
         self.w_md = lib.dll.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
@@ -212,13 +223,7 @@ class Convolution(_Primitive):
             C.byref(pd), lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(w_shape, None),
             b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr),
             "convolution descriptor")
-        self._weights(lib, pd, w, w_shape)
-        self.bias = None if b is None else b.detach().float().contiguous()
-        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
-        if self.bias is not None:
-            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
-        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
-        self._finish(lib, pd, fixed, dynamic)
+        self._finish_layer(lib, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md)
 
 
 class Pooling(_Primitive):
@@ -250,13 +255,7 @@ class InnerProduct(_Primitive):
         lib.ok(d.dnnl_inner_product_forward_primitive_desc_create(
             C.byref(pd), lib.engine, FORWARD_INFERENCE, src_md, lib.md(w.shape, None), b_md, dst_md, attr),
             "inner product descriptor")
-        self._weights(lib, pd, w, list(w.shape))
-        self.bias = None if b is None else b.detach().float().contiguous()
-        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
-        if self.bias is not None:
-            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
-        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
-        self._finish(lib, pd, fixed, dynamic)
+        self._finish_layer(lib, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
 
 
 class MatMul(_Primitive):
@@ -274,13 +273,7 @@ class MatMul(_Primitive):
         pd = P()
         lib.ok(lib.dll.dnnl_matmul_primitive_desc_create(C.byref(pd), lib.engine, src_md, lib.md(w.shape, None),
                                                          b_md, dst_md, attr), "matmul descriptor")
-        self._weights(lib, pd, w, list(w.shape))
-        self.bias = None if b is None else b.detach().float().contiguous()
-        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
-        if self.bias is not None:
-            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
-        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
-        self._finish(lib, pd, fixed, dynamic)
+        self._finish_layer(lib, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
 
 
 class Reorder(_Primitive):

@@ -16,6 +16,22 @@ enum { ACT_NONE = 0, ACT_RELU, ACT_LEAKY, ACT_CLIP, ACT_SIGMOID, ACT_SILU, ACT_H
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 
+/* d[i][j][0:cb] = x at input pixel (r0 + i, c0 + j), channels ch0.., or zeros outside the image; p x p tile */
+static void load_tile(float *d, int p, const float *x, int n, int H, int W, long sn, long sh, long sw,
+                      int r0, int q0, int ch0, int cb) {
+    for (int i = 0; i < p; i++) {
+        const int ih = r0 + i;
+        for (int j = 0; j < p; j++) {
+            const int iw = q0 + j;
+            float *dst = d + (i * p + j) * CB;
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                memcpy(dst, x + n * sn + ih * sh + iw * sw + ch0, sizeof(float) * cb);
+            else
+                memset(dst, 0, sizeof(float) * cb);
+        }
+    }
+}
+
 /* x: element (n, h, w, c) at n*sn + h*sh + w*sw + c. V: [36][T][C], T = N*TH*TW tiles in (n, th, tw) order. */
 void wino_input(const float *x, float *V, int N, int H, int W, int C, long sn, long sh, long sw,
                 int pt, int pl, int TH, int TW) {
@@ -26,16 +42,7 @@ void wino_input(const float *x, float *V, int N, int H, int W, int C, long sn, l
         float d[6][6][CB], u[6][6][CB];
         for (int c0 = 0; c0 < C; c0 += CB) {
             const int cb = imin(CB, C - c0);
-            for (int i = 0; i < 6; i++) {
-                const int ih = th * 4 - pt + i;
-                for (int j = 0; j < 6; j++) {
-                    const int iw = tw * 4 - pl + j;
-                    if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                        memcpy(d[i][j], x + n * sn + ih * sh + iw * sw + c0, sizeof(float) * cb);
-                    else
-                        memset(d[i][j], 0, sizeof(float) * cb);
-                }
-            }
+            load_tile(&d[0][0][0], 6, x, n, H, W, sn, sh, sw, th * 4 - pt, tw * 4 - pl, c0, cb);
             for (int j = 0; j < 6; j++) {
                 for (int c = 0; c < cb; c++) {
                     const float d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c],
@@ -82,6 +89,18 @@ static void activate(float *restrict v, int n, int act, float alpha, float beta)
     }
 }
 
+/* dst[0:kb] = the output pixel o with bias, residual and activation in the node's order */
+static void store_pixel(float *dst, const float *o, const float *bias, const float *res, int kb,
+                        int act, float alpha, float beta, int act_first) {
+    float v[CB];
+    if (bias) for (int c = 0; c < kb; c++) v[c] = o[c] + bias[c];
+    else memcpy(v, o, sizeof(float) * kb);
+    if (res && !act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+    activate(v, kb, act, alpha, beta);
+    if (res && act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
+    memcpy(dst, v, sizeof(float) * kb);
+}
+
 /* M: [36][T][K]. y / z: element (n, h, w, k) at n*yn + h*yh + w*yw + k (z may be NULL). */
 void wino_output(const float *M, float *y, const float *bias, const float *z, int N, int OH, int OW, int K,
                  long yn, long yh, long yw, long zn, long zh, long zw, int TH, int TW,
@@ -121,15 +140,8 @@ void wino_output(const float *M, float *y, const float *bias, const float *z, in
                 for (int q = 0; q < 4; q++) {
                     const int ow = tw * 4 + q;
                     if (ow >= OW) break;
-                    float *dst = y + n * yn + oh * yh + ow * yw + k0;
-                    const float *res = z ? z + n * zn + oh * zh + ow * zw + k0 : NULL;
-                    float v[CB];
-                    if (bias) for (int c = 0; c < kb; c++) v[c] = o[r][q][c] + bias[k0 + c];
-                    else memcpy(v, o[r][q], sizeof(float) * kb);
-                    if (res && !act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
-                    activate(v, kb, act, alpha, beta);
-                    if (res && act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
-                    memcpy(dst, v, sizeof(float) * kb);
+                    store_pixel(y + n * yn + oh * yh + ow * yw + k0, o[r][q], bias ? bias + k0 : NULL,
+                                z ? z + n * zn + oh * zh + ow * zw + k0 : NULL, kb, act, alpha, beta, act_first);
                 }
             }
         }
@@ -147,16 +159,7 @@ void wino2_input(const float *x, float *V, int N, int H, int W, int C, long sn, 
         float d[4][4][CB], u[4][4][CB];
         for (int c0 = 0; c0 < C; c0 += CB) {
             const int cb = imin(CB, C - c0);
-            for (int i = 0; i < 4; i++) {
-                const int ih = th * 2 - pt + i;
-                for (int j = 0; j < 4; j++) {
-                    const int iw = tw * 2 - pl + j;
-                    if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                        memcpy(d[i][j], x + n * sn + ih * sh + iw * sw + c0, sizeof(float) * cb);
-                    else
-                        memset(d[i][j], 0, sizeof(float) * cb);
-                }
-            }
+            load_tile(&d[0][0][0], 4, x, n, H, W, sn, sh, sw, th * 2 - pt, tw * 2 - pl, c0, cb);
             for (int j = 0; j < 4; j++) {
                 for (int c = 0; c < cb; c++) {
                     const float d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c];
@@ -214,15 +217,8 @@ void wino2_output(const float *M, float *y, const float *bias, const float *z, i
                 for (int q = 0; q < 2; q++) {
                     const int ow = tw * 2 + q;
                     if (ow >= OW) break;
-                    float *dst = y + n * yn + oh * yh + ow * yw + k0;
-                    const float *res = z ? z + n * zn + oh * zh + ow * zw + k0 : NULL;
-                    float v[CB];
-                    if (bias) for (int c = 0; c < kb; c++) v[c] = o[r][q][c] + bias[k0 + c];
-                    else memcpy(v, o[r][q], sizeof(float) * kb);
-                    if (res && !act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
-                    activate(v, kb, act, alpha, beta);
-                    if (res && act_first) for (int c = 0; c < kb; c++) v[c] += res[c];
-                    memcpy(dst, v, sizeof(float) * kb);
+                    store_pixel(y + n * yn + oh * yh + ow * yw + k0, o[r][q], bias ? bias + k0 : NULL,
+                                z ? z + n * zn + oh * zh + ow * zw + k0 : NULL, kb, act, alpha, beta, act_first);
                 }
             }
         }
