@@ -53,6 +53,19 @@ def _kernels() -> Any:
     return lib
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(pos: int, tiles: int, c_in: int, k_out: int) -> tuple[Tensor, Tensor]:
+    """V [pos, tiles, c_in] and M [pos, tiles, k_out] in one buffer per thread, shared by every Winograd layer
+    (layers of a network run one after another on a thread), grown to the largest layer's need."""
+    nv, nm = pos * tiles * c_in, pos * tiles * k_out
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.numel() < nv + nm:
+        buf = _LOCAL.buf = torch.empty(nv + nm)
+    return buf[:nv].view(pos, tiles, c_in), buf[nv:nv + nm].view(pos, tiles, k_out)
+
+
 def transform_weights(w: Tensor, tile: int = 4) -> Tensor:
     """[K, C, 3, 3] -> U [(tile+2)^2, C, K] with U[(tile+2)i+j] = (G g G^T)[i, j] (computed in float64)."""
     g = _G[tile]
@@ -118,15 +131,8 @@ class WinogradConvTactic(CpuTactic):
         code, act_first = _ACTS[act], int(fused and bool(int(node.attr("act_before_add", 0) or 0)))
         geos: dict[tuple[int, int], ConvGeometry] = {}
         gemms: dict[int, MatMul] = {}
-        local = threading.local()
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
         b_ptr = None if bias is None else bias.data_ptr()
-
-        def scratch(tiles: int) -> tuple[Tensor, Tensor]:
-            bufs = getattr(local, "bufs", None)
-            if bufs is None or bufs[0].shape[1] != tiles:
-                bufs = local.bufs = (torch.empty(pos, tiles, c_in), torch.empty(pos, tiles, k_out))
-            return bufs
 
         def k_wino(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
@@ -147,7 +153,7 @@ class WinogradConvTactic(CpuTactic):
                                 f"channels, got {list(out.shape)} with strides {list(out.stride())}")
             if z is not None and z.stride(1) != 1:
                 z = z_cl(z)
-            v, m = scratch(tiles)
+            v, m = _scratch(pos, tiles, c_in, k_out)
             gemm = gemms.get(tiles)
             if gemm is None:
                 gemm = gemms[tiles] = MatMul(lib, v, u, m)
