@@ -54,7 +54,9 @@ class ActivationArena:
             last.update({r: end for r in roots.get(s, ())})
         self.last = {r: last.get(r, self.specs[r][3]) for r in self.specs}
         self.placed = frozenset(self.specs)
-        self._cache: dict[tuple[tuple[str, int], ...], tuple[int, dict[int, tuple[int, tuple[int, ...]]]]] = {}
+        # per bound dims: (arena bytes, [(slot, dtype, shape, strides, element offset)]), strides channels-last for 4-D
+        self._cache: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[int, torch.dtype, tuple[int, ...],
+                                                                             tuple[int, ...], int]]]] = {}
         self.arena_bytes = 0
 
     def views(self, dims: dict[str, int], device: torch.device) -> dict[int, torch.Tensor]:
@@ -66,21 +68,17 @@ class ActivationArena:
         total, places = layout
         self.arena_bytes = total
         arena = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        typed: dict[torch.dtype, torch.Tensor] = {}
         out: dict[int, torch.Tensor] = {}
-        for s, (off, shape) in places.items():
-            _, dtype, cl, _ = self.specs[s]
-            n = 1
-            for d in shape:
-                n *= d
-            flat = arena[off:off + n * dtype.itemsize].view(dtype)
-            if cl and len(shape) == 4:
-                b, c, h, w = shape
-                out[s] = flat.view(b, h, w, c).permute(0, 3, 1, 2)
-            else:
-                out[s] = flat.view(shape)
+        for s, dtype, shape, strides, offset in places:
+            flat = typed.get(dtype)
+            if flat is None:
+                flat = typed[dtype] = arena.view(dtype)  # offsets and the size are ALIGN multiples
+            out[s] = flat.as_strided(shape, strides, offset)
         return out
 
-    def _layout(self, dims: dict[str, int]) -> tuple[int, dict[int, tuple[int, tuple[int, ...]]]]:
+    def _layout(self, dims: dict[str, int]) -> tuple[int, list[tuple[int, torch.dtype, tuple[int, ...],
+                                                                     tuple[int, ...], int]]]:
         shapes = {s: tuple(d if isinstance(d, int) else dims[d] for d in spec[0]) for s, spec in self.specs.items()}
         bufs = []
         for s, (_, dtype, _, first) in self.specs.items():
@@ -89,7 +87,14 @@ class ActivationArena:
                 n *= d
             bufs.append(Buffer(str(s), max(ALIGN, -(-n // ALIGN) * ALIGN), first, max(first, self.last[s])))
         mp = plan_memory(bufs)
-        return mp.arena_bytes, {int(name): (off, shapes[int(name)]) for name, off in mp.offsets.items()}
+        places = []
+        for name, off in mp.offsets.items():
+            s = int(name)
+            shape, (_, dtype, cl, _) = shapes[s], self.specs[s]
+            fmt = torch.channels_last if cl and len(shape) == 4 else torch.contiguous_format
+            strides = torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt).stride()
+            places.append((s, dtype, shape, strides, off // dtype.itemsize))
+        return mp.arena_bytes, places
 
 
 def resolvable(t: TensorType | None, symbols: set[str]) -> bool:

@@ -278,7 +278,7 @@ class Autotuner:
         if args is None:
             return False
         want = self._reference(n, args)
-        timed: list[tuple[str, Any, float]] = []
+        timed: list[tuple[str, Any, list[Any], float]] = []
         for t, cfg in todo:
             cid = choice_id(t.id, cfg)
             ms: float | None = None
@@ -293,7 +293,7 @@ class Autotuner:
                     raise BuildError(f"result differs from the reference (normwise error {err:.3g})")
                 del out
                 ms = self.timer(lambda: kern(*own))
-                timed.append((cid, kern, ms))
+                timed.append((cid, kern, own, ms))
                 self.stats["measured"] += 1
                 self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {ms:.4f} ms")
             except Exception as e:  # compile errors, unsupported shapes, out of memory
@@ -311,10 +311,10 @@ class Autotuner:
             self.cache.record(key, cid, ms, self.env, layer)
         # a candidate far (3x) slower than the best may have been timed through a hiccup (clocks ramping, a
         # late compile, another process): time it once more and keep the faster of the two
-        best = min((ms for _, _, ms in timed), default=0.0)
-        for cid, kern, ms in timed:
+        best = min((ms for _, _, _, ms in timed), default=0.0)
+        for cid, kern, own, ms in timed:
             if ms > 3.0 * best:
-                again = self.timer(lambda: kern(*args))
+                again = self.timer(lambda: kern(*own))  # noqa: B023  # called right here
                 if again < ms:
                     self.logger.verbose(f"Retimed {cid}: {ms:.4f} -> {again:.4f} ms")
                     self.cache.record(key, cid, again, self.env, layer)

@@ -70,40 +70,43 @@ class MatMulConvTactic(CpuTactic):
         fused = node.op_type == "FusedConv"
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
-        prims: dict[tuple[int, ...], MatMul] = {}
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
         c_in = int(w.shape[1])
+        # per (input, destination, residual) shapes and strides: (primitive, output shape, reorder x, reorder z)
+        prims: dict[tuple[Any, ...], tuple[MatMul, tuple[int, ...], bool, bool]] = {}
 
-        def matrix(t: Tensor, rows: int, cols: int, ld: int) -> Tensor:
-            return t.as_strided((rows, cols), (ld, 1))
-
-        def k_mm(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
-                 out: Tensor | tuple[Tensor, ...] | None = None) -> Tensor:
-            ldx = pixel_rows(x)
-            if ldx is None:
-                x = x_cl(x)
-                ldx = c_in
+        def make(x: Tensor, y: Tensor | None, z: Tensor | None) -> tuple[MatMul, tuple[int, ...], bool, bool]:
             n, _, h, wd = (int(s) for s in x.shape)
             shape, pixels = (n, k_out, h, wd), n * h * wd
-            outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
-            y = outs[0] if outs else torch.empty(shape, memory_format=torch.channels_last)
-            ldy = pixel_rows(y)
+            if y is None:
+                y = torch.empty(shape, memory_format=torch.channels_last)
+            ldx, ldy, ldz = pixel_rows(x), pixel_rows(y), None if z is None else pixel_rows(z)
             if tuple(y.shape) != shape or ldy is None:
                 raise KilnError(f"'{node.name}' takes a destination of shape {list(shape)} with contiguous channels "
                                 f"and evenly spaced pixels, got {list(y.shape)} with strides {list(y.stride())}")
-            ldz = 0
-            if z is not None:
-                ldz = pixel_rows(z) or 0
-                if not ldz:
-                    z = z_cl(z)
-                    ldz = k_out
-            key = (pixels, ldx, ldy, ldz)
-            prim = prims.get(key)
-            xm, ym = matrix(x, pixels, c_in, ldx), matrix(y, pixels, k_out, ldy)
-            zm = None if z is None else matrix(z, pixels, k_out, ldz)
-            if prim is None:
-                prim = prims[key] = MatMul(lib, xm, wm, ym, bias, zm, act, alpha, beta, act_first)
-            prim.run(xm, ym) if zm is None else prim.run(xm, ym, zm)
+            xm = x.as_strided((pixels, c_in), (ldx, 1)) if ldx else torch.empty(pixels, c_in)  # else reordered
+            zm = None if z is None else z.as_strided((pixels, k_out), (ldz, 1)) if ldz else torch.empty(pixels, k_out)
+            prim = MatMul(lib, xm, wm, y.as_strided((pixels, k_out), (ldy, 1)), bias, zm, act, alpha, beta, act_first)
+            return prim, shape, ldx is None, z is not None and ldz is None
+
+        def k_mm(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
+                 out: Tensor | tuple[Tensor, ...] | None = None) -> Tensor:
+            outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
+            y = outs[0] if outs else None
+            key = (x.shape, x.stride(), None if y is None else (y.shape, y.stride()),
+                   None if z is None else z.stride())
+            entry = prims.get(key)
+            if entry is None:
+                entry = prims[key] = make(x, y, z)
+            prim, shape, reorder_x, reorder_z = entry
+            if reorder_x:
+                x = x_cl(x)
+            if y is None:
+                y = torch.empty(shape, memory_format=torch.channels_last)
+            if z is None:
+                prim.run(x, y)
+            else:
+                prim.run(x, y, z_cl(z) if reorder_z else z)  # the matmul reads the tensors' own addresses
             for extra in outs[1:]:
                 extra.copy_(y)
             return y

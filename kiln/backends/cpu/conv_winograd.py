@@ -129,40 +129,43 @@ class WinogradConvTactic(CpuTactic):
         fused = node.op_type == "FusedConv"
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         code, act_first = _ACTS[act], int(fused and bool(int(node.attr("act_before_add", 0) or 0)))
-        geos: dict[tuple[int, int], ConvGeometry] = {}
-        gemms: dict[int, MatMul] = {}
+        plans: dict[tuple[int, ...], tuple[int, int, int, int, int, int, int, MatMul]] = {}
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
         b_ptr = None if bias is None else bias.data_ptr()
+
+        def plan(n: int, h: int, wd: int) -> tuple[int, int, int, int, int, int, int, MatMul]:
+            """(pad top, pad left, out h, out w, tile rows, tile cols, tiles, GEMM) at an input size."""
+            geo = ConvGeometry(node, [3, 3], [h, wd])
+            (pt, pl), (pb, pr) = geo.begin, geo.end
+            oh, ow = h + pt + pb - 2, wd + pl + pr - 2
+            th, tw = -(-oh // tile), -(-ow // tile)
+            tiles = n * th * tw
+            v, m = _scratch(pos, tiles, c_in, k_out)
+            return pt, pl, oh, ow, th, tw, tiles, MatMul(lib, v, u, m)
 
         def k_wino(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
             if x.stride(1) != 1:
                 x = x_cl(x)
-            n, _, h, wd = (int(s) for s in x.shape)
-            geo = geos.get((h, wd))
-            if geo is None:
-                geo = geos[(h, wd)] = ConvGeometry(node, [3, 3], [h, wd])
-            (pt, pl), (pb, pr) = geo.begin, geo.end
-            oh, ow = h + pt + pb - 2, wd + pl + pr - 2
-            th, tw = -(-oh // tile), -(-ow // tile)
-            tiles = n * th * tw
+            n, _, h, wd = x.shape
+            entry = plans.get((n, h, wd))
+            if entry is None:
+                entry = plans[(n, h, wd)] = plan(n, h, wd)
+            pt, pl, oh, ow, th, tw, tiles, gemm = entry
             if out is None:
                 out = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
-            elif tuple(out.shape) != (n, k_out, oh, ow) or out.stride(1) != 1:
+            elif out.shape != (n, k_out, oh, ow) or out.stride(1) != 1:
                 raise KilnError(f"'{node.name}' takes a destination of shape {[n, k_out, oh, ow]} with contiguous "
                                 f"channels, got {list(out.shape)} with strides {list(out.stride())}")
             if z is not None and z.stride(1) != 1:
                 z = z_cl(z)
             v, m = _scratch(pos, tiles, c_in, k_out)
-            gemm = gemms.get(tiles)
-            if gemm is None:
-                gemm = gemms[tiles] = MatMul(lib, v, u, m)
             xs, ys = x.stride(), out.stride()
             w_in(x.data_ptr(), v.data_ptr(), n, h, wd, c_in, xs[0], xs[2], xs[3], pt, pl, th, tw)
             gemm.run(v, m)
             zs = z.stride() if z is not None else (0, 0, 0, 0)
             w_out(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
-                            k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
+                  k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
             return out
         k_wino.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
         return k_wino

@@ -301,8 +301,10 @@ class ChannelsLast:
         self.local = threading.local()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
-            return x.contiguous() if x.dim() != 4 else x
+        if x.dim() != 4:
+            return x.contiguous()
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return x
         buf = getattr(self.local, "buf", None)
         if buf is None or buf.shape != x.shape:
             buf = self.local.buf = torch.empty(x.shape, memory_format=torch.channels_last)
