@@ -140,3 +140,4 @@ def inplace_activation(act: str, alpha: float, beta: float) -> InplaceFn | None:
     if act == "GeluTanh":
         return lambda y: y.copy_(F.gelu(y, approximate="tanh"))
     raise ValueError(f"unknown fused activation {act!r}")
+

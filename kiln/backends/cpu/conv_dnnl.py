@@ -14,7 +14,8 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
 from kiln.backends.cpu.conv import ConvGeometry
-from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, Convolution, library, require_library, shape_cached
+from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
+                                    shape_cached)
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.ir.graph import Node
 
@@ -65,13 +66,15 @@ class DnnlConvTactic(CpuTactic):
             y0 = torch.empty(shape, memory_format=torch.channels_last)
             return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.groups,
                                act, alpha, beta, act_first), shape
-        run = shape_cached(node.name, make)
+        fb = ReferenceFallback(node)
+        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)  # the layout the primitives are made for
 
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None if z is None else z_cl(z), out)
         k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
+        k_conv.fallback = fb  # type: ignore[attr-defined]
         return k_conv
 
 

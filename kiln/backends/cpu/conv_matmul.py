@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
-from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, MatMul, library, require_library
+from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, MatMul, ReferenceFallback, library, require_library
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
@@ -74,6 +74,7 @@ class MatMulConvTactic(CpuTactic):
         c_in = int(w.shape[1])
         # per (input, destination, residual) shapes and strides: (primitive, output shape, reorder x, reorder z)
         prims: dict[tuple[Any, ...], tuple[MatMul, tuple[int, ...], bool, bool]] = {}
+        fb = ReferenceFallback(node)
 
         def make(x: Tensor, y: Tensor | None, z: Tensor | None) -> tuple[MatMul, tuple[int, ...], bool, bool]:
             n, _, h, wd = (int(s) for s in x.shape)
@@ -97,7 +98,10 @@ class MatMulConvTactic(CpuTactic):
                    None if z is None else z.stride())
             entry = prims.get(key)
             if entry is None:
-                entry = prims[key] = make(x, y, z)
+                entry = fb.attempt(key, lambda: make(x, y, z), f"1x1 matmul at input shape {list(x.shape)}")
+                if entry is None:
+                    return fb(key, (x, None, None, z), out)
+                prims[key] = entry
             prim, shape, reorder_x, reorder_z = entry
             if reorder_x:
                 x = x_cl(x)
@@ -111,6 +115,7 @@ class MatMulConvTactic(CpuTactic):
                 extra.copy_(y)
             return y
         k_mm.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
+        k_mm.fallback = fb  # type: ignore[attr-defined]
         return k_mm
 
 

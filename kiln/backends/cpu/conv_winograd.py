@@ -28,7 +28,7 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
 from kiln.backends.cpu.conv import ConvGeometry
-from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, library, require_library
+from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, ReferenceFallback, library, require_library
 from kiln.backends.cpu import native
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.errors import KilnError, PlanFormatError
@@ -132,6 +132,7 @@ class WinogradConvTactic(CpuTactic):
         plans: dict[tuple[int, ...], tuple[int, int, int, int, int, int, int, MatMul]] = {}
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
         b_ptr = None if bias is None else bias.data_ptr()
+        fb = ReferenceFallback(node)
 
         def plan(n: int, h: int, wd: int) -> tuple[int, int, int, int, int, int, int, MatMul]:
             """(pad top, pad left, out h, out w, tile rows, tile cols, tiles, GEMM) at an input size."""
@@ -150,7 +151,10 @@ class WinogradConvTactic(CpuTactic):
             n, _, h, wd = x.shape
             entry = plans.get((n, h, wd))
             if entry is None:
-                entry = plans[(n, h, wd)] = plan(n, h, wd)
+                entry = fb.attempt((n, h, wd), lambda: plan(n, h, wd), f"Winograd GEMM at input shape {list(x.shape)}")
+                if entry is None:
+                    return fb((n, h, wd), (x, None, None, z), out)
+                plans[(n, h, wd)] = entry
             pt, pl, oh, ow, th, tw, tiles, gemm = entry
             if out is None:
                 out = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
@@ -168,6 +172,7 @@ class WinogradConvTactic(CpuTactic):
                   k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
             return out
         k_wino.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
+        k_wino.fallback = fb  # type: ignore[attr-defined]
         return k_wino
 
 

@@ -15,7 +15,7 @@ import os
 import site
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -328,14 +328,69 @@ def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
 
 
 Made = tuple[_Primitive, tuple[int, ...]]
+T = TypeVar("T")
 
 
-def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made]
+class ReferenceFallback:
+    """A layer's own reference implementation (OpDef.compute), for input shapes at which oneDNN declines
+    the layer's primitive: only its reference loops for that shape on this CPU, a shape the build never
+    saw (a dynamic profile, an O0 plan that timed nothing, a plan built on another machine).
+
+    `attempt(key, make, what)` makes a kernel's per-shape state, or records why oneDNN declined and
+    returns None (at once for a key already declined); the call `fallback(key, args, out)` then runs the
+    reference on the kernel's inputs in the node's order (prepacked constants may be None) into its
+    destination(s). Warns once per layer unless `quiet`; `reason` is set once it ran, and the autotuner
+    skips a candidate that ran through it, so no timing credits a tactic with its fallback.
+    """
+
+    def __init__(self, node: Any) -> None:
+        from kiln.ops.registry import lookup
+        self.node = node
+        self.compute = lookup(node.op_type, node.domain).compute
+        self.declined: dict[Any, str] = {}
+        self.reason: str | None = None
+        self.quiet = False
+
+    def attempt(self, key: Any, make: Callable[[], T], what: str) -> T | None:
+        if key in self.declined:
+            return None
+        try:
+            return make()
+        except (DnnlError, ValueError) as e:  # ValueError: a geometry oneDNN cannot express at this shape
+            self.declined[key] = f"{what}: {e}"
+            return None
+
+    def __call__(self, key: Any, args: Sequence[Any], out: torch.Tensor | tuple[torch.Tensor, ...] | None
+                 ) -> torch.Tensor:
+        node, reason = self.node, self.declined[key]
+        if self.reason is None and not self.quiet:
+            from kiln.logger import Logger
+            Logger().warning(f"layer '{node.name}' ({node.op_type}): {reason}; running the op's reference "
+                             f"implementation instead")
+        self.reason = reason
+        xs = [a if a is not None or node.input(i) is None else node.inputs[i].const for i, a in enumerate(args)]
+        xs += [None if v is None else v.const for v in node.inputs[len(xs):]]
+        while xs and xs[-1] is None:
+            xs.pop()
+        r = self.compute(node, *xs)
+        r = r[0] if isinstance(r, (tuple, list)) else r
+        if out is None:
+            return r
+        outs = out if isinstance(out, tuple) else (out,)
+        for o in outs:
+            o.copy_(r)
+        return outs[0]
+
+
+def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made],
+                 fallback: ReferenceFallback | None = None,
+                 args: Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]] = lambda x, z: (x,)
                  ) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]:
     """A layer's per-call function over primitives made once per input shape and strides.
 
     make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
     into `out` (dense, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns it.
+    Shapes oneDNN declines go to `fallback` (with the node's inputs `args(x, z)`) when one is given.
     """
     cache: dict[tuple[Any, ...], tuple[_Primitive, tuple[int, ...], torch.memory_format]] = {}
 
@@ -343,7 +398,11 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
         key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
         entry = cache.get(key)
         if entry is None:
-            prim, shape = make(x, z)
+            made = make(x, z) if fallback is None else \
+                fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
+            if made is None:
+                return fallback(key, args(x, z), out)  # type: ignore[misc]
+            prim, shape = made
             entry = cache[key] = (prim, shape, torch.channels_last if len(shape) == 4 else torch.contiguous_format)
         prim, shape, fmt = entry
         if out is None:

@@ -16,7 +16,8 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, is_f32, shape_hint, static_shape
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
-                                    InnerProduct, Pooling, library, require_library, shape_cached)
+                                    InnerProduct, Pooling, ReferenceFallback, library, require_library,
+                                    shape_cached)
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Kernel, register_tactic
@@ -84,11 +85,13 @@ class DnnlPoolTactic(CpuTactic):
             alg, kernel, strides, dilations, begin, end, shape = geo
             y0 = torch.empty((*shape, 1, 1)[:4], memory_format=torch.channels_last)  # [N, C] as [N, C, 1, 1]
             return Pooling(lib, x, y0, alg, kernel, strides, dilations, begin, end), shape
-        run = shape_cached(node.name, make)
+        fb = ReferenceFallback(node)
+        run = shape_cached(node.name, make, fb)
         x_cl = ChannelsLast(lib)
 
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None, out)
+        k_pool.fallback = fb  # type: ignore[attr-defined]
         if node.op_type == "ReduceMean":
             k_pool.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
         return k_pool
@@ -126,12 +129,14 @@ class DnnlLinearTactic(CpuTactic):
         def make(x: Tensor, z: Tensor | None) -> tuple[InnerProduct, tuple[int, ...]]:
             shape = (int(x.shape[0]), int(w.shape[0]))
             return InnerProduct(lib, x, w, b, torch.empty(shape), z, act, alpha, beta, act_first), shape
-        run = shape_cached(node.name, make)
+        fb = ReferenceFallback(node)
+        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
 
         def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                      out: Tensor | None = None) -> Tensor:
             return run(a.contiguous(), None if z is None else z.contiguous(), out)
         k_linear.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # weight and bias live in the kernel
+        k_linear.fallback = fb  # type: ignore[attr-defined]
         return k_linear
 
 
