@@ -107,9 +107,10 @@ def test_weight_transform_is_exact_in_float64_f2() -> None:
 
 def test_weight_transform_is_exact_in_float64() -> None:
     """A^T [(G g G^T) * (B^T d B)] A is the 4x4 correlation of a 6x6 tile with g."""
-    bt = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-                       [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
-    at = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    # the points 0, 1, -1, 1/2, -2, infinity, as native/winograd.c computes B^T d B and A^T M A
+    bt = torch.tensor([[1, -1.5, -2, 1.5, 1, 0], [0, -1, 0.5, 2.5, 1, 0], [0, 1, -2.5, 0.5, 1, 0],
+                       [0, -2, -1, 2, 1, 0], [0, 0.5, -1, -0.5, 1, 0], [0, 1, -1.5, -2, 1.5, 1]], dtype=torch.float64)
+    at = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 0.5, -2, 0], [0, 1, 1, 0.25, 4, 0], [0, 1, -1, 0.125, -8, 1]],
                       dtype=torch.float64)
     g = torch.randn(1, 1, 3, 3, dtype=torch.float64)
     d = torch.randn(6, 6, dtype=torch.float64)

@@ -11,8 +11,9 @@ Both transforms address tensors by strides with channels contiguous, so the laye
 views without a copy and writes into a channel slice of a Concat's output (``strided_out``): on the
 CPU it is the tactic through which a Concat fed by 3x3 convolutions is elided.
 
-Arithmetic error grows with the transform (about 1e-6 relative in float32 on unit-scale data, tested
-against the reference). Layers whose transformed weights (4x a direct convolution's) exceed
+Arithmetic error grows with the transform: F(4x4) at the points 0, 1, -1, 1/2, -2 (about 2.5x more
+accurate in float32 than the usual 0, +-1, +-2) is within about 2e-6 of the output's scale on random
+layers, F(2x2) within a few 1e-7; tested against the reference. Layers whose transformed weights (4x a direct convolution's) exceed
 ``MAX_WEIGHT_BYTES`` decline: a network's large layers stream their weights from memory on every
 inference, which the autotuner's isolated timing (weights warm in cache) does not show. With 16 MiB,
 ResNet-50's 512-channel layers (38 MiB) decline and YOLOv4-tiny's 384->256 neck conv (14 MiB, 2.3x faster
@@ -37,8 +38,9 @@ from kiln.ir.graph import Node
 Tensor = torch.Tensor
 MAX_WEIGHT_BYTES = 16 << 20
 _ACTS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3, "Sigmoid": 4, "SiLU": 5, "HardSwish": 6}
-_G = {4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                       [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64),
+# G of F(4x4, 3x3) at the points 0, 1, -1, 1/2, -2, infinity (B^T and A^T live in native/winograd.c)
+_G = {4: torch.tensor([[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3], [-16 / 15, -8 / 15, -4 / 15],
+                       [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]], dtype=torch.float64),
       2: torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64)}
 _P, _I, _L, _F = C.c_void_p, C.c_int, C.c_long, C.c_float
 
