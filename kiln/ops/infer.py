@@ -65,7 +65,7 @@ def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | Non
         sizes = {s: base + 16 * k for k, s in enumerate(syms)}
         outs = _run(opdef, node, types, consts, sizes)
         if outs is None:
-            return _unknown(node)
+            return _by_position(opdef, node, types, consts) if None in syms else _unknown(node)
         runs.append((sizes, outs))
     result: list[TensorType] = []
     for j in range(len(node.outputs)):
@@ -100,3 +100,27 @@ def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | Non
                 dims.append(None)
         result.append(TensorType(dt, tuple(dims)))
     return result
+
+
+def _by_position(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
+                 consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+    """Types when an input has unknown (None) dims and the placeholder run failed: an unknown dim can
+    not be told apart from the dims it must match (Concat of [N, 16, H, W] and [N, 16, ?, ?] after a
+    pool), so at an axis (counted from the right) holding an unknown dim, every non-static dim takes
+    one placeholder. Element types, ranks, static dims and symbols that agree come out; dims that
+    depend on a placeholder stay unknown."""
+    mixed: set[int] = set()
+    for t in types:
+        if t is not None and t.shape is not None:
+            mixed |= {len(t.shape) - i for i, d in enumerate(t.shape) if d is None}
+    positional: list[TensorType | None] = []
+    for t in types:
+        if t is None or t.shape is None:
+            positional.append(t)
+            continue
+        r = len(t.shape)
+        positional.append(TensorType(t.dtype, tuple(f"#{r - i}" if not isinstance(d, int) and r - i in mixed else d
+                                                     for i, d in enumerate(t.shape))))
+    return [TensorType(t.dtype, None if t.shape is None else
+                       tuple(None if isinstance(d, str) and d.startswith("#") else d for d in t.shape))
+            for t in infer_by_meta(opdef, node, positional, consts)]

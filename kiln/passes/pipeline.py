@@ -14,6 +14,7 @@ from kiln.passes.horizontal import FuseSiblingConvs
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
 from kiln.passes.scale import FoldScale
+from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
 
 
@@ -22,6 +23,7 @@ def default_pipeline() -> list[Pass]:
         Fixpoint("simplify", [FoldConstants(), DeadCodeElimination()]),
         # cleanup: no-ops and shape-op chains (so that producers and consumers meet)
         Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), DeadCodeElimination()]),
+        InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
         # weight folding into convolutions / gemms, while they are still plain ONNX ops
         FoldBatchNorm(),
         BatchNormToScale(),

@@ -1,9 +1,10 @@
 """Type and shape propagation through a Graph using each op's `infer`."""
 from __future__ import annotations
 
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
+from kiln.passes.base import Pass, PassContext
 from kiln.ops.registry import lookup
 
 
@@ -30,7 +31,34 @@ def infer_types(g: Graph, logger: Logger | None = None) -> None:
             if logger:
                 logger.verbose(f"shape inference skipped for {n.name} ({n.op_type}): {e}")
             out = [TensorType(None, None)] * len(n.outputs)
+        if out and out[0].shape is None and n.op_type == "Reshape" and n.domain in ("", "ai.onnx"):
+            out = [_reshape_to_shape_of(n) or out[0]] + list(out[1:])
         for v, t in zip(n.outputs, out):
             v.type = _merge(t, v.type)
         for sg in n.subgraphs():
             infer_types(sg, logger)
+
+
+def _reshape_to_shape_of(n: Node) -> TensorType | None:
+    """Reshape(x, Shape(y)) (exported GroupNorm and the like): the output has y's dims, which the
+    per-op inference cannot see because the shape is a run-time value."""
+    x, shape = n.input(0), n.input(1)
+    src = shape.producer if shape is not None else None
+    if (x is None or src is None or src.op_type != "Shape" or src.attr("start") is not None
+            or src.attr("end") is not None or n.opset < 5):
+        return None
+    y = src.input(0)
+    if y is None or y.type.shape is None:
+        return None
+    return TensorType(x.type.dtype, tuple(y.type.shape))
+
+
+class InferTypes(Pass):
+    """Re-runs type inference once folding has turned shape inputs into constants (the types set at
+    load time could not read them); only types change, so it never counts as a rewrite."""
+
+    name = "type inference"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        infer_types(g, ctx.logger)
+        return False
