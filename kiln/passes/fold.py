@@ -7,12 +7,15 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Value
 from kiln.ops.registry import lookup
 from kiln.passes.base import Pass, PassContext
+from kiln.passes.shape_values import static_value
 
 MAX_FOLD_BYTES = 1 << 28
+_SHAPE_OPS = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat")
 
 
 class FoldConstants(Pass):
-    """Evaluates constant subgraphs with the reference implementation (Shape of static tensors included)."""
+    """Evaluates constant subgraphs with the reference implementation; Shape of static tensors and the
+    static entries of shape chains over dynamic ones (kiln.passes.shape_values) count as constants."""
 
     name = "constant folding"
 
@@ -49,6 +52,10 @@ class FoldConstants(Pass):
             args = [meta]
         elif all(v is None or v.is_const for v in n.inputs):
             args = [None if v is None else v.const for v in n.inputs]
+        elif n.op_type in _SHAPE_OPS and n.domain == "" and len(n.outputs) == 1 \
+                and n.outputs[0].type.dtype in (None, DType.INT64):
+            t = static_value(n.outputs[0])  # e.g. Gather(Shape(x), 2) where x's dim 2 is static
+            return None if t is None else [t]
         else:
             return None
         try:

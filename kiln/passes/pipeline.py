@@ -20,7 +20,8 @@ from kiln.passes.shapes import SimplifyShapes
 
 def default_pipeline() -> list[Pass]:
     return [
-        Fixpoint("simplify", [FoldConstants(), DeadCodeElimination()]),
+        # folding and type inference feed each other: a folded shape input types the layers after it
+        Fixpoint("simplify", [FoldConstants(), DeadCodeElimination(), InferTypes()]),
         # cleanup: no-ops and shape-op chains (so that producers and consumers meet)
         Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), DeadCodeElimination()]),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values

@@ -13,6 +13,7 @@ import torch
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext
+from kiln.passes.shape_values import shape_entries
 from kiln.passes.rewrite import Uses, bypass, is_op, onnx_opset, remove_node, replace_nodes, same_shape
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -63,7 +64,7 @@ class SimplifyShapes(Pass):
     name = "shape simplification"
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
-        changed = False
+        changed = any([self._static_target(g, n, ctx) for n in g.nodes if is_op(n, "Reshape")])
         uses = Uses(g)
         for n in list(g.nodes):
             if n not in g.nodes:
@@ -87,6 +88,32 @@ class SimplifyShapes(Pass):
                     remove_node(g, p)
                     uses.refresh()
         return changed
+
+    @staticmethod
+    def _static_target(g: Graph, n: Node, ctx: PassContext) -> bool:
+        """A Reshape whose target is computed at run time from shapes (Shape, Gather, Concat, ...)
+        but whose dynamic entries are the input's own dims at the same positions: a constant target
+        with 0 ("copy this dim") there, so the shape chain leaves the plan."""
+        x, shape = n.input(0), n.input(1)
+        if (x is None or shape is None or shape.is_const or x.type.shape is None or onnx_opset(n) < 5
+                or n.attr("allowzero", 0)):
+            return False
+        e = shape_entries(shape)
+        if e is None or e[1]:
+            return False
+        target: list[int] = []
+        bound = g.input_symbols()  # the symbols bound from the inputs at run time (not names an exporter declared)
+        for j, d in enumerate(e[0]):
+            if isinstance(d, int):
+                target.append(d)
+            elif d in bound and j < len(x.type.shape) and x.type.shape[j] == d:
+                target.append(0)
+            else:
+                return False
+        n.inputs[1] = Value(g.unique_name(shape.name + "_static"), const=torch.tensor(target, dtype=torch.int64))
+        ctx.logger.verbose(f"Reshape {n.name}: run-time target {['?' if not isinstance(d, int) else d for d in e[0]]}"
+                           f" is {target} (0 copies the input's dim)")
+        return True
 
     @staticmethod
     def _merge_reshapes(g: Graph, r1: Node, r2: Node, ctx: PassContext) -> bool:

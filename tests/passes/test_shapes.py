@@ -60,3 +60,52 @@ def test_local_pool_flatten_kept() -> None:
     g, _ = optimized(m)
     assert ops(g) == ["AveragePool", "Flatten"]
     compare(m)
+
+
+def _view_model(batch_pos: int) -> object:
+    """x.view(n, 2, 3, h, w) as torch exports it (Shape, Gather, Unsqueeze, Concat), batch dim dynamic;
+    batch_pos puts the dynamic entry elsewhere (a target the rewrite must leave alone)."""
+    w = np.random.default_rng(0).standard_normal((6, 3, 3, 3)).astype(np.float32)
+    pieces = [["n1"], ["c2"], ["c3"], ["h1"], ["w1"]]
+    pieces.insert(batch_pos, pieces.pop(0))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             helper.make_node("Gather", ["s", "i2"], ["h"], axis=0),
+             helper.make_node("Gather", ["s", "i3"], ["wd"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]), helper.make_node("Unsqueeze", ["h", "ax"], ["h1"]),
+             helper.make_node("Unsqueeze", ["wd", "ax"], ["w1"]),
+             helper.make_node("Concat", [p[0] for p in pieces], ["t"], axis=0),
+             helper.make_node("Reshape", ["y", "t"], ["r"]), helper.make_node("Relu", ["r"], ["out"])]
+    inits = {"w": w, "i0": np.array(0, np.int64), "i2": np.array(2, np.int64), "i3": np.array(3, np.int64),
+             "ax": np.array([0], np.int64), "c2": np.array([2], np.int64), "c3": np.array([3], np.int64)}
+    m = model(nodes, {"x": ("N", 3, 8, 8)}, ["out"], inits)
+    return m
+
+
+def test_runtime_reshape_target_becomes_constant() -> None:
+    from kiln.builder import Builder, BuilderConfig, OptimizationProfile
+    from kiln.runtime.engine import Engine
+    from kiln.testing import run_oracle
+    m = _view_model(0)
+    g, log = optimized(m)
+    assert ops(g) == ["FusedConv", "Reshape", "Relu"], ops(g)  # the Shape/Gather/Unsqueeze/Concat chain is gone
+    reshape = [n for n in g.nodes if n.op_type == "Reshape"][0]
+    assert reshape.inputs[1].const.tolist() == [0, 2, 3, 8, 8]  # 0: copy the input's (dynamic) batch dim
+    assert any("run-time target" in line for line in log)
+    prof = OptimizationProfile().set_shape("x", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
+    ctx = Engine(Builder().build(m, BuilderConfig(profiles=[prof]))).create_execution_context()
+    rng = np.random.default_rng()
+    for n in (1, 3, 4):
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+        got, want = ctx.execute({"x": x})["out"], run_oracle(m, {"x": x})[0]
+        assert got.shape == want.shape == (n, 2, 3, 8, 8)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_runtime_reshape_target_with_a_moved_dim_stays_dynamic() -> None:
+    m = _view_model(1)  # target [2, n, 3, h, w]: n is not the input's dim 1, so it stays a run-time value
+    g, _ = optimized(m)
+    assert "Shape" in ops(g) and "Concat" in ops(g)
+    reshape = [n for n in g.nodes if n.op_type == "Reshape"][0]
+    assert not reshape.inputs[1].is_const

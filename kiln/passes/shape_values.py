@@ -1,0 +1,90 @@
+"""Symbolic values of shape tensors: what Shape(x) and the Gather / Slice / Unsqueeze / Concat chains
+built on it hold, as a list of dims (an int, a dim symbol such as "N", or None when unknown).
+
+Exporters compute reshape targets at run time (`x.view(x.shape[0], 3, 7, h, w)` becomes Shape,
+Gather, Unsqueeze and Concat layers feeding a Reshape). Reading these chains at build time lets the
+folder turn the entries that are static into constants and lets a Reshape copy a dynamic dim from its
+own input (ONNX's 0 entry) instead of computing it each inference.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir.graph import Value
+from kiln.passes.rewrite import is_op
+
+Dim = int | str | None
+
+
+def _ints(v: Value | None) -> list[int] | None:
+    if v is None or v.const is None or v.const.dtype not in (torch.int64, torch.int32) or v.const.dim() > 1:
+        return None
+    return [int(i) for i in v.const.reshape(-1).tolist()]
+
+
+def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | None:
+    """(the dims v holds, whether v is a scalar) for an integer shape value, or None when unknown."""
+    if v is None or depth > 16:
+        return None
+    if v.const is not None:
+        ints = _ints(v)
+        return None if ints is None else (list(ints), v.const.dim() == 0)
+    p = v.producer
+    if p is None or p.domain not in ("", "ai.onnx") or len(p.outputs) != 1:
+        return None
+    if is_op(p, "Shape"):
+        x = p.input(0)
+        if x is None or x.type.shape is None:
+            return None
+        dims: list[Dim] = list(x.type.shape)
+        start, end = p.attr("start", 0), p.attr("end", None)
+        return dims[int(start or 0):(None if end is None else int(end))], False
+    if is_op(p, "Gather", "Slice", "Unsqueeze", "Concat", "Squeeze"):
+        src = shape_entries(p.input(0), depth + 1)
+        if src is None:
+            return None
+        dims, is_scalar = src
+        if is_op(p, "Gather"):
+            idx = p.input(1)
+            if int(p.attr("axis", 0) or 0) != 0 or is_scalar or idx is None or idx.const is None:
+                return None
+            pos = [int(i) for i in idx.const.reshape(-1).tolist()]
+            if any(not -len(dims) <= i < len(dims) for i in pos):
+                return None
+            return [dims[i] for i in pos], idx.const.dim() == 0
+        if is_op(p, "Slice"):
+            if is_scalar or any(v_ is not None and v_.const is None for v_ in p.inputs[1:]):
+                return None
+            from kiln.ops.registry import lookup
+            try:
+                pos = lookup("Slice", "").compute(p, torch.arange(len(dims)),
+                                                  *[None if v_ is None else v_.const for v_ in p.inputs[1:]])
+            except Exception:
+                return None
+            return [dims[int(i)] for i in pos.tolist()], False
+        if is_op(p, "Unsqueeze", "Squeeze"):
+            axes = _ints(p.input(1)) if len(p.inputs) > 1 else list(p.attr("axes", None) or [])
+            if is_op(p, "Unsqueeze") and is_scalar and axes in ([0], [-1]):
+                return dims, False
+            if is_op(p, "Squeeze") and not is_scalar and len(dims) == 1 and axes in ([], [0], [-1], None):
+                return dims, True
+            return None
+        out: list[Dim] = []  # Concat
+        if int(p.attr("axis", 0) or 0) not in (0, -1):
+            return None
+        for piece in p.inputs:
+            e = shape_entries(piece, depth + 1)
+            if e is None or e[1]:
+                return None
+            out += e[0]
+        return out, False
+    return None
+
+
+def static_value(v: Value) -> torch.Tensor | None:
+    """v as a constant int64 tensor when every entry it holds is static."""
+    e = shape_entries(v)
+    if e is None or not all(isinstance(d, int) for d in e[0]):
+        return None
+    t = torch.tensor(e[0], dtype=torch.int64)
+    return t.reshape(()) if e[1] and t.numel() == 1 else t
