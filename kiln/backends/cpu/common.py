@@ -6,7 +6,7 @@ op on the kernel's own freshly computed output (``inplace_activation``), which n
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,3 +141,17 @@ def inplace_activation(act: str, alpha: float, beta: float) -> InplaceFn | None:
         return lambda y: y.copy_(F.gelu(y, approximate="tanh"))
     raise ValueError(f"unknown fused activation {act!r}")
 
+
+def float_conv_weight(node: Node, acts: Sequence[str]) -> Tensor | None:
+    """The constant 4-D float32 weight of a Conv / FusedConv whose input (rank 4), bias, residual and only
+    output are float32 and whose fused activation is one of `acts`; None for any other node."""
+    x, wt, b = node.input(0), const_f32(node.input(1)), node.input(2)
+    if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4:  # type: ignore[union-attr]
+        return None
+    if (b is not None and const_f32(b) is None) or len(node.outputs) != 1 or not is_f32(node.outputs[0]):
+        return None
+    if node.op_type == "FusedConv":
+        z = node.input(3)
+        if act_attrs(node)[0] not in acts or (z is not None and not is_f32(z)):
+            return None
+    return wt

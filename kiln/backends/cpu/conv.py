@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_f32, inplace_activation, is_f32, onednn_unary,
+from kiln.backends.cpu.common import (CpuTactic, act_attrs, float_conv_weight, inplace_activation, onednn_unary,
                                       shape_hint, static_shape)
 from kiln.backends.tactic import Kernel, TacticContext, register_tactic
 from kiln.ir.graph import Node
@@ -90,18 +90,8 @@ class OneDnnConvTactic(CpuTactic):
     needs_onednn = True
 
     def accepts(self, node: Node) -> bool:
-        x, w, b = node.input(0), node.input(1), node.input(2)
-        wt = const_f32(w)
-        if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4:  # type: ignore[union-attr]
-            return False
-        if b is not None and const_f32(b) is None:
-            return False
-        if len(node.outputs) != 1 or not is_f32(node.outputs[0]):
-            return False
-        z = node.input(3) if not _is_conv(node) else None
-        if z is not None and not is_f32(z):
-            return False
-        if not _is_conv(node) and act_attrs(node)[0] not in _ACTS:
+        wt = float_conv_weight(node, _ACTS)
+        if wt is None:
             return False
         try:
             ConvGeometry(node, list(wt.shape[2:]), _spatial(node))

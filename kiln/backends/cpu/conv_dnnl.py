@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
+from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.conv import ConvGeometry
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
                                     shape_cached)
@@ -32,20 +32,10 @@ class DnnlConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if library() is None:
-            return False
-        x, w, b = node.input(0), node.input(1), node.input(2)
-        wt = const_f32(w)
-        if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4:  # type: ignore[union-attr]
-            return False
-        if (b is not None and const_f32(b) is None) or len(node.outputs) != 1 or not is_f32(node.outputs[0]):
-            return False
-        fused = node.op_type == "FusedConv"
-        if fused and (act_attrs(node)[0] not in ("", *ELTWISE) or (node.input(3) is not None
-                                                                  and not is_f32(node.input(3)))):
+        if library() is None or float_conv_weight(node, ("", *ELTWISE)) is None:
             return False
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        return mode in ("NOTSET", "VALID") or x.type.is_static  # type: ignore[union-attr]
+        return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         lib = require_library(node, self.id)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
+from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, MatMul, ReferenceFallback, library, require_library
 from kiln.backends.tactic import Kernel, register_tactic
 from kiln.errors import KilnError
@@ -41,24 +41,13 @@ class MatMulConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        x, wt = node.input(0), const_f32(node.input(1))
-        if library() is None or not is_f32(x) or x.type.rank != 4 or wt is None:  # type: ignore[union-attr]
-            return False
-        if wt.dim() != 4 or tuple(wt.shape[2:]) != (1, 1) or int(node.attr("group", 1)) != 1:
+        wt = float_conv_weight(node, ("", *ELTWISE))
+        if library() is None or wt is None or tuple(wt.shape[2:]) != (1, 1) or int(node.attr("group", 1)) != 1:
             return False
         if any(int(s) != 1 for s in node.attr("strides", None) or [1, 1]) or any(
                 int(p) for p in node.attr("pads", None) or [0] * 4):
             return False
-        if (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
-            return False
-        b = node.input(2)
-        if (b is not None and const_f32(b) is None) or len(node.outputs) != 1 or not is_f32(node.outputs[0]):
-            return False
-        if node.op_type == "FusedConv":
-            z = node.input(3)
-            if act_attrs(node)[0] not in ("", *ELTWISE) or (z is not None and not is_f32(z)):
-                return False
-        return True
+        return (node.attr("auto_pad", "NOTSET") or "NOTSET") in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
         lib = require_library(node, self.id)

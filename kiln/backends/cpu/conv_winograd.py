@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, const_f32, is_f32
+from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.conv import ConvGeometry
 from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, ReferenceFallback, library, require_library
 from kiln.backends.cpu import native
@@ -60,12 +60,20 @@ _LOCAL = threading.local()
 
 def _scratch(pos: int, tiles: int, c_in: int, k_out: int) -> tuple[Tensor, Tensor]:
     """V [pos, tiles, c_in] and M [pos, tiles, k_out] in one buffer per thread, shared by every Winograd layer
-    (layers of a network run one after another on a thread), grown to the largest layer's need."""
+    (layers of a network run one after another on a thread), grown to the largest layer's need; the views
+    are made once per size and buffer, an inference only looks them up."""
+    key = (pos, tiles, c_in, k_out)
+    views = getattr(_LOCAL, "views", None)
+    hit = views.get(key) if views is not None else None
+    if hit is not None:
+        return hit
     nv, nm = pos * tiles * c_in, pos * tiles * k_out
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.numel() < nv + nm:
-        buf = _LOCAL.buf = torch.empty(nv + nm)
-    return buf[:nv].view(pos, tiles, c_in), buf[nv:nv + nm].view(pos, tiles, k_out)
+        buf, views = torch.empty(nv + nm), {}  # views of the old buffer would keep it alive
+        _LOCAL.buf, _LOCAL.views = buf, views
+    hit = views[key] = (buf[:nv].view(pos, tiles, c_in), buf[nv:nv + nm].view(pos, tiles, k_out))
+    return hit
 
 
 def transform_weights(w: Tensor, tile: int = 4) -> Tensor:
@@ -90,24 +98,15 @@ class WinogradConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        x, wt = node.input(0), const_f32(node.input(1))
-        if library() is None or not is_f32(x) or x.type.rank != 4 or wt is None:  # type: ignore[union-attr]
-            return False
-        if wt.dim() != 4 or tuple(wt.shape[2:]) != (3, 3) or not _tiles(node):
+        wt = float_conv_weight(node, tuple(_ACTS))
+        if library() is None or wt is None or tuple(wt.shape[2:]) != (3, 3) or not _tiles(node):
             return False
         if int(node.attr("group", 1)) != 1 or any(int(s) != 1 for s in node.attr("strides", None) or [1, 1]):
             return False
-        if any(int(d) != 1 for d in node.attr("dilations", None) or [1, 1]) or len(node.outputs) != 1:
+        if any(int(d) != 1 for d in node.attr("dilations", None) or [1, 1]):
             return False
-        b = node.input(2)
-        if (b is not None and const_f32(b) is None) or not is_f32(node.outputs[0]):
-            return False
-        if node.op_type == "FusedConv":
-            z = node.input(3)
-            if act_attrs(node)[0] not in _ACTS or (z is not None and not is_f32(z)):
-                return False
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        if mode not in ("NOTSET", "VALID") and not x.type.is_static:  # type: ignore[union-attr]
+        if mode not in ("NOTSET", "VALID") and not node.inputs[0].type.is_static:  # type: ignore[union-attr]
             return False
         return _kernels() is not None
 

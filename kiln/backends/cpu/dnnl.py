@@ -382,15 +382,14 @@ class ReferenceFallback:
         return outs[0]
 
 
-def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made],
-                 fallback: ReferenceFallback | None = None,
+def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made], fallback: ReferenceFallback,
                  args: Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]] = lambda x, z: (x,)
                  ) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]:
     """A layer's per-call function over primitives made once per input shape and strides.
 
     make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
     into `out` (dense, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns it.
-    Shapes oneDNN declines go to `fallback` (with the node's inputs `args(x, z)`) when one is given.
+    Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`.
     """
     cache: dict[tuple[Any, ...], tuple[_Primitive, tuple[int, ...], torch.memory_format]] = {}
 
@@ -398,10 +397,9 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
         key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
         entry = cache.get(key)
         if entry is None:
-            made = make(x, z) if fallback is None else \
-                fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
+            made = fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
             if made is None:
-                return fallback(key, args(x, z), out)  # type: ignore[misc]
+                return fallback(key, args(x, z), out)
             prim, shape = made
             entry = cache[key] = (prim, shape, torch.channels_last if len(shape) == 4 else torch.contiguous_format)
         prim, shape, fmt = entry

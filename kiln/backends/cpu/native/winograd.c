@@ -103,6 +103,22 @@ static void store_pixel(float *dst, const float *o, const float *bias, const flo
     memcpy(dst, v, sizeof(float) * kb);
 }
 
+/* the m x m output tile o[r][q][0:kb] of tile (n, th, tw) into y (and z's pixels), cropped at OH x OW */
+static void store_tile(const float *o, int m, float *y, const float *bias, const float *z, int n, int th, int tw,
+                       int OH, int OW, long yn, long yh, long yw, long zn, long zh, long zw, int k0, int kb,
+                       int act, float alpha, float beta, int act_first) {
+    for (int r = 0; r < m; r++) {
+        const int oh = th * m + r;
+        if (oh >= OH) break;
+        for (int q = 0; q < m; q++) {
+            const int ow = tw * m + q;
+            if (ow >= OW) break;
+            store_pixel(y + n * yn + oh * yh + ow * yw + k0, o + (r * m + q) * CB, bias ? bias + k0 : NULL,
+                        z ? z + n * zn + oh * zh + ow * zw + k0 : NULL, kb, act, alpha, beta, act_first);
+        }
+    }
+}
+
 /* M: [36][T][K]. y / z: element (n, h, w, k) at n*yn + h*yh + w*yw + k (z may be NULL). */
 void wino_output(const float *M, float *y, const float *bias, const float *z, int N, int OH, int OW, int K,
                  long yn, long yh, long yw, long zn, long zh, long zw, int TH, int TW,
@@ -136,16 +152,8 @@ void wino_output(const float *M, float *y, const float *bias, const float *z, in
                     o[r][3][c] = a1 - a2 + 0.125f * a3 - 8.f * a4 + a5;
                 }
             }
-            for (int r = 0; r < 4; r++) {
-                const int oh = th * 4 + r;
-                if (oh >= OH) break;
-                for (int q = 0; q < 4; q++) {
-                    const int ow = tw * 4 + q;
-                    if (ow >= OW) break;
-                    store_pixel(y + n * yn + oh * yh + ow * yw + k0, o[r][q], bias ? bias + k0 : NULL,
-                                z ? z + n * zn + oh * zh + ow * zw + k0 : NULL, kb, act, alpha, beta, act_first);
-                }
-            }
+            store_tile(&o[0][0][0], 4, y, bias, z, n, th, tw, OH, OW, yn, yh, yw, zn, zh, zw, k0, kb,
+                       act, alpha, beta, act_first);
         }
     }
 }
@@ -213,16 +221,8 @@ void wino2_output(const float *M, float *y, const float *bias, const float *z, i
                     o[r][1][c] = a1 - a2 - a3;
                 }
             }
-            for (int r = 0; r < 2; r++) {
-                const int oh = th * 2 + r;
-                if (oh >= OH) break;
-                for (int q = 0; q < 2; q++) {
-                    const int ow = tw * 2 + q;
-                    if (ow >= OW) break;
-                    store_pixel(y + n * yn + oh * yh + ow * yw + k0, o[r][q], bias ? bias + k0 : NULL,
-                                z ? z + n * zn + oh * zh + ow * zw + k0 : NULL, kb, act, alpha, beta, act_first);
-                }
-            }
+            store_tile(&o[0][0][0], 2, y, bias, z, n, th, tw, OH, OW, yn, yh, yw, zn, zh, zw, k0, kb,
+                       act, alpha, beta, act_first);
         }
     }
 }
