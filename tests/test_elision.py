@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import get_tactic
 from kiln.frontend.onnx import load_onnx
 from kiln.ir.graph import Node
@@ -49,7 +50,7 @@ def _writing_factory(calls: list[str]):
         for tid in ("concat.elide", "view.slice"):
             t = get_tactic(tid)
             if t.supports(node, None):  # type: ignore[arg-type]
-                return t.build(node, {}, CPU)
+                return t.make(node, {}, CPU)
         compute = lookup(node.op_type, node.domain).compute
 
         def kernel(*xs: Any, out: Any = None) -> Any:
@@ -62,8 +63,7 @@ def _writing_factory(calls: list[str]):
                 assert o.shape == y.shape and o.data_ptr() != y.data_ptr()
                 o.copy_(y)
             return outs[0]
-        kernel.writes_out = 2  # type: ignore[attr-defined]
-        return kernel
+        return Kernel(kernel, writes_out=2)
     return factory
 
 
@@ -97,7 +97,7 @@ def test_no_elision_when_a_producer_cannot_write_out() -> None:
     def factory(node: Node) -> Any:
         k = base(node)
         if node.op_type == "Sigmoid":
-            return lambda *xs: k(*xs)  # no writes_out: cat2 must stay a real Concat
+            return Kernel(k.fn)  # no writes_out: cat2 must stay a real Concat
         return k
     fn = GraphFunction(g, CPU, factory)
     assert fn.elided == 1
@@ -145,7 +145,7 @@ def test_arena_places_outputs_and_respects_views(n: int) -> None:
         k = base(node)
         if node.op_type == "Reshape":  # the reference Reshape returns a view of its input
             compute = lookup(node.op_type, node.domain).compute
-            return lambda *xs: compute(node, *xs)
+            return Kernel(lambda *xs: compute(node, *xs))
         return k
     fn = GraphFunction(g, CPU, factory)
     assert fn.arena is not None
@@ -189,7 +189,7 @@ def test_dense_only_destinations_are_not_given_concat_slices() -> None:
     def factory(node: Node) -> Any:
         k = base(node)
         if node.op_type == "Sigmoid":
-            k.strided_out = False  # type: ignore[attr-defined]
+            k.strided_out = False
         return k
     fn = GraphFunction(g, CPU, factory)
     assert fn.elided == 1  # cat2 (reads d = Sigmoid) stays

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.registry import lookup
 
@@ -19,7 +19,7 @@ class ReferenceTactic(Tactic):
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         return True
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         opdef = lookup(node.op_type, node.domain)
         compute = opdef.compute
 

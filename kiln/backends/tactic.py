@@ -6,9 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from kiln.backends.kernel import Kernel
 from kiln.ir.graph import Node
 
-Kernel = Callable[..., Any]
+Built = Kernel | Callable[..., Any]
 
 
 @dataclass
@@ -57,8 +58,17 @@ class Tactic:
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{}]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        """The layer's implementation: a Kernel with its properties, or a bare callable that has none."""
         raise NotImplementedError
+
+    def make(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+        """`build` as a Kernel carrying this tactic's destination-passing properties."""
+        k = self.build(node, config, device)
+        if not isinstance(k, Kernel):
+            k = Kernel(k)
+        k.writes_out, k.strided_out = self.writes_out, self.strided_out
+        return k
 
     def workspace_bytes(self, node: Node, config: dict[str, Any]) -> int:
         return 0

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -75,13 +75,12 @@ class SliceView(Tactic):
         return (node.op_type == "Slice" and node.domain in ("", "ai.onnx")
                 and len(node.outputs) == 1 and slice_key(node) is not None)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         key = slice_key(node)
 
         def k_slice(x: Tensor, *_: Any) -> Tensor:
             return x[key]
-        k_slice.prepacked = frozenset({1, 2, 3, 4})  # type: ignore[attr-defined]  # parameters baked in
-        return k_slice
+        return Kernel(k_slice, prepacked=frozenset({1, 2, 3, 4}))  # parameters baked in
 
 
 def concat_axis(node: Node) -> int | None:
@@ -105,15 +104,13 @@ class ConcatElide(Tactic):
         return (node.op_type == "Concat" and node.domain in ("", "ai.onnx") and bool(node.attr("kiln_elide", 0))
                 and concat_axis(node) is not None)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         axis = concat_axis(node)
         cat = torch.cat
 
         def k_cat(*xs: Tensor) -> Tensor:
             return cat(xs, axis)
-        k_cat.elide_axis = axis  # type: ignore[attr-defined]
-        k_cat.channels_last = True  # type: ignore[attr-defined]  # conv producers on both backends store NHWC
-        return k_cat
+        return Kernel(k_cat, elide_axis=axis, channels_last=True)  # conv producers on both backends store NHWC
 
 
 register_tactic(SliceView())

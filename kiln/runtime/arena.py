@@ -38,7 +38,7 @@ class ActivationArena:
             for s in st.ins:
                 for r in roots.get(s, ()):
                     last[r] = i
-            writes = int(getattr(st.kernel, "writes_out", 0))
+            writes = st.kernel.writes_out
             for s in st.outs:
                 if st.out:  # writes into elided Concat buffers
                     roots[s] = {buf for buf, *_ in st.out}

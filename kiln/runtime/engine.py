@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from kiln.backends.tactic import get_tactic
+from kiln.backends.kernel import Kernel
+from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import InputError, KilnError, PlanFormatError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -24,6 +25,37 @@ from kiln.plan.serialize import GraphReader
 from kiln.runtime.cuda_graph import CapturedGraph, capturable
 from kiln.runtime.flags import cuda_flags
 from kiln.runtime.interpreter import GraphFunction
+
+
+def _load_kernel(node: Node, tid: str, cfg: dict[str, Any], tctx: TacticContext, where: str) -> Kernel:
+    """The plan's kernel for one node, after checking, as the builder did, that its tactic takes the node
+    on this target with this config: a plan is untrusted input, and a tactic's kernel is only safe on the
+    nodes its `supports` accepts."""
+    at = f"{where}: layer '{node.name}' ({node.op_type})"
+    t = get_tactic(tid)
+    if t is None:
+        raise PlanFormatError(f"{at}: plan names tactic '{tid}' unknown to this Kiln version")
+    try:
+        ok = tctx.device.type in t.devices and t.supports(node, tctx)
+        ok_cfg = ok and (tid == "ref" or cfg in t.configs(node, tctx))
+    except KilnError as e:
+        raise PlanFormatError(f"{at}: {e}") from None
+    except Exception as e:
+        raise PlanFormatError(f"{at}: tactic '{tid}' cannot check the layer ({type(e).__name__}: {_line(e)})") from None
+    if not ok:
+        raise PlanFormatError(f"{at}: tactic '{tid}' does not support this layer on {tctx.device.type}")
+    if not ok_cfg:
+        raise PlanFormatError(f"{at}: tactic '{tid}' has no config {cfg!r} for this layer")
+    try:
+        return t.make(node, cfg, tctx.device)
+    except KilnError as e:
+        raise PlanFormatError(f"{at}: {e}") from None
+    except Exception as e:
+        raise PlanFormatError(f"{at}: tactic '{tid}' cannot build the layer ({type(e).__name__}: {_line(e)})") from None
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _check_target(plan: Plan, where: str) -> torch.device:
@@ -53,15 +85,15 @@ class Engine:
         self.graph = reader.graph(plan.graph)
         tactics = reader.tactics
 
-        def factory(node: Node) -> Any:
+        tctx = TacticContext(self.device, fp16=plan.build.get("fp16") is True, bf16=plan.build.get("bf16") is True,
+                             tf32=plan.build.get("tf32", True) is not False,
+                             extra={"opt_level": 3})
+        self.kernels: list[Kernel] = []
+
+        def factory(node: Node) -> Kernel:
             tid, cfg = tactics.get(id(node), ("ref", {}))
-            t = get_tactic(tid)
-            if t is None:
-                raise PlanFormatError(f"{where}: plan names tactic '{tid}' unknown to this Kiln version")
-            kernel = t.build(node, cfg, self.device)
-            if t.writes_out:
-                kernel.writes_out = t.writes_out  # the runtime may hand it arena slots or Concat slices as out=
-                kernel.strided_out = t.strided_out
+            kernel = _load_kernel(node, tid, cfg, tctx, where)
+            self.kernels.append(kernel)
             return kernel
 
         t0 = time.perf_counter()

@@ -6,11 +6,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.runtime.arena import ActivationArena, resolvable
 
-KernelFactory = Callable[[Node], Callable[..., Any]]
+KernelFactory = Callable[[Node], Kernel]
 StepHook = Callable[[Node, float], None]
 
 
@@ -29,11 +30,11 @@ class _Alloc:
 
 
 class _Step:
-    __slots__ = ("node", "kernel", "ins", "outs", "frees", "single", "out", "allocs", "place")
+    __slots__ = ("node", "kernel", "fn", "ins", "outs", "frees", "single", "out", "allocs", "place")
 
-    def __init__(self, node: Node, kernel: Callable[..., Any], ins: list[int], outs: list[int],
-                 frees: list[int]) -> None:
+    def __init__(self, node: Node, kernel: Kernel, ins: list[int], outs: list[int], frees: list[int]) -> None:
         self.node, self.kernel, self.ins, self.outs, self.frees = node, kernel, ins, outs, frees
+        self.fn = kernel.fn
         self.single = len(outs) == 1
         self.out: list[tuple[int, int, int, int]] = []  # (buffer slot, axis, start, length) to write into
         self.allocs: list[_Alloc] = []
@@ -49,10 +50,10 @@ def _host_inputs(node: Node) -> set[int]:
         return set()
 
 
-def _reference_factory(node: Node) -> Callable[..., Any]:
+def _reference_factory(node: Node) -> Kernel:
     from kiln.ops.registry import lookup
     compute = lookup(node.op_type, node.domain).compute
-    return lambda *xs: compute(node, *xs)
+    return Kernel(lambda *xs: compute(node, *xs))
 
 
 class GraphFunction:
@@ -111,14 +112,14 @@ class GraphFunction:
             outs = [slot[(id(v), False)] for v in rn.outputs]
             frees = sorted({s_ for s_ in ins if s_ >= 0 and last_use.get(s_) == i and s_ not in keep}
                            | {s_ for s_ in outs if s_ not in last_use and s_ not in keep})
-            own = getattr(kernel, "prepacked", frozenset())  # inputs the kernel holds its own copy of
+            own = kernel.prepacked  # inputs the kernel holds its own copy of
             needed |= {s_ for j, s_ in enumerate(ins) if s_ in consts and j not in own}
             st = _Step(rn, kernel, ins, outs, frees)
             st.out, st.allocs = writes.get(i, []), allocs.get(i, [])
             self.steps.append(st)
         self.elided = len(elided)
         self.arena: ActivationArena | None = None
-        if any(getattr(k, "writes_out", 0) for k in kernels):
+        if any(k.writes_out for k in kernels):
             symbols = graph.input_symbols()
             out_types = {slot[(id(v), False)]: v.type for n in nodes for v in n.outputs}
             arena = ActivationArena(self.steps, out_types, self.output_slots, symbols)
@@ -139,7 +140,7 @@ class GraphFunction:
         self.hook: StepHook | None = None
 
     @staticmethod
-    def _elisions(graph: Graph, kernels: list[Callable[..., Any]], slot: Callable[[Value], int]
+    def _elisions(graph: Graph, kernels: list[Kernel], slot: Callable[[Value], int]
                   ) -> tuple[set[int], dict[int, list[tuple[int, int, int, int]]], dict[int, list[_Alloc]]]:
         """Concats whose kernels allow elision (`elide_axis`) and whose producers' kernels write into a
         given output: (their step indices, producer step -> where it writes, step -> buffers to allocate)."""
@@ -149,7 +150,7 @@ class GraphFunction:
         allocs: dict[int, list[_Alloc]] = {}
         symbols = graph.input_symbols()
         for i, (n, k) in enumerate(zip(graph.nodes, kernels)):
-            axis = getattr(k, "elide_axis", None)
+            axis = k.elide_axis
             out_t = n.outputs[0].type if len(n.outputs) == 1 else None
             if axis is None or not resolvable(out_t, symbols):
                 continue
@@ -160,8 +161,8 @@ class GraphFunction:
                 j = index.get(id(p), -1) if p is not None else -1
                 ext = v.type.shape[axis] if v is not None and v.type.shape is not None else None
                 if (j < 0 or len(p.outputs) != 1 or not isinstance(ext, int)  # type: ignore[union-attr]
-                        or int(getattr(kernels[j], "writes_out", 0)) <= len(writes.get(j, []))
-                        or not getattr(kernels[j], "strided_out", True)):
+                        or kernels[j].writes_out <= len(writes.get(j, []))
+                        or not kernels[j].strided_out):
                     break
                 spans.append((j, start, ext))
                 start += ext
@@ -171,7 +172,7 @@ class GraphFunction:
                     writes.setdefault(j, []).append((buf, axis, st, ln))
                 first = min(j for j, _, _ in spans)
                 allocs.setdefault(first, []).append(
-                    _Alloc(buf, tuple(out_t.shape), out_t.dtype.torch, bool(getattr(k, "channels_last", False))))
+                    _Alloc(buf, tuple(out_t.shape), out_t.dtype.torch, k.channels_last))
                 elided.add(i)
         return elided, writes, allocs
 
@@ -219,12 +220,12 @@ class GraphFunction:
                     env[a.slot] = placed[a.slot] if a.slot in placed else a.make(dims, self.device)
                 t0 = time.perf_counter() if hook is not None else 0.0
                 if st.place >= 0:
-                    r = st.kernel(*args, out=placed[st.place])
+                    r = st.fn(*args, out=placed[st.place])
                 elif not st.out:
-                    r = st.kernel(*args)
+                    r = st.fn(*args)
                 else:
                     outs = tuple(env[buf].narrow(axis, start, length) for buf, axis, start, length in st.out)
-                    r = st.kernel(*args, out=outs[0] if len(outs) == 1 else outs)
+                    r = st.fn(*args, out=outs[0] if len(outs) == 1 else outs)
                 if hook is not None:
                     hook(st.node, time.perf_counter() - t0)
             except KilnError as e:

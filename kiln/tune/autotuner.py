@@ -283,11 +283,11 @@ class Autotuner:
             cid = choice_id(t.id, cfg)
             ms: float | None = None
             try:
-                kern = t.build(n, cfg, self.device)
+                kern = t.make(n, cfg, self.device)
                 # fresh activations per candidate: a kernel may accumulate into a donated input (kiln_z_donate)
                 own = [a.clone() if isinstance(a, torch.Tensor) and v is not None and not v.is_const else a
                        for a, v in zip(args, n.inputs)]
-                fallback = getattr(kern, "fallback", None)  # a kernel's slow path for shapes it cannot run
+                fallback = kern.fallback  # a kernel's slow path for shapes it cannot run
                 if fallback is not None:
                     fallback.quiet = True
                 out = kern(*own)
@@ -343,7 +343,7 @@ class Autotuner:
                     continue
                 for t, cfg in todo:
                     try:
-                        t.build(n, cfg, self.device)(*args)
+                        t.make(n, cfg, self.device)(*args)
                     except Exception:  # reported when the candidate is timed
                         pass
         self.logger.verbose(f"Recorded {len(recipes)} Triton launches in {time.perf_counter() - t0:.1f} s")
@@ -411,7 +411,7 @@ class Autotuner:
         if base is None:
             return None
         try:
-            x = views[0].build(p, {}, self.device)(base, *[None if c is None else c.const for c in p.inputs[1:]])
+            x = views[0].make(p, {}, self.device)(base, *[None if c is None else c.const for c in p.inputs[1:]])
         except Exception:
             return None
         want = types.get(v.name, v.type)
@@ -420,7 +420,7 @@ class Autotuner:
     def _reference(self, n: Node, args: list[Any]) -> Any:
         ref = get_tactic("ref")
         try:
-            return ref.build(n, {}, self.device)(*args) if ref is not None else None
+            return ref.make(n, {}, self.device)(*args) if ref is not None else None
         except Exception:
             return None
 

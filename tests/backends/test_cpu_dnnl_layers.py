@@ -46,7 +46,7 @@ def test_maxpool_new_shapes_and_destination() -> None:
     assert not get_tactic("cpu.pool_dnnl").supports(dilated, CPU)  # oneDNN has only its reference loops for it
     node = make_node("MaxPool", [(x, False)], None, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
                      opset=19)
-    kernel = get_tactic("cpu.pool_dnnl").build(node, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.pool_dnnl").make(node, {}, torch.device("cpu"))
     ref = lookup("MaxPool", "").compute
     for shape in ((1, 16, 15, 14), (3, 16, 11, 17), (1, 16, 15, 14)):  # a primitive per shape, then a cache hit
         x = _rand(*shape, seed=sum(shape))

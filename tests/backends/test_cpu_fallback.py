@@ -64,7 +64,7 @@ def test_conv_falls_back_at_a_declined_shape(monkeypatch: pytest.MonkeyPatch, ca
         pytest.skip(f"no C compiler for the Winograd kernels here: {native.error('winograd')}")
     switch = _declining(monkeypatch, module, prim)
     node, args = _conv_node(k, residual)
-    kernel = get_tactic(tactic_id).build(node, config, torch.device("cpu"))
+    kernel = get_tactic(tactic_id).make(node, config, torch.device("cpu"))
     ref = lookup("FusedConv", "kiln").compute
     for batch, declined in ((1, False), (3, True), (3, True)):  # a primitive, a declined shape, its cached verdict
         switch["on"] = declined
@@ -84,14 +84,14 @@ def test_pool_and_linear_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     x = _rand(2, 8, 13, 12, seed=5)
     pool = make_node("MaxPool", [(x, False)], None, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
                      opset=19)
-    kernel = get_tactic("cpu.pool_dnnl").build(pool, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.pool_dnnl").make(pool, {}, torch.device("cpu"))
     pool_switch["on"] = True
     torch.testing.assert_close(kernel(x), lookup("MaxPool", "").compute(pool, x), rtol=0, atol=0)
 
     lin_switch = _declining(monkeypatch, dnnl_layers, "InnerProduct")
     a, w, b = _rand(4, 32, seed=6), _rand(32, 10, seed=7), _rand(10, seed=8)
     gemm = make_node("Gemm", [(a, False), (w, True), (b, True)], None, {}, opset=13)
-    kernel = get_tactic("cpu.linear_dnnl").build(gemm, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.linear_dnnl").make(gemm, {}, torch.device("cpu"))
     lin_switch["on"] = True
     out = torch.empty(4, 10)
     assert kernel(a, None, None, out=out) is out

@@ -54,8 +54,8 @@ def run_both(node: Node, tactic_id: str, args: list[Any], config: dict[str, Any]
     assert tactic is not None
     assert tactic.supports(node, CPU), f"{tactic_id} declines {node.op_type} {node.attrs}"
     cfg = config if config is not None else tactic.configs(node, CPU)[0]
-    kernel = tactic.build(node, cfg, torch.device("cpu"))
-    own = getattr(kernel, "prepacked", frozenset())
+    kernel = tactic.make(node, cfg, torch.device("cpu"))
+    own = kernel.prepacked
     saved = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     got = kernel(*[None if i in own else a for i, a in enumerate(args)])
     for a, s in zip(args, saved):  # kernels never write into their inputs
@@ -154,7 +154,7 @@ def test_fused_conv_dynamic_batch(tactic: str) -> None:
     node.inputs[3].type = TensorType(DType.FLOAT32, ("N",) + tuple(z.shape[1:]))  # type: ignore[union-attr]
     got, want = run_both(node, tactic, [x, w, b, z])
     assert rel_err(got, want) <= TOL
-    kernel = get_tactic(tactic).build(node, get_tactic(tactic).configs(node, CPU)[0], torch.device("cpu"))
+    kernel = get_tactic(tactic).make(node, get_tactic(tactic).configs(node, CPU)[0], torch.device("cpu"))
     for n in (1, 2):  # another batch size through the same kernel (a new primitive for the dnnl tactic)
         xs, zs = x[:n].contiguous(), z[:n].contiguous()
         got = kernel(xs, None, None, zs)
@@ -190,7 +190,7 @@ def test_fused_conv_inplace_residual(case: tuple[Any, ...], act: tuple[str, floa
         config: dict[str, Any] = {"layout": "nhwc"}
     else:
         config = {"layout": "nhwc", "inplace_z": True}
-    kernel = get_tactic("cpu.conv_onednn").build(node, config, torch.device("cpu"))
+    kernel = get_tactic("cpu.conv_onednn").make(node, config, torch.device("cpu"))
     got = kernel(x, None, None, z)
     assert rel_err(got, want) <= TOL
     if z_cl:  # the result lives in Z's buffer
@@ -204,7 +204,7 @@ def test_fused_conv_inplace_residual_never_writes_into_a_view() -> None:
     view, saved = base[1:], base.clone()
     node = _fused_conv(case, x, w, b, view, ("Relu", 0.0, 0.0), 0)
     want = lookup("FusedConv", "kiln").compute(node, x, w, b, view)
-    kernel = get_tactic("cpu.conv_onednn").build(node, {"layout": "nhwc", "inplace_z": True}, torch.device("cpu"))
+    kernel = get_tactic("cpu.conv_onednn").make(node, {"layout": "nhwc", "inplace_z": True}, torch.device("cpu"))
     assert rel_err(kernel(x, None, None, view), want) <= TOL
     assert torch.equal(base, saved)
 
@@ -399,7 +399,7 @@ def test_resize_nearest(ctm: str, nearest: str, scales: tuple[float, float], by_
     got, want = run_both(node, "cpu.resize_nearest", args)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    kernel = get_tactic("cpu.resize_nearest").build(node, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.resize_nearest").make(node, {}, torch.device("cpu"))
     cat = torch.full((1, 20, *want.shape[2:]), float("nan")).contiguous(memory_format=torch.channels_last)
     assert kernel(x, out=cat[:, 4:12]) is not None  # into a channel slice of a Concat's output
     assert torch.equal(cat[:, 4:12], want) and torch.isnan(cat[:, :4]).all() and torch.isnan(cat[:, 12:]).all()
@@ -442,7 +442,7 @@ def test_pointwise_chain_in_place(dynamic: bool) -> None:
     node = _pointwise(xs, CHAIN, consts=[-0.5, 1.5], dynamic=dynamic)
     got, want = run_both(node, "cpu.pointwise", xs)
     assert rel_err(got, want) <= TOL
-    src = get_tactic("cpu.pointwise").build(node, {}, torch.device("cpu")).source  # type: ignore[union-attr]
+    src = get_tactic("cpu.pointwise").make(node, {}, torch.device("cpu")).fn.source  # type: ignore[union-attr]
     assert ("out=" in src) != dynamic and ("clamp_" in src) != dynamic
 
 
@@ -452,7 +452,7 @@ def test_pointwise_broadcast_grows_no_in_place_into_small_temp() -> None:
     node = _pointwise([a, b, c], program)
     got, want = run_both(node, "cpu.pointwise", [a, b, c])
     assert rel_err(got, want) <= TOL
-    src = get_tactic("cpu.pointwise").build(node, {}, torch.device("cpu")).source  # type: ignore[union-attr]
+    src = get_tactic("cpu.pointwise").make(node, {}, torch.device("cpu")).fn.source  # type: ignore[union-attr]
     assert "out=t0" not in src and "t1.tanh_()" in src
 
 
@@ -532,7 +532,7 @@ def test_concat(axis: int) -> None:
     node = make_node("Concat", [(x, False) for x in xs], None, {"axis": axis}, opset=13)
     got, want = run_both(node, "cpu.concat", xs)
     assert torch.equal(got, want)
-    kernel = get_tactic("cpu.concat").build(node, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.concat").make(node, {}, torch.device("cpu"))
     big = torch.randn(2 * want.shape[0], *want.shape[1:]).contiguous(memory_format=torch.channels_last)
     out = big[: want.shape[0]]  # a destination (an arena slot): the result is written there
     assert kernel(*xs, out=out) is out and torch.equal(out, want)

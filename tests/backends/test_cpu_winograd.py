@@ -61,7 +61,7 @@ def test_strided_views_in_and_out_and_new_shapes(tile: int) -> None:
     """Reads a channel slice of a wider tensor, writes into a Concat-like channel slice, takes NCHW too."""
     x, wt, _ = _conv(2, 16, 12, 11, 9, seed=5, bias=False)
     node = make_node("Conv", [(x, False), (wt, True)], None, {"pads": [1, 1, 1, 1]})
-    kernel = get_tactic("cpu.conv_winograd").build(node, {"tile": tile}, torch.device("cpu"))
+    kernel = get_tactic("cpu.conv_winograd").make(node, {"tile": tile}, torch.device("cpu"))
     ref = lookup("Conv", "").compute
     wide = torch.randn(2, 40, 11, 9).contiguous(memory_format=torch.channels_last)
     view = wide[:, 8:24]  # channels contiguous, pixel stride 40
@@ -149,7 +149,7 @@ def test_matmul_conv_views_two_destinations_and_declines() -> None:
     wide = torch.randn(1, 48, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
     x, wt = wide[:, 16:40], torch.randn(12, 24, 1, 1, generator=gen)
     node = make_node("Conv", [(x, False), (wt, True)], None, {})
-    kernel = get_tactic("cpu.conv_matmul").build(node, {}, torch.device("cpu"))
+    kernel = get_tactic("cpu.conv_matmul").make(node, {}, torch.device("cpu"))
     want = lookup("Conv", "").compute(node, x, wt)
     cat = torch.full((1, 40, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
     first, second = cat[:, 2:14], cat[:, 20:32]

@@ -59,7 +59,7 @@ def test_conv_tactics_match_reference(tid, dtype, residual, k):
     full = [a if a is not None else v.const.to(DEV) for a, v in zip(args, node.inputs)]
     want = lookup("FusedConv", "kiln").compute(node, *[a.double() for a in full])
     for cfg in t.configs(node, ctx)[:2]:
-        got = t.build(node, cfg, DEV)(*args)
+        got = t.make(node, cfg, DEV)(*args)
         assert got.shape == want.shape and got.dtype == dtype
         assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < (1e-2 if dtype == torch.float16 else 3e-3), cfg
 
@@ -76,7 +76,7 @@ def test_gemm_tactics_match_reference(tid, act):
     if t is None:
         pytest.skip(f"{tid} not registered")
     want = lookup("FusedGemm", "kiln").compute(node, a.double(), w.double().to(DEV), node.inputs[2].const.double().to(DEV))
-    got = t.build(node, t.configs(node, TacticContext(DEV, fp16=True))[0], DEV)(a)
+    got = t.make(node, t.configs(node, TacticContext(DEV, fp16=True))[0], DEV)(a)
     assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2
 
 
@@ -199,7 +199,7 @@ def test_split_k_results_do_not_move():
     cfgs = [c for c in t.configs(node, TacticContext(DEV, fp16=True)) if c.get("SPLIT_K", 1) > 1]
     assert cfgs
     for cfg in cfgs:
-        kern = t.build(node, cfg, DEV)
+        kern = t.make(node, cfg, DEV)
         first = kern(*args).clone()
         for _ in range(30):
             assert rel_error(kern(*args).cpu().numpy(), first.cpu().numpy()) < 2e-3, cfg

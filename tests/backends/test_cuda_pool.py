@@ -57,7 +57,7 @@ def _kernel(tactic_id: str, node: Node, cfg: int = 0):
     t = get_tactic(tactic_id)
     assert t is not None and t.supports(node, CTX), f"{tactic_id} should support {node}"
     assert t.writes_out and t.devices == ("cuda",) and t.priority == 20
-    return t.build(node, t.configs(node, CTX)[cfg], DEV)
+    return t.make(node, t.configs(node, CTX)[cfg], DEV)
 
 
 def _check(tactic_id: str, node: Node, x: torch.Tensor, cfg: int = 0) -> torch.Tensor:

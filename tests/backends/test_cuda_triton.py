@@ -61,7 +61,7 @@ def _check(tactic_id: str, node: Node, inputs: list, dtype: torch.dtype, max_cfg
     cfgs = t.configs(node, _ctx())
     assert cfgs
     for cfg in cfgs[:max_cfgs]:
-        kern = t.build(node, cfg, DEV)
+        kern = t.make(node, cfg, DEV)
         got = kern(*inputs)
         assert got.shape == want.shape and got.dtype == dtype
         err = rel_err(got, want)
@@ -255,7 +255,7 @@ def test_triton_split_k_conv_and_gemm() -> None:
                                                node.inputs[2].const.float().to(DEV), z.float())
     for cfg in split:
         for _ in range(2):  # a second run must start from a fresh (zeroed) workspace
-            got = t.build(node, cfg, DEV)(x, None, None, z)
+            got = t.make(node, cfg, DEV)(x, None, None, z)
             assert rel_err(got, want) <= TOL[f16], cfg
     w = (torch.randn(24, 2048, generator=g) / 45).to(f16)
     gemm = Node("FusedGemm", [_val("a", shape=(3, 2048), dtype=f16), _val("w", w)],
@@ -266,7 +266,7 @@ def test_triton_split_k_conv_and_gemm() -> None:
     a = torch.randn(3, 2048, generator=g).to(f16).to(DEV)
     want = a.float() @ w.float().to(DEV).t()
     for cfg in split:
-        assert rel_err(tg.build(gemm, cfg, DEV)(a), want) <= TOL[f16], cfg
+        assert rel_err(tg.make(gemm, cfg, DEV)(a), want) <= TOL[f16], cfg
 
 
 # ---- destination passing (elided Concats) and folded Casts -------------------------------------------
@@ -297,7 +297,7 @@ def test_conv_writes_into_concat_slices(tactic_id: str, ks: int, homes: int) -> 
             for _ in range(homes)]
     before = [b.clone() for b in bufs]
     outs = tuple(b[:, 8 + 4 * k: 24 + 4 * k] for k, b in enumerate(bufs))
-    kern = t.build(node, t.configs(node, _ctx())[0], DEV)
+    kern = t.make(node, t.configs(node, _ctx())[0], DEV)
     got = kern(x, out=outs[0] if homes == 1 else outs)
     assert got.data_ptr() == outs[0].data_ptr()
     for k, (b, b0) in enumerate(zip(bufs, before)):
@@ -315,14 +315,14 @@ def test_conv_with_folded_casts(tactic_id: str, ks: int) -> None:
     assert get_tactic("cuda.cudnn_conv").supports(node, _ctx())  # with separate conversions around cuDNN
     want = lookup("FusedConv", "kiln").compute(node, x, node.inputs[1].const.to(DEV), node.inputs[2].const.to(DEV))
     assert want.dtype == torch.float32
-    got = t.build(node, t.configs(node, _ctx())[0], DEV)(x)
+    got = t.make(node, t.configs(node, _ctx())[0], DEV)(x)
     assert got.dtype == torch.float32 and rel_err(got, want) <= TOL[torch.float16]
 
 
 def test_out_of_the_wrong_shape_is_refused() -> None:
     node, x = _conv_node(16, 3, torch.float16)
     t = get_tactic("cuda.triton_conv")
-    kern = t.build(node, t.configs(node, _ctx())[0], DEV)
+    kern = t.make(node, t.configs(node, _ctx())[0], DEV)
     bad = torch.empty(2, 16, 4, 6, dtype=torch.float16, device=DEV)
     with pytest.raises(Exception, match="shape"):
         kern(x, out=bad)

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.backends.views import concat_axis
 from kiln.ir.graph import Node
 
@@ -26,7 +26,7 @@ class CpuConcatTactic(Tactic):
         return (concat_axis(node) is not None and len(node.outputs) == 1
                 and all(v is not None and v.kind == "tensor" for v in node.inputs))
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         axis = concat_axis(node)
         cat = torch.cat
 

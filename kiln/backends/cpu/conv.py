@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from kiln.backends.cpu.common import (CpuTactic, act_attrs, float_conv_weight, inplace_activation, onednn_unary,
                                       shape_hint, static_shape)
-from kiln.backends.tactic import Kernel, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.conv import same_pads, torch_pad
 
@@ -119,7 +119,7 @@ class OneDnnConvTactic(CpuTactic):
             return False
         return geo.is_pointwise(list(w.shape[2:])) and onednn_unary(act, *act_attrs(node)[1:]) is not None
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         w = node.inputs[1].const.contiguous()  # type: ignore[union-attr]
         b_v = node.input(2)
         b = None if b_v is None else b_v.const.contiguous()  # type: ignore[union-attr]
@@ -140,8 +140,7 @@ class OneDnnConvTactic(CpuTactic):
             same_z = z_v is not None and out_shape is not None and static_shape(z_v) == out_shape
             donate = bool(config.get("inplace_z", False)) or bool(int(node.attr("kiln_z_donate", 0) or 0))
             kernel = conv_kernel(packed, b, geo, fmt, act, alpha, beta, z_v is not None, before_add, same_z, donate)
-        kernel.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
-        return kernel
+        return Kernel(kernel, prepacked=frozenset({1, 2}))  # W, B live inside the kernel
 
 
 def _spatial(node: Node) -> list[int] | None:
@@ -179,7 +178,7 @@ def raw_op(overload: Any) -> Any:
 
 
 def conv_kernel(w: Tensor, b: Tensor | None, geo: ConvGeometry, fmt: torch.memory_format, act: str, alpha: float,
-                beta: float, has_z: bool, act_before_add: bool, same_z: bool, inplace_z: bool = False) -> Kernel:
+                beta: float, has_z: bool, act_before_add: bool, same_z: bool, inplace_z: bool = False) -> Built:
     """The per-inference closure: everything but the input tensors is bound here.
 
     inplace_z: write the result into Z's buffer (oneDNN sum post-op); only valid when Z dies at this layer.

@@ -16,7 +16,7 @@ from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.conv import ConvGeometry
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
                                     shape_cached)
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -37,7 +37,7 @@ class DnnlConvTactic(CpuTactic):
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
         return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         w = node.inputs[1].const.float().contiguous()  # type: ignore[union-attr]
         b_v = node.input(2)
@@ -63,9 +63,7 @@ class DnnlConvTactic(CpuTactic):
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None if z is None else z_cl(z), out)
-        k_conv.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
-        k_conv.fallback = fb  # type: ignore[attr-defined]
-        return k_conv
+        return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
 
 
 register_tactic(DnnlConvTactic())

@@ -15,7 +15,7 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, MatMul, ReferenceFallback, library, require_library
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
@@ -49,7 +49,7 @@ class MatMulConvTactic(CpuTactic):
             return False
         return (node.attr("auto_pad", "NOTSET") or "NOTSET") in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         w = node.inputs[1].const.float()  # type: ignore[union-attr]
         k_out = int(w.shape[0])
@@ -103,9 +103,7 @@ class MatMulConvTactic(CpuTactic):
             for extra in outs[1:]:
                 extra.copy_(y)
             return y
-        k_mm.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
-        k_mm.fallback = fb  # type: ignore[attr-defined]
-        return k_mm
+        return Kernel(k_mm, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
 
 
 register_tactic(MatMulConvTactic())

@@ -31,7 +31,7 @@ from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.conv import ConvGeometry
 from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, ReferenceFallback, library, require_library
 from kiln.backends.cpu import native
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError, PlanFormatError
 from kiln.ir.graph import Node
 
@@ -113,7 +113,7 @@ class WinogradConvTactic(CpuTactic):
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         return [{"tile": t} for t in _tiles(node)]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         nat = _kernels()
         if nat is None:
@@ -172,9 +172,7 @@ class WinogradConvTactic(CpuTactic):
             w_out(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
                   k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
             return out
-        k_wino.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # W, B live inside the kernel
-        k_wino.fallback = fb  # type: ignore[attr-defined]
-        return k_wino
+        return Kernel(k_wino, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
 
 
 register_tactic(WinogradConvTactic())

@@ -107,7 +107,8 @@ def library() -> _Lib | None:
     with _LOCK:
         if not _LOADED:
             _LOADED = True
-            paths = [os.environ.get("KILN_DNNL_LIB", "")]
+            from kiln.settings import settings
+            paths = [settings().dnnl_lib or ""]
             for base in (sys.prefix, site.getuserbase()):
                 paths += sorted(glob.glob(os.path.join(base, "lib", "libdnnl.so*")))
             for path in paths:

@@ -20,7 +20,7 @@ from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_P
                                     shape_cached)
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.pool import Window
 
@@ -75,7 +75,7 @@ class DnnlPoolTactic(CpuTactic):
         except Exception:
             return False
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
 
         def make(x: Tensor, _z: Tensor | None) -> tuple[Pooling, tuple[int, ...]]:
@@ -91,10 +91,8 @@ class DnnlPoolTactic(CpuTactic):
 
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None, out)
-        k_pool.fallback = fb  # type: ignore[attr-defined]
-        if node.op_type == "ReduceMean":
-            k_pool.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
-        return k_pool
+        baked = frozenset({1}) if node.op_type == "ReduceMean" else frozenset()  # the axes input is baked in
+        return Kernel(k_pool, prepacked=baked, fallback=fb)
 
 
 class DnnlLinearTactic(CpuTactic):
@@ -119,7 +117,7 @@ class DnnlLinearTactic(CpuTactic):
                 return False
         return linear_weights(node) is not None
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         w, b = linear_weights(node)  # type: ignore[misc]
         fused = node.domain == "kiln"
@@ -135,9 +133,7 @@ class DnnlLinearTactic(CpuTactic):
         def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                      out: Tensor | None = None) -> Tensor:
             return run(a.contiguous(), None if z is None else z.contiguous(), out)
-        k_linear.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # weight and bias live in the kernel
-        k_linear.fallback = fb  # type: ignore[attr-defined]
-        return k_linear
+        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb)  # weight and bias live in the kernel
 
 
 register_tactic(DnnlPoolTactic())

@@ -13,7 +13,7 @@ import torch
 
 from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_f32, inplace_activation, is_f32, onednn_unary,
                                       static_shape)
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -90,7 +90,7 @@ class OneDnnLinearTactic(CpuTactic):
                 return False
         return linear_weights(node) is not None
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         w, b = linear_weights(node)  # type: ignore[misc]
         a_shape = node.inputs[0].type.shape  # type: ignore[union-attr]
         rows = 1
@@ -107,8 +107,7 @@ class OneDnnLinearTactic(CpuTactic):
         before_add = bool(int(node.attr("act_before_add", 0))) if fused else False
         same_z = z is not None and static_shape(z) is not None and static_shape(z) == static_shape(node.outputs[0])
         kernel = linear_kernel(packed, b, act, alpha, beta, z is not None, before_add, same_z)
-        kernel.prepacked = frozenset({1, 2})  # type: ignore[attr-defined]  # weight and bias live in the kernel
-        return kernel
+        return Kernel(kernel, prepacked=frozenset({1, 2}))  # weight and bias live in the kernel
 
 
 _ACTS = ("", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "SiLU", "HardSwish", "HardSigmoid", "Mish", "Gelu",
@@ -116,7 +115,7 @@ _ACTS = ("", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "SiLU", "HardSwish"
 
 
 def linear_kernel(w: Tensor, b: Tensor | None, act: str, alpha: float, beta: float, has_z: bool,
-                  act_before_add: bool, same_z: bool) -> Kernel:
+                  act_before_add: bool, same_z: bool) -> Built:
     """The per-inference closure of a linear layer (see the module doc)."""
     lin = torch.ops.mkldnn._linear_pointwise.default
     binary = torch.ops.mkldnn._linear_pointwise.binary

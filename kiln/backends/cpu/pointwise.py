@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.backends.cpu.common import CpuTactic
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
@@ -239,7 +239,7 @@ class CpuPointwiseTactic(CpuTactic):
         program = list(node.attr("program", None) or [])
         return bool(program) and all(_instr(ins) is not None for ins in program)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         fn = compile_program(node)
         if fn is None:
             raise ValueError(f"node '{node.name}': Pointwise program has ops without a fast form")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.pool import Window
 
@@ -75,7 +75,7 @@ class CpuPoolTactic(CpuTactic):
         algos = (["separable"] if _separable_ok(win) else []) + ["aten"]
         return [{"algo": a} for a in algos]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         op = node.op_type
         if op == "GlobalAveragePool":
             return _global_avg(True)
@@ -85,8 +85,7 @@ class CpuPoolTactic(CpuTactic):
             return k_gmax
         if op == "ReduceMean":
             kernel = _global_avg(spatial_mean(node)[1])  # type: ignore[index]
-            kernel.prepacked = frozenset({1})  # type: ignore[attr-defined]  # the axes input is baked in
-            return kernel
+            return Kernel(kernel, prepacked=frozenset({1}))  # the axes input is baked in
         win = _window(node)
         assert win is not None
         kernel_size, stride, pad, dil = win.kernel, win.strides, win.begin, win.dilations
@@ -142,7 +141,7 @@ def _separable_ok(win: Window) -> bool:
     return True
 
 
-def _separable_max_pool(win: Window) -> Kernel:
+def _separable_max_pool(win: Window) -> Built:
     """Max pooling as a max over W taps, then over H taps: elementwise maxima of strided views, written
     in place (2k - 1 passes over small tensors instead of aten's per-window loop, which also stays
     channels-last)."""
@@ -170,7 +169,7 @@ def _separable_max_pool(win: Window) -> Kernel:
     return k_sep
 
 
-def _global_avg(keep: bool) -> Kernel:
+def _global_avg(keep: bool) -> Built:
     def k_mean(x: Tensor, *_: Any) -> Tensor:
         return torch.mean(x, (2, 3), keep)
     return k_mean

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, is_f32, static_shape
-from kiln.backends.tactic import Kernel, register_tactic
+from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
@@ -67,7 +67,7 @@ class CpuResizeTactic(CpuTactic):
         x = node.input(0)
         return is_f32(x) and x.type.rank == 4 and upsample_factors(node) is not None  # type: ignore[union-attr]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         sh, sw = upsample_factors(node)  # type: ignore[misc]
         up = getattr(torch.ops.aten.upsample_nearest2d.default, "_op", torch.ops.aten.upsample_nearest2d.default)
         fh, fw = float(sh), float(sw)
@@ -82,8 +82,7 @@ class CpuResizeTactic(CpuTactic):
             blocks = out.unflatten(2, (h, sh)).unflatten(4, (w, sw))  # [n, c, h, sh, w, sw], a view
             blocks.copy_(x[:, :, :, None, :, None].expand(n, c, h, sh, w, sw))
             return out
-        k_up.prepacked = frozenset({1, 2, 3})  # type: ignore[attr-defined]  # roi, scales, sizes baked in
-        return k_up
+        return Kernel(k_up, prepacked=frozenset({1, 2, 3}))  # roi, scales, sizes baked in
 
 
 register_tactic(CpuResizeTactic())

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -220,10 +221,9 @@ def activate_(y: Tensor, name: str, alpha: float, beta: float) -> Tensor:
     raise ValueError(f"unknown fused activation {name!r}")
 
 
-def prepacked(kernel: Any, indices: tuple[int, ...]) -> Any:
-    """Mark a kernel as holding its own copies of the given constant inputs (the runtime skips them)."""
-    kernel.prepacked = frozenset(indices)
-    return kernel
+def prepacked(kernel: Any, indices: tuple[int, ...]) -> Kernel:
+    """A kernel holding its own copies of the given constant inputs (the runtime skips them)."""
+    return Kernel(kernel, prepacked=frozenset(indices))
 
 
 def tf32_precision(allow_tf32: bool) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cuda.common import apply_epilogue_, const_on, converting, epilogue_of, float_io, prepacked
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -42,7 +42,7 @@ class CublasGemm(Tactic):
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         return gemm_static_ok(node) and float_io(node, cast_ok=True)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
         wkn = packed_weight(node, device)  # [K, N] view (column-major for cuBLAS is free)
         b = const_on(node, 2, device) if node.op_type == "FusedGemm" else None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kiln.backends.cuda.common import (Epilogue, ConvGeometry, apply_epilogue_, channels_last, const_on, converting,
                                        conv_geometry, conv_static_ok, epilogue_of, float_io, prepacked)
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -40,7 +40,7 @@ class CudnnConv(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{"layout": "nhwc"}, {"layout": "nchw"}]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)
         ep = epilogue_of(node)
         nhwc = config.get("layout", "nhwc") == "nhwc"
@@ -83,7 +83,7 @@ class CudnnFusedConv(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{"layout": "nhwc"}, {"layout": "nchw"}]
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)
         nhwc = config.get("layout", "nhwc") == "nhwc"
         mf = torch.channels_last if nhwc else torch.contiguous_format
@@ -119,7 +119,7 @@ class Conv1x1Gemm(Tactic):
         return (geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.pads == (0, 0, 0, 0)
                 and geo.group == 1)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
         w = const_on(node, 1, device)
         k_out = int(w.shape[0])  # type: ignore[union-attr]

@@ -23,7 +23,7 @@ from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, 
                                        write_out, Out)
 from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
@@ -260,7 +260,7 @@ class TritonConv(Tactic):
             cfgs = [{**cfg, "tf32": ctx.tf32} for cfg in cfgs]
         return cfgs
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)
         ep = epilogue_of(node)
         w = node.inputs[1].const.to(device)  # type: ignore[union-attr]

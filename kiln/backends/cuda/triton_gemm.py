@@ -18,7 +18,7 @@ from kiln.backends.cuda.cublas_gemm import gemm_static_ok, packed_weight
 from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_conv import split_k_workspace, tile_configs
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
@@ -134,7 +134,7 @@ class TritonGemm(Tactic):
             cfgs = [{**cfg, "tf32": ctx.tf32} for cfg in cfgs]
         return cfgs
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
         allow_tf32 = bool(config.get("tf32", True))
         b_in = node.input(2)

@@ -124,7 +124,8 @@ def precompile(recipes: list[dict[str, Any]], logger: Any, max_workers: int | No
     for r in recipes:
         unique.setdefault(_spec_key(r), r)
     todo = list(unique.values())
-    if len(todo) < 2 or os.environ.get("KILN_PARALLEL_COMPILE", "1") == "0":
+    from kiln.settings import settings
+    if len(todo) < 2 or not settings().parallel_compile:
         return 0
     workers = max_workers or max(1, min(len(todo), 12, (os.cpu_count() or 2) - 1))
     chunks = [todo[i::workers] for i in range(workers)]

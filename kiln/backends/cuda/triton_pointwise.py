@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.backends.cuda.triton_launch import launch
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
@@ -215,7 +215,8 @@ def generate_source(node: Node, modes: list[str], bools: list[bool], rank: int) 
 
 
 def _cache_dir() -> str:
-    d = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+    from kiln.settings import settings
+    d = settings().cache_dir
     d = os.path.join(d, "triton_pointwise")
     try:
         os.makedirs(d, exist_ok=True)
@@ -318,7 +319,7 @@ class TritonPointwise(Tactic):
         cfgs = [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 2048, "num_warps": 8}, {"BLOCK": 512, "num_warps": 4}]
         return cfgs[:1] if int(ctx.extra.get("opt_level", 3)) <= 1 else cfgs
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         dt = node.outputs[0].type.dtype
         return PointwiseLauncher(node, dt.torch if dt is not None else None, config)
 

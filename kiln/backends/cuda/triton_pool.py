@@ -25,7 +25,7 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_launch import launch
-from kiln.backends.tactic import Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node, Value
 from kiln.ops.pool import Window
 from kiln.ops.registry import lookup, norm_axis
@@ -192,7 +192,7 @@ class TritonMaxPool(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return _tile_configs(node)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         kh, kw = (int(k) for k in node.attr("kernel_shape"))
         geometry: dict[tuple[int, int], tuple[int, int, list[int]]] = {}
         cfg = dict(config)
@@ -294,7 +294,7 @@ class TritonResizeNearest(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return _tile_configs(node)
 
-    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Kernel:
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         spec = _resize_spec(node)
         assert spec is not None, f"{self.id} does not support node {node.name}"
         ctm, scales, sizes, p = spec
@@ -320,8 +320,7 @@ class TritonResizeNearest(Tactic):
                                                         *_axis_args(ctm, h, oh, sh), *_axis_args(ctm, w, ow, sw)],
                        consts)
             return _run(node, x, out, oh, ow, cfg, body)
-        kernel.prepacked = frozenset({1, 2, 3})  # type: ignore[attr-defined]  # roi, scales, sizes resolved at build
-        return kernel
+        return Kernel(kernel, prepacked=frozenset({1, 2, 3}))  # roi, scales, sizes resolved at build
 
 
 register_tactic(TritonMaxPool())

@@ -38,12 +38,12 @@ def _compile(name: str) -> ctypes.CDLL:
     src = os.path.join(_HERE, f"{name}.c")
     with open(src, "rb") as f:
         code = f.read()
-    cc = os.environ.get("KILN_CC") or shutil.which("cc") or shutil.which("gcc")
+    from kiln.settings import settings
+    cc = settings().cc
     if not cc:
         raise OSError("no C compiler (cc or gcc) on PATH")
     key = hashlib.sha256(code + cc.encode() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln"),
-                         "native")
+    cache = os.path.join(settings().cache_dir, "native")
     path = os.path.join(cache, f"{name}-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
