@@ -96,7 +96,9 @@ class Builder:
     def __init__(self, logger: Logger | None = None) -> None:
         self.logger = logger or Logger()
 
-    def build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig | None = None) -> Plan:
+    def build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig | None = None, *,
+              base_dir: str | os.PathLike | None = None) -> Plan:
+        """base_dir: folder of an ONNX model's external data (default: the model file's folder)."""
         config = config or BuilderConfig()
         t0 = time.perf_counter()
         device = resolve_device(config.device)
@@ -107,7 +109,7 @@ class Builder:
             g = model.graph  # type: ignore[union-attr]
         else:
             from kiln.frontend.onnx import load_onnx
-            g = load_onnx(model, self.logger)
+            g = load_onnx(model, self.logger, base_dir=base_dir)
         self.logger.info(f"Building '{g.name}' for {target['device']}: {len(g.nodes)} layers")
         _validate_profiles(g, config.profiles)
         ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})

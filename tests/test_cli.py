@@ -123,3 +123,75 @@ def test_light_resnet50_end_to_end(tmp_path, cli):
     head = tmp_path / "bad.kiln"
     head.write_bytes(open(plan, "rb").read()[:2000])
     _one_line_error(cli("run", str(head)))
+
+
+# ---- outputs refused before the build starts (issue 10) ------------------------------------------------
+
+def _in_process(capsys, *args: str) -> tuple[int, str]:
+    from kiln.cli.main import main
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: --version, usage errors
+        code = int(e.code or 0)
+    err = capsys.readouterr()
+    return code, err.out + err.err
+
+
+def _refused_before_build(capsys, monkeypatch, *args: str) -> str:
+    from kiln.builder import Builder
+
+    def no_build(*a, **k):
+        raise AssertionError("the build started")
+    monkeypatch.setattr(Builder, "build", no_build)
+    code, out = _in_process(capsys, "build", *args)
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("kiln: error:"), out
+    return lines[0]
+
+
+def test_output_same_as_input_refused(tmp_path, cli, capsys, monkeypatch):
+    model = str(tmp_path / "m.onnx")
+    _conv_model(model)
+    before = open(model, "rb").read()
+    p = cli("build", model, "-o", model)
+    _one_line_error(p)
+    assert p.returncode == 2 and "input model" in p.stderr
+    os.symlink(model, tmp_path / "link.onnx")
+    os.link(model, tmp_path / "hard.onnx")
+    for out in (str(tmp_path / "link.onnx"), str(tmp_path / "hard.onnx"), str(tmp_path / "." / "m.onnx")):
+        assert "input model" in _refused_before_build(capsys, monkeypatch, model, "-o", out)
+    plan_named = tmp_path / "p.kiln"  # no -o: the default output <model>.kiln is the model itself
+    plan_named.write_bytes(before)
+    assert "input model" in _refused_before_build(capsys, monkeypatch, str(plan_named))
+    assert open(model, "rb").read() == before
+
+
+def test_unwritable_outputs_refused_before_build(tmp_path, capsys, monkeypatch):
+    model = str(tmp_path / "m.onnx")
+    _conv_model(model)
+    line = _refused_before_build(capsys, monkeypatch, model, "-o", str(tmp_path / "missing" / "m.kiln"))
+    assert "does not exist" in line and str(tmp_path / "missing") in line
+    assert "is a folder" in _refused_before_build(capsys, monkeypatch, model, "-o", str(tmp_path))
+    assert "not a folder" in _refused_before_build(capsys, monkeypatch, model, "-o", "/etc/passwd/m.kiln")
+    line = _refused_before_build(capsys, monkeypatch, model, "-o", str(tmp_path / "m.kiln"),
+                                 "--timing-cache", str(tmp_path / "missing" / "tc.json"))
+    assert "timing cache" in line
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            return  # root writes anywhere: the /etc/passwd case above is the refusal that holds for root too
+        assert "not writable" in _refused_before_build(capsys, monkeypatch, model, "-o", str(ro / "m.kiln"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_version_and_usage_errors_are_one_line(capsys):
+    from kiln import __version__
+    code, out = _in_process(capsys, "--version")
+    assert code == 0 and out.strip() == f"kiln {__version__}"
+    for args in (("build",), ("run", "p.kiln", "--iterations", "many"), ("frobnicate",)):
+        code, out = _in_process(capsys, *args)
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("kiln: error:"), out

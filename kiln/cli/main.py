@@ -57,16 +57,42 @@ def _profiles(args: argparse.Namespace) -> list[Any]:
     return [p]
 
 
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args: argparse.Namespace, out: str) -> None:
+    """Refuse, before any build work, outputs that cannot be written or that would overwrite the model."""
+    from kiln.fileio import check_writable
+    if _same_file(out, args.model):
+        raise KilnError(f"output {out} is the input model {args.model}; choose another -o")
+    check_writable(out, "plan")
+    if args.timing_cache:
+        if _same_file(args.timing_cache, args.model) or _same_file(args.timing_cache, out):
+            raise KilnError(f"--timing-cache {args.timing_cache} is the model or the output plan; choose another file")
+        check_writable(args.timing_cache, "timing cache")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from kiln.builder import Builder, BuilderConfig
     from kiln.plan.format import save_plan
+    out = args.output or os.path.splitext(args.model)[0] + ".kiln"
+    _check_outputs(args, out)
+    if args.workspace is not None and args.workspace < 0:
+        raise KilnError(f"--workspace must be >= 0 MiB, got {args.workspace}")
+    if args.opt_level < 0:
+        raise KilnError(f"--opt-level must be >= 0, got {args.opt_level}")
     logger = Logger(Severity.VERBOSE if args.verbose else Severity.WARNING)
     device = args.device or "auto"  # CUDA when a GPU is present
     cfg = BuilderConfig(device=device, profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
                         tf32=args.tf32, workspace_bytes=args.workspace and args.workspace << 20,
                         timing_cache=args.timing_cache, optimization_level=args.opt_level)
     plan = Builder(logger).build(args.model, cfg)
-    out = args.output or os.path.splitext(args.model)[0] + ".kiln"
     save_plan(plan, out)
     print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
           f"built in {plan.build['build_seconds']:.2f} s)")
@@ -89,20 +115,60 @@ def _read_tensor(path: str, what: str) -> np.ndarray:
         raise KilnError(f"{what}: cannot read tensor from {path} ({type(e).__name__})") from None
 
 
+def _dim(d: Any) -> int | None:
+    return int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
+
+
 def dummy_input(spec: dict[str, Any], profiles: list[dict[str, Any]]) -> np.ndarray:
-    """The ONNX backend suite's deterministic input: arange(n)/n, dynamic dims at the profile's opt (or 1)."""
-    shape = list(spec.get("shape") or [])
-    opt = next((p[spec["name"]]["opt"] for p in profiles if spec["name"] in p), None)
-    dims = [d if isinstance(d, int) else (opt[i] if opt else 1) for i, d in enumerate(shape)]
-    n = int(np.prod(dims)) if dims else 1
+    """The ONNX backend suite's deterministic input: arange(n)/n, dynamic dims at the profile's opt (or 1).
+
+    Odd specs (unknown or string element type, sequence inputs, huge shapes) are a KilnError, one line.
+    """
     from kiln.ir.dtype import DType
-    dt = DType(spec["dtype"]).torch if spec.get("dtype") else None
-    arr = (np.arange(n).reshape(dims) / max(n, 1)).astype(np.float32)
-    if dt is not None and not dt.is_floating_point:
-        arr = np.arange(n).reshape(dims) % 7
+    from kiln.settings import settings
+    name = str(spec.get("name", "?"))
+    hint = f"give --input {name}=FILE"
+    if spec.get("kind", "tensor") != "tensor":
+        raise KilnError(f"input '{name}' is a {spec.get('kind')}: no dummy data for it; {hint}")
+    raw = spec.get("dtype")
+    try:
+        dtype = DType(raw) if raw else DType.FLOAT32  # unknown element type: float32
+    except (ValueError, TypeError):
+        raise KilnError(f"input '{name}': no dummy data for element type {raw!r}; {hint}") from None
+    shape = spec.get("shape")
+    if shape is None:
+        shape = []
+    if not isinstance(shape, (list, tuple)):
+        raise KilnError(f"input '{name}': malformed shape {shape!r} in the plan")
+    opt: list[Any] = []
+    for p in profiles or []:
+        entry = p.get(name) if isinstance(p, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("opt"), (list, tuple)):
+            opt = list(entry["opt"])
+            break
+    dims = []
+    for i, d in enumerate(shape):
+        fixed = _dim(d)
+        dims.append(fixed if fixed is not None else (_dim(opt[i]) if i < len(opt) and _dim(opt[i]) is not None else 1))
+    n = 1
+    for d in dims:
+        n *= d
+    nbytes, limit = n * dtype.itemsize, settings().max_activation_bytes
+    if nbytes > limit:
+        raise KilnError(f"input '{name}': dummy data of shape {dims} needs {nbytes} bytes, over the "
+                        f"{limit}-byte limit (KILN_MAX_ACTIVATION_BYTES); {hint}")
     import torch
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(dt or torch.float32).numpy() if dt not in (
-        torch.bfloat16,) else arr
+    if dtype.is_float or dtype.torch.is_complex:
+        t = torch.from_numpy((np.arange(n, dtype=np.float64) / max(n, 1)).astype(np.float32))
+    else:
+        t = torch.from_numpy(np.arange(n, dtype=np.int64) % 7)
+    t = t.reshape(dims).to(dtype.torch)
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
+                   torch.float8_e5m2fnuz):
+        import ml_dtypes  # numpy has no such types: the ml_dtypes ones, as the engine returns them
+        bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
+        return bits.view(getattr(ml_dtypes, dtype.value))
+    return t.numpy()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,10 +240,19 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return main(args.rest)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with Kiln's error format: one line `kiln: error: ...`, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kiln: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kiln", description="Kiln: deep-learning inference optimizer and runtime")
+    from kiln import __version__
+    ap = _Parser(prog="kiln", description="Kiln: deep-learning inference optimizer and runtime")
+    ap.add_argument("--version", action="version", version=f"kiln {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     b = sub.add_parser("build", help="optimize an ONNX model into a .kiln plan")
     b.add_argument("model")
     b.add_argument("-o", "--output")
@@ -216,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from kiln.settings import settings
+        settings()  # a malformed KILN_* variable is reported here, before any work
         return int(args.func(args) or 0)
     except KilnError as e:
         print(f"kiln: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
@@ -223,9 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # the model or its inputs do not fit: the user's to change
+        print("kiln: error: out of memory", file=sys.stderr)
+        return 2
     except Exception as e:  # an unexpected failure is still one line unless --debug
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename:  # a file the user named cannot be read or written
+            print(f"kiln: error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
+            return 2
         msg = (str(e).strip().splitlines() or [""])[0]
         print(f"kiln: internal error: {type(e).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)
         return 3

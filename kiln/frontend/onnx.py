@@ -14,37 +14,123 @@ import torch
 from onnx import AttributeProto, numpy_helper
 
 from kiln.errors import KilnError, ModelError, UnsupportedDTypeError
-from kiln.ir.dtype import DType
+from kiln.ir.dtype import DType, array_to_torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
+from kiln.ops.attrs import validate_node
 from kiln.ops.registry import lookup
 
 MIN_OPSET, MAX_OPSET = 1, 28
 
 
 def tensor_to_torch(t: onnx.TensorProto, base_dir: str | None = None, where: str = "") -> torch.Tensor:
-    """Convert a TensorProto (raw, typed or external data) to a CPU torch tensor."""
-    DType.from_onnx(t.data_type, where or t.name)  # clear error for unsupported element types
+    """Convert a TensorProto (raw, typed or external data) to a CPU torch tensor.
+
+    External data is read by Kiln itself (read_external_data), only from inside `base_dir`.
+    """
+    dtype = DType.from_onnx(t.data_type, where or t.name)  # clear error for unsupported element types
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return read_external_data(t, base_dir, dtype, where)
     try:
-        arr = numpy_helper.to_array(t, base_dir or "")
+        arr = numpy_helper.to_array(t)
     except Exception as e:
-        raise ModelError(f"cannot read tensor '{t.name or where}': {e}") from None
-    return array_to_torch(arr, DType.from_onnx(t.data_type))
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"cannot read tensor '{t.name or where}': {msg}") from None
+    return array_to_torch(arr, dtype)
 
 
-def array_to_torch(arr: np.ndarray, dtype: DType | None = None) -> torch.Tensor:
-    """numpy (including ml_dtypes bfloat16/float8 arrays) -> torch, without going through float."""
-    arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays 1-d
-    if arr.dtype.kind == "V" or arr.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
-                                                    "float8_e5m2", "float8_e5m2fnuz"):
-        if dtype is None:
-            raise UnsupportedDTypeError(f"unsupported numpy dtype {arr.dtype}")
-        bits = arr.view({1: np.uint8, 2: np.uint16}[arr.dtype.itemsize])
-        return torch.from_numpy(bits.copy()).view(dtype.torch)
-    if arr.dtype.kind in ("U", "S", "O"):
-        raise UnsupportedDTypeError("string tensors are not supported")
-    return torch.from_numpy(arr.copy())
+# little-endian numpy types of the raw bytes; bfloat16 and float8 are read as integers and viewed in torch
+_RAW_NUMPY = {DType.FLOAT32: "<f4", DType.FLOAT16: "<f2", DType.FLOAT64: "<f8", DType.BFLOAT16: "<u2",
+              DType.INT8: "i1", DType.INT16: "<i2", DType.INT32: "<i4", DType.INT64: "<i8", DType.UINT8: "u1",
+              DType.UINT16: "<u2", DType.UINT32: "<u4", DType.UINT64: "<u8", DType.BOOL: "u1",
+              DType.FLOAT8E4M3FN: "u1", DType.FLOAT8E4M3FNUZ: "u1", DType.FLOAT8E5M2: "u1",
+              DType.FLOAT8E5M2FNUZ: "u1", DType.COMPLEX64: "<c8", DType.COMPLEX128: "<c16"}
+
+
+def _external_file(name: str, location: str, base_dir: str) -> str:
+    """realpath of `location` under `base_dir`, or ModelError: no absolute path, no '..', nothing outside."""
+    import ntpath
+    import posixpath
+    where = f"tensor '{name}': external data file '{location}'"
+    if not location or "\0" in location:
+        raise ModelError(f"{where}: empty or invalid location")
+    if posixpath.isabs(location) or ntpath.isabs(location) or ntpath.splitdrive(location)[0]:
+        raise ModelError(f"{where}: absolute locations are refused (it must be relative to the model's folder)")
+    if ".." in location.replace("\\", "/").split("/"):
+        raise ModelError(f"{where}: locations with '..' are refused (it must be inside the model's folder)")
+    root = os.path.realpath(base_dir)
+    real = os.path.realpath(os.path.join(root, location))
+    if os.path.commonpath([root, real]) != root:
+        raise ModelError(f"{where}: resolves to {real}, outside the model's folder {root} (symbolic link?)")
+    return real
+
+
+def read_external_data(t: onnx.TensorProto, base_dir: str | None, dtype: DType | None = None,
+                       where: str = "") -> torch.Tensor:
+    """Kiln's own reader of a tensor's external data: checked location, exact size, open/seek/read.
+
+    Refused (ModelError, one line naming the tensor and file): no base folder (an in-memory model),
+    absolute locations, '..', a location resolving outside realpath(base_dir), files that are not
+    regular or that have other hard links, an offset/length outside the file, and a byte count that
+    differs from the tensor's dims x element size.
+    """
+    import stat
+    name = t.name or where or "?"
+    dtype = dtype or DType.from_onnx(t.data_type, name)
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    if base_dir is None:
+        raise ModelError(f"tensor '{name}' keeps its data in external file '{location}' but the model was "
+                         f"passed in memory: pass base_dir=<folder of that file>")
+    real = _external_file(name, location, base_dir)
+    where_ = f"tensor '{name}': external data file '{location}'"
+    try:
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info["length"]) if info.get("length", "") != "" else None
+    except ValueError:
+        raise ModelError(f"{where_}: offset/length are not integers ({info.get('offset')!r}, "
+                         f"{info.get('length')!r})") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelError(f"{where_}: negative offset or length ({offset}, {length})")
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelError(f"tensor '{name}': negative dimension in {dims}")
+    numel = 1
+    for d in dims:
+        numel *= d
+    want = numel * dtype.itemsize
+    try:
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"{where_}: not a regular file")
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ModelError(f"{where_}: file not found in {os.path.realpath(base_dir)}") from None
+    except OSError as e:
+        raise ModelError(f"{where_}: cannot open ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())  # the file actually opened (no swap since the checks above)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"{where_}: not a regular file")
+        if st.st_nlink > 1:
+            raise ModelError(f"{where_}: has {st.st_nlink} hard links; refused (copy the file instead)")
+        size = st.st_size
+        if length is None:
+            length = size - offset
+        if offset > size or offset + length > size:
+            raise ModelError(f"{where_}: offset {offset} + length {length} is beyond the file's {size} bytes")
+        if length != want:
+            raise ModelError(f"{where_}: holds {length} bytes, but {dtype.value}{dims} needs {want}")
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != want:
+        raise ModelError(f"{where_}: short read ({len(data)} of {want} bytes)")
+    arr = np.frombuffer(data, dtype=np.dtype(_RAW_NUMPY[dtype])).reshape(dims)
+    if dtype == DType.BOOL:
+        return torch.from_numpy(arr != 0)
+    out = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+    return out.view(dtype.torch) if out.dtype != dtype.torch else out
 
 
 def _value_type(tp: onnx.TypeProto, where: str) -> tuple[TensorType, str]:
@@ -178,6 +264,7 @@ class OnnxImporter:
             for c in sg.captures:
                 if all(c is not x for x in node.captures):
                     node.captures.append(c)
+        validate_node(node, private=False)
         opdef.check(node)
         g.add_node(node)
 
@@ -224,16 +311,22 @@ def _sparse_to_dense(st: onnx.SparseTensorProto, base_dir: str | None) -> torch.
     return dense
 
 
-def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, logger: Logger | None = None) -> Graph:
-    """Load and import an ONNX model file (or ModelProto) into a Graph with inferred types."""
-    base_dir = None
+def load_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, logger: Logger | None = None, *,
+              base_dir: str | os.PathLike | None = None) -> Graph:
+    """Load and import an ONNX model file (or ModelProto) into a Graph with inferred types.
+
+    base_dir: the folder external data is read from (only from inside it); default the model file's
+    folder. A ModelProto with external data needs it.
+    """
+    base_dir = None if base_dir is None else os.path.abspath(os.fspath(base_dir))
     if isinstance(path_or_model, onnx.ModelProto):
         model = path_or_model
     else:
         path = os.fspath(path_or_model)
         if not os.path.isfile(path):
             raise ModelError(f"model file not found: {path}")
-        base_dir = os.path.dirname(os.path.abspath(path))
+        if base_dir is None:
+            base_dir = os.path.dirname(os.path.abspath(path))
         try:
             model = onnx.load(path, load_external_data=False)
         except Exception as e:

@@ -14,6 +14,7 @@ import torch
 from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Node
 from kiln.ir.types import TensorType
+from kiln.ops.attrs import Attr
 
 Tensor = torch.Tensor
 Computed = Any  # a Tensor, a list of Tensors (sequence value), None (empty optional), or a tuple of these
@@ -28,6 +29,8 @@ class OpDef:
     value_inputs:  inputs read as host values (shapes, axes, pads): constant at build time
                    for static inference; read with .tolist() at run time
     deterministic: False for random ops, which are never constant-folded
+    attributes:    declared attributes (kiln.ops.attrs.Attr) refining the ONNX schema's (ranges, allowed
+                   values) or, for ops ONNX does not define, declaring them; see kiln.ops.attrs
     """
 
     op_type: ClassVar[str | tuple[str, ...]] = ""
@@ -35,6 +38,7 @@ class OpDef:
     opsets: ClassVar[tuple[int, int]] = (1, 28)
     value_inputs: ClassVar[tuple[int, ...]] = ()
     deterministic: ClassVar[bool] = True
+    attributes: ClassVar[dict[str, Attr]] = {}
 
     def compute(self, node: Node, *inputs: Any) -> Computed:
         """Reference implementation: one output returns its value; several return a tuple."""
@@ -123,7 +127,7 @@ def _ensure_loaded() -> None:
 
     import kiln.ops as pkg
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
-        if mod not in ("registry", "infer", "util"):
+        if mod not in ("registry", "infer", "util", "attrs"):
             importlib.import_module(f"kiln.ops.{mod}")
 
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kiln.errors import PlanFormatError
+from kiln.errors import KilnError, PlanFormatError
 
 MAGIC = b"KILNPLAN"
 FORMAT_VERSION = 1
@@ -56,57 +55,107 @@ def plan_to_bytes(plan: Plan) -> bytes:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
-    data = plan_to_bytes(plan)
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically (kiln.fileio.atomic_write): a temp file in the same folder, fsync, then rename."""
+    from kiln.fileio import atomic_write
+    atomic_write(path, plan_to_bytes(plan), "plan")
 
 
 def plan_from_bytes(data: bytes, where: str = "plan") -> Plan:
+    """Parse a plan file's bytes. The file is untrusted input: the layout, the sizes, the header's JSON
+    depth and schema (kiln.plan.schema), the weights and the graph's structure (GraphReader) are all
+    checked; every failure is a PlanFormatError of one line (never another exception)."""
+    try:
+        return _plan_from_bytes(data, where)
+    except KilnError:
+        raise
+    except RecursionError:
+        raise PlanFormatError(f"{where}: malformed plan contents (nested too deeply)") from None
+    except MemoryError:
+        raise PlanFormatError(f"{where}: plan too large to load (out of memory)") from None
+    except Exception as e:
+        raise PlanFormatError(f"{where}: malformed plan contents ({type(e).__name__}: {_line(e)})") from None
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _plan_from_bytes(data: bytes, where: str) -> Plan:
+    from kiln.plan.schema import MAX_HEADER_BYTES, check_json_depth, check_weights, limit_bytes, validate_header
+    from kiln.plan.serialize import GraphReader
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PlanFormatError(f"{where}: expected the plan's bytes, got {type(data).__name__}")
+    data = memoryview(data).cast("B")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        hint = " (it looks like an ONNX model; build it first with `kiln build`)" if data[:2] == b"\x08\x07" or b"onnx" in data[:64].lower() else ""
+        head = bytes(data[:64])
+        hint = " (it looks like an ONNX model; build it first with `kiln build`)" if head[:2] == b"\x08\x07" or b"onnx" in head.lower() else ""
         raise PlanFormatError(f"{where}: not a Kiln plan file (bad magic){hint}")
     if len(data) < _HEAD.size:
         raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")
+    limit = limit_bytes("max_plan_bytes")
+    if len(data) > limit:
+        raise PlanFormatError(f"{where}: plan file of {len(data)} bytes is above the limit of {limit} (KILN_MAX_PLAN_BYTES)")
     _, version, _flags, hlen = _HEAD.unpack_from(data, 0)
     if version != FORMAT_VERSION:
         raise PlanFormatError(f"{where}: plan format version {version}, this Kiln reads version {FORMAT_VERSION}; rebuild the plan")
     if len(data) < _HEAD.size + hlen + _U64.size + 32:
         raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")
+    if hlen > MAX_HEADER_BYTES:
+        raise PlanFormatError(f"{where}: plan header of {hlen} bytes is above the limit of {MAX_HEADER_BYTES}")
     (wlen,) = _U64.unpack_from(data, _HEAD.size + hlen)
     end = _HEAD.size + hlen + _U64.size + wlen
     if len(data) != end + 32:
         raise PlanFormatError(f"{where}: truncated or padded plan file ({len(data)} bytes, expected {end + 32})")
     if hashlib.sha256(data[:end]).digest() != data[end:]:
         raise PlanFormatError(f"{where}: checksum mismatch, the plan file is corrupted")
+    raw = bytes(data[_HEAD.size:_HEAD.size + hlen])
+    check_json_depth(raw, where)
     try:
-        header = json.loads(data[_HEAD.size:_HEAD.size + hlen].decode())
-        weights = st_load(bytes(data[_HEAD.size + hlen + _U64.size:end])) if wlen else {}
-        return Plan(target=header["target"], inputs=header["inputs"], outputs=header["outputs"],
-                    profiles=header["profiles"], graph=header["graph"], memory=header.get("memory", {}),
-                    build=header.get("build", {}), kiln_version=header.get("kiln_version", ""),
-                    format_version=version, weights=weights)
-    except PlanFormatError:
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise PlanFormatError(f"{where}: plan header: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PlanFormatError(f"{where}: plan header is not valid JSON ({type(e).__name__}: {_line(e)})") from None
+    validate_header(header, where)
+    weights = _load_weights(bytes(data[_HEAD.size + hlen + _U64.size:end]), where) if wlen else {}
+    check_weights(weights, where)
+    GraphReader(weights, where).graph(header["graph"])  # the graph's structure (rebuilt again by the Engine)
+    return Plan(target=header["target"], inputs=header["inputs"], outputs=header["outputs"],
+                profiles=header["profiles"], graph=header["graph"], memory=header.get("memory", {}),
+                build=header.get("build", {}), kiln_version=header.get("kiln_version", ""),
+                format_version=version, weights=weights)
+
+
+def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
+    """The safetensors table. Its parser is native code: besides its errors it may raise PanicException,
+    a BaseException; everything but an interrupt becomes a PlanFormatError."""
+    try:
+        weights = st_load(blob)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as e:
-        raise PlanFormatError(f"{where}: malformed plan contents ({type(e).__name__})") from None
+    except MemoryError:
+        raise PlanFormatError(f"{where}: plan weights too large to load (out of memory)") from None
+    except BaseException as e:  # noqa: B036  (safetensors' PanicException derives from BaseException)
+        raise PlanFormatError(f"{where}: malformed plan weights ({type(e).__name__}: {_line(e)})") from None
+    return weights
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    path = os.fspath(path)
+    """Read and parse a plan file (PlanFormatError for anything but a readable, valid plan)."""
+    from kiln.plan.schema import limit_bytes
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise PlanFormatError(f"plan path must be a string or path, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise PlanFormatError(f"plan file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    limit = limit_bytes("max_plan_bytes")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise PlanFormatError(f"{path}: plan file of {size} bytes is above the limit of {limit} (KILN_MAX_PLAN_BYTES)")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise PlanFormatError(f"{path}: cannot read the plan file ({e.strerror or type(e).__name__})") from None
     return plan_from_bytes(data, path)

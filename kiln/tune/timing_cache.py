@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from typing import Any
 
 import torch
@@ -157,13 +156,5 @@ class TimingCache:
             except KilnError:
                 merged = TimingCache()
         merged.merge(self)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".kiln-tc-", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(merged.to_json(), f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from kiln.fileio import atomic_write
+        atomic_write(path, json.dumps(merged.to_json(), indent=1, sort_keys=True).encode(), "timing cache")
