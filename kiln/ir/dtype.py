@@ -104,3 +104,37 @@ _FROM_ONNX = {o: k for k, _, o in _PAIRS}
 def onnx_to_torch(code: int) -> torch.dtype:
     """torch dtype of an ONNX TensorProto element type (raises UnsupportedDTypeError)."""
     return DType.from_onnx(code).torch
+
+
+# ml_dtypes' numpy types that torch.from_numpy cannot take: their bits are viewed as the torch type
+_ML_DTYPES = {"bfloat16": DType.BFLOAT16, "float8_e4m3fn": DType.FLOAT8E4M3FN, "float8_e4m3fnuz": DType.FLOAT8E4M3FNUZ,
+              "float8_e5m2": DType.FLOAT8E5M2, "float8_e5m2fnuz": DType.FLOAT8E5M2FNUZ}
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def array_to_torch(arr: np.ndarray, dtype: DType | None = None) -> torch.Tensor:
+    """numpy (including ml_dtypes bfloat16/float8 arrays) -> a CPU torch tensor of its own, without going
+    through float. `dtype` names the element type of raw (void) arrays. Anything torch cannot hold (strings,
+    objects, datetimes, structured or other ml_dtypes types, float128) is an UnsupportedDTypeError."""
+    if not isinstance(arr, np.ndarray):
+        raise UnsupportedDTypeError(f"expected a numpy array, got {type(arr).__name__}")
+    dt = arr.dtype
+    if dt.kind in ("U", "S", "O"):
+        raise UnsupportedDTypeError("string tensors are not supported" if dt.kind != "O"
+                                    else "object arrays are not supported (strings or ragged nested lists?)")
+    arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays 1-d
+    named = _ML_DTYPES.get(dt.name)
+    if named is not None or dt.kind == "V":
+        target = named or dtype
+        if target is None or dt.fields is not None or dt.itemsize != target.itemsize or dt.itemsize not in _BITS:
+            raise UnsupportedDTypeError(f"unsupported numpy dtype {dt}")
+        return torch.from_numpy(arr.view(_BITS[dt.itemsize]).copy()).view(target.torch)
+    if not dt.isnative:
+        arr = arr.astype(dt.newbyteorder("="))
+    try:
+        t = torch.from_numpy(arr.copy())
+    except (TypeError, ValueError, RuntimeError):
+        raise UnsupportedDTypeError(f"unsupported numpy dtype {dt}") from None
+    if t.dtype not in _FROM_TORCH:
+        raise UnsupportedDTypeError(f"unsupported numpy dtype {dt}")
+    return t
