@@ -15,7 +15,7 @@ import torch
 
 from kiln import __version__
 from kiln.backends.tactic import TacticContext, get_tactic
-from kiln.errors import BuildError, ProfileError
+from kiln.errors import BuildError, KilnError, ProfileError
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
@@ -98,8 +98,23 @@ class Builder:
 
     def build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig | None = None, *,
               base_dir: str | os.PathLike | None = None) -> Plan:
-        """base_dir: folder of an ONNX model's external data (default: the model file's folder)."""
-        config = config or BuilderConfig()
+        """base_dir: folder of an ONNX model's external data (default: the model file's folder).
+
+        Only KilnError leaves: a failure this code did not foresee is a BuildError naming its cause."""
+        try:
+            return self._build(model, config or BuilderConfig(), base_dir)
+        except KilnError:
+            raise
+        except MemoryError:
+            raise BuildError("out of memory while building the plan") from None
+        except (Exception, RecursionError) as e:
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            raise BuildError(f"internal error while building: {type(e).__name__}: {msg}") from e
+
+    def _build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig,
+               base_dir: str | os.PathLike | None) -> Plan:
+        if config.int8:
+            raise BuildError("INT8 is not implemented yet: build without int8 (FP32, --fp16 or --bf16)")
         t0 = time.perf_counter()
         device = resolve_device(config.device)
         target = _device_target(device)

@@ -57,7 +57,7 @@ class Settings:
 
     max_loop_iterations: int
     """KILN_MAX_LOOP_ITERATIONS: cap on the iterations of one Loop or Scan at run time; a model that
-    asks for more is refused instead of running (nearly) forever. Default 10,000,000."""
+    asks for more is refused instead of running (nearly) forever. Default 100,000."""
 
     max_plan_bytes: int
     """KILN_MAX_PLAN_BYTES: the largest plan file (and the largest weights it may declare) the plan
@@ -84,7 +84,7 @@ class Settings:
             dnnl_lib=get("KILN_DNNL_LIB"),
             parallel_compile=_parse("KILN_PARALLEL_COMPILE", get("KILN_PARALLEL_COMPILE"), _bool, True),
             max_loop_iterations=_parse("KILN_MAX_LOOP_ITERATIONS", get("KILN_MAX_LOOP_ITERATIONS"), _count,
-                                       10_000_000),
+                                       100_000),
             max_plan_bytes=_parse("KILN_MAX_PLAN_BYTES", get("KILN_MAX_PLAN_BYTES"), _bytes, ram),
             max_activation_bytes=_parse("KILN_MAX_ACTIVATION_BYTES", get("KILN_MAX_ACTIVATION_BYTES"), _bytes, ram),
         )

@@ -27,7 +27,11 @@ from kiln.errors import UnsupportedOpError
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 """Default of an attribute a node must carry."""
 
-KINDS = ("int", "float", "str", "ints", "floats", "strs", "tensor", "tensors", "graph", "graphs", "type", "types")
+KINDS = ("int", "float", "str", "ints", "floats", "strs", "tensor", "tensors", "graph", "graphs", "type", "types",
+         "struct")
+"""'struct': plain data (dicts with string keys, lists, strings, numbers, booleans, None) of bounded depth and
+size, whose meaning the op's own `check` validates (a Pointwise program)."""
+MAX_DEPTH = 16
 _INT64 = (-(2**63), 2**63 - 1)
 MAX_STR = 1 << 16
 MAX_LIST = 1 << 20
@@ -155,7 +159,34 @@ def _scalar(kind: str, v: Any) -> Any:
         if not isinstance(v, onnx.TypeProto):
             raise TypeError("a type")
         return v
+    if kind == "struct":
+        _plain(v, 0, [0])
+        return v
     raise TypeError(kind)
+
+
+def _plain(v: Any, depth: int, count: list[int]) -> None:
+    """Raise unless v is plain data within MAX_DEPTH levels and MAX_LIST items in all."""
+    count[0] += 1
+    if depth > MAX_DEPTH or count[0] > MAX_LIST:
+        raise ValueError(f"plain data of at most {MAX_DEPTH} levels and {MAX_LIST} items")
+    if v is None or isinstance(v, (bool, int, float)):
+        return
+    if isinstance(v, str):
+        if len(v) > MAX_STR:
+            raise ValueError(f"strings of at most {MAX_STR} characters")
+        return
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            _plain(x, depth + 1, count)
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise TypeError("plain data with string keys")
+            _plain(x, depth + 1, count)
+        return
+    raise TypeError("plain data")
 
 
 def check_value(op_type: str, name: str, a: Attr, v: Any, where: str = "") -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kiln.errors import UnsupportedOpError
+from kiln.errors import KilnError, UnsupportedOpError
 from kiln.ir.graph import Node
 from kiln.ops.registry import OpDef, register
 
@@ -25,6 +25,17 @@ def _body(node: Node, key: str) -> Any:
     if not callable(fn):
         raise UnsupportedOpError(f"node '{node.name}': {node.op_type} subgraph '{key}' is only executable at run time")
     return fn
+
+
+def _iteration_cap() -> int:
+    from kiln.settings import settings
+    return settings().max_loop_iterations
+
+
+def _over_cap(node: Node, cap: int) -> KilnError:
+    """The error of a Loop or Scan that reached the configured iteration cap (KILN_MAX_LOOP_ITERATIONS)."""
+    return KilnError(f"node '{node.name}': {node.op_type} reached {cap} iterations, the cap on loop iterations "
+                        "(KILN_MAX_LOOP_ITERATIONS, see docs/SETTINGS.md)")
 
 
 def _pack(outs: list[Any]) -> Any:
@@ -62,7 +73,10 @@ class Loop(OpDef):
         n_scan = len(body.output_slots) - 1 - len(carried)
         scans: list[list[Any]] = [[] for _ in range(n_scan)]
         i = 0
+        cap = _iteration_cap()
         while (trip is None or i < trip) and go:
+            if i >= cap:
+                raise _over_cap(node, cap)
             outs = body([torch.tensor(i, dtype=torch.int64, device=dev), torch.tensor(go, device=dev), *carried], outer)
             go = bool(outs[0].reshape(-1)[0])
             carried = list(outs[1:1 + len(carried)])
@@ -102,6 +116,8 @@ class Scan(OpDef):
         in_axes = [a + x.dim() if a < 0 else a for a, x in zip(in_axes, scan_in)]
         steps = scan_in[0].shape[in_axes[0]] if m else 0
         per_step: list[list[Any]] = []
+        if steps > _iteration_cap():
+            raise _over_cap(node, _iteration_cap())
         for t in range(steps):
             slices = [x.select(a, steps - 1 - t if d else t) for x, a, d in zip(scan_in, in_axes, in_dirs)]
             outs = body(states + slices, outer)

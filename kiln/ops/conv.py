@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kiln.errors import ShapeError, UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ops.attrs import Attr
 from kiln.ops.registry import OpDef, register
 
 Tensor = torch.Tensor
@@ -22,6 +23,14 @@ Tensor = torch.Tensor
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+WINDOW: dict[str, Attr] = {
+    "auto_pad": Attr("str", "NOTSET", choices=("", *_AUTO_PADS)),
+    "strides": Attr("ints", None, min=1), "dilations": Attr("ints", None, min=1),
+    "pads": Attr("ints", None, min=0), "kernel_shape": Attr("ints", None, min=1),
+}
+"""What Kiln's window ops (convolutions, pooling) honour of ONNX's geometry attributes: positive strides,
+dilations and kernel sizes, non-negative pads, the four auto_pad modes."""
 
 
 # ---- window geometry (shared with kiln.ops.pool) --------------------------------------------------
@@ -106,6 +115,7 @@ def _bias_shape(b: Tensor, nd: int) -> Tensor:
 @register
 class Conv(OpDef):
     op_type = "Conv"
+    attributes = {**WINDOW, "group": Attr("int", 1, min=1)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         require_float(node, x, w, b)
@@ -153,6 +163,8 @@ def conv_transpose_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[i
 @register
 class ConvTranspose(OpDef):
     op_type = "ConvTranspose"
+    attributes = {**WINDOW, "group": Attr("int", 1, min=1), "output_padding": Attr("ints", None, min=0),
+                  "output_shape": Attr("ints", None, min=0)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         require_float(node, x, w, b)

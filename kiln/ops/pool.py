@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from kiln.errors import ShapeError, UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
 from kiln.ir.types import TensorType
-from kiln.ops.conv import (auto_pad_mode, require_float, spatial_rank, strides_dilations, torch_pad,
+from kiln.ops.attrs import Attr
+from kiln.ops.conv import (WINDOW, auto_pad_mode, require_float, spatial_rank, strides_dilations, torch_pad,
                            window_pads)
 from kiln.ops.registry import OpDef, ints, register
 
@@ -111,6 +112,7 @@ _MAXPOOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, 
 @register
 class MaxPool(OpDef):
     op_type = "MaxPool"
+    attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1)), "storage_order": Attr("int", 0, choices=(0, 1))}
 
     def compute(self, node: Node, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if x.dtype not in _MAXPOOL_DTYPES:
@@ -173,6 +175,7 @@ def _onnx_indices(node: Node, win: Window, x: Tensor, coords: list[Tensor], offs
 @register
 class AveragePool(OpDef):
     op_type = "AveragePool"
+    attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1)), "count_include_pad": Attr("int", 0, choices=(0, 1))}
 
     def compute(self, node: Node, x: Tensor) -> Tensor:
         require_float(node, x)
@@ -209,6 +212,7 @@ def _root(x: Tensor, p: float) -> Tensor:
 @register
 class LpPool(OpDef):
     op_type = "LpPool"
+    attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1))}
 
     def compute(self, node: Node, x: Tensor) -> Tensor:
         require_float(node, x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.errors import BuildError, KilnError
 from kiln.ir.graph import Graph
 from kiln.logger import Logger
 
@@ -53,7 +54,15 @@ class PassManager:
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         for p in self.passes:
-            modified = p.run(g, ctx)
+            try:
+                modified = p.run(g, ctx)
+            except KilnError:
+                raise
+            except (Exception, RecursionError) as e:  # a model that breaks a pass is reported, not a traceback
+                if isinstance(p, Fixpoint):
+                    raise
+                msg = (str(e).strip().splitlines() or [""])[0][:200]
+                raise BuildError(f"pass '{p.name}' failed on this model: {type(e).__name__}: {msg}") from e
             if modified and not isinstance(p, Fixpoint):
                 ctx.logger.verbose(f"After {p.name}: {len(g.nodes)} layers")
             changed |= modified
