@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import onnx_to_torch
 from kiln.ir.graph import Node, Value
+from kiln.ops.attrs import REQUIRED, Attr
 from kiln.ops.conv import require_float, spatial_rank, torch_pad
+from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
 from kiln.ops.registry import OpDef, lookup, register
 
 Tensor = torch.Tensor
@@ -79,8 +81,20 @@ def _as_weight_type(x: Tensor, w: Tensor) -> Tensor:
     return x.to(w.dtype) if x.dtype != w.dtype and x.is_floating_point() and w.is_floating_point() else x
 
 
+EPILOGUE: dict[str, Attr] = {
+    "activation": Attr("str", "", choices=tuple(ACTIVATIONS)),
+    "alpha": Attr("float", 0.0),
+    "beta": Attr("float", 0.0),
+    "act_before_add": Attr("int", 0, choices=(0, 1)),
+    "out_dtype": Attr("int", None, choices=(1, 10, 16)),  # float32 / float16 / bfloat16 (a folded Cast)
+}
+"""The epilogue every fused layer declares: activation by name (ACTIVATIONS) with its parameters, the
+order of residual add and activation, and the stored element type."""
+
+
 class _FusedBase(OpDef):
     domain = "kiln"
+    attributes = dict(EPILOGUE)
 
     def check(self, node: Node) -> None:
         if str(node.attr("activation", "") or "") not in ACTIVATIONS:
@@ -92,6 +106,10 @@ class FusedConv(_FusedBase):
     """Conv (explicit pads) + bias + optional residual Z + activation epilogue."""
 
     op_type = "FusedConv"
+    attributes = {**EPILOGUE,
+                  "strides": Attr("ints", None, min=1), "dilations": Attr("ints", None, min=1),
+                  "pads": Attr("ints", None, min=0), "group": Attr("int", 1, min=1),
+                  "kernel_shape": Attr("ints", None, min=1)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,
                 z: Tensor | None = None) -> Tensor:
@@ -130,38 +148,46 @@ class FusedGemm(_FusedBase):
         return _epilogue(node, y, z)
 
 
-def _ref(ref: str, inputs: tuple[Any, ...], temps: list[Any], consts: list[float], like: Tensor | None) -> Any:
-    kind, k = ref[0], int(ref[1:])
-    if kind == "i":
-        return inputs[k]
-    if kind == "t":
-        return temps[k]
-    if kind == "c":
+def _ref(ref: Ref, inputs: tuple[Any, ...], temps: list[Any], consts: tuple[float, ...], like: Tensor | None) -> Any:
+    if ref.kind == "input":
+        return inputs[ref.index]
+    if ref.kind == "temp":
+        return temps[ref.index]
+    if ref.kind == "const":
         dtype = like.dtype if like is not None else torch.float32
         device = like.device if like is not None else "cpu"
-        return torch.tensor(consts[k], dtype=dtype, device=device)
-    raise UnsupportedOpError(f"bad Pointwise operand reference {ref!r}")
+        return torch.tensor(consts[ref.index], dtype=dtype, device=device)
+    return None  # a missing optional operand
 
 
 @register
 class Pointwise(OpDef):
-    """A fused chain / small DAG of elementwise ops, evaluated instruction by instruction."""
+    """A fused chain / small DAG of elementwise ops, evaluated instruction by instruction.
+
+    The program is parsed and validated (kiln.ops.pointwise_program) before anything runs: `check`
+    rejects a bad one at import, and `compute` evaluates only the parsed form."""
 
     op_type = "Pointwise"
     domain = "kiln"
+    attributes = {"program": Attr("struct", REQUIRED), "consts": Attr("floats"), "outputs": Attr("strs")}
+
+    def check(self, node: Node) -> None:
+        PointwiseProgram.parse(node)
 
     def compute(self, node: Node, *inputs: Any) -> Any:
-        consts = [float(c) for c in node.attr("consts", None) or []]
+        prog = PointwiseProgram.parse(node)
+        if len(inputs) != prog.n_inputs:
+            raise UnsupportedOpError(f"node '{node.name}': Pointwise got {len(inputs)} inputs, "
+                                     f"its program reads {prog.n_inputs}")
         temps: list[Any] = []
-        for ins in node.attr("program", None) or []:
-            op = ins["op"]
-            attrs = dict(ins.get("attrs") or {})
-            refs = list(ins.get("args") or [])
-            like = next((inputs[int(r[1:])] if r[0] == "i" else temps[int(r[1:])]
-                         for r in refs if r and r[0] in "it"), None)
-            args = [None if not r else _ref(r, inputs, temps, consts, like) for r in refs]
-            step = Node(op, [], [Value(f"{node.name}.t{len(temps)}")], attrs, name=f"{node.name}/{op}", opset=21)
-            r = lookup(op, "").compute(step, *args)
+        for j, ins in enumerate(prog.instrs):
+            like = next((x for x in (_ref(r, inputs, temps, prog.consts, None) for r in ins.args
+                                     if r.kind in ("input", "temp"))
+                         if isinstance(x, Tensor) and x.is_floating_point()), None)
+            args = [_ref(r, inputs, temps, prog.consts, like) for r in ins.args]
+            step = Node(ins.op, [], [Value(f"{node.name}.t{j}")], dict(ins.attrs), name=f"{node.name}/{ins.op}",
+                        opset=program_opset(ins.op))
+            r = lookup(ins.op, "").compute(step, *args)
             temps.append(r[0] if isinstance(r, tuple) else r)
-        outs = [_ref(r, inputs, temps, consts, None) for r in node.attr("outputs", None) or [f"t{len(temps) - 1}"]]
+        outs = [_ref(r, inputs, temps, prog.consts, None) for r in prog.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ops.pointwise_program import OPS, PointwiseProgram
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.epilogue import FLT_MAX
 from kiln.passes.rewrite import Uses, is_op, replace_nodes, scalar
 
-UNARY = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Exp", "Log", "Erf", "Sqrt", "Neg", "Abs", "Reciprocal",
-    "Floor", "Ceil", "Round", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
-    "Mish", "Gelu", "Sin", "Cos", "Sign", "Not", "ThresholdedRelu", "Cast", "Swish",
-})
-BINARY = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean",
-    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Where",
-})
 MAX_GROUP = 48
 _TYPES = ("float32", "float16", "bfloat16", "float64", "bool")
 
@@ -33,7 +26,7 @@ def _typed(v: Value | None) -> bool:
 
 def fusible(n: Node) -> bool:
     """An elementwise ONNX node Pointwise can evaluate with opset-21 semantics."""
-    if not is_op(n, *(UNARY | BINARY | {"Clip"})) or len(n.outputs) != 1 or n.opset < 7:
+    if not is_op(n, *OPS) or len(n.outputs) != 1 or n.opset < 7:
         return False
     if n.subgraphs() or n.captures or not _typed(n.outputs[0]):
         return False
@@ -116,11 +109,18 @@ class FusePointwise(Pass):
             taken.update(id(m) for m in group)
             if len(group) >= 2:
                 groups.append(group)
+        fused_any = False
         for group in groups:
             inputs, attrs = _program(group)
             name = f"PWN({', '.join(m.name for m in group)})"
             fused = Node("Pointwise", inputs, [group[-1].outputs[0]], attrs, name=name, domain="kiln", opset=1)
+            try:  # the pass emits only what the program parser accepts (e.g. no attribute of a later opset)
+                PointwiseProgram.parse(fused)
+            except UnsupportedOpError as e:
+                ctx.logger.verbose(f"Not fusing {name}: {e}")
+                continue
+            fused_any = True
             replace_nodes(g, group, [fused])
             for a, b in zip(group, group[1:]):
                 ctx.logger.verbose(f"Fusing {a.name} with {b.name}")
-        return bool(groups)
+        return fused_any

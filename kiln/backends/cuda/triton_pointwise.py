@@ -5,21 +5,28 @@ NHWC); dims are collapsed where every operand is contiguous across them, so the 
 shapes; per-channel operands) index with one or two divisions. Each operand is loaded once, the
 program runs in float32 registers, and the result is stored in the output type. The kernel source
 is written to a cache folder (Triton reads kernels from files) and imported once per process.
+
+The source is generated from the parsed program (kiln.ops.pointwise_program) only: variables are
+integer-numbered names, constants are kernel arguments, and the only values written as literals are
+validated float attributes (repr of a Python float). No string of the node or plan reaches the module.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
+from kiln.ops.pointwise_program import BOOL_RESULT, OPS, PointwiseProgram, Ref
 
 Tensor = torch.Tensor
 _I32 = 2**31 - 1
@@ -29,7 +36,7 @@ _UNARY: dict[str, str] = {
     "Neg": "-({0})", "Abs": "tl.abs({0})", "Relu": "tl.maximum({0}, 0.0)", "Sigmoid": "tl.sigmoid({0})",
     "Tanh": "tanh_f32({0})", "Exp": "tl.exp({0})", "Log": "tl.log({0})", "Sqrt": "tl.sqrt({0})",
     "Reciprocal": "(1.0 / ({0}))", "Erf": "tl.erf({0})", "Floor": "tl.floor({0})", "Ceil": "tl.ceil({0})",
-    "Identity": "({0})", "Softplus": "softplus_f32({0})", "HardSwish": "apply_act({0}, 7, 0.0, 0.0)",
+    "Softplus": "softplus_f32({0})", "HardSwish": "apply_act({0}, 7, 0.0, 0.0)",
     "Mish": "apply_act({0}, 9, 0.0, 0.0)", "Softsign": "(({0}) / (1.0 + tl.abs({0})))", "Sin": "tl.sin({0})",
     "Cos": "tl.cos({0})", "Sign": "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, 0.0))",
 }
@@ -38,21 +45,33 @@ _BINARY: dict[str, str] = {"Add": "({0} + {1})", "Sub": "({0} - {1})", "Mul": "(
 _COMPARE: dict[str, str] = {"Equal": "==", "Less": "<", "Greater": ">", "LessOrEqual": "<=", "GreaterOrEqual": ">="}
 _LOGIC: dict[str, str] = {"And": "&", "Or": "|", "Xor": "^"}
 _NARY: dict[str, str] = {"Max": "tl.maximum", "Min": "tl.minimum", "Sum": "+", "Mean": "+"}
-SUPPORTED_OPS = frozenset(_UNARY) | frozenset(_BINARY) | frozenset(_NARY) | frozenset(_COMPARE) | frozenset(
-    _LOGIC) | {"LeakyRelu", "Clip", "Where", "HardSigmoid", "Gelu", "Elu", "Selu", "Celu", "ThresholdedRelu",
-               "Swish", "Not"}
-BOOL_RESULT = frozenset(_COMPARE) | frozenset(_LOGIC) | {"Not"}
+SUPPORTED_OPS = (frozenset(_UNARY) | frozenset(_BINARY) | frozenset(_NARY) | frozenset(_COMPARE) | frozenset(_LOGIC)
+                 | {"LeakyRelu", "Clip", "Where", "HardSigmoid", "Gelu", "Elu", "Selu", "Celu", "ThresholdedRelu",
+                    "Swish", "Not"}) & OPS
 
 
 def _lit(x: float) -> str:
-    x = float(x)
-    if x != x or x in (float("inf"), float("-inf")):
-        return f'float("{x}")'
+    """A Python float as source text: repr of a float (or the fixed spellings of inf/nan); never str() of
+    anything else."""
+    if type(x) is not float:
+        raise TypeError(f"Triton literal must be a float, got {type(x).__name__}")
+    if math.isnan(x):
+        return 'float("nan")'
+    if math.isinf(x):
+        return 'float("inf")' if x > 0 else 'float("-inf")'
     return repr(x)
 
 
-def _expr(op: str, args: list[str], attrs: dict[str, Any]) -> str:
-    """Triton expression of one instruction (float args are float32 blocks, logic/Where-cond args bool)."""
+def _fattr(attrs: Mapping[str, Any], name: str, default: float) -> str:
+    """A float attribute (validated by the parser) as a literal."""
+    return _lit(float(attrs.get(name, default)))
+
+
+def _expr(op: str, args: list[str], attrs: Mapping[str, Any]) -> str:
+    """Triton expression of one instruction (float args are float32 blocks, logic/Where-cond args bool).
+
+    `args` are this module's own names (x<k>, t<k>, c<k>, or "" for a missing Clip bound); `attrs` are
+    validated and read only through float()/fixed choices."""
     if op in _UNARY:
         return _UNARY[op].format(args[0])
     if op in _BINARY:
@@ -74,53 +93,47 @@ def _expr(op: str, args: list[str], attrs: dict[str, Any]) -> str:
     if op == "Mean":
         return "((" + " + ".join(args) + f") * {_lit(1.0 / len(args))})"
     if op == "LeakyRelu":
-        alpha = _lit(attrs.get("alpha", 0.01))
+        alpha = _fattr(attrs, "alpha", 0.01)
         return f"tl.where({args[0]} >= 0.0, {args[0]}, {args[0]} * {alpha})"
     if op == "Elu":
-        alpha = _lit(attrs.get("alpha", 1.0))
+        alpha = _fattr(attrs, "alpha", 1.0)
         return f"tl.where({args[0]} > 0.0, {args[0]}, {alpha} * (tl.exp({args[0]}) - 1.0))"
     if op == "Selu":
-        a, g = _lit(attrs.get("alpha", 1.67326319217681884765625)), _lit(attrs.get("gamma", 1.05070102214813232421875))
+        a, g = _fattr(attrs, "alpha", 1.67326319217681884765625), _fattr(attrs, "gamma", 1.05070102214813232421875)
         return f"({g} * tl.where({args[0]} > 0.0, {args[0]}, {a} * (tl.exp({args[0]}) - 1.0)))"
     if op == "Celu":
-        a = _lit(attrs.get("alpha", 1.0))
+        a = _fattr(attrs, "alpha", 1.0)
         return f"(tl.maximum({args[0]}, 0.0) + tl.minimum(0.0, {a} * (tl.exp({args[0]} / {a}) - 1.0)))"
     if op == "ThresholdedRelu":
-        a = _lit(attrs.get("alpha", 1.0))
+        a = _fattr(attrs, "alpha", 1.0)
         return f"tl.where({args[0]} > {a}, {args[0]}, 0.0)"
     if op == "Swish":
-        a = _lit(attrs.get("alpha", 1.0))
+        a = _fattr(attrs, "alpha", 1.0)
         return f"({args[0]} * tl.sigmoid({a} * {args[0]}))"
     if op == "HardSigmoid":
-        a, b = _lit(attrs.get("alpha", 0.2)), _lit(attrs.get("beta", 0.5))
+        a, b = _fattr(attrs, "alpha", 0.2), _fattr(attrs, "beta", 0.5)
         return f"tl.minimum(tl.maximum({a} * {args[0]} + {b}, 0.0), 1.0)"
     if op == "Gelu":
         code = 11 if attrs.get("approximate", "none") == "tanh" else 10
-        return f"apply_act({args[0]}, {code}, 0.0, 0.0)"
+        return f"apply_act({args[0]}, {code:d}, 0.0, 0.0)"
     if op == "Clip":
         x = args[0]
-        lo = args[1] if len(args) > 1 and args[1] else (_lit(attrs["min"]) if "min" in attrs else None)
-        hi = args[2] if len(args) > 2 and args[2] else (_lit(attrs["max"]) if "max" in attrs else None)
-        if lo is not None:
-            x = f"tl.maximum({x}, {lo})"
-        if hi is not None:
-            x = f"tl.minimum({x}, {hi})"
+        if args[1]:
+            x = f"tl.maximum({x}, {args[1]})"
+        if args[2]:
+            x = f"tl.minimum({x}, {args[2]})"
         return x
     if op == "Where":
         return f"tl.where({args[0]}, {args[1]}, {args[2]})"
     raise ValueError(f"Pointwise op {op} has no Triton lowering")
 
 
-def program_ok(node: Node) -> bool:
-    """Whether every instruction of a Pointwise node has a Triton lowering (and the result is a float)."""
-    prog = node.attr("program", None) or []
-    outs = node.attr("outputs", None) or [f"t{len(prog) - 1}"]
-    if not prog or len(outs) != 1:
+def program_ok(prog: PointwiseProgram) -> bool:
+    """Whether every instruction of a parsed program has a Triton lowering (and the result is a float)."""
+    if len(prog.outputs) != 1 or any(ins.op not in SUPPORTED_OPS for ins in prog.instrs):
         return False
-    if any(ins.get("op") not in SUPPORTED_OPS for ins in prog):
-        return False
-    res = outs[0]
-    return not (res.startswith("t") and prog[int(res[1:])]["op"] in BOOL_RESULT)
+    res = prog.outputs[0]
+    return not (res.kind == "temp" and prog.instrs[res.index].op in BOOL_RESULT)
 
 
 def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
@@ -156,16 +169,27 @@ def _input_mode(sizes: list[int], st: list[int]) -> str:
     return "d" if dense else "g"
 
 
-def generate_source(node: Node, modes: list[str], bools: list[bool], rank: int) -> str:
-    """Source of a @triton.jit kernel for this program, operand modes and iteration rank."""
-    prog = node.attr("program", None) or []
-    n_consts = len(node.attr("consts", None) or [])
-    n_in = len(modes)
-    dims = [f"D{d}" for d in range(1, rank)]
-    params = [f"in{k}" for k in range(n_in)] + ["out"] + [f"c{k}" for k in range(n_consts)] + ["n"] + dims
+_PREFIX = {"input": "x", "temp": "t", "const": "c"}
+
+
+def _var(ref: Ref) -> str:
+    """The kernel variable of a value operand: x<k> (loaded input), t<k> (temporary), c<k> (constant)."""
+    return f"{_PREFIX[ref.kind]}{int(ref.index):d}"
+
+
+def generate_source(prog: PointwiseProgram, modes: list[str], bools: list[bool], rank: int) -> str:
+    """Source of a @triton.jit kernel for this parsed program, operand modes and iteration rank.
+
+    The text is this module's fixed code, integer-numbered names, the modes (checked against a fixed
+    set) and float literals of validated attributes: nothing else from the node reaches it."""
+    n_in, rank = len(modes), int(rank)
+    if n_in != prog.n_inputs or len(bools) != n_in or any(m not in ("s", "d", "g") for m in modes):
+        raise ValueError("operand modes do not match the program")
+    dims = [f"D{d:d}" for d in range(1, rank)]
+    params = [f"in{k:d}" for k in range(n_in)] + ["out"] + [f"c{k:d}" for k in range(len(prog.consts))] + ["n"] + dims
     for k, m in enumerate(modes):
         if m == "g":
-            params += [f"s{k}_{d}" for d in range(rank)]
+            params += [f"s{k:d}_{d:d}" for d in range(rank)]
     lines = [
         "import triton", "import triton.language as tl",
         "from kiln.backends.cuda.triton_act import apply_act, pow_f32, softplus_f32, tanh_f32", "", "",
@@ -177,27 +201,27 @@ def generate_source(node: Node, modes: list[str], bools: list[bool], rank: int) 
     if "g" in modes:
         lines.append("    rem = offs")
         for d in range(rank - 1, 0, -1):
-            lines.append(f"    i{d} = rem % D{d}")
-            lines.append(f"    rem = rem // D{d}")
+            lines.append(f"    i{d:d} = rem % D{d:d}")
+            lines.append(f"    rem = rem // D{d:d}")
         lines.append("    i0 = rem")
     for k, m in enumerate(modes):
         conv = " != 0" if bools[k] else ".to(tl.float32)"
         if m == "s":
-            lines.append(f"    x{k} = tl.load(in{k}){conv}")
+            lines.append(f"    x{k:d} = tl.load(in{k:d}){conv}")
         elif m == "d":
-            lines.append(f"    x{k} = tl.load(in{k} + offs, mask=mask, other=0){conv}")
+            lines.append(f"    x{k:d} = tl.load(in{k:d} + offs, mask=mask, other=0){conv}")
         else:
-            off = " + ".join(f"i{d} * s{k}_{d}" for d in range(rank))
-            lines.append(f"    x{k} = tl.load(in{k} + ({off}), mask=mask, other=0){conv}")
-    kinds = {f"x{k}": ("b" if b else "f") for k, b in enumerate(bools)}
-    for j, ins in enumerate(prog):
-        op = ins["op"]
+            off = " + ".join(f"i{d:d} * s{k:d}_{d:d}" for d in range(rank))
+            lines.append(f"    x{k:d} = tl.load(in{k:d} + ({off}), mask=mask, other=0){conv}")
+    kinds = {f"x{k:d}": ("b" if b else "f") for k, b in enumerate(bools)}
+    for j, ins in enumerate(prog.instrs):
+        op = ins.op
         args = []
-        for pos, r in enumerate(ins.get("args") or []):
-            if not r:
+        for pos, r in enumerate(ins.args):
+            if r.kind == "none":
                 args.append("")
                 continue
-            name = {"i": "x", "t": "t", "c": "c"}[r[0]] + r[1:]
+            name = _var(r)
             kind = kinds.get(name, "f")
             want_bool = op in _LOGIC or op == "Not" or (op == "Where" and pos == 0)
             if want_bool and kind == "f":
@@ -205,10 +229,11 @@ def generate_source(node: Node, modes: list[str], bools: list[bool], rank: int) 
             elif not want_bool and kind == "b":
                 name = f"{name}.to(tl.float32)"
             args.append(name)
-        lines.append(f"    t{j} = {_expr(op, args, dict(ins.get('attrs') or {}))}")
-        kinds[f"t{j}"] = "b" if op in BOOL_RESULT else "f"
-    res = (node.attr("outputs", None) or [f"t{len(prog) - 1}"])[0]
-    res = {"i": "x", "t": "t", "c": "c"}[res[0]] + res[1:]
+        lines.append(f"    t{j:d} = {_expr(op, args, ins.attrs)}")
+        kinds[f"t{j:d}"] = "b" if op in BOOL_RESULT else "f"
+    res = _var(prog.outputs[0])
+    if kinds.get(res, "f") == "b":
+        res = f"{res}.to(tl.float32)"
     lines.append(f"    res = {res} + tl.zeros((BLOCK,), dtype=tl.float32)")
     lines.append("    tl.store(out + offs, res.to(out.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
@@ -252,10 +277,11 @@ def load_kernel(src: str) -> Callable[..., Any]:
 class PointwiseLauncher:
     """Runs one Pointwise node: plans the iteration space per call, kernels cached per operand pattern."""
 
-    def __init__(self, node: Node, out_dtype: torch.dtype | None, cfg: dict[str, Any]) -> None:
+    def __init__(self, node: Node, prog: PointwiseProgram, out_dtype: torch.dtype | None, cfg: dict[str, Any]) -> None:
         self.node = node
+        self.prog = prog
         self.out_dtype = out_dtype
-        self.consts = [float(c) for c in node.attr("consts", None) or []]
+        self.consts = list(prog.consts)
         self.block = int(cfg.get("BLOCK", 1024))
         self.warps = int(cfg.get("num_warps", 4))
         self.kernels: dict[tuple[Any, ...], Callable[..., Any]] = {}
@@ -287,7 +313,7 @@ class PointwiseLauncher:
         key = (tuple(modes), tuple(bools), len(sizes))
         kern = self.kernels.get(key)
         if kern is None:
-            kern = load_kernel(generate_source(self.node, modes, bools, len(sizes)))
+            kern = load_kernel(generate_source(self.prog, modes, bools, len(sizes)))
             self.kernels[key] = kern
         args: list[Any] = list(xs) + [out] + self.consts + [numel] + sizes[1:]
         for st, m in zip(strides, modes):
@@ -313,15 +339,22 @@ class TritonPointwise(Tactic):
         for v in node.inputs:
             if v is None or v.kind != "tensor" or (v.type.dtype not in _FLOATS and v.type.dtype != DType.BOOL):
                 return False
-        return program_ok(node)
+        try:
+            prog = PointwiseProgram.parse(node)
+        except UnsupportedOpError:
+            return False
+        return program_ok(prog)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         cfgs = [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 2048, "num_warps": 8}, {"BLOCK": 512, "num_warps": 4}]
         return cfgs[:1] if int(ctx.extra.get("opt_level", 3)) <= 1 else cfgs
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        prog = PointwiseProgram.parse(node)
+        if not program_ok(prog):
+            raise UnsupportedOpError(f"node '{node.name}': Pointwise program has ops without a Triton lowering")
         dt = node.outputs[0].type.dtype
-        return PointwiseLauncher(node, dt.torch if dt is not None else None, config)
+        return PointwiseLauncher(node, prog, dt.torch if dt is not None else None, config)
 
 
 register_tactic(TritonPointwise())
