@@ -136,7 +136,7 @@ class Builder:
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         opt_types = _infer_at(g, config.profiles, "opt", self.logger)
         tctx = TacticContext(torch.device(device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32,
-                             extra={"opt_level": config.optimization_level})
+                             workspace_bytes=config.workspace_bytes, extra={"opt_level": config.optimization_level})
         tactics, tuning = self._choose_tactics(g, tctx, opt_types, config)
         counts = _layer_counts(g, tactics)
         memory = self._plan_memory(g, opt_types, _aliases(g, tactics))

@@ -20,6 +20,7 @@ class TacticContext:
     fp16: bool = False
     bf16: bool = False
     tf32: bool = True
+    workspace_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,7 +71,9 @@ class Tactic:
         k.writes_out, k.strided_out = self.writes_out, self.strided_out
         return k
 
-    def workspace_bytes(self, node: Node, config: dict[str, Any]) -> int:
+    def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
+        """Scratch memory the kernel needs beside its output at this output shape (the autotuner skips a
+        candidate over BuilderConfig.workspace_bytes)."""
         return 0
 
 

@@ -1,14 +1,16 @@
 """Convolutions: Conv, ConvTranspose and DeformConv over 1-D/2-D/3-D (DeformConv: any rank).
 
 Also the window geometry shared with the pooling ops (kiln.ops.pool): strides, dilations and
-begin/end pads from `auto_pad` or `pads`. torch's convolutions take one symmetric padding per
+begin/end pads from `auto_pad` or `pads`; and `ConvGeometry`, a conv node's resolved geometry, the one
+the graph passes and the backends share. torch's convolutions take one symmetric padding per
 dim, so asymmetric pads are applied explicitly with F.pad first.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,121 @@ def kernel_shape(node: Node, w: Tensor) -> list[int]:
     if attr is not None and list(attr) != ks:
         raise UnsupportedOpError(f"node '{node.name}': kernel_shape {list(attr)} disagrees with weight shape {ks}")
     return ks
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's window with auto_pad resolved, per spatial dim: strides, begin then end pads (ONNX
+    order: all begins, then all ends), dilations, kernel sizes; and the group count.
+
+    The one conv geometry of the graph passes (kiln.passes.conv_fusion writes it as FusedConv's attributes)
+    and the backends. Libraries that take one symmetric padding per dim use `symmetric_pads` and apply
+    `extra_pad` to the input first."""
+
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int
+    kernel: tuple[int, ...]
+
+    @classmethod
+    def of(cls, node: Node, sizes: Sequence[int] | None = None,
+           kernel: Sequence[int] | None = None) -> "ConvGeometry | None":
+        """The geometry of a Conv / FusedConv. `kernel`: the kernel sizes (default: those of the constant
+        weight, input 1); `sizes`: the input's spatial sizes (default: its static shape), needed only by
+        auto_pad SAME_UPPER/SAME_LOWER. None where it cannot be known: no constant weight, SAME without
+        sizes, an unknown auto_pad, attribute lengths or an input rank that disagree with the kernel's, a
+        kernel_shape that disagrees with the weight, negative pads."""
+        if kernel is None:
+            w = node.input(1)
+            if w is None or w.const is None:
+                return None
+            kernel = w.const.shape[2:]
+        ks = tuple(int(k) for k in kernel)
+        nd = len(ks)
+        x = node.input(0)
+        if not 1 <= nd <= 3 or x is None or (x.type.rank is not None and x.type.rank != nd + 2):
+            return None
+        strides = tuple(int(s) for s in node.attr("strides", None) or [1] * nd)
+        dilations = tuple(int(d) for d in node.attr("dilations", None) or [1] * nd)
+        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
+        if mode in ("SAME_UPPER", "SAME_LOWER"):
+            shape = x.type.shape
+            if sizes is None and shape is not None and all(isinstance(d, int) for d in shape[2:]):
+                sizes = [int(d) for d in shape[2:]]  # type: ignore[arg-type]
+            if sizes is None:
+                return None
+            pads = same_pads(mode, [int(n) for n in sizes], ks, strides, dilations)
+        elif mode == "VALID":
+            pads = [0] * (2 * nd)
+        elif mode == "NOTSET":
+            pads = [int(p) for p in node.attr("pads", None) or [0] * (2 * nd)]
+        else:
+            return None
+        if len(strides) != nd or len(dilations) != nd or len(pads) != 2 * nd or min(pads) < 0:
+            return None
+        attr_ks = node.attr("kernel_shape", None)
+        if attr_ks is not None and tuple(int(k) for k in attr_ks) != ks:
+            return None
+        return cls(strides, tuple(pads), dilations, int(node.attr("group", 1) or 1), ks)
+
+    def attrs(self) -> dict[str, Any]:
+        """FusedConv's geometry attributes (explicit pads)."""
+        return {"strides": list(self.strides), "pads": list(self.pads), "dilations": list(self.dilations),
+                "group": self.group}
+
+    @property
+    def begin(self) -> tuple[int, ...]:
+        return self.pads[:len(self.kernel)]
+
+    @property
+    def end(self) -> tuple[int, ...]:
+        return self.pads[len(self.kernel):]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.begin == self.end
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1, stride 1, unpadded, ungrouped convolution: a matmul over pixels."""
+        return (all(k == 1 for k in self.kernel) and all(s == 1 for s in self.strides) and not any(self.pads)
+                and self.group == 1)
+
+    def out_sizes(self, sizes: Sequence[int]) -> tuple[int, ...]:
+        """The output's spatial sizes for an input of these spatial sizes."""
+        return tuple((n + b + e - d * (k - 1) - 1) // s + 1 for n, b, e, d, k, s in
+                     zip(sizes, self.begin, self.end, self.dilations, self.kernel, self.strides))
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """`out_sizes` of a 2-D convolution."""
+        oh, ow = self.out_sizes((h, w))
+        return oh, ow
+
+    @property
+    def symmetric_pads(self) -> list[int]:
+        """Per dim the padding both sides share (what a library taking one padding per dim is given)."""
+        return [max(0, min(b, e)) for b, e in zip(self.begin, self.end)]
+
+    @property
+    def extra_pad(self) -> list[int] | None:
+        """F.pad argument for the pads beyond `symmetric_pads` (applied to the input first); None if none."""
+        sym = self.symmetric_pads
+        extra_b = [b - p for b, p in zip(self.begin, sym)]
+        extra_e = [e - p for e, p in zip(self.end, sym)]
+        return torch_pad(extra_b, extra_e) if any(extra_b + extra_e) else None
+
+    def without_extra(self) -> "ConvGeometry":
+        """The same geometry on an input that `extra_pad` has already been applied to."""
+        sym = tuple(self.symmetric_pads)
+        return replace(self, pads=sym + sym)
+
+    def padded_shape(self, shape: Sequence[int] | None) -> list[int] | None:
+        """An input shape (N, C, spatial...) once `extra_pad` is applied."""
+        if shape is None:
+            return None
+        sym = self.symmetric_pads
+        return [*shape[:2], *(n + b + e - 2 * p for n, b, e, p in zip(shape[2:], self.begin, self.end, sym))]
 
 
 def _bias_shape(b: Tensor, nd: int) -> Tensor:

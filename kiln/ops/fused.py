@@ -12,8 +12,9 @@ The contract these definitions implement is shared with the CPU and CUDA backend
 * ``Pointwise(*inputs)``: a small program of elementwise ONNX ops (numpy broadcasting), each evaluated
   with that op's own registered definition at opset 21.
 
-Activations are named by ``activation`` with parameters ``alpha``/``beta`` (see ``ACTIVATIONS``).
-float16/bfloat16 activations are evaluated in float32 and rounded back, like the ONNX activation ops.
+Activations are named by ``activation`` with parameters ``alpha``/``beta``; they and the epilogue
+attributes (``EPILOGUE``) are one table, kiln.ops.activations. float16/bfloat16 activations are evaluated
+in float32 and rounded back, like the ONNX activation ops.
 """
 from __future__ import annotations
 
@@ -25,71 +26,33 @@ import torch.nn.functional as F
 from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import onnx_to_torch
 from kiln.ir.graph import Node, Value
+from kiln.ops.activations import EPILOGUE, TABLE, Epilogue, activate
 from kiln.ops.attrs import REQUIRED, Attr
 from kiln.ops.conv import require_float, spatial_rank, torch_pad
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
 from kiln.ops.registry import OpDef, lookup, register
 
 Tensor = torch.Tensor
-_HALF = (torch.float16, torch.bfloat16)
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-ACTIVATIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {
-    "": lambda x, a, b: x,
-    "Relu": lambda x, a, b: torch.relu(x),
-    "LeakyRelu": lambda x, a, b: F.leaky_relu(x, a),
-    "Clip": lambda x, a, b: torch.clamp(x, a, b),
-    "Sigmoid": lambda x, a, b: torch.sigmoid(x),
-    "Tanh": lambda x, a, b: torch.tanh(x),
-    "SiLU": lambda x, a, b: F.silu(x),
-    "HardSwish": lambda x, a, b: F.hardswish(x),
-    "HardSigmoid": lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0),
-    "Mish": lambda x, a, b: F.mish(x),
-    "Gelu": lambda x, a, b: F.gelu(x),
-    "GeluTanh": lambda x, a, b: F.gelu(x, approximate="tanh"),
-}
-"""activation name -> fn(x, alpha, beta). LeakyRelu slope = alpha; Clip [alpha, beta]; HardSigmoid as ONNX."""
-
-
-def activate(x: Tensor, name: str, alpha: float = 0.0, beta: float = 0.0) -> Tensor:
-    """Apply a fused activation by name (half types computed in float32)."""
-    fn = ACTIVATIONS.get(name)
-    if fn is None:
-        raise UnsupportedOpError(f"unknown fused activation {name!r}")
-    if not name:
-        return x
-    if x.dtype in _HALF:
-        return fn(x.float(), alpha, beta).to(x.dtype)
-    return fn(x, alpha, beta)
+ACTIVATIONS: dict[str, Callable[[Tensor, float, float], Tensor]] = {a.name: a.fn for a in TABLE.values()}
+"""activation name -> fn(x, alpha, beta), from the one table (kiln.ops.activations.TABLE)."""
 
 
 def _epilogue(node: Node, y: Tensor, z: Tensor | None) -> Tensor:
     """Residual add and activation in the order `act_before_add` asks for, then the `out_dtype` cast."""
-    act = str(node.attr("activation", "") or "")
-    alpha, beta = float(node.attr("alpha", 0.0)), float(node.attr("beta", 0.0))
-    if z is not None and not int(node.attr("act_before_add", 0)):
+    ep = Epilogue.of(node)
+    if z is not None and not ep.act_before_add:
         y = y + z.to(y.dtype)
         z = None
-    y = activate(y, act, alpha, beta)
+    y = activate(y, ep.activation, ep.alpha, ep.beta)
     y = y if z is None else y + z.to(y.dtype)
-    out = node.attr("out_dtype", None)
-    return y if out is None else y.to(onnx_to_torch(int(out)))
+    return y if ep.out_dtype is None else y.to(onnx_to_torch(ep.out_dtype))
 
 
 def _as_weight_type(x: Tensor, w: Tensor) -> Tensor:
     """The activation converted to the weight's float type (a folded input Cast; see kiln.passes.cast)."""
     return x.to(w.dtype) if x.dtype != w.dtype and x.is_floating_point() and w.is_floating_point() else x
-
-
-EPILOGUE: dict[str, Attr] = {
-    "activation": Attr("str", "", choices=tuple(ACTIVATIONS)),
-    "alpha": Attr("float", 0.0),
-    "beta": Attr("float", 0.0),
-    "act_before_add": Attr("int", 0, choices=(0, 1)),
-    "out_dtype": Attr("int", None, choices=(1, 10, 16)),  # float32 / float16 / bfloat16 (a folded Cast)
-}
-"""The epilogue every fused layer declares: activation by name (ACTIVATIONS) with its parameters, the
-order of residual add and activation, and the stored element type."""
 
 
 class _FusedBase(OpDef):

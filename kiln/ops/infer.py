@@ -1,4 +1,5 @@
-"""Default shape/type inference: run an op's reference implementation on meta tensors.
+"""Type inference: each op's default (its reference implementation run on meta tensors), and the
+graph-level driver `infer_types` (shared by the builder's passes and the plan loader).
 
 Symbolic dims get two different placeholder sizes in two runs; an output dim that follows a
 placeholder in both runs keeps its symbol, one that is equal in both is static, anything else
@@ -15,7 +16,8 @@ from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
 
 if TYPE_CHECKING:
-    from kiln.ir.graph import Node
+    from kiln.ir.graph import Graph, Node
+    from kiln.logger import Logger
     from kiln.ops.registry import OpDef
 
 _BASE = (1009, 1117)  # placeholder sizes of the first symbol in each run; unlikely as real dims
@@ -45,11 +47,58 @@ def _run(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None], const
             return None
         args.append(_materialize(t, sizes, c, i in opdef.value_inputs))  # type: ignore[arg-type]
     try:
-        out = opdef.compute(node, *args)
+        if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            out = opdef.compute(node, *args)
+        else:  # only real (constant) inputs: the op computes on real data, which a plan or model may make huge
+            with _MetaAboveBudget():
+                out = opdef.compute(node, *args)
     except Exception:
         return None
     outs = list(out) if isinstance(out, tuple) else [out]
     return outs
+
+
+REAL_OP_BYTES = 1 << 26  # the largest output one torch op may really allocate while a type is inferred
+
+try:
+    from torch.utils import _pytree as _tree
+    from torch.utils._python_dispatch import TorchDispatchMode as _DispatchMode
+except ImportError:  # pragma: no cover - a torch without Python dispatch modes: no budget
+    _DispatchMode = None  # type: ignore[assignment,misc]
+
+
+def _to_meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to("meta")
+    if isinstance(x, torch.device):
+        return torch.device("meta")
+    return x
+
+
+if _DispatchMode is not None:
+    class _MetaAboveBudget(_DispatchMode):  # type: ignore[valid-type,misc]
+        """While a type is inferred from real (constant) inputs (ConstantOfShape or Range of a constant, a
+        random op's shape attribute), each torch op first runs on meta tensors; one whose output would pass
+        REAL_OP_BYTES returns that meta result instead of allocating: inference needs only its type. Ops
+        without a meta kernel (reading a value: .item(), nonzero) run as they are."""
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            try:
+                m_args, m_kwargs = _tree.tree_map(_to_meta, (args, kwargs))
+                if "device" in m_kwargs:
+                    m_kwargs["device"] = torch.device("meta")
+                meta = func(*m_args, **m_kwargs)
+                size = sum(t.nelement() * t.element_size() for t in _tree.tree_leaves(meta)
+                           if isinstance(t, torch.Tensor))
+            except Exception:
+                return func(*args, **kwargs)
+            return meta if size > REAL_OP_BYTES else func(*args, **kwargs)
+else:  # pragma: no cover
+    import contextlib
+
+    def _MetaAboveBudget() -> Any:  # type: ignore[no-redef]
+        return contextlib.nullcontext()
 
 
 def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
@@ -124,3 +173,58 @@ def _by_position(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None
     return [TensorType(t.dtype, None if t.shape is None else
                        tuple(None if isinstance(d, str) and d.startswith("#") else d for d in t.shape))
             for t in infer_by_meta(opdef, node, positional, consts)]
+
+
+# ---- the graph-level driver (used by the builder's passes and by the plan loader) --------------------
+
+def merge_types(inferred: TensorType, declared: TensorType) -> TensorType:
+    """`inferred`, with the declared dtype / rank / dims filling in what inference could not tell (and a
+    declared static dim kept where inference only has a symbol)."""
+    dtype = inferred.dtype or declared.dtype
+    if inferred.shape is None:
+        return TensorType(dtype, declared.shape)
+    if declared.shape is None or len(declared.shape) != len(inferred.shape):
+        return TensorType(dtype, inferred.shape)
+    dims = tuple(d if isinstance(d, int) and not isinstance(i, int) else (d if i is None else i)
+                 for i, d in zip(inferred.shape, declared.shape))
+    return TensorType(dtype, dims)
+
+
+def infer_node(n: "Node", logger: "Logger | None" = None) -> list[TensorType]:
+    """Output types of one node from its inputs' current types (unknown types where inference fails)."""
+    from kiln.ops.registry import lookup
+    types = [None if v is None else v.type for v in n.inputs]
+    consts = [None if v is None else v.const for v in n.inputs]
+    try:
+        out = lookup(n.op_type, n.domain).infer(n, types, consts)
+    except Exception as e:  # inference must never be fatal; execution reports real errors
+        if logger:
+            logger.verbose(f"shape inference skipped for {n.name} ({n.op_type}): {e}")
+        out = [TensorType(None, None)] * len(n.outputs)
+    if out and out[0].shape is None and n.op_type == "Reshape" and n.domain in ("", "ai.onnx"):
+        out = [_reshape_to_shape_of(n) or out[0]] + list(out[1:])
+    out = list(out)[:len(n.outputs)]
+    return out + [TensorType(None, None)] * (len(n.outputs) - len(out))
+
+
+def infer_types(g: "Graph", logger: "Logger | None" = None) -> None:
+    """Set every node output's type from its inputs' types, keeping declared info where inference is blind."""
+    for n in g.nodes:
+        for v, t in zip(n.outputs, infer_node(n, logger)):
+            v.type = merge_types(t, v.type)
+        for sg in n.subgraphs():
+            infer_types(sg, logger)
+
+
+def _reshape_to_shape_of(n: "Node") -> TensorType | None:
+    """Reshape(x, Shape(y)) (exported GroupNorm and the like): the output has y's dims, which the
+    per-op inference cannot see because the shape is a run-time value."""
+    x, shape = n.input(0), n.input(1)
+    src = shape.producer if shape is not None else None
+    if (x is None or src is None or src.op_type != "Shape" or src.attr("start") is not None
+            or src.attr("end") is not None or n.opset < 5):
+        return None
+    y = src.input(0)
+    if y is None or y.type.shape is None:
+        return None
+    return TensorType(x.type.dtype, tuple(y.type.shape))

@@ -13,40 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.ir.graph import Graph, Node
-from kiln.ops.conv import same_pads
+from kiln.ops.conv import ConvGeometry
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import Epilogue, absorb, extend_fused, fused_inputs
+from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs
 from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes
 
 
 def conv_geometry(conv: Node) -> dict[str, Any] | None:
-    """strides/pads/dilations/group of a Conv with auto_pad resolved; None if the input shape is needed but unknown."""
-    w = const(conv.input(1))
-    x = conv.input(0)
-    if w is None or x is None:
-        return None
-    nd = w.dim() - 2
-    if not 1 <= nd <= 3 or (x.type.rank is not None and x.type.rank != nd + 2):
-        return None
-    strides = [int(s) for s in conv.attr("strides", None) or [1] * nd]
-    dilations = [int(d) for d in conv.attr("dilations", None) or [1] * nd]
-    mode = conv.attr("auto_pad", "NOTSET") or "NOTSET"
-    if mode in ("SAME_UPPER", "SAME_LOWER"):
-        if x.type.shape is None or not all(isinstance(d, int) for d in x.type.shape[2:]):
-            return None
-        pads = same_pads(mode, list(x.type.shape[2:]), list(w.shape[2:]), strides, dilations)  # type: ignore[arg-type]
-    elif mode == "VALID":
-        pads = [0] * (2 * nd)
-    elif mode == "NOTSET":
-        pads = [int(p) for p in conv.attr("pads", None) or [0] * (2 * nd)]
-    else:
-        return None
-    if len(strides) != nd or len(dilations) != nd or len(pads) != 2 * nd or min(pads) < 0:
-        return None
-    ks = conv.attr("kernel_shape", None)
-    if ks is not None and list(ks) != list(w.shape[2:]):
-        return None
-    return {"strides": strides, "pads": pads, "dilations": dilations, "group": int(conv.attr("group", 1))}
+    """strides/pads/dilations/group of a Conv with auto_pad resolved (FusedConv's attributes); None if the
+    input shape is needed but unknown, or the geometry is not one FusedConv takes (kiln.ops.conv.ConvGeometry)."""
+    geo = ConvGeometry.of(conv)
+    return None if geo is None else geo.attrs()
 
 
 class FuseConv(Pass):
@@ -74,7 +51,7 @@ class FuseConv(Pass):
         geo = conv_geometry(conv)
         if geo is None:
             return False
-        ep = absorb(Epilogue(conv.outputs[0]), uses)
+        ep = absorb(Match(conv.outputs[0]), uses)
         inputs = fused_inputs(conv.inputs[0], conv.inputs[1], conv.input(2), ep.z)
         fused = Node("FusedConv", inputs, [ep.out], {**geo, **ep.attrs()}, name=conv.name, domain="kiln", opset=1)
         replace_nodes(g, [conv] + ep.nodes, [fused])

@@ -1,81 +1,41 @@
 """Epilogue matching shared by conv and gemm fusion: activations (incl. x*f(x) patterns) and residual adds.
 
 An epilogue is what FusedConv / FusedGemm apply after the bias: `activation(alpha, beta)` and a
-residual input Z, with `act_before_add` saying which comes first (see kiln.ops.fused).
+residual input Z, with `act_before_add` saying which comes first (kiln.ops.activations.Epilogue; the
+ONNX ops an activation is absorbed from are in that table too). Matching adds the x*f(x) gate patterns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from typing import TYPE_CHECKING
 
 from kiln.ir.graph import Graph, Node, Value
-from kiln.passes.rewrite import Uses, is_op, replace_nodes, runtime, same_shape, scalar
+from kiln.ops.activations import Epilogue, from_onnx
+from kiln.passes.rewrite import Uses, is_op, replace_nodes, runtime, same_shape
 
 if TYPE_CHECKING:
     from kiln.passes.base import PassContext
 
-FLT_MAX = 3.4028234663852886e38  # Clip bounds that are absent
-
 
 @dataclass
-class Epilogue:
-    """The epilogue accumulated so far, the nodes it absorbed, and the value it now produces."""
+class Match:
+    """An epilogue being matched: what it computes so far (`ep`), its residual Z, the nodes it absorbed, and
+    the value it now produces."""
 
     out: Value
-    activation: str = ""
-    alpha: float = 0.0
-    beta: float = 0.0
     z: Value | None = None
-    act_before_add: int = 0
+    ep: Epilogue = Epilogue()
     nodes: list[Node] = field(default_factory=list)
 
     @staticmethod
-    def of(n: Node) -> "Epilogue":
+    def of(n: Node) -> "Match":
         """The epilogue a FusedConv / FusedGemm node already has."""
-        return Epilogue(n.outputs[0], str(n.attr("activation", "") or ""), float(n.attr("alpha", 0.0)),
-                        float(n.attr("beta", 0.0)), n.input(3), int(n.attr("act_before_add", 0)))
+        return Match(n.outputs[0], n.input(3), Epilogue.of(n))
 
     def attrs(self) -> dict[str, object]:
-        return {"activation": self.activation, "alpha": self.alpha, "beta": self.beta,
-                "act_before_add": self.act_before_add}
-
-
-def _clip_bounds(n: Node) -> tuple[float, float] | None:
-    if n.opset < 11:
-        lo, hi = n.attr("min"), n.attr("max")
-    else:
-        for v in n.inputs[1:3]:
-            if v is not None and (not v.is_const or v.const.numel() != 1):  # type: ignore[union-attr]
-                return None
-        lo, hi = scalar(n.input(1)), scalar(n.input(2))
-    return (-FLT_MAX if lo is None else float(lo)), (FLT_MAX if hi is None else float(hi))
-
-
-def _unary_activation(n: Node) -> tuple[str, float, float] | None:
-    """The fused activation a single ONNX activation node computes, if it is one FusedConv supports."""
-    if len(n.outputs) != 1 or n.domain not in ("", "ai.onnx"):
-        return None
-    op = n.op_type
-    if op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "Mish"):
-        return op, 0.0, 0.0
-    if op == "LeakyRelu":
-        return op, float(n.attr("alpha", 0.01)), 0.0
-    if op == "HardSigmoid":
-        return op, float(n.attr("alpha", 0.2)), float(n.attr("beta", 0.5))
-    if op == "Gelu":
-        approx = n.attr("approximate", "none")
-        return ({"none": ("Gelu", 0.0, 0.0), "tanh": ("GeluTanh", 0.0, 0.0)}.get(approx))
-    if op == "Swish" and float(n.attr("alpha", 1.0)) == 1.0:
-        return "SiLU", 0.0, 0.0
-    if op == "Clip":
-        b = _clip_bounds(n)
-        if b is None:
-            return None
-        if b[0] == 0.0 and b[1] >= FLT_MAX:
-            return "Relu", 0.0, 0.0
-        return "Clip", b[0], b[1]
-    return None
+        """The fused node's epilogue attributes."""
+        return self.ep.attrs()
 
 
 def _gate(x: Value, uses: Uses) -> tuple[str, list[Node], Value] | None:
@@ -111,7 +71,7 @@ def match_activation(x: Value, uses: Uses) -> tuple[str, float, float, list[Node
     """(activation, alpha, beta, nodes, output) of an activation applied to x and nothing else reading x."""
     n = uses.only(x)
     if n is not None and n.input(0) is x:
-        act = _unary_activation(n)
+        act = from_onnx(n)  # a single ONNX activation node (the table's ONNX ops)
         if act is not None:
             return act[0], act[1], act[2], [n], n.outputs[0]
     g = _gate(x, uses)
@@ -134,27 +94,26 @@ def residual_operand(x: Value, uses: Uses) -> tuple[Node, Value] | None:
     return n, other
 
 
-def absorb(ep: Epilogue, uses: Uses) -> Epilogue:
-    """Extends `ep` with the activation and residual add that follow it (at most one of each)."""
+def absorb(m: Match, uses: Uses) -> Match:
+    """Extends `m` with the activation and residual add that follow it (at most one of each)."""
     while True:
-        if not ep.activation:
-            m = match_activation(ep.out, uses)
-            if m is not None:
-                ep.activation, ep.alpha, ep.beta = m[0], m[1], m[2]
-                ep.nodes += m[3]
-                ep.out = m[4]
-                if ep.z is not None:
-                    ep.act_before_add = 0
+        if not m.ep.activation:
+            a = match_activation(m.out, uses)
+            if a is not None:
+                m.ep = replace(m.ep, activation=a[0], alpha=a[1], beta=a[2],
+                               act_before_add=False if m.z is not None else m.ep.act_before_add)
+                m.nodes += a[3]
+                m.out = a[4]
                 continue
-        if ep.z is None:
-            r = residual_operand(ep.out, uses)
+        if m.z is None:
+            r = residual_operand(m.out, uses)
             if r is not None:
-                ep.z = r[1]
-                ep.act_before_add = 1 if ep.activation else 0
-                ep.nodes.append(r[0])
-                ep.out = r[0].outputs[0]
+                m.z = r[1]
+                m.ep = replace(m.ep, act_before_add=bool(m.ep.activation))
+                m.nodes.append(r[0])
+                m.out = r[0].outputs[0]
                 continue
-        return ep
+        return m
 
 
 def fused_inputs(x: Value, w: Value, bias: Value | None, z: Value | None) -> list[Value | None]:
@@ -167,7 +126,7 @@ def fused_inputs(x: Value, w: Value, bias: Value | None, z: Value | None) -> lis
 
 def extend_fused(g: Graph, fused: Node, uses: Uses, ctx: "PassContext") -> bool:
     """Absorb further epilogue ops (activation, residual add) into an existing fused conv/gemm node."""
-    ep = absorb(Epilogue.of(fused), uses)
+    ep = absorb(Match.of(fused), uses)
     if not ep.nodes:
         return False
     fused.inputs = fused_inputs(fused.inputs[0], fused.inputs[1], fused.input(2), ep.z)

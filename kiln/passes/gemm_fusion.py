@@ -10,7 +10,7 @@ import torch
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import Epilogue, absorb, extend_fused, fused_inputs
+from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs
 from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
                                  same_shape)
 
@@ -92,7 +92,7 @@ class FuseGemm(Pass):
                 bias = cast_like(extra, w)
                 absorbed.append(ba[0])
                 out = ba[0].outputs[0]
-        ep = absorb(Epilogue(out, z=z), uses)
+        ep = absorb(Match(out, z=z), uses)
         inputs = fused_inputs(a, g.constant(f"{n.name}_w", w), None if bias is None else g.constant(f"{n.name}_b", bias),
                               ep.z)
         fused = Node("FusedGemm", inputs, [ep.out], ep.attrs(), name=n.name, domain="kiln", opset=1)

@@ -11,9 +11,9 @@ from typing import Any
 
 from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ops.activations import FLT_MAX
 from kiln.ops.pointwise_program import OPS, PointwiseProgram
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import FLT_MAX
 from kiln.passes.rewrite import Uses, is_op, replace_nodes, scalar
 
 MAX_GROUP = 48

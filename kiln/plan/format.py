@@ -81,7 +81,8 @@ def _line(e: BaseException) -> str:
 
 
 def _plan_from_bytes(data: bytes, where: str) -> Plan:
-    from kiln.plan.schema import MAX_HEADER_BYTES, check_json_depth, check_weights, limit_bytes, validate_header
+    from kiln.plan.schema import (MAX_HEADER_BYTES, check_io, check_json_depth, check_weights, limit_bytes,
+                                  validate_header)
     from kiln.plan.serialize import GraphReader
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PlanFormatError(f"{where}: expected the plan's bytes, got {type(data).__name__}")
@@ -94,7 +95,8 @@ def _plan_from_bytes(data: bytes, where: str) -> Plan:
         raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")
     limit = limit_bytes("max_plan_bytes")
     if len(data) > limit:
-        raise PlanFormatError(f"{where}: plan file of {len(data)} bytes is above the limit of {limit} (KILN_MAX_PLAN_BYTES)")
+        raise PlanFormatError(f"{where}: plan file of {len(data)} bytes is above the limit of {limit} "
+                              f"(KILN_MAX_PLAN_BYTES)")
     _, version, _flags, hlen = _HEAD.unpack_from(data, 0)
     if version != FORMAT_VERSION:
         raise PlanFormatError(f"{where}: plan format version {version}, this Kiln reads version {FORMAT_VERSION}; rebuild the plan")
@@ -119,16 +121,56 @@ def _plan_from_bytes(data: bytes, where: str) -> Plan:
     validate_header(header, where)
     weights = _load_weights(bytes(data[_HEAD.size + hlen + _U64.size:end]), where) if wlen else {}
     check_weights(weights, where)
-    GraphReader(weights, where).graph(header["graph"])  # the graph's structure (rebuilt again by the Engine)
+    graph = GraphReader(weights, where).graph(header["graph"])  # the graph's structure (the Engine rebuilds it)
+    check_io(header, graph, where)
     return Plan(target=header["target"], inputs=header["inputs"], outputs=header["outputs"],
                 profiles=header["profiles"], graph=header["graph"], memory=header.get("memory", {}),
                 build=header.get("build", {}), kiln_version=header.get("kiln_version", ""),
                 format_version=version, weights=weights)
 
 
+def _check_safetensors_header(blob: bytes, where: str) -> None:
+    """The safetensors header, read before its native parser sees it: a JSON object whose entries have
+    element types Kiln holds (the message names the weight)."""
+    from kiln.plan.schema import check_json_depth, prefix, show
+    if len(blob) < 8:
+        raise PlanFormatError(f"{where}: malformed plan weights (truncated safetensors header)")
+    (n,) = _U64.unpack_from(blob, 0)
+    if n > len(blob) - 8:
+        raise PlanFormatError(f"{where}: malformed plan weights (safetensors header of {n} bytes in {len(blob)})")
+    raw = blob[8:8 + n]
+    check_json_depth(raw, where, limit=8, what="plan weights: safetensors header")
+    try:
+        table = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise PlanFormatError(f"{where}: malformed plan weights (the safetensors header is not valid JSON)") from None
+    if not isinstance(table, dict):
+        raise PlanFormatError(f"{where}: malformed plan weights (the safetensors header is not a JSON object)")
+    names = _safetensors_dtypes()
+    for k, e in table.items():
+        if k == "__metadata__":
+            continue
+        dt = e.get("dtype") if isinstance(e, dict) else None
+        if names is not None and dt not in names:
+            raise PlanFormatError(f"{prefix(where)}plan weights: {show(k)} has element type {show(dt)}, which Kiln "
+                                  f"does not support")
+
+
+def _safetensors_dtypes() -> frozenset[str] | None:
+    """safetensors' element type names whose torch type Kiln holds (None: this safetensors does not say)."""
+    from safetensors import torch as st
+    from kiln.ir.dtype import DType
+    table = getattr(st, "_TYPES", None)
+    if not isinstance(table, dict):
+        return None
+    held = {d.torch for d in DType}
+    return frozenset(k for k, t in table.items() if t in held)
+
+
 def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
     """The safetensors table. Its parser is native code: besides its errors it may raise PanicException,
     a BaseException; everything but an interrupt becomes a PlanFormatError."""
+    _check_safetensors_header(blob, where)
     try:
         weights = st_load(blob)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -154,8 +196,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > limit:
-                raise PlanFormatError(f"{path}: plan file of {size} bytes is above the limit of {limit} (KILN_MAX_PLAN_BYTES)")
-            data = f.read(limit + 1)
+                raise PlanFormatError(f"{path}: plan file of {size} bytes is above the limit of {limit} "
+                                      f"(KILN_MAX_PLAN_BYTES)")
+            data = f.read(size + 1)  # +1: a file that grew since fstat is seen as longer than its header says
     except OSError as e:
         raise PlanFormatError(f"{path}: cannot read the plan file ({e.strerror or type(e).__name__})") from None
     return plan_from_bytes(data, path)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.ir.types import TensorType
 from kiln.plan.memory import ALIGN, Buffer, plan_memory
 
@@ -87,6 +88,10 @@ class ActivationArena:
                 n *= d
             bufs.append(Buffer(str(s), max(ALIGN, -(-n // ALIGN) * ALIGN), first, max(first, self.last[s])))
         mp = plan_memory(bufs)
+        limit = _limit()
+        if mp.arena_bytes > limit:
+            raise KilnError(f"the activations at input dims {dict(sorted(dims.items()))} need a {mp.arena_bytes}-byte "
+                            f"arena, above the limit of {limit} (KILN_MAX_ACTIVATION_BYTES)")
         places = []
         for name, off in mp.offsets.items():
             s = int(name)
@@ -95,6 +100,11 @@ class ActivationArena:
             strides = torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt).stride()
             places.append((s, dtype, shape, strides, off // dtype.itemsize))
         return mp.arena_bytes, places
+
+
+def _limit() -> int:
+    from kiln.plan.schema import limit_bytes
+    return limit_bytes("max_activation_bytes")
 
 
 def resolvable(t: TensorType | None, symbols: set[str]) -> bool:

@@ -18,9 +18,12 @@ import torch
 from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import InputError, KilnError, PlanFormatError
-from kiln.ir.dtype import DType
-from kiln.ir.graph import Node
+from kiln.ops.attrs import validate_node
+from kiln.ops.registry import lookup
+from kiln.ir.dtype import DType, array_to_torch
+from kiln.ir.graph import Graph, Node
 from kiln.plan.format import Plan, load_plan
+from kiln.plan.schema import check_weights, validate_header, verify_graph
 from kiln.plan.serialize import GraphReader
 from kiln.runtime.cuda_graph import CapturedGraph, capturable
 from kiln.runtime.flags import cuda_flags
@@ -54,8 +57,56 @@ def _load_kernel(node: Node, tid: str, cfg: dict[str, Any], tctx: TacticContext,
         raise PlanFormatError(f"{at}: tactic '{tid}' cannot build the layer ({type(e).__name__}: {_line(e)})") from None
 
 
+def _validate_nodes(graph: Graph, where: str) -> None:
+    """Every node of the plan (subgraphs included) against its op's declared attributes and checks, as the
+    importer does for a model: an op unknown to this Kiln, an undeclared attribute or a value out of its
+    declared range fails the load with one line naming the layer."""
+    for node in graph.nodes:
+        try:
+            validate_node(node)
+            lookup(node.op_type, node.domain, node.opset, where=node.name).check(node)
+        except KilnError as e:
+            raise PlanFormatError(f"{where}: {e}") from None
+        for sub in node.subgraphs():
+            _validate_nodes(sub, where)
+
+
 def _line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _guard_unproven(node: Node, kernel: Kernel, unproven: set[str], where: str) -> None:
+    """A backend kernel was chosen by its tactic for the node's types; where some of them are the header's
+    word only (inference could not confirm them, see kiln.plan.schema.prove_types), the kernel must not
+    take that word on trust: its unproven inputs are checked at every call (dtype, rank, static dims), and
+    a kernel writing into memory laid out from an unproven output type is refused."""
+    outs = [v for v in node.outputs if v.name in unproven]
+    if outs and (kernel.writes_out or kernel.elide_axis is not None):
+        raise PlanFormatError(f"{where}: layer '{node.name}' ({node.op_type}): its output '{outs[0].name}' has type "
+                              f"{outs[0].type} in the plan, which Kiln's inference cannot confirm, and its kernel "
+                              f"writes into memory laid out from it; rebuild the plan")
+    checks = [(j, v.name, v.type) for j, v in enumerate(node.all_inputs)
+              if v is not None and v.name in unproven and v.kind == "tensor" and not v.is_const]
+    if not checks:
+        return
+    fn = kernel.fn
+
+    def guarded(*xs: Any, **kw: Any) -> Any:
+        for j, name, t in checks:
+            x = xs[j] if j < len(xs) else None
+            if isinstance(x, torch.Tensor) and not _fits(x, t):
+                raise KilnError(f"value '{name}' is {str(x.dtype).replace('torch.', '')}{list(x.shape)} at run time, "
+                                f"but the plan built this layer's kernel for {t}")
+        return fn(*xs, **kw)
+    kernel.fn = guarded
+
+
+def _fits(x: torch.Tensor, t: Any) -> bool:
+    if t.dtype is not None and x.dtype != t.dtype.torch:
+        return False
+    if t.shape is None:
+        return True
+    return x.dim() == len(t.shape) and all(not isinstance(d, int) or d == s for d, s in zip(t.shape, x.shape))
 
 
 def _check_target(plan: Plan, where: str) -> torch.device:
@@ -76,14 +127,38 @@ def _check_target(plan: Plan, where: str) -> torch.device:
 
 
 class Engine:
-    """A plan ready to run: weights on the target device, kernels built once, shared by contexts."""
+    """A plan ready to run: weights on the target device, kernels built once, shared by contexts.
+
+    Loading treats the plan as untrusted input (kiln.plan.schema): the header's schema, the graph's
+    structure (GraphReader), types proven by Kiln's own inference, allocation bounds, then each step's
+    tactic (`_load_kernel`). Only KilnError leaves the constructor."""
 
     def __init__(self, plan: Plan, where: str = "plan") -> None:
+        try:
+            self._load(plan, where)
+        except KilnError:
+            raise
+        except RecursionError:
+            raise PlanFormatError(f"{where}: cannot load plan: nested too deeply") from None
+        except Exception as e:  # last resort: a check that missed something still gives one line
+            raise PlanFormatError(f"{where}: cannot load plan: {type(e).__name__}: {_line(e)}") from None
+
+    def _load(self, plan: Plan, where: str) -> None:
+        if not isinstance(plan, Plan):
+            raise PlanFormatError(f"{where}: expected a Plan, got {type(plan).__name__}")
+        header = {"target": plan.target, "inputs": plan.inputs, "outputs": plan.outputs, "profiles": plan.profiles,
+                  "graph": plan.graph, "memory": plan.memory, "build": plan.build, "kiln_version": plan.kiln_version,
+                  "format_version": plan.format_version}
+        validate_header(header, where)
+        check_weights(plan.weights, where)
         self.plan = plan
         self.device = _check_target(plan, where)
-        reader = GraphReader(plan.weights)
+        reader = GraphReader(plan.weights, where)
         self.graph = reader.graph(plan.graph)
         tactics = reader.tactics
+        _validate_nodes(self.graph, where)
+        # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
+        self.unproven = verify_graph(header, self.graph, tactics, where)
 
         tctx = TacticContext(self.device, fp16=plan.build.get("fp16") is True, bf16=plan.build.get("bf16") is True,
                              tf32=plan.build.get("tf32", True) is not False,
@@ -94,6 +169,8 @@ class Engine:
             tid, cfg = tactics.get(id(node), ("ref", {}))
             kernel = _load_kernel(node, tid, cfg, tctx, where)
             self.kernels.append(kernel)
+            if tid != "ref" and self.unproven:
+                _guard_unproven(node, kernel, self.unproven, where)
             return kernel
 
         t0 = time.perf_counter()
@@ -101,8 +178,11 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         self.input_specs = {d["name"]: d for d in plan.inputs}
         self._checks = {name: _InputCheck(name, d, self.shape_range(name)) for name, d in self.input_specs.items()}
+        self._symbolic = [(name, [(k, d) for k, d in enumerate(c.decl or ()) if isinstance(d, str)])
+                          for name, c in self._checks.items() if c.is_tensor and c.decl]
+        self._symbolic = [(name, dims) for name, dims in self._symbolic if dims]
         self.output_names = [d["name"] for d in plan.outputs]
-        self.tf32 = bool(plan.build.get("tf32", True))
+        self.tf32 = plan.build.get("tf32", True) is not False
         self.graph_capturable, self.graph_reason = capturable(self.graph) if self.device.type == "cuda" else (False, "")
 
     @classmethod
@@ -120,6 +200,22 @@ class Engine:
     def shape_range(self, name: str) -> list[tuple[list[int], list[int]]]:
         """(min, max) per profile for an input; empty when no profile names it."""
         return [(p[name]["min"], p[name]["max"]) for p in self.plan.profiles if name in p]
+
+    def close(self) -> None:
+        """Free every kernel's native resources (oneDNN primitives, memory objects, scratchpads) now; dropping
+        the engine does the same. The engine must not run afterwards (its native kernels refuse to), and must
+        not be closed while a context executes it.
+        Threads: an engine is shared by any number of threads, each with its own ExecutionContext (a context
+        serves one thread at a time, like TensorRT's IExecutionContext)."""
+        kernels, self.kernels = getattr(self, "kernels", []), []
+        for k in kernels:
+            k.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
 
 
 class ExecutionContext:
@@ -151,12 +247,8 @@ class ExecutionContext:
     def _to_tensor(self, name: str, x: Any) -> Any:
         check = self._check(name)
         if not check.is_tensor:
-            return _tree_to_torch(x, self.engine.device)
-        if isinstance(x, torch.Tensor):
-            t = x
-        else:
-            from kiln.frontend.onnx import array_to_torch
-            t = array_to_torch(x if isinstance(x, np.ndarray) else np.asarray(x), check.dtype)
+            return _tree_to_torch(name, x, self.engine.device)
+        t = _as_torch(name, x, check.dtype)
         if check.scalar and t.dim() == 1 and t.numel() == 1:
             t = t.reshape(())  # a one-element vector fed to a scalar input
         if check.torch_dtype is not None and t.dtype != check.torch_dtype:
@@ -168,7 +260,18 @@ class ExecutionContext:
         return t
 
     def execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
-        """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device)."""
+        """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device).
+
+        `inputs`: a dict {name: array} or a list in input order. Every failure is a KilnError (InputError
+        for bad inputs) of one line."""
+        try:
+            return self._execute(inputs)
+        except KilnError:
+            raise
+        except Exception as e:  # last resort: one line, still a KilnError
+            raise KilnError(f"execute: {type(e).__name__}: {_line(e)}") from None
+
+    def _execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         args = self.execute_inputs(inputs)
         values = inputs.values() if isinstance(inputs, Mapping) else inputs
         numpy_io = not any(isinstance(x, torch.Tensor) for x in values)
@@ -191,6 +294,9 @@ class ExecutionContext:
         if self.engine.device.type != "cuda":
             return self.execute(inputs)
         names = self.engine.input_names
+        if not ((isinstance(inputs, Mapping) and all(n in inputs for n in names))
+                or (isinstance(inputs, (list, tuple)) and len(inputs) == len(names))):
+            self.execute_inputs(inputs)  # raises the InputError naming what is wrong
         args = [inputs[n] for n in names] if isinstance(inputs, Mapping) else list(inputs)
         key = tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else id(a) for a in args)
         if key not in self._checked or (isinstance(inputs, Mapping) and len(inputs) != len(names)):
@@ -204,17 +310,40 @@ class ExecutionContext:
         return dict(zip(self.engine.output_names, outs))
 
     def execute_inputs(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
-        """Validated device tensors for a call (names, dtypes, shapes against the profiles)."""
+        """Validated device tensors for a call (names, dtypes, shapes against the profiles, and each
+        symbolic dim the same in every input that names it)."""
         names = self.engine.input_names
         if not isinstance(inputs, Mapping):
+            if not isinstance(inputs, (list, tuple)):
+                raise InputError(f"inputs must be a dict {{name: array}} or a list in input order "
+                                 f"({', '.join(names)}), got {type(inputs).__name__}")
+            if len(inputs) != len(names):
+                raise InputError(f"the plan takes {len(names)} inputs ({', '.join(names)}), "
+                                 f"got a list of {len(inputs)}")
             inputs = dict(zip(names, inputs))
         missing = [n for n in names if n not in inputs]
         if missing:
             raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
         extra = [n for n in inputs if n not in self.engine.input_specs]
         if extra:
-            raise InputError(f"unknown input '{extra[0]}'; inputs are: {', '.join(names)}")
-        return [self._to_tensor(n, inputs[n]) for n in names]
+            raise InputError(f"unknown input {_show(extra[0])}; inputs are: {', '.join(names)}")
+        args = [self._to_tensor(n, inputs[n]) for n in names]
+        if self.engine._symbolic:
+            self._check_symbols(dict(zip(names, args)))
+        return args
+
+    def _check_symbols(self, args: dict[str, Any]) -> None:
+        """A symbol (the batch 'N' of two inputs) must have one size in a call: kernels and the arena
+        are sized from one binding."""
+        bound: dict[str, tuple[int, str]] = {}
+        for name, dims in self.engine._symbolic:
+            shape = args[name].shape
+            for k, sym in dims:
+                n = int(shape[k])
+                prev = bound.setdefault(sym, (n, name))
+                if prev[0] != n:
+                    raise InputError(f"input '{name}' has {sym}={n} (dim {k}), "
+                                     f"but input '{prev[1]}' has {sym}={prev[0]}")
 
     def input_buffers(self) -> dict[str, Any]:
         """The static input tensors of the most recently used CUDA graph (write into them to skip copies)."""
@@ -288,16 +417,41 @@ class _InputCheck:
             raise InputError(f"input '{self.name}' has shape {list(shape)}, outside the profile range {allowed}")
 
 
-def _tree_to_torch(x: Any, device: torch.device) -> Any:
-    """Sequence/optional inputs: nested lists of arrays -> tensors on `device`."""
+def _show(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _as_torch(name: str, x: Any, dtype: DType | None) -> torch.Tensor:
+    """One input tensor: a torch tensor as is (dense only), anything else through numpy (InputError, one
+    line, for what cannot be a tensor: strings, objects, ragged nested lists, unsupported dtypes)."""
+    if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided or x.is_quantized:
+            raise InputError(f"input '{name}' is a {x.layout} tensor; pass a dense tensor")
+        return x
+    if not isinstance(x, np.ndarray):
+        if x is None or isinstance(x, (str, bytes, dict, set)) or not isinstance(
+                x, (list, tuple, int, float, bool, complex, np.generic)):
+            raise InputError(f"input '{name}' must be an array or a tensor, got {type(x).__name__}")
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
+            raise InputError(f"input '{name}' cannot be read as an array ({_line(e)})") from None
+    try:
+        return array_to_torch(x, dtype)
+    except KilnError as e:
+        raise InputError(f"input '{name}': {e}") from None
+
+
+def _tree_to_torch(name: str, x: Any, device: torch.device, depth: int = 0) -> Any:
+    """Sequence/optional inputs: None, a tensor, or a list of them (nested for sequences of sequences)."""
     if x is None:
         return None
+    if depth > 16:
+        raise InputError(f"input '{name}' is nested too deeply")
     if isinstance(x, (list, tuple)):
-        return [_tree_to_torch(v, device) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    from kiln.frontend.onnx import array_to_torch
-    return array_to_torch(np.asarray(x)).to(device)
+        return [_tree_to_torch(name, v, device, depth + 1) for v in x]
+    return _as_torch(name, x, None).to(device)
 
 
 def _to_numpy(x: Any) -> Any:

@@ -187,7 +187,8 @@ class Autotuner:
             if any(t.elides for t in cands):
                 for v in n.inputs:
                     homes[id(v)] = homes.get(id(v), 0) + 1
-            plans.append((n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)]))
+            plans.append((n, self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)],
+                                                    types)))
         for k, (n, choices) in enumerate(plans):
             want = max((homes.get(id(o), 0) for o in n.outputs), default=0)
             if want:  # feeds Concats to elide: only tactics that can write into their slices
@@ -270,6 +271,27 @@ class Autotuner:
         self.logger.verbose(f"Fastest tactic for {n.name} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
                             f"time {best_ms:.4f} ms")
         return best
+
+    def _within_workspace(self, n: Node, choices: list[Choice], types: dict[str, TensorType]) -> list[Choice]:
+        """Candidates whose scratch memory at the opt shape fits BuilderConfig.workspace_bytes (all when unset;
+        the reference tactic needs none, so something always remains)."""
+        limit = self.tctx.workspace_bytes
+        if limit is None:
+            return choices
+        t = types.get(n.outputs[0].name) if n.outputs else None
+        shape = tuple(int(d) for d in t.shape) if t is not None and t.is_static else None  # type: ignore[union-attr]
+        kept = []
+        for tac, cfg in choices:
+            need = tac.workspace_bytes(n, cfg, shape)
+            if need > limit:
+                self.logger.verbose(f"Tactic {tac.id} {_cfg(cfg)} skipped for {n.name} ({n.op_type}): needs "
+                                    f"{need} workspace bytes, the limit is {limit}")
+            else:
+                kept.append((tac, cfg))
+        if not kept:
+            ref = get_tactic("ref")
+            kept = [(ref, {})] if ref is not None else choices
+        return kept
 
     def _measure(self, n: Node, todo: list[Choice], types: dict[str, TensorType], key: str) -> bool:
         """Time each candidate into the cache; False when the layer cannot be timed (unknown shapes)."""

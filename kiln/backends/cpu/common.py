@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from kiln.backends.tactic import Tactic, TacticContext
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
+from kiln.ops.activations import TABLE as ACTIVATION_TABLE, Epilogue
 
 Tensor = torch.Tensor
 InplaceFn = Callable[[Tensor], Tensor]
@@ -82,76 +82,92 @@ def shape_hint(v: Value, batch: int = 1) -> list[int] | None:
 
 
 def act_attrs(node: Node) -> tuple[str, float, float]:
-    """(activation, alpha, beta) of a fused node."""
-    return str(node.attr("activation", "") or ""), float(node.attr("alpha", 0.0)), float(node.attr("beta", 0.0))
+    """(activation, alpha, beta) of a fused node (kiln.ops.activations.Epilogue)."""
+    ep = Epilogue.of(node)
+    return ep.activation, ep.alpha, ep.beta
 
 
 def onednn_unary(act: str, alpha: float, beta: float) -> tuple[str, list[Any], str] | None:
     """oneDNN post-op (attr, scalars, algorithm) computing the activation, or None if there is none."""
-    if act == "":
-        return "none", [], ""
-    if act == "Relu":
-        return "relu", [], ""
-    if act == "LeakyRelu":
-        return "leaky_relu", [alpha], ""
-    if act == "Clip":
-        return "hardtanh", [alpha, beta], ""
-    if act == "Sigmoid":
-        return "sigmoid", [], ""
-    if act == "Tanh":
-        return "tanh", [], ""
-    if act == "SiLU":
-        return "swish", [], ""
-    if act == "HardSwish":
-        return "hardswish", [], ""
-    if act == "Gelu":
-        return "gelu", [], "none"
-    if act == "GeluTanh":
-        return "gelu", [], "tanh"
-    if act == "HardSigmoid" and abs(alpha - 1.0 / 6.0) < 1e-7 and beta == 0.5:
-        return "hardsigmoid", [], ""
-    return None
+    a = ACTIVATION_TABLE.get(act)
+    return None if a is None or a.onednn is None else a.onednn.args(alpha, beta)
 
 
 def inplace_activation(act: str, alpha: float, beta: float) -> InplaceFn | None:
     """fn(y) applying the activation to y in place (y must be owned by the caller); None for no activation."""
-    if act == "":
+    a = ACTIVATION_TABLE.get(act)
+    if a is None:
+        raise ValueError(f"unknown fused activation {act!r}")
+    if not act:
         return None
-    if act == "Relu":
-        return torch.relu_
-    if act == "LeakyRelu":
-        return lambda y: F.leaky_relu_(y, alpha)
-    if act == "Clip":
-        return lambda y: y.clamp_(alpha, beta)
-    if act == "Sigmoid":
-        return torch.sigmoid_
-    if act == "Tanh":
-        return torch.tanh_
-    if act == "SiLU":
-        return lambda y: F.silu(y, inplace=True)
-    if act == "HardSwish":
-        return lambda y: F.hardswish(y, inplace=True)
-    if act == "HardSigmoid":
-        return lambda y: y.mul_(alpha).add_(beta).clamp_(0.0, 1.0)
-    if act == "Mish":
-        return lambda y: F.mish(y, inplace=True)
-    if act == "Gelu":
-        return lambda y: y.copy_(F.gelu(y))
-    if act == "GeluTanh":
-        return lambda y: y.copy_(F.gelu(y, approximate="tanh"))
-    raise ValueError(f"unknown fused activation {act!r}")
+    fn, inplace = a.fn, a.inplace
+    if inplace is None:  # no in-place torch op (Gelu): computed, then copied back
+        return lambda y: y.copy_(fn(y, alpha, beta))
+    return lambda y: inplace(y, alpha, beta)
+
+
+def ints_at_least(v: Any, n: int, low: int) -> list[int] | None:
+    """v as a list of n ints, each >= low; None for anything else (an attribute edited in a plan)."""
+    try:
+        out = [int(i) for i in v]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(i >= low for i in out) else None
+
+
+def dims_agree(a: Value | None, b: Value | None) -> bool:
+    """The ranks of a and b agree where both are known, and so does every dim known as an int in both."""
+    sa, sb = (None if v is None else v.type.shape for v in (a, b))
+    if sa is None or sb is None:
+        return True
+    return len(sa) == len(sb) and all(not (isinstance(p, int) and isinstance(q, int)) or p == q
+                                      for p, q in zip(sa, sb))
+
+
+def float_bias(v: Value | None, n: int) -> bool:
+    """No bias, or a constant 1-D float32 bias of exactly n values (native kernels read n of them)."""
+    if v is None:
+        return True
+    b = const_f32(v)
+    return b is not None and b.dim() == 1 and b.numel() == n
 
 
 def float_conv_weight(node: Node, acts: Sequence[str]) -> Tensor | None:
     """The constant 4-D float32 weight of a Conv / FusedConv whose input (rank 4), bias, residual and only
-    output are float32 and whose fused activation is one of `acts`; None for any other node."""
-    x, wt, b = node.input(0), const_f32(node.input(1)), node.input(2)
-    if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4:  # type: ignore[union-attr]
+    output are float32 and whose fused activation is one of `acts`; None for any other node.
+
+    Native kernels rely on everything checked here: the weight [K, C/group, kh, kw] non-empty and its input
+    channels matching the input's (where the input's channel dim is static; the kernels check it per call
+    otherwise), a bias of exactly K values, a residual of the output's shape where known, and positive
+    strides, dilations and kernel sizes, non-negative pads and a known auto_pad mode.
+    """
+    x, wt, b, y = node.input(0), const_f32(node.input(1)), node.input(2), node.outputs[0] if node.outputs else None
+    if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4 or wt.numel() == 0:  # type: ignore[union-attr]
         return None
-    if (b is not None and const_f32(b) is None) or len(node.outputs) != 1 or not is_f32(node.outputs[0]):
+    if len(node.outputs) != 1 or not is_f32(y) or y.type.rank not in (None, 4):  # type: ignore[union-attr]
+        return None
+    k, cg = int(wt.shape[0]), int(wt.shape[1])
+    group = ints_at_least([node.attr("group", 1)], 1, 1)
+    if group is None or k % group[0] or not float_bias(b, k):
+        return None
+    c_in = x.type.shape[1]  # type: ignore[union-attr,index]
+    if isinstance(c_in, int) and c_in != cg * group[0]:
+        return None
+    k_out = y.type.shape[1] if y.type.shape is not None else None  # type: ignore[union-attr]
+    if isinstance(k_out, int) and k_out != k:
+        return None
+    if (ints_at_least(node.attr("strides", None) or [1, 1], 2, 1) is None
+            or ints_at_least(node.attr("dilations", None) or [1, 1], 2, 1) is None
+            or ints_at_least(node.attr("pads", None) or [0, 0, 0, 0], 4, 0) is None):
+        return None
+    ks = node.attr("kernel_shape", None)
+    if ks is not None and ints_at_least(ks, 2, 1) != [int(s) for s in wt.shape[2:]]:
+        return None
+    if (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return None
     if node.op_type == "FusedConv":
         z = node.input(3)
-        if act_attrs(node)[0] not in acts or (z is not None and not is_f32(z)):
+        if act_attrs(node)[0] not in acts or (z is not None and (not is_f32(z) or z.type.rank != 4
+                                                                 or not dims_agree(z, y))):
             return None
     return wt

@@ -28,53 +28,11 @@ from kiln.backends.cpu.common import (CpuTactic, act_attrs, float_conv_weight, i
                                       shape_hint, static_shape)
 from kiln.backends.tactic import Built, Kernel, TacticContext, register_tactic
 from kiln.ir.graph import Node
-from kiln.ops.conv import same_pads, torch_pad
+from kiln.ops.activations import TABLE as ACTIVATION_TABLE
+from kiln.ops.conv import ConvGeometry
 
 Tensor = torch.Tensor
 _FMT = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
-
-
-class ConvGeometry:
-    """Resolved 2-D conv geometry: oneDNN's symmetric padding plus any extra (asymmetric) input pad."""
-
-    def __init__(self, node: Node, kernel: list[int], sizes: list[int] | None) -> None:
-        self.strides = [int(s) for s in node.attr("strides", None) or [1, 1]]
-        self.dilations = [int(d) for d in node.attr("dilations", None) or [1, 1]]
-        self.groups = int(node.attr("group", 1))
-        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        if mode in ("SAME_UPPER", "SAME_LOWER"):
-            if sizes is None:
-                raise ValueError("auto_pad SAME needs static spatial sizes")
-            pads = same_pads(mode, sizes, kernel, self.strides, self.dilations)
-        elif mode == "VALID":
-            pads = [0, 0, 0, 0]
-        else:
-            pads = [int(p) for p in node.attr("pads", None) or [0, 0, 0, 0]]
-        begin, end = pads[:2], pads[2:]
-        self.begin, self.end = begin, end
-        self.padding = [max(0, min(b, e)) for b, e in zip(begin, end)]
-        extra_b = [b - p for b, p in zip(begin, self.padding)]
-        extra_e = [e - p for e, p in zip(end, self.padding)]
-        self.extra: list[int] | None = torch_pad(extra_b, extra_e) if any(extra_b + extra_e) else None
-
-    def without_extra(self) -> "ConvGeometry":
-        """The same geometry once the extra pad has been applied to the input."""
-        g = object.__new__(ConvGeometry)
-        g.strides, g.dilations, g.groups, g.padding, g.extra = self.strides, self.dilations, self.groups, self.padding, None
-        g.begin, g.end = self.padding, self.padding
-        return g
-
-    def is_pointwise(self, kernel: list[int]) -> bool:
-        """A 1x1, stride 1, unpadded, ungrouped convolution: a matmul over pixels."""
-        return (kernel == [1, 1] and self.strides == [1, 1] and self.padding == [0, 0] and self.extra is None
-                and self.groups == 1)
-
-    def padded_size(self, hint: list[int] | None) -> list[int] | None:
-        """The input size oneDNN sees (after the explicit extra pad)."""
-        if hint is None or self.extra is None:
-            return hint
-        w0, w1, h0, h1 = self.extra
-        return [hint[0], hint[1], hint[2] + h0 + h1, hint[3] + w0 + w1]
 
 
 def _is_conv(node: Node) -> bool:
@@ -90,14 +48,7 @@ class OneDnnConvTactic(CpuTactic):
     needs_onednn = True
 
     def accepts(self, node: Node) -> bool:
-        wt = float_conv_weight(node, _ACTS)
-        if wt is None:
-            return False
-        try:
-            ConvGeometry(node, list(wt.shape[2:]), _spatial(node))
-        except ValueError:
-            return False
-        return True
+        return float_conv_weight(node, _ACTS) is not None and ConvGeometry.of(node) is not None
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         # One layout per model, not per layer: a per-layer choice timed in isolation cannot see the
@@ -113,17 +64,14 @@ class OneDnnConvTactic(CpuTactic):
         if w is None or (not _is_conv(node) and node.input(3) is not None):
             return False
         act = "" if _is_conv(node) else act_attrs(node)[0]
-        try:
-            geo = ConvGeometry(node, list(w.shape[2:]), _spatial(node))
-        except ValueError:
-            return False
-        return geo.is_pointwise(list(w.shape[2:])) and onednn_unary(act, *act_attrs(node)[1:]) is not None
+        geo = ConvGeometry.of(node)
+        return geo is not None and geo.pointwise and onednn_unary(act, *act_attrs(node)[1:]) is not None
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         w = node.inputs[1].const.contiguous()  # type: ignore[union-attr]
         b_v = node.input(2)
         b = None if b_v is None else b_v.const.contiguous()  # type: ignore[union-attr]
-        geo = ConvGeometry(node, list(w.shape[2:]), _spatial(node))
+        geo = conv_geometry(node, list(w.shape[2:]), None)
         fmt = _FMT[str(config.get("layout", "nhwc"))]
         if _is_conv(node):
             act, alpha, beta, z_v, before_add = "", 0.0, 0.0, None, False
@@ -134,7 +82,7 @@ class OneDnnConvTactic(CpuTactic):
         if config.get("algo") == "gemm" and fmt == torch.channels_last and self._gemm_able(node):
             kernel = gemm_kernel(w, b, act, alpha, beta)
         if kernel is None:
-            hint = geo.padded_size(shape_hint(node.inputs[0]))  # type: ignore[arg-type]
+            hint = geo.padded_shape(shape_hint(node.inputs[0]))  # type: ignore[arg-type]
             packed = pack_conv_weight(w, geo, hint)
             out_shape = static_shape(node.outputs[0])
             same_z = z_v is not None and out_shape is not None and static_shape(z_v) == out_shape
@@ -143,23 +91,24 @@ class OneDnnConvTactic(CpuTactic):
         return Kernel(kernel, prepacked=frozenset({1, 2}))  # W, B live inside the kernel
 
 
-def _spatial(node: Node) -> list[int] | None:
-    shape = node.inputs[0].type.shape  # type: ignore[union-attr]
-    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
-        return None
-    return [int(d) for d in shape[2:]]  # type: ignore[arg-type]
+def conv_geometry(node: Node, kernel: list[int], sizes: list[int] | None) -> ConvGeometry:
+    """The node's geometry (kiln.ops.conv.ConvGeometry) for these kernel and input spatial sizes (None: the
+    input's static ones); ValueError where it cannot be resolved (auto_pad SAME without sizes)."""
+    geo = ConvGeometry.of(node, sizes, kernel)
+    if geo is None:
+        raise ValueError(f"'{node.name}': the convolution's geometry cannot be resolved")
+    return geo
 
 
-_ACTS = ("", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "SiLU", "HardSwish", "HardSigmoid", "Mish", "Gelu",
-         "GeluTanh")
+_ACTS = tuple(ACTIVATION_TABLE)
 
 
 def pack_conv_weight(w: Tensor, geo: ConvGeometry, input_size: list[int] | None) -> Tensor:
     """w reordered once into oneDNN's preferred blocked layout for this geometry (w itself if that fails)."""
     try:
         with torch.no_grad():
-            return torch.ops.mkldnn._reorder_convolution_weight(w, geo.padding, geo.strides, geo.dilations,
-                                                                geo.groups, input_size)
+            return torch.ops.mkldnn._reorder_convolution_weight(w, geo.symmetric_pads, list(geo.strides),
+                                                                list(geo.dilations), geo.group, input_size)
     except RuntimeError:
         return w
 
@@ -187,7 +136,8 @@ def conv_kernel(w: Tensor, b: Tensor | None, geo: ConvGeometry, fmt: torch.memor
     binary = raw_op(torch.ops.mkldnn._convolution_pointwise.binary)
     binary_ = _inplace_binary() if inplace_z else None
     inplace_z = binary_ is not None
-    pad, stride, dil, groups, extra = geo.padding, geo.strides, geo.dilations, geo.groups, geo.extra
+    pad, stride, dil, groups, extra = (geo.symmetric_pads, list(geo.strides), list(geo.dilations), geo.group,
+                                       geo.extra_pad)
     unary = onednn_unary(act, alpha, beta)
     post = inplace_activation(act, alpha, beta) if unary is None else None
     u_attr, u_scalars, u_alg = unary if unary is not None else ("none", [], "")

@@ -4,7 +4,9 @@ Competes with ``cpu.conv_onednn`` (torch's oneDNN ops) under the autotuner. The 
 shape and strides, a convolution primitive with the weights already in its layout, the bias, and the
 residual add and activation as post-ops in the node's order; an inference allocates the channels-last
 output and executes the primitive. Asymmetric pads, groups and dilations are oneDNN's own.
-Declines every layer when the oneDNN library is not installed.
+Declines every layer when the oneDNN library is not installed. The input's channels are checked against
+the weights when a primitive is made (a static channel dim already in `accepts`); `_Primitive.run`
+refuses tensors that are not float32. `release` (Engine.close) destroys the primitives and reorders.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
-from kiln.backends.cpu.conv import ConvGeometry
+from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
                                     shape_cached)
 from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -42,6 +45,8 @@ class DnnlConvTactic(CpuTactic):
         w = node.inputs[1].const.float().contiguous()  # type: ignore[union-attr]
         b_v = node.input(2)
         b = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
+        if b is not None and (b.dim() != 1 or b.numel() != int(w.shape[0])):
+            raise KilnError(f"'{node.name}': the bias has shape {list(b.shape)}, expected [{int(w.shape[0])}]")
         kernel = [int(k) for k in w.shape[2:]]
         fused = node.op_type == "FusedConv"
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
@@ -49,12 +54,14 @@ class DnnlConvTactic(CpuTactic):
         k_out = int(w.shape[0])
 
         def make(x: Tensor, z: Tensor | None) -> tuple[Convolution, tuple[int, ...]]:
-            geo = ConvGeometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
+            geo = conv_geometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
             oh, ow = ((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, lo, hi, d, k, s in
                       zip(x.shape[2:], geo.begin, geo.end, geo.dilations, kernel, geo.strides))
             shape = (int(x.shape[0]), k_out, oh, ow)
+            if z is not None and tuple(z.shape) != shape:
+                raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             y0 = torch.empty(shape, memory_format=torch.channels_last)
-            return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.groups,
+            return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.group,
                                act, alpha, beta, act_first), shape
         fb = ReferenceFallback(node)
         run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
@@ -63,7 +70,12 @@ class DnnlConvTactic(CpuTactic):
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None if z is None else z_cl(z), out)
-        return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
+
+        def release() -> None:
+            run.close()  # type: ignore[attr-defined]
+            x_cl.close()
+            z_cl.close()
+        return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
 
 
 register_tactic(DnnlConvTactic())

@@ -6,6 +6,10 @@ the [C, K] weights (reordered once), with bias, residual add and activation as p
 the destination matrix, whatever its row stride (oneDNN's GEMM kernel takes leading dimensions). With
 ``strided_out`` it is the 1x1 producer through which a Concat is elided on the CPU; with two
 destinations (a value feeding two Concats) the second receives a copy of the first.
+
+A matmul is made per (input, destination, residual) shapes and strides, after checking the input's channels
+against the weights and the residual's shape against the output; `_Primitive.run` refuses tensors that
+are not float32.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
-from kiln.backends.cpu.dnnl import ELTWISE, ChannelsLast, MatMul, ReferenceFallback, library, require_library
+from kiln.backends.cpu.dnnl import (ELTWISE, FLOAT32, ChannelsLast, MatMul, ReferenceFallback, library, released,
+                                    require_library)
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
@@ -65,9 +70,21 @@ class MatMulConvTactic(CpuTactic):
         prims: dict[tuple[Any, ...], tuple[MatMul, tuple[int, ...], bool, bool]] = {}
         fb = ReferenceFallback(node)
 
+        closed: list[bool] = []
+
         def make(x: Tensor, y: Tensor | None, z: Tensor | None) -> tuple[MatMul, tuple[int, ...], bool, bool]:
-            n, _, h, wd = (int(s) for s in x.shape)
+            if closed:
+                raise released(node.name)
+            if any(t is not None and t.dtype is not FLOAT32 for t in (x, y, z)):
+                raise KilnError(f"'{node.name}' takes float32 tensors, got "
+                                f"{', '.join(str(t.dtype) for t in (x, y, z) if t is not None)}")
+            n, c, h, wd = (int(s) for s in x.shape)
             shape, pixels = (n, k_out, h, wd), n * h * wd
+            if c != c_in:
+                raise KilnError(f"'{node.name}' has weights for {c_in} input channels, got an input of shape "
+                                f"{list(x.shape)}")
+            if z is not None and tuple(z.shape) != shape:
+                raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             if y is None:
                 y = torch.empty(shape, memory_format=torch.channels_last)
             ldx, ldy, ldz = pixel_rows(x), pixel_rows(y), None if z is None else pixel_rows(z)
@@ -84,7 +101,7 @@ class MatMulConvTactic(CpuTactic):
             outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
             y = outs[0] if outs else None
             key = (x.shape, x.stride(), None if y is None else (y.shape, y.stride()),
-                   None if z is None else z.stride())
+                   None if z is None else (z.shape, z.stride()))
             entry = prims.get(key)
             if entry is None:
                 entry = fb.attempt(key, lambda: make(x, y, z), f"1x1 matmul at input shape {list(x.shape)}")
@@ -103,7 +120,16 @@ class MatMulConvTactic(CpuTactic):
             for extra in outs[1:]:
                 extra.copy_(y)
             return y
-        return Kernel(k_mm, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
+
+        def release() -> None:
+            closed.append(True)
+            entries = list(prims.values())
+            prims.clear()
+            for prim, *_ in entries:
+                prim.close()
+            x_cl.close()
+            z_cl.close()
+        return Kernel(k_mm, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
 
 
 register_tactic(MatMulConvTactic())

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import ctypes as C
 import threading
+import weakref
 from typing import Any
 
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
-from kiln.backends.cpu.conv import ConvGeometry
-from kiln.backends.cpu.dnnl import ChannelsLast, MatMul, ReferenceFallback, library, require_library
+from kiln.backends.cpu.conv import conv_geometry
+from kiln.backends.cpu.dnnl import FLOAT32, ChannelsLast, MatMul, ReferenceFallback, library, released, require_library
 from kiln.backends.cpu import native
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError, PlanFormatError
@@ -56,24 +57,53 @@ def _kernels() -> Any:
 
 
 _LOCAL = threading.local()
+MAX_VIEWS = 64
 
 
 def _scratch(pos: int, tiles: int, c_in: int, k_out: int) -> tuple[Tensor, Tensor]:
     """V [pos, tiles, c_in] and M [pos, tiles, k_out] in one buffer per thread, shared by every Winograd layer
     (layers of a network run one after another on a thread), grown to the largest layer's need; the views
-    are made once per size and buffer, an inference only looks them up."""
+    are made once per size and buffer, an inference only looks them up. Bounded whatever engines come and
+    go: one buffer per thread (freed with the thread, or with the last Winograd kernel: `_Users`), at most
+    MAX_VIEWS views of it."""
+    local = _LOCAL
     key = (pos, tiles, c_in, k_out)
-    views = getattr(_LOCAL, "views", None)
+    views = getattr(local, "views", None)
     hit = views.get(key) if views is not None else None
     if hit is not None:
         return hit
     nv, nm = pos * tiles * c_in, pos * tiles * k_out
-    buf = getattr(_LOCAL, "buf", None)
+    buf = getattr(local, "buf", None)
     if buf is None or buf.numel() < nv + nm:
         buf, views = torch.empty(nv + nm), {}  # views of the old buffer would keep it alive
-        _LOCAL.buf, _LOCAL.views = buf, views
-    hit = views[key] = (buf[:nv].view(pos, tiles, c_in), buf[nv:nv + nm].view(pos, tiles, k_out))
+        local.buf, local.views = buf, views
+    elif len(views) >= MAX_VIEWS:  # type: ignore[arg-type]
+        views = local.views = {}
+    hit = views[key] = (buf[:nv].view(pos, tiles, c_in), buf[nv:nv + nm].view(pos, tiles, k_out))  # type: ignore[index]
     return hit
+
+
+class _Users:
+    """Counts the live Winograd kernels; when the last one is released or collected, every thread's scratch
+    buffer goes with it (a call still running keeps its own views of the old buffer alive)."""
+
+    lock = threading.Lock()
+    live = 0
+
+    def __init__(self) -> None:
+        with _Users.lock:
+            _Users.live += 1
+        self.done = False
+
+    def close(self) -> None:
+        global _LOCAL
+        with _Users.lock:
+            if self.done:
+                return
+            self.done = True
+            _Users.live -= 1
+            if _Users.live == 0:
+                _LOCAL = threading.local()
 
 
 def transform_weights(w: Tensor, tile: int = 4) -> Tensor:
@@ -113,6 +143,16 @@ class WinogradConvTactic(CpuTactic):
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         return [{"tile": t} for t in _tiles(node)]
 
+    def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
+        """The transformed input and output tiles (V and M, float32) this layer needs at an output shape."""
+        wt = node.inputs[1].const if node.inputs[1] is not None else None
+        if out_shape is None or len(out_shape) != 4 or wt is None:
+            return 0
+        tile = int(config.get("tile", 4))
+        n, k_out, oh, ow = out_shape
+        tiles = n * -(-oh // tile) * -(-ow // tile)
+        return 4 * (tile + 2) ** 2 * tiles * (int(wt.shape[1]) + k_out)
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         nat = _kernels()
@@ -127,6 +167,9 @@ class WinogradConvTactic(CpuTactic):
         w_in, w_out = (nat.wino_input, nat.wino_output) if tile == 4 else (nat.wino2_input, nat.wino2_output)
         b_v = node.input(2)
         bias = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
+        if tuple(w.shape[2:]) != (3, 3) or (bias is not None and tuple(bias.shape) != (k_out,)):
+            raise KilnError(f"'{node.name}' needs 3x3 weights and a bias of {k_out} values, got weights "
+                            f"{list(w.shape)} and bias {None if bias is None else list(bias.shape)}")
         fused = node.op_type == "FusedConv"
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         code, act_first = _ACTS[act], int(fused and bool(int(node.attr("act_before_add", 0) or 0)))
@@ -135,11 +178,19 @@ class WinogradConvTactic(CpuTactic):
         b_ptr = None if bias is None else bias.data_ptr()
         fb = ReferenceFallback(node)
 
-        def plan(n: int, h: int, wd: int) -> tuple[int, int, int, int, int, int, int, MatMul]:
+        closed: list[bool] = []
+
+        def plan(n: int, c: int, h: int, wd: int) -> tuple[int, int, int, int, int, int, int, MatMul]:
             """(pad top, pad left, out h, out w, tile rows, tile cols, tiles, GEMM) at an input size."""
-            geo = ConvGeometry(node, [3, 3], [h, wd])
+            if closed:
+                raise released(node.name)
+            if c != c_in:  # wino_input reads c_in channels of every pixel
+                raise KilnError(f"'{node.name}' has weights for {c_in} input channels, got {c}")
+            geo = conv_geometry(node, [3, 3], [h, wd])
             (pt, pl), (pb, pr) = geo.begin, geo.end
             oh, ow = h + pt + pb - 2, wd + pl + pr - 2
+            if n < 1 or oh < 1 or ow < 1:
+                raise ValueError(f"an empty output ({oh}x{ow})")
             th, tw = -(-oh // tile), -(-ow // tile)
             tiles = n * th * tw
             v, m = _scratch(pos, tiles, c_in, k_out)
@@ -147,23 +198,34 @@ class WinogradConvTactic(CpuTactic):
 
         def k_wino(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:
+            # the C transforms address x, out and z by raw pointers: float32, channels contiguous, the
+            # channels the weights were made for, out and z of the output's shape (checked below)
             if x.stride(1) != 1:
                 x = x_cl(x)
-            n, _, h, wd = x.shape
-            entry = plans.get((n, h, wd))
+            if x.dtype is not FLOAT32:
+                raise KilnError(f"'{node.name}' takes a float32 input, got {x.dtype}")
+            shape = x.shape
+            entry = plans.get(shape)
+            n, _, h, wd = shape
             if entry is None:
-                entry = fb.attempt((n, h, wd), lambda: plan(n, h, wd), f"Winograd GEMM at input shape {list(x.shape)}")
+                entry = fb.attempt(shape, lambda: plan(n, int(shape[1]), h, wd),
+                                   f"Winograd GEMM at input shape {list(shape)}")
                 if entry is None:
-                    return fb((n, h, wd), (x, None, None, z), out)
-                plans[(n, h, wd)] = entry
+                    return fb(shape, (x, None, None, z), out)
+                plans[shape] = entry
             pt, pl, oh, ow, th, tw, tiles, gemm = entry
             if out is None:
                 out = torch.empty((n, k_out, oh, ow), memory_format=torch.channels_last)
-            elif out.shape != (n, k_out, oh, ow) or out.stride(1) != 1:
-                raise KilnError(f"'{node.name}' takes a destination of shape {[n, k_out, oh, ow]} with contiguous "
-                                f"channels, got {list(out.shape)} with strides {list(out.stride())}")
-            if z is not None and z.stride(1) != 1:
-                z = z_cl(z)
+            elif out.shape != (n, k_out, oh, ow) or out.stride(1) != 1 or out.dtype is not FLOAT32:
+                raise KilnError(f"'{node.name}' takes a float32 destination of shape {[n, k_out, oh, ow]} with "
+                                f"contiguous channels, got {list(out.shape)} {out.dtype} with strides "
+                                f"{list(out.stride())}")
+            if z is not None:
+                if z.stride(1) != 1:
+                    z = z_cl(z)
+                if z.shape != out.shape or z.dtype is not FLOAT32:
+                    raise KilnError(f"'{node.name}' adds a float32 residual of shape {list(out.shape)}, got "
+                                    f"{list(z.shape)} {z.dtype}")
             v, m = _scratch(pos, tiles, c_in, k_out)
             xs, ys = x.stride(), out.stride()
             w_in(x.data_ptr(), v.data_ptr(), n, h, wd, c_in, xs[0], xs[2], xs[3], pt, pl, th, tw)
@@ -172,7 +234,20 @@ class WinogradConvTactic(CpuTactic):
             w_out(m.data_ptr(), out.data_ptr(), b_ptr, None if z is None else z.data_ptr(), n, oh, ow,
                   k_out, ys[0], ys[2], ys[3], zs[0], zs[2], zs[3], th, tw, code, alpha, beta, act_first)
             return out
-        return Kernel(k_wino, prepacked=frozenset({1, 2}), fallback=fb)  # W, B live inside the kernel
+
+        users = _Users()
+        weakref.finalize(k_wino, users.close).atexit = False  # dropped without release: still counted out
+
+        def release() -> None:
+            closed.append(True)
+            entries = list(plans.values())
+            plans.clear()
+            for entry in entries:
+                entry[-1].close()
+            x_cl.close()
+            z_cl.close()
+            users.close()
+        return Kernel(k_wino, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
 
 
 register_tactic(WinogradConvTactic())

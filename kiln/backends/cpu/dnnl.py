@@ -6,6 +6,23 @@ under ``sys.prefix/lib`` or the user base, or the path in ``KILN_DNNL_LIB``) a k
 primitive once per input shape, reorders its weights once into the layout the primitive chose, and an
 inference is two handle updates and one ``dnnl_primitive_execute`` on the tensors' own memory. When
 the library is absent, ``library()`` is None and the tactic built on it declines every layer.
+
+Resources: every oneDNN object is owned by exactly one Python object and destroyed exactly once.
+Descriptors, attributes and primitive descriptors needed only to create a primitive are destroyed as
+soon as it exists; a ``_Primitive`` owns its primitive, memory descriptors, memory objects and scratchpad
+buffers and frees them in ``close()`` (a kernel's ``release``, called by ``Engine.close``) or, without it,
+when it is garbage-collected (``weakref.finalize``).
+
+Threads: a primitive may run on several threads at once (one Engine shared by many execution contexts).
+Each call takes its own argument set (memory objects re-pointed at the call's tensors, and a private
+scratchpad: primitives use oneDNN's user-managed scratchpad, as the library's global one is per
+creating thread) from a free list, so nothing mutable is shared between concurrent calls; the list
+holds as many sets as calls ever ran at once. Closing a kernel while another thread runs it is not
+allowed (as destroying a TensorRT engine with contexts still executing).
+
+Safety: a primitive is made for fixed shapes and strides (callers key their caches on them) and
+``_Primitive.run`` refuses any tensor that is not float32, so a tensor of another dtype never reaches
+the native code.
 """
 from __future__ import annotations
 
@@ -15,6 +32,7 @@ import os
 import site
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -23,15 +41,19 @@ from kiln.errors import KilnError, PlanFormatError
 
 P = C.c_void_p
 Dims = C.c_int64 * 12
+_PP, _DIMS, _I, _F = C.POINTER(C.c_void_p), C.POINTER(C.c_int64), C.c_int, C.c_float
 
 F32 = 3
+FLOAT32 = torch.float32
 CPU_ENGINE, IN_ORDER = 1, 1
 FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
 POOLING_MAX, POOLING_AVG_INCLUDE_PAD, POOLING_AVG_EXCLUDE_PAD = 0x1FF, 0x2FF, 0x3FF
-QUERY_IMPL_INFO, QUERY_WEIGHTS_MD = 8, 131
-ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS = 1, 2, 17, 33, 41
+QUERY_IMPL_INFO, QUERY_WEIGHTS_MD, QUERY_SCRATCHPAD_MD = 8, 131, 136
+ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS, ARG_SCRATCHPAD = 1, 2, 17, 33, 41, 80
 POST_OP_ARG_BASE = 32768
 TAG_ANY = 1
+SCRATCHPAD_USER = 1
+MAX_NDIMS = 12
 
 ELTWISE: dict[str, tuple[int, Any]] = {
     # activation -> (algorithm, (alpha, beta) from the node's alpha/beta)
@@ -49,6 +71,34 @@ ELTWISE: dict[str, tuple[int, Any]] = {
 }
 """Fused activations oneDNN applies as eltwise post-ops (kiln.ops.fused.ACTIVATIONS names)."""
 
+_SIGNATURES: dict[str, list[Any]] = {  # argument types: pointers must never go through ctypes' default int
+    "dnnl_engine_create": [_PP, _I, C.c_size_t],
+    "dnnl_stream_create": [_PP, P, C.c_uint],
+    "dnnl_memory_desc_create_with_tag": [_PP, _I, _DIMS, _I, _I],
+    "dnnl_memory_desc_create_with_strides": [_PP, _I, _DIMS, _I, _DIMS],
+    "dnnl_memory_desc_clone": [_PP, P],
+    "dnnl_memory_desc_get_size": [P],
+    "dnnl_memory_create": [_PP, P, P, P],
+    "dnnl_memory_set_data_handle": [P, P],
+    "dnnl_primitive_attr_create": [_PP],
+    "dnnl_primitive_attr_set_scratchpad_mode": [P, _I],
+    "dnnl_primitive_attr_set_post_ops": [P, P],
+    "dnnl_post_ops_create": [_PP],
+    "dnnl_post_ops_len": [P],
+    "dnnl_post_ops_append_eltwise": [P, _I, _F, _F],
+    "dnnl_post_ops_append_binary": [P, _I, P],
+    "dnnl_primitive_desc_query": [P, _I, _I, P],
+    "dnnl_primitive_desc_query_md": [P, _I, _I],
+    "dnnl_primitive_create": [_PP, P],
+    "dnnl_primitive_execute": [P, P, _I, P],
+    "dnnl_convolution_forward_primitive_desc_create": [_PP, P, _I, _I, P, P, P, P, _DIMS, _DIMS, _DIMS, _DIMS, P],
+    "dnnl_pooling_forward_primitive_desc_create": [_PP, P, _I, _I, P, P, _DIMS, _DIMS, _DIMS, _DIMS, _DIMS, P],
+    "dnnl_inner_product_forward_primitive_desc_create": [_PP, P, _I, P, P, P, P, P],
+    "dnnl_matmul_primitive_desc_create": [_PP, P, P, P, P, P, P],
+    "dnnl_reorder_primitive_desc_create": [_PP, P, P, P, P, P],
+}
+_KINDS = ("primitive", "primitive_desc", "memory", "memory_desc", "primitive_attr", "post_ops")
+
 
 class DnnlError(RuntimeError):
     """A oneDNN call returned an error status."""
@@ -58,28 +108,59 @@ class _Arg(C.Structure):
     _fields_ = [("arg", C.c_int), ("memory", P)]
 
 
+class _Owned:
+    """oneDNN objects owned together by one Python object, destroyed together exactly once by `close`."""
+
+    __slots__ = ("lib", "items", "lock")
+
+    def __init__(self, lib: "_Lib") -> None:
+        self.lib, self.items, self.lock = lib, [], threading.Lock()
+
+    def add(self, kind: str, handle: P) -> P:
+        if handle.value:
+            with self.lock:
+                self.items.append((kind, handle.value))
+        return handle
+
+    def close(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        destroy = self.lib.destroy
+        for kind, h in reversed(items):
+            destroy[kind](h)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class _Lib:
-    """The loaded library, one CPU engine and one in-order stream."""
+    """The loaded library, one CPU engine and one in-order stream (a CPU stream holds no per-call state:
+    primitives from several threads execute on it at once)."""
 
     def __init__(self, path: str) -> None:
-        self.dll = C.CDLL(path)
-        self.dll.dnnl_primitive_desc_query_md.restype = P
-        self.dll.dnnl_primitive_desc_query_md.argtypes = [P, C.c_int, C.c_int]
-        self.dll.dnnl_memory_desc_get_size.restype = C.c_size_t
-        self.dll.dnnl_memory_desc_get_size.argtypes = [P]
-        self.dll.dnnl_memory_set_data_handle.argtypes = [P, P]
-        self.dll.dnnl_primitive_execute.argtypes = [P, P, C.c_int, P]
+        self.dll = d = C.CDLL(path)
+        for name, argtypes in _SIGNATURES.items():
+            getattr(d, name).argtypes = argtypes
+        d.dnnl_primitive_desc_query_md.restype = P
+        d.dnnl_memory_desc_get_size.restype = C.c_size_t
+        self.destroy: dict[str, Any] = {}
+        for kind in _KINDS:
+            fn = getattr(d, f"dnnl_{kind}_destroy")
+            fn.argtypes = [P]
+            self.destroy[kind] = fn
         self.engine, self.stream = P(), P()
-        self.ok(self.dll.dnnl_engine_create(C.byref(self.engine), CPU_ENGINE, 0), "engine")
-        self.ok(self.dll.dnnl_stream_create(C.byref(self.stream), self.engine, IN_ORDER), "stream")
+        self.ok(d.dnnl_engine_create(C.byref(self.engine), CPU_ENGINE, 0), "engine")
+        self.ok(d.dnnl_stream_create(C.byref(self.stream), self.engine, IN_ORDER), "stream")
 
     @staticmethod
     def ok(status: int, what: str) -> None:
         if status != 0:
             raise DnnlError(f"oneDNN {what} failed with status {status}")
 
-    def md(self, shape: Sequence[int], strides: Sequence[int] | None) -> P:
-        """A float32 memory descriptor: plain with these strides, or format `any` (strides None)."""
+    def md(self, own: _Owned, shape: Sequence[int], strides: Sequence[int] | None) -> P:
+        """A float32 memory descriptor owned by `own`: plain with these strides, or format `any` (strides None)."""
+        if not 0 < len(shape) <= MAX_NDIMS or (strides is not None and len(strides) != len(shape)):
+            raise DnnlError(f"oneDNN takes 1 to {MAX_NDIMS} dims, got shape {list(shape)}")
         md = P()
         if strides is None:
             self.ok(self.dll.dnnl_memory_desc_create_with_tag(C.byref(md), len(shape), Dims(*shape), F32, TAG_ANY),
@@ -87,13 +168,32 @@ class _Lib:
         else:
             self.ok(self.dll.dnnl_memory_desc_create_with_strides(C.byref(md), len(shape), Dims(*shape), F32,
                                                                   Dims(*strides)), "memory descriptor")
-        return md
+        return own.add("memory_desc", md)
 
-    def memory(self, md: Any, data: int) -> P:
+    def memory(self, own: _Owned, md: Any, data: int) -> P:
+        """A memory object owned by `own` on `data` (0: none yet, set per call)."""
         mem = P()
-        self.ok(self.dll.dnnl_memory_create(C.byref(mem), P(md) if isinstance(md, int) else md, self.engine,
-                                            P(data)), "memory")
-        return mem
+        self.ok(self.dll.dnnl_memory_create(C.byref(mem), md, self.engine, data or None), "memory")
+        return own.add("memory", mem)
+
+    def attr(self, own: _Owned) -> P:
+        """Primitive attributes owned by `own`, with the user-managed scratchpad (see the module doc)."""
+        attr = P()
+        self.ok(self.dll.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
+        own.add("primitive_attr", attr)
+        self.ok(self.dll.dnnl_primitive_attr_set_scratchpad_mode(attr, SCRATCHPAD_USER), "scratchpad mode")
+        return attr
+
+    def pd(self, own: _Owned, what: str, create: Any, *args: Any) -> P:
+        """A primitive descriptor made by `create(&pd, *args)`, owned by `own`."""
+        pd = P()
+        self.ok(create(C.byref(pd), *args), what)
+        return own.add("primitive_desc", pd)
+
+    def scratchpad_md(self, pd: P) -> tuple[Any, int]:
+        """(the primitive's scratchpad descriptor, owned by pd, and its size in bytes; 0: it needs none)."""
+        md = self.dll.dnnl_primitive_desc_query_md(pd, QUERY_SCRATCHPAD_MD, 0)
+        return md, int(self.dll.dnnl_memory_desc_get_size(md)) if md else 0
 
 
 _LIB: _Lib | None = None
@@ -130,77 +230,154 @@ def require_library(node: Any, tactic: str) -> _Lib:
     return lib
 
 
-class _Primitive:
-    """A created primitive with its memory objects; `run` points the per-call ones at the given tensors."""
+def released(name: str) -> KilnError:
+    """The error of a kernel called after its release (Engine.close)."""
+    return KilnError(f"'{name}': the kernel was released (its engine was closed)")
 
-    def _finish(self, lib: _Lib, pd: Any, fixed: list[tuple[int, Any, int]], dynamic: list[tuple[int, Any]]) -> None:
+
+class _ArgSet:
+    """One call's execute arguments: memory objects re-pointed at the call's tensors, and a scratchpad.
+    Used by one call at a time (taken from and returned to its primitive's free list)."""
+
+    __slots__ = ("args", "nargs", "mems", "ptrs", "scratch")
+
+
+class _Primitive:
+    """A created primitive; `run` executes it on given tensors (see the module doc for threads and resources)."""
+
+    impl = ""
+
+    def _begin(self, lib: _Lib) -> _Owned:
+        """Start building: what lives as long as the primitive goes to self.own (destroyed by close() or when
+        this object is collected, even half-built); returns an owner for the temporaries, which the caller
+        closes once the primitive exists."""
+        self.lib, self.dll, self.stream = lib, lib.dll, lib.stream
+        self.own = own = _Owned(lib)
+        self.closed = False
+        self.free: list[_ArgSet] = []
+        fin = weakref.finalize(self, own.close)
+        fin.atexit = False  # at interpreter exit the process frees everything anyway
+        self._finalizer = fin
+        return _Owned(lib)
+
+    def _finish(self, pd: P, fixed: list[tuple[int, Any, int]], dynamic: list[tuple[int, Any]]) -> None:
         """fixed: (arg, md, data pointer kept alive by self); dynamic: (arg, md) set per call, in run's order."""
-        self.lib = lib
+        lib, d = self.lib, self.dll
         impl = C.c_char_p()
-        lib.ok(lib.dll.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
+        lib.ok(d.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
         self.impl = (impl.value or b"").decode()
         if self.impl.startswith("ref"):  # oneDNN's reference loops: orders of magnitude slower than torch's path
             raise DnnlError(f"oneDNN has only its reference implementation ({self.impl}) here")
-        self.prim = P()
-        lib.ok(lib.dll.dnnl_primitive_create(C.byref(self.prim), pd), "primitive")
-        self.mems = [lib.memory(md, 0) for _, md in dynamic]
-        args = [_Arg(a, lib.memory(md, ptr)) for a, md, ptr in fixed] + [_Arg(a, m) for (a, _), m in zip(dynamic, self.mems)]
-        self.args, self.nargs = (_Arg * len(args))(*args), len(args)
-        self.ptrs = [0] * len(dynamic)
-        self.lock = threading.Lock()
+        prim = P()
+        lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "primitive")
+        self.prim = self.own.add("primitive", prim)
+        self.fixed = [_Arg(a, lib.memory(self.own, md, ptr)) for a, md, ptr in fixed]
+        self.dynamic = [(a, self._keep(md)) for a, md in dynamic]
+        scratch_md, self.scratch_bytes = lib.scratchpad_md(pd)
+        self.scratch_md = self._keep(scratch_md) if self.scratch_bytes else None
+        self.free.append(self._argset())  # a single-threaded caller never needs another
 
-    def _finish_layer(self, lib: _Lib, pd: Any, w: torch.Tensor, w_shape: list[int], b: torch.Tensor | None,
+    def _keep(self, md: Any) -> P:
+        """A copy of a memory descriptor that lives as long as the primitive (argument sets are made from it)."""
+        out = P()
+        self.lib.ok(self.dll.dnnl_memory_desc_clone(C.byref(out), md), "memory descriptor copy")
+        return self.own.add("memory_desc", out)
+
+    def _argset(self) -> _ArgSet:
+        """A new argument set, for a call while all others are in use (a call on another thread)."""
+        if self.closed:
+            raise KilnError(f"oneDNN {self.impl} primitive was released")
+        lib, own = self.lib, self.own
+        a = _ArgSet()
+        a.mems = [lib.memory(own, md, 0) for _, md in self.dynamic]
+        args = self.fixed + [_Arg(arg, m) for (arg, _), m in zip(self.dynamic, a.mems)]
+        a.scratch = None
+        if self.scratch_md is not None:
+            a.scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
+            args.append(_Arg(ARG_SCRATCHPAD, lib.memory(own, self.scratch_md, a.scratch.data_ptr())))
+        a.args, a.nargs, a.ptrs = (_Arg * len(args))(*args), len(args), [0] * len(a.mems)
+        return a
+
+    def _finish_layer(self, tmp: _Owned, pd: P, w: torch.Tensor, w_shape: list[int], b: torch.Tensor | None,
                       b_md: Any, src_md: Any, dst_md: Any, z_arg: int, z_md: Any) -> None:
         """`_finish` for a layer with constant weights, an optional bias and an optional residual post-op."""
-        self._weights(lib, pd, w, w_shape)
+        w_md = self._weights(tmp, pd, w, w_shape)
         self.bias = None if b is None else b.detach().float().contiguous()
-        fixed = [(ARG_WEIGHTS, self.w_md, self.weights.data_ptr())]
+        fixed = [(ARG_WEIGHTS, w_md, self.weights.data_ptr())]
         if self.bias is not None:
             fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
         dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
-        self._finish(lib, pd, fixed, dynamic)
+        self._finish(pd, fixed, dynamic)
 
-    def _weights(self, lib: _Lib, pd: Any, w: torch.Tensor, shape: list[int]) -> None:
-        """Reorder the weights once into the layout the primitive chose (self.weights, self.w_md)."""
-        self.w_md = lib.dll.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
-        self.weights = torch.empty(lib.dll.dnnl_memory_desc_get_size(self.w_md), dtype=torch.uint8)
+    def _weights(self, tmp: _Owned, pd: P, w: torch.Tensor, shape: list[int]) -> Any:
+        """Reorder the weights once into the layout the primitive chose (self.weights); returns that layout's
+        descriptor, owned by pd."""
+        lib = self.lib
+        w_md = lib.dll.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
+        self.weights = torch.empty(lib.dll.dnnl_memory_desc_get_size(w_md), dtype=torch.uint8)
         plain = w.detach().float().contiguous().reshape(shape)
-        _reorder(lib, lib.md(shape, plain.stride()), plain.data_ptr(), self.w_md, self.weights.data_ptr())
+        _reorder(lib, lib.md(tmp, shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
+        return w_md
 
     def run(self, *tensors: torch.Tensor) -> None:
-        d = self.lib.dll
-        with self.lock:
-            ptrs = self.ptrs
+        """Execute on these float32 tensors, of the shapes and strides the primitive was made for (its callers
+        key their primitives on them). Safe on several threads at once: each call takes its own argument set."""
+        free = self.free
+        try:
+            a = free.pop()
+        except IndexError:
+            a = self._argset()
+        try:
+            d, ptrs, mems = self.dll, a.ptrs, a.mems
             for i, t in enumerate(tensors):
+                if t.dtype is not FLOAT32:
+                    raise KilnError(f"oneDNN {self.impl} takes float32 tensors, got {t.dtype}")
                 p = t.data_ptr()
                 if p != ptrs[i]:  # arena slots keep their addresses from one inference to the next
-                    d.dnnl_memory_set_data_handle(self.mems[i], p)
+                    d.dnnl_memory_set_data_handle(mems[i], p)
                     ptrs[i] = p
-            status = d.dnnl_primitive_execute(self.prim, self.lib.stream, self.nargs, self.args)
+            status = d.dnnl_primitive_execute(self.prim, self.stream, a.nargs, a.args)
+        finally:
+            free.append(a)
         if status != 0:
             raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
 
+    def close(self) -> None:
+        """Destroy the native objects now (idempotent); the primitive cannot run afterwards."""
+        self.closed = True
+        self.free = []
+        self._finalizer()
 
-def _post_ops(lib: _Lib, act: str, alpha: float, beta: float, z: torch.Tensor | None,
+
+def _post_ops(lib: _Lib, tmp: _Owned, act: str, alpha: float, beta: float, z: torch.Tensor | None,
               act_first: bool) -> tuple[P, int, Any]:
     """Primitive attributes with the residual add (`z`) and the activation as post-ops in the node's order:
-    (attributes, the execute argument of z or -1, z's memory descriptor or None)."""
+    (attributes, the execute argument of z or -1, z's memory descriptor or None), all owned by `tmp`."""
     d = lib.dll
-    attr, po = P(), P()
-    lib.ok(d.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
+    attr, po = lib.attr(tmp), P()
     lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
+    tmp.add("post_ops", po)
     z_arg, z_md = -1, None
     for op in (["act", "z"] if act_first else ["z", "act"]):
         if op == "act" and act:
             alg, params = ELTWISE[act]
             a, bb = params(alpha, beta)
-            lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, C.c_float(a), C.c_float(bb)), "eltwise post-op")
+            lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, a, bb), "eltwise post-op")
         elif op == "z" and z is not None:
             z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
-            z_md = lib.md(z.shape, z.stride())
+            z_md = lib.md(tmp, z.shape, z.stride())
             lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, z_md), "binary post-op")
     lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
     return attr, z_arg, z_md
+
+
+def _bias_md(lib: _Lib, tmp: _Owned, b: torch.Tensor | None, n: int, shape: list[int], strides: list[int]) -> Any:
+    """The bias descriptor, after checking that the bias holds exactly the n values the primitive reads."""
+    if b is None:
+        return None
+    if b.dtype != torch.float32 or b.numel() != n:
+        raise KilnError(f"the bias must hold {n} float32 values, got {list(b.shape)} {b.dtype}")
+    return lib.md(tmp, shape, strides)
 
 
 class Convolution(_Primitive):
@@ -213,18 +390,22 @@ class Convolution(_Primitive):
     def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
                  pad_r: Sequence[int], groups: int, act: str, alpha: float, beta: float, act_first: bool) -> None:
-        d = lib.dll
-        k, cg, kh, kw = (int(s) for s in w.shape)
-        w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
-        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
-        b_md = lib.md([k], [1]) if b is not None else None
-        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
-        pd = P()
-        lib.ok(d.dnnl_convolution_forward_primitive_desc_create(
-            C.byref(pd), lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(w_shape, None),
-            b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr),
-            "convolution descriptor")
-        self._finish_layer(lib, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md)
+        tmp = self._begin(lib)
+        try:
+            k, cg, kh, kw = (int(s) for s in w.shape)
+            if groups < 1 or k % groups or x.dim() != 4 or int(x.shape[1]) != cg * groups:
+                raise KilnError(f"a convolution of {groups} group(s) with weights {list(w.shape)} cannot read an "
+                                f"input of shape {list(x.shape)}")
+            w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
+            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            b_md = _bias_md(lib, tmp, b, k, [k], [1])
+            attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first)
+            pd = lib.pd(tmp, "convolution descriptor", lib.dll.dnnl_convolution_forward_primitive_desc_create,
+                        lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None), b_md,
+                        dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr)
+            self._finish_layer(tmp, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md)
+        finally:
+            tmp.close()
 
 
 class Pooling(_Primitive):
@@ -234,12 +415,15 @@ class Pooling(_Primitive):
     def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor, algorithm: int, kernel: Sequence[int],
                  strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
                  pad_r: Sequence[int]) -> None:
-        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
-        pd = P()
-        lib.ok(lib.dll.dnnl_pooling_forward_primitive_desc_create(
-            C.byref(pd), lib.engine, FORWARD_INFERENCE, algorithm, src_md, dst_md, Dims(*strides), Dims(*kernel),
-            Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), None), "pooling descriptor")
-        self._finish(lib, pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+        tmp = self._begin(lib)
+        try:
+            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            pd = lib.pd(tmp, "pooling descriptor", lib.dll.dnnl_pooling_forward_primitive_desc_create, lib.engine,
+                        FORWARD_INFERENCE, algorithm, src_md, dst_md, Dims(*strides), Dims(*kernel),
+                        Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), lib.attr(tmp))
+            self._finish(pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+        finally:
+            tmp.close()
 
 
 class InnerProduct(_Primitive):
@@ -248,15 +432,20 @@ class InnerProduct(_Primitive):
 
     def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, act: str, alpha: float, beta: float, act_first: bool) -> None:
-        d = lib.dll
-        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
-        b_md = lib.md([int(w.shape[0])], [1]) if b is not None else None
-        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
-        pd = P()
-        lib.ok(d.dnnl_inner_product_forward_primitive_desc_create(
-            C.byref(pd), lib.engine, FORWARD_INFERENCE, src_md, lib.md(w.shape, None), b_md, dst_md, attr),
-            "inner product descriptor")
-        self._finish_layer(lib, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
+        tmp = self._begin(lib)
+        try:
+            if x.dim() != 2 or w.dim() != 2 or int(x.shape[1]) != int(w.shape[1]):
+                raise KilnError(f"an inner product with weights {list(w.shape)} cannot read an input of shape "
+                                f"{list(x.shape)}")
+            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            n = int(w.shape[0])
+            b_md = _bias_md(lib, tmp, b, n, [n], [1])
+            attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first)
+            pd = lib.pd(tmp, "inner product descriptor", lib.dll.dnnl_inner_product_forward_primitive_desc_create,
+                        lib.engine, FORWARD_INFERENCE, src_md, lib.md(tmp, w.shape, None), b_md, dst_md, attr)
+            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
+        finally:
+            tmp.close()
 
 
 class MatMul(_Primitive):
@@ -267,25 +456,33 @@ class MatMul(_Primitive):
     def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, b: torch.Tensor | None = None,
                  z: torch.Tensor | None = None, act: str = "", alpha: float = 0.0, beta: float = 0.0,
                  act_first: bool = False) -> None:
-        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
-        b_shape = [1] * (y.dim() - 1) + [int(y.shape[-1])]
-        b_md = lib.md(b_shape, [int(y.shape[-1])] * (y.dim() - 1) + [1]) if b is not None else None
-        attr, z_arg, z_md = _post_ops(lib, act, alpha, beta, z, act_first)
-        pd = P()
-        lib.ok(lib.dll.dnnl_matmul_primitive_desc_create(C.byref(pd), lib.engine, src_md, lib.md(w.shape, None),
-                                                         b_md, dst_md, attr), "matmul descriptor")
-        self._finish_layer(lib, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
+        tmp = self._begin(lib)
+        try:
+            if x.dim() != w.dim() or int(x.shape[-1]) != int(w.shape[-2]):
+                raise KilnError(f"a matmul with weights {list(w.shape)} cannot read an input of shape {list(x.shape)}")
+            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            n = int(y.shape[-1])
+            b_md = _bias_md(lib, tmp, b, n, [1] * (y.dim() - 1) + [n], [n] * (y.dim() - 1) + [1])
+            attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first)
+            pd = lib.pd(tmp, "matmul descriptor", lib.dll.dnnl_matmul_primitive_desc_create, lib.engine, src_md,
+                        lib.md(tmp, w.shape, None), b_md, dst_md, attr)
+            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
+        finally:
+            tmp.close()
 
 
 class Reorder(_Primitive):
     """One oneDNN reorder (a jit copy between layouts) for fixed source and destination shapes and strides."""
 
     def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor) -> None:
-        src_md, dst_md = lib.md(x.shape, x.stride()), lib.md(y.shape, y.stride())
-        pd = P()
-        lib.ok(lib.dll.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, dst_md, lib.engine, None),
-               "reorder descriptor")
-        self._finish(lib, pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+        tmp = self._begin(lib)
+        try:
+            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            pd = lib.pd(tmp, "reorder descriptor", lib.dll.dnnl_reorder_primitive_desc_create, src_md, lib.engine,
+                        dst_md, lib.engine, lib.attr(tmp))
+            self._finish(pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+        finally:
+            tmp.close()
 
 
 class ChannelsLast:
@@ -293,39 +490,64 @@ class ChannelsLast:
 
     A tensor already in it passes through; any other (a network's NCHW input, a strided view) is copied
     by a cached oneDNN reorder into a buffer this object keeps per thread and reuses on every call
-    (about half the time of torch's permuting copy, and no allocation).
+    (about half the time of torch's permuting copy, and no allocation). `close()` frees the reorders and
+    every thread's buffer.
     """
 
     def __init__(self, lib: _Lib) -> None:
         self.lib = lib
         self.reorders: dict[tuple[Any, ...], Reorder] = {}
         self.local = threading.local()
+        self.closed = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return x.contiguous()
         if x.is_contiguous(memory_format=torch.channels_last):
             return x
-        buf = getattr(self.local, "buf", None)
+        if x.dtype is not FLOAT32:
+            raise KilnError(f"takes float32 tensors, got {x.dtype}")
+        local = self.local
+        buf = getattr(local, "buf", None)
         if buf is None or buf.shape != x.shape:
-            buf = self.local.buf = torch.empty(x.shape, memory_format=torch.channels_last)
+            buf = local.buf = torch.empty(x.shape, memory_format=torch.channels_last)
         key = (x.shape, x.stride())
         prim = self.reorders.get(key)
         if prim is None:
+            if self.closed:
+                raise KilnError("the kernel was released (its engine was closed)")
             prim = self.reorders[key] = Reorder(self.lib, x, buf)
         prim.run(x, buf)
         return buf
 
+    def close(self) -> None:
+        self.closed = True
+        prims = list(self.reorders.values())
+        self.reorders.clear()
+        self.local = threading.local()
+        for p in prims:
+            p.close()
+
 
 def _reorder(lib: _Lib, src_md: Any, src: int, dst_md: Any, dst: int) -> None:
-    """Copy src into dst's layout once (weights into the layout a primitive chose)."""
+    """Copy src into dst's layout once (weights into the layout a primitive chose); everything made for the
+    copy is destroyed before returning."""
     d = lib.dll
-    pd, prim = P(), P()
-    lib.ok(d.dnnl_reorder_primitive_desc_create(C.byref(pd), src_md, lib.engine, P(dst_md), lib.engine, None),
-           "reorder descriptor")
-    lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "reorder")
-    args = (_Arg * 2)(_Arg(ARG_SRC, lib.memory(src_md, src)), _Arg(ARG_DST, lib.memory(dst_md, dst)))
-    lib.ok(d.dnnl_primitive_execute(prim, lib.stream, 2, args), "reorder")
+    tmp = _Owned(lib)
+    try:
+        pd = lib.pd(tmp, "reorder descriptor", d.dnnl_reorder_primitive_desc_create, src_md, lib.engine, dst_md,
+                    lib.engine, lib.attr(tmp))
+        prim = P()
+        lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "reorder")
+        tmp.add("primitive", prim)
+        args = [_Arg(ARG_SRC, lib.memory(tmp, src_md, src)), _Arg(ARG_DST, lib.memory(tmp, dst_md, dst))]
+        scratch_md, size = lib.scratchpad_md(pd)
+        scratch = torch.empty(size, dtype=torch.uint8) if size else None
+        if scratch is not None:
+            args.append(_Arg(ARG_SCRATCHPAD, lib.memory(tmp, scratch_md, scratch.data_ptr())))
+        lib.ok(d.dnnl_primitive_execute(prim, lib.stream, len(args), (_Arg * len(args))(*args)), "reorder")
+    finally:
+        tmp.close()
 
 
 Made = tuple[_Primitive, tuple[int, ...]]
@@ -389,15 +611,24 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
     """A layer's per-call function over primitives made once per input shape and strides.
 
     make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
-    into `out` (dense, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns it.
-    Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`.
+    into `out` (dense float32, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns
+    it. Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`. A primitive is
+    keyed on its tensors' shapes and strides and refuses other dtypes (`_Primitive.run`), so every call
+    hands oneDNN exactly the layout it was made for. `run.close()` destroys the primitives; a call after
+    it raises KilnError.
     """
     cache: dict[tuple[Any, ...], tuple[_Primitive, tuple[int, ...], torch.memory_format]] = {}
+    closed: list[bool] = []
 
     def run(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
         entry = cache.get(key)
         if entry is None:
+            if closed:
+                raise released(name)
+            if x.dtype is not FLOAT32 or (z is not None and z.dtype is not FLOAT32):
+                raise KilnError(f"'{name}' takes float32 tensors, got {x.dtype}"
+                                f"{'' if z is None else f' and {z.dtype}'}")
             made = fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
             if made is None:
                 return fallback(key, args(x, z), out)
@@ -410,6 +641,14 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
             raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)}"
                             f"{' (channels-last)' if len(shape) == 4 else ''}, got {list(out.shape)} with "
                             f"strides {list(out.stride())}")
-        prim.run(x, out) if z is None else prim.run(x, out, z)
+        prim.run(x, out) if z is None else prim.run(x, out, z)  # run refuses a tensor that is not float32
         return out
+
+    def close() -> None:
+        closed.append(True)
+        entries = list(cache.values())
+        cache.clear()
+        for prim, _, _ in entries:
+            prim.close()
+    run.close = close  # type: ignore[attr-defined]
     return run

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, is_f32, shape_hint, static_shape
+from kiln.backends.cpu.common import CpuTactic, act_attrs, ints_at_least, is_f32, shape_hint, static_shape
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
                                     InnerProduct, Pooling, ReferenceFallback, library, require_library,
                                     shape_cached)
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.errors import KilnError
 from kiln.ir.graph import Node
 from kiln.ops.pool import Window
 
@@ -65,10 +66,17 @@ class DnnlPoolTactic(CpuTactic):
         x = node.input(0)
         if library() is None or not is_f32(x) or x.type.rank != 4 or len(node.outputs) != 1:  # type: ignore[union-attr]
             return False
+        if not is_f32(node.outputs[0]):  # the primitive writes float32 into the output
+            return False
         if node.op_type == "ReduceMean" and spatial_mean(node) is None:
             return False
         if node.op_type in _GLOBAL:
             return True
+        if (ints_at_least(node.attr("kernel_shape", None) or [], 2, 1) is None
+                or ints_at_least(node.attr("strides", None) or [1, 1], 2, 1) is None
+                or ints_at_least(node.attr("dilations", None) or [1, 1], 2, 1) is None
+                or ints_at_least(node.attr("pads", None) or [0, 0, 0, 0], 4, 0) is None):
+            return False
         hint = shape_hint(x)  # type: ignore[arg-type]
         try:
             return hint is not None and _pool_geometry(node, tuple(hint)) is not None
@@ -91,8 +99,12 @@ class DnnlPoolTactic(CpuTactic):
 
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None, out)
+
+        def release() -> None:
+            run.close()  # type: ignore[attr-defined]
+            x_cl.close()
         baked = frozenset({1}) if node.op_type == "ReduceMean" else frozenset()  # the axes input is baked in
-        return Kernel(k_pool, prepacked=baked, fallback=fb)
+        return Kernel(k_pool, prepacked=baked, fallback=fb, release=release)
 
 
 class DnnlLinearTactic(CpuTactic):
@@ -108,6 +120,9 @@ class DnnlLinearTactic(CpuTactic):
         a = node.input(0)
         if library() is None or not is_f32(a) or a.type.rank != 2 or len(node.outputs) != 1:  # type: ignore[union-attr]
             return False
+        y = node.outputs[0]
+        if not is_f32(y) or y.type.rank not in (None, 2):
+            return False
         if node.domain == "kiln":
             z = node.input(3)
             if act_attrs(node)[0] not in ("", *ELTWISE):
@@ -115,7 +130,13 @@ class DnnlLinearTactic(CpuTactic):
             if z is not None and (not is_f32(z) or static_shape(z) is None
                                   or static_shape(z) != static_shape(node.outputs[0])):
                 return False
-        return linear_weights(node) is not None
+        wb = linear_weights(node)  # W [N, K] non-empty, a bias of exactly N values
+        if wb is None:
+            return False
+        n, k = (int(s) for s in wb[0].shape)
+        k_in = a.type.shape[1]  # type: ignore[union-attr,index]
+        n_out = y.type.shape[1] if y.type.shape is not None else None  # type: ignore[index]
+        return not (isinstance(k_in, int) and k_in != k) and not (isinstance(n_out, int) and n_out != n)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
@@ -126,6 +147,8 @@ class DnnlLinearTactic(CpuTactic):
 
         def make(x: Tensor, z: Tensor | None) -> tuple[InnerProduct, tuple[int, ...]]:
             shape = (int(x.shape[0]), int(w.shape[0]))
+            if z is not None and tuple(z.shape) != shape:
+                raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             return InnerProduct(lib, x, w, b, torch.empty(shape), z, act, alpha, beta, act_first), shape
         fb = ReferenceFallback(node)
         run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
@@ -133,7 +156,8 @@ class DnnlLinearTactic(CpuTactic):
         def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                      out: Tensor | None = None) -> Tensor:
             return run(a.contiguous(), None if z is None else z.contiguous(), out)
-        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb)  # weight and bias live in the kernel
+        release = run.close  # type: ignore[attr-defined]
+        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
 
 
 register_tactic(DnnlPoolTactic())

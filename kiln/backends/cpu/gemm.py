@@ -15,6 +15,7 @@ from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_f32, inplace_a
                                       static_shape)
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
+from kiln.ops.activations import TABLE as ACTIVATION_TABLE
 
 Tensor = torch.Tensor
 
@@ -53,7 +54,16 @@ def _gemm_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
 
 
 def linear_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
-    """The node's weight as [N, K] and its bias, or None when the node is not a constant-weight linear layer."""
+    """The node's weight as [N, K] (non-empty) and its bias (exactly N values), or None when the node is not
+    a constant-weight linear layer."""
+    wb = _linear_weights(node)
+    if wb is None or wb[0].numel() == 0 or (wb[1] is not None and (wb[1].dim() != 1
+                                                                    or wb[1].numel() != wb[0].shape[0])):
+        return None
+    return wb
+
+
+def _linear_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
     if node.domain == "kiln" and node.op_type == "FusedGemm":
         w, b = const_f32(node.input(1)), node.input(2)
         if w is None or w.dim() != 2 or (b is not None and const_f32(b) is None):
@@ -110,8 +120,7 @@ class OneDnnLinearTactic(CpuTactic):
         return Kernel(kernel, prepacked=frozenset({1, 2}))  # weight and bias live in the kernel
 
 
-_ACTS = ("", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "SiLU", "HardSwish", "HardSigmoid", "Mish", "Gelu",
-         "GeluTanh")
+_ACTS = tuple(ACTIVATION_TABLE)
 
 
 def linear_kernel(w: Tensor, b: Tensor | None, act: str, alpha: float, beta: float, has_z: bool,

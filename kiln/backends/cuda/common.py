@@ -1,47 +1,30 @@
 """Helpers shared by the CUDA tactics: conv geometry, epilogue attributes, weight prepacking, layouts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
+from kiln.ops.activations import TABLE as ACTIVATION_TABLE, Epilogue
+from kiln.ops.conv import ConvGeometry
 
 Tensor = torch.Tensor
 
-ACT_CODES: dict[str, int] = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3, "Sigmoid": 4, "Tanh": 5, "SiLU": 6,
-                             "HardSwish": 7, "HardSigmoid": 8, "Mish": 9, "Gelu": 10, "GeluTanh": 11}
-"""Activation name (FusedConv/FusedGemm `activation`) -> the code the Triton epilogue switches on."""
+ACT_CODES: dict[str, int] = {a.name: a.code for a in ACTIVATION_TABLE.values()}
+"""Activation name (FusedConv/FusedGemm `activation`) -> the code the Triton epilogue switches on
+(from the one table, kiln.ops.activations)."""
 
 FLOAT_DTYPES = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
 CONV_OPS = ("Conv", "FusedConv")
 
 
-@dataclass(frozen=True)
-class Epilogue:
-    """What follows the matrix product: bias, residual Z, activation (with alpha/beta), their order."""
-
-    activation: str = ""
-    alpha: float = 0.0
-    beta: float = 0.0
-    act_before_add: bool = False
-
-    @property
-    def code(self) -> int:
-        return ACT_CODES[self.activation]
-
-
 def epilogue_of(node: Node) -> Epilogue:
     """The fused epilogue of a FusedConv/FusedGemm (plain Conv/MatMul: none)."""
-    if node.op_type not in ("FusedConv", "FusedGemm"):
-        return Epilogue()
-    return Epilogue(str(node.attr("activation", "") or ""), float(node.attr("alpha", 0.0) or 0.0),
-                    float(node.attr("beta", 0.0) or 0.0), bool(int(node.attr("act_before_add", 0) or 0)))
+    return Epilogue.of(node)
 
 
 def is_conv(node: Node) -> bool:
@@ -114,27 +97,6 @@ def write_out(y: Tensor, out: Out) -> Tensor:
     return outs[0] if outs else y
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """2-D convolution parameters with explicit (begin, end) pads."""
-
-    strides: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
-    dilations: tuple[int, int]
-    group: int
-    kernel: tuple[int, int]
-
-    @property
-    def symmetric(self) -> bool:
-        return self.pads[0] == self.pads[2] and self.pads[1] == self.pads[3]
-
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        kh, kw = self.kernel
-        oh = (h + self.pads[0] + self.pads[2] - self.dilations[0] * (kh - 1) - 1) // self.strides[0] + 1
-        ow = (w + self.pads[1] + self.pads[3] - self.dilations[1] * (kw - 1) - 1) // self.strides[1] + 1
-        return oh, ow
-
-
 def conv_static_ok(node: Node) -> bool:
     """A 2-D Conv/FusedConv whose weight is a build-time constant and whose pads do not need input sizes."""
     if not is_conv(node):
@@ -148,21 +110,15 @@ def conv_static_ok(node: Node) -> bool:
     if node.op_type == "Conv" and (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID"):
         return False
     x = node.input(0)
-    return x is not None and (x.type.rank in (None, 4))
+    return x is not None and (x.type.rank in (None, 4)) and ConvGeometry.of(node) is not None
 
 
 def conv_geometry(node: Node) -> ConvGeometry:
-    """Geometry of a 2-D Conv/FusedConv accepted by `conv_static_ok`."""
-    w = node.inputs[1].const  # type: ignore[union-attr]
-    kernel = (int(w.shape[2]), int(w.shape[3]))
-    strides = tuple(int(s) for s in (node.attr("strides", None) or [1, 1]))
-    dil = tuple(int(d) for d in (node.attr("dilations", None) or [1, 1]))
-    if node.op_type == "Conv" and (node.attr("auto_pad", "NOTSET") or "NOTSET") == "VALID":
-        pads = [0, 0, 0, 0]
-    else:
-        pads = [int(p) for p in (node.attr("pads", None) or [0, 0, 0, 0])]
-    return ConvGeometry(strides, (pads[0], pads[1], pads[2], pads[3]), dil,  # type: ignore[arg-type]
-                        int(node.attr("group", 1) or 1), kernel)
+    """Geometry of a 2-D Conv/FusedConv accepted by `conv_static_ok` (kiln.ops.conv.ConvGeometry)."""
+    geo = ConvGeometry.of(node)
+    if geo is None:
+        raise KilnError(f"'{node.name}': the convolution's geometry cannot be resolved")
+    return geo
 
 
 def const_on(node: Node, i: int, device: torch.device, dtype: torch.dtype | None = None) -> Tensor | None:
@@ -193,32 +149,12 @@ def apply_epilogue_(y: Tensor, z: Tensor | None, ep: Epilogue) -> Tensor:
 
 
 def activate_(y: Tensor, name: str, alpha: float, beta: float) -> Tensor:
-    """In-place activation by FusedConv/FusedGemm name (half types use torch's float32 op math)."""
-    if name == "":
-        return y
-    if name == "Relu":
-        return y.relu_()
-    if name == "LeakyRelu":
-        return F.leaky_relu_(y, alpha)
-    if name == "Clip":
-        return y.clamp_(alpha, beta)
-    if name == "Sigmoid":
-        return y.sigmoid_()
-    if name == "Tanh":
-        return y.tanh_()
-    if name == "SiLU":
-        return F.silu(y, inplace=True)
-    if name == "HardSwish":
-        return F.hardswish(y, inplace=True)
-    if name == "HardSigmoid":
-        return y.mul_(alpha).add_(beta).clamp_(0.0, 1.0)
-    if name == "Mish":
-        return F.mish(y, inplace=True)
-    if name == "Gelu":
-        return F.gelu(y)
-    if name == "GeluTanh":
-        return F.gelu(y, approximate="tanh")
-    raise ValueError(f"unknown fused activation {name!r}")
+    """In-place activation by FusedConv/FusedGemm name (half types use torch's float32 op math); where torch
+    has no in-place form (Gelu), a new tensor."""
+    act = ACTIVATION_TABLE.get(name)
+    if act is None:
+        raise ValueError(f"unknown fused activation {name!r}")
+    return act.fn(y, alpha, beta) if act.inplace is None else act.inplace(y, alpha, beta)
 
 
 def prepacked(kernel: Any, indices: tuple[int, ...]) -> Kernel:

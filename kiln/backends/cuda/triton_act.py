@@ -1,7 +1,7 @@
 """Triton device helpers shared by the generated/fused kernels: activations and the GEMM epilogue.
 
 Importing this module needs triton (kiln.backends.cuda only imports it when triton is importable).
-Activation codes are kiln.backends.cuda.common.ACT_CODES.
+Activation codes are the `code`s of kiln.ops.activations.TABLE (kiln.backends.cuda.common.ACT_CODES).
 """
 from __future__ import annotations
 

@@ -141,6 +141,14 @@ def split_k_workspace(m: int, n: int, tiles: int, split: int, like: Tensor) -> t
     return buf[:cells].view(torch.float32), buf[cells:]
 
 
+def split_k_bytes(m: int, n: int, cfg: dict[str, Any]) -> int:
+    """Bytes of split_k_workspace for an M x N output under a config (0 without split-K)."""
+    if int(cfg.get("SPLIT_K", 1)) <= 1:
+        return 0
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    return ((m * n + 3) // 4 * 4 + tiles) * 4
+
+
 def split_configs(m: int | None, n: int, k_red: int) -> list[dict[str, Any]]:
     """Split-K configs for problems with few output tiles and a long reduction (small batch, wide layers)."""
     if m is None or k_red < 1024:
@@ -259,6 +267,11 @@ class TritonConv(Tactic):
         if node.inputs[0].type.dtype == DType.FLOAT32:  # type: ignore[union-attr]
             cfgs = [{**cfg, "tf32": ctx.tf32} for cfg in cfgs]
         return cfgs
+
+    def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
+        if out_shape is None or len(out_shape) != 4:
+            return 0
+        return split_k_bytes(out_shape[0] * out_shape[2] * out_shape[3], out_shape[1], config)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)

@@ -17,7 +17,7 @@ from kiln.backends.cuda.common import (Epilogue, channels_last, check_out, conv_
 from kiln.backends.cuda.cublas_gemm import gemm_static_ok, packed_weight
 from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
-from kiln.backends.cuda.triton_conv import split_k_workspace, tile_configs
+from kiln.backends.cuda.triton_conv import split_k_bytes, split_k_workspace, tile_configs
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -133,6 +133,15 @@ class TritonGemm(Tactic):
         if node.inputs[0].type.dtype == DType.FLOAT32:  # type: ignore[union-attr]
             cfgs = [{**cfg, "tf32": ctx.tf32} for cfg in cfgs]
         return cfgs
+
+    def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
+        if not out_shape:
+            return 0
+        n = out_shape[1] if _is_conv1x1(node) and len(out_shape) == 4 else out_shape[-1]
+        total = 1
+        for d in out_shape:
+            total *= d
+        return split_k_bytes(total // max(n, 1), n, config)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)

@@ -26,6 +26,7 @@ from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_
 from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
+from kiln.ops.activations import TABLE as ACTIVATION_TABLE
 from kiln.ops.pointwise_program import BOOL_RESULT, OPS, PointwiseProgram, Ref
 
 Tensor = torch.Tensor
@@ -36,8 +37,10 @@ _UNARY: dict[str, str] = {
     "Neg": "-({0})", "Abs": "tl.abs({0})", "Relu": "tl.maximum({0}, 0.0)", "Sigmoid": "tl.sigmoid({0})",
     "Tanh": "tanh_f32({0})", "Exp": "tl.exp({0})", "Log": "tl.log({0})", "Sqrt": "tl.sqrt({0})",
     "Reciprocal": "(1.0 / ({0}))", "Erf": "tl.erf({0})", "Floor": "tl.floor({0})", "Ceil": "tl.ceil({0})",
-    "Softplus": "softplus_f32({0})", "HardSwish": "apply_act({0}, 7, 0.0, 0.0)",
-    "Mish": "apply_act({0}, 9, 0.0, 0.0)", "Softsign": "(({0}) / (1.0 + tl.abs({0})))", "Sin": "tl.sin({0})",
+    "Softplus": "softplus_f32({0})",
+    "HardSwish": f"apply_act({{0}}, {ACTIVATION_TABLE['HardSwish'].code:d}, 0.0, 0.0)",
+    "Mish": f"apply_act({{0}}, {ACTIVATION_TABLE['Mish'].code:d}, 0.0, 0.0)",
+    "Softsign": "(({0}) / (1.0 + tl.abs({0})))", "Sin": "tl.sin({0})",
     "Cos": "tl.cos({0})", "Sign": "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, 0.0))",
 }
 _BINARY: dict[str, str] = {"Add": "({0} + {1})", "Sub": "({0} - {1})", "Mul": "({0} * {1})", "Div": "({0} / {1})",
@@ -114,7 +117,7 @@ def _expr(op: str, args: list[str], attrs: Mapping[str, Any]) -> str:
         a, b = _fattr(attrs, "alpha", 0.2), _fattr(attrs, "beta", 0.5)
         return f"tl.minimum(tl.maximum({a} * {args[0]} + {b}, 0.0), 1.0)"
     if op == "Gelu":
-        code = 11 if attrs.get("approximate", "none") == "tanh" else 10
+        code = ACTIVATION_TABLE["GeluTanh" if attrs.get("approximate", "none") == "tanh" else "Gelu"].code
         return f"apply_act({args[0]}, {code:d}, 0.0, 0.0)"
     if op == "Clip":
         x = args[0]
