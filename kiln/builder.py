@@ -153,6 +153,12 @@ class Builder:
                    "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__,
                    "tuning": tuning},
         )
+        from kiln.runtime.engine import check_plan
+        try:
+            check_plan(plan, "built plan")
+        except KilnError as e:
+            raise BuildError(f"the model builds into a plan that fails Kiln's own load checks ({e}); "
+                             "the model's declared shapes or names are inconsistent") from None
         self.logger.info(f"Built plan: {counts['layers']} layers (+{counts['views']} zero-copy views, "
                          f"{counts['elided']} concats elided), {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
                          f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "

@@ -22,6 +22,8 @@ from kiln.ops.attrs import validate_node
 from kiln.ops.registry import lookup
 
 MIN_OPSET, MAX_OPSET = 1, 28
+MAX_DIM = 2**40
+"""Largest dimension a declared type may state; a negative one (some exporters write -1) is unknown."""
 
 
 def tensor_to_torch(t: onnx.TensorProto, base_dir: str | None = None, where: str = "") -> torch.Tensor:
@@ -142,7 +144,9 @@ def _value_type(tp: onnx.TypeProto, where: str) -> tuple[TensorType, str]:
             return TensorType(dtype, None), "tensor"
         dims: list[Any] = []
         for k, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
+                if d.dim_value > MAX_DIM:
+                    raise ModelError(f"'{where}': dimension {k} is {d.dim_value}, above Kiln's limit of {MAX_DIM}")
                 dims.append(int(d.dim_value))
             elif d.HasField("dim_param") and d.dim_param:
                 dims.append(d.dim_param)
@@ -163,6 +167,10 @@ class _Scope:
 
     def __init__(self, graph: Graph, parent: "_Scope | None") -> None:
         self.graph, self.parent, self.names = graph, parent, {}  # type: dict[str, Value]
+
+    def defined(self, name: str) -> bool:
+        """Whether the name is taken in this scope or an enclosing one (without capturing it)."""
+        return name in self.names or (self.parent is not None and self.parent.defined(name))
 
     def resolve(self, name: str) -> Value | None:
         v = self.names.get(name)
@@ -223,6 +231,8 @@ class OnnxImporter:
             v = scope.resolve(vi.name)
             if v is None:
                 raise ModelError(f"graph output '{vi.name}' is produced by no node")
+            if any(o is v for o in g.outputs):
+                raise ModelError(f"graph '{g.name}' lists output '{vi.name}' twice")
             ty, kind = _value_type(vi.type, vi.name)
             if v.type.dtype is None and ty.dtype is not None:
                 v.type = ty
@@ -250,11 +260,15 @@ class OnnxImporter:
         attrs = {a.name: self._attr(a, opsets, scope, name) for a in np_.attribute}
         outputs: list[Value] = []
         for oname in np_.output:
+            if oname and scope.defined(oname):
+                raise ModelError(f"node '{name}' ({np_.op_type}): output '{oname}' is already defined "
+                                 "(ONNX values are assigned once)")
             v = g.new_value(oname or f"{name}_unused")
             if oname:
-                if oname in infos:
-                    try:
-                        v.type, v.kind = _value_type(infos[oname].type, oname)
+                if oname in infos:  # a declared type is a claim: its kind and element type are kept, its shape
+                    try:           # is Kiln's own inference's to prove (kiln.ops.infer)
+                        ty, v.kind = _value_type(infos[oname].type, oname)
+                        v.type = TensorType(ty.dtype, None)
                     except KilnError:
                         pass
                 scope.names[oname] = v

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping
 import onnx
 import torch
 
-from kiln.errors import KilnError, PlanFormatError
+from kiln.errors import BuildError, KilnError, PlanFormatError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
@@ -43,6 +43,11 @@ class GraphWriter:
         self.weights: dict[str, torch.Tensor] = {}
 
     def _tensor(self, t: torch.Tensor) -> str:
+        span = 1
+        for d in t.shape:
+            span *= max(int(d), 1)
+        if span >= 2**62:  # an empty tensor may state dims whose strides no loader can compute
+            raise BuildError(f"a constant of shape {list(t.shape)} is too large to store in a plan")
         key = f"w{len(self.weights)}"
         self.weights[key] = t.detach().to("cpu").contiguous().clone()
         return key
@@ -324,9 +329,27 @@ class GraphReader:
                      for k, a in attrs.items()},
                     name=name, domain=domain, opset=opset)
         node.captures = [scope[n] for n in caps]
+        self._check_captures(node, at)
         defined.update(outs)
         self.tactics[id(node)] = (tactic, dict(config))
         return node
+
+    def _check_captures(self, node: Node, at: str) -> None:
+        """A step's captures are exactly the outer values its subgraph attributes capture, each once, in the
+        order the importer lists them (each subgraph's captures in turn): the control-flow ops receive them
+        after the explicit inputs, so an extra one would reach any other kernel as an extra input."""
+        want: list[Value] = []
+        for sub in node.subgraphs():
+            for v in sub.captures:
+                if all(v is not w for w in want):
+                    want.append(v)
+        if len(node.captures) == len(want) and all(a is b for a, b in zip(node.captures, want)):
+            return
+        got = show([v.name for v in node.captures], 80)
+        if not want:
+            raise self._fail(f"{at}.captures", f"is {got}, but the step has no subgraph capturing outer values")
+        raise self._fail(f"{at}.captures", f"is {got}, but its subgraphs capture {show([v.name for v in want], 80)} "
+                                           "(each once, in this order)")
 
 
 _TORCH_DTYPES = frozenset(d.torch for d in DType)

@@ -18,7 +18,7 @@ import torch
 from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import InputError, KilnError, PlanFormatError
-from kiln.ops.attrs import validate_node
+from kiln.ops.attrs import check_arity, validate_node
 from kiln.ops.registry import lookup
 from kiln.ir.dtype import DType, array_to_torch
 from kiln.ir.graph import Graph, Node
@@ -57,6 +57,32 @@ def _load_kernel(node: Node, tid: str, cfg: dict[str, Any], tctx: TacticContext,
         raise PlanFormatError(f"{at}: tactic '{tid}' cannot build the layer ({type(e).__name__}: {_line(e)})") from None
 
 
+def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict[str, Any]]], set[str]]:
+    """Everything a load checks short of building kernels: header schema, weights, graph references,
+    declared attributes, types proven by inference, sizes bounded, no tactic writing into memory laid
+    out from an unproven type. Returns (graph, tactic choice per node, names of unproven values).
+    The builder runs it on every plan it makes, so it never writes a plan its own loader refuses."""
+    header = {"target": plan.target, "inputs": plan.inputs, "outputs": plan.outputs, "profiles": plan.profiles,
+              "graph": plan.graph, "memory": plan.memory, "build": plan.build, "kiln_version": plan.kiln_version,
+              "format_version": plan.format_version}
+    validate_header(header, where)
+    check_weights(plan.weights, where)
+    reader = GraphReader(plan.weights, where)
+    graph = reader.graph(plan.graph)
+    _validate_nodes(graph, where)
+    # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
+    unproven = verify_graph(header, graph, reader.tactics, where)
+    if unproven:
+        for node in graph.nodes:
+            t = get_tactic(reader.tactics.get(id(node), ("ref", {}))[0])
+            outs = [v for v in node.outputs if v.name in unproven]
+            if outs and t is not None and (t.writes_out or t.elides):
+                raise PlanFormatError(f"{where}: layer '{node.name}' ({node.op_type}): its output '{outs[0].name}' "
+                                      f"has type {outs[0].type} in the plan, which Kiln's inference cannot confirm, "
+                                      "and its kernel writes into memory laid out from it; rebuild the plan")
+    return graph, reader.tactics, unproven
+
+
 def _validate_nodes(graph: Graph, where: str) -> None:
     """Every node of the plan (subgraphs included) against its op's declared attributes and checks, as the
     importer does for a model: an op unknown to this Kiln, an undeclared attribute or a value out of its
@@ -64,6 +90,7 @@ def _validate_nodes(graph: Graph, where: str) -> None:
     for node in graph.nodes:
         try:
             validate_node(node)
+            check_arity(node)
             lookup(node.op_type, node.domain, node.opset, where=node.name).check(node)
         except KilnError as e:
             raise PlanFormatError(f"{where}: {e}") from None
@@ -146,19 +173,9 @@ class Engine:
     def _load(self, plan: Plan, where: str) -> None:
         if not isinstance(plan, Plan):
             raise PlanFormatError(f"{where}: expected a Plan, got {type(plan).__name__}")
-        header = {"target": plan.target, "inputs": plan.inputs, "outputs": plan.outputs, "profiles": plan.profiles,
-                  "graph": plan.graph, "memory": plan.memory, "build": plan.build, "kiln_version": plan.kiln_version,
-                  "format_version": plan.format_version}
-        validate_header(header, where)
-        check_weights(plan.weights, where)
+        self.graph, tactics, self.unproven = check_plan(plan, where)
         self.plan = plan
         self.device = _check_target(plan, where)
-        reader = GraphReader(plan.weights, where)
-        self.graph = reader.graph(plan.graph)
-        tactics = reader.tactics
-        _validate_nodes(self.graph, where)
-        # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
-        self.unproven = verify_graph(header, self.graph, tactics, where)
 
         tctx = TacticContext(self.device, fp16=plan.build.get("fp16") is True, bf16=plan.build.get("bf16") is True,
                              tf32=plan.build.get("tf32", True) is not False,

@@ -47,6 +47,7 @@ class Stats:
     outcomes: dict[str, Counter] = field(default_factory=lambda: {t: Counter() for t in TARGETS})
     executed: Counter = field(default_factory=Counter)  # target -> cases that reached execute twice
     duplicates: int = 0
+    harness_errors: int = 0
     sigs: dict[str, SigInfo] = field(default_factory=dict)
     refusals: dict[str, Counter] = field(default_factory=lambda: {t: Counter() for t in TARGETS})  # KilnError kinds
     wrapped: dict[str, tuple[int, Case, Result]] = field(default_factory=dict)  # KilnErrors converted from others
@@ -111,6 +112,11 @@ class Campaign:
             s.outcomes[target][r.outcome] += 1
             if r.detail.get("executed"):
                 s.executed[target] += 1
+            if r.outcome == "harness_error":
+                s.harness_errors += 1
+                if s.harness_errors <= 5:
+                    self.log(f"[fuzz] HARNESS ERROR (a fuzzer bug): {r.etype} at {r.where}: {r.msg}\n"
+                             f"        {''.join(r.detail.get('trace', []))[-800:]}")
             if r.outcome == "kiln_error":
                 s.refusals[target][_refusal_kind(r)] += 1
                 w_ = r.detail.get("wrapped")
@@ -222,7 +228,8 @@ class Campaign:
     def summary(self) -> str:
         s = self.stats
         lines = ["", "=" * 100, f"Kiln fuzz campaign: {time.monotonic() - self.t0:.0f} s, "
-                 f"{sum(s.cases.values())} cases ({s.duplicates} duplicate cases skipped)", ""]
+                 f"{sum(s.cases.values())} cases ({s.duplicates} duplicate cases skipped, "
+                 f"{s.harness_errors} harness errors)", ""]
         classes = ["ok", "kiln_error", "exception", "crash", "hang", "nondeterminism", "mismatch", "code_exec",
                    "file_leak", "rss"]
         lines.append(f"{'target':8} {'cases':>6} {'executed':>8} " + " ".join(f"{c:>14}" for c in classes))

@@ -48,4 +48,4 @@ def test_fuzz_smoke():
     assert ran == sum(SMOKE_CASES.values()), camp.summary()
     assert stats.outcomes["plans"]["kiln_error"] > 0 and stats.executed["plans"] > 0, camp.summary()
     assert stats.outcomes["models"]["kiln_error"] > 0 and stats.executed["models"] > 0, camp.summary()
-    assert not camp.failed, camp.summary()
+    assert not camp.failed and not stats.harness_errors, camp.summary()
