@@ -18,7 +18,7 @@ from kiln.ir.dtype import DType, array_to_torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
-from kiln.ops.attrs import validate_node
+from kiln.ops.attrs import check_arity, validate_node
 from kiln.ops.registry import lookup
 
 MIN_OPSET, MAX_OPSET = 1, 28
@@ -279,6 +279,7 @@ class OnnxImporter:
                 if all(c is not x for x in node.captures):
                     node.captures.append(c)
         validate_node(node, private=False)
+        check_arity(node)
         opdef.check(node)
         g.add_node(node)
 

@@ -266,6 +266,45 @@ def validate_node(node: Any, private: bool = True) -> None:
     node.attrs = validate_attrs(node.op_type, node.domain, node.opset, node.attrs, node.name, private)
 
 
+@lru_cache(maxsize=4096)
+def _schema_arity(op_type: str, domain: str, opset: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((min, max) inputs, (min, max) outputs) of the ONNX schema at this opset; None where onnx has none."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:  # onnx raises SchemaError for unknown ops / versions
+        return None
+    return (schema.min_input, schema.max_input), (schema.min_output, schema.max_output)
+
+
+def declared_arity(op_type: str, domain: str, opset: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """((min, max) inputs, (min, max) outputs) a node of the op may have, counting omitted optional inputs
+    and outputs in their positions; None where nothing says. The OpDef's own `arity` / `out_arity` where it
+    declares them (Kiln's fused ops, plugins), else, for ai.onnx ops, the ONNX schema's at the opset."""
+    from kiln.ops.registry import lookup
+    domain = "" if domain == "ai.onnx" else domain
+    opdef = lookup(op_type, domain)
+    base = _schema_arity(op_type, domain, opset) if domain == "" else None
+    ins = getattr(type(opdef), "arity", None) or (base[0] if base else None)
+    outs = getattr(type(opdef), "out_arity", None) or (base[1] if base else None)
+    return ins, outs
+
+
+def check_arity(node: Any) -> None:
+    """Raise UnsupportedOpError naming the node when its number of inputs or outputs (captures excluded) is
+    outside what its op accepts (`declared_arity`): a plan step or a model node with an extra input would
+    otherwise reach the kernel as an extra positional argument."""
+    ins, outs = declared_arity(node.op_type, node.domain, node.opset)
+    for what, n, bounds in (("inputs", len(node.inputs), ins), ("outputs", len(node.outputs), outs)):
+        if bounds is None:
+            continue
+        lo, hi = bounds
+        if not lo <= n <= hi:
+            want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi < 1 << 30 else f"at least {lo}"
+            noun = what[:-1] if want == "1" else what
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} (opset {node.opset}) takes {want} "
+                                     f"{noun}, got {n}")
+
+
 def read(node: Any, name: str) -> Any:
     """A declared attribute of a node, or its declared default (None when absence has its own meaning)."""
     if name in node.attrs:

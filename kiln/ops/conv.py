@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -26,13 +27,26 @@ _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d
 _CONV_T: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
+INT32_MAX = 2**31 - 1
+"""Declared upper bound of every window size (kernel, stride, dilation, pad): the backends' kernels index
+with int32, so a larger value can never describe a window they compute."""
+
+MAX_WINDOW = 1 << 20
+"""Largest kernel size, stride, dilation or pad (per spatial dim, after auto_pad) a window op computes with.
+Far above any real window (a 1-D pool of 2**20 taps spans a minute of 16 kHz audio), yet small enough that
+a loop over a window's taps ends within a second, and that products of two such sizes (a dilated extent,
+an output offset) stay far inside int64. A node beyond it is refused with one line instead of running for
+hours or allocating a padded input of absurd size."""
+
 WINDOW: dict[str, Attr] = {
     "auto_pad": Attr("str", "NOTSET", choices=("", *_AUTO_PADS)),
-    "strides": Attr("ints", None, min=1), "dilations": Attr("ints", None, min=1),
-    "pads": Attr("ints", None, min=0), "kernel_shape": Attr("ints", None, min=1),
+    "strides": Attr("ints", None, min=1, max=INT32_MAX), "dilations": Attr("ints", None, min=1, max=INT32_MAX),
+    "pads": Attr("ints", None, min=0, max=INT32_MAX), "kernel_shape": Attr("ints", None, min=1, max=INT32_MAX),
 }
 """What Kiln's window ops (convolutions, pooling) honour of ONNX's geometry attributes: positive strides,
-dilations and kernel sizes, non-negative pads, the four auto_pad modes."""
+dilations and kernel sizes, non-negative pads, all within int32; the four auto_pad modes. Each op's `check`
+(`check_window_attrs`) and, when it runs, `window_ints` further bound each by MAX_WINDOW and require one
+value per spatial dim (two pads)."""
 
 
 # ---- window geometry (shared with kiln.ops.pool) --------------------------------------------------
@@ -58,10 +72,86 @@ def auto_pad_mode(node: Node) -> str:
     return mode
 
 
+_WINDOW_LOW = {"strides": 1, "dilations": 1, "kernel_shape": 1, "pads": 0, "output_padding": 0}
+
+
+def check_window_ints(node: Node, name: str, values: Sequence[int], count: int) -> list[int]:
+    """`values` of the window attribute `name` as ints: exactly `count` of them, each within
+    [low, MAX_WINDOW] (low: 1 for strides, dilations and kernel sizes, 0 for pads); UnsupportedOpError
+    naming the node otherwise."""
+    vals = list(values)
+    if len(vals) != count:
+        what = "two per spatial dim" if name == "pads" else "one per spatial dim"
+        raise UnsupportedOpError(f"node '{node.name}': {node.op_type} {name} has {len(vals)} values, "
+                                 f"expected {count} ({what})")
+    low = _WINDOW_LOW.get(name, 0)
+    out = []
+    for v in vals:
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} {name} must be ints, got {v!r}") from None
+        if not low <= v <= MAX_WINDOW:
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} {name} value {v} is outside "
+                                     f"[{low}, {MAX_WINDOW}] (Kiln's bound on window sizes)")
+        out.append(v)
+    return out
+
+
+def window_ints(node: Node, name: str, nd: int, default: int) -> list[int]:
+    """The window attribute `name` (strides, dilations, kernel_shape: nd values; pads: 2 * nd), `default`
+    in every dim when absent or empty; checked by `check_window_ints`."""
+    count = 2 * nd if name == "pads" else nd
+    v = node.attr(name, None)
+    if v is None or (isinstance(v, (list, tuple)) and not v):
+        return [default] * count
+    if not isinstance(v, (list, tuple)):
+        raise UnsupportedOpError(f"node '{node.name}': {node.op_type} {name} must be a list of ints")
+    return check_window_ints(node, name, v, count)
+
+
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "FusedConv": 1, "DeformConv": 1, "ConvInteger": 1, "QLinearConv": 3}
+
+
+def check_window_attrs(node: Node) -> None:
+    """A window op's geometry attributes checked without running it (its OpDef.check, run by the importer
+    and the plan loader): kernel_shape, strides, dilations and output_padding give one value per spatial
+    dim and pads two, output_shape one per spatial dim (or per dim); each within [low, MAX_WINDOW];
+    UnsupportedOpError otherwise. The spatial rank: a constant weight's, else the first of these lists given
+    (the input's rank is only checked when the op runs: a plan's types are claims until inference proves them)."""
+    nd = None
+    w = node.input(_WEIGHT_INPUT[node.op_type]) if node.op_type in _WEIGHT_INPUT else None
+    if w is not None and w.const is not None and w.const.dim() >= 3:
+        nd = w.const.dim() - 2
+    for name in ("kernel_shape", "strides", "dilations", "output_padding", "pads"):
+        v = node.attr(name, None)
+        if v is None or (isinstance(v, (list, tuple)) and not v):
+            continue
+        if not isinstance(v, (list, tuple)):
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} {name} must be a list of ints")
+        per = 2 if name == "pads" else 1
+        if nd is None:
+            if len(v) % per:
+                raise UnsupportedOpError(f"node '{node.name}': {node.op_type} pads has {len(v)} values, expected "
+                                         "two per spatial dim")
+            nd = len(v) // per
+        check_window_ints(node, name, v, per * nd)
+    out_shape = node.attr("output_shape", None)
+    if out_shape and nd is not None and len(out_shape) not in (nd, nd + 2):
+        raise UnsupportedOpError(f"node '{node.name}': {node.op_type} output_shape has {len(out_shape)} values, "
+                                 f"expected {nd} (one per spatial dim)")
+
+
+class WindowOp(OpDef):
+    """Base of the window ops (convolutions, pools): `check` is `check_window_attrs`."""
+
+    def check(self, node: Node) -> None:
+        check_window_attrs(node)
+
+
 def strides_dilations(node: Node, nd: int) -> tuple[list[int], list[int]]:
-    strides = list(node.attr("strides", None) or [1] * nd)
-    dilations = list(node.attr("dilations", None) or [1] * nd)
-    return strides, dilations
+    """strides and dilations, one per spatial dim (default 1), each within [1, MAX_WINDOW]."""
+    return window_ints(node, "strides", nd, 1), window_ints(node, "dilations", nd, 1)
 
 
 def same_pads(mode: str, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
@@ -83,13 +173,11 @@ def window_pads(node: Node, sizes: Sequence[int], kernel: Sequence[int], strides
     nd = len(sizes)
     mode = auto_pad_mode(node)
     if mode in ("SAME_UPPER", "SAME_LOWER"):
-        return same_pads(mode, sizes, kernel, strides, dilations)
+        # what SAME resolves to is bounded too (a huge kernel or dilation asks for a huge padding)
+        return check_window_ints(node, "pads", same_pads(mode, sizes, kernel, strides, dilations), 2 * nd)
     if mode == "VALID":
         return [0] * (2 * nd)
-    pads = list(node.attr("pads", None) or [0] * (2 * nd))
-    if len(pads) != 2 * nd:
-        raise UnsupportedOpError(f"node '{node.name}': pads has {len(pads)} values, expected {2 * nd}")
-    return pads
+    return window_ints(node, "pads", nd, 0)
 
 
 def torch_pad(begin: Sequence[int], end: Sequence[int]) -> list[int]:
@@ -230,7 +318,7 @@ def _bias_shape(b: Tensor, nd: int) -> Tensor:
 # ---- Conv -----------------------------------------------------------------------------------------
 
 @register
-class Conv(OpDef):
+class Conv(WindowOp):
     op_type = "Conv"
     attributes = {**WINDOW, "group": Attr("int", 1, min=1)}
 
@@ -255,12 +343,15 @@ def conv_transpose_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[i
                             dilations: Sequence[int]) -> tuple[list[int], list[int]]:
     """(begin crop, output size) per spatial dim, relative to the full transposed-conv output."""
     nd = len(sizes)
-    out_pad = list(node.attr("output_padding", None) or [0] * nd)
+    out_pad = window_ints(node, "output_padding", nd, 0)
     full = [s * (n - 1) + op + (k - 1) * d + 1 for n, k, s, d, op in zip(sizes, kernel, strides, dilations, out_pad)]
     mode = auto_pad_mode(node)
     out_shape = node.attr("output_shape", None)
-    pads = node.attr("pads", None)
+    pads = window_ints(node, "pads", nd, 0) if node.attr("pads", None) else None
     if out_shape:
+        if len(out_shape) not in (nd, nd + 2):
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} output_shape has {len(out_shape)} values, "
+                                     f"expected {nd} (one per spatial dim)")
         out = [int(v) for v in list(out_shape)[-nd:]]
     elif mode in ("SAME_UPPER", "SAME_LOWER"):
         out = [n * s for n, s in zip(sizes, strides)]
@@ -278,9 +369,9 @@ def conv_transpose_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[i
 
 
 @register
-class ConvTranspose(OpDef):
+class ConvTranspose(WindowOp):
     op_type = "ConvTranspose"
-    attributes = {**WINDOW, "group": Attr("int", 1, min=1), "output_padding": Attr("ints", None, min=0),
+    attributes = {**WINDOW, "group": Attr("int", 1, min=1), "output_padding": Attr("ints", None, min=0, max=INT32_MAX),
                   "output_shape": Attr("ints", None, min=0)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -330,9 +421,11 @@ def _sample_linear(x: Tensor, pos: list[Tensor]) -> Tensor:
 
 
 @register
-class DeformConv(OpDef):
+class DeformConv(WindowOp):
     op_type = "DeformConv"
     opsets = (19, 28)
+    attributes = {**{k: a for k, a in WINDOW.items() if k != "auto_pad"}, "group": Attr("int", 1, min=1),
+                  "offset_group": Attr("int", 1, min=1)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, offset: Tensor, b: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -340,7 +433,7 @@ class DeformConv(OpDef):
         nd = spatial_rank(node, x, range(1, 8))
         kernel = kernel_shape(node, w)
         strides, dilations = strides_dilations(node, nd)
-        pads = list(node.attr("pads", None) or [0] * (2 * nd))
+        pads = window_ints(node, "pads", nd, 0)
         group = int(node.attr("group", 1))
         og = int(node.attr("offset_group", 1))
         n, c = int(x.shape[0]), int(x.shape[1])

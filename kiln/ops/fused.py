@@ -28,7 +28,8 @@ from kiln.ir.dtype import onnx_to_torch
 from kiln.ir.graph import Node, Value
 from kiln.ops.activations import EPILOGUE, TABLE, Epilogue, activate
 from kiln.ops.attrs import REQUIRED, Attr
-from kiln.ops.conv import require_float, spatial_rank, torch_pad
+from kiln.ops.conv import (WINDOW, check_window_attrs, kernel_shape, require_float, spatial_rank,
+                           strides_dilations, torch_pad, window_ints)
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
 from kiln.ops.registry import OpDef, lookup, register
 
@@ -69,19 +70,23 @@ class FusedConv(_FusedBase):
     """Conv (explicit pads) + bias + optional residual Z + activation epilogue."""
 
     op_type = "FusedConv"
-    attributes = {**EPILOGUE,
-                  "strides": Attr("ints", None, min=1), "dilations": Attr("ints", None, min=1),
-                  "pads": Attr("ints", None, min=0), "group": Attr("int", 1, min=1),
-                  "kernel_shape": Attr("ints", None, min=1)}
+    arity = (2, 4)  # X, W, B?, Z?
+    out_arity = (1, 1)
+    attributes = {**EPILOGUE, **{k: WINDOW[k] for k in ("strides", "dilations", "pads", "kernel_shape")},
+                  "group": Attr("int", 1, min=1)}
+
+    def check(self, node: Node) -> None:
+        super().check(node)
+        check_window_attrs(node)
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,
                 z: Tensor | None = None) -> Tensor:
         require_float(node, x, w, b)
         x = _as_weight_type(x, w)
         nd = spatial_rank(node, x)
-        strides = [int(s) for s in node.attr("strides", None) or [1] * nd]
-        dilations = [int(d) for d in node.attr("dilations", None) or [1] * nd]
-        pads = [int(p) for p in node.attr("pads", None) or [0] * (2 * nd)]
+        kernel_shape(node, w)  # an explicit kernel_shape must be the weight's
+        strides, dilations = strides_dilations(node, nd)
+        pads = window_ints(node, "pads", nd, 0)
         begin, end = pads[:nd], pads[nd:]
         if begin == end:
             padding: list[int] = begin
@@ -97,6 +102,8 @@ class FusedGemm(_FusedBase):
     """A @ W^T + B (W constant [N, K]) + optional residual Z + activation epilogue."""
 
     op_type = "FusedGemm"
+    arity = (2, 4)  # A, W, B?, Z?
+    out_arity = (1, 1)
 
     def compute(self, node: Node, a: Tensor, w: Tensor, b: Tensor | None = None,
                 z: Tensor | None = None) -> Tensor:

@@ -16,8 +16,9 @@ from kiln.errors import ShapeError, UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
 from kiln.ir.types import TensorType
 from kiln.ops.attrs import Attr
-from kiln.ops.conv import (WINDOW, auto_pad_mode, require_float, spatial_rank, strides_dilations, torch_pad,
-                           window_pads)
+from kiln.ops.attrs import REQUIRED
+from kiln.ops.conv import (INT32_MAX, WINDOW, WindowOp, auto_pad_mode, check_window_ints, require_float,
+                           spatial_rank, strides_dilations, torch_pad, window_ints, window_pads)
 from kiln.ops.registry import OpDef, ints, register
 
 Tensor = torch.Tensor
@@ -43,13 +44,20 @@ class Window:
         self.nd = nd = spatial_rank(node, x, ranks)
         self.sizes = [int(s) for s in x.shape[2:]]
         kernel = node.attr("kernel_shape", None)
-        if not kernel or len(kernel) != nd:
-            raise UnsupportedOpError(f"node '{node.name}': kernel_shape must give {nd} sizes")
-        self.kernel = [int(k) for k in kernel]
+        if not kernel or not isinstance(kernel, (list, tuple)):
+            raise UnsupportedOpError(f"node '{node.name}': {node.op_type} needs kernel_shape ({nd} sizes)")
+        # one value per spatial dim (two pads), each within MAX_WINDOW: a wrong length is an error, never
+        # a silent broadcast or truncation, and nothing below loops or allocates by an absurd attribute
+        self.kernel = check_window_ints(node, "kernel_shape", kernel, nd)
         self.strides, self.dilations = strides_dilations(node, nd)
         pads = window_pads(node, self.sizes, self.kernel, self.strides, self.dilations)
         self.begin, self.end = pads[:nd], pads[nd:]
         self.extent = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
+        for i, (n, b, e, ext) in enumerate(zip(self.sizes, self.begin, self.end, self.extent)):
+            if ext > n + b + e:
+                raise UnsupportedOpError(
+                    f"node '{node.name}': {node.op_type} window spans {ext} elements in spatial dim {i} (kernel "
+                    f"{self.kernel[i]}, dilation {self.dilations[i]}), more than the padded input's {n + b + e}")
         ceil = bool(node.attr("ceil_mode", 0)) and auto_pad_mode(node) == "NOTSET"
         self.out = [_out_size(*g, ceil) for g in zip(self.sizes, self.begin, self.end, self.extent, self.strides)]
         # pad at the end so that the last window fits exactly (may be negative: a crop)
@@ -110,7 +118,7 @@ _MAXPOOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, 
 
 
 @register
-class MaxPool(OpDef):
+class MaxPool(WindowOp):
     op_type = "MaxPool"
     attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1)), "storage_order": Attr("int", 0, choices=(0, 1))}
 
@@ -173,7 +181,7 @@ def _onnx_indices(node: Node, win: Window, x: Tensor, coords: list[Tensor], offs
 # ---- AveragePool / LpPool -------------------------------------------------------------------------
 
 @register
-class AveragePool(OpDef):
+class AveragePool(WindowOp):
     op_type = "AveragePool"
     attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1)), "count_include_pad": Attr("int", 0, choices=(0, 1))}
 
@@ -210,7 +218,7 @@ def _root(x: Tensor, p: float) -> Tensor:
 
 
 @register
-class LpPool(OpDef):
+class LpPool(WindowOp):
     op_type = "LpPool"
     attributes = {**WINDOW, "ceil_mode": Attr("int", 0, choices=(0, 1))}
 
@@ -263,18 +271,22 @@ class GlobalLpPool(OpDef):
 # ---- MaxUnpool ------------------------------------------------------------------------------------
 
 @register
-class MaxUnpool(OpDef):
+class MaxUnpool(WindowOp):
     op_type = "MaxUnpool"
     opsets = (9, 28)
     value_inputs = (2,)
+    attributes = {"kernel_shape": Attr("ints", REQUIRED, min=1, max=INT32_MAX), "strides": WINDOW["strides"],
+                  "pads": WINDOW["pads"]}
 
     def compute(self, node: Node, x: Tensor, indices: Tensor, output_shape: Tensor | None = None) -> Tensor:
         nd = x.dim() - 2
-        kernel = [int(k) for k in node.attr("kernel_shape", None) or []]
-        if len(kernel) != nd:
-            raise UnsupportedOpError(f"node '{node.name}': kernel_shape must give {nd} sizes")
-        strides = list(node.attr("strides", None) or [1] * nd)
-        pads = list(node.attr("pads", None) or [0] * (2 * nd))
+        if nd < 1:
+            raise UnsupportedOpError(f"node '{node.name}': MaxUnpool needs an input of rank 3 or more")
+        if not node.attr("kernel_shape", None):
+            raise UnsupportedOpError(f"node '{node.name}': MaxUnpool needs kernel_shape ({nd} sizes)")
+        kernel = window_ints(node, "kernel_shape", nd, 1)
+        strides = window_ints(node, "strides", nd, 1)
+        pads = window_ints(node, "pads", nd, 0)
         if output_shape is not None:
             shape = ints(output_shape)
             if len(shape) != x.dim() or shape[:2] != [int(x.shape[0]), int(x.shape[1])]:

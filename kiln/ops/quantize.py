@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
-from kiln.ops.conv import kernel_shape, spatial_rank, strides_dilations, torch_pad, window_pads
+from kiln.ops.attrs import Attr
+from kiln.ops.conv import WINDOW, WindowOp, kernel_shape, spatial_rank, strides_dilations, torch_pad, window_pads
 from kiln.ops.creation import FLOAT8, onnx_dtype, to_float8
 from kiln.ops.registry import OpDef, norm_axis, register
 
@@ -190,9 +191,10 @@ def requantize(acc: Tensor, multiplier: Tensor, zp: Tensor | None, dtype: torch.
 
 
 @register
-class ConvInteger(OpDef):
+class ConvInteger(WindowOp):
     op_type = "ConvInteger"
     opsets = (10, 28)
+    attributes = {**WINDOW, "group": Attr("int", 1, min=1)}
 
     def compute(self, node: Node, x: Tensor, w: Tensor, x_zp: Tensor | None = None,
                 w_zp: Tensor | None = None) -> Tensor:
@@ -201,9 +203,10 @@ class ConvInteger(OpDef):
 
 
 @register
-class QLinearConv(OpDef):
+class QLinearConv(WindowOp):
     op_type = "QLinearConv"
     opsets = (10, 28)
+    attributes = {**WINDOW, "group": Attr("int", 1, min=1)}
 
     def compute(self, node: Node, x: Tensor, x_scale: Tensor, x_zp: Tensor, w: Tensor, w_scale: Tensor,
                 w_zp: Tensor, y_scale: Tensor, y_zp: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -31,6 +31,9 @@ class OpDef:
     deterministic: False for random ops, which are never constant-folded
     attributes:    declared attributes (kiln.ops.attrs.Attr) refining the ONNX schema's (ranges, allowed
                    values) or, for ops ONNX does not define, declaring them; see kiln.ops.attrs
+    arity:         (min, max) number of inputs (omitted optional ones counted in their positions), for ops
+                   ONNX does not define; None: the ONNX schema's (kiln.ops.attrs.check_arity)
+    out_arity:     the same for outputs
     """
 
     op_type: ClassVar[str | tuple[str, ...]] = ""
@@ -39,6 +42,8 @@ class OpDef:
     value_inputs: ClassVar[tuple[int, ...]] = ()
     deterministic: ClassVar[bool] = True
     attributes: ClassVar[dict[str, Attr]] = {}
+    arity: ClassVar[tuple[int, int] | None] = None
+    out_arity: ClassVar[tuple[int, int] | None] = None
 
     def compute(self, node: Node, *inputs: Any) -> Computed:
         """Reference implementation: one output returns its value; several return a tuple."""

@@ -338,17 +338,20 @@ class GraphReader:
         """A step's captures are exactly the outer values its subgraph attributes capture, each once, in the
         order the importer lists them (each subgraph's captures in turn): the control-flow ops receive them
         after the explicit inputs, so an extra one would reach any other kernel as an extra input."""
-        want: list[Value] = []
+        want: list[str] = []  # by name: a captured constant is its own Value in each graph that holds it
+        seen: set[str] = set()
         for sub in node.subgraphs():
             for v in sub.captures:
-                if all(v is not w for w in want):
-                    want.append(v)
-        if len(node.captures) == len(want) and all(a is b for a, b in zip(node.captures, want)):
+                if v.name not in seen:
+                    seen.add(v.name)
+                    want.append(v.name)
+        got = [v.name for v in node.captures]
+        if got == want:
             return
-        got = show([v.name for v in node.captures], 80)
         if not want:
-            raise self._fail(f"{at}.captures", f"is {got}, but the step has no subgraph capturing outer values")
-        raise self._fail(f"{at}.captures", f"is {got}, but its subgraphs capture {show([v.name for v in want], 80)} "
+            raise self._fail(f"{at}.captures", f"is {show(got, 80)}, but the step has no subgraph capturing "
+                                               "outer values")
+        raise self._fail(f"{at}.captures", f"is {show(got, 80)}, but its subgraphs capture {show(want, 80)} "
                                            "(each once, in this order)")
 
 

@@ -5,7 +5,10 @@ input sizes, so an inference is one torch pooling call (2x2/stride-2 max pooling
 strided views, which skips the indices aten's pooling computes). torch's CPU pooling kernels keep the
 channels-last layout of their input (what the oneDNN convolutions produce), so no reformat happens
 between a conv chain and its pools. Geometries torch cannot express (asymmetric pads, pads larger
-than half a window) stay with the reference tactic.
+than half a window) stay with the reference tactic, and so do nodes the reference itself refuses
+(`kiln.ops.pool.Window`: attribute lists without one value per spatial dim, sizes above
+`kiln.ops.conv.MAX_WINDOW`, a window larger than the padded input): every loop here runs at most once per
+tap of a window that fits its (static) input.
 """
 from __future__ import annotations
 
@@ -16,13 +19,20 @@ import torch
 from kiln.backends.cpu.common import CpuTactic, is_f32, shape_hint
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
+from kiln.ops.conv import MAX_WINDOW
 from kiln.ops.pool import Window
 
 Tensor = torch.Tensor
 
+SEPARABLE_MAX_TAPS = 64
+"""Largest window side the separable max pool takes: it runs 2k - 1 elementwise passes per axis, which only
+pay off for small windows (aten's pool wins long before), so a plan cannot make it loop by a huge kernel."""
+
 
 def _window(node: Node) -> Window | None:
-    """The pooling geometry at the node's (static) input sizes, when torch's own pooling realises it."""
+    """The pooling geometry at the node's static input sizes, when torch's own pooling realises it; None
+    for a geometry the reference refuses (wrong attribute lengths, sizes above MAX_WINDOW, a window larger
+    than the padded input) and for a dynamic spatial size."""
     x = node.input(0)
     hint = shape_hint(x) if x is not None else None  # type: ignore[arg-type]
     if hint is None or len(hint) != 4:
@@ -118,9 +128,14 @@ def _max_pool_2x2(x: Tensor) -> Tensor:
 def _axis_taps(n: int, k: int, s: int, p: int) -> tuple[int, list[tuple[int, int, slice]]]:
     """Output length of one pooled axis and, per window tap, (first, last + 1) output index it reaches
     inside the input and the strided input slice feeding those outputs."""
+    if not (0 < n and 0 < k <= MAX_WINDOW and 0 < s <= MAX_WINDOW and 0 <= p <= MAX_WINDOW):
+        raise ValueError(f"pool axis of size {n} with kernel {k}, stride {s}, pad {p} is out of bounds")
     out = (n + 2 * p - k) // s + 1
-    taps = []
-    for t in range(k):
+    taps: list[tuple[int, int, slice]] = []
+    if out <= 0:
+        return out, taps
+    # only taps t with 0 <= j * s + t - p < n for some output j read the input: p - (out - 1) * s <= t < p + n
+    for t in range(max(0, p - (out - 1) * s), min(k, p + n)):
         off = t - p
         j0 = max(0, (-off + s - 1) // s)
         j1 = min(out, (n - 1 - off) // s + 1)
@@ -132,10 +147,14 @@ def _axis_taps(n: int, k: int, s: int, p: int) -> tuple[int, list[tuple[int, int
 
 def _separable_ok(win: Window) -> bool:
     """Floor-mode, undilated windows whose every axis has a tap covering all outputs (center tap)."""
-    if win.dilations != [1, 1] or win.begin != win.end or win.torch_ceil_mode():
+    if (win.dilations != [1, 1] or win.begin != win.end or win.torch_ceil_mode()
+            or max(win.kernel) > SEPARABLE_MAX_TAPS):
         return False
     for n, k, s, p in zip(win.sizes, win.kernel, win.strides, win.begin):
-        out, taps = _axis_taps(n, k, s, p)
+        try:
+            out, taps = _axis_taps(n, k, s, p)
+        except ValueError:
+            return False
         if not any(j0 == 0 and j1 == out for j0, j1, _ in taps):
             return False
     return True

@@ -17,6 +17,7 @@ allocation besides the output, no host sync: CUDA-graph capturable.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,7 @@ from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node, Value
+from kiln.ops.conv import MAX_WINDOW
 from kiln.ops.pool import Window
 from kiln.ops.registry import lookup, norm_axis
 from kiln.ops.shape import _resize_params
@@ -164,18 +166,39 @@ def _run(node: Node, x: Tensor, out: Tensor | None, oh: int, ow: int, cfg: dict[
 
 # ---- MaxPool ------------------------------------------------------------------------------------
 
+MAX_UNROLLED_TAPS = 1024
+"""Largest KH * KW the MaxPool kernel takes: its window loops are unrolled at compile time (static_range),
+so a larger window (up to 32 x 32 fits) would make Triton compile for minutes; those stay with the reference."""
+
+
 def _pool_attrs_ok(node: Node) -> bool:
+    """kernel_shape of 2 sizes, strides / dilations of 2 and pads of 4 values (when given), each within
+    [low, MAX_WINDOW]; a window of at most MAX_UNROLLED_TAPS taps; a known auto_pad; and where the input's
+    spatial size is static, a window the reference accepts there (not larger than the padded input)."""
     ks = node.attr("kernel_shape", None)
-    if not ks or len(ks) != 2 or min(int(k) for k in ks) < 1:
+    if not isinstance(ks, (list, tuple)) or len(ks) != 2:
         return False
-    for name in ("strides", "dilations"):
-        v = node.attr(name, None)
-        if v is not None and (len(v) != 2 or min(int(a) for a in v) < 1):
+    for name, v, n, low in (("kernel_shape", ks, 2, 1), ("strides", node.attr("strides", None), 2, 1),
+                            ("dilations", node.attr("dilations", None), 2, 1), ("pads", node.attr("pads", None), 4, 0)):
+        if v is None:
+            continue
+        try:
+            vals = [operator.index(a) for a in v]
+        except TypeError:
             return False
-    pads = node.attr("pads", None)
-    if pads is not None and (len(pads) != 4 or min(int(p) for p in pads) < 0):
+        if len(vals) != n or not all(low <= a <= MAX_WINDOW for a in vals):
+            return False
+    if int(ks[0]) * int(ks[1]) > MAX_UNROLLED_TAPS:
         return False
-    return (node.attr("auto_pad", "NOTSET") or "NOTSET") in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+    if (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return False
+    shape = node.inputs[0].type.shape  # type: ignore[union-attr]
+    if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+        try:
+            Window(node, torch.empty((1, 1, *shape[2:]), device="meta"), ranks=(2,))
+        except Exception:
+            return False
+    return True
 
 
 class TritonMaxPool(Tactic):
