@@ -631,6 +631,17 @@ def _check_resize(node: Node) -> None:
     policy = node.attr("keep_aspect_ratio_policy", "stretch")
     if policy not in ("stretch", "not_larger", "not_smaller"):
         raise UnsupportedOpError(f"{at} keep_aspect_ratio_policy {policy!r} is not supported")
+    scales, sizes = node.input(2), node.input(3)
+    if node.op_type == "Resize" and sizes is not None and scales is not None and _nonempty(scales):
+        raise UnsupportedOpError(f"{at} takes scales or sizes, not both")
+
+
+def _nonempty(v: Any) -> bool:
+    """A value not known to be an empty tensor (a constant, or a type with no zero dim)."""
+    if v.const is not None:
+        return v.const.numel() > 0
+    shape = v.type.shape
+    return shape is None or 0 not in shape
 
 
 @register
@@ -660,6 +671,8 @@ class Resize(OpDef):
         scales = [1.0] * r
         out = list(in_shape)
         sizes = optional_ints(sizes_t)
+        if sizes is not None and scales_t is not None and scales_t.numel():
+            raise UnsupportedOpError(f"node '{node.name}': Resize takes scales or sizes, not both")
         if sizes is not None:
             for i, a in enumerate(axes):
                 out[a] = sizes[i]

@@ -56,6 +56,11 @@ def _kernels() -> Any:
     return lib
 
 
+MAX_WEIGHT = 1e15
+"""Largest weight magnitude Winograd takes: its transforms add and scale weights and activations before
+the product, so float32 keeps fewer significant bits of huge or non-finite weights than a direct
+convolution does; such layers run as direct convolutions."""
+
 _LOCAL = threading.local()
 MAX_VIEWS = 64
 
@@ -130,6 +135,8 @@ class WinogradConvTactic(CpuTactic):
     def accepts(self, node: Node) -> bool:
         wt = float_conv_weight(node, tuple(_ACTS))
         if library() is None or wt is None or tuple(wt.shape[2:]) != (3, 3) or not _tiles(node):
+            return False
+        if not bool(wt.abs().max() <= MAX_WEIGHT):  # also False for NaN
             return False
         if int(node.attr("group", 1)) != 1 or any(int(s) != 1 for s in node.attr("strides", None) or [1, 1]):
             return False
