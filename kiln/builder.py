@@ -25,7 +25,7 @@ from kiln.passes.pipeline import default_pipeline
 from kiln.passes.precision import ReducedPrecision, precision_dtype
 from kiln.passes.shape_inference import infer_types
 from kiln.plan.format import Plan
-from kiln.plan.memory import lifetimes, plan_memory
+from kiln.plan.memory import aliases, lifetimes, plan_memory
 from kiln.plan.serialize import GraphWriter, type_to_json
 from kiln.tune.autotuner import Autotuner
 from kiln.tune.timing_cache import TimingCache
@@ -139,7 +139,7 @@ class Builder:
                              workspace_bytes=config.workspace_bytes, extra={"opt_level": config.optimization_level})
         tactics, tuning = self._choose_tactics(g, tctx, opt_types, config)
         counts = _layer_counts(g, tactics)
-        memory = self._plan_memory(g, opt_types, _aliases(g, tactics))
+        memory = self._plan_memory(g, opt_types, aliases(g, tactics))
         writer = GraphWriter()
         spec = writer.graph(g, tactics)
         plan = Plan(
@@ -194,19 +194,6 @@ def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> d
         views += int(t is not None and t.is_view)
         elided += int(t is not None and t.elides)
     return {"layers": len(g.nodes) - views - elided, "views": views, "elided": elided}
-
-
-def _aliases(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
-    """value -> the values whose memory it lives in (views of their input; inputs of elided concats)."""
-    out: dict[str, list[str]] = {}
-    for n in g.nodes:
-        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
-        if t is not None and t.is_view and n.inputs and n.inputs[0] is not None:
-            out.setdefault(n.outputs[0].name, []).append(n.inputs[0].name)
-        elif t is not None and t.elides:
-            for v in n.inputs:
-                out.setdefault(v.name, []).append(n.outputs[0].name)  # type: ignore[union-attr]
-    return out
 
 
 def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:

@@ -20,12 +20,7 @@ class ReferenceTactic(Tactic):
         return True
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
-        opdef = lookup(node.op_type, node.domain)
-        compute = opdef.compute
-
-        def kernel(*xs: Any) -> Any:
-            return compute(node, *xs)
-        return kernel
+        return lookup(node.op_type, node.domain).bind(node)
 
 
 register_tactic(ReferenceTactic())

@@ -145,19 +145,26 @@ class Pointwise(OpDef):
         PointwiseProgram.parse(node)
 
     def compute(self, node: Node, *inputs: Any) -> Any:
+        return self.bind(node)(*inputs)
+
+    def bind(self, node: Node) -> Callable[..., Any]:
+        """The program parsed once, each instruction's op definition and node made once: a run only evaluates."""
         prog = PointwiseProgram.parse(node)
-        if len(inputs) != prog.n_inputs:
-            raise UnsupportedOpError(f"node '{node.name}': Pointwise got {len(inputs)} inputs, "
-                                     f"its program reads {prog.n_inputs}")
-        temps: list[Any] = []
-        for j, ins in enumerate(prog.instrs):
-            like = next((x for x in (_ref(r, inputs, temps, prog.consts, None) for r in ins.args
-                                     if r.kind in ("input", "temp"))
-                         if isinstance(x, Tensor) and x.is_floating_point()), None)
-            args = [_ref(r, inputs, temps, prog.consts, like) for r in ins.args]
-            step = Node(ins.op, [], [Value(f"{node.name}.t{j}")], dict(ins.attrs), name=f"{node.name}/{ins.op}",
-                        opset=program_opset(ins.op))
-            r = lookup(ins.op, "").compute(step, *args)
-            temps.append(r[0] if isinstance(r, tuple) else r)
-        outs = [_ref(r, inputs, temps, prog.consts, None) for r in prog.outputs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        steps = [(ins, Node(ins.op, [], [Value(f"{node.name}.t{j}")], dict(ins.attrs), name=f"{node.name}/{ins.op}",
+                            opset=program_opset(ins.op)), lookup(ins.op, "").compute)
+                 for j, ins in enumerate(prog.instrs)]
+
+        def run(*inputs: Any) -> Any:
+            if len(inputs) != prog.n_inputs:
+                raise UnsupportedOpError(f"node '{node.name}': Pointwise got {len(inputs)} inputs, "
+                                         f"its program reads {prog.n_inputs}")
+            temps: list[Any] = []
+            for ins, step, fn in steps:
+                like = next((x for x in (_ref(r, inputs, temps, prog.consts, None) for r in ins.args
+                                         if r.kind in ("input", "temp"))
+                             if isinstance(x, Tensor) and x.is_floating_point()), None)
+                r = fn(step, *[_ref(r, inputs, temps, prog.consts, like) for r in ins.args])
+                temps.append(r[0] if isinstance(r, tuple) else r)
+            outs = [_ref(r, inputs, temps, prog.consts, None) for r in prog.outputs]
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return run

@@ -49,6 +49,12 @@ class OpDef:
         """Reference implementation: one output returns its value; several return a tuple."""
         raise NotImplementedError
 
+    def bind(self, node: Node) -> Callable[..., Computed]:
+        """`compute` for one node as fn(*inputs): the reference tactic's kernel. Ops whose node needs
+        decoding (a program, a table) override it to decode once, at build, instead of on every run."""
+        compute = self.compute
+        return lambda *xs: compute(node, *xs)
+
     def infer(self, node: Node, types: Sequence[TensorType | None],
               consts: Sequence[Tensor | None]) -> list[TensorType]:
         """Output types from input types (and constant inputs, where known)."""

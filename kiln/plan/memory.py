@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from kiln.errors import BuildError
 from kiln.ir.graph import Graph
@@ -35,6 +36,22 @@ class MemoryPlan:
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def aliases(g: Graph, tactics: Mapping[int, tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    """value -> the values whose memory it lives in, from the tactic chosen per node (id(node) -> (tactic,
+    config)): a view's output lives in its input, an elided Concat's inputs live in its output."""
+    from kiln.backends.tactic import get_tactic
+    out: dict[str, list[str]] = {}
+    for n in g.nodes:
+        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
+        if t is not None and t.is_view and n.inputs and n.inputs[0] is not None:
+            out.setdefault(n.outputs[0].name, []).append(n.inputs[0].name)
+        elif t is not None and t.elides and n.outputs:
+            for v in n.inputs:
+                if v is not None:
+                    out.setdefault(v.name, []).append(n.outputs[0].name)
+    return out
 
 
 def lifetimes(g: Graph, sizes: dict[str, int], aliases: dict[str, list[str]] | None = None) -> list[Buffer]:

@@ -461,32 +461,17 @@ def check_memory_plan(memory: Mapping[str, Any], g: Graph, tactics: Mapping[int,
     graph, and no two buffers alive at the same time overlap (kiln.plan.memory.verify)."""
     if not memory or not memory.get("offsets"):
         return
-    from kiln.plan.memory import MemoryPlan, lifetimes, verify
+    from kiln.plan.memory import MemoryPlan, aliases, lifetimes, verify
     offsets, sizes = memory["offsets"], memory["sizes"]
     names = {v.name for v in g.values()}
     for name in offsets:
         if name not in names:
             raise PlanFormatError(f"{prefix(where)}plan header: memory.offsets.{key(name)}: no such value in the graph")
-    bufs = [b for b in lifetimes(g, dict(sizes), _aliases(g, tactics)) if b.name in offsets]
+    bufs = [b for b in lifetimes(g, dict(sizes), aliases(g, tactics)) if b.name in offsets]
     try:
         verify(bufs, MemoryPlan(dict(offsets), dict(sizes), memory["arena_bytes"], memory["naive_bytes"]))
     except BuildError as e:
         raise PlanFormatError(f"{prefix(where)}plan header: memory: {e}") from None
-
-
-def _aliases(g: Graph, tactics: Mapping[int, tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
-    """value -> values whose memory it lives in (the builder's rule: views of their input, elided concats)."""
-    from kiln.backends.tactic import get_tactic
-    out: dict[str, list[str]] = {}
-    for n in g.nodes:
-        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
-        if t is not None and t.is_view and n.inputs and n.inputs[0] is not None:
-            out.setdefault(n.outputs[0].name, []).append(n.inputs[0].name)
-        elif t is not None and t.elides and n.outputs:
-            for v in n.inputs:
-                if v is not None:
-                    out.setdefault(v.name, []).append(n.outputs[0].name)
-    return out
 
 
 def check_weights(weights: Any, where: str = "plan") -> None:

@@ -52,8 +52,7 @@ def _host_inputs(node: Node) -> set[int]:
 
 def _reference_factory(node: Node) -> Kernel:
     from kiln.ops.registry import lookup
-    compute = lookup(node.op_type, node.domain).compute
-    return Kernel(lambda *xs: compute(node, *xs))
+    return Kernel(lookup(node.op_type, node.domain).bind(node))
 
 
 class GraphFunction:
