@@ -20,7 +20,20 @@ class ReferenceTactic(Tactic):
         return True
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
-        return lookup(node.op_type, node.domain).bind(node)
+        opdef = lookup(node.op_type, node.domain)
+        fn = opdef.bind(node)
+        kind = torch.device(device).type
+        if kind == "cpu":
+            return fn
+        host = frozenset(opdef.value_inputs)
+
+        def on_device(*xs: Any) -> Any:
+            # a tensor made on the host from host values (Range or ConstantOfShape of a shape, a dynamic
+            # model's shape arithmetic) meets device tensors here: it moves, once, where it is used as data
+            return fn(*(x.to(device, non_blocking=True) if i not in host and isinstance(x, torch.Tensor)
+                        and x.device.type != kind else x for i, x in enumerate(xs)))
+
+        return on_device
 
 
 register_tactic(ReferenceTactic())

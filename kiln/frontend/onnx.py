@@ -144,7 +144,7 @@ def _value_type(tp: onnx.TypeProto, where: str) -> tuple[TensorType, str]:
             return TensorType(dtype, None), "tensor"
         dims: list[Any] = []
         for k, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value >= 0:
+            if d.HasField("dim_value") and d.dim_value > 0:
                 if d.dim_value > MAX_DIM:
                     raise ModelError(f"'{where}': dimension {k} is {d.dim_value}, above Kiln's limit of {MAX_DIM}")
                 dims.append(int(d.dim_value))

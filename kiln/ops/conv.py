@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kiln.errors import ShapeError, UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ir.types import Dim, TensorType
 from kiln.ops.attrs import Attr
 from kiln.ops.registry import OpDef, register
 
@@ -31,6 +32,7 @@ INT32_MAX = 2**31 - 1
 """Declared upper bound of every window size (kernel, stride, dilation, pad): the backends' kernels index
 with int32, so a larger value can never describe a window they compute."""
 
+_PROBE = 1 << 21  # a spatial size every window fits in (MAX_WINDOW is 2**20): meta tensors only
 MAX_WINDOW = 1 << 20
 """Largest kernel size, stride, dilation or pad (per spatial dim, after auto_pad) a window op computes with.
 Far above any real window (a 1-D pool of 2**20 taps spans a minute of 16 kHz audio), yet small enough that
@@ -147,6 +149,38 @@ class WindowOp(OpDef):
 
     def check(self, node: Node) -> None:
         check_window_attrs(node)
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """With dynamic spatial dims: batch, channels and element type from a run at a probe size (they
+        do not depend on the spatial sizes); each spatial output dim is exactly the input's where the
+        stride is 1 and the window and pads cancel (then out = n + const, the const measured at the probe),
+        static where an explicit output_shape gives it, and unknown otherwise (a strided window's
+        floor((n + pads - extent) / stride) + 1 is never decided from sample sizes)."""
+        from kiln.ops.infer import infer_by_meta
+        x = types[0] if types else None
+        if x is None or x.shape is None or len(x.shape) < 3 or all(isinstance(d, int) for d in x.shape[2:]):
+            return infer_by_meta(self, node, types, consts)
+        nd = len(x.shape) - 2
+        probe = TensorType(x.dtype, tuple(x.shape[:2]) + (_PROBE,) * nd)
+        outs = infer_by_meta(self, node, [probe, *types[1:]], consts)
+        strides = window_ints(node, "strides", nd, 1)
+        fixed = node.op_type == "ConvTranspose" and node.attr("output_shape", None)
+        result = []
+        for o in outs:
+            if o.shape is None or len(o.shape) != nd + 2:
+                result.append(TensorType(o.dtype, None if o.shape is None else (None,) * len(o.shape)))
+                continue
+            spatial: list[Dim] = []
+            for d, s, n in zip(o.shape[2:], strides, x.shape[2:]):
+                if fixed and isinstance(d, int):
+                    spatial.append(d)
+                elif s == 1 and d == _PROBE:
+                    spatial.append(n)
+                else:
+                    spatial.append(None)
+            result.append(TensorType(o.dtype, tuple(o.shape[:2]) + tuple(spatial)))
+        return result
 
 
 def strides_dilations(node: Node, nd: int) -> tuple[list[int], list[int]]:

@@ -32,11 +32,12 @@ def slice_tensor(x: Tensor, starts: list[int], ends: list[int], axes: list[int],
         dim = x.shape[axis]
         start = start + dim if start < 0 else start
         end = end + dim if end < 0 else end
+        # sym_min/sym_max: plain min/max on ints; on symbolic sizes (kiln.ops.symbolic) an expression
         if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-            out = out[(slice(None),) * axis + (slice(start, max(start, end), step),)]
+            start, end = torch.sym_min(torch.sym_max(start, 0), dim), torch.sym_min(torch.sym_max(end, 0), dim)
+            out = out[(slice(None),) * axis + (slice(start, torch.sym_max(start, end), step),)]
         elif step < 0:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+            start, end = torch.sym_min(torch.sym_max(start, 0), dim - 1), torch.sym_min(torch.sym_max(end, -1), dim - 1)
             idx = torch.arange(start, end, step, device=x.device)
             out = from_bits(as_bits(out).index_select(axis, idx), x.dtype)
         else:

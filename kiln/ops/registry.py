@@ -65,6 +65,15 @@ class OpDef:
         """Raise UnsupportedOpError for attribute values this definition cannot honour."""
 
 
+def require(cond: Any, message: Callable[[], str]) -> None:
+    """A shape precondition of an op: ValueError(message()) when it fails on real sizes; while types are
+    inferred on symbolic sizes (kiln.ops.symbolic) it is recorded as an assumption instead of decided."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, message)
+    elif not cond:
+        raise ValueError(message())
+
+
 _REGISTRY: dict[tuple[str, str], OpDef] = {}
 
 
@@ -148,8 +157,12 @@ def ints(t: Tensor | Sequence[int] | None) -> list[int]:
     """Host list of ints from a shape-like tensor or sequence."""
     if t is None:
         return []
-    if isinstance(t, Tensor):
-        return [int(x) for x in t.reshape(-1).tolist()]
+    if isinstance(t, Tensor):  # tolist, not reshape: no torch op runs (kiln.ops.symbolic reads constants so)
+        vals = t.tolist()
+        vals = vals if isinstance(vals, list) else [vals]
+        while vals and isinstance(vals[0], list):
+            vals = [x for row in vals for x in row]
+        return [int(x) for x in vals]
     return [int(x) for x in t]
 
 

@@ -13,8 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
-from kiln.ir.graph import Node
-from kiln.ops.registry import OpDef, ints, norm_axis, register
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, Value
+from kiln.ir.types import TensorType
+from kiln.ops.registry import OpDef, ints, norm_axis, register, require
 
 Tensor = torch.Tensor
 
@@ -58,7 +60,7 @@ def optional_ints(t: Tensor | None) -> list[int] | None:
 def _prod(xs: Sequence[int]) -> int:
     p = 1
     for v in xs:
-        p *= int(v)
+        p = p * v  # ints at run time; symbolic sizes while types are inferred (kiln.ops.symbolic)
     return p
 
 
@@ -160,8 +162,7 @@ class Squeeze(OpDef):
             return x.reshape([d for d in x.shape if d != 1])
         ax = sorted({norm_axis(a, x.dim()) for a in ax})
         for a in ax:
-            if x.shape[a] != 1:
-                raise ValueError(f"node '{node.name}': cannot squeeze axis {a} of size {x.shape[a]}")
+            require(x.shape[a] == 1, lambda: f"node '{node.name}': cannot squeeze axis {a} of size {x.shape[a]}")
         return x.reshape([d for i, d in enumerate(x.shape) if i not in ax])
 
 
@@ -232,6 +233,18 @@ class Shape(OpDef):
         end = r if end is None else min(max(norm_axis(end, r), 0), r)
         return torch.tensor(list(x.shape[start:end]), dtype=torch.int64, device=x.device)
 
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """A 1-D int64 tensor as long as the (sliced) rank: known whenever x's rank is."""
+        t = types[0] if types else None
+        if t is None or t.shape is None:
+            return [TensorType(DType.INT64, (None,))]
+        r = len(t.shape)
+        start = min(max(norm_axis(node.attr("start", 0), r), 0), r)
+        end = node.attr("end")
+        end = r if end is None else min(max(norm_axis(end, r), 0), r)
+        return [TensorType(DType.INT64, (max(end - start, 0),))]
+
 
 @register
 class Size(OpDef):
@@ -239,6 +252,10 @@ class Size(OpDef):
 
     def compute(self, node: Node, x: Tensor) -> Tensor:
         return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        return [TensorType(DType.INT64, ())]
 
 
 @register
@@ -303,6 +320,17 @@ class Pad(OpDef):
         mode = node.attr("mode", "constant")
         if mode not in ("constant", "reflect", "edge", "wrap"):
             raise UnsupportedOpError(f"node '{node.name}': Pad mode {mode!r} is not supported")
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """Every mode pads to the same shape; the constant mode's computation also runs on symbolic sizes
+        (the others index with an arange over the padded length)."""
+        from kiln.ops.infer import infer_by_meta
+        if node.attr("mode", "constant") == "constant":
+            return infer_by_meta(self, node, types, consts)
+        plain = Node("Pad", node.inputs, [Value(v.name) for v in node.outputs],
+                     {**node.attrs, "mode": "constant"}, name=node.name, opset=node.opset)
+        return infer_by_meta(self, plain, types, consts)
 
     def compute(self, node: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None,
                 axes: Tensor | None = None) -> Tensor:
@@ -652,6 +680,43 @@ class Resize(OpDef):
 
     def check(self, node: Node) -> None:
         _check_resize(node)
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """With dynamic dims, per axis from the op's definition: an axis resized to a given size is that
+        size; one scaled by exactly 1 keeps the input's dim; a static axis scaled by s is computed (it
+        depends on that axis only); a dynamic axis scaled by s != 1 is unknown. keep_aspect_ratio_policy
+        couples the resized axes, which then are unknown when any input dim is."""
+        from kiln.ops.infer import infer_by_meta
+        x = types[0] if types else None
+        if x is None or x.shape is None or all(isinstance(d, int) for d in x.shape):
+            return infer_by_meta(self, node, types, consts)
+        r = len(x.shape)
+        probe = TensorType(x.dtype, tuple(d if isinstance(d, int) else 4099 for d in x.shape))
+        (o,) = infer_by_meta(self, node, [probe, *types[1:]], consts)[:1]
+        if o.shape is None or len(o.shape) != r:
+            return [TensorType(o.dtype or x.dtype, (None,) * r)]
+        rest = list(consts[1:]) + [None] * 3
+        scales_t, sizes_t = (rest[0], None) if node.opset < 11 else (rest[1], rest[2])
+        sizes = optional_ints(sizes_t) if sizes_t is not None else None
+        try:
+            axes = [norm_axis(a, r) for a in node.attr("axes") or range(r)]
+        except Exception:
+            return [TensorType(o.dtype, (None,) * r)]
+        coupled = node.attr("keep_aspect_ratio_policy", "stretch") != "stretch"
+        scales = [1.0] * r
+        if not sizes and scales_t is not None and scales_t.numel():
+            for i, a in enumerate(axes):
+                scales[a] = float(scales_t.reshape(-1)[i])
+        dims: list[Any] = []
+        for a, d in enumerate(x.shape):
+            if a not in axes or (not sizes and scales[a] == 1.0):
+                dims.append(d)
+            elif sizes:
+                dims.append(None if coupled else o.shape[a])
+            else:
+                dims.append(o.shape[a] if isinstance(d, int) else None)
+        return [TensorType(o.dtype, tuple(dims))]
 
     def compute(self, node: Node, x: Tensor, *rest: Tensor | None) -> Tensor:
         if node.opset < 11:

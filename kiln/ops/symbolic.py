@@ -1,0 +1,287 @@
+"""Symbolic type inference: sound output shapes for inputs with dynamic dims.
+
+An op's reference `compute` runs on fake tensors (torch's FakeTensorMode) whose dynamic dims are
+symbolic integers *without values* (unbacked SymInts of a fresh ShapeEnv, each in [0, 2**40]). torch's shape
+functions then compute every output dim as a sympy expression of the input dims and cannot branch on
+a symbol's value: code that would need one (`int(n)`, `if n > 7`) raises instead of guessing. So:
+
+* an output dim whose expression is a constant is static for every value of the symbols (proven);
+* one that is exactly an input symbol keeps its name ("N" stays "N");
+* anything else (a derived expression such as `(L - 256)//128 + 1`, or a fresh unknown dim) is None.
+
+Where torch assumes two dims equal to run the op (broadcasting two unknown dims, a Concat of [N, 16, H, W]
+and [N, 16, ?, ?]) it records a run-time assertion instead of a decision; dims involving such symbols
+become unknown, because broadcasting against a 1 would give the other dim. When the op cannot run
+symbolically at all, its outputs keep element type and rank but no dims (from one placeholder run):
+a dim is never made static because sample sizes happened to agree.
+
+Results are memoised by everything inference reads (op, attributes, input types, value inputs): the
+passes re-infer the whole graph many times.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections import Counter, OrderedDict
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from kiln.ir.dtype import DType
+from kiln.ir.types import TensorType
+
+if TYPE_CHECKING:
+    from kiln.ir.graph import Node
+    from kiln.ops.registry import OpDef
+
+_CACHE: "OrderedDict[Any, list[TensorType]]" = OrderedDict()  # everything inference reads -> output types
+_CACHE_SIZE = 4096
+FALLBACKS: Counter[str] = Counter()  # op types whose symbolic run failed (for diagnostics)
+LAST_ERROR: dict[str, str] = {}  # op type -> why its last symbolic run failed
+_QUIET = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+          "torch.fx.experimental.recording")
+_MAX_DIM = 1 << 40  # the importer refuses larger dims
+_PLACEHOLDER = 1009  # the size of every dynamic dim in the fallback's one placeholder run
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch logs a traceback at ERROR level for every meta function that needs a value; here that is
+    an expected outcome (the op falls back), not an error."""
+    loggers = [logging.getLogger(n) for n in _QUIET]
+    old = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, o in zip(loggers, old):
+            lg.disabled = o
+
+
+_BOUNDS: contextvars.ContextVar[dict[str, tuple[int, int]]] = contextvars.ContextVar("kiln_symbol_bounds", default={})
+
+
+@contextlib.contextmanager
+def symbol_bounds(bounds: dict[str, tuple[int, int]]) -> Iterator[None]:
+    """Inside: each named input symbol lies in [lo, hi] (the builder passes the optimization profiles'
+    ranges, which the runtime enforces on every call), so inference may use them (a dim >= 1 is never 0)."""
+    token = _BOUNDS.set(dict(bounds))
+    try:
+        yield
+    finally:
+        _BOUNDS.reset(token)
+
+
+def profile_bounds(inputs: Sequence[tuple[tuple[Any, ...] | None, list[tuple[Sequence[int], Sequence[int]]]]]
+                   ) -> dict[str, tuple[int, int]]:
+    """Symbol ranges from (declared shape, [(min, max) per profile]) of each input: within one profile a
+    symbol lies in the intersection of its dims' ranges, over profiles in the union. Inputs without a
+    range in some profile leave their symbols unbounded."""
+    per_profile: list[dict[str, tuple[int, int]]] = []
+    unbounded: set[str] = set()
+    count = max((len(r) for _, r in inputs), default=0)
+    for k in range(count):
+        cur: dict[str, tuple[int, int]] = {}
+        for shape, ranges in inputs:
+            for j, d in enumerate(shape or ()):
+                if not isinstance(d, str):
+                    continue
+                if k >= len(ranges) or j >= len(ranges[k][0]):
+                    unbounded.add(d)
+                    continue
+                lo, hi = int(ranges[k][0][j]), int(ranges[k][1][j])
+                old = cur.get(d, (lo, hi))
+                cur[d] = (max(old[0], lo), min(old[1], hi))
+        per_profile.append(cur)
+    out: dict[str, tuple[int, int]] = {}
+    for cur in per_profile:
+        for d, (lo, hi) in cur.items():
+            old = out.get(d, (lo, hi))
+            out[d] = (min(old[0], lo), max(old[1], hi))
+    return {d: r for d, r in out.items() if d not in unbounded and r[0] <= r[1]}
+
+
+def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torch.Tensor | None],
+         value_inputs: tuple[int, ...]) -> Any:
+    """A hashable key of everything inference reads, or None when a tensor is too large to key by value."""
+    tensors = [(k, v) for k, v in node.attrs.items() if isinstance(v, torch.Tensor)]
+    tensors += [(i, c) for i, c in enumerate(consts) if c is not None and i in value_inputs]
+    if any(t.numel() > 4096 for _, t in tensors):
+        return None
+    vals = tuple((k, str(t.dtype), tuple(t.shape), t.cpu().numpy().tobytes()) for k, t in tensors)
+    attrs = tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if not isinstance(v, torch.Tensor)))
+    named = {d for t in types if t is not None and t.shape is not None for d in t.shape if isinstance(d, str)}
+    bounds = tuple(sorted((d, r) for d, r in _BOUNDS.get().items() if d in named))
+    return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds)
+
+
+def infer_symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
+                   consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+    """Output types of `node` whose inputs have dynamic dims (see the module docstring)."""
+    key = None if any(node.subgraphs()) else _key(node, types, consts, opdef.value_inputs)
+    if key is None:
+        return _run_or_fallback(opdef, node, types, consts)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+    else:
+        _CACHE[key] = _run_or_fallback(opdef, node, types, consts)
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return list(_CACHE[key])
+
+
+def _run_or_fallback(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
+                     consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+    with _quiet():
+        out = _symbolic(opdef, node, types, consts)
+        if out is None:
+            out = _ranks_only(opdef, node, types, consts)
+    out = out[:len(node.outputs)]
+    return out + [TensorType(None, None)] * (len(node.outputs) - len(out))
+
+
+def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
+              consts: Sequence[torch.Tensor | None]) -> list[TensorType] | None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    names: dict[Any, str | None] = {}  # sympy symbol -> the input symbol it stands for (None: an unknown dim)
+    named: dict[str, Any] = {}
+
+    bounds = _BOUNDS.get()
+
+    def fresh(name: str | None) -> Any:
+        s = env.create_unbacked_symint()
+        lo, hi = bounds.get(name, (0, _MAX_DIM)) if name is not None else (0, _MAX_DIM)
+        torch._check(s >= lo)
+        torch._check(s <= hi)
+        names[s.node.expr] = name
+        return s
+
+    try:
+        fake = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+        with fake:
+            args: list[Any] = []
+            for i, (t, c) in enumerate(zip(types, consts)):
+                if c is not None and i in opdef.value_inputs:
+                    args.append(c)
+                    continue
+                if c is None and i in opdef.value_inputs and t is not None:
+                    return None  # a shape-like input only known at run time
+                if t is None or t.shape is None or t.dtype is None:
+                    if c is None:
+                        if t is None:
+                            args.append(None)
+                            continue
+                        return None
+                    t = TensorType(DType.from_torch(c.dtype), tuple(c.shape))
+                dims = []
+                for d in t.shape:
+                    if isinstance(d, str) and d not in named:
+                        named[d] = fresh(d)
+                    dims.append(d if isinstance(d, int) else named[d] if isinstance(d, str) else fresh(None))
+                args.append(torch.empty(dims, dtype=t.dtype.torch))  # type: ignore[union-attr]
+        try:
+            # outside the mode first: ops on fake inputs still run fake, while reading a value input (a
+            # real constant: Reshape's target, Slice's starts) stays real
+            out = opdef.compute(node, *args)
+        except Exception:
+            # inside it, tensors the op creates from sizes (arange(n), zeros(shape)) are fake too
+            with fake:
+                out = opdef.compute(node, *args)
+    except Exception as e:
+        FALLBACKS[node.op_type] += 1
+        LAST_ERROR[node.op_type] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+        return None
+    outs = list(out) if isinstance(out, tuple) else [out]
+    tainted = _assumed_equal(env)
+    return [_type_of(o, names, tainted, env) for o in outs]
+
+
+def _tighten(e: Any, env: Any) -> Any:
+    """e with each Min/Max whose winner the symbols' ranges decide replaced by that argument (a Slice's
+    end clamp Min(2**63 - 1, L) is L: every dim is at most 2**40), bottom-up."""
+    def decide(m: Any) -> Any:
+        args, want = list(m.args), -1 if type(m).__name__ == "Min" else 1
+        for a in args:
+            if all(a == b or _sign(a - b, env) == want for b in args):
+                return a
+        return m
+
+    # torch's own Min/Max classes (torch.utils._sympy.functions), sympy's in older versions: by name
+    return e.replace(lambda x: type(x).__name__ in ("Min", "Max"), decide)
+
+
+def _sign(d: Any, env: Any) -> int:
+    """-1 when d <= 0 for every value of its symbols, 1 when d >= 0, else 0."""
+    try:
+        r = env.bound_sympy(d)
+    except Exception:
+        return 0
+    if r.upper <= 0:
+        return -1
+    if r.lower >= 0:
+        return 1
+    return 0
+
+
+def _assumed_equal(env: Any) -> set[Any]:
+    """Symbols of the run-time assertions torch made to equate two dims (instead of deciding)."""
+    import sympy
+    out: set[Any] = set()
+    for asserts in getattr(env, "deferred_runtime_asserts", {}).values():
+        for ra in asserts:
+            e = ra.expr
+            if isinstance(e, sympy.Eq) and len(e.free_symbols) >= 2:
+                out |= e.free_symbols
+    for s, r in getattr(env, "replacements", {}).items():  # a symbol torch learned equals an expression
+        out |= {s} | set(getattr(r, "free_symbols", ()))
+    return out
+
+
+def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) -> TensorType:
+    if not isinstance(o, torch.Tensor):
+        return TensorType(None, None)
+    try:
+        dt: DType | None = DType.from_torch(o.dtype)
+    except Exception:
+        dt = None
+    dims: list[int | str | None] = []
+    for d in o.shape:
+        if isinstance(d, int):
+            dims.append(d)
+            continue
+        e = _tighten(d.node.expr, env)
+        if e.is_Integer:
+            dims.append(int(e))
+        elif e.free_symbols & tainted:
+            dims.append(None)
+        else:
+            dims.append(names.get(e))
+    return TensorType(dt, tuple(dims))
+
+
+def _ranks_only(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
+                consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+    """Element types and ranks from one run with every dynamic dim at a placeholder size; no dims."""
+    from kiln.ops.infer import _run
+    placeholder = [None if t is None or t.shape is None else
+                   TensorType(t.dtype, tuple(d if isinstance(d, int) else _PLACEHOLDER for d in t.shape))
+                   for t in types]
+    outs = _run(opdef, node, placeholder, consts, {})
+    if outs is None:
+        return [TensorType(None, None) for _ in node.outputs]
+    res = []
+    for o in outs:
+        if not isinstance(o, torch.Tensor):
+            res.append(TensorType(None, None))
+            continue
+        try:
+            dt: DType | None = DType.from_torch(o.dtype)
+        except Exception:
+            dt = None
+        res.append(TensorType(dt, (None,) * o.dim()))
+    return res

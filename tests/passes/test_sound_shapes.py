@@ -1,0 +1,152 @@
+"""Sound shape inference: a dim is static only when proven for every value of the dynamic dims.
+
+The failure this guards against (issue 11): two placeholder lengths that happened to give the same
+frame count after a stride-128 convolution typed the frame count as a fixed 7, folding then decided an
+exporter's `Equal(Gather(Shape(x), -1), 1)` check, and the wrong If branch ran."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln.builder import Builder, BuilderConfig, OptimizationProfile
+from kiln.frontend.onnx import load_onnx
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, Value
+from kiln.ir.types import TensorType
+from kiln.logger import Logger
+from kiln.ops.infer import infer_node
+from kiln.runtime.engine import Engine
+from kiln.testing import run_oracle
+
+F32 = DType.FLOAT32
+
+
+def _stft_gate(rng: np.random.Generator) -> object:
+    """x [1, L] -> a stride-128 framing conv -> frames [1, 4, T]; if T == 1: frames * 3 else frames[..., 1:] + 1."""
+    w = (rng.standard_normal((4, 1, 256)) * 0.1).astype(np.float32)
+    c = {"w": w, "ax0": np.array([1], np.int64), "m1": np.array(-1, np.int64), "one": np.array(1, np.int64),
+         "three": np.array(3.0, np.float32), "s1": np.array([1], np.int64), "e": np.array([1 << 30], np.int64),
+         "ax2": np.array([2], np.int64), "onef": np.array(1.0, np.float32)}
+    then_g = helper.make_graph([helper.make_node("Mul", ["f", "three"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Slice", ["f", "s1", "e", "ax2"], ["sl"]),
+                                helper.make_node("Add", ["sl", "onef"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax0"], ["x3"]),
+             helper.make_node("Conv", ["x3", "w"], ["f"], strides=[128]),
+             helper.make_node("Shape", ["f"], ["fs"]),
+             helper.make_node("Gather", ["fs", "m1"], ["t"]),
+             helper.make_node("Equal", ["t", "one"], ["single"]),
+             helper.make_node("If", ["single"], ["y"], then_branch=then_g, else_branch=else_g)]
+    g = helper.make_graph(nodes, "stft_gate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_strided_frame_count_is_not_typed_static_from_samples() -> None:
+    x = Value("x", TensorType(F32, (1, 1, "L")))
+    w = Value("w", const=__import__("torch").zeros(4, 1, 256))
+    conv = Node("Conv", [x, w], [Value("f")], {"strides": [128]}, name="c", opset=17)
+    (t,) = infer_node(conv)
+    assert t.dtype == F32 and t.shape == (1, 4, None), t
+
+
+def test_branch_on_a_dynamic_frame_count_is_kept_and_both_branches_run() -> None:
+    rng = np.random.default_rng()
+    m = _stft_gate(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 256), (1, 1025), (1, 4096))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
+    assert any(s["op"] == "If" for s in plan.graph["steps"]), [s["op"] for s in plan.graph["steps"]]
+    ctx = Engine(plan).create_execution_context()
+    for length in (300, 1025, 1133, int(rng.integers(384, 4096))):  # 300 -> one frame: the other branch
+        x = rng.standard_normal((1, length)).astype(np.float32)
+        got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
+        assert got.shape == want.shape, (length, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_non_positive_dim_value_imports_as_dynamic(dim: int) -> None:
+    vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])
+    vi.type.tensor_type.shape.dim[0].dim_value = dim
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [vi],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = load_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), Logger())
+    d0 = graph.inputs[0].type.shape[0]
+    assert not isinstance(d0, int), graph.inputs[0].type
+    prof = OptimizationProfile().set_shape("x", (1, 3, 8), (2, 3, 8), (4, 3, 8))
+    plan = Builder(Logger()).build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                                   BuilderConfig(device="cpu", profiles=[prof]))
+    x = np.random.default_rng().standard_normal((3, 3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(Engine(plan).create_execution_context().execute({"x": x})["y"], np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("op,attrs,want", [
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, ("N", 8, "H", "W")),
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, ("N", 8, None, None)),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1]}, ("N", 8, None, None)),
+    ("AveragePool", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER"}, ("N", 8, "H", "W")),
+    ("AveragePool", {"kernel_shape": [3, 1], "strides": [2, 1], "pads": [1, 0, 1, 0]}, ("N", 8, None, "W")),
+])
+def test_window_ops_keep_a_spatial_symbol_only_where_proven(op: str, attrs: dict, want: tuple) -> None:
+    x = Value("x", TensorType(F32, ("N", 8, "H", "W")))
+    (t,) = infer_node(Node(op, [x], [Value("y")], attrs, name="p", opset=17))
+    assert t.shape == want and t.dtype == F32, t
+
+
+def test_broadcast_against_an_unknown_dim_does_not_claim_the_symbol() -> None:
+    a = Value("a", TensorType(F32, ("N", 4)))
+    b = Value("b", TensorType(F32, (None, 4)))  # could be 1 at run time: the output is then N, else b's
+    (t,) = infer_node(Node("Add", [a, b], [Value("y")], name="add", opset=17))
+    assert t.shape == (None, 4), t
+    same = Node("Add", [a, Value("c", TensorType(F32, ("N", 1)))], [Value("z")], name="add2", opset=17)
+    assert infer_node(same)[0].shape == ("N", 4)
+
+
+def test_derived_dims_from_reshape_and_concat() -> None:
+    import torch
+    x = Value("x", TensorType(F32, ("N", 3, "H", "W")))
+    r = Node("Reshape", [x, Value("s", const=torch.tensor([0, -1]))], [Value("y")], name="r", opset=17)
+    assert infer_node(r)[0].shape == ("N", None)
+    cat = Node("Concat", [x, Value("z", TensorType(F32, ("N", 5, "H", "W")))], [Value("c")], {"axis": 1},
+               name="cat", opset=17)
+    assert infer_node(cat)[0].shape == ("N", 8, "H", "W")
+
+
+def test_resize_dims_follow_the_definition() -> None:
+    import torch
+    x = Value("x", TensorType(F32, ("N", 8, "H", 10)))
+    scales = Value("sc", const=torch.tensor([1.0, 1.0, 2.0, 2.0]))
+    r = Node("Resize", [x, None, scales], [Value("y")], {"mode": "nearest"}, name="r", opset=13)
+    assert infer_node(r)[0].shape == ("N", 8, None, 20)
+    sizes = Value("sz", const=torch.tensor([1, 8, 32, 32]))
+    r = Node("Resize", [x, None, None, sizes], [Value("y")], {"mode": "nearest"}, name="r", opset=13)
+    assert infer_node(r)[0].shape == (1, 8, 32, 32)
+
+
+def test_profile_ranges_bound_the_symbols() -> None:
+    import torch
+    from kiln.ops.symbolic import profile_bounds, symbol_bounds
+    x = Value("x", TensorType(F32, ("N", "L", 64)))
+    last = Node("Slice", [x, Value("s", const=torch.tensor([-1])), Value("e", const=torch.tensor([2 ** 63 - 1])),
+                          Value("a", const=torch.tensor([1]))], [Value("y")], name="last", opset=13)
+    head = Node("Slice", [x, Value("s", const=torch.tensor([0])), Value("e", const=torch.tensor([7])),
+                          Value("a", const=torch.tensor([1]))], [Value("y")], name="head", opset=13)
+    assert infer_node(last)[0].shape == ("N", None, 64)  # L may be 0: then the slice is empty
+    assert infer_node(head)[0].shape == ("N", None, 64)  # min(7, L)
+    bounds = profile_bounds([(("N", "L", 64), [((1, 8, 64), (4, 128, 64))]), (("N",), [((2,), (3,))])])
+    assert bounds == {"N": (2, 3), "L": (8, 128)}
+    with symbol_bounds(bounds):
+        assert infer_node(last)[0].shape == ("N", 1, 64)
+        assert infer_node(head)[0].shape == ("N", 7, 64)
+
+
+def test_reference_kernel_moves_host_tensors_to_its_device() -> None:
+    import torch
+    from kiln.backends.reference import ReferenceTactic
+    a, b = Value("a", TensorType(F32, (3,))), Value("b", TensorType(F32, (3,)))
+    fn = ReferenceTactic().build(Node("Add", [a, b], [Value("y")], name="add", opset=17), {}, torch.device("meta"))
+    y = fn(torch.ones(3, device="meta"), torch.arange(3.0))  # a host tensor meets a device tensor
+    assert y.device.type == "meta" and y.shape == (3,)
