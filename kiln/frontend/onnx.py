@@ -23,6 +23,9 @@ from kiln.ops.registry import lookup
 
 MIN_OPSET, MAX_OPSET = 1, 28
 MAX_DIM = 2**40
+# dim_param spellings exporters use for "unknown" (Paddle2ONNX writes "?" for every dynamic dim): each
+# occurrence is its own dim, not one symbol that all of them must share
+ANONYMOUS_DIMS = frozenset({"?", "-1"})
 """Largest dimension a declared type may state; a negative one (some exporters write -1) is unknown."""
 
 
@@ -148,7 +151,7 @@ def _value_type(tp: onnx.TypeProto, where: str) -> tuple[TensorType, str]:
                 if d.dim_value > MAX_DIM:
                     raise ModelError(f"'{where}': dimension {k} is {d.dim_value}, above Kiln's limit of {MAX_DIM}")
                 dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
+            elif d.HasField("dim_param") and d.dim_param and d.dim_param not in ANONYMOUS_DIMS:
                 dims.append(d.dim_param)
             else:
                 dims.append(f"{where}_dim{k}")

@@ -150,3 +150,17 @@ def test_reference_kernel_moves_host_tensors_to_its_device() -> None:
     fn = ReferenceTactic().build(Node("Add", [a, b], [Value("y")], name="add", opset=17), {}, torch.device("meta"))
     y = fn(torch.ones(3, device="meta"), torch.arange(3.0))  # a host tensor meets a device tensor
     assert y.device.type == "meta" and y.shape == (3,)
+
+
+def test_question_mark_dim_params_are_independent_dims() -> None:
+    """Paddle2ONNX writes "?" for every dynamic dim: H and W are two dims, not one symbol."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "?", "?"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    h, w = load_onnx(m, Logger()).inputs[0].type.shape[2:]
+    assert not isinstance(h, int) and not isinstance(w, int) and h != w
+    x = np.random.default_rng().standard_normal((1, 3, 48, 192)).astype(np.float32)
+    prof = OptimizationProfile().set_shape("x", (1, 3, 32, 32), (1, 3, 48, 192), (1, 3, 64, 320))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
+    np.testing.assert_array_equal(Engine(plan).create_execution_context().execute({"x": x})["y"], np.maximum(x, 0))
