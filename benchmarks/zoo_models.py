@@ -1,0 +1,456 @@
+"""The model zoo of benchmarks/zoo.py: where each model comes from, how it becomes ONNX, its inputs.
+
+Every entry is a `ZooModel`: a name, its source (a pip package that ships a trained ONNX file, timm,
+transformers, torchvision), the exporter that produced the ONNX file, the named dynamic dims with
+their optimization-profile range (min, opt, max), the inputs as shape templates over those dims, and
+two shape points (inside the profile) at which outputs are checked against ONNX Runtime.
+
+ONNX files are made once and kept under the cache folder (default ~/.cache/kiln-zoo):
+`<cache>/<name>.onnx`. Shipped models are copied there unchanged; torch models are exported there
+(random weights, seeded). Delete a file to make it again.
+
+Exporters (torch 2.13):
+- "torch.onnx dynamo": `torch.onnx.export(..., dynamo=True)` -- torch's default exporter since 2.9
+  (torch.export + onnxscript), opset 18, dynamic dims via `dynamic_shapes`;
+- "torch.onnx TorchScript": `torch.onnx.export(..., dynamo=False)` -- the tracing exporter, opset 17,
+  dynamic dims via `dynamic_axes`;
+- "Paddle2ONNX" (PaddleOCR models shipped in rapidocr-onnxruntime) and "spox" (Silero VAD's
+  silero_vad.onnx), files used as shipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+Dims = dict[str, int]
+
+
+@dataclass
+class In:
+    """One model input: name, shape template (ints and dim names), how to fill it."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    kind: str = "normal"        # normal: N(0,1) | uniform: U(-1,1) | unit: U(0,1) | ids | mask | segments | state | const
+    dtype: str = "float32"
+    high: int = 0               # ids: vocabulary size; const: the value
+    scale: float = 1.0
+
+    def concrete(self, dims: Dims) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def make(self, dims: Dims, rng: np.random.Generator) -> np.ndarray:
+        shape = self.concrete(dims)
+        if self.kind == "normal":
+            return (rng.standard_normal(shape) * self.scale).astype(self.dtype)
+        if self.kind == "uniform":
+            return rng.uniform(-1.0, 1.0, shape).astype(self.dtype)
+        if self.kind == "unit":
+            return rng.uniform(0.0, 1.0, shape).astype(self.dtype)
+        if self.kind == "state":
+            return (rng.standard_normal(shape) * 0.1).astype(self.dtype)
+        if self.kind == "ids":
+            return rng.integers(0, self.high, shape).astype(self.dtype)
+        if self.kind == "mask":  # row 0 unpadded, later rows padded at the end (up to half their length)
+            m = np.ones(shape, self.dtype)
+            b, s = shape
+            for i in range(1, b):
+                m[i, s - (i * s) // (2 * b):] = 0
+            return m
+        if self.kind == "segments":  # sentence A then sentence B
+            m = np.zeros(shape, self.dtype)
+            m[:, shape[1] // 2:] = 1
+            return m
+        if self.kind == "const":
+            return np.full(shape, self.high, self.dtype)
+        raise ValueError(self.kind)
+
+
+@dataclass
+class ZooModel:
+    name: str
+    source: str                  # pip:<package> | timm | transformers | torchvision
+    exporter: str
+    family: str                  # conv | detection | transformer | audio
+    what: str
+    inputs: list[In]
+    dims: dict[str, tuple[int, int, int]]       # dim -> (min, opt, max); opt is the latency/tuning point
+    checks: tuple[Dims, Dims]                    # two accuracy points inside the profile
+    make_onnx: Callable[[str], None]             # writes the ONNX file at the path
+    torch_module: Callable[[], Any] | None = None  # (module, names of its positional inputs) for GPU peers
+    needs: tuple[str, ...] = ()                  # importable modules the entry needs
+    notes: str = ""
+    output_names: list[str] = field(default_factory=list)
+
+    def point(self, which: str) -> Dims:
+        k = {"min": 0, "opt": 1, "max": 2}[which]
+        return {d: r[k] for d, r in self.dims.items()}
+
+    def feeds(self, dims: Dims, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {i.name: i.make(dims, rng) for i in self.inputs}
+
+    def path(self, cache: str) -> str:
+        return os.path.join(cache, f"{self.name}.onnx")
+
+    def ensure(self, cache: str) -> str:
+        """The cached ONNX file, made first if absent."""
+        p = self.path(cache)
+        if not os.path.exists(p):
+            os.makedirs(cache, exist_ok=True)
+            tmp = p + ".part"
+            try:
+                self.make_onnx(tmp)
+                os.replace(tmp, p)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return p
+
+    def missing(self) -> list[str]:
+        return [m for m in self.needs if importlib.util.find_spec(m) is None]
+
+
+# ---------------------------------------------------------------- shipped ONNX files
+
+
+def _shipped(package: str, rel: str) -> Callable[[str], None]:
+    def make(dst: str) -> None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"package '{package}' is not installed (pip install -e '.[zoo]')")
+        src = os.path.join(list(spec.submodule_search_locations)[0], rel)
+        shutil.copyfile(src, dst)
+    return make
+
+
+def shipped_file(package: str, rel: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)
+
+
+# ---------------------------------------------------------------- torch exports
+
+
+def _seed() -> None:
+    import torch
+    try:
+        import_torchvision()  # timm and transformers import torchvision when it is there
+    except ImportError:
+        pass
+    torch.manual_seed(0)
+
+
+def export_torch(module: Any, args: tuple[Any, ...], path: str, inputs: list[In], output_names: list[str],
+                 dynamo: bool) -> None:
+    """torch.onnx.export with the named dims of `inputs` dynamic; one self-contained file."""
+    import torch
+    module = module.eval()
+    names = [i.name for i in inputs]
+    with torch.no_grad():
+        if dynamo:
+            dim_objs: dict[str, Any] = {}
+            shapes = []
+            for i in inputs:
+                spec = {}
+                for ax, d in enumerate(i.shape):
+                    if isinstance(d, str):
+                        if d not in dim_objs:
+                            dim_objs[d] = torch.export.Dim(d, min=1, max=4096)
+                        spec[ax] = dim_objs[d]
+                shapes.append(spec or None)
+            params = inspect.signature(module.forward).parameters.values()
+            varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)  # forward(*xs)
+            dyn = (tuple(shapes),) if varargs else tuple(shapes)
+            torch.onnx.export(module, args, path, dynamo=True, input_names=names, output_names=output_names,
+                              dynamic_shapes=dyn, opset_version=18, external_data=False,
+                              optimize=True, verbose=False)
+        else:
+            axes = {i.name: {ax: d for ax, d in enumerate(i.shape) if isinstance(d, str)} for i in inputs}
+            axes = {k: v for k, v in axes.items() if v}
+            torch.onnx.export(module, args, path, dynamo=False, input_names=names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=17, do_constant_folding=True)
+
+
+def _torch_args(m: "ZooModel") -> tuple[Any, ...]:
+    import torch
+    dims = m.point("opt")
+    if "batch" in dims:  # an example batch of 2: exporters specialize dims of size 1
+        dims["batch"] = 2
+    feeds = m.feeds(dims, seed=0)
+    return tuple(torch.from_numpy(v) for v in feeds.values())
+
+
+class Outputs:
+    """Wraps a Hugging Face model: positional tensors in (by keyword), a tuple of named outputs out."""
+
+    @staticmethod
+    def wrap(model: Any, in_names: list[str], out_names: list[str], **extra: Any) -> Any:
+        import torch
+
+        class _W(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, *xs: Any) -> Any:
+                o = self.m(**dict(zip(in_names, xs)), return_dict=True, **extra)
+                return tuple(o[k] for k in out_names)
+        return _W().eval()
+
+
+def _timm(arch: str) -> Callable[[], Any]:
+    def build() -> Any:
+        _seed()
+        import timm
+        return timm.create_model(arch, pretrained=False).eval()
+    return build
+
+
+def _tv(fn: str, **kw: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        tv = import_torchvision()
+        _seed()
+        return getattr(tv.models, fn)(weights=None, **kw).eval()
+    return build
+
+
+def _tv_det(fn: str) -> Callable[[], Any]:
+    def build() -> Any:
+        tv = import_torchvision()
+        import torch
+        _seed()
+        net = getattr(tv.models.detection, fn)(weights=None, weights_backbone=None).eval()
+
+        class Det(torch.nn.Module):  # one image [3,H,W] in; boxes, scores, labels out (torchvision's ONNX form)
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, image: Any) -> Any:
+                d = self.net([image])[0]
+                return d["boxes"], d["scores"], d["labels"]
+        return Det().eval()
+    return build
+
+
+def _hf(kind: str) -> Callable[[], Any]:
+    def build() -> Any:
+        _seed()
+        import transformers as tf
+        if kind == "bert":
+            m = tf.BertModel(tf.BertConfig())
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask", "token_type_ids"],
+                                ["last_hidden_state", "pooler_output"])
+        if kind == "distilbert":
+            m = tf.DistilBertModel(tf.DistilBertConfig())
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"])
+        if kind == "gpt2":
+            m = tf.GPT2Model(tf.GPT2Config())
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"], use_cache=False)
+        if kind == "whisper_encoder":
+            m = tf.WhisperModel(tf.WhisperConfig()).encoder
+            return Outputs.wrap(m.eval(), ["input_features"], ["last_hidden_state"])
+        raise ValueError(kind)
+    return build
+
+
+def _exported(build: Callable[[], Any], dynamo: bool) -> Callable[["ZooModel"], Callable[[str], None]]:
+    def bind(m: "ZooModel") -> Callable[[str], None]:
+        def make(path: str) -> None:
+            export_torch(build(), _torch_args(m), path, m.inputs, m.output_names, dynamo)
+        return make
+    return bind
+
+
+# ---------------------------------------------------------------- torchvision beside a CPU-only torch
+
+_TV_SCHEMAS = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+_TV_LIB: list[Any] = []
+
+
+def _nms_reference(dets: Any, scores: Any, iou_threshold: float) -> Any:
+    """Greedy NMS in plain torch (torchvision's semantics): indices kept, by decreasing score."""
+    import torch
+    if dets.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=dets.device)
+    order = scores.argsort(descending=True)
+    x1, y1, x2, y2 = dets.unbind(1)
+    area = (x2 - x1) * (y2 - y1)
+    keep = []
+    suppressed = torch.zeros(dets.shape[0], dtype=torch.bool)
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        w = (torch.minimum(x2[i], x2) - torch.maximum(x1[i], x1)).clamp(min=0)
+        h = (torch.minimum(y2[i], y2) - torch.maximum(y1[i], y1)).clamp(min=0)
+        inter = w * h
+        iou = inter / (area[i] + area - inter)
+        suppressed |= iou > iou_threshold
+    return torch.tensor(keep, dtype=torch.long, device=dets.device)
+
+
+def import_torchvision() -> Any:
+    """torchvision; beside a CPU-only torch whose torchvision wheel cannot load its C++ ops (PyPI's
+    wheels link the CUDA libtorch), the two NMS ops are defined here in plain torch first, so that the
+    package imports and detection models run and export (torchvision's ONNX symbolic turns
+    torchvision::nms into NonMaxSuppression either way). Nothing changes where the real ops load."""
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    import torch
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
+    if not _TV_LIB:
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for name, schema in _TV_SCHEMAS.items():
+            lib.define(schema)
+            lib.impl(name, _nms_reference, "CPU")
+        _TV_LIB.append(lib)
+    import torchvision
+    import torchvision.extension as ext
+    ext._has_ops = _has_ops  # type: ignore[attr-defined]
+    return torchvision
+
+
+def _has_ops() -> bool:  # a def, not a lambda: torchvision scripts the functions that call it
+    return True
+
+
+# ---------------------------------------------------------------- the registry
+
+IMG = ("batch", 3, 224, 224)
+B = {"batch": (1, 1, 4)}
+B_CHECKS: tuple[Dims, Dims] = ({"batch": 1}, {"batch": 3})
+TEXT = {"batch": (1, 1, 4), "seq": (8, 32, 128)}
+TEXT_CHECKS: tuple[Dims, Dims] = ({"batch": 1, "seq": 32}, {"batch": 3, "seq": 77})
+
+
+def _timm_entry(name: str, arch: str, what: str, dynamo: bool = False, size: int = 224) -> ZooModel:
+    img = ("batch", 3, size, size)
+    m = ZooModel(name, "timm", "torch.onnx dynamo" if dynamo else "torch.onnx TorchScript", "conv", what,
+                 [In("input", img)], dict(B), B_CHECKS, make_onnx=lambda p: None, torch_module=_timm(arch),
+                 needs=("timm", "onnxscript") if dynamo else ("timm",), output_names=["logits"])
+    m.make_onnx = _exported(_timm(arch), dynamo)(m)
+    return m
+
+
+def _text_entry(name: str, kind: str, what: str, inputs: list[In], outs: list[str], dynamo: bool = False,
+                dims: dict[str, tuple[int, int, int]] | None = None,
+                checks: tuple[Dims, Dims] | None = None) -> ZooModel:
+    m = ZooModel(name, "transformers", "torch.onnx dynamo" if dynamo else "torch.onnx TorchScript", "transformer",
+                 what, inputs, dict(dims or TEXT), checks or TEXT_CHECKS, make_onnx=lambda p: None,
+                 torch_module=_hf(kind),
+                 needs=("transformers", "onnxscript") if dynamo else ("transformers",), output_names=outs)
+    m.make_onnx = _exported(_hf(kind), dynamo)(m)
+    return m
+
+
+def _bert_inputs(vocab: int, segments: bool = True) -> list[In]:
+    ins = [In("input_ids", ("batch", "seq"), "ids", "int64", vocab),
+           In("attention_mask", ("batch", "seq"), "mask", "int64")]
+    if segments:
+        ins.append(In("token_type_ids", ("batch", "seq"), "segments", "int64"))
+    return ins
+
+
+def registry() -> list[ZooModel]:
+    ocr = "rapidocr_onnxruntime"
+    vad = "silero_vad"
+    models: list[ZooModel] = [
+        ZooModel("ppocr_det", "pip:rapidocr-onnxruntime", "Paddle2ONNX", "conv",
+                 "PaddleOCR PP-OCRv4 text detection (DB head, mobile), trained; as shipped",
+                 [In("x", ("batch", 3, "h", "w"), "uniform")],
+                 {"batch": (1, 1, 2), "h": (320, 640, 960), "w": (320, 640, 960)},
+                 ({"batch": 1, "h": 640, "w": 640}, {"batch": 2, "h": 320, "w": 480}),
+                 _shipped(ocr, "models/ch_PP-OCRv4_det_infer.onnx"), needs=(ocr,)),
+        ZooModel("ppocr_rec", "pip:rapidocr-onnxruntime", "Paddle2ONNX", "transformer",
+                 "PaddleOCR PP-OCRv4 text recognition (SVTR-LCNet, CTC over 6625 chars), trained; as shipped",
+                 [In("x", ("batch", 3, 48, "w"), "uniform")],
+                 {"batch": (1, 1, 6), "w": (160, 320, 640)},
+                 ({"batch": 1, "w": 320}, {"batch": 3, "w": 192}),
+                 _shipped(ocr, "models/ch_PP-OCRv4_rec_infer.onnx"), needs=(ocr,)),
+        ZooModel("ppocr_cls", "pip:rapidocr-onnxruntime", "Paddle2ONNX", "conv",
+                 "PaddleOCR text direction classifier (MobileNetV3, 0/180 degrees), trained; as shipped",
+                 [In("x", ("batch", 3, 48, 192), "uniform")], {"batch": (1, 1, 6)}, B_CHECKS,
+                 _shipped(ocr, "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"), needs=(ocr,)),
+        ZooModel("silero_vad", "pip:silero-vad", "spox", "audio",
+                 "Silero VAD v6 (conv front end + LSTM, If on the sample rate), trained; as shipped "
+                 "(silero_vad.onnx); a 512-sample 16 kHz chunk with 64 samples of context",
+                 [In("input", ("batch", 576), "uniform"), In("state", (2, "batch", 128), "state"),
+                  In("sr", (), "const", "int64", 16000)],
+                 {"batch": (1, 1, 4)}, B_CHECKS, _shipped(vad, "data/silero_vad.onnx"), needs=(vad,)),
+        ZooModel("silero_vad_op15", "pip:silero-vad", "torch.onnx TorchScript (torch 2.3.1)", "audio",
+                 "Silero VAD v6, the package's opset-15 export (If branches per sample rate); as shipped",
+                 [In("input", ("batch", "samples"), "uniform"), In("state", (2, "batch", 128), "state"),
+                  In("sr", (), "const", "int64", 16000)],
+                 {"batch": (1, 1, 4), "samples": (576, 576, 1088)},
+                 ({"batch": 1, "samples": 576}, {"batch": 3, "samples": 576}),
+                 _shipped(vad, "data/silero_vad_16k_op15.onnx"), needs=(vad,)),
+        _timm_entry("resnet50", "resnet50", "ResNet-50 (timm)"),
+        _timm_entry("resnet50_dynamo", "resnet50", "ResNet-50 (timm), torch's default (dynamo) exporter", True),
+        _timm_entry("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm): depthwise convs, SiLU, SE"),
+        _timm_entry("mobilenetv3_large_100", "mobilenetv3_large_100", "MobileNetV3-Large (timm): hard-swish, SE"),
+        _timm_entry("convnext_tiny", "convnext_tiny", "ConvNeXt-T (timm): 7x7 depthwise, LayerNorm, GELU"),
+        _timm_entry("regnety_016", "regnety_016", "RegNetY-1.6GF (timm): grouped convs, SE"),
+        _timm_entry("densenet121", "densenet121", "DenseNet-121 (timm): concatenations"),
+        _timm_entry("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16 (timm)"),
+        _timm_entry("deit_small_patch16_224", "deit_small_patch16_224", "DeiT-S/16 (timm)"),
+        _timm_entry("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224",
+                    "Swin-T (timm): shifted windows (roll, window reshapes)"),
+        _text_entry("bert_base", "bert", "BERT-base (BertModel(BertConfig()))", _bert_inputs(30522),
+                    ["last_hidden_state", "pooler_output"]),
+        _text_entry("bert_base_dynamo", "bert", "BERT-base, torch's default (dynamo) exporter", _bert_inputs(30522),
+                    ["last_hidden_state", "pooler_output"], dynamo=True),
+        _text_entry("distilbert", "distilbert", "DistilBERT-base (DistilBertModel(DistilBertConfig()))",
+                    _bert_inputs(30522, segments=False), ["last_hidden_state"]),
+        _text_entry("gpt2", "gpt2", "GPT-2 small (GPT2Model(GPT2Config()), no KV cache)",
+                    _bert_inputs(50257, segments=False), ["last_hidden_state"]),
+        _text_entry("whisper_encoder", "whisper_encoder",
+                    "Whisper encoder (WhisperConfig() defaults: tiny-sized, 80 mel bins x 3000 frames; "
+                    "the encoder fixes the length)",
+                    [In("input_features", ("batch", 80, 3000))], ["last_hidden_state"],
+                    dims={"batch": (1, 1, 4)}, checks=B_CHECKS),
+    ]
+    det = ZooModel("ssdlite320_mobilenet_v3_large", "torchvision", "torch.onnx TorchScript", "detection",
+                   "SSDlite320 MobileNetV3-Large (torchvision), with its transform (resize to 320) and "
+                   "postprocessing (score filter, top-k, batched NMS); one image, dynamic H x W",
+                   [In("image", (3, "h", "w"), "unit")],
+                   {"h": (240, 320, 640), "w": (240, 320, 640)},
+                   ({"h": 320, "w": 320}, {"h": 480, "w": 360}),
+                   make_onnx=lambda p: None, torch_module=_tv_det("ssdlite320_mobilenet_v3_large"),
+                   needs=("torchvision",), output_names=["boxes", "scores", "labels"])
+    det.make_onnx = _exported(_tv_det("ssdlite320_mobilenet_v3_large"), False)(det)
+    models.append(det)
+    shuf = ZooModel("shufflenet_v2_x1_0", "torchvision", "torch.onnx TorchScript", "conv",
+                    "ShuffleNetV2 x1.0 (torchvision): channel shuffle (reshape/transpose), channel split",
+                    [In("input", IMG)], dict(B), B_CHECKS, make_onnx=lambda p: None,
+                    torch_module=_tv("shufflenet_v2_x1_0"), needs=("torchvision",), output_names=["logits"])
+    shuf.make_onnx = _exported(_tv("shufflenet_v2_x1_0"), False)(shuf)
+    models.append(shuf)
+    return models
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
