@@ -77,6 +77,17 @@ class Reshape(OpDef):
             dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
         return x.reshape(dims)
 
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """A target only known at run time still fixes the element type (x's) and the rank (its length)."""
+        from kiln.ops.infer import infer_by_meta
+        target = types[1] if len(types) > 1 else None
+        if node.opset < 5 or (len(consts) > 1 and consts[1] is not None) or target is None:
+            return infer_by_meta(self, node, types, consts)
+        x = types[0]
+        rank = target.shape[0] if target.shape is not None and len(target.shape) == 1 else None
+        return [TensorType(x.dtype if x is not None else None, (None,) * rank if isinstance(rank, int) else None)]
+
 
 @register
 class Transpose(OpDef):

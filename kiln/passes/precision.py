@@ -126,8 +126,10 @@ class ReducedPrecision(Pass):
                     n.inputs[i] = cast(v, low, to_low)
                     changed = True
                 new_nodes.append(n)
-                for o in n.outputs:
-                    if _is_float32(o):
+                for k, o in enumerate(n.outputs):
+                    # a first output whose element type inference could not tell (a Reshape to a run-time
+                    # shape) is the low type too: these ops compute in their float input's type
+                    if _is_float32(o) or (k == 0 and o.kind == "tensor" and o.type.dtype is None):
                         o.type = TensorType(low, o.type.shape)
                         low_vals.add(id(o))
                         changed = True

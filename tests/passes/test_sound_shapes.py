@@ -164,3 +164,28 @@ def test_question_mark_dim_params_are_independent_dims() -> None:
     prof = OptimizationProfile().set_shape("x", (1, 3, 32, 32), (1, 3, 48, 192), (1, 3, 64, 320))
     plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
     np.testing.assert_array_equal(Engine(plan).create_execution_context().execute({"x": x})["y"], np.maximum(x, 0))
+
+
+def test_reshape_to_a_run_time_target_keeps_type_and_rank() -> None:
+    x = Value("x", TensorType(F32, ("N", 12)))
+    target = Value("t", TensorType(DType.INT64, (3,)))
+    (t,) = infer_node(Node("Reshape", [x, target], [Value("y")], name="r", opset=14))
+    assert t == TensorType(F32, (None, None, None)), t
+
+
+def test_fp16_lowering_types_a_layer_whose_output_type_inference_could_not_tell() -> None:
+    """A Reshape to a run-time shape feeding a MatMul: both run in float16, no float32/float16 mix."""
+    from kiln.passes.base import PassContext
+    from kiln.passes.precision import ReducedPrecision
+    from kiln.ir.graph import Graph
+    import torch
+    x = Value("x", TensorType(F32, ("N", 4)))
+    s = Value("s", TensorType(DType.INT64, (2,)))
+    r, y = Value("r", TensorType(None, None)), Value("y", TensorType(None, None))
+    w = Value("w", const=torch.randn(4, 3))
+    nodes = [Node("Reshape", [x, s], [r], name="reshape", opset=14), Node("MatMul", [r, w], [y], name="mm", opset=14)]
+    g = Graph("g")
+    g.nodes, g.inputs, g.outputs = nodes, [x, s], [y]
+    ReducedPrecision(DType.FLOAT16).run(g, PassContext(Logger(), device="cpu", options={}))
+    mm = next(n for n in g.nodes if n.op_type == "MatMul")
+    assert all(v.type.dtype == DType.FLOAT16 for v in mm.inputs), [str(v.type) for v in mm.inputs]
