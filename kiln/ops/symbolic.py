@@ -74,9 +74,9 @@ def symbol_bounds(bounds: dict[str, tuple[int, int]]) -> Iterator[None]:
         _BOUNDS.reset(token)
 
 
-def profile_bounds(inputs: Sequence[tuple[tuple[Any, ...] | None, list[tuple[Sequence[int], Sequence[int]]]]]
-                   ) -> dict[str, tuple[int, int]]:
-    """Symbol ranges from (declared shape, [(min, max) per profile]) of each input: within one profile a
+def profile_bounds(inputs: Sequence[tuple[tuple[Any, ...] | None,
+                                          list[tuple[Sequence[int], Sequence[int]] | None]]]) -> dict[str, tuple[int, int]]:
+    """Symbol ranges from (declared shape, [(min, max) or None per profile]) of each input: within one profile a
     symbol lies in the intersection of its dims' ranges, over profiles in the union. Inputs without a
     range in some profile leave their symbols unbounded."""
     per_profile: list[dict[str, tuple[int, int]]] = []
@@ -88,10 +88,10 @@ def profile_bounds(inputs: Sequence[tuple[tuple[Any, ...] | None, list[tuple[Seq
             for j, d in enumerate(shape or ()):
                 if not isinstance(d, str):
                     continue
-                if k >= len(ranges) or j >= len(ranges[k][0]):
+                if k >= len(ranges) or ranges[k] is None or j >= len(ranges[k][0]):  # type: ignore[index]
                     unbounded.add(d)
                     continue
-                lo, hi = int(ranges[k][0][j]), int(ranges[k][1][j])
+                lo, hi = int(ranges[k][0][j]), int(ranges[k][1][j])  # type: ignore[index]
                 old = cur.get(d, (lo, hi))
                 cur[d] = (max(old[0], lo), min(old[1], hi))
         per_profile.append(cur)

@@ -189,3 +189,22 @@ def test_fp16_lowering_types_a_layer_whose_output_type_inference_could_not_tell(
     ReducedPrecision(DType.FLOAT16).run(g, PassContext(Logger(), device="cpu", options={}))
     mm = next(n for n in g.nodes if n.op_type == "MatMul")
     assert all(v.type.dtype == DType.FLOAT16 for v in mm.inputs), [str(v.type) for v in mm.inputs]
+
+
+def test_dynamic_model_without_a_profile_is_tuned_at_a_named_default_point() -> None:
+    import io
+    rng = np.random.default_rng()
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    log = io.StringIO()
+    plan = Builder(Logger(stream=log)).build(m, BuilderConfig(device="cpu"))
+    assert "no optimization profile" in log.getvalue() and "x:1x3x224x224" in log.getvalue(), log.getvalue()
+    assert plan.profiles == [] and plan.build["tuning"]["layers_timed"] >= 1, plan.build["tuning"]
+    ctx = Engine(plan).create_execution_context()
+    for shape in ((1, 3, 224, 224), (2, 3, 17, 40)):  # the plan still takes any shape
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(ctx.execute({"x": x})["y"], run_oracle(m, {"x": x})[0], rtol=1e-4, atol=1e-4)
