@@ -19,7 +19,8 @@ from kiln.errors import BuildError, KilnError, ProfileError
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
-from kiln.passes.base import PassContext, PassManager
+from kiln.ops.symbolic import profile_bounds, symbol_bounds
+from kiln.passes.base import PassContext, PassManager, bodies as _bodies
 from kiln.passes.cast import FoldCasts
 from kiln.passes.pipeline import default_pipeline
 from kiln.passes.precision import ReducedPrecision, precision_dtype
@@ -128,18 +129,27 @@ class Builder:
         self.logger.info(f"Building '{g.name}' for {target['device']}: {len(g.nodes)} layers")
         _validate_profiles(g, config.profiles)
         ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})
-        PassManager(default_pipeline()).run(g, ctx)
+        bounds = profile_bounds([(v.type.shape, [(p.shapes[v.name][0], p.shapes[v.name][2]) if v.name in p.shapes
+                                                  else None for p in config.profiles]) for v in g.inputs])
+        with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
+            PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
         low = precision_dtype(config.fp16, config.bf16)
         if low is not None:
             PassManager([ReducedPrecision(low, config.fp32_layers)]
                         + ([FoldCasts()] if target["device"] == "cuda" else [])).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
-        opt_types = _infer_at(g, config.profiles, "opt", self.logger)
+        all_types = _infer_at(g, config.profiles or _tuning_profile(g, self.logger), "opt", self.logger)
+        opt_types = all_types[id(g)]
         tctx = TacticContext(torch.device(device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32,
                              workspace_bytes=config.workspace_bytes, extra={"opt_level": config.optimization_level})
-        tactics, tuning = self._choose_tactics(g, tctx, opt_types, config)
+        tactics, tuning = self._choose_tactics(g, tctx, all_types, config)
         counts = _layer_counts(g, tactics)
+        self._log_subgraphs(g, tactics)
         memory = self._plan_memory(g, opt_types, aliases(g, tactics))
+        sub_arena = sum(self._plan_memory(sub, all_types.get(id(sub), {}), aliases(sub, tactics), label).get(
+            "arena_bytes", 0) for sub, label in _bodies(g))
+        if sub_arena:
+            counts["subgraph_arena_bytes"] = sub_arena
         writer = GraphWriter()
         spec = writer.graph(g, tactics)
         plan = Plan(
@@ -159,41 +169,64 @@ class Builder:
         except KilnError as e:
             raise BuildError(f"the model builds into a plan that fails Kiln's own load checks ({e}); "
                              "the model's declared shapes or names are inconsistent") from None
-        self.logger.info(f"Built plan: {counts['layers']} layers (+{counts['views']} zero-copy views, "
+        inside = (f", {counts['subgraph_layers']} of them in If/Loop/Scan bodies"
+                  if counts.get("subgraph_layers") else "")
+        self.logger.info(f"Built plan: {counts['layers']} layers ({counts['ref_layers']} on the reference tactic"
+                         f"{inside}; +{counts['views']} zero-copy views, "
                          f"{counts['elided']} concats elided), {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
                          f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
                          f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
         return plan
 
-    def _choose_tactics(self, g: Graph, tctx: TacticContext, types: dict[str, TensorType],
+    def _choose_tactics(self, g: Graph, tctx: TacticContext, types: dict[int, dict[str, TensorType]],
                         config: BuilderConfig) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any]]:
-        """The autotuner's choice per node, with the timing cache file read before and merged after."""
+        """The autotuner's choice per node (subgraph nodes included), with the timing cache file read before
+        and merged after. `types`: per graph (id), its values' types at the opt shape (`_infer_at`)."""
         cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
         tuner = Autotuner(self.logger, tctx, config.optimization_level, cache)
-        chosen = tuner.choose(g, types)
+        chosen = tuner.choose(g, types[id(g)], types)
         if config.timing_cache:
             cache.save(config.timing_cache)
         return chosen, dict(tuner.stats)
 
-    def _plan_memory(self, g: Graph, types: dict[str, TensorType], aliases: dict[str, list[str]]) -> dict[str, Any]:
+    def _plan_memory(self, g: Graph, types: dict[str, TensorType], aliases: dict[str, list[str]],
+                     label: str = "") -> dict[str, Any]:
+        """Liveness-planned arena of one graph's activations at the opt shape (a subgraph's own, for a body:
+        the runtime gives each body its own arena, kiln.runtime.arena)."""
         sizes = {name: t.nbytes() for name, t in types.items() if t.nbytes() is not None}
         bufs = lifetimes(g, sizes, aliases)  # type: ignore[arg-type]
         if not bufs:
             return {}
         mp = plan_memory(bufs)
-        self.logger.verbose(f"Activation memory: arena {mp.arena_bytes} bytes for {len(bufs)} tensors "
+        where = f" of subgraph {label}" if label else ""
+        self.logger.verbose(f"Activation memory{where}: arena {mp.arena_bytes} bytes for {len(bufs)} tensors "
                             f"(naive sum {mp.naive_bytes} bytes, {mp.arena_bytes / max(mp.naive_bytes, 1):.2f}x)")
         return mp.to_json()
 
+    def _log_subgraphs(self, g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> None:
+        """Verbose: each If / Loop / Scan body's layers and the tactics they run on."""
+        for sub, label in _bodies(g):
+            chosen = [(n, tactics.get(id(n), ("ref", {}))[0]) for n in sub.nodes]
+            self.logger.verbose(f"Subgraph {label}: {len(chosen)} layers: "
+                                + ", ".join(f"{n.name} ({n.op_type}) {tid}" for n, tid in chosen))
+
 
 def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, int]:
-    """Layers that launch work, zero-copy views, and elided concats (which launch nothing)."""
-    views = elided = 0
-    for n in g.nodes:
-        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
-        views += int(t is not None and t.is_view)
-        elided += int(t is not None and t.elides)
-    return {"layers": len(g.nodes) - views - elided, "views": views, "elided": elided}
+    """Layers that launch work (subgraph layers included), zero-copy views, and elided concats (which launch
+    nothing); how many of the layers run on the reference tactic, and how many sit in If/Loop/Scan bodies."""
+    views = elided = ref = layers = inside = 0
+    for sub in _graphs(g):
+        for n in sub.nodes:
+            tid = tactics.get(id(n), ("ref", {}))[0]
+            t = get_tactic(tid)
+            view, elide = t is not None and t.is_view, t is not None and t.elides
+            views += int(view)
+            elided += int(elide)
+            if not (view or elide):
+                layers += 1
+                ref += int(tid == "ref")
+                inside += int(sub is not g)
+    return {"layers": layers, "views": views, "elided": elided, "ref_layers": ref, "subgraph_layers": inside}
 
 
 def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:
@@ -232,8 +265,39 @@ def _graphs(g: Graph) -> list[Graph]:
     return out
 
 
-def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger: Logger) -> dict[str, TensorType]:
-    """Concrete types of every value with dynamic inputs pinned at a profile point (opt by default)."""
+DEFAULT_OPT_BATCH = 1      # the opt point a build without a profile tunes dynamic dims at: the batch (dim 0),
+DEFAULT_OPT_SPATIAL = 224  # the spatial dims of an image-like (rank-4) input,
+DEFAULT_OPT_DIM = 128      # any other dynamic dim (a sequence)
+
+
+def _tuning_profile(g: Graph, logger: Logger) -> list[OptimizationProfile]:
+    """For a build without profiles whose inputs have dynamic dims: the point the autotuner times layers
+    at (a warning names it). It is not a profile of the plan: the plan still takes any input shape."""
+    opt: dict[str, tuple[int, ...]] = {}
+    for v in g.inputs:
+        shape = v.type.shape
+        if shape is None or all(isinstance(d, int) for d in shape):
+            continue
+        opt[v.name] = tuple(d if isinstance(d, int) else DEFAULT_OPT_BATCH if k == 0 else
+                            DEFAULT_OPT_SPATIAL if len(shape) == 4 and k >= 2 else DEFAULT_OPT_DIM
+                            for k, d in enumerate(shape))
+    if not opt:
+        return []
+    shown = ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in opt.items())
+    logger.warning(f"dynamic inputs and no optimization profile: layers are tuned at {shown} "
+                   "(give --opt-shapes with --min-shapes/--max-shapes, or a profile, to tune for your shapes)")
+    prof = OptimizationProfile()
+    for n, s in opt.items():
+        prof.set_shape(n, s, s, s)
+    return [prof]
+
+
+def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger: Logger
+              ) -> dict[int, dict[str, TensorType]]:
+    """Concrete types of every value with dynamic inputs pinned at a profile point (opt by default), per graph:
+    {id(graph): {value name: type}} for g and each of its subgraphs (names may repeat across subgraphs). A
+    body's values follow the outer values it captures; those computed from a body input whose declared dims
+    are symbolic (a loop-carried value) stay symbolic."""
     idx = {"min": 0, "opt": 1, "max": 2}[which]
     saved_all = [(v, v.type) for sub in _graphs(g) for v in sub.values()]
     try:
@@ -242,7 +306,7 @@ def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger:
                 if v.name in profiles[0].shapes:
                     v.type = TensorType(v.type.dtype, profiles[0].shapes[v.name][idx])
         infer_types(g, logger)
-        return {v.name: v.type for v in g.values() if not v.is_const}
+        return {id(sub): {v.name: v.type for v in sub.values() if not v.is_const} for sub in _graphs(g)}
     finally:  # every type back as it was: re-inference would keep the opt point's dims where it sees symbols
         for v, t in saved_all:
             v.type = t

@@ -1,4 +1,7 @@
-"""THE ordered list of graph passes the builder runs. Read top to bottom."""
+"""THE ordered list of graph passes the builder runs. Read top to bottom.
+
+The builder runs it with PassManager(default_pipeline(), subgraphs=True): each pass also rewrites every
+If / Loop / Scan body (recursively), behind the body's fixed interface (kiln.passes.base)."""
 from __future__ import annotations
 
 from kiln.passes.base import Fixpoint, Pass
@@ -10,6 +13,7 @@ from kiln.passes.donate import DonateResidual
 from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
 from kiln.passes.gemm_fusion import FuseGemm
+from kiln.passes.hoist import HoistLoopInvariants
 from kiln.passes.horizontal import FuseSiblingConvs
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
@@ -20,10 +24,15 @@ from kiln.passes.shapes import SimplifyShapes
 
 def default_pipeline() -> list[Pass]:
     return [
-        # folding and type inference feed each other: a folded shape input types the layers after it
-        Fixpoint("simplify", [FoldConstants(), DeadCodeElimination(), InferTypes()]),
+        # folding, type inference and reshape targets feed each other: a folded shape input types the
+        # layers after it, and a Reshape whose run-time target copies its input's dims (SimplifyShapes)
+        # types its output, whose Shape chains then fold (a channel shuffle after a dynamic batch)
+        # (one round per such Reshape in a chain of them: ShuffleNet's 16 blocks need 17 rounds)
+        Fixpoint("simplify", [FoldConstants(), DeadCodeElimination(), InferTypes(), SimplifyShapes()], max_iters=64),
         # cleanup: no-ops and shape-op chains (so that producers and consumers meet)
         Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), DeadCodeElimination()]),
+        # loop bodies: work that reads only outer values and constants runs once, before the loop
+        HoistLoopInvariants(),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
         # weight folding into convolutions / gemms, while they are still plain ONNX ops
         FoldBatchNorm(),

@@ -37,6 +37,13 @@ def fusible(n: Node) -> bool:
     return bool(n.inputs) and all(v is not None and v.kind == "tensor" and _typed(v) for v in n.inputs)
 
 
+def _lone_binary(n: Node) -> bool:
+    """A single elementwise op on two activations (squeeze-and-excite's channel scale x * s[N, C, 1, 1]): as a
+    Pointwise program it gets the generated kernels (one pass, in-register broadcasting) instead of `ref`."""
+    acts = [v for v in n.inputs if v is not None and v.const is None]
+    return len(acts) == 2 and n.outputs[0].type.dtype is not None and n.outputs[0].type.dtype.value != "bool"
+
+
 def _grow(root: Node, uses: Uses, taken: set[int]) -> list[Node]:
     """The group rooted at `root`: producers whose every output reader is already in the group."""
     group = [root]
@@ -107,7 +114,7 @@ class FusePointwise(Pass):
                 continue
             group = _grow(root, uses, taken)
             taken.update(id(m) for m in group)
-            if len(group) >= 2:
+            if len(group) >= 2 or _lone_binary(group[0]):
                 groups.append(group)
         fused_any = False
         for group in groups:
@@ -123,4 +130,6 @@ class FusePointwise(Pass):
             replace_nodes(g, group, [fused])
             for a, b in zip(group, group[1:]):
                 ctx.logger.verbose(f"Fusing {a.name} with {b.name}")
+            if len(group) == 1:
+                ctx.logger.verbose(f"Lowering {group[0].name} ({group[0].op_type} of two activations) to a Pointwise program")
         return fused_any

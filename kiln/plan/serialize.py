@@ -41,6 +41,7 @@ class GraphWriter:
 
     def __init__(self) -> None:
         self.weights: dict[str, torch.Tensor] = {}
+        self._tactics: dict[int, tuple[str, dict[str, Any]]] = {}  # of the graph being written, for its subgraphs
 
     def _tensor(self, t: torch.Tensor) -> str:
         span = 1
@@ -55,8 +56,8 @@ class GraphWriter:
     def _attr(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
             return {"__tensor__": self._tensor(a)}
-        if isinstance(a, Graph):
-            return {"__graph__": self.graph(a)}
+        if isinstance(a, Graph):  # a subgraph's steps carry their tactics as the top-level steps do
+            return {"__graph__": self.graph(a, self._tactics)}
         if isinstance(a, onnx.TypeProto):
             return {"__typeproto__": base64.b64encode(a.SerializeToString()).decode()}
         if isinstance(a, (list, tuple)):
@@ -66,7 +67,9 @@ class GraphWriter:
         return a
 
     def graph(self, g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+        """g's spec; `tactics` (id(node) -> (tactic, config)) covers its nodes and those of its subgraphs."""
         tactics = tactics or {}
+        self._tactics = tactics
         values: dict[str, Any] = {}
         for v in g.values():
             entry: dict[str, Any] = {"type": type_to_json(v.type), "kind": v.kind}

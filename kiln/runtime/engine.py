@@ -73,7 +73,7 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
     # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
     unproven = verify_graph(header, graph, reader.tactics, where)
     if unproven:
-        for node in graph.nodes:
+        for node in (n for sub in _graphs(graph) for n in sub.nodes):  # subgraph steps as top-level ones
             t = get_tactic(reader.tactics.get(id(node), ("ref", {}))[0])
             outs = [v for v in node.outputs if v.name in unproven]
             if outs and t is not None and (t.writes_out or t.elides):
@@ -81,6 +81,15 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
                                       f"has type {outs[0].type} in the plan, which Kiln's inference cannot confirm, "
                                       "and its kernel writes into memory laid out from it; rebuild the plan")
     return graph, reader.tactics, unproven
+
+
+def _graphs(g: Graph) -> list[Graph]:
+    """g and every subgraph in it, recursively (the reader bounds the nesting)."""
+    out = [g]
+    for n in g.nodes:
+        for sg in n.subgraphs():
+            out.extend(_graphs(sg))
+    return out
 
 
 def _validate_nodes(graph: Graph, where: str) -> None:
@@ -181,17 +190,23 @@ class Engine:
                              tf32=plan.build.get("tf32", True) is not False,
                              extra={"opt_level": 3})
         self.kernels: list[Kernel] = []
+        # subgraph steps are loaded like top-level ones (GraphFunction compiles bodies with this factory)
+        inside = {id(n): f"{where}: subgraph '{sub.name}'" for sub in _graphs(self.graph)[1:] for n in sub.nodes}
 
         def factory(node: Node) -> Kernel:
             tid, cfg = tactics.get(id(node), ("ref", {}))
-            kernel = _load_kernel(node, tid, cfg, tctx, where)
+            at = inside.get(id(node), where)
+            kernel = _load_kernel(node, tid, cfg, tctx, at)
             self.kernels.append(kernel)
             if tid != "ref" and self.unproven:
-                _guard_unproven(node, kernel, self.unproven, where)
+                _guard_unproven(node, kernel, self.unproven, at)
             return kernel
 
+        def typed(node: Node) -> bool:  # a backend tactic's kernel: built for the node's types
+            return tactics.get(id(node), ("ref", {}))[0] != "ref"
+
         t0 = time.perf_counter()
-        self.function = GraphFunction(self.graph, self.device, factory)
+        self.function = GraphFunction(self.graph, self.device, factory, typed)
         self.load_seconds = time.perf_counter() - t0
         self.input_specs = {d["name"]: d for d in plan.inputs}
         self._checks = {name: _InputCheck(name, d, self.shape_range(name)) for name, d in self.input_specs.items()}

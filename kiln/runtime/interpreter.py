@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from kiln.runtime.arena import ActivationArena, resolvable
 
 KernelFactory = Callable[[Node], Kernel]
 StepHook = Callable[[Node, float], None]
+TypedKernel = Callable[[Node], bool]
 
 
 class _Alloc:
@@ -50,6 +52,67 @@ def _host_inputs(node: Node) -> set[int]:
         return set()
 
 
+def _symbols_of(graph: Graph) -> set[str]:
+    """Symbolic dims bound at each call: those of the graph's inputs and of the outer values it captures."""
+    syms = graph.input_symbols()
+    for v in graph.captures:
+        if v.kind == "tensor" and not v.is_const:
+            syms.update(d for d in (v.type.shape or ()) if isinstance(d, str))
+    return syms
+
+
+def _relies_on_types(graph: Graph, typed: TypedKernel) -> bool:
+    """Whether a kernel of this graph or of a subgraph inside it relies on the types it was built for."""
+    return any(typed(n) or any(_relies_on_types(sg, typed) for sg in n.subgraphs()) for n in graph.nodes)
+
+
+class _EntryCheck:
+    """A subgraph's inputs against their declared types at each call (see GraphFunction)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.inputs: list[tuple[int, str, torch.dtype | None, int | None, list[tuple[int, int]],
+                                list[tuple[int, str]]]] = []
+        syms: set[str] = set()
+        for i, v in enumerate(graph.inputs):
+            t = v.type
+            if v.kind != "tensor" or (t.dtype is None and t.shape is None):
+                continue
+            shape = t.shape
+            fixed = [(k, d) for k, d in enumerate(shape or ()) if isinstance(d, int)]
+            named = [(k, d) for k, d in enumerate(shape or ()) if isinstance(d, str)]
+            syms.update(d for _, d in named)
+            self.inputs.append((i, v.name, t.dtype.torch if t.dtype is not None else None,
+                                None if shape is None else len(shape), fixed, named))
+        # captures naming one of the inputs' symbols: the same symbol must have the same size there
+        self.captures = [(v.name, [(k, d) for k, d in enumerate(v.type.shape or ()) if d in syms])
+                         for v in graph.captures if v.kind == "tensor" and not v.is_const]
+        self.captures = [(name, dims) for name, dims in self.captures if dims]
+
+    def mismatch(self, inputs: Sequence[Any], outer: dict[str, Any]) -> str | None:
+        """None when the inputs fit; else what does not."""
+        bound: dict[str, int] = {}
+        for i, name, dtype, rank, fixed, named in self.inputs:
+            x = inputs[i]
+            if not isinstance(x, torch.Tensor):
+                return f"input '{name}' is {type(x).__name__} at run time, not a tensor"
+            if (dtype is not None and x.dtype != dtype) or (rank is not None and x.dim() != rank) \
+                    or any(x.shape[k] != d for k, d in fixed):
+                return (f"input '{name}' is {str(x.dtype).replace('torch.', '')}{list(x.shape)} at run time, "
+                        f"but declared {self.graph.inputs[i].type}")
+            for k, d in named:
+                if bound.setdefault(d, int(x.shape[k])) != x.shape[k]:
+                    return f"input '{name}' has {d}={int(x.shape[k])}, another value has {d}={bound[d]}"
+        for name, dims in self.captures:
+            x = outer.get(name)
+            if not isinstance(x, torch.Tensor) or x.dim() <= max(k for k, _ in dims):
+                continue
+            for k, d in dims:
+                if d in bound and bound[d] != x.shape[k]:
+                    return f"captured '{name}' has {d}={int(x.shape[k])}, an input has {d}={bound[d]}"
+        return None
+
+
 def _reference_factory(node: Node) -> Kernel:
     from kiln.ops.registry import lookup
     return Kernel(lookup(node.op_type, node.domain).bind(node))
@@ -59,14 +122,26 @@ class GraphFunction:
     """A callable compiled from a Graph: fn(inputs, outer) -> outputs.
 
     `outer` maps names of captured outer-scope values to their runtime values. Subgraph
-    attributes of nodes are themselves compiled into GraphFunctions (reference kernels),
-    which control-flow ops find in node.attrs at run time.
+    attributes of nodes are themselves compiled into GraphFunctions with the same kernel factory
+    (an Engine's: each body layer runs the tactic the plan chose for it), each with its own
+    activation arena, which control-flow ops find in node.attrs at run time.
+
+    `typed(node)`: whether the kernel the factory makes for a node relies on the node's types (a
+    backend tactic; the reference kernels compute from whatever they get). A subgraph holding such
+    kernels checks, at every call, the values it receives against the types its inputs declare (a
+    body input's type is the model's or plan's word: nothing else proves it): element type, rank,
+    static dims, and each symbolic dim the same wherever it appears (inputs and captures). Inputs
+    that do not fit run this subgraph on the reference kernels instead, with one warning.
     """
 
     def __init__(self, graph: Graph, device: torch.device | str = "cpu",
-                 kernel_factory: KernelFactory | None = None) -> None:
+                 kernel_factory: KernelFactory | None = None, typed: TypedKernel | None = None,
+                 nested: bool = False) -> None:
         self.graph = graph
         self.device = torch.device(device)
+        self.factory = kernel_factory
+        # a factory of unknown kernels: every kernel is taken to rely on its node's types
+        self.typed = typed if typed is not None or kernel_factory is None else (lambda node: True)
         factory = kernel_factory or _reference_factory
         slot: dict[tuple[int, bool], int] = {}
         consts: dict[int, tuple[Value, bool]] = {}  # slot -> (constant, read as a host value)
@@ -119,7 +194,7 @@ class GraphFunction:
         self.elided = len(elided)
         self.arena: ActivationArena | None = None
         if any(k.writes_out for k in kernels):
-            symbols = graph.input_symbols()
+            symbols = _symbols_of(graph)
             out_types = {slot[(id(v), False)]: v.type for n in nodes for v in n.outputs}
             arena = ActivationArena(self.steps, out_types, self.output_slots, symbols)
             if arena.placed:
@@ -129,6 +204,14 @@ class GraphFunction:
                         st.place = st.outs[0]
         self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
                          for v in graph.inputs] if allocs or self.arena else None
+        # symbols of captured values, bound at each call too (an If branch has no inputs: its dims are its captures')
+        self._capture_symbols = [(name, [(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)])
+                                 for name, v in zip(self.capture_names, graph.captures)
+                                 if v.kind == "tensor" and not v.is_const] if allocs or self.arena else []
+        self._capture_symbols = [(name, dims) for name, dims in self._capture_symbols if dims]
+        self._entry = (_EntryCheck(graph) if nested and self.typed is not None
+                       and _relies_on_types(graph, self.typed) else None)
+        self._reference: GraphFunction | None = None  # this subgraph on the reference kernels (inputs that do not fit)
         # constants go to the device once, and only where some kernel reads them as given;
         # host values (shapes, axes, scales) stay on the CPU so reading them never syncs the device
         template: list[Any] = [None] * n_slots
@@ -147,7 +230,7 @@ class GraphFunction:
         elided: set[int] = set()
         writes: dict[int, list[tuple[int, int, int, int]]] = {}
         allocs: dict[int, list[_Alloc]] = {}
-        symbols = graph.input_symbols()
+        symbols = _symbols_of(graph)
         for i, (n, k) in enumerate(zip(graph.nodes, kernels)):
             axis = k.elide_axis
             out_t = n.outputs[0].type if len(n.outputs) == 1 else None
@@ -183,10 +266,18 @@ class GraphFunction:
         rn = Node(n.op_type, n.inputs, [], dict(n.attrs), name=n.name, domain=n.domain, opset=n.opset)
         rn.outputs = n.outputs  # not re-parented: the runtime node is a view of n
         rn.captures = n.captures
+        def compile(g: Graph) -> GraphFunction:  # a body runs the same factory's kernels (the plan's tactics)
+            return GraphFunction(g, self.device, self.factory, self.typed, nested=True)
         for k, v in subs.items():
-            rn.attrs[k] = ([GraphFunction(g, self.device) for g in v] if isinstance(v, list)
-                           else GraphFunction(v, self.device))
+            rn.attrs[k] = [compile(g) for g in v] if isinstance(v, list) else compile(v)
         return rn
+
+    def _on_reference(self, why: str) -> "GraphFunction":
+        """This subgraph compiled on the reference kernels (once), for inputs its tactics were not chosen for."""
+        if self._reference is None:
+            warnings.warn(f"kiln: subgraph '{self.graph.name}': {why}; running it on the reference kernels")
+            self._reference = GraphFunction(self.graph, self.device)
+        return self._reference
 
     @property
     def weight_bytes(self) -> int:
@@ -196,9 +287,13 @@ class GraphFunction:
 
     def __call__(self, inputs: Sequence[Any], outer: dict[str, Any] | None = None,
                  hook: StepHook | None = None) -> list[Any]:
-        env = list(self.template)
         if len(inputs) != len(self.input_slots):
             raise KilnError(f"graph '{self.graph.name}' takes {len(self.input_slots)} inputs, got {len(inputs)}")
+        if self._entry is not None:
+            why = self._entry.mismatch(inputs, outer or {})
+            if why is not None:
+                return self._on_reference(why)(inputs, outer, hook)
+        env = list(self.template)
         for s, x in zip(self.input_slots, inputs):
             env[s] = x
         if self.capture_slots:
@@ -211,6 +306,11 @@ class GraphFunction:
             for syms, x in zip(self._symbols, inputs):
                 for k, d in syms:
                     dims[d] = int(x.shape[k])
+        for name, syms in self._capture_symbols:
+            x = outer[name]  # type: ignore[index]
+            if isinstance(x, torch.Tensor) and x.dim() > syms[-1][0]:
+                for k, d in syms:
+                    dims.setdefault(d, int(x.shape[k]))
         placed = self.arena.views(dims, self.device) if self.arena is not None else {}
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,6 +23,7 @@ from kiln.backends.tactic import Tactic, TacticContext, candidate_tactics, get_t
 from kiln.errors import BuildError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.passes.base import bodies as _bodies
 from kiln.logger import Logger, Progress
 from kiln.tune.timing_cache import TimingCache, choice_id, entry_key, environment
 
@@ -42,7 +43,7 @@ def _json_attr(a: Any) -> Any:
     return type(a).__name__
 
 
-def node_signature(node: Node, types: dict[str, TensorType], device: torch.device) -> dict[str, Any]:
+def node_signature(node: Node, types: Mapping[str, TensorType], device: torch.device) -> dict[str, Any]:
     """What a layer's timing depends on: op, attributes, input/output types at opt shape, layout."""
     def vt(v: Value | None) -> Any:
         if v is None:
@@ -171,16 +172,65 @@ class Autotuner:
         self.stats = {"layers_timed": 0, "measured": 0, "cached": 0, "skipped": 0, "seconds": 0.0}
         self._consts: dict[int, torch.Tensor] = {}
         self._homes: dict[int, int] = {}  # value -> elided Concats its producer already writes into
+        self._labels: dict[int, str] = {}  # subgraph layer -> its name in logs
 
     # -- public -----------------------------------------------------------------------------------
-    def choose(self, g: Graph, types: dict[str, TensorType]) -> dict[int, tuple[str, dict[str, Any]]]:
+    def choose(self, g: Graph, types: Mapping[str, TensorType],
+               subgraph_types: Mapping[int, Mapping[str, TensorType]] | None = None
+               ) -> dict[int, tuple[str, dict[str, Any]]]:
+        """(tactic id, config) per node of g and of every If / Loop / Scan body in it (recursively), by id(node).
+
+        `types`: g's values at the opt shape by name; `subgraph_types`: the same per subgraph, by id(graph)
+        (builder._infer_at). A body layer is timed like any other where its inputs are concrete at the opt
+        shape (values computed from the outer values it captures); where they are not (a loop-carried dim),
+        it gets the heuristic choice, as at optimization level 0."""
         t0 = time.perf_counter()
-        plans: list[tuple[Node, list[Choice]]] = []
+        scopes: list[tuple[Graph, Mapping[str, TensorType], str]] = [(g, types, "")]
+        scopes += [(sub, (subgraph_types or {}).get(id(sub), {}), label) for sub, label in _bodies(g)]
+        plans: list[tuple[Node, list[Choice], Mapping[str, TensorType]]] = []
+        for graph, gtypes, label in scopes:
+            for n in graph.nodes:
+                if label:
+                    self._labels[id(n)] = f"{label}/{n.name}"
+            plans += self._plans(graph, gtypes)
+        tunable = [p for p in plans if self.level > 0 and len(p[1]) > 1]
+        progress = Progress(self.logger, len(tunable), "Autotuning")
+        chosen: dict[int, tuple[str, dict[str, Any]]] = {}
+        flags = self._flags()
+        with flags:
+            self._precompile(tunable)
+            for n, choices, gtypes in plans:
+                counted = self.level > 0 and len(choices) > 1
+                if any(t.elides for t, _ in choices):
+                    choices = self._elide_or_not(n, choices, chosen)
+                if counted:
+                    progress.step()
+                if self.level > 0 and len(choices) > 1:
+                    t, cfg = self._tune(n, choices, gtypes)
+                else:
+                    t, cfg = choices[0]
+                    if t.id != "ref":
+                        self.logger.verbose(f"{self._name(n)} ({n.op_type}): tactic {t.id} {_cfg(cfg)} (heuristic)")
+                chosen[id(n)] = (t.id, cfg)
+        self._consts.clear()
+        self._homes.clear()
+        self._labels.clear()
+        self.stats["seconds"] = round(time.perf_counter() - t0, 3)
+        if tunable:
+            self.logger.info(f"Autotuning: {self.stats['layers_timed']} layers, {self.stats['measured']} candidates "
+                             f"timed, {self.stats['cached']} from the timing cache, {self.stats['skipped']} skipped, "
+                             f"{self.stats['seconds']:.1f} s")
+        return chosen
+
+    def _plans(self, g: Graph, types: Mapping[str, TensorType]
+               ) -> list[tuple[Node, list[Choice], Mapping[str, TensorType]]]:
+        """The candidate (tactic, config) list of each node of one graph (not of its subgraphs)."""
+        plans: list[tuple[Node, list[Choice], Mapping[str, TensorType]]] = []
         homes: dict[int, int] = {}  # value -> how many Concats want it written in place
         for n in g.nodes:
             cands = candidate_tactics(n, self.tctx)
             if not cands:
-                raise BuildError(f"node '{n.name}' ({n.op_type}): no tactic supports it on {self.device.type}")
+                raise BuildError(f"node '{self._name(n)}' ({n.op_type}): no tactic supports it on {self.device.type}")
             views = [t for t in cands if t.is_view]
             if views:  # a view launches nothing: no kernel can beat it
                 cands = views[:1]
@@ -188,40 +238,18 @@ class Autotuner:
                 for v in n.inputs:
                     homes[id(v)] = homes.get(id(v), 0) + 1
             plans.append((n, self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)],
-                                                    types)))
-        for k, (n, choices) in enumerate(plans):
+                                                    types), types))
+        for k, (n, choices, _) in enumerate(plans):
             want = max((homes.get(id(o), 0) for o in n.outputs), default=0)
             if want:  # feeds Concats to elide: only tactics that can write into their slices
                 direct = ([c for c in choices if c[0].writes_out >= want and c[0].strided_out]
                           or [c for c in choices if c[0].writes_out and c[0].strided_out])
-                plans[k] = (n, direct or choices)
-        tunable = [p for p in plans if self.level > 0 and len(p[1]) > 1]
-        progress = Progress(self.logger, len(tunable), "Autotuning")
-        chosen: dict[int, tuple[str, dict[str, Any]]] = {}
-        flags = self._flags()
-        with flags:
-            self._precompile(tunable, types)
-            for n, choices in plans:
-                counted = self.level > 0 and len(choices) > 1
-                if any(t.elides for t, _ in choices):
-                    choices = self._elide_or_not(n, choices, chosen)
-                if counted:
-                    progress.step()
-                if self.level > 0 and len(choices) > 1:
-                    t, cfg = self._tune(n, choices, types)
-                else:
-                    t, cfg = choices[0]
-                    if t.id != "ref":
-                        self.logger.verbose(f"{n.name} ({n.op_type}): tactic {t.id} {_cfg(cfg)} (heuristic)")
-                chosen[id(n)] = (t.id, cfg)
-        self._consts.clear()
-        self._homes.clear()
-        self.stats["seconds"] = round(time.perf_counter() - t0, 3)
-        if tunable:
-            self.logger.info(f"Autotuning: {self.stats['layers_timed']} layers, {self.stats['measured']} candidates "
-                             f"timed, {self.stats['cached']} from the timing cache, {self.stats['skipped']} skipped, "
-                             f"{self.stats['seconds']:.1f} s")
-        return chosen
+                plans[k] = (n, direct or choices, types)
+        return plans
+
+    def _name(self, n: Node) -> str:
+        """A layer's name in logs: a subgraph layer's is prefixed with where it sits ('if_0.then_branch/conv')."""
+        return self._labels.get(id(n), n.name)
 
     def _elide_or_not(self, n: Node, choices: list[Choice], chosen: dict[int, tuple[str, dict[str, Any]]]
                       ) -> list[Choice]:
@@ -244,13 +272,13 @@ class Autotuner:
         return [c for c in choices if not c[0].elides]
 
     # -- one layer --------------------------------------------------------------------------------
-    def _tune(self, n: Node, choices: list[Choice], types: dict[str, TensorType]) -> Choice:
+    def _tune(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType]) -> Choice:
         key = entry_key(self.env, node_signature(n, types, self.device), self.precision)
         known = self.cache.times(key)
         todo = [c for c in choices if choice_id(c[0].id, c[1]) not in known]
         if todo:
             if not self._measure(n, todo, types, key):
-                self.logger.verbose(f"{n.name}: shapes unknown at the opt point; heuristic tactic {choices[0][0].id}")
+                self.logger.verbose(f"{self._name(n)}: shapes unknown at the opt point; heuristic tactic {choices[0][0].id}")
                 return choices[0]
             self.stats["layers_timed"] += 1
             known = self.cache.times(key)
@@ -266,13 +294,13 @@ class Autotuner:
             if ms is not None and ms < best_ms:
                 best, best_ms = (t, cfg), ms
         if best is None:
-            self.logger.warning(f"{n.name} ({n.op_type}): no candidate could be timed; using {choices[-1][0].id}")
+            self.logger.warning(f"{self._name(n)} ({n.op_type}): no candidate could be timed; using {choices[-1][0].id}")
             return choices[-1]
-        self.logger.verbose(f"Fastest tactic for {n.name} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
+        self.logger.verbose(f"Fastest tactic for {self._name(n)} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
                             f"time {best_ms:.4f} ms")
         return best
 
-    def _within_workspace(self, n: Node, choices: list[Choice], types: dict[str, TensorType]) -> list[Choice]:
+    def _within_workspace(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType]) -> list[Choice]:
         """Candidates whose scratch memory at the opt shape fits BuilderConfig.workspace_bytes (all when unset;
         the reference tactic needs none, so something always remains)."""
         limit = self.tctx.workspace_bytes
@@ -284,7 +312,7 @@ class Autotuner:
         for tac, cfg in choices:
             need = tac.workspace_bytes(n, cfg, shape)
             if need > limit:
-                self.logger.verbose(f"Tactic {tac.id} {_cfg(cfg)} skipped for {n.name} ({n.op_type}): needs "
+                self.logger.verbose(f"Tactic {tac.id} {_cfg(cfg)} skipped for {self._name(n)} ({n.op_type}): needs "
                                     f"{need} workspace bytes, the limit is {limit}")
             else:
                 kept.append((tac, cfg))
@@ -293,9 +321,9 @@ class Autotuner:
             kept = [(ref, {})] if ref is not None else choices
         return kept
 
-    def _measure(self, n: Node, todo: list[Choice], types: dict[str, TensorType], key: str) -> bool:
+    def _measure(self, n: Node, todo: list[Choice], types: Mapping[str, TensorType], key: str) -> bool:
         """Time each candidate into the cache; False when the layer cannot be timed (unknown shapes)."""
-        layer = f"{n.op_type} {n.name}"
+        layer = f"{n.op_type} {self._name(n)}"
         args = self._inputs(n, types)
         if args is None:
             return False
@@ -328,7 +356,7 @@ class Autotuner:
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                self.logger.warning(f"Tactic {t.id} {_cfg(cfg)} skipped for {n.name} ({n.op_type}): "
+                self.logger.warning(f"Tactic {t.id} {_cfg(cfg)} skipped for {self._name(n)} ({n.op_type}): "
                                     f"{type(e).__name__}: {msg}")
                 if self.device.type == "cuda":
                     try:
@@ -347,14 +375,14 @@ class Autotuner:
                     self.cache.record(key, cid, again, self.env, layer)
         return True
 
-    def _precompile(self, tunable: list[tuple[Node, list[Choice]]], types: dict[str, TensorType]) -> None:
+    def _precompile(self, tunable: list[tuple[Node, list[Choice], Mapping[str, TensorType]]]) -> None:
         """Compile the Triton kernels of all untimed candidates in parallel before timing them serially."""
-        if self.device.type != "cuda" or not any(t.id.startswith("cuda.triton") for _, cs in tunable for t, _ in cs):
+        if self.device.type != "cuda" or not any(t.id.startswith("cuda.triton") for _, cs, _ in tunable for t, _ in cs):
             return
         from kiln.backends.cuda.triton_launch import precompile, recording
         t0 = time.perf_counter()
         with recording() as recipes:
-            for n, choices in tunable:
+            for n, choices, types in tunable:
                 known = self.cache.times(entry_key(self.env, node_signature(n, types, self.device), self.precision))
                 todo = [(t, cfg) for t, cfg in choices
                         if t.id.startswith("cuda.triton") and choice_id(t.id, cfg) not in known]
@@ -380,7 +408,7 @@ class Autotuner:
         import contextlib
         return contextlib.nullcontext()
 
-    def _inputs(self, n: Node, types: dict[str, TensorType]) -> list[Any] | None:
+    def _inputs(self, n: Node, types: Mapping[str, TensorType]) -> list[Any] | None:
         """Random activations at the opt shape (NHWC for 4-D on CUDA) and the real constants."""
         from kiln.ops.registry import lookup
         try:
@@ -423,7 +451,7 @@ class Autotuner:
             x = torch.zeros(shape, device=self.device, dtype=dt)
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
-    def _view_of(self, v: Value, types: dict[str, TensorType]) -> torch.Tensor | None:
+    def _view_of(self, v: Value, types: Mapping[str, TensorType]) -> torch.Tensor | None:
         """A value that a zero-copy view tactic produces is timed as that view (same strides as at run time)."""
         p = v.producer
         if p is None or len(p.outputs) != 1 or not p.inputs or p.inputs[0] is None or p.inputs[0].is_const:
