@@ -5,12 +5,13 @@ the node's explicit inputs followed by the values of `node.captures`, which the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from kiln.errors import KilnError, UnsupportedOpError
-from kiln.ir.graph import Node
+from kiln.ir.graph import Graph, Node
+from kiln.ir.types import TensorType
 from kiln.ops.registry import OpDef, register
 
 
@@ -57,6 +58,25 @@ class If(OpDef):
         (cond,), outer = _split(node, inputs)
         branch = _body(node, "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
         return _pack(branch([], outer))
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+        """Each output: what both branches' outputs agree on (element type, rank, each dim both give alike)."""
+        branches = [node.attr(k) for k in ("then_branch", "else_branch")]
+        out: list[TensorType] = []
+        for k in range(len(node.outputs)):
+            ts = [b.outputs[k].type for b in branches if isinstance(b, Graph) and k < len(b.outputs)
+                  and b.outputs[k].kind == "tensor"]
+            if len(ts) != 2:
+                out.append(TensorType(None, None))
+                continue
+            a, b = ts
+            dtype = a.dtype if a.dtype == b.dtype else None
+            if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+                out.append(TensorType(dtype, None))
+                continue
+            out.append(TensorType(dtype, tuple(x if x == y else None for x, y in zip(a.shape, b.shape))))
+        return out
 
 
 @register

@@ -208,3 +208,11 @@ def test_dynamic_model_without_a_profile_is_tuned_at_a_named_default_point() -> 
     for shape in ((1, 3, 224, 224), (2, 3, 17, 40)):  # the plan still takes any shape
         x = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(ctx.execute({"x": x})["y"], run_oracle(m, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_if_output_type_is_what_both_branches_agree_on() -> None:
+    m = _stft_gate(np.random.default_rng(0))
+    g = load_onnx(m, Logger())
+    (node,) = [n for n in g.nodes if n.op_type == "If"]
+    (t,) = infer_node(node)
+    assert t.dtype == F32 and t.shape == (1, 4, None), t  # then: [1, 4, T]; else: [1, 4, T - 1]
