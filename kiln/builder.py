@@ -215,7 +215,7 @@ def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> d
     """Layers that launch work (subgraph layers included), zero-copy views, and elided concats (which launch
     nothing); how many of the layers run on the reference tactic, and how many sit in If/Loop/Scan bodies."""
     views = elided = ref = layers = inside = 0
-    for sub in _graphs(g):
+    for sub in g.all_graphs():
         for n in sub.nodes:
             tid = tactics.get(id(n), ("ref", {}))[0]
             t = get_tactic(tid)
@@ -256,14 +256,6 @@ def _fmt(s: Any) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in s) + "]"
 
 
-def _graphs(g: Graph) -> list[Graph]:
-    """g and all its subgraphs, recursively."""
-    out = [g]
-    for n in g.nodes:
-        for sg in n.subgraphs():
-            out.extend(_graphs(sg))
-    return out
-
 
 DEFAULT_OPT_BATCH = 1      # the opt point a build without a profile tunes dynamic dims at: the batch (dim 0),
 DEFAULT_OPT_SPATIAL = 224  # the spatial dims of an image-like (rank-4) input,
@@ -299,14 +291,14 @@ def _infer_at(g: Graph, profiles: list[OptimizationProfile], which: str, logger:
     body's values follow the outer values it captures; those computed from a body input whose declared dims
     are symbolic (a loop-carried value) stay symbolic."""
     idx = {"min": 0, "opt": 1, "max": 2}[which]
-    saved_all = [(v, v.type) for sub in _graphs(g) for v in sub.values()]
+    saved_all = [(v, v.type) for sub in g.all_graphs() for v in sub.values()]
     try:
         if profiles:
             for v in g.inputs:
                 if v.name in profiles[0].shapes:
                     v.type = TensorType(v.type.dtype, profiles[0].shapes[v.name][idx])
         infer_types(g, logger)
-        return {id(sub): {v.name: v.type for v in sub.values() if not v.is_const} for sub in _graphs(g)}
+        return {id(sub): {v.name: v.type for v in sub.values() if not v.is_const} for sub in g.all_graphs()}
     finally:  # every type back as it was: re-inference would keep the opt point's dims where it sees symbols
         for v, t in saved_all:
             v.type = t

@@ -152,6 +152,14 @@ class Graph:
         """Symbolic dims named by the graph inputs' shapes (bound from the actual inputs at run time)."""
         return {d for v in self.inputs for d in (v.type.shape or ()) if isinstance(d, str)}
 
+    def all_graphs(self) -> list["Graph"]:
+        """This graph and every subgraph in it, recursively (each graph before the graphs it holds)."""
+        out = [self]
+        for n in self.nodes:
+            for sg in n.subgraphs():
+                out.extend(sg.all_graphs())
+        return out
+
     def values(self) -> Iterable[Value]:
         """Every distinct value of this graph (not of its subgraphs)."""
         seen: set[int] = set()

@@ -107,14 +107,18 @@ def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | Non
     return infer_symbolic(opdef, node, types, consts)
 
 
+def element_type(o: Any) -> DType | None:
+    """Kiln's element type of a computed tensor (None for a type Kiln has no name for)."""
+    try:
+        return DType.from_torch(o.dtype)
+    except Exception:
+        return None
+
+
 def _static_type(o: Any) -> TensorType:
     if not isinstance(o, torch.Tensor):
         return TensorType(None, None)
-    try:
-        dt: DType | None = DType.from_torch(o.dtype)
-    except Exception:
-        dt = None
-    return TensorType(dt, tuple(int(d) for d in o.shape))
+    return TensorType(element_type(o), tuple(int(d) for d in o.shape))
 
 
 # ---- the graph-level driver (used by the builder's passes and by the plan loader) --------------------

@@ -243,12 +243,10 @@ def _assumed_equal(env: Any) -> set[Any]:
 
 
 def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) -> TensorType:
+    from kiln.ops.infer import element_type
     if not isinstance(o, torch.Tensor):
         return TensorType(None, None)
-    try:
-        dt: DType | None = DType.from_torch(o.dtype)
-    except Exception:
-        dt = None
+    dt = element_type(o)
     dims: list[int | str | None] = []
     for d in o.shape:
         if isinstance(d, int):
@@ -267,21 +265,12 @@ def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) 
 def _ranks_only(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                 consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
     """Element types and ranks from one run with every dynamic dim at a placeholder size; no dims."""
-    from kiln.ops.infer import _run
+    from kiln.ops.infer import _run, element_type
     placeholder = [None if t is None or t.shape is None else
                    TensorType(t.dtype, tuple(d if isinstance(d, int) else _PLACEHOLDER for d in t.shape))
                    for t in types]
     outs = _run(opdef, node, placeholder, consts, {})
     if outs is None:
         return [TensorType(None, None) for _ in node.outputs]
-    res = []
-    for o in outs:
-        if not isinstance(o, torch.Tensor):
-            res.append(TensorType(None, None))
-            continue
-        try:
-            dt: DType | None = DType.from_torch(o.dtype)
-        except Exception:
-            dt = None
-        res.append(TensorType(dt, (None,) * o.dim()))
-    return res
+    return [TensorType(element_type(o), (None,) * o.dim()) if isinstance(o, torch.Tensor) else TensorType(None, None)
+            for o in outs]

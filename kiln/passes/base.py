@@ -132,20 +132,12 @@ def bodies(g: Graph, where: str = "") -> list[tuple[Graph, str]]:
     return out
 
 
-def graphs(g: Graph) -> list[Graph]:
-    """g and all its subgraphs, recursively (each graph before the graphs it holds)."""
-    out = [g]
-    for n in g.nodes:
-        for sg in n.subgraphs():
-            out.extend(graphs(sg))
-    return out
-
 
 def share_names(g: Graph) -> None:
     """One name table for g and all its subgraphs: a name a pass makes in one graph is then taken in all, so
     a body never makes a value named like an outer one it captures (plans and captures go by name), and a
     node hoisted out of a body keeps its name."""
-    gs = graphs(g)
+    gs = g.all_graphs()
     table = gs[0]._names
     if all(x._names is table for x in gs):
         return

@@ -73,7 +73,7 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
     # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
     unproven = verify_graph(header, graph, reader.tactics, where)
     if unproven:
-        for node in (n for sub in _graphs(graph) for n in sub.nodes):  # subgraph steps as top-level ones
+        for node in (n for sub in graph.all_graphs() for n in sub.nodes):  # subgraph steps as top-level ones
             t = get_tactic(reader.tactics.get(id(node), ("ref", {}))[0])
             outs = [v for v in node.outputs if v.name in unproven]
             if outs and t is not None and (t.writes_out or t.elides):
@@ -82,14 +82,6 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
                                       "and its kernel writes into memory laid out from it; rebuild the plan")
     return graph, reader.tactics, unproven
 
-
-def _graphs(g: Graph) -> list[Graph]:
-    """g and every subgraph in it, recursively (the reader bounds the nesting)."""
-    out = [g]
-    for n in g.nodes:
-        for sg in n.subgraphs():
-            out.extend(_graphs(sg))
-    return out
 
 
 def _validate_nodes(graph: Graph, where: str) -> None:
@@ -191,7 +183,7 @@ class Engine:
                              extra={"opt_level": 3})
         self.kernels: list[Kernel] = []
         # subgraph steps are loaded like top-level ones (GraphFunction compiles bodies with this factory)
-        inside = {id(n): f"{where}: subgraph '{sub.name}'" for sub in _graphs(self.graph)[1:] for n in sub.nodes}
+        inside = {id(n): f"{where}: subgraph '{sub.name}'" for sub in self.graph.all_graphs()[1:] for n in sub.nodes}
 
         def factory(node: Node) -> Kernel:
             tid, cfg = tactics.get(id(node), ("ref", {}))
