@@ -216,3 +216,11 @@ def test_if_output_type_is_what_both_branches_agree_on() -> None:
     (node,) = [n for n in g.nodes if n.op_type == "If"]
     (t,) = infer_node(node)
     assert t.dtype == F32 and t.shape == (1, 4, None), t  # then: [1, 4, T]; else: [1, 4, T - 1]
+
+
+def test_declared_output_symbols_are_labels_not_proofs() -> None:
+    from kiln.ops.infer import merge_types
+    declared = TensorType(F32, ("Gemmlogits_dim_0", 1000))
+    assert merge_types(TensorType(F32, (None, 1000)), declared).shape == (None, 1000)
+    assert merge_types(TensorType(F32, None), declared).shape == (None, 1000)
+    assert merge_types(TensorType(F32, ("N", None)), TensorType(F32, (None, 7))).shape == ("N", 7)
