@@ -2,3 +2,4 @@
 channels-last pooling and resizing, concat, generated pointwise programs; `runtime` holds the CPU runtime
 settings (threads, heap retention)."""
 from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winograd, dnnl_layers, gemm, pointwise, pool, resize  # noqa: F401
+from kiln.backends.cpu import pointwise_c  # noqa: F401  (cpu.pointwise_c: Pointwise programs as compiled C)
