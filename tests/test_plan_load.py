@@ -429,13 +429,16 @@ def test_edited_input_spec_refused_at_the_layer(conv_bytes):
 
 
 def _if_conv_model():
-    """If (both branches [1, 3, 8, 8], declared by value_info) -> Conv: the If output's type is the header's
-    word only (inference does not see through the branches), and a native conv kernel reads it."""
+    """If (then [1, 3, 8, 8], else [1, 3, 8, 4]; declared [1, 3, 8, 8] by value_info) -> Conv: the If output's
+    last dim is the header's word only (the branches disagree on it), and a native conv kernel reads it."""
     rng = np.random.default_rng(0)
     f = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
     then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t_out"])], "then", [],
                                [f("t_out", [1, 3, 8, 8])], [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_out"])], "else", [], [f("e_out", [1, 3, 8, 8])])
+    i64 = lambda n, v: numpy_helper.from_array(np.array(v, np.int64), n)  # noqa: E731
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_neg"]),
+                                helper.make_node("Slice", ["e_neg", "s0", "s4", "s3"], ["e_out"])], "else", [],
+                               [f("e_out", [1, 3, 8, 4])], [i64("s0", [0]), i64("s4", [4]), i64("s3", [3])])
     nodes = [helper.make_node("If", ["c"], ["o"], then_branch=then_g, else_branch=else_g),
              helper.make_node("Conv", ["o", "w"], ["y"], pads=[1, 1, 1, 1])]
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
@@ -451,12 +454,14 @@ def test_unconfirmed_type_read_by_a_native_kernel_is_checked_at_run_time():
     if _step(plan, "y")["tactic"] == "ref":
         pytest.skip("no native conv tactic on this machine")
     engine = _genuine_matches_oracle(model, fixed={"c": np.array(True)})
-    assert engine.unproven == {"o"}
+    assert engine.unproven == set()  # the builder records only what inference proves: o is [1, 3, 8, ?]
 
-    def edit(p: Plan) -> None:  # the then-branch now makes [2, 3, 8, 8]; its output type is erased
+    def edit(p: Plan) -> None:  # the header claims o is [1, 3, 8, 8]; the then-branch now makes [2, 3, 8, 8]
         sg = _step(p, "o")["attrs"]["then_branch"]["__graph__"]
         p.weights[sg["values"]["two"]["const"]] = torch.full((2, 1, 1, 1), 2.0)
         sg["values"]["t_out"]["type"] = {"dtype": None, "shape": None}
+        p.graph["values"]["o"]["type"] = {"dtype": "float32", "shape": [1, 3, 8, 8]}
+        assert _load(plan_to_bytes(p)).unproven == {"o"}
     ctx = _load(_mutate(plan_to_bytes(plan), edit)).create_execution_context()
     feeds = {"c": np.array(True), "x": np.ones((1, 3, 8, 8), np.float32)}
     with pytest.raises(KilnError, match=r"value 'o' is float32\[2, 3, 8, 8\] at run time, but the plan built"):

@@ -124,19 +124,18 @@ def _static_type(o: Any) -> TensorType:
 # ---- the graph-level driver (used by the builder's passes and by the plan loader) --------------------
 
 def merge_types(inferred: TensorType, declared: TensorType) -> TensorType:
-    """`inferred`, with the declared dtype / rank / static dims filling in what inference could not tell (and
-    a declared static dim kept where inference only has a symbol)."""
+    """`inferred`, with the declared dtype and rank filling in what inference could not tell (and a declared
+    static dim kept where inference only has a symbol)."""
     dtype = inferred.dtype or declared.dtype
     if inferred.shape is None:
         return TensorType(dtype, None if declared.shape is None else
                           tuple(d if isinstance(d, int) else None for d in declared.shape))
     if declared.shape is None or len(declared.shape) != len(inferred.shape):
         return TensorType(dtype, inferred.shape)
-    # a declared symbol is only a label (an exporter's name for an output's dim, bound by no input): it
-    # never stands in for a dim inference could not prove
-    dims = tuple(d if isinstance(d, int) and not isinstance(i, int) else
-                 ((d if isinstance(d, int) else None) if i is None else i)
-                 for i, d in zip(inferred.shape, declared.shape))
+    # a declared dim never stands in for one inference could not prove (a declared symbol is only a label,
+    # an exporter's name bound by no input; a declared size is only the exporter's word); a declared size
+    # is kept where inference has a symbol
+    dims = tuple(d if isinstance(d, int) and isinstance(i, str) else i for i, d in zip(inferred.shape, declared.shape))
     return TensorType(dtype, dims)
 
 

@@ -223,4 +223,5 @@ def test_declared_output_symbols_are_labels_not_proofs() -> None:
     declared = TensorType(F32, ("Gemmlogits_dim_0", 1000))
     assert merge_types(TensorType(F32, (None, 1000)), declared).shape == (None, 1000)
     assert merge_types(TensorType(F32, None), declared).shape == (None, 1000)
-    assert merge_types(TensorType(F32, ("N", None)), TensorType(F32, (None, 7))).shape == ("N", 7)
+    assert merge_types(TensorType(F32, ("N", None)), TensorType(F32, (None, 7))).shape == ("N", None)
+    assert merge_types(TensorType(F32, ("N", 4)), TensorType(F32, (1, 4))).shape == (1, 4)
