@@ -74,6 +74,7 @@ from kiln.backends.cpu.common import CpuTactic
 from kiln.backends.cpu.dnnl import ReferenceFallback
 from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import Built, register_tactic
+from kiln.backends.strides import merge_dims
 from kiln.errors import KilnError, PlanFormatError, UnsupportedOpError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -645,26 +646,6 @@ def _broadcast_strides(x: Tensor, shape: tuple[int, ...]) -> list[int]:
     for d in range(x.dim()):
         out[pad + d] = int(x.stride(d)) if int(x.shape[d]) != 1 else 0
     return out
-
-
-def merge_dims(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
-    """Drop size-1 dims and merge neighbours that every operand walks contiguously (outermost first)."""
-    keep = [d for d, s in enumerate(sizes) if s != 1]
-    sizes = [sizes[d] for d in keep]
-    strides = [[st[d] for d in keep] for st in strides]
-    if not sizes:
-        return [1], [[0] for _ in strides]
-    out_sizes, out_strides = [sizes[0]], [[st[0]] for st in strides]
-    for d in range(1, len(sizes)):
-        if all(o[-1] == st[d] * sizes[d] for o, st in zip(out_strides, strides)):
-            out_sizes[-1] *= sizes[d]
-            for o, st in zip(out_strides, strides):
-                o[-1] = st[d]
-        else:
-            out_sizes.append(sizes[d])
-            for o, st in zip(out_strides, strides):
-                o.append(st[d])
-    return out_sizes, out_strides
 
 
 class _Decline(ValueError):

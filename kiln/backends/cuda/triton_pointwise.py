@@ -23,6 +23,7 @@ import torch
 
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.backends.strides import merge_dims
 from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -137,26 +138,6 @@ def program_ok(prog: PointwiseProgram) -> bool:
         return False
     res = prog.outputs[0]
     return not (res.kind == "temp" and prog.instrs[res.index].op in BOOL_RESULT)
-
-
-def _collapse(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
-    """Drop size-1 dims and merge neighbours that every operand walks contiguously."""
-    keep = [d for d, s in enumerate(sizes) if s != 1]
-    sizes = [sizes[d] for d in keep]
-    strides = [[st[d] for d in keep] for st in strides]
-    if not sizes:
-        return [1], [[0] for _ in strides]
-    out_sizes, out_strides = [sizes[0]], [[st[0]] for st in strides]
-    for d in range(1, len(sizes)):
-        if all(o[-1] == st[d] * sizes[d] for o, st in zip(out_strides, strides)):
-            out_sizes[-1] *= sizes[d]
-            for o, st in zip(out_strides, strides):
-                o[-1] = st[d]
-        else:
-            out_sizes.append(sizes[d])
-            for o, st in zip(out_strides, strides):
-                o.append(st[d])
-    return out_sizes, out_strides
 
 
 def _input_mode(sizes: list[int], st: list[int]) -> str:
@@ -310,7 +291,7 @@ class PointwiseLauncher:
         for x in xs:
             st = x.expand(shape).stride() if len(shape) else ()
             strides.append([int(st[p]) for p in perm])
-        sizes, strides = _collapse(sizes, strides)
+        sizes, strides = merge_dims(sizes, strides)
         modes = [_input_mode(sizes, st) for st in strides]
         bools = [x.dtype == torch.bool for x in xs]
         key = (tuple(modes), tuple(bools), len(sizes))
