@@ -225,3 +225,38 @@ def test_declared_output_symbols_are_labels_not_proofs() -> None:
     assert merge_types(TensorType(F32, None), declared).shape == (None, 1000)
     assert merge_types(TensorType(F32, ("N", None)), TensorType(F32, (None, 7))).shape == ("N", None)
     assert merge_types(TensorType(F32, ("N", 4)), TensorType(F32, (1, 4))).shape == (1, 4)
+
+
+def _shuffle_chain(blocks: int) -> object:
+    """`blocks` channel shuffles as TorchScript exports them with a dynamic batch: each Reshape target is
+    Concat(Unsqueeze(Gather(Shape(x), 0)), ...) of the tensor before it, so each fold needs the previous one."""
+    nodes, inits, x = [], [], "x"
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("i0", 0), ("ax", [0]), ("g", [2]), ("c", [4]), ("hw", [3]), ("c8", [8]))]
+    for k in range(blocks):
+        p = f"b{k}_"
+        nodes += [helper.make_node("Shape", [x], [p + "s"]), helper.make_node("Gather", [p + "s", "i0"], [p + "n"]),
+                  helper.make_node("Unsqueeze", [p + "n", "ax"], [p + "nu"]),
+                  helper.make_node("Concat", [p + "nu", "g", "c", "hw", "hw"], [p + "t5"], axis=0),
+                  helper.make_node("Reshape", [x, p + "t5"], [p + "r"]),
+                  helper.make_node("Transpose", [p + "r"], [p + "tr"], perm=[0, 2, 1, 3, 4]),
+                  helper.make_node("Shape", [p + "tr"], [p + "s2"]), helper.make_node("Gather", [p + "s2", "i0"], [p + "m"]),
+                  helper.make_node("Unsqueeze", [p + "m", "ax"], [p + "mu"]),
+                  helper.make_node("Concat", [p + "mu", "c8", "hw", "hw"], [p + "t4"], axis=0),
+                  helper.make_node("Reshape", [p + "tr", p + "t4"], [p + "out"])]
+        x = p + "out"
+    nodes.append(helper.make_node("Relu", [x], ["y"]))
+    g = helper.make_graph(nodes, "shuffles", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_chained_run_time_reshape_targets_all_fold() -> None:
+    m = _shuffle_chain(12)
+    prof = OptimizationProfile().set_shape("x", (1, 8, 3, 3), (1, 8, 3, 3), (4, 8, 3, 3))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof], optimization_level=0))
+    ops_left = [s["op"] for s in plan.graph["steps"]]
+    assert not {"Shape", "Gather", "Unsqueeze", "Concat"} & set(ops_left), ops_left
+    x = np.random.default_rng().standard_normal((3, 8, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(Engine(plan).create_execution_context().execute({"x": x})["y"],
+                                  run_oracle(m, {"x": x})[0])
