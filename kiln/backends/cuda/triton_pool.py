@@ -10,7 +10,7 @@ output pixels); memory offsets are int64.
 Nothing about the spatial size is baked into a kernel: MaxPool's window geometry (auto_pad, pads,
 ceil_mode, via ``kiln.ops.pool.Window``) is resolved on the host per input size and cached. Resize's
 source index of each output row/column is computed in the kernel in float64 with exactly the
-operations of the reference (``kiln.ops.shape._source_coords`` / ``_nearest_index``), IEEE-rounded
+operations of the reference (``kiln.ops.resize._source_coords`` / ``_nearest_index``), IEEE-rounded
 like torch's, from per-axis scalars the host derives from the input size; no index tables, no
 allocation besides the output, no host sync: CUDA-graph capturable.
 """
@@ -31,7 +31,7 @@ from kiln.ir.graph import Node, Value
 from kiln.ops.conv import MAX_WINDOW
 from kiln.ops.pool import Window
 from kiln.ops.registry import lookup, norm_axis
-from kiln.ops.shape import _resize_params
+from kiln.ops.resize import _resize_params
 
 Tensor = torch.Tensor
 _I32 = 2**31 - 1
