@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.backends.cpu import pointwise_c
+from kiln.backends.cpu import pointwise_c, pointwise_codegen
 from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import KilnError, PlanFormatError, UnsupportedOpError
 from kiln.ir.dtype import DType
@@ -105,7 +105,7 @@ def _patterns(out: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
 
 def test_random_programs_cover_the_vocabulary() -> None:
     assert COVERED == OPS
-    assert pointwise_c.SUPPORTED_OPS == OPS
+    assert pointwise_codegen.SUPPORTED_OPS == OPS
 
 
 class _Val:
@@ -316,7 +316,7 @@ def test_one_loop_and_segmented_forms_agree(seed: int, monkeypatch: pytest.Monke
     node, xs = _oracle(np.random.default_rng(4400 + seed))
     want = _reference(node, xs)
     _close(_kernel(node)(*xs), want)
-    monkeypatch.setattr(pointwise_c, "MAX_BUFFERS", 0)
+    monkeypatch.setattr(pointwise_codegen, "MAX_BUFFERS", 0)
     kernel = _kernel(node)
     assert " B0[BLK]" not in kernel.fn.source
     _close(kernel(*xs), want)
@@ -541,7 +541,7 @@ def test_source_is_integers_literals_and_fixed_text() -> None:
 
 def test_literals_are_exact() -> None:
     for v in [0.1, -0.0, 1e-45, 3.4028234663852886e38, 1e39, -1e39, float("nan"), 1 / 3]:
-        lit = pointwise_c._lit(v)
+        lit = pointwise_codegen._lit(v)
         want = float(torch.tensor(v, dtype=torch.float32))
         if want != want:
             assert lit == "NAN"
@@ -550,7 +550,7 @@ def test_literals_are_exact() -> None:
         else:
             assert float.fromhex(lit.strip("()").rstrip("f")) == want
     with pytest.raises(TypeError):
-        pointwise_c._lit("1.0); system(\"x\")")  # type: ignore[arg-type]
+        pointwise_codegen._lit("1.0); system(\"x\")")  # type: ignore[arg-type]
 
 
 def test_hostile_programs_refused(tmp_path: Any) -> None:
