@@ -103,7 +103,7 @@ def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | Non
         if outs is None:
             return _unknown(node)
         return [_static_type(o) for o in outs[:len(node.outputs)]] + _unknown(node)[len(outs):]
-    from kiln.ops.symbolic import infer_symbolic
+    from kiln.ops.symbolic import infer_symbolic  # symbolic imports this module
     return infer_symbolic(opdef, node, types, consts)
 
 

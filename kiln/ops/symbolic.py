@@ -30,6 +30,7 @@ import torch
 
 from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
+from kiln.ops.infer import _run, element_type
 
 if TYPE_CHECKING:
     from kiln.ir.graph import Node
@@ -243,7 +244,6 @@ def _assumed_equal(env: Any) -> set[Any]:
 
 
 def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) -> TensorType:
-    from kiln.ops.infer import element_type
     if not isinstance(o, torch.Tensor):
         return TensorType(None, None)
     dt = element_type(o)
@@ -265,7 +265,6 @@ def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) 
 def _ranks_only(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                 consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
     """Element types and ranks from one run with every dynamic dim at a placeholder size; no dims."""
-    from kiln.ops.infer import _run, element_type
     placeholder = [None if t is None or t.shape is None else
                    TensorType(t.dtype, tuple(d if isinstance(d, int) else _PLACEHOLDER for d in t.shape))
                    for t in types]
