@@ -1,6 +1,10 @@
 """Per-layer CPU profile: Kiln (runtime step hook) next to ONNX Runtime (its node profiler).
 
-    python benchmarks/cpu_profile.py [resnet50|yolov4_tiny] [--threads 2] [--runs 20] [--opt-level 0] [--layers]
+    python benchmarks/cpu_profile.py [resnet50|yolov4_tiny|ZOO_MODEL] [--threads 2] [--runs 20] [--opt-level 0]
+                                     [--layers] [--cache DIR]
+
+A ZOO_MODEL (benchmarks/zoo_models.py) is built with its optimization profile and run at batch 1 at the
+profile's opt point, from the zoo's ONNX cache.
 
 Prints wall time per inference for both, the sum of Kiln's per-layer medians (the rest of the wall time
 is the interpreter and input handling), time per op type for both, and with --layers every Kiln layer
@@ -39,9 +43,12 @@ def _base(name: str) -> str:
     return name.split("/")[0].removesuffix("_nchwc")
 
 
-def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int) -> tuple[list[float], dict[str, tuple[str, float]]]:
+def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int,
+                 profile=None) -> tuple[list[float], dict[str, tuple[str, float]]]:
     """(wall ms per run, layer name -> (op type, median ms)) for a Kiln engine."""
-    engine = Engine(Builder(Logger(Severity.WARNING)).build(model, BuilderConfig(optimization_level=level)))
+    config = BuilderConfig(optimization_level=level, profiles=[] if profile is None else [profile])
+    engine = Engine(Builder(Logger(Severity.WARNING)).build(model, config))
+    TACTICS.update({s["name"]: s["tactic"] for s in engine.plan.graph["steps"] if "name" in s})
     ctx = engine.create_execution_context()
     feeds_t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     per: dict[str, list[float]] = collections.defaultdict(list)
@@ -87,6 +94,9 @@ def ort_profile(model, feeds: dict[str, np.ndarray], runs: int, threads: int) ->
     return walls, {n: (ops[n], statistics.median(v[-runs:])) for n, v in per.items()}
 
 
+TACTICS: dict[str, str] = {}
+
+
 def by_op(layers: dict[str, tuple[str, float]]) -> dict[str, float]:
     out: dict[str, float] = collections.defaultdict(float)
     for op, ms in layers.values():
@@ -96,18 +106,32 @@ def by_op(layers: dict[str, tuple[str, float]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="resnet50", choices=["resnet50", "yolov4_tiny"])
+    ap.add_argument("model", nargs="?", default="resnet50", help="resnet50, yolov4_tiny or a zoo model name")
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kiln-zoo"),
+                    help="the zoo's ONNX cache (zoo models)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--opt-level", type=int, default=0)
     ap.add_argument("--layers", action="store_true", help="print every layer")
     args = ap.parse_args(argv)
     configure(threads=args.threads)
-    from examples.zoo import resnet50, yolov4_tiny
-    mod = {"resnet50": resnet50, "yolov4_tiny": yolov4_tiny}[args.model]
-    model = mod.onnx_model(0, 1)
-    feeds = {"input": np.random.default_rng(0).standard_normal((1, *mod.INPUT_SHAPE)).astype(np.float32)}
-    k_wall, k_layers = kiln_profile(model, feeds, args.runs, args.opt_level)
+    profile = None
+    if args.model in ("resnet50", "yolov4_tiny"):
+        from examples.zoo import resnet50, yolov4_tiny
+        mod = {"resnet50": resnet50, "yolov4_tiny": yolov4_tiny}[args.model]
+        model = mod.onnx_model(0, 1)
+        feeds = {"input": np.random.default_rng(0).standard_normal((1, *mod.INPUT_SHAPE)).astype(np.float32)}
+    else:
+        import onnx
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import zoo
+        m = {z.name: z for z in zoo.zoo_models.registry()}.get(args.model)
+        if m is None:
+            ap.error(f"unknown model {args.model!r}")
+        model = onnx.load(m.ensure(args.cache))
+        profile = zoo.profile_for(m)
+        feeds = m.feeds(m.point("opt"), seed=1)
+    k_wall, k_layers = kiln_profile(model, feeds, args.runs, args.opt_level, profile)
     o_wall, o_layers = ort_profile(model, feeds, args.runs, args.threads)
     k_sum, o_sum = sum(ms for _, ms in k_layers.values()), sum(ms for _, ms in o_layers.values())
     print(f"{args.model}: Kiln wall {statistics.median(k_wall):.2f} ms (layers {k_sum:.2f} ms), "
@@ -116,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     print("ORT  by op:", ", ".join(f"{op} {ms:.2f}" for op, ms in by_op(o_layers).items()))
     if args.layers:
         ort_by_base = {_base(n): ms for n, (_, ms) in o_layers.items()}
-        print(f"{'layer':44s} {'op':10s} {'Kiln ms':>8s} {'ORT ms':>8s}")
+        print(f"{'layer':44s} {'op':10s} {'tactic':18s} {'Kiln ms':>8s} {'ORT ms':>8s}")
         for name, (op, ms) in k_layers.items():
             o = ort_by_base.get(_base(name))
-            print(f"{name[:44]:44s} {op[:10]:10s} {ms:8.3f} {'' if o is None else f'{o:8.3f}'}")
+            print(f"{name[-44:]:44s} {op[:10]:10s} {TACTICS.get(name, '?')[:18]:18s} {ms:8.3f} "
+                  f"{'' if o is None else f'{o:8.3f}'}")
     return 0
 
 
