@@ -10,6 +10,8 @@
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
 | cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
+| cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows  |
+| cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
 from __future__ import annotations
@@ -29,4 +31,5 @@ def _triton_available() -> bool:
 HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
-    from kiln.backends.cuda import triton_conv, triton_gemm, triton_pointwise, triton_pool  # noqa: F401
+    from kiln.backends.cuda import (  # noqa: F401
+        triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_reduce)

@@ -1,0 +1,298 @@
+"""Triton LayerNormalization (first output only), any float type, rows addressed by strides.
+
+A LayerNormalization over axes [axis, rank) normalizes M = prod(shape[:axis]) rows of D =
+prod(shape[axis:]) elements. The kernel takes a tile of BLOCK_R rows x BLOCK_D columns per program
+(several rows per program when they are short):
+
+* one pass (D <= BLOCK_D): the rows are loaded once and kept in registers; the mean (corrected by the
+  mean of the residuals, a second reduction from registers), then the variance of the centred values
+  (as the reference computes them), then ``(x - mean) * rstd * scale + bias``.
+* chunked (longer rows): the statistics come from one sweep over the row in BLOCK_D chunks, each
+  chunk's mean and sum of squared deviations merged into the running ones (Chan et al.'s pairwise
+  update), all of the row shifted by its first element, so a mean far above the spread costs no
+  precision (sum / sum of squares would lose it); a second sweep normalizes and stores. Rows longer
+  than MAX_ONE_PASS (hidden sizes above 8192) always go this way (two reads of the row); for rows
+  above 1024 it is one of the configurations the autotuner times.
+
+Statistics are float32 whatever the input type (fp32 / fp16 / bf16); scale and bias are converted to
+float32 on load and the result rounded once to the output type. Scale and bias are flattened to D
+values: constants are prepacked at build in X's type (the reference rounds them to it), broadcast over
+the normalized dims; run-time ones must already have the normalized dims' shape.
+
+Addressing: the normalized dims must collapse into one run with a single element stride (contiguous
+rows, or rows strided by any constant, e.g. the last dim of a 4-D tensor held channels-last), and the
+outer dims into at most three (size, stride) runs shared by input and output, so slices and permuted
+views of the batch dims are read in place. Strides are checked per call on the host; any other input
+layout (the normalized dims permuted among themselves, more outer runs) runs the op's reference
+through the kernel's ``fallback``. The output is the given ``out=`` (one that the kernel cannot address
+gets the result through a temporary and a copy) or allocated like the input (``empty_like``). No host
+sync, no other allocation: CUDA-graph capturable.
+
+Declined: the Mean / InvStdDev outputs, a stash_type other than float32, scale or bias that broadcast
+over the outer dims, run-time scale or bias of another type or shape than the normalized dims'.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.cpu.dnnl import ReferenceFallback
+from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
+from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.ir.graph import Node, Value
+
+Tensor = torch.Tensor
+
+MAX_ONE_PASS = 8192
+"""Longest row normalized in one pass from registers; longer rows are swept in chunks."""
+_CHUNK = 2048
+"""Largest chunk of the chunked configurations (twice that for rows above MAX_ONE_PASS)."""
+
+
+@triton.jit
+def _row_offsets(rows, R1, R2, s0, s1, s2):
+    """Memory offsets of flat row indices over three outer (size, stride) runs (sizes R0 x R1 x R2)."""
+    i2 = rows % R2
+    t = rows // R2
+    return (t // R1) * s0 + (t % R1) * s1 + i2 * s2
+
+
+@triton.jit
+def _centred(x, mask, n):
+    """Per-row mean of a (rows x columns) float32 tile holding n valid columns, and the centred tile
+    (0 outside the mask). The mean is corrected by the mean of the first residuals, so that a row whose
+    mean is large against its spread keeps its variance to float32 rounding of the values."""
+    mean = tl.sum(x, axis=1) / n
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    corr = tl.sum(d, axis=1) / n
+    return mean + corr, tl.where(mask, d - corr[:, None], 0.0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _layernorm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, D, R1, R2,
+    sx0, sx1, sx2, sxd, sy0, sy1, sy2, syd, eps,
+    HAS_BIAS: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < M
+    x_row = _row_offsets(rows, R1, R2, sx0, sx1, sx2)[:, None]
+    y_row = _row_offsets(rows, R1, R2, sy0, sy1, sy2)[:, None]
+    cols = tl.arange(0, BLOCK_D)
+    if ONE_PASS:
+        c_mask = cols < D
+        mask = r_mask[:, None] & c_mask[None, :]
+        c64 = cols.to(tl.int64)[None, :]
+        x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+        mean, d = _centred(x, mask, D)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
+        w = tl.load(w_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+        y = d * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_row + c64 * syd, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        count = tl.zeros([BLOCK_R], tl.float32)
+        mean = tl.zeros([BLOCK_R], tl.float32)
+        m2 = tl.zeros([BLOCK_R], tl.float32)
+        # statistics of x - (the row's first element): the mean then stays near the spread, so rounding
+        # it to float32 costs nothing against the spread (a mean of 300 alone is only good to 2e-5)
+        shift = tl.load(x_ptr + x_row, mask=r_mask[:, None], other=0.0).to(tl.float32)
+        for k in range(0, D, BLOCK_D):
+            c = k + cols
+            mask = r_mask[:, None] & (c < D)[None, :]
+            x = tl.load(x_ptr + x_row + c.to(tl.int64)[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(mask, x - shift, 0.0)
+            n_b = tl.minimum(D - k, BLOCK_D).to(tl.float32)
+            mean_b, d = _centred(x, mask, n_b)
+            total = count + n_b
+            delta = mean_b - mean
+            mean += delta * (n_b / total)
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (count * n_b / total)
+            count = total
+        rstd = tl.rsqrt(m2 / D + eps)
+        for k in range(0, D, BLOCK_D):
+            c = k + cols
+            c_mask = c < D
+            mask = r_mask[:, None] & c_mask[None, :]
+            c64 = c.to(tl.int64)[None, :]
+            x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+            y = ((x - shift) - mean[:, None]) * rstd[:, None] * w[None, :]
+            if HAS_BIAS:
+                y += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + y_row + c64 * syd, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host side ----------------------------------------------------------------------------------
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def runs(shape: Sequence[int], *strides: Sequence[int]) -> list[tuple[int, ...]]:
+    """The dims as maximal runs that address like one dim in every given tensor, outermost first:
+    (size, stride in the first tensor, stride in the second, ...). Size-1 dims, whose strides are never
+    used, are dropped: a contiguous block is one run, a channel slice of one two."""
+    out: list[tuple[int, ...]] = []
+    for k, n in enumerate(shape):
+        if n == 1:
+            continue
+        st = [s[k] for s in strides]
+        if out and all(prev == n * s for prev, s in zip(out[-1][1:], st)):
+            out[-1] = (out[-1][0] * n, *st)
+        else:
+            out.append((n, *st))
+    return out
+
+
+def _row_layout(x: Tensor, y: Tensor, axis: int) -> list[int] | None:
+    """Kernel arguments R1, R2, x's three outer strides, x's element stride, y's three outer strides and
+    element stride; None when the normalized dims of x or y are not one run each, or the outer dims need
+    more than three runs common to both."""
+    inner_x = runs(x.shape[axis:], x.stride()[axis:])
+    inner_y = runs(y.shape[axis:], y.stride()[axis:])
+    outer = runs(x.shape[:axis], x.stride()[:axis], y.stride()[:axis])
+    if len(inner_x) > 1 or len(inner_y) > 1 or len(outer) > 3:
+        return None
+    o = [(1, 0, 0)] * (3 - len(outer)) + outer
+    return [o[1][0], o[2][0], o[0][1], o[1][1], o[2][1], inner_x[0][1] if inner_x else 1,
+            o[0][2], o[1][2], o[2][2], inner_y[0][1] if inner_y else 1]
+
+
+def _strip(shape: Any) -> list[Any]:
+    """A shape without its leading 1s (what broadcasting against more dims ignores)."""
+    s = list(shape)
+    while s and s[0] == 1:
+        s.pop(0)
+    return s
+
+
+def _param_ok(p: Value | None, x: Value, inner: list[Any]) -> bool:
+    """Scale / bias: absent; a float constant broadcasting over the (static) normalized dims only; or a
+    run-time tensor of X's type with exactly the normalized dims' static shape."""
+    if p is None:
+        return True
+    if p.type.dtype not in FLOAT_DTYPES or not all(isinstance(d, int) for d in inner):
+        return False
+    if p.const is not None:
+        shape = _strip(p.const.shape)
+        if len(shape) > len(inner):
+            return False
+        try:
+            return list(torch.broadcast_shapes(tuple(shape), tuple(inner))) == inner
+        except RuntimeError:
+            return False
+    return p.type.dtype == x.type.dtype and p.type.shape is not None and _strip(p.type.shape) == _strip(inner)
+
+
+def _spec(node: Node) -> tuple[int, list[Any]] | None:
+    """(normalized axis, normalized dims) of a LayerNormalization this tactic runs, else None."""
+    if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or node.opset < 17:
+        return None
+    x, scale = node.input(0), node.input(1)
+    if len(node.outputs) != 1 or x is None or scale is None or len(node.inputs) > 3:
+        return None
+    rank, dt = x.type.rank, x.type.dtype
+    if rank is None or rank < 1 or dt not in FLOAT_DTYPES or node.outputs[0].type.dtype != dt:
+        return None
+    axis = int(node.attr("axis", -1))
+    if not -rank <= axis < rank or int(node.attr("stash_type", 1)) != 1:
+        return None
+    axis %= rank
+    inner = list(x.type.shape[axis:])  # type: ignore[index]
+    if not (_param_ok(scale, x, inner) and _param_ok(node.input(2), x, inner)):
+        return None
+    return axis, inner
+
+
+class TritonLayerNorm(Tactic):
+    """LayerNormalization (Y only) over trailing axes whose elements form one strided run."""
+
+    id = "cuda.triton_layernorm"
+    devices = ("cuda",)
+    priority = 20
+    writes_out = 1
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        return _spec(node) is not None
+
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        """One pass over the whole row (several short rows per program) where it fits MAX_ONE_PASS, and
+        chunked sweeps for rows above 1024 (the normalized dims are static: `_param_ok` requires it)."""
+        spec = _spec(node)
+        assert spec is not None, f"{self.id} does not support node {node.name}"
+        d = math.prod(spec[1])
+        bd = _p2(max(d, 1))
+        out: list[dict[str, Any]] = []
+        if bd <= MAX_ONE_PASS:
+            br = max(1, 2048 // bd)
+            out.append({"BLOCK_R": br, "BLOCK_D": bd, "num_warps": min(16, max(1, br * bd // 256))})
+        if bd > 1024:
+            out.append({"BLOCK_R": 1, "BLOCK_D": min(bd // 2, _CHUNK), "num_warps": 4})
+        if bd > MAX_ONE_PASS:
+            out.append({"BLOCK_R": 1, "BLOCK_D": 2 * _CHUNK, "num_warps": 8})
+        return out
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        spec = _spec(node)
+        assert spec is not None, f"{self.id} does not support node {node.name}"
+        axis, inner = spec
+        x_dt = node.inputs[0].type.dtype.torch  # type: ignore[union-attr]
+        params: list[Tensor | None] = []
+        for i in (1, 2):
+            v = node.input(i)
+            if v is None or v.const is None:
+                params.append(None)
+            else:  # rounded to X's type first, as the reference does
+                params.append(v.const.to(x_dt).reshape(_strip(v.const.shape)).expand(inner)
+                              .contiguous().reshape(-1).to(device))
+        has_bias = node.input(2) is not None
+        eps = float(node.attr("epsilon", 1e-5))
+        cfg = dict(config)
+        br, bd, warps = int(cfg["BLOCK_R"]), int(cfg["BLOCK_D"]), int(cfg.get("num_warps", 4))
+        fb = ReferenceFallback(node)
+
+        def k_layernorm(x: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,
+                        out: Tensor | None = None) -> Tensor:
+            if out is not None:
+                check_out(out, tuple(x.shape), node)
+            w = params[0] if params[0] is not None else scale
+            b = (params[1] if params[1] is not None else bias) if has_bias else None
+            rows = math.prod(x.shape[:axis])
+            d = math.prod(x.shape[axis:])
+            key = (tuple(x.shape), x.stride())
+            args = _row_layout(x, x, axis)
+            if args is None or w is None or w.numel() != d or (b is not None and b.numel() != d):
+                fb.declined.setdefault(key, "an input layout or size the Triton LayerNorm does not address")
+                return fb(key, [x, scale, bias][:len(node.inputs)], out)
+            y = out
+            if y is not None:
+                args = _row_layout(x, y, axis)
+            if args is None or y is None:  # no destination, or one addressed otherwise: a tensor like x
+                y = torch.empty_like(x)
+                args = _row_layout(x, y, axis)
+                if args is None:  # empty_like kept a layout of x that does not match it row by row
+                    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                    args = _row_layout(x, y, axis)
+                    assert args is not None
+            if rows and d:
+                w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
+                if b is not None:
+                    b = b.reshape(-1) if b.is_contiguous() else b.contiguous().reshape(-1)
+                launch(_layernorm_kernel, (triton.cdiv(rows, br),),
+                       [x, w, w if b is None else b, y, rows, d, *args, eps],
+                       dict(HAS_BIAS=b is not None, ONE_PASS=d <= bd, BLOCK_R=br, BLOCK_D=bd, num_warps=warps))
+            if out is not None and y is not out:
+                out.copy_(y)
+                return out
+            return y  # type: ignore[return-value]
+        return Kernel(k_layernorm, prepacked=frozenset(i for i in (1, 2) if params[i - 1] is not None), fallback=fb)
+
+
+register_tactic(TritonLayerNorm())
