@@ -1,5 +1,6 @@
 """CPU tactics (oneDNN through torch): fused convolutions and linear layers with prepacked weights,
 channels-last pooling and resizing, concat, generated pointwise programs; `runtime` holds the CPU runtime
 settings (threads, heap retention)."""
-from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winograd, dnnl_layers, gemm, pointwise, pool, resize  # noqa: F401
+from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winograd, dnnl_layers, gemm, norm, pointwise, pool, resize  # noqa: F401
 from kiln.backends.cpu import pointwise_c  # noqa: F401  (cpu.pointwise_c: Pointwise programs as compiled C)
+from kiln.backends.cpu import nms  # noqa: F401  (cpu.nms: NonMaxSuppression selection in C)

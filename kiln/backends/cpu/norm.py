@@ -1,0 +1,78 @@
+"""LayerNormalization on the CPU as one vectorised aten pass per row (``torch.nn.functional.layer_norm``).
+
+ONNX LayerNormalization over the trailing axes ``[axis, rank)`` with float32 statistics (stash_type 1)
+is exactly aten's layer_norm: biased variance, epsilon inside the square root, then scale and bias. The
+scale and bias are constants broadcast once, at kernel build, to the normalized shape; the normalized
+shape itself is read from the input at run time, so dynamic leading dims (batch, sequence) need nothing.
+Only the Y output is produced (nodes asking for Mean / InvStdDev keep the reference). A non-contiguous
+input (a Transpose view) is read through aten's own copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.backends.cpu.common import CpuTactic, const_f32, is_f32
+from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.ir.graph import Node
+from kiln.ops.registry import norm_axis
+
+Tensor = torch.Tensor
+
+
+def _axis(node: Node) -> int | None:
+    rank = node.inputs[0].type.rank if node.inputs and node.inputs[0] is not None else None
+    if rank is None:
+        return None
+    a = int(node.attr("axis", -1))
+    return norm_axis(a, rank) if -rank <= a < rank else None
+
+
+def _affine(node: Node, i: int, norm: tuple[int, ...] | None) -> Tensor | None:
+    """Scale (i=1) or bias (i=2) broadcast to the normalized shape; None if it does not fit."""
+    c = const_f32(node.input(i))
+    if c is None or norm is None or c.dim() > len(norm):
+        return None
+    try:
+        return torch.broadcast_to(c, norm).contiguous()
+    except RuntimeError:
+        return None
+
+
+class CpuLayerNormTactic(CpuTactic):
+    """LayerNormalization (Y only, float32, constant scale/bias, static normalized dims) via aten layer_norm."""
+
+    id = "cpu.layernorm"
+    ops = (("", "LayerNormalization"), ("ai.onnx", "LayerNormalization"))
+    priority = 20
+
+    @staticmethod
+    def _norm(node: Node) -> tuple[int, ...] | None:
+        axis = _axis(node)
+        shape = node.inputs[0].type.shape
+        if axis is None or shape is None or not all(isinstance(d, int) for d in shape[axis:]):
+            return None
+        return tuple(int(d) for d in shape[axis:])  # type: ignore[arg-type]
+
+    def accepts(self, node: Node) -> bool:
+        if len(node.outputs) != 1 or not is_f32(node.inputs[0]) or int(node.attr("stash_type", 1)) != 1:
+            return False
+        norm = self._norm(node)
+        return _affine(node, 1, norm) is not None and (node.input(2) is None or _affine(node, 2, norm) is not None)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        norm = self._norm(node)
+        w = _affine(node, 1, norm)
+        b = _affine(node, 2, norm) if node.input(2) is not None else None
+        eps = float(node.attr("epsilon", 1e-5))
+        shape = list(norm)  # type: ignore[arg-type]
+        layer_norm = F.layer_norm
+
+        def k_layernorm(x: Tensor, *_: Any) -> Tensor:
+            return layer_norm(x, shape, w, b, eps)
+        return Kernel(k_layernorm, prepacked=frozenset({1, 2}))
+
+
+register_tactic(CpuLayerNormTactic())

@@ -1,0 +1,290 @@
+"""Pattern recognition: exporters' decompositions of GELU and LayerNorm back into the single ONNX ops.
+
+Exporters write GELU as elementwise arithmetic and many write LayerNorm as reductions; each piece would
+run as its own layer (or one Pointwise pass per chain). As single ops, GELU becomes a GEMM / conv
+epilogue (FuseGemm, FuseConv) and LayerNorm one normalisation kernel.
+
+    erf GELU:   0.5 * x * (1 + Erf(x / sqrt(2)))          (x * 0.7071.. or x / 1.4142..; products in any order)
+    tanh GELU:  0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))       (x^3 as Pow(x, 3) or x * x * x)
+    LayerNorm:  d = x - ReduceMean(x); y = d / Sqrt(ReduceMean(d^2) + eps) [* gamma] [+ beta]
+                over trailing axes, d^2 as Pow(d, 2) or d * d; gamma/beta constants over the normalized dims
+
+Every constant must equal the formula's (to its dtype's precision), every intermediate must be read
+only inside the pattern and must not be a graph output, so the rewrite computes exactly what the
+nodes it replaces computed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.rewrite import Uses, const, is_op, replace_nodes, runtime, scalar
+
+Tensor = torch.Tensor
+GELU_OPSET = 20           # the first ai.onnx opset with Gelu
+LAYERNORM_OPSET = 17      # the first ai.onnx opset with LayerNormalization
+
+
+def _close(v: Value | None, want: float) -> bool:
+    """v is a one-element float constant equal to `want` to the precision of its dtype."""
+    c = const(v)
+    if c is None or c.numel() != 1 or not c.dtype.is_floating_point:
+        return False
+    tol = 1e-6 if c.dtype in (torch.float32, torch.float64) else 2e-3
+    return abs(float(c.reshape(()).item()) - want) <= tol * abs(want)
+
+
+def _operands(n: Node, x: Value) -> Value | None:
+    """The other input of a two-input node that reads x once (None when it reads x twice or not at all)."""
+    if len(n.inputs) != 2:
+        return None
+    a, b = n.inputs
+    if a is x and b is not x:
+        return b
+    if b is x and a is not x:
+        return a
+    return None
+
+
+def _scalar_fits(v: Value | None, x: Value) -> bool:
+    """A constant operand that broadcasting against x cannot grow x's shape."""
+    c = const(v)
+    return c is not None and c.numel() == 1 and x.type.rank is not None and c.dim() <= x.type.rank
+
+
+def _only(uses: Uses, v: Value, *ops: str) -> Node | None:
+    n = uses.only(v)
+    return n if is_op(n, *ops) else None
+
+
+def _half_x_times(r: Value, x: Value, uses: Uses) -> tuple[list[Node], Value] | None:
+    """(nodes, y) for y = 0.5 * x * r written as two Muls in any association and order."""
+    m1 = _only(uses, r, "Mul")
+    if m1 is None:
+        return None
+    o = _operands(m1, r)
+    if o is x or (o is not None and _close(o, 0.5) and _scalar_fits(o, x)):
+        m2 = _only(uses, m1.outputs[0], "Mul")
+        last = None if m2 is None else _operands(m2, m1.outputs[0])
+        want_x = o is not x
+        if last is not None and ((want_x and last is x) or (not want_x and _close(last, 0.5) and _scalar_fits(last, x))):
+            return [m1, m2], m2.outputs[0]  # type: ignore[list-item]
+        return None
+    h = None if o is None else o.producer
+    if h is not None and is_op(h, "Mul") and uses.only(o) is m1:  # type: ignore[arg-type]
+        half = _operands(h, x)
+        if half is not None and _close(half, 0.5) and _scalar_fits(half, x):
+            return [h, m1], m1.outputs[0]
+    return None
+
+
+def _plus_one(v: Value, x: Value, uses: Uses) -> Node | None:
+    a = _only(uses, v, "Add")
+    o = None if a is None else _operands(a, v)
+    return a if o is not None and _close(o, 1.0) and _scalar_fits(o, x) else None
+
+
+def _scaled(v: Value, scale: float, uses: Uses) -> tuple[Node, Value] | None:
+    """(node, x) where v = x * scale or x / (1 / scale), v read only by its one reader."""
+    p = v.producer
+    if p is None or not is_op(p, "Mul", "Div") or len(p.inputs) != 2 or uses.only(v) is None:
+        return None
+    x, c = p.inputs
+    if is_op(p, "Mul") and const(x) is not None:
+        x, c = c, x
+    if not runtime(x) or not _scalar_fits(c, x):
+        return None
+    if (is_op(p, "Mul") and _close(c, scale)) or (is_op(p, "Div") and _close(c, 1.0 / scale)):
+        return p, x
+    return None
+
+
+def _cube(v: Value, uses: Uses) -> tuple[list[Node], Value] | None:
+    """(nodes, x) for v = Pow(x, 3) or x * x * x, v read only once."""
+    p = v.producer
+    if p is None or uses.only(v) is None:
+        return None
+    if is_op(p, "Pow") and len(p.inputs) == 2 and runtime(p.inputs[0]) and _close(p.inputs[1], 3.0):
+        return [p], p.inputs[0]
+    if is_op(p, "Mul") and len(p.inputs) == 2:
+        for sq, x in (p.inputs, p.inputs[::-1]):
+            q = sq.producer
+            if q is not None and is_op(q, "Mul") and list(q.inputs) == [x, x] and uses.only(sq) is p:
+                return [q, p], x
+    return None
+
+
+class RecogniseGelu(Pass):
+    """Erf and tanh GELU decompositions -> one Gelu node (approximate "none" / "tanh")."""
+
+    name = "gelu recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in list(g.nodes):
+            if n not in g.nodes or not is_op(n, "Erf", "Tanh"):
+                continue
+            m = self._erf(n, uses) if n.op_type == "Erf" else self._tanh(n, uses)
+            if m is None:
+                continue
+            nodes, x, y, approx = m
+            if x.type.dtype is None or not x.type.dtype.is_float:
+                continue
+            gelu = Node("Gelu", [x], [y], {"approximate": approx}, name=g.unique_name(f"{nodes[-1].name}_gelu"),
+                        opset=GELU_OPSET)
+            replace_nodes(g, nodes, [gelu])
+            ctx.logger.verbose(f"Recognised GELU ({approx}) {gelu.name} from {len(nodes)} nodes: "
+                               + ", ".join(k.name for k in nodes))
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _erf(e: Node, uses: Uses) -> tuple[list[Node], Value, Value, str] | None:
+        s = _scaled(e.inputs[0], 1.0 / math.sqrt(2.0), uses)
+        if s is None or uses.only(e.inputs[0]) is not e:
+            return None
+        one = _plus_one(e.outputs[0], s[1], uses)
+        tail = None if one is None else _half_x_times(one.outputs[0], s[1], uses)
+        if tail is None:
+            return None
+        return [s[0], e, one] + tail[0], s[1], tail[1], "none"  # type: ignore[list-item]
+
+    @staticmethod
+    def _tanh(t: Node, uses: Uses) -> tuple[list[Node], Value, Value, str] | None:
+        s = _scaled(t.inputs[0], math.sqrt(2.0 / math.pi), uses)
+        if s is None or uses.only(t.inputs[0]) is not t:
+            return None
+        add = s[1].producer                       # x + 0.044715 * x^3
+        if add is None or not is_op(add, "Add") or len(add.inputs) != 2 or uses.only(s[1]) is None:
+            return None
+        for x, q in (add.inputs, add.inputs[::-1]):
+            k = _scaled(q, 0.044715, uses)
+            c = None if k is None else _cube(k[1], uses)
+            if c is not None and c[1] is x and runtime(x):
+                break
+        else:
+            return None
+        one = _plus_one(t.outputs[0], x, uses)
+        tail = None if one is None else _half_x_times(one.outputs[0], x, uses)
+        if tail is None:
+            return None
+        return c[0] + [k[0], add, s[0], t, one] + tail[0], x, tail[1], "tanh"  # type: ignore[index]
+
+
+def _reduce_axes(n: Node) -> list[int] | None:
+    """A keepdims ReduceMean's axes (attribute or constant input), None otherwise."""
+    if not is_op(n, "ReduceMean") or not int(n.attr("keepdims", 1)):
+        return None
+    if n.opset >= 18:
+        c = const(n.input(1))
+        return None if c is None else [int(a) for a in c.reshape(-1).tolist()]
+    axes = n.attr("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _trailing(axes: list[int] | None, rank: int | None) -> int | None:
+    """The first axis when `axes` are exactly the trailing axes [k, rank) of a rank-`rank` tensor."""
+    if axes is None or rank is None or not axes:
+        return None
+    norm = sorted(a + rank if a < 0 else a for a in axes)
+    k = norm[0]
+    return k if norm == list(range(k, rank)) and k >= 0 else None
+
+
+def _affine(v: Value, axis: int, x: Value, uses: Uses, op: str) -> tuple[Node, Tensor] | None:
+    """(node, constant) for v's only reader `op`(v, c) with c over the normalized dims only."""
+    n = _only(uses, v, op)
+    o = None if n is None else _operands(n, v)
+    c = const(o)
+    rank = x.type.rank
+    if c is None or rank is None or not c.dtype.is_floating_point or c.dim() > rank - axis:
+        return None
+    norm = x.type.shape[axis:] if x.type.shape is not None else None
+    if norm is None or not all(isinstance(d, int) for d in norm):
+        return None
+    try:
+        full = torch.broadcast_to(c, tuple(norm))  # type: ignore[arg-type]
+    except RuntimeError:
+        return None
+    return n, full.contiguous()  # type: ignore[return-value]
+
+
+class RecogniseLayerNorm(Pass):
+    """ReduceMean / Sub / Pow / ReduceMean / Add / Sqrt / Div (/ Mul / Add) -> one LayerNormalization."""
+
+    name = "layernorm recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in list(g.nodes):
+            if n not in g.nodes or _reduce_axes(n) is None:
+                continue
+            m = self._match(g, n, uses)
+            if m is None:
+                continue
+            nodes, ln = m
+            replace_nodes(g, nodes, [ln])
+            ctx.logger.verbose(f"Recognised LayerNorm {ln.name} (axis {ln.attr('axis')}) from {len(nodes)} nodes")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _match(g: Graph, mean: Node, uses: Uses) -> tuple[list[Node], Node] | None:
+        x = mean.inputs[0]
+        axis = _trailing(_reduce_axes(mean), x.type.rank)
+        if axis is None or not runtime(x) or x.type.dtype is None or not x.type.dtype.is_float:
+            return None
+        sub = _only(uses, mean.outputs[0], "Sub")
+        if sub is None or list(sub.inputs) != [x, mean.outputs[0]]:
+            return None
+        d = sub.outputs[0]
+        readers = uses.of(d)
+        if uses.is_output(d) or len(readers) not in (2, 3):
+            return None
+        div = next((r for r in readers if is_op(r, "Div") and list(r.inputs)[0] is d), None)
+        sq = next((r for r in readers if r is not div), None)
+        if div is None or sq is None:
+            return None
+        if is_op(sq, "Pow") and list(sq.inputs)[0] is d and _close(sq.inputs[1], 2.0) and len(readers) == 2:
+            pass
+        elif not (is_op(sq, "Mul") and list(sq.inputs) == [d, d] and len(readers) == 3):
+            return None
+        var = _only(uses, sq.outputs[0], "ReduceMean")
+        if var is None or _trailing(_reduce_axes(var), x.type.rank) != axis:
+            return None
+        add = _only(uses, var.outputs[0], "Add")
+        eps = None if add is None else _operands(add, var.outputs[0])
+        e = scalar(eps)
+        sqrt = None if add is None else _only(uses, add.outputs[0], "Sqrt")
+        if e is None or sqrt is None or not 0.0 <= e < 1.0 or uses.only(sqrt.outputs[0]) is not div \
+                or list(div.inputs) != [d, sqrt.outputs[0]]:
+            return None
+        nodes = [mean, sub, sq, var, add, sqrt, div]
+        out = div.outputs[0]
+        dt = x.type.dtype.torch
+        norm = x.type.shape[axis:] if x.type.shape is not None else None
+        if norm is None or not all(isinstance(k, int) for k in norm):
+            return None
+        gamma, beta = torch.ones(norm, dtype=dt), None  # type: ignore[arg-type]
+        m = _affine(out, axis, x, uses, "Mul")
+        if m is not None:
+            nodes.append(m[0])
+            gamma, out = m[1].to(dt), m[0].outputs[0]
+            b = _affine(out, axis, x, uses, "Add")
+            if b is not None:
+                nodes.append(b[0])
+                beta, out = b[1].to(dt), b[0].outputs[0]
+        name = g.unique_name(f"{mean.name}_layernorm")
+        inputs = [x, g.constant(f"{name}_scale", gamma)]
+        if beta is not None:
+            inputs.append(g.constant(f"{name}_bias", beta))
+        ln = Node("LayerNormalization", inputs, [out], {"axis": axis, "epsilon": float(e)}, name=name,
+                  opset=LAYERNORM_OPSET)
+        return nodes, ln

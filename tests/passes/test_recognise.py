@@ -1,0 +1,173 @@
+"""GELU and LayerNorm decompositions as exporters write them become one op each, and compute the same.
+
+Each model is built for the CPU at optimization level 0 (tactics by priority, so the test does not depend on timing), run on fresh random inputs
+and compared with onnxruntime on the original (decomposed) model. The plan's steps show what the
+recognition did: a GELU after a MatMul/Gemm ends up as the FusedGemm's activation, a LayerNorm as
+one LayerNormalization layer on cpu.layernorm. Near misses (a wrong constant, an intermediate read
+elsewhere) must stay as they are.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln.builder import Builder, BuilderConfig, OptimizationProfile
+from kiln.logger import Logger
+from kiln.runtime.engine import Engine
+from kiln.testing import run_oracle
+
+H = 48
+
+
+def _model(nodes: list, consts: dict[str, np.ndarray], outs: list[str], shape: list, opset: int = 17) -> object:
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _f(v: float) -> np.ndarray:
+    return np.array(v, np.float32)
+
+
+def _build_run(model: object, x: np.ndarray, dynamic: bool = False) -> tuple[list[dict], list[np.ndarray]]:
+    cfg = BuilderConfig(optimization_level=0)
+    if dynamic:
+        p = OptimizationProfile()
+        p.set_shape("x", (1, *x.shape[1:]), x.shape, (8, *x.shape[1:]))
+        cfg = BuilderConfig(optimization_level=0, profiles=[p])
+    plan = Builder(Logger()).build(model, cfg)
+    out = Engine(plan).create_execution_context().execute({"x": torch.from_numpy(x)})
+    return plan.graph["steps"], [v.numpy() for v in out.values()]
+
+
+def _check(model: object, x: np.ndarray, dynamic: bool = False, tol: float = 2e-5) -> list[dict]:
+    steps, got = _build_run(model, x, dynamic)
+    want = run_oracle(model, {"x": x})
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)
+        assert err <= tol, err
+    return steps
+
+
+def _gemm_head(rng: np.random.Generator) -> tuple[list, dict[str, np.ndarray]]:
+    w = (rng.standard_normal((H, H)) / math.sqrt(H)).astype(np.float32)
+    return [helper.make_node("MatMul", ["x", "w"], ["a"])], {"w": w}
+
+
+ERF_FORMS = {
+    # x/sqrt2 -> erf -> +1 -> *x -> *0.5 (torch.onnx of nn.GELU)
+    "div_x_half": [helper.make_node("Div", ["a", "s2"], ["b"]), helper.make_node("Erf", ["b"], ["e"]),
+                   helper.make_node("Add", ["e", "one"], ["r"]), helper.make_node("Mul", ["a", "r"], ["t"]),
+                   helper.make_node("Mul", ["t", "half"], ["y"])],
+    # x*0.5 first, then * (1 + erf(x*0.7071)) (transformers' gelu)
+    "half_first": [helper.make_node("Mul", ["a", "half"], ["h"]), helper.make_node("Mul", ["a", "is2"], ["b"]),
+                   helper.make_node("Erf", ["b"], ["e"]), helper.make_node("Add", ["one", "e"], ["r"]),
+                   helper.make_node("Mul", ["h", "r"], ["y"])],
+    # (1 + erf) * 0.5, then * x
+    "r_half_x": [helper.make_node("Div", ["a", "s2"], ["b"]), helper.make_node("Erf", ["b"], ["e"]),
+                 helper.make_node("Add", ["e", "one"], ["r"]), helper.make_node("Mul", ["half", "r"], ["t"]),
+                 helper.make_node("Mul", ["t", "a"], ["y"])],
+}
+GELU_CONSTS = {"s2": _f(math.sqrt(2)), "is2": _f(1 / math.sqrt(2)), "one": _f(1.0), "half": _f(0.5),
+               "c": _f(math.sqrt(2 / math.pi)), "k": _f(0.044715), "three": _f(3.0)}
+
+
+@pytest.mark.parametrize("form", sorted(ERF_FORMS))
+def test_erf_gelu_fuses_into_the_gemm(form: str) -> None:
+    rng = np.random.default_rng(1)
+    head, w = _gemm_head(rng)
+    m = _model(head + ERF_FORMS[form], {**w, **GELU_CONSTS}, ["y"], ["N", 7, H])
+    steps = _check(m, rng.standard_normal((3, 7, H)).astype(np.float32) * 2, dynamic=True)
+    assert [(s["op"], s["attrs"].get("activation")) for s in steps] == [("FusedGemm", "Gelu")]
+
+
+@pytest.mark.parametrize("cube", ["pow", "mul"])
+def test_tanh_gelu_fuses_into_the_gemm(cube: str) -> None:
+    rng = np.random.default_rng(2)
+    head, w = _gemm_head(rng)
+    c3 = ([helper.make_node("Pow", ["a", "three"], ["a3"])] if cube == "pow" else
+          [helper.make_node("Mul", ["a", "a"], ["a2"]), helper.make_node("Mul", ["a2", "a"], ["a3"])])
+    tail = [helper.make_node("Mul", ["a", "half"], ["h"]), *c3, helper.make_node("Mul", ["k", "a3"], ["q"]),
+            helper.make_node("Add", ["a", "q"], ["s"]), helper.make_node("Mul", ["c", "s"], ["u"]),
+            helper.make_node("Tanh", ["u"], ["t"]), helper.make_node("Add", ["one", "t"], ["r"]),
+            helper.make_node("Mul", ["h", "r"], ["y"])]
+    m = _model(head + tail, {**w, **GELU_CONSTS}, ["y"], [2, 5, H])
+    steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32) * 2)
+    assert [(s["op"], s["attrs"].get("activation")) for s in steps] == [("FusedGemm", "GeluTanh")]
+
+
+def test_gelu_near_misses_are_left_alone() -> None:
+    rng = np.random.default_rng(3)
+    head, w = _gemm_head(rng)
+    wrong = {**GELU_CONSTS, "s2": _f(1.5)}  # not sqrt(2): not a GELU
+    m = _model(head + ERF_FORMS["div_x_half"], {**w, **wrong}, ["y"], [2, 5, H])
+    steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32))
+    assert not any(s["attrs"].get("activation") for s in steps)
+    m = _model(head + ERF_FORMS["div_x_half"], {**w, **GELU_CONSTS}, ["y", "e"], [2, 5, H])  # erf read outside
+    steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32))
+    assert not any(s["attrs"].get("activation") for s in steps)
+
+
+def _layernorm(axes: list[int], square: str, affine: bool, eps: float = 1e-5) -> tuple[list, dict[str, np.ndarray]]:
+    sq = ([helper.make_node("Pow", ["d", "two"], ["sq"])] if square == "pow" else
+          [helper.make_node("Mul", ["d", "d"], ["sq"])])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=axes), helper.make_node("Sub", ["x", "m"], ["d"]),
+             *sq, helper.make_node("ReduceMean", ["sq"], ["v"], axes=axes),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n" if affine else "y"])]
+    consts = {"two": _f(2.0), "eps": _f(eps)}
+    if affine:
+        nodes += [helper.make_node("Mul", ["n", "g"], ["ng"]), helper.make_node("Add", ["ng", "b"], ["y"])]
+    return nodes, consts
+
+
+@pytest.mark.parametrize("square", ["pow", "mul"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_decomposed_layernorm_is_one_layer(square: str, affine: bool) -> None:
+    rng = np.random.default_rng(4)
+    nodes, consts = _layernorm([-1], square, affine)
+    if affine:
+        consts |= {"g": rng.standard_normal(H).astype(np.float32), "b": rng.standard_normal(H).astype(np.float32)}
+    m = _model(nodes, consts, ["y"], ["N", 9, H])
+    x = (rng.standard_normal((2, 9, H)) * 3 + 1).astype(np.float32)
+    steps = _check(m, x, dynamic=True)
+    assert [(s["op"], s["tactic"]) for s in steps] == [("LayerNormalization", "cpu.layernorm")]
+
+
+def test_layernorm_over_two_trailing_axes_with_broadcast_scale() -> None:
+    rng = np.random.default_rng(5)
+    nodes, consts = _layernorm([2, 3], "pow", True, eps=1e-6)
+    consts |= {"g": rng.standard_normal((1, 6)).astype(np.float32), "b": rng.standard_normal((5, 6)).astype(np.float32)}
+    m = _model(nodes, consts, ["y"], [2, 3, 5, 6])
+    steps = _check(m, rng.standard_normal((2, 3, 5, 6)).astype(np.float32))
+    assert [s["op"] for s in steps] == ["LayerNormalization"]
+
+
+def test_layernorm_near_misses_are_left_alone() -> None:
+    rng = np.random.default_rng(6)
+    nodes, consts = _layernorm([1], "pow", False)  # a middle axis of three: not trailing
+    m = _model(nodes, consts, ["y"], [2, 5, 7])
+    steps = _check(m, rng.standard_normal((2, 5, 7)).astype(np.float32))
+    assert "LayerNormalization" not in [s["op"] for s in steps]
+    nodes, consts = _layernorm([-1], "pow", False)
+    nodes[1] = helper.make_node("Sub", ["m", "x"], ["d"])  # mean - x: the sign differs from LayerNorm
+    m = _model(nodes, consts, ["y"], [2, 5, 7])
+    steps = _check(m, rng.standard_normal((2, 5, 7)).astype(np.float32))
+    assert "LayerNormalization" not in [s["op"] for s in steps]
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 197, 64), -1), ((2, 7, 7, 96), -1), ((4, 6, 10), 1), ((5, 768), -1)])
+def test_cpu_layernorm_matches_onnxruntime(shape: tuple[int, ...], axis: int) -> None:
+    rng = np.random.default_rng(7)
+    norm = shape[axis % len(shape):]
+    consts = {"g": rng.standard_normal(norm).astype(np.float32), "b": rng.standard_normal(norm).astype(np.float32)}
+    node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=axis, epsilon=1e-6)
+    m = _model([node], consts, ["y"], list(shape))
+    steps = _check(m, (rng.standard_normal(shape) * 4 - 2).astype(np.float32), tol=1e-5)
+    assert [s["tactic"] for s in steps] == ["cpu.layernorm"]
