@@ -3,7 +3,7 @@ OpenVINO on the CPU (or PyTorch eager, CUDA graphs and torch.compile on a GPU). 
 
     python benchmarks/zoo.py [--models a,b,c] [--list] [--threads 2] [--iters N] [--blocks 5]
                              [--cache DIR] [--out FILE.md] [--skip-latency] [--device cpu|cuda]
-                             [--opt-level 3] [--timeout 900] [--in-process]
+                             [--opt-level 3] [--timeout 900] [--in-process] [--batch N]
 
 For each model (benchmarks/zoo_models.py), in one process (a child per model unless --in-process, so a
 crash or a hang is one row, not the end of the run):
@@ -30,6 +30,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # see benchmarks/cpu_bench.py: 
 os.environ.setdefault("TORCHVISION_WARN_WHEN_EXTENSION_LOADING_FAILS", "")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import fnmatch  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -568,13 +569,14 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
     if dev == "cpu":
         out += [f"Accuracy: normwise relative error ||Kiln - ORT|| / ||ORT|| (worst output) at two shapes; pass <= {tol:g}. "
                 "ORT floor: ORT with graph optimizations off vs on, the spread of two correct FP32 evaluations. "
-                "Latency: batch 1 at the profile's opt point, median ms; Kiln/ORT and Kiln/OV < 1: Kiln faster.", "",
+                f"Latency: batch {args.batch or 1} at the profile's opt point, median ms; Kiln/ORT and Kiln/OV < 1: Kiln faster.", "",
                 "| model | source | exporter | build | nodes -> layers | on ref | acc shape A | acc shape B | pass "
                 "| Kiln ms | ORT ms | OV ms | Kiln/ORT | Kiln/OV | build s |",
                 "|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     else:
         out += [f"Accuracy: Kiln FP16 vs ONNX Runtime FP32, normwise relative error (worst output); pass <= {tol:g}. "
-                "Latency: batch 1 at the profile's opt point, median ms (CUDA events); torch peers in FP16.", "",
+                f"Latency: batch {args.batch or 1} at the profile's opt point, median ms (CUDA events); torch peers in "
+                "FP16.", "",
                 "| model | source | exporter | build | nodes -> layers | on ref | acc shape A | acc shape B | pass "
                 "| Kiln ms | eager ms | eager+graph ms | compile ms | Kiln/graph | Kiln/compile | build s |",
                 "|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -688,7 +690,16 @@ def print_row(r: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def select(models: list[ZooModel], spec: str | None) -> list[ZooModel]:
+def at_batch(m: ZooModel, batch: int | None) -> ZooModel:
+    """m with `batch` as its profile's opt batch (the tuning and latency point; the max grows to fit)."""
+    if not batch or "batch" not in m.dims:
+        return m
+    lo, _, hi = m.dims["batch"]
+    return dataclasses.replace(m, dims={**m.dims, "batch": (min(lo, batch), batch, max(hi, batch))})
+
+
+def select(models: list[ZooModel], spec: str | None, batch: int | None = None) -> list[ZooModel]:
+    models = [at_batch(m, batch) for m in models]
     if not spec:
         return models
     pats = [s.strip() for s in spec.split(",") if s.strip()]
@@ -703,7 +714,7 @@ def worker(args: argparse.Namespace) -> int:
     """Run one model in this process and write its row as JSON to --result."""
     limit_memory(args.mem_limit if args.device == "cpu" else 0)  # CUDA reserves far more address space
     configure(args)
-    m = select(zoo_models.registry(), args.models)[0]
+    m = select(zoo_models.registry(), args.models, args.batch)[0]
     try:
         row = run_model(m, args)
     except Exception as e:
@@ -791,6 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the results as markdown to this file")
     ap.add_argument("--skip-latency", action="store_true", help="build and accuracy only")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch of the profile's opt point (tuning and latency; default 1); models without a "
+                         "batch dim keep theirs")
     ap.add_argument("--opt-level", type=int, default=3, help="Kiln builder optimization level")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile peer")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model (child process)")
@@ -805,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = os.path.abspath(os.path.expanduser(args.cache))
     if args.worker:
         return worker(args)
-    models = select(zoo_models.registry(), args.models)
+    models = select(zoo_models.registry(), args.models, args.batch)
     if args.list:
         for m in models:
             miss = m.missing()

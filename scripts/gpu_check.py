@@ -58,10 +58,19 @@ def bench(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> float:
     return statistics.median(ts)
 
 
+GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_triton.py",
+             "tests/backends/test_cuda_pool.py", "tests/backends/test_cuda_norm.py",
+             "tests/test_control_flow_compiled.py"]
+
+
 def run_tests(timeout: int) -> None:
-    log("GPU tests: tests/backends/test_cuda_{backend,triton,pool}.py")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider",
-           "tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_triton.py", "tests/backends/test_cuda_pool.py"]
+    log("GPU tests: " + ", ".join(GPU_TESTS))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider", *GPU_TESTS]
+    try:
+        import xdist  # noqa: F401  (pytest-xdist: the tests in parallel, so that they fit one call)
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    except ImportError:
+        pass
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         out = (r.stdout + r.stderr).strip().splitlines()

@@ -29,8 +29,11 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     "Expand", "Gather", "GatherElements", "GatherND", "DepthToSpace", "SpaceToDepth", "BatchNormalization",
     # reductions that cannot overflow (torch accumulates the mean in float32)
     "ReduceMean", "ReduceMax", "ReduceMin",
+    # normalization whose statistics every kernel keeps in float32 (stash_type 1: the reference and
+    # cuda.triton_layernorm compute mean and variance in float32 and round the result once)
+    "LayerNormalization",
 })
-"""Ops that run in float16/bfloat16. Sums, normalizations with statistics, softmax, exp/log/pow and
+"""Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""
 
 FP32_POINTWISE_OPS: frozenset[str] = frozenset({"Exp", "Log", "Pow", "Reciprocal", "Cast", "Softmax"})
