@@ -48,8 +48,9 @@ class FoldConstants(Pass):
         if n.op_type in ("Shape", "Size") and n.domain == "" and n.inputs and n.inputs[0] is not None \
                 and n.inputs[0].type.is_static:
             x = n.inputs[0]
-            meta = torch.empty(x.type.shape, dtype=(x.type.dtype or DType.FLOAT32).torch, device="meta")
-            args = [meta]
+            # a CPU tensor of x's shape holding no data (stride 0): the op reads its shape only, and its
+            # result is a real tensor (a meta input made a meta result, which never folded)
+            args = [torch.zeros((), dtype=(x.type.dtype or DType.FLOAT32).torch).expand(x.type.shape)]
         elif all(v is None or v.is_const for v in n.inputs):
             args = [None if v is None else v.const for v in n.inputs]
         elif n.op_type in _SHAPE_OPS and n.domain == "" and len(n.outputs) == 1 \
