@@ -29,10 +29,15 @@ Boxes of no positive area (or NaN) never suppress and are never suppressed -- th
 test is false for them -- so they are kept, counting towards max_output_boxes_per_class, without an
 IoU test; an IoU above a threshold >= 1 (or NaN) cannot happen, so then every candidate is kept. A
 pair's IoU is computed with the reference's own float operations.
+
+`rank_candidates` (input checks, score filter, ranking, corner columns) and `Ranked.selected` (the
+output rows) are shared with the CPU tactic (kiln/backends/cpu/nms.py), which replaces only the greedy
+selection, with a sequential C loop.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -315,6 +320,74 @@ def _scalar(t: Tensor | None) -> float | None:
     return float(t.reshape(-1)[0].item())
 
 
+@dataclass
+class Ranked:
+    """One NonMaxSuppression call's candidates, ranked: what the greedy selection runs on.
+
+    cols: the corner/area columns (nb * n,) of every box (`_corners`, in the compute dtype); order (R, m):
+    box index of each rank of each (batch, class) row, R = nb * nc, candidates first by descending score,
+    ties keeping the lower box index first; counts (R,): candidates per row (score above score_threshold);
+    limit: max_output_boxes_per_class, at most n; thr: the IoU threshold."""
+
+    cols: Cols
+    order: Tensor
+    counts: Tensor
+    nb: int
+    nc: int
+    n: int
+    limit: int
+    thr: float
+
+    @property
+    def m(self) -> int:
+        return int(self.order.shape[1])
+
+    def row_batch(self) -> Tensor:
+        """(R,) batch index of each row."""
+        return torch.arange(self.nb * self.nc, device=self.order.device) // self.nc
+
+    def selected(self, keys: Tensor) -> Tensor:
+        """The op's output (k, 3) from the kept candidates' keys row * m + rank, ascending."""
+        m, nc = self.m, self.nc
+        r, rank = keys // m, keys % m
+        return torch.stack([r // nc, r % nc, self.order[r, rank]], 1).to(torch.int64)
+
+
+def rank_candidates(node: Node, boxes: Tensor, scores: Tensor, max_output: Tensor | None = None,
+                    iou_threshold: Tensor | None = None, score_threshold: Tensor | None = None) -> Ranked | None:
+    """NonMaxSuppression's inputs checked and its candidates ranked; None when nothing can be selected."""
+    require_float(node, boxes, scores)
+    if (boxes.dim() != 3 or int(boxes.shape[-1]) != 4 or scores.dim() != 3
+            or scores.shape[0] != boxes.shape[0] or scores.shape[2] != boxes.shape[1]):
+        raise UnsupportedOpError(f"node '{node.name}': NonMaxSuppression needs boxes (B, N, 4) and "
+                                 f"scores (B, C, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
+    nb, nc, n = (int(d) for d in scores.shape)
+    limit_f = _scalar(max_output)
+    if limit_f is None or not limit_f >= 1 or nb * nc * n == 0:
+        return None
+    limit = int(min(limit_f, n))
+    iou_thr = _scalar(iou_threshold)
+    iou_thr = 0.0 if iou_thr is None else iou_thr
+    score_thr = _scalar(score_threshold)
+    center = bool(node.attr("center_point_box", 0))
+    dt = torch.float32 if boxes.dtype in (torch.float16, torch.bfloat16) else boxes.dtype
+
+    flat_scores = scores.to(dt).reshape(nb * nc, n)
+    candidate = torch.ones_like(flat_scores, dtype=torch.bool) if score_thr is None else flat_scores > score_thr
+    ranked = torch.where(candidate, flat_scores, torch.full_like(flat_scores, float("-inf")))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    counts = candidate.sum(1)
+    m = int(counts.max().item())
+    if m == 0:
+        return None
+    cols = _corners(boxes.to(dt).reshape(nb * n, 4), center)
+    return Ranked(cols, order[:, :m], counts, nb, nc, n, limit, iou_thr)
+
+
+def no_selection(device: torch.device) -> Tensor:
+    return torch.zeros((0, 3), dtype=torch.int64, device=device)
+
+
 @register
 class NonMaxSuppression(OpDef):
     op_type = "NonMaxSuppression"
@@ -323,43 +396,17 @@ class NonMaxSuppression(OpDef):
 
     def compute(self, node: Node, boxes: Tensor, scores: Tensor, max_output: Tensor | None = None,
                 iou_threshold: Tensor | None = None, score_threshold: Tensor | None = None) -> Tensor:
-        require_float(node, boxes, scores)
-        if (boxes.dim() != 3 or int(boxes.shape[-1]) != 4 or scores.dim() != 3
-                or scores.shape[0] != boxes.shape[0] or scores.shape[2] != boxes.shape[1]):
-            raise UnsupportedOpError(f"node '{node.name}': NonMaxSuppression needs boxes (B, N, 4) and "
-                                     f"scores (B, C, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
-        nb, nc, n = (int(d) for d in scores.shape)
-        empty = torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)
-        limit_f = _scalar(max_output)
-        if limit_f is None or not limit_f >= 1 or nb * nc * n == 0:
-            return empty
-        limit = int(min(limit_f, n))
-        iou_thr = _scalar(iou_threshold)
-        iou_thr = 0.0 if iou_thr is None else iou_thr
-        score_thr = _scalar(score_threshold)
-        center = bool(node.attr("center_point_box", 0))
-        dt = torch.float32 if boxes.dtype in (torch.float16, torch.bfloat16) else boxes.dtype
-        dev = boxes.device
-
-        flat_scores = scores.to(dt).reshape(nb * nc, n)
-        candidate = torch.ones_like(flat_scores, dtype=torch.bool) if score_thr is None else flat_scores > score_thr
-        ranked = torch.where(candidate, flat_scores, torch.full_like(flat_scores, float("-inf")))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-        counts = candidate.sum(1)
-        m = int(counts.max().item())
-        if m == 0:
-            return empty
-        order = order[:, :m]
-        cols = _corners(boxes.to(dt).reshape(nb * n, 4), center)
-        if not iou_thr < 1:  # IoU <= 1 as the reference computes it: nothing is ever suppressed
+        c = rank_candidates(node, boxes, scores, max_output, iou_threshold, score_threshold)
+        if c is None:
+            return no_selection(boxes.device)
+        dt = c.cols[0].dtype
+        if not c.thr < 1:  # IoU <= 1 as the reference computes it: nothing is ever suppressed
             mode = "none"
-        elif iou_thr >= 1e-6 and _normal(cols, dt):
+        elif c.thr >= 1e-6 and _normal(c.cols, dt):
             mode = "ratio"
         else:
             mode = "plain"
-        keys = _nms(cols, order, counts, torch.arange(nb * nc, device=dev) // nc, n, limit, iou_thr, mode)
-        r, rank = keys // m, keys % m
-        return torch.stack([r // nc, r % nc, order[r, rank]], 1).to(torch.int64)
+        return c.selected(_nms(c.cols, c.order, c.counts, c.row_batch(), c.n, c.limit, c.thr, mode))
 
     def infer(self, node: Node, types: Sequence[TensorType | None],
               consts: Sequence[Tensor | None]) -> list[TensorType]:
