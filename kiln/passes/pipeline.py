@@ -8,6 +8,7 @@ from kiln.passes.base import Fixpoint, Pass
 from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
 from kiln.passes.concat import MarkConcatElision
 from kiln.passes.conv_fusion import FuseConv
+from kiln.passes.cse import EliminateCommonSubexpressions
 from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.donate import DonateResidual
 from kiln.passes.eliminate import EliminateNoOps
@@ -30,8 +31,9 @@ def default_pipeline() -> list[Pass]:
         # types its output, whose Shape chains then fold (a channel shuffle after a dynamic batch)
         # (one round per such Reshape in a chain of them: ShuffleNet's 16 blocks need 17 rounds)
         Fixpoint("simplify", [FoldConstants(), DeadCodeElimination(), InferTypes(), SimplifyShapes()], max_iters=64),
-        # cleanup: no-ops and shape-op chains (so that producers and consumers meet)
-        Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), DeadCodeElimination()]),
+        # cleanup: no-ops and shape-op chains (so that producers and consumers meet), work done twice
+        Fixpoint("eliminate", [EliminateNoOps(), SimplifyShapes(), EliminateCommonSubexpressions(),
+                               DeadCodeElimination()]),
         # loop bodies: work that reads only outer values and constants runs once, before the loop
         HoistLoopInvariants(),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
