@@ -16,8 +16,17 @@ from kiln.ops.shape import as_bits, from_bits, wide_dtype
 Tensor = torch.Tensor
 
 
+def _is_host(t: Tensor) -> bool:
+    """A real tensor in CPU memory (not meta, not a fake tensor of type inference, not on a device), whose
+    values can be read without a device sync."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
 def _fix_negative(idx: Tensor, size: int | Tensor) -> Tensor:
+    """Indices with negative entries counted from the end (out-of-range ones stay out of range)."""
     idx = idx.to(torch.int64)
+    if _is_host(idx) and (idx.numel() == 0 or int(idx.min()) >= 0):
+        return idx  # nothing to wrap: one reduction read on the host instead of three torch ops
     return torch.where(idx < 0, idx + size, idx)
 
 
@@ -89,10 +98,11 @@ class GatherElements(OpDef):
 
 def _nd_linear(indices: Tensor, dims: Sequence[int]) -> Tensor:
     """Row-major linear offsets of the index tuples in indices[..., k] into a block of shape dims."""
-    lin = torch.zeros(indices.shape[:-1], dtype=torch.int64, device=indices.device)
+    lin: Tensor | None = None
     for j, d in enumerate(dims):
-        lin = lin * d + _fix_negative(indices[..., j], d)
-    return lin
+        ij = _fix_negative(indices[..., j], d)
+        lin = ij if lin is None else lin * d + ij
+    return torch.zeros(indices.shape[:-1], dtype=torch.int64, device=indices.device) if lin is None else lin
 
 
 @register
@@ -107,9 +117,12 @@ class GatherND(OpDef):
         nb = 1
         for d in bshape:
             nb *= d
-        data = as_bits(x).reshape(nb, _numel(x.shape[b:b + k]), *rest)
         lin = _nd_linear(indices.reshape(nb, -1, k), x.shape[b:b + k])
-        out = data[torch.arange(nb, device=x.device)[:, None], lin]
+        if b == 0:  # one gather of rows (index_select checks each offset against the block)
+            out = as_bits(x).reshape(_numel(x.shape[:k]), *rest).index_select(0, lin.reshape(-1))
+        else:
+            data = as_bits(x).reshape(nb, _numel(x.shape[b:b + k]), *rest)
+            out = data[torch.arange(nb, device=x.device)[:, None], lin]
         return from_bits(out.reshape([*bshape, *indices.shape[b:-1], *rest]), x.dtype)
 
 

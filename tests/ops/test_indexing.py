@@ -185,3 +185,55 @@ def test_uint_and_float8_movement() -> None:
     got = run_kiln(model, {"x": x, "l": i64(1, 2, 3, 4, 4)})[0]
     want = np.stack([np.concatenate([x[:n, b][::-1], x[n:, b]]) for b, n in enumerate([1, 2, 3, 4, 4])], axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+# ---- the host fast paths: non-negative indices skip the wrap, GatherND without batch dims gathers rows ----
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("xshape", [(40,), (40, 4), (6, 5, 3)])
+def test_gather_nd_rows_of_a_mask(xshape, negative) -> None:
+    """torch's export of x[mask]: GatherND(x, Transpose(NonZero(mask))), batch_dims 0, one index dim."""
+    rng = np.random.default_rng()
+    i = np.nonzero(rng.uniform(size=xshape[0]) < 0.6)[0][:, None].astype(np.int64)
+    if negative:
+        i[::2] -= xshape[0]
+    for oracle in ("auto", "reference"):
+        check("GatherND", {"x": rand(*xshape), "i": i}, opset=13, oracle=oracle)
+
+
+@pytest.mark.parametrize("ishape", [(0, 1), (0, 2), (2, 0, 2)])
+def test_gather_nd_empty_indices(ishape) -> None:
+    check("GatherND", {"x": rand(4, 5, 6), "i": np.zeros(ishape, np.int64)}, opset=13)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("axis,ishape", [(1, ()), (0, (7,)), (1, (0,)), (0, (2, 3))])
+def test_gather_fast_path(axis, ishape, negative) -> None:
+    x = rand(30, 7)
+    i = idx(x.shape[axis], *ishape, negative=negative)
+    for oracle in ("auto", "reference"):
+        check("Gather", {"x": x, "i": i}, {"axis": axis}, oracle=oracle)
+
+
+@pytest.mark.parametrize("op,bad", [("Gather", 40), ("Gather", -41), ("GatherND", 40), ("GatherND", -41)])
+def test_out_of_range_indices_raise(op, bad) -> None:
+    from kiln.errors import KilnError
+    i = i64(3, bad, 0).reshape(3, 1) if op == "GatherND" else i64(3, bad, 0)
+    feeds = {"x": rand(40, 2), "i": i}
+    with pytest.raises(KilnError):
+        run_kiln(make_node_model(op, feeds, 1, opset=13), feeds)
+
+
+def test_gather_types_with_dynamic_dims() -> None:
+    """Type inference runs the same computes on fake tensors: the host fast path must not read their values."""
+    from kiln.ir.dtype import DType
+    from kiln.ir.graph import Node, Value
+    from kiln.ir.types import TensorType
+    from kiln.ops.infer import infer_node
+    x = Value("x", TensorType(DType.FLOAT32, ("n", 4)))
+    i = Value("i", TensorType(DType.INT64, ("q", 1)))
+    (t,) = infer_node(Node("GatherND", [x, i], [Value("y")], {}, name="g", opset=13))
+    assert t == TensorType(DType.FLOAT32, ("q", 4)), t
+    j = Value("j", TensorType(DType.INT64, ("q",)))
+    (t,) = infer_node(Node("Gather", [x, j], [Value("z")], {"axis": 0}, name="h", opset=13))
+    assert t == TensorType(DType.FLOAT32, ("q", 4)), t
