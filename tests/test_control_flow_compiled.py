@@ -425,13 +425,13 @@ def _scan_model(seed: int = 0) -> onnx.ModelProto:
 
 def test_scan_body_layers_get_fast_tactics_and_match_onnxruntime():
     model = _scan_model()
-    plan = _build(model)
+    plan = _build(model, level=0)  # by priority: which tactic wins a 2x16 MatMul's timing is noise
     body = {k.split("/")[-1]: s for k, s in _body_steps(plan).items()}
     assert plan.build["subgraph_layers"] >= 3
     fast = [s for s in body.values() if s["tactic"] != "ref"]
     flat = _build(_model(helper.make_graph(
         [helper.make_node("MatMul", ["s_in", "W"], ["sw"], name="mm_w")], "flat", [_vi("s_in", [2, 16])],
-        [_vi("sw", [2, 16])], [_c("W", _rand(np.random.default_rng(0), 16, 16))])))
+        [_vi("sw", [2, 16])], [_c("W", _rand(np.random.default_rng(0), 16, 16))])), level=0)
     if flat.graph["steps"][0]["tactic"] != "ref":
         assert len(fast) >= 3, {k: s["tactic"] for k, s in body.items()}  # the three MatMuls (maybe fused)
     engine = _engine(plan)

@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.builder import Builder, BuilderConfig, OptimizationProfile
@@ -116,3 +117,53 @@ def test_memory_planner_reuses_and_never_overlaps():
 def test_plan_reports_arena_smaller_than_naive():
     plan = Builder().build(_model(np.random.default_rng(), 2), BuilderConfig())
     assert 0 < plan.memory["arena_bytes"] <= plan.memory["naive_bytes"]
+
+
+@pytest.mark.parametrize("first", ["b", "x"])
+def test_arena_slots_take_their_kernels_layout(first):
+    """A conv's 4-D output is placed channels-last, and a pointwise layer's output like its first 4-D input
+    (ConvNeXt's block: conv -> permute -> linear -> permute -> residual add with the block's input): the
+    permuted branch is channels-last, the graph input contiguous. The outputs match onnxruntime."""
+    rng = np.random.default_rng(3)
+    c, hw = 16, 6
+    w = (rng.standard_normal((c, c, 3, 3)) * 0.2).astype(np.float32)
+    fc = (rng.standard_normal((c, c)) * 0.3).astype(np.float32)
+    add = ["b", "x"] if first == "b" else ["x", "b"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 3, 1], name="to_nhwc"),
+             helper.make_node("MatMul", ["t", "fc"], ["m"], name="fc"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("Transpose", ["r"], ["b"], perm=[0, 3, 1, 2], name="to_nchw"),
+             helper.make_node("Add", add, ["out0"], name="residual"),
+             helper.make_node("Relu", ["out0"], ["h"], name="act"),
+             helper.make_node("Conv", ["h", "w"], ["out"], pads=[1, 1, 1, 1], name="head")]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    plan = Builder().build(model, BuilderConfig(optimization_level=0))
+    for st in plan.graph["steps"]:
+        if st["op"] == "Pointwise":  # the destination-passing pointwise tactic
+            st["tactic"], st["config"] = "cpu.pointwise_c", {}
+    engine = Engine(plan)
+    fn = engine.function
+    assert fn.arena is not None
+    steps = {st.node.op_type: st for st in fn.steps if st.place >= 0}
+    assert steps["FusedConv"].kernel.out_format == "channels_last"
+    pw = steps["Pointwise"]
+    assert pw.kernel.out_format == "like_input" and pw.follow >= 0
+    seen = []
+    inner = pw.fn
+
+    def spy(*args, out=None):
+        seen.append((args[pw.follow].is_contiguous(), out.is_contiguous(),
+                     out.is_contiguous(memory_format=torch.channels_last)))
+        return inner(*args, out=out)
+    pw.fn = spy
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    got = engine.create_execution_context().execute({"x": x})["out"]
+    assert_close_to_scale(got, run_oracle(model, {"x": x})[0], 1e-5)
+    placed, _ = fn.arena.views({}, fn.device)
+    assert placed[steps["FusedConv"].place].is_contiguous(memory_format=torch.channels_last)
+    (in_rows, out_rows, out_cl), = seen
+    assert in_rows == (first == "x") and out_rows == in_rows and out_cl == (not in_rows)

@@ -17,6 +17,9 @@ class Fallback(Protocol):
     reason: str | None
 
 
+OUT_FORMATS = frozenset({"channels_last", "contiguous", "like_input"})
+
+
 @dataclass(eq=False)
 class Kernel:
     """One built layer implementation.
@@ -28,6 +31,10 @@ class Kernel:
     fallback:     its slow path for shapes the fast path declines (the autotuner never credits a tactic with it)
     elide_axis:   for an elided Concat: the axis its producers write slices of (the layer itself does not run)
     channels_last: an elided Concat's buffer is allocated channels-last
+    out_format:   layout of a 4-D output the runtime places for it (an arena slot): "channels_last" (an
+                  image, NCHW dims with channels innermost: conv, pooling, resize), "contiguous" (row-major: a
+                  GEMM's [N, H, W, C] or [B, heads, S, D] rows), or "like_input" (contiguous when its first
+                  4-D input is, channels-last otherwise: pointwise and normalization)
     release:      frees native resources (oneDNN primitives, memory descriptors) held by the kernel
     """
 
@@ -38,7 +45,12 @@ class Kernel:
     fallback: Fallback | None = None
     elide_axis: int | None = None
     channels_last: bool = False
+    out_format: str = "channels_last"
     release: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_format not in OUT_FORMATS:
+            raise ValueError(f"Kernel.out_format must be one of {sorted(OUT_FORMATS)}, not {self.out_format!r}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)

@@ -21,6 +21,7 @@ from kiln.ir.types import TensorType
 from kiln.plan.memory import ALIGN, Buffer, plan_memory
 
 Shape = tuple[int | str, ...]
+_Place = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...], "tuple[int, ...] | None", int]
 
 
 class ActivationArena:
@@ -28,13 +29,13 @@ class ActivationArena:
 
     def __init__(self, steps: Sequence[Any], out_types: dict[int, TensorType], output_slots: Sequence[int],
                  symbols: set[str]) -> None:
-        self.specs: dict[int, tuple[Shape, torch.dtype, bool, int]] = {}  # slot -> (shape, dtype, cl, first)
+        self.specs: dict[int, tuple[Shape, torch.dtype, str, int]] = {}  # slot -> (shape, dtype, out_format, first)
         roots: dict[int, set[int]] = {}
         last: dict[int, int] = {}
         outputs = set(output_slots)
         for i, st in enumerate(steps):
             for a in st.allocs:  # elided Concat buffers: written from their first producer on
-                self.specs[a.slot] = (a.shape, a.dtype, a.channels_last, i)
+                self.specs[a.slot] = (a.shape, a.dtype, "channels_last" if a.channels_last else "contiguous", i)
                 roots[a.slot] = {a.slot}
             for s in st.ins:
                 for r in roots.get(s, ()):
@@ -45,7 +46,8 @@ class ActivationArena:
                     roots[s] = {buf for buf, *_ in st.out}
                 elif writes and len(st.outs) == 1 and s not in outputs and resolvable(out_types.get(s), symbols):
                     t = out_types[s]
-                    self.specs[s] = (tuple(t.shape), t.dtype.torch, t.rank == 4, i)  # type: ignore[arg-type,union-attr]
+                    fmt = st.kernel.out_format if t.rank == 4 else "contiguous"
+                    self.specs[s] = (tuple(t.shape), t.dtype.torch, fmt, i)  # type: ignore[arg-type,union-attr]
                     roots[s] = {s}
                 else:  # not handed a destination: the result may be a view of an input
                     roots[s] = set().union(*(roots.get(x, set()) for x in st.ins if x >= 0))
@@ -55,13 +57,14 @@ class ActivationArena:
             last.update({r: end for r in roots.get(s, ())})
         self.last = {r: last.get(r, self.specs[r][3]) for r in self.specs}
         self.placed = frozenset(self.specs)
-        # per bound dims: (arena bytes, [(slot, dtype, shape, strides, element offset)]), strides channels-last for 4-D
-        self._cache: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[int, torch.dtype, tuple[int, ...],
-                                                                             tuple[int, ...], int]]]] = {}
+        # per bound dims: (arena bytes, [(slot, dtype, shape, strides, contiguous strides for a like_input slot,
+        # element offset)]); a like_input slot's default strides are channels-last
+        self._cache: dict[tuple[tuple[str, int], ...], tuple[int, list[_Place]]] = {}
         self.arena_bytes = 0
 
-    def views(self, dims: dict[str, int], device: torch.device) -> dict[int, torch.Tensor]:
-        """Fresh arena for these bound dims; slot -> its tensor view (channels-last for 4-D)."""
+    def views(self, dims: dict[str, int], device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Fresh arena for these bound dims: (slot -> its tensor view in its kernel's out_format, slot -> the
+        contiguous view of each like_input slot, whose kernel takes it when its input is contiguous)."""
         key = tuple(sorted(dims.items()))
         layout = self._cache.get(key)
         if layout is None:
@@ -71,15 +74,17 @@ class ActivationArena:
         arena = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
         typed: dict[torch.dtype, torch.Tensor] = {}
         out: dict[int, torch.Tensor] = {}
-        for s, dtype, shape, strides, offset in places:
+        alt: dict[int, torch.Tensor] = {}
+        for s, dtype, shape, strides, rows, offset in places:
             flat = typed.get(dtype)
             if flat is None:
                 flat = typed[dtype] = arena.view(dtype)  # offsets and the size are ALIGN multiples
             out[s] = flat.as_strided(shape, strides, offset)
-        return out
+            if rows is not None:
+                alt[s] = flat.as_strided(shape, rows, offset)
+        return out, alt
 
-    def _layout(self, dims: dict[str, int]) -> tuple[int, list[tuple[int, torch.dtype, tuple[int, ...],
-                                                                     tuple[int, ...], int]]]:
+    def _layout(self, dims: dict[str, int]) -> tuple[int, list[_Place]]:
         shapes = {s: tuple(d if isinstance(d, int) else dims[d] for d in spec[0]) for s, spec in self.specs.items()}
         bufs = []
         for s, (_, dtype, _, first) in self.specs.items():
@@ -95,10 +100,13 @@ class ActivationArena:
         places = []
         for name, off in mp.offsets.items():
             s = int(name)
-            shape, (_, dtype, cl, _) = shapes[s], self.specs[s]
-            fmt = torch.channels_last if cl and len(shape) == 4 else torch.contiguous_format
-            strides = torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt).stride()
-            places.append((s, dtype, shape, strides, off // dtype.itemsize))
+            shape, (_, dtype, fmt, _) = shapes[s], self.specs[s]
+            rows = torch.empty(shape, device="meta", dtype=dtype).stride()
+            cl = fmt != "contiguous" and len(shape) == 4
+            strides = torch.empty(shape, device="meta", dtype=dtype, memory_format=torch.channels_last).stride() \
+                if cl else rows
+            places.append((s, dtype, shape, strides, rows if cl and fmt == "like_input" else None,
+                           off // dtype.itemsize))
         return mp.arena_bytes, places
 
 

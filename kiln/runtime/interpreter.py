@@ -32,7 +32,7 @@ class _Alloc:
 
 
 class _Step:
-    __slots__ = ("node", "kernel", "fn", "ins", "outs", "frees", "single", "out", "allocs", "place")
+    __slots__ = ("node", "kernel", "fn", "ins", "outs", "frees", "single", "out", "allocs", "place", "follow")
 
     def __init__(self, node: Node, kernel: Kernel, ins: list[int], outs: list[int], frees: list[int]) -> None:
         self.node, self.kernel, self.ins, self.outs, self.frees = node, kernel, ins, outs, frees
@@ -41,6 +41,7 @@ class _Step:
         self.out: list[tuple[int, int, int, int]] = []  # (buffer slot, axis, start, length) to write into
         self.allocs: list[_Alloc] = []
         self.place = -1  # the output's slot when the arena holds it (passed to the kernel as out=)
+        self.follow = -1  # like_input kernels: the argument whose layout (contiguous or not) the output takes
 
 
 def _host_inputs(node: Node) -> set[int]:
@@ -202,6 +203,9 @@ class GraphFunction:
                 for st in self.steps:
                     if not st.out and len(st.outs) == 1 and st.outs[0] in arena.placed:
                         st.place = st.outs[0]
+                        if st.kernel.out_format == "like_input":
+                            st.follow = next((j for j, v in enumerate(st.node.inputs) if v is not None
+                                              and not v.is_const and v.type.rank == 4), -1)
         self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
                          for v in graph.inputs] if allocs or self.arena else None
         # symbols of captured values, bound at each call too (an If branch has no inputs: its dims are its captures')
@@ -311,7 +315,7 @@ class GraphFunction:
             if isinstance(x, torch.Tensor) and x.dim() > syms[-1][0]:
                 for k, d in syms:
                     dims.setdefault(d, int(x.shape[k]))
-        placed = self.arena.views(dims, self.device) if self.arena is not None else {}
+        placed, rows = self.arena.views(dims, self.device) if self.arena is not None else ({}, {})
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:
@@ -319,7 +323,12 @@ class GraphFunction:
                     env[a.slot] = placed[a.slot] if a.slot in placed else a.make(dims, self.device)
                 t0 = time.perf_counter() if hook is not None else 0.0
                 if st.place >= 0:
-                    r = st.fn(*args, out=placed[st.place])
+                    o = placed[st.place]
+                    if st.follow >= 0 and st.place in rows:
+                        a = args[st.follow]
+                        if isinstance(a, torch.Tensor) and a.is_contiguous():
+                            o = rows[st.place]
+                    r = st.fn(*args, out=o)
                 elif not st.out:
                     r = st.fn(*args)
                 else:

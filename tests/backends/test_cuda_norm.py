@@ -48,7 +48,8 @@ def _kernel(tactic_id: str, node: Node, cfg: int = 0):
 
 
 def _reference(node: Node, *xs: torch.Tensor | None) -> torch.Tensor:
-    consts = [None if v is None else v.const for v in node.inputs[len(xs):]]
+    dev = next(x.device for x in xs if x is not None)
+    consts = [None if v is None or v.const is None else v.const.to(dev) for v in node.inputs[len(xs):]]
     return lookup(node.op_type, node.domain).compute(node, *xs, *consts)
 
 

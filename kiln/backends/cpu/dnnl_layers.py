@@ -157,7 +157,8 @@ class DnnlLinearTactic(CpuTactic):
                      out: Tensor | None = None) -> Tensor:
             return run(a.contiguous(), None if z is None else z.contiguous(), out)
         release = run.close  # type: ignore[attr-defined]
-        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
+        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb, release=release,  # W, B live in the kernel
+                      out_format="contiguous")
 
 
 register_tactic(DnnlPoolTactic())

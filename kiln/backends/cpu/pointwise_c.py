@@ -368,7 +368,7 @@ class CpuPointwiseCTactic(CpuTactic):
         except OSError as e:
             raise KilnError(f"layer '{node.name}': its Pointwise program did not compile ({e})") from None
         k = PointwiseKernel(node, cp, fn, src)
-        return Kernel(k, fallback=k.fallback)
+        return Kernel(k, fallback=k.fallback, out_format="like_input")
 
 
 register_tactic(CpuPointwiseCTactic())

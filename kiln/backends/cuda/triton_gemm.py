@@ -186,6 +186,6 @@ class TritonGemm(Tactic):
             z2 = None if z is None else _rows(z, n_out)
             gemm(a2, wp, bias, z2, y, ep, config, allow_tf32, rows[1] if direct and len(rows) > 1 else None)
             return out_list(out)[0] if direct else write_out(y.view(*lead, n_out), out)
-        return prepacked(gemm_kernel, (1, 2))
+        return Kernel(gemm_kernel, prepacked=frozenset({1, 2}), out_format="contiguous")
 
 register_tactic(TritonGemm())

@@ -292,7 +292,8 @@ class TritonLayerNorm(Tactic):
                 out.copy_(y)
                 return out
             return y  # type: ignore[return-value]
-        return Kernel(k_layernorm, prepacked=frozenset(i for i in (1, 2) if params[i - 1] is not None), fallback=fb)
+        return Kernel(k_layernorm, prepacked=frozenset(i for i in (1, 2) if params[i - 1] is not None), fallback=fb,
+                      out_format="like_input")
 
 
 register_tactic(TritonLayerNorm())
