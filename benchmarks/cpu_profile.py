@@ -40,7 +40,9 @@ from kiln.runtime.engine import Engine  # noqa: E402
 
 
 def _base(name: str) -> str:
-    return name.split("/")[0].removesuffix("_nchwc")
+    """ORT's node name as Kiln's layer name: ORT names a node it rewrote (NCHWc convs) after its output,
+    "<name>_output_0_nchwc"; names keep their "/" scopes (a torch export's '/net/.../Conv')."""
+    return name.removesuffix("_nchwc").removesuffix("_output_0")
 
 
 def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int,
