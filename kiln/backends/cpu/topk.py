@@ -1,8 +1,8 @@
-"""TopK of float32 tensors on the CPU in C (``native/topk.c``): a k-entry heap per row instead of a full sort.
+"""TopK of float32 tensors on the CPU in C (``native/topk.c``): a selection of the k first, then a sort of those k.
 
 The reference (kiln.ops.reduce.TopK) stable-sorts the whole axis, O(n log n), which dominates small
 selections: SSDlite keeps 300 of ~3,200 boxes per class, 90 times per inference (50-80 us each through
-torch.sort; the heap: about 10 us). The order is the reference's: largest (or smallest) first, NaN above
+torch.sort; here about 16 us, 8 of them in C). The order is the reference's: largest (or smallest) first, NaN above
 every number, -0.0 equal to 0.0, equal values by ascending index; values are copied bit for bit. Calls
 the kernel was not made for (another dtype, k outside [1, n], an axis of 2^32 or more elements) run the
 reference. Declines everything where no C compiler works.
@@ -42,7 +42,7 @@ def _prod(xs: Any) -> int:
 
 
 class CpuTopKTactic(CpuTactic):
-    """TopK of a float32 input along any axis: one C heap selection per row, the reference's order."""
+    """TopK of a float32 input along any axis: one C selection per row, in the reference's order."""
 
     id = "cpu.topk"
     priority = 10
