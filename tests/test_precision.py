@@ -22,8 +22,9 @@ def _model(rng):
         helper.make_node("Add", ["c", "b"], ["d"], name="add"),
         helper.make_node("Shape", ["d"], ["shp"], name="shape"),  # reads any type: no Cast in front
     ]
-    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                          [helper.make_tensor_value_info("d", TensorProto.FLOAT, [2, 8, 8, 8]),
+    # a dynamic batch, so that the Shape is a run-time layer (of a static tensor it folds to a constant)
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 8, 8, 8]),
                            helper.make_tensor_value_info("shp", TensorProto.INT64, [4])],
                           [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
