@@ -98,7 +98,10 @@ else:  # pragma: no cover
 def infer_by_meta(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                   consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
     """Output types of `node`: one meta run when every input dim is static, else a symbolic run."""
-    if all(t is None or t.shape is None or all(isinstance(d, int) for d in t.shape) for t in types):
+    runtime_values = any(c is None and i < len(types) and types[i] is not None and node.input(i) is not None
+                         for i, c in enumerate(consts) if i in opdef.value_inputs)
+    if not runtime_values and all(t is None or t.shape is None or all(isinstance(d, int) for d in t.shape)
+                                  for t in types):
         outs = _run(opdef, node, types, consts, {})
         if outs is None:
             return _unknown(node)

@@ -163,7 +163,8 @@ def ints(t: Tensor | Sequence[int] | None) -> list[int]:
         while vals and isinstance(vals[0], list):
             vals = [x for row in vals for x in row]
         return [int(x) for x in vals]
-    return [int(x) for x in t]
+    # symbolic ints (kiln.ops.symbolic: dims a shape chain holds) stay symbolic; int() would specialise them
+    return [x if isinstance(x, torch.SymInt) else int(x) for x in t]
 
 
 def norm_axis(axis: int, rank: int) -> int:

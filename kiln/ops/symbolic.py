@@ -114,8 +114,27 @@ def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torc
     vals = tuple((k, str(t.dtype), tuple(t.shape), t.cpu().numpy().tobytes()) for k, t in tensors)
     attrs = tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if not isinstance(v, torch.Tensor)))
     named = {d for t in types if t is not None and t.shape is not None for d in t.shape if isinstance(d, str)}
+    entries = tuple((i, tuple(e)) for i, e in _value_entries(node, consts, value_inputs).items())
+    named |= {d for _, e in entries for d in e if isinstance(d, str)}
     bounds = tuple(sorted((d, r) for d, r in _BOUNDS.get().items() if d in named))
-    return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds)
+    return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds, entries)
+
+
+def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
+                   value_inputs: tuple[int, ...]) -> dict[int, list[int | str]]:
+    """Run-time value inputs (a Slice's ends, an Expand's shape) that a shape chain computes from dims: input
+    index -> the dims it holds (ints and input symbols), where every entry is known (kiln.passes.shape_values).
+    Inference then runs the op on those symbols: Slice(pos_ids, 0, Shape(x)[1]) has x's sequence dim."""
+    from kiln.passes.shape_values import shape_entries
+    out: dict[int, list[int | str]] = {}
+    for i in value_inputs:
+        v = node.input(i)
+        if v is None or i >= len(consts) or consts[i] is not None or v.is_const:
+            continue
+        e = shape_entries(v)
+        if e is not None and not e[1] and all(isinstance(d, (int, str)) for d in e[0]):
+            out[i] = list(e[0])  # type: ignore[arg-type]
+    return out
 
 
 def infer_symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
@@ -162,6 +181,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
         names[s.node.expr] = name
         return s
 
+    entries = _value_entries(node, consts, opdef.value_inputs)
     try:
         fake = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
         with fake:
@@ -169,6 +189,12 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
             for i, (t, c) in enumerate(zip(types, consts)):
                 if c is not None and i in opdef.value_inputs:
                     args.append(c)
+                    continue
+                if i in entries:  # dims from a shape chain: a list of ints and symbolic ints (registry.ints)
+                    for d in entries[i]:
+                        if isinstance(d, str) and d not in named:
+                            named[d] = fresh(d)
+                    args.append([named[d] if isinstance(d, str) else d for d in entries[i]])
                     continue
                 if c is None and i in opdef.value_inputs and t is not None:
                     return None  # a shape-like input only known at run time

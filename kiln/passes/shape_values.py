@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir.graph import Value
+from kiln.ir.graph import Node, Value
 from kiln.passes.rewrite import is_op
 
 Dim = int | str | None
@@ -39,6 +39,8 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
         dims: list[Dim] = list(x.type.shape)
         start, end = p.attr("start", 0), p.attr("end", None)
         return dims[int(start or 0):(None if end is None else int(end))], False
+    if is_op(p, "Where"):
+        return _where_entries(p, depth)
     if is_op(p, "Gather", "Slice", "Unsqueeze", "Concat", "Squeeze"):
         src = shape_entries(p.input(0), depth + 1)
         if src is None:
@@ -79,6 +81,33 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
             out += e[0]
         return out, False
     return None
+
+
+def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
+    """Where(Equal(c, k), a, b) over shape vectors, decided per entry where the comparison is: an int entry
+    of c against the constant k, or a dim symbol against a negative k (dims are never negative) -- the
+    exporters' `shape.where(shape == -1, 1, shape)` guard before an Expand."""
+    cond, a, b = (p.input(i) for i in range(3))
+    eq = None if cond is None else cond.producer
+    if eq is None or not is_op(eq, "Equal") or len(eq.inputs) != 2:
+        return None
+    k = _ints(eq.input(1))
+    c, ea, eb = (shape_entries(v, depth + 1) for v in (eq.input(0), a, b))
+    if k is None or len(k) != 1 or c is None or ea is None or eb is None or c[1]:
+        return None
+    n = len(c[0])
+    pick_a, pick_b = (ea[0] * n if len(ea[0]) == 1 else ea[0]), (eb[0] * n if len(eb[0]) == 1 else eb[0])
+    if len(pick_a) != n or len(pick_b) != n:
+        return None
+    out: list[Dim] = []
+    for j, d in enumerate(c[0]):
+        if isinstance(d, int):
+            out.append(pick_a[j] if d == k[0] else pick_b[j])
+        elif isinstance(d, str) and k[0] < 0:
+            out.append(pick_b[j])
+        else:
+            return None
+    return out, False
 
 
 def static_value(v: Value) -> torch.Tensor | None:

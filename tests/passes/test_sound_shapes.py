@@ -260,3 +260,51 @@ def test_chained_run_time_reshape_targets_all_fold() -> None:
     x = np.random.default_rng().standard_normal((3, 8, 3, 3)).astype(np.float32)
     np.testing.assert_array_equal(Engine(plan).create_execution_context().execute({"x": x})["y"],
                                   run_oracle(m, {"x": x})[0])
+
+
+def _shape_dim(x: Value, axis: int, tag: str) -> Value:
+    """Unsqueeze(Gather(Shape(x), axis)): a run-time 1-D value holding x's dim `axis` (an exporter's x.size(axis))."""
+    import torch
+    shp = Value(f"{tag}_shape")
+    Node("Shape", [x], [shp], name=f"{tag}_shape_op", opset=15)
+    g = Value(f"{tag}_gather")
+    Node("Gather", [shp, Value(f"{tag}_i", const=torch.tensor(axis))], [g], name=f"{tag}_gather_op", opset=13)
+    u = Value(f"{tag}_unsq", TensorType(DType.INT64, (1,)))
+    Node("Unsqueeze", [g, Value(f"{tag}_ax", const=torch.tensor([0]))], [u], name=f"{tag}_unsq_op", opset=13)
+    return u
+
+
+def test_run_time_slice_end_from_a_shape_chain_keeps_the_symbol_where_the_profile_proves_it() -> None:
+    """BERT's position ids: Slice(ids[1, 512], 0, x.size(1)) has x's sequence dim when seq <= 512 is proven
+    (the profile's range), and an unknown dim otherwise (min(seq, 512))."""
+    import torch
+    from kiln.ops.symbolic import symbol_bounds
+    x = Value("x", TensorType(DType.INT64, ("B", "S")))
+    ids = Value("ids", const=torch.arange(512).reshape(1, 512))
+    end = _shape_dim(x, 1, "seq")
+    sl = Node("Slice", [ids, Value("s0", const=torch.tensor([0])), end, Value("a1", const=torch.tensor([1]))],
+              [Value("pos")], name="pos", opset=13)
+    assert infer_node(sl)[0] == TensorType(DType.INT64, (1, None))
+    with symbol_bounds({"S": (1, 512)}):
+        assert infer_node(sl)[0] == TensorType(DType.INT64, (1, "S"))
+    with symbol_bounds({"S": (1, 513)}):
+        assert infer_node(sl)[0] == TensorType(DType.INT64, (1, None))
+
+
+def test_expand_to_a_guarded_shape_chain() -> None:
+    """Expand(m, Where(Equal(t, -1), ones, t)) with t = [x.size(0), 1, x.size(1)]: a dim symbol is never -1, so
+    the target is t and the Expand's dims are proven: (B, 1, S)."""
+    import torch
+    x = Value("x", TensorType(F32, ("B", "S")))
+    t = Value("t")
+    Node("Concat", [_shape_dim(x, 0, "b"), Value("one", const=torch.tensor([1])), _shape_dim(x, 1, "s")], [t],
+         {"axis": 0}, name="t", opset=13)
+    eq = Value("eq")
+    Node("Equal", [t, Value("m1", const=torch.tensor([-1]))], [eq], name="eq", opset=13)
+    tgt = Value("tgt")
+    Node("Where", [eq, Value("ones", const=torch.ones(3, dtype=torch.int64)), t], [tgt], name="where", opset=16)
+    m = Value("m", TensorType(F32, (1, 1, 1)))
+    ex = Node("Expand", [m, tgt], [Value("y")], name="expand", opset=13)
+    assert infer_node(ex)[0] == TensorType(F32, ("B", 1, "S"))
+    eq.producer.inputs[1] = Value("m2", const=torch.tensor([2]))  # == 2 is not decided for a symbol
+    assert infer_node(ex)[0].shape != ("B", 1, "S")
