@@ -34,6 +34,11 @@ class Value:
         return f"%{self.name}:{self.type}" + (" (const)" if self.is_const else "")
 
 
+def is_op(n: "Node | None", *ops: str) -> bool:
+    """Node of the default ONNX domain with one of these op types."""
+    return n is not None and n.domain in ("", "ai.onnx") and n.op_type in ops
+
+
 class Node:
     """One operator application. `captures` are outer-scope values read by its subgraphs."""
 

@@ -123,9 +123,9 @@ def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torc
 def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
                    value_inputs: tuple[int, ...]) -> dict[int, list[int | str]]:
     """Run-time value inputs (a Slice's ends, an Expand's shape) that a shape chain computes from dims: input
-    index -> the dims it holds (ints and input symbols), where every entry is known (kiln.passes.shape_values).
+    index -> the dims it holds (ints and input symbols), where every entry is known (kiln.ops.shape_values).
     Inference then runs the op on those symbols: Slice(pos_ids, 0, Shape(x)[1]) has x's sequence dim."""
-    from kiln.passes.shape_values import shape_entries
+    from kiln.ops.shape_values import shape_entries  # it imports kiln.ops.registry, which imports this module
     out: dict[int, list[int | str]] = {}
     for i in value_inputs:
         v = node.input(i)

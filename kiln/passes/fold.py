@@ -7,7 +7,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Value
 from kiln.ops.registry import lookup
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.shape_values import static_value
+from kiln.ops.shape_values import static_value
 
 MAX_FOLD_BYTES = 1 << 28
 _SHAPE_OPS = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat")
@@ -15,7 +15,7 @@ _SHAPE_OPS = ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat")
 
 class FoldConstants(Pass):
     """Evaluates constant subgraphs with the reference implementation; Shape of static tensors and the
-    static entries of shape chains over dynamic ones (kiln.passes.shape_values) count as constants."""
+    static entries of shape chains over dynamic ones (kiln.ops.shape_values) count as constants."""
 
     name = "constant folding"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.graph import Graph, Node, Value, is_op  # noqa: F401  (is_op: the passes import it from here)
 from kiln.ir.types import TensorType
 
 Tensor = torch.Tensor
@@ -53,11 +53,6 @@ def scalar(v: Value | None) -> float | None:
     if c is None or c.numel() != 1:
         return None
     return float(c.reshape(()).item())
-
-
-def is_op(n: Node | None, *ops: str) -> bool:
-    """Node of the default ONNX domain with one of these op types."""
-    return n is not None and n.domain in ("", "ai.onnx") and n.op_type in ops
 
 
 def runtime(v: Value | None) -> bool:

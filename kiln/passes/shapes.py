@@ -13,7 +13,7 @@ import torch
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.shape_values import shape_entries
+from kiln.ops.shape_values import shape_entries
 from kiln.passes.rewrite import Uses, bypass, is_op, onnx_opset, remove_node, replace_nodes, same_shape
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")

@@ -22,6 +22,7 @@ from kiln.ir.dtype import DType  # noqa: E402
 from kiln.ir.graph import Node, Value  # noqa: E402
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.ops.registry import lookup  # noqa: E402
+from tests.backends.test_cuda_pool import _layout  # noqa: E402  (NCHW, NHWC and channel-slice inputs)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CTX = TacticContext(DEV, fp16=True)
@@ -255,18 +256,6 @@ def reduce_mean(dtype: torch.dtype, axes: list[int] | None = (2, 3), opset: int 
     out_shape = ("N", c, 1, 1) if keepdims else ("N", c)
     return Node("ReduceMean", ins, [_x("y", dtype, out_shape)], {"keepdims": keepdims, **attrs}, name="rm",
                 opset=opset)
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """x as contiguous NCHW, channels_last, or a channel slice of a bigger channels_last tensor."""
-    if layout == "nchw":
-        return x.contiguous()
-    if layout == "nhwc":
-        return x.contiguous(memory_format=CL)
-    n, c, h, w = x.shape
-    big = _rand(n, c + 5, h, w, dtype=x.dtype, seed=99).contiguous(memory_format=CL)
-    big[:, 3:3 + c] = x
-    return big[:, 3:3 + c]
 
 
 def _check_gap(node: Node, x: torch.Tensor, cfg: int) -> None:

@@ -4,14 +4,15 @@ built on it hold, as a list of dims (an int, a dim symbol such as "N", or None w
 Exporters compute reshape targets at run time (`x.view(x.shape[0], 3, 7, h, w)` becomes Shape,
 Gather, Unsqueeze and Concat layers feeding a Reshape). Reading these chains at build time lets the
 folder turn the entries that are static into constants and lets a Reshape copy a dynamic dim from its
-own input (ONNX's 0 entry) instead of computing it each inference.
+own input (ONNX's 0 entry) instead of computing it each inference, and lets symbolic type inference run
+an op whose shape-like input a chain computes (kiln.ops.symbolic). It reads the IR only (no pass machinery),
+so the plan loader's type re-inference can use it.
 """
 from __future__ import annotations
 
 import torch
 
-from kiln.ir.graph import Node, Value
-from kiln.passes.rewrite import is_op
+from kiln.ir.graph import Node, Value, is_op
 
 Dim = int | str | None
 
