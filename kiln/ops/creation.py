@@ -202,7 +202,18 @@ class Range(OpDef):
         if all(c is not None for c in consts[:3]):
             return super().infer(node, types, consts)
         t = types[0]
-        return [TensorType(t.dtype if t is not None else None, (None,))]
+        return [TensorType(t.dtype if t is not None else None, (self._length(node, consts),))]
+
+    @staticmethod
+    def _length(node: Node, consts: Sequence[Tensor | None]) -> int | str | None:
+        """Range(0, n, 1) over an integer n that a shape chain holds has exactly n elements: n's dim symbol."""
+        from kiln.ops.shape_values import shape_entries
+        start, delta = consts[0], consts[2]
+        if start is None or delta is None or start.dtype.is_floating_point or start.numel() != 1 \
+                or delta.numel() != 1 or int(start.reshape(())) != 0 or int(delta.reshape(())) != 1:
+            return None
+        e = shape_entries(node.input(1))
+        return e[0][0] if e is not None and e[1] and len(e[0]) == 1 and isinstance(e[0][0], str) else None
 
     def compute(self, node: Node, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
         dtype, dev = start.dtype, start.device

@@ -85,7 +85,15 @@ class Reshape(OpDef):
             return infer_by_meta(self, node, types, consts)
         x = types[0]
         rank = target.shape[0] if target.shape is not None and len(target.shape) == 1 else None
-        return [TensorType(x.dtype if x is not None else None, (None,) * rank if isinstance(rank, int) else None)]
+        dims: tuple[int | str | None, ...] | None = (None,) * rank if isinstance(rank, int) else None
+        from kiln.ops.shape_values import shape_entries
+        e = shape_entries(node.input(1))
+        if e is not None and not e[1] and (rank is None or len(e[0]) == rank):
+            # a target a shape chain computes: its entries are the output's dims (0 copies x's, -1 is derived)
+            xs = x.shape if x is not None and x.shape is not None and len(x.shape) >= len(e[0]) else None
+            dims = tuple(None if d == -1 else (xs[i] if xs is not None else None) if d == 0 and not node.attr("allowzero", 0)
+                         else d if isinstance(d, (int, str)) else None for i, d in enumerate(e[0]))
+        return [TensorType(x.dtype if x is not None else None, dims)]
 
 
 @register

@@ -42,6 +42,25 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
         return dims[int(start or 0):(None if end is None else int(end))], False
     if is_op(p, "Where"):
         return _where_entries(p, depth)
+    if is_op(p, "Cast") and int(p.attr("to", 0) or 0) == 7:  # to int64: dims keep their values
+        return shape_entries(p.input(0), depth + 1)
+    if is_op(p, "Reshape"):  # a shape vector reshaped to [-1] or to its own length
+        src, tgt = shape_entries(p.input(0), depth + 1), _ints(p.input(1))
+        if src is None or src[1] or tgt not in ([-1], [len(src[0])]):
+            return None
+        return src[0], False
+    if is_op(p, "ConstantOfShape"):
+        n, fill = shape_entries(p.input(0), depth + 1), p.attr("value")
+        value = 0 if fill is None else fill
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype not in (torch.int64, torch.int32):
+                return None
+            value = int(value.reshape(()))
+        if n is None or n[1] or len(n[0]) != 1 or not isinstance(n[0][0], int) or not isinstance(value, int):
+            return None
+        return [value] * n[0][0], False
+    if is_op(p, "Mul"):
+        return _mul_entries(p, depth)
     if is_op(p, "Gather", "Slice", "Unsqueeze", "Concat", "Squeeze"):
         src = shape_entries(p.input(0), depth + 1)
         if src is None:
@@ -84,6 +103,30 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
     return None
 
 
+def _broadcast(e: list[Dim], n: int) -> list[Dim] | None:
+    return e * n if len(e) == 1 else e if len(e) == n else None
+
+
+def _mul_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
+    """Elementwise product of two shape vectors: ints multiply, a symbol survives only a factor of 1."""
+    a, b = shape_entries(p.input(0), depth + 1), shape_entries(p.input(1), depth + 1)
+    if a is None or b is None:
+        return None
+    n = max(len(a[0]), len(b[0]))
+    ea, eb = _broadcast(a[0], n), _broadcast(b[0], n)
+    if ea is None or eb is None:
+        return None
+    out: list[Dim] = []
+    for x, y in zip(ea, eb):
+        if isinstance(x, int) and isinstance(y, int):
+            out.append(x * y)
+        elif x == 1 or y == 1:
+            out.append(y if x == 1 else x)
+        else:
+            return None
+    return out, a[1] and b[1]
+
+
 def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
     """Where(Equal(c, k), a, b) over shape vectors, decided per entry where the comparison is: an int entry
     of c against the constant k, or a dim symbol against a negative k (dims are never negative) -- the
@@ -92,20 +135,21 @@ def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
     eq = None if cond is None else cond.producer
     if eq is None or not is_op(eq, "Equal") or len(eq.inputs) != 2:
         return None
-    k = _ints(eq.input(1))
-    c, ea, eb = (shape_entries(v, depth + 1) for v in (eq.input(0), a, b))
-    if k is None or len(k) != 1 or c is None or ea is None or eb is None or c[1]:
+    c, ek, ea, eb = (shape_entries(v, depth + 1) for v in (eq.input(0), eq.input(1), a, b))
+    if c is None or ek is None or ea is None or eb is None or c[1]:
         return None
     n = len(c[0])
-    pick_a, pick_b = (ea[0] * n if len(ea[0]) == 1 else ea[0]), (eb[0] * n if len(eb[0]) == 1 else eb[0])
-    if len(pick_a) != n or len(pick_b) != n:
+    ks, pick_a, pick_b = _broadcast(ek[0], n), _broadcast(ea[0], n), _broadcast(eb[0], n)
+    if ks is None or pick_a is None or pick_b is None:
         return None
     out: list[Dim] = []
-    for j, d in enumerate(c[0]):
+    for d, k, x, y in zip(c[0], ks, pick_a, pick_b):
+        if not isinstance(k, int):
+            return None
         if isinstance(d, int):
-            out.append(pick_a[j] if d == k[0] else pick_b[j])
-        elif isinstance(d, str) and k[0] < 0:
-            out.append(pick_b[j])
+            out.append(x if d == k else y)
+        elif isinstance(d, str) and k < 0:
+            out.append(y)
         else:
             return None
     return out, False

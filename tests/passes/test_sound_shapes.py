@@ -308,3 +308,34 @@ def test_expand_to_a_guarded_shape_chain() -> None:
     assert infer_node(ex)[0] == TensorType(F32, ("B", 1, "S"))
     eq.producer.inputs[1] = Value("m2", const=torch.tensor([2]))  # == 2 is not decided for a symbol
     assert infer_node(ex)[0].shape != ("B", 1, "S")
+
+
+def test_range_and_reshape_over_shape_chains() -> None:
+    """Range(0, x.size(1), 1) has x's sequence dim (and nothing is claimed for Range(1, n, 1)); a Reshape to a
+    target a chain computes takes its entries (-1 stays unknown); the exporters' mask guard compares the
+    target with ConstantOfShape(Shape(t)) * -1, which is decided entry by entry."""
+    import torch
+    x = Value("x", TensorType(F32, ("B", "S")))
+    n = Value("n")
+    Node("Cast", [_shape_dim(x, 1, "r")], [n], {"to": 7}, name="cast", opset=13)
+    sq = Value("sq")
+    Node("Squeeze", [n, Value("ax0", const=torch.tensor([0]))], [sq], name="sq", opset=13)
+    rng = Node("Range", [Value("z", const=torch.tensor(0)), sq, Value("one", const=torch.tensor(1))],
+               [Value("r")], name="range", opset=11)
+    assert infer_node(rng)[0] == TensorType(DType.INT64, ("S",))
+    rng.inputs[0] = Value("st", const=torch.tensor(1))
+    assert infer_node(rng)[0].shape == (None,)  # S - 1 elements: derived, not a symbol
+    t = Value("t", TensorType(DType.INT64, (4,)))
+    Node("Concat", [_shape_dim(x, 0, "b"), Value("c1", const=torch.tensor([1])), _shape_dim(x, 1, "s"),
+                    Value("m1", const=torch.tensor([-1]))], [t], {"axis": 0}, name="t", opset=13)
+    y = Value("y", TensorType(F32, (None, None, None, None)))
+    rs = Node("Reshape", [y, t], [Value("out")], name="rs", opset=14)
+    assert infer_node(rs)[0] == TensorType(F32, ("B", 1, "S", None))
+    shp, cos, neg, eq, tgt = (Value(k) for k in ("shp", "cos", "neg", "eq", "tgt"))
+    Node("Shape", [t], [shp], name="shp", opset=15)
+    Node("ConstantOfShape", [shp], [cos], {"value": torch.tensor([1])}, name="cos", opset=9)
+    Node("Mul", [cos, Value("mm", const=torch.tensor(-1))], [neg], name="neg", opset=14)
+    Node("Equal", [t, neg], [eq], name="eq", opset=13)
+    Node("Where", [eq, cos, t], [tgt], name="where", opset=16)
+    ex = Node("Expand", [Value("m", TensorType(F32, (1, 1, 1, 1))), tgt], [Value("e")], name="ex", opset=13)
+    assert infer_node(ex)[0] == TensorType(F32, ("B", 1, "S", 1))  # the -1 entry is replaced by 1
