@@ -31,6 +31,10 @@ Choice = tuple[Tactic, dict[str, Any]]
 _TOL = 5e-2  # normwise; wrong kernels land near 1, correct reduced-precision ones under 1e-2
 
 
+class _Declined(BuildError):
+    """A candidate whose kernel ran its fallback at the timing shape (the tactic declines that shape)."""
+
+
 def _json_attr(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return {"tensor": list(a.shape), "dtype": str(a.dtype)}
@@ -342,7 +346,7 @@ class Autotuner:
                     fallback.quiet = True
                 out = kern(*own)
                 if fallback is not None and fallback.reason:
-                    raise BuildError(fallback.reason)
+                    raise _Declined(fallback.reason)
                 err = 0.0 if t.id == "ref" or want is None else _rel_err(out, want)
                 if err > _TOL:
                     raise BuildError(f"result differs from the reference (normwise error {err:.3g})")
@@ -356,8 +360,11 @@ class Autotuner:
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                self.logger.warning(f"Tactic {t.id} {_cfg(cfg)} skipped for {self._name(n)} ({n.op_type}): "
-                                    f"{type(e).__name__}: {msg}")
+                # a tactic declining a shape through its own fallback is expected (verbose); anything else
+                # (a compile error, a wrong result, out of memory) is a warning
+                log = self.logger.verbose if isinstance(e, _Declined) else self.logger.warning
+                log(f"Tactic {t.id} {_cfg(cfg)} skipped for {self._name(n)} ({n.op_type}): "
+                    f"{'declined: ' if isinstance(e, _Declined) else type(e).__name__ + ': '}{msg}")
                 if self.device.type == "cuda":
                     try:
                         torch.cuda.synchronize()
