@@ -319,7 +319,12 @@ def verify_graph(header: Mapping[str, Any], g: Graph, tactics: Mapping[int, tupl
     Returns the names of values whose type still holds header information that inference could not
     confirm (see `prove_types`)."""
     check_io(header, g, where)
-    weak = prove_types(g, where)
+    from kiln.ops.symbolic import profile_bounds, symbol_bounds as bounded
+    ranges = profile_bounds([(tuple(s.get("shape") or ()), [(p[s["name"]]["min"], p[s["name"]]["max"])
+                                                              if s["name"] in p else None for p in header["profiles"]])
+                             for s in header["inputs"]])
+    with bounded(ranges):  # as the builder inferred: the runtime refuses inputs outside the profiles
+        weak = prove_types(g, where)
     check_allocations(header, g, where)
     check_memory_plan(header.get("memory") or {}, g, tactics, where)
     return weak

@@ -110,5 +110,34 @@ def test_gemm_and_matmul(trans_b: int, alpha: float, beta: float, c_shape: tuple
     mm = make_node("MatMul", [(a, False), (torch.randn(32, 20, generator=gen), True)], (3, 20), {})
     got, want = run_both(mm, "cpu.linear_dnnl", [a, mm.inputs[1].const])
     assert rel_err(got, want) <= TOL
-    three_d = make_node("MatMul", [(torch.randn(2, 3, 32), False), (mm.inputs[1].const, True)], (2, 3, 20), {})
-    assert not get_tactic("cpu.linear_dnnl").supports(three_d, CPU)
+    x3 = torch.randn(2, 3, 32, generator=gen)
+    three_d = make_node("MatMul", [(x3, False), (mm.inputs[1].const, True)], (2, 3, 20), {})
+    got, want = run_both(three_d, "cpu.linear_dnnl", [x3, mm.inputs[1].const])  # rows flattened, shape kept
+    assert got.shape == (2, 3, 20) and rel_err(got, want) <= TOL
+    gemm3 = make_node("Gemm", [(x3, False), (bm, True), (c, True)], (2, 3, 24), {"transB": trans_b})
+    assert not get_tactic("cpu.linear_dnnl").supports(gemm3, CPU)  # Gemm is 2-D by definition
+
+
+@pytest.mark.parametrize("act", [ACTS[0], ACTS[1]], ids=lambda a: a[0] or "none")
+def test_fused_gemm_over_nd_rows_with_residual_and_destination(act: tuple[str, float, float]) -> None:
+    """ConvNeXt's / BERT's linear layers: [N, H, W, C] (or [B, S, C]) rows, a residual of the output's shape,
+    other leading shapes (dynamic dims without a residual), and a contiguous destination (the arena slot of a
+    row-major kernel)."""
+    gen = torch.Generator().manual_seed(14)
+    a, w, b = torch.randn(2, 5, 7, 32, generator=gen), torch.randn(24, 32, generator=gen) / 6, torch.randn(24, generator=gen)
+    z = torch.randn(2, 5, 7, 24, generator=gen)
+    attrs = {"activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": 0}
+    node = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z, False)], (2, 5, 7, 24), attrs, domain="kiln")
+    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b, z])
+    assert got.shape == want.shape and rel_err(got, want) <= TOL
+    dyn = make_node("FusedGemm", [(a, False), (w, True), (b, True)], ("N", "H", 7, 24), attrs, domain="kiln",
+                    shapes={0: ("N", "H", 7, 32)})
+    kernel = get_tactic("cpu.linear_dnnl").make(dyn, {}, torch.device("cpu"))
+    for n in (1, 3):  # other leading shapes, into a given destination
+        a2 = torch.randn(n, 4, 7, 32, generator=gen)
+        out = torch.empty(n, 4, 7, 24)
+        assert kernel(a2, None, None, out=out) is out
+        assert rel_err(out, lookup("FusedGemm", "kiln").compute(dyn, a2, w, b)) <= TOL
+    other = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z, False)], ("N", "H", 7, 24), attrs,
+                      domain="kiln", shapes={0: ("N", "H", 7, 32), 3: ("N", "H", 7, 24)})
+    assert not get_tactic("cpu.linear_dnnl").supports(other, CPU)  # a residual only with static shapes

@@ -339,3 +339,35 @@ def test_range_and_reshape_over_shape_chains() -> None:
     Node("Where", [eq, cos, t], [tgt], name="where", opset=16)
     ex = Node("Expand", [Value("m", TensorType(F32, (1, 1, 1, 1))), tgt], [Value("e")], name="ex", opset=13)
     assert infer_node(ex)[0] == TensorType(F32, ("B", 1, "S", 1))  # the -1 entry is replaced by 1
+
+
+def test_a_loaded_plan_proves_profile_bounded_dims_as_the_build_did() -> None:
+    """The plan loader re-infers types under the plan's profile ranges, as the builder did: the position-id
+    Slice keeps its sequence symbol after a round trip through bytes (else tactics that rely on it would
+    decline the loaded layers)."""
+    import torch
+    from kiln.plan import plan_from_bytes, plan_to_bytes
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((512, 8)).astype(np.float32)
+    c = {"pos": np.arange(512, dtype=np.int64).reshape(1, 512), "emb": emb, "z": np.array([0], np.int64),
+         "one": np.array([1], np.int64), "ax": np.array([0], np.int64)}
+    nodes = [helper.make_node("Shape", ["ids"], ["s"]), helper.make_node("Gather", ["s", "one"], ["n"]),
+             helper.make_node("Slice", ["pos", "z", "n", "one"], ["p"]),
+             helper.make_node("Gather", ["emb", "p"], ["pe"]), helper.make_node("Gather", ["emb", "ids"], ["te"]),
+             helper.make_node("Add", ["te", "pe"], ["y"])]
+    g = helper.make_graph(nodes, "pos", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = OptimizationProfile()
+    p.set_shape("ids", (1, 1), (2, 16), (4, 128))
+    plan = Builder(Logger()).build(model, BuilderConfig(profiles=[p]))
+    assert plan.graph["values"]["y"]["type"]["shape"] == ["B", "S", 8]
+    loaded = plan_from_bytes(plan_to_bytes(plan))
+    engine = Engine(loaded)
+    y = next(v for n in engine.function.graph.nodes for v in n.outputs if v.name == "y")
+    assert y.type.shape == ("B", "S", 8)  # proven again at load (a header symbol alone is not kept)
+    ids = rng.integers(0, 512, (3, 77)).astype(np.int64)
+    got = engine.create_execution_context().execute({"ids": torch.from_numpy(ids)})["y"]
+    want = run_oracle(model, {"ids": ids})[0]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)

@@ -22,7 +22,7 @@ from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
-from kiln.ir.graph import Node
+from kiln.ir.graph import Node, is_op
 from kiln.ops.pool import Window
 
 Tensor = torch.Tensor
@@ -108,7 +108,8 @@ class DnnlPoolTactic(CpuTactic):
 
 
 class DnnlLinearTactic(CpuTactic):
-    """FusedGemm / Gemm / MatMul with a constant weight as a cached oneDNN inner product (2-D input)."""
+    """FusedGemm / Gemm / MatMul with a constant weight as a cached oneDNN inner product (2-D input, or an
+    N-D MatMul input whose leading dims flatten into rows)."""
 
     id = "cpu.linear_dnnl"
     priority = 11
@@ -118,10 +119,13 @@ class DnnlLinearTactic(CpuTactic):
 
     def accepts(self, node: Node) -> bool:
         a = node.input(0)
-        if library() is None or not is_f32(a) or a.type.rank != 2 or len(node.outputs) != 1:  # type: ignore[union-attr]
+        rank = a.type.rank if a is not None else None
+        if library() is None or not is_f32(a) or rank is None or rank < 2 or len(node.outputs) != 1:
             return False
+        if rank > 2 and not is_op(node, "MatMul") and node.op_type != "FusedGemm":
+            return False  # only MatMul (and the FusedGemm made from it) reads N-D rows; Gemm is 2-D
         y = node.outputs[0]
-        if not is_f32(y) or y.type.rank not in (None, 2):
+        if not is_f32(y) or y.type.rank not in (None, rank):
             return False
         if node.domain == "kiln":
             z = node.input(3)
@@ -134,8 +138,8 @@ class DnnlLinearTactic(CpuTactic):
         if wb is None:
             return False
         n, k = (int(s) for s in wb[0].shape)
-        k_in = a.type.shape[1]  # type: ignore[union-attr,index]
-        n_out = y.type.shape[1] if y.type.shape is not None else None  # type: ignore[index]
+        k_in = a.type.shape[-1]  # type: ignore[union-attr,index]
+        n_out = y.type.shape[-1] if y.type.shape is not None else None  # type: ignore[index]
         return not (isinstance(k_in, int) and k_in != k) and not (isinstance(n_out, int) and n_out != n)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
@@ -153,9 +157,21 @@ class DnnlLinearTactic(CpuTactic):
         fb = ReferenceFallback(node)
         run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
 
+        n_out = int(w.shape[0])
+
         def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                      out: Tensor | None = None) -> Tensor:
-            return run(a.contiguous(), None if z is None else z.contiguous(), out)
+            if a.dim() == 2:
+                return run(a.contiguous(), None if z is None else z.contiguous(), out)
+            lead = a.shape[:-1]  # N-D MatMul rows: one inner product over the flattened leading dims
+            rows = a.contiguous().view(-1, a.shape[-1])
+            z2 = None if z is None else z.contiguous().view(-1, n_out)
+            o2 = out.view(-1, n_out) if out is not None and out.is_contiguous() else None
+            y = run(rows, z2, o2).view(*lead, n_out)
+            if out is not None and o2 is None:
+                out.copy_(y)
+                return out
+            return out if out is not None else y
         release = run.close  # type: ignore[attr-defined]
         return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb, release=release,  # W, B live in the kernel
                       out_format="contiguous")
