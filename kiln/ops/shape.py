@@ -91,8 +91,13 @@ class Reshape(OpDef):
         if e is not None and not e[1] and (rank is None or len(e[0]) == rank):
             # a target a shape chain computes: its entries are the output's dims (0 copies x's, -1 is derived)
             xs = x.shape if x is not None and x.shape is not None and len(x.shape) >= len(e[0]) else None
-            dims = tuple(None if d == -1 else (xs[i] if xs is not None else None) if d == 0 and not node.attr("allowzero", 0)
-                         else d if isinstance(d, (int, str)) else None for i, d in enumerate(e[0]))
+            copies = not node.attr("allowzero", 0)
+
+            def dim(i: int, d: int | str | None) -> int | str | None:
+                if d == 0 and copies:
+                    return xs[i] if xs is not None else None
+                return None if d == -1 else d
+            dims = tuple(dim(i, d) for i, d in enumerate(e[0]))
         return [TensorType(x.dtype if x is not None else None, dims)]
 
 

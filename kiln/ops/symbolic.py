@@ -105,7 +105,7 @@ def profile_bounds(inputs: Sequence[tuple[tuple[Any, ...] | None,
 
 
 def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torch.Tensor | None],
-         value_inputs: tuple[int, ...]) -> Any:
+         value_inputs: tuple[int, ...], values: dict[int, list[int | str]]) -> Any:
     """A hashable key of everything inference reads, or None when a tensor is too large to key by value."""
     tensors = [(k, v) for k, v in node.attrs.items() if isinstance(v, torch.Tensor)]
     tensors += [(i, c) for i, c in enumerate(consts) if c is not None and i in value_inputs]
@@ -114,7 +114,7 @@ def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torc
     vals = tuple((k, str(t.dtype), tuple(t.shape), t.cpu().numpy().tobytes()) for k, t in tensors)
     attrs = tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if not isinstance(v, torch.Tensor)))
     named = {d for t in types if t is not None and t.shape is not None for d in t.shape if isinstance(d, str)}
-    entries = tuple((i, tuple(e)) for i, e in _value_entries(node, consts, value_inputs).items())
+    entries = tuple((i, tuple(e)) for i, e in values.items())
     named |= {d for _, e in entries for d in e if isinstance(d, str)}
     bounds = tuple(sorted((d, r) for d, r in _BOUNDS.get().items() if d in named))
     return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds, entries)
@@ -140,22 +140,23 @@ def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
 def infer_symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                    consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
     """Output types of `node` whose inputs have dynamic dims (see the module docstring)."""
-    key = None if any(node.subgraphs()) else _key(node, types, consts, opdef.value_inputs)
+    values = _value_entries(node, consts, opdef.value_inputs)
+    key = None if any(node.subgraphs()) else _key(node, types, consts, opdef.value_inputs, values)
     if key is None:
-        return _run_or_fallback(opdef, node, types, consts)
+        return _run_or_fallback(opdef, node, types, consts, values)
     if key in _CACHE:
         _CACHE.move_to_end(key)
     else:
-        _CACHE[key] = _run_or_fallback(opdef, node, types, consts)
+        _CACHE[key] = _run_or_fallback(opdef, node, types, consts, values)
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return list(_CACHE[key])
 
 
 def _run_or_fallback(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
-                     consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
+                     consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]) -> list[TensorType]:
     with _quiet():
-        out = _symbolic(opdef, node, types, consts)
+        out = _symbolic(opdef, node, types, consts, values)
         if out is None:
             out = _ranks_only(opdef, node, types, consts)
     out = out[:len(node.outputs)]
@@ -163,7 +164,8 @@ def _run_or_fallback(opdef: "OpDef", node: "Node", types: Sequence[TensorType | 
 
 
 def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
-              consts: Sequence[torch.Tensor | None]) -> list[TensorType] | None:
+              consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]) -> list[TensorType] | None:
+    """One run on fake tensors; `values`: the run-time value inputs a shape chain holds (`_value_entries`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -181,7 +183,6 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
         names[s.node.expr] = name
         return s
 
-    entries = _value_entries(node, consts, opdef.value_inputs)
     try:
         fake = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
         with fake:
@@ -190,11 +191,11 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                 if c is not None and i in opdef.value_inputs:
                     args.append(c)
                     continue
-                if i in entries:  # dims from a shape chain: a list of ints and symbolic ints (registry.ints)
-                    for d in entries[i]:
+                if i in values:  # dims from a shape chain: a list of ints and symbolic ints (registry.ints)
+                    for d in values[i]:
                         if isinstance(d, str) and d not in named:
                             named[d] = fresh(d)
-                    args.append([named[d] if isinstance(d, str) else d for d in entries[i]])
+                    args.append([named[d] if isinstance(d, str) else d for d in values[i]])
                     continue
                 if c is None and i in opdef.value_inputs and t is not None:
                     return None  # a shape-like input only known at run time

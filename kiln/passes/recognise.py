@@ -125,13 +125,15 @@ class RecogniseGelu(Pass):
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
+        gone: set[int] = set()  # ids of nodes an earlier rewrite replaced
         for n in list(g.nodes):
-            if n not in g.nodes or not is_op(n, "Erf", "Tanh"):
+            if id(n) in gone or not is_op(n, "Erf", "Tanh"):
                 continue
             m = self._erf(n, uses) if n.op_type == "Erf" else self._tanh(n, uses)
             if m is None:
                 continue
             nodes, x, y, approx = m
+            gone |= {id(k) for k in nodes}
             if x.type.dtype is None or not x.type.dtype.is_float:
                 continue
             gelu = Node("Gelu", [x], [y], {"approximate": approx}, name=g.unique_name(f"{nodes[-1].name}_gelu"),
@@ -222,13 +224,15 @@ class RecogniseLayerNorm(Pass):
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
+        gone: set[int] = set()  # ids of nodes an earlier rewrite replaced
         for n in list(g.nodes):
-            if n not in g.nodes or _reduce_axes(n) is None:
+            if id(n) in gone or _reduce_axes(n) is None:
                 continue
             m = self._match(g, n, uses)
             if m is None:
                 continue
             nodes, ln = m
+            gone |= {id(k) for k in nodes}
             replace_nodes(g, nodes, [ln])
             ctx.logger.verbose(f"Recognised LayerNorm {ln.name} (axis {ln.attr('axis')}) from {len(nodes)} nodes")
             changed = True

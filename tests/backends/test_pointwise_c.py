@@ -28,6 +28,7 @@ from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
 from kiln.ops.pointwise_program import OPS, PointwiseProgram
 from kiln.ops.registry import lookup
+from tests.backends.test_pointwise_program import _attrs_for  # the same attribute draws as the ONNX-oracle test
 
 pytestmark = pytest.mark.skipif(pointwise_c.math_mode() is None,
                                 reason=f"no working C compiler for the generated kernels ({pointwise_c.error()})")
@@ -111,19 +112,6 @@ def test_random_programs_cover_the_vocabulary() -> None:
 class _Val:
     def __init__(self, ref: str, kind: str, exact: bool, pos: bool) -> None:
         self.ref, self.kind, self.exact, self.pos = ref, kind, exact, pos
-
-
-def _attrs_for(op: str, rng: np.random.Generator) -> dict[str, Any]:
-    u = lambda lo, hi: float(np.float32(rng.uniform(lo, hi)))  # noqa: E731
-    if op in ("LeakyRelu", "Elu", "Celu", "ThresholdedRelu", "Swish"):
-        return {"alpha": u(0.1, 1.5)}
-    if op == "Selu":
-        return {"alpha": u(1.0, 2.0), "gamma": u(0.5, 1.5)}
-    if op == "HardSigmoid":
-        return {"alpha": u(0.1, 0.5), "beta": u(0.2, 0.8)}
-    if op == "Gelu":
-        return {"approximate": str(rng.choice(["none", "tanh"]))}
-    return {}
 
 
 def _layout(x: torch.Tensor, layout: str, rng: np.random.Generator) -> torch.Tensor:
