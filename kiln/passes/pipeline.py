@@ -22,6 +22,7 @@ from kiln.passes.recognise import RecogniseGelu, RecogniseLayerNorm
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
+from kiln.passes.squeeze_excite import FuseSqueezeExcite
 
 
 def default_pipeline() -> list[Pass]:
@@ -45,9 +46,10 @@ def default_pipeline() -> list[Pass]:
         BatchNormToScale(),
         FoldPad(),
         FoldScale(),
-        # layer fusion: conv / gemm epilogues, sibling 1x1 convs, then leftover elementwise chains
+        # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
         FuseGemm(),
+        FuseSqueezeExcite(),  # pool + the two 1x1 convs of a squeeze-excite gate -> one SEGate
         FuseSiblingConvs(),
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),

@@ -32,6 +32,9 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     # normalization whose statistics every kernel keeps in float32 (stash_type 1: the reference and
     # cuda.triton_layernorm compute mean and variance in float32 and round the result once)
     "LayerNormalization",
+    # squeeze-excite gates: the reference and cuda.triton_se_gate keep the mean, both products and the
+    # activations in float32 and round the gate once (kiln.ops.squeeze_excite)
+    "SEGate",
 })
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""

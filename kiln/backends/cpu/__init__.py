@@ -5,3 +5,4 @@ from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winogra
 from kiln.backends.cpu import pointwise_c  # noqa: F401  (cpu.pointwise_c: Pointwise programs as compiled C)
 from kiln.backends.cpu import nms  # noqa: F401  (cpu.nms: NonMaxSuppression selection in C)
 from kiln.backends.cpu import topk  # noqa: F401  (cpu.topk: TopK by selection in C)
+from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gates in C)

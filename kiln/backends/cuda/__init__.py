@@ -12,6 +12,7 @@
 | cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
 | cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows  |
 | cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
+| cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one program per image |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
 from __future__ import annotations
@@ -32,4 +33,4 @@ HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
     from kiln.backends.cuda import (  # noqa: F401
-        triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_reduce)
+        triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_reduce, triton_se)

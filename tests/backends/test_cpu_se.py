@@ -1,0 +1,122 @@
+"""cpu.se_gate (SEGate in C) against the op's formula in float64, and what it refuses.
+
+The oracle is the SEGate reference run on float64 copies of the inputs and weights. Layouts: NCHW,
+channels-last and a channel slice; maps small (one thread) and large (the OpenMP path).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.backends.cpu.se import _library
+from kiln.backends.tactic import TacticContext, get_tactic
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, Value
+from kiln.ir.types import TensorType
+from kiln.ops.registry import lookup
+
+pytestmark = pytest.mark.skipif(_library() is None, reason="no C compiler builds cpu.se_gate's kernel here")
+
+PARAMS = {"Relu": (0.0, 0.0), "SiLU": (0.0, 0.0), "HardSwish": (0.0, 0.0), "": (0.0, 0.0),
+          "Sigmoid": (0.0, 0.0), "HardSigmoid": (1.0 / 6.0, 0.5)}
+
+
+def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def se_node(dtype: torch.dtype, c: int, r: int, shape: tuple = ("N", None, "H", "W"), act1: str = "SiLU",
+            gate: str = "Sigmoid", seed: int = 0, w_dtype: torch.dtype | None = None) -> Node:
+    """An SEGate over C channels with hidden size R (weights ~ N(0, 1/fan_in), biases ~ N(0, 1))."""
+    wd = w_dtype or dtype
+    shape = tuple(c if d is None else d for d in shape)
+    ins = [Value("x", TensorType(DType.from_torch(dtype), shape)),
+           Value("w1", const=_rand(r, c, seed=seed + 1, scale=c ** -0.5).to(wd)),
+           Value("b1", const=_rand(r, seed=seed + 2).to(wd)),
+           Value("w2", const=_rand(c, r, seed=seed + 3, scale=r ** -0.5).to(wd)),
+           Value("b2", const=_rand(c, seed=seed + 4).to(wd))]
+    out = Value("g", TensorType(DType.from_torch(dtype), (shape[0], c, 1, 1)))
+    a1, b1 = PARAMS[act1]
+    a2, b2 = PARAMS[gate]
+    return Node("SEGate", ins, [out], {"reduce_activation": act1, "reduce_alpha": a1, "reduce_beta": b1,
+                                       "gate_activation": gate, "gate_alpha": a2, "gate_beta": b2},
+                name="se", domain="kiln", opset=1)
+
+
+def _oracle(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """The SEGate formula in float64 on the same inputs and weights."""
+    ws = [v.const.double() for v in node.inputs[1:]]  # type: ignore[union-attr]
+    return lookup("SEGate", "kiln").compute(node, x.cpu().double(), *ws)
+
+
+CPU = torch.device("cpu")
+CTX = TacticContext(CPU)
+TID = "cpu.se_gate"
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    big = torch.randn(n, c + 5, h, w).contiguous(memory_format=torch.channels_last)
+    big[:, 3:3 + c] = x
+    return big[:, 3:3 + c]
+
+
+def _kernel(node):
+    t = get_tactic(TID)
+    assert t is not None and t.supports(node, CTX)
+    return t.make(node, {}, CPU)
+
+
+def _check(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 and tuple(got.shape) == tuple(want.shape)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5 * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "slice"])
+@pytest.mark.parametrize("c,r,h,w,n,act1,gate", [
+    (72, 24, 7, 5, 3, "SiLU", "Sigmoid"),
+    (96, 4, 9, 11, 1, "Relu", "HardSigmoid"),
+    (40, 10, 1, 1, 2, "HardSwish", "Sigmoid"),
+    (20, 6, 3, 3, 1, "", "HardSigmoid"),
+    (32, 8, 112, 112, 1, "SiLU", "Sigmoid"),  # a map large enough for the threads
+])
+def test_matches_float64(layout, c, r, h, w, n, act1, gate) -> None:
+    node = se_node(torch.float32, c, r, act1=act1, gate=gate, seed=c)
+    x = _layout(torch.randn(n, c, h, w) + 0.3, layout)
+    kern = _kernel(node)
+    got = kern(x)
+    _check(got, _oracle(node, x))
+    assert torch.equal(got, kern(x))
+
+
+def test_inputs_it_was_not_made_for_run_the_reference() -> None:
+    node = se_node(torch.float32, 24, 6)
+    kern = _kernel(node)
+    x64 = torch.randn(2, 24, 4, 4, dtype=torch.float64)
+    assert kern(x64).dtype == torch.float64
+    _check(kern(x64.float()), _oracle(node, x64.float()))
+    with pytest.raises(ValueError, match="channels"):
+        kern(torch.randn(1, 20, 4, 4))
+    assert kern(torch.randn(0, 24, 4, 4)).shape == (0, 24, 1, 1)
+
+
+def test_refusals() -> None:
+    t = get_tactic(TID)
+    assert t is not None
+    assert not t.supports(se_node(torch.float16, 24, 6), CTX)
+    assert not t.supports(se_node(torch.float32, 24, 6), TacticContext(torch.device("cuda")))
+    short_bias = se_node(torch.float32, 24, 6)
+    short_bias.inputs[2] = Value("b1", const=torch.zeros(5))
+    assert not t.supports(short_bias, CTX)
+    other_c = se_node(torch.float32, 24, 6)
+    other_c.inputs[0] = Value("x", TensorType(DType.FLOAT32, ("N", 25, "H", "W")))
+    assert not t.supports(other_c, CTX)
+    runtime_w = se_node(torch.float32, 24, 6)
+    runtime_w.inputs[3] = Value("w2", TensorType(DType.FLOAT32, (24, 6)))
+    assert not t.supports(runtime_w, CTX)
