@@ -131,6 +131,7 @@ class Builder:
         ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})
         bounds = profile_bounds([(v.type.shape, [(p.shapes[v.name][0], p.shapes[v.name][2]) if v.name in p.shapes
                                                   else None for p in config.profiles]) for v in g.inputs])
+        _pin_fixed_dims(g, bounds)
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
             PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
         low = precision_dtype(config.fp16, config.bf16)
@@ -250,6 +251,21 @@ def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:
             if not all(a <= b <= c for a, b, c in zip(mn, op, mx)):
                 raise ProfileError(f"profile {k} for input '{name}' needs min <= opt <= max per dim, "
                                    f"got min {_fmt(mn)} opt {_fmt(op)} max {_fmt(mx)}")
+
+
+def _pin_fixed_dims(g: Graph, bounds: dict[str, tuple[int, int]]) -> None:
+    """A symbolic dim that every profile fixes to one size (min = max: the runtime accepts nothing else) is
+    that size, in every graph's declared types: the sizes derived from it (a strided conv's output length)
+    are then static, and shape guards on them (an exporter's `if x.shape[-1] == 1: squeeze`) fold."""
+    fixed = {d: lo for d, (lo, hi) in bounds.items() if lo == hi}
+    if not fixed:
+        return
+    for sub in g.all_graphs():
+        for v in sub.values():
+            shape = v.type.shape
+            if shape is not None and any(isinstance(d, str) and d in fixed for d in shape):
+                v.type = TensorType(v.type.dtype, tuple(fixed.get(d, d) if isinstance(d, str) else d
+                                                        for d in shape))
 
 
 def _fmt(s: Any) -> str:

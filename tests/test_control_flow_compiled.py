@@ -512,3 +512,116 @@ def test_cuda_bodies_run_their_tactics_and_match_onnxruntime(which, tmp_path):
     engine = _engine(plan)
     for f in feeds:
         _check(engine, model, f, tol=1e-3)
+
+
+# ---- (f) layers behind shape guards and constant conditions inside a branch ---------------------------------
+# An exporter's `if x.shape[-1] == 1: x = x.squeeze(-1)` (Silero VAD's decoder) is an If whose branches give
+# different ranks: unless its condition folds, everything after it has an unknown rank and no CPU tactic
+# takes it. The condition is decided by a dim that every profile fixes (min = max) and that a strided conv
+# derives; a nested If on a constant condition wraps a 1x1 conv. Both fold at build time, so the layers
+# after them get the tactics their top-level twins get.
+
+def _guarded_nodes(tag: str) -> list[onnx.NodeProto]:
+    """x [N,3,H,W] (H = W = 16 in every profile) -> Conv s2 + Relu [N,8,8,8] -> guard If (squeeze a size-1
+    last dim; the Relu output is captured) -> constant If around a 1x1 conv -> Concat [N,16,8,8] -> Cast ->
+    ReduceMean over H, W -> Pad -> [N,16,1,3]."""
+    guard_then = helper.make_graph([helper.make_node("Squeeze", [f"{tag}_relu", "ax3"], [f"{tag}_sq"],
+                                                     name=f"{tag}_squeeze")], f"{tag}_gt", [], [_vi(f"{tag}_sq", ["n", "c", "h"])])
+    guard_else = helper.make_graph([helper.make_node("Identity", [f"{tag}_relu"], [f"{tag}_id"], name=f"{tag}_ident")],
+                                   f"{tag}_ge", [], [_vi(f"{tag}_id", ["n", "c", "h", "w"])])
+    const_then = helper.make_graph([helper.make_node("Conv", [f"{tag}_g", f"{tag}_w2"], [f"{tag}_c2"], name=f"{tag}_conv2")],
+                                   f"{tag}_ct", [], [_vi(f"{tag}_c2", ["n", "c", "h", "w"])])
+    const_else = helper.make_graph([helper.make_node("Conv", [f"{tag}_g", f"{tag}_w3"], [f"{tag}_c3"], name=f"{tag}_conv3")],
+                                   f"{tag}_ce", [], [_vi(f"{tag}_c3", ["n", "c", "h", "w"])])
+    return [
+        helper.make_node("Conv", ["x", f"{tag}_w", f"{tag}_b"], [f"{tag}_conv"], strides=[2, 2], pads=[1, 1, 1, 1],
+                         name=f"{tag}_conv"),
+        helper.make_node("Relu", [f"{tag}_conv"], [f"{tag}_relu"], name=f"{tag}_relu"),
+        helper.make_node("Shape", [f"{tag}_relu"], [f"{tag}_shape"], name=f"{tag}_shape"),
+        helper.make_node("Gather", [f"{tag}_shape", "idx3"], [f"{tag}_last"], axis=0, name=f"{tag}_gather"),
+        helper.make_node("Equal", [f"{tag}_last", "one"], [f"{tag}_is1"], name=f"{tag}_equal"),
+        helper.make_node("If", [f"{tag}_is1"], [f"{tag}_g"], then_branch=guard_then, else_branch=guard_else,
+                         name=f"{tag}_guard"),
+        helper.make_node("If", ["always"], [f"{tag}_c"], then_branch=const_then, else_branch=const_else,
+                         name=f"{tag}_const_if"),
+        helper.make_node("Concat", [f"{tag}_g", f"{tag}_c"], [f"{tag}_cat"], axis=1, name=f"{tag}_concat"),
+        helper.make_node("Cast", [f"{tag}_cat"], [f"{tag}_cast"], to=TensorProto.FLOAT, name=f"{tag}_cast"),
+        helper.make_node("ReduceMean", [f"{tag}_cast"], [f"{tag}_mean"], axes=[2, 3], keepdims=1, name=f"{tag}_mean"),
+        helper.make_node("Pad", [f"{tag}_mean", "pads"], [f"{tag}_out"], mode="edge", name=f"{tag}_pad"),
+    ]
+
+
+def _guarded_weights(tag: str, rng: np.random.Generator) -> list[onnx.TensorProto]:
+    return [_c(f"{tag}_w", _rand(rng, 8, 3, 3, 3, scale=0.3)), _c(f"{tag}_b", _rand(rng, 8, scale=0.1)),
+            _c(f"{tag}_w2", _rand(rng, 8, 8, 1, 1, scale=0.3)), _c(f"{tag}_w3", _rand(rng, 8, 8, 1, 1, scale=0.3))]
+
+
+_GUARD_SHARED = [_c("ax3", np.array([3], np.int64)), _c("idx3", np.array(3, np.int64)), _c("one", np.array(1, np.int64)),
+                 _c("always", np.array(True)), _c("pads", np.array([0, 0, 0, 0, 0, 0, 0, 2], np.int64))]
+_GUARD_X = ["N", 3, "H", "W"]
+_GUARD_PROFILE = [OptimizationProfile().set_shape("x", (1, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16))]
+
+
+def _guarded_if_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    then_g = helper.make_graph(_guarded_nodes("t"), "then", [], [_vi("t_out", ["n", "c", "h", "w"])])
+    else_g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["e_mean"], axes=[1], keepdims=1, name="e_mean"),
+         helper.make_node("Slice", ["e_mean", "e_starts", "e_ends", "e_axes"], ["e_out"], name="e_slice")],
+        "else", [], [_vi("e_out", ["n", "c", "h", "w"])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
+                          "guarded_if", [_vi("c", [], TensorProto.BOOL), _vi("x", _GUARD_X)], [_vi("y", ["n", "c", "h", "w"])],
+                          _guarded_weights("t", rng) + _GUARD_SHARED
+                          + [_c("e_starts", np.array([0, 0], np.int64)), _c("e_ends", np.array([16, 1], np.int64)),
+                             _c("e_axes", np.array([1, 2], np.int64))])
+    return _model(g)
+
+
+def _guarded_flat_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    g = helper.make_graph(_guarded_nodes("t"), "flat", [_vi("x", _GUARD_X)], [_vi("t_out", ["n", "c", "h", "w"])],
+                          _guarded_weights("t", rng) + _GUARD_SHARED)
+    return _model(g)
+
+
+def test_layers_behind_shape_guards_and_constant_ifs_get_their_top_level_tactics():
+    """Level 0 (no timing): no branch step runs on `ref` where its top-level twin gets a faster tactic, and
+    the guard and the constant If are gone (their branches' layers run in the body itself)."""
+    flat = {s["name"]: s for s in _build(_guarded_flat_model(), _GUARD_PROFILE, level=0).graph["steps"]}
+    plan = _build(_guarded_if_model(), _GUARD_PROFILE, level=0)
+    body = {k.split("/")[-1]: s for k, s in _body_steps(plan).items() if k.startswith("if.then_branch/")}
+    assert {s["op"] for s in body.values()}.isdisjoint({"If", "Shape", "Equal", "Cast"})
+    fast = {name for name, s in flat.items() if s["tactic"] != "ref"}
+    assert {"t_conv", "t_concat", "t_mean"} <= fast, fast  # conv+relu, concat, spatial mean at top level
+    for name in fast:  # (the same tactic or another fast one: a body's Concat is not elided, so the 1x1 conv
+        # feeding it need not write into a slice of it)
+        assert name in body and body[name]["tactic"] != "ref", (name, body.get(name))
+    for name, s in body.items():  # nothing on ref in the body that is not on ref at top level
+        assert s["tactic"] != "ref" or flat.get(name, {"tactic": "ref"})["tactic"] == "ref", name
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_guarded_if_matches_onnxruntime(level):
+    model = _guarded_if_model()
+    engine = _engine(_build(model, _GUARD_PROFILE, level=level))
+    rng = np.random.default_rng()
+    for n in (1, 3, 4):
+        for cond in (True, False):
+            _check(engine, model, {"c": np.array(cond), "x": _rand(rng, n, 3, 16, 16)}, tol=1e-5)
+    with pytest.raises(KilnError):  # the profile fixes H and W at 16
+        engine.create_execution_context().execute({"c": np.array(True), "x": _rand(rng, 1, 3, 16, 18)})
+
+
+def test_constant_if_in_a_branch_folds_without_a_profile():
+    """No profile: the constant If still becomes its then-branch (the shape guard, on a dim no profile fixes,
+    stays, and the layers after it, of unknown rank, keep `ref`), and the model still matches onnxruntime
+    at other sizes."""
+    model = _guarded_if_model()
+    plan = _build(model, level=0)
+    body = _body_steps(plan)
+    assert not any(k.endswith("t_const_if") for k in body) and any(k.endswith("t_guard") for k in body)
+    assert "if.then_branch/t_conv2" in body and body["if.then_branch/t_conv"]["tactic"] != "ref"
+    engine = _engine(plan)
+    rng = np.random.default_rng()
+    for h, w in ((16, 16), (6, 6), (9, 5)):
+        _check(engine, model, {"c": np.array(True), "x": _rand(rng, 2, 3, h, w)}, tol=1e-5)

@@ -162,10 +162,10 @@ def infer_node(n: "Node", logger: "Logger | None" = None) -> list[TensorType]:
 def infer_types(g: "Graph", logger: "Logger | None" = None) -> None:
     """Set every node output's type from its inputs' types, keeping declared info where inference is blind."""
     for n in g.nodes:
+        for sg in n.subgraphs():  # first: an If's output types are what its branches' outputs have now
+            infer_types(sg, logger)
         for v, t in zip(n.outputs, infer_node(n, logger)):
             v.type = merge_types(t, v.type)
-        for sg in n.subgraphs():
-            infer_types(sg, logger)
 
 
 def _reshape_to_shape_of(n: "Node") -> TensorType | None:

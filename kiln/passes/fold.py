@@ -1,10 +1,11 @@
-"""Constant folding: nodes whose inputs are all build-time constants become constants."""
+"""Constant folding: nodes whose inputs are all build-time constants become constants; an If whose condition
+is a constant becomes the branch it always takes."""
 from __future__ import annotations
 
 import torch
 
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, Value
+from kiln.ir.graph import Graph, Node, Value
 from kiln.ops.registry import lookup
 from kiln.passes.base import Pass, PassContext
 from kiln.ops.shape_values import static_value
@@ -23,6 +24,11 @@ class FoldConstants(Pass):
         kept = []
         folded = 0
         for n in g.nodes:
+            taken = _taken_branch(n)
+            if taken is not None:
+                kept.extend(_inline(n, taken))
+                folded += 1
+                continue
             values = self._fold(n, ctx)
             if values is None:
                 kept.append(n)
@@ -73,3 +79,28 @@ class FoldConstants(Pass):
         if any(t.is_meta or t.numel() * t.element_size() > MAX_FOLD_BYTES for t in outs):
             return None
         return [t.detach().contiguous() for t in outs]
+
+
+def _taken_branch(n: Node) -> Graph | None:
+    """The branch an If with a constant one-element condition always takes (None for anything else)."""
+    if n.op_type != "If" or n.domain not in ("", "ai.onnx") or not n.inputs or n.inputs[0] is None:
+        return None
+    c = n.inputs[0].const
+    if c is None or c.numel() != 1:
+        return None
+    branch = n.attr("then_branch" if bool(c.reshape(-1)[0]) else "else_branch")
+    if not isinstance(branch, Graph) or branch.inputs or len(branch.outputs) != len(n.outputs):
+        return None
+    return branch
+
+
+def _inline(n: Node, branch: Graph) -> list[Node]:
+    """The nodes replacing If `n` by `branch`: the branch's own nodes (they read the outer values it captures
+    directly), then one Identity per output, which keeps the If's output names (no-op elimination later
+    bypasses them where it can)."""
+    tail = [Node("Identity", [b], [o], name=f"{n.name}/{o.name}", opset=max(n.opset, 14))
+            for b, o in zip(branch.outputs, n.outputs)]
+    for b, o in zip(branch.outputs, n.outputs):
+        if o.type.shape is None or o.type.dtype is None:
+            o.type = b.type
+    return list(branch.nodes) + tail
