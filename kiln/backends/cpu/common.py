@@ -132,19 +132,22 @@ def float_bias(v: Value | None, n: int) -> bool:
     return b is not None and b.dim() == 1 and b.numel() == n
 
 
-def float_conv_weight(node: Node, acts: Sequence[str]) -> Tensor | None:
-    """The constant 4-D float32 weight of a Conv / FusedConv whose input (rank 4), bias, residual and only
-    output are float32 and whose fused activation is one of `acts`; None for any other node.
+def float_conv_weight(node: Node, acts: Sequence[str], rank: int = 4) -> Tensor | None:
+    """The constant float32 weight of a Conv / FusedConv whose input (of `rank`: 4 for 2-D convolutions, 3
+    for 1-D ones), weight, residual and only output have that rank, whose bias, residual and output are
+    float32 and whose fused activation is one of `acts`; None for any other node.
 
-    Native kernels rely on everything checked here: the weight [K, C/group, kh, kw] non-empty and its input
-    channels matching the input's (where the input's channel dim is static; the kernels check it per call
-    otherwise), a bias of exactly K values, a residual of the output's shape where known, and positive
-    strides, dilations and kernel sizes, non-negative pads and a known auto_pad mode.
+    Native kernels rely on everything checked here: the weight [K, C/group, kh, kw] ([K, C/group, k])
+    non-empty and its input channels matching the input's (where the input's channel dim is static; the
+    kernels check it per call otherwise), a bias of exactly K values, a residual of the output's shape
+    where known, and positive strides, dilations and kernel sizes, non-negative pads and a known auto_pad
+    mode.
     """
     x, wt, b, y = node.input(0), const_f32(node.input(1)), node.input(2), node.outputs[0] if node.outputs else None
-    if not is_f32(x) or x.type.rank != 4 or wt is None or wt.dim() != 4 or wt.numel() == 0:  # type: ignore[union-attr]
+    nd = rank - 2
+    if not is_f32(x) or x.type.rank != rank or wt is None or wt.dim() != rank or wt.numel() == 0:  # type: ignore[union-attr]
         return None
-    if len(node.outputs) != 1 or not is_f32(y) or y.type.rank not in (None, 4):  # type: ignore[union-attr]
+    if len(node.outputs) != 1 or not is_f32(y) or y.type.rank not in (None, rank):  # type: ignore[union-attr]
         return None
     k, cg = int(wt.shape[0]), int(wt.shape[1])
     group = ints_at_least([node.attr("group", 1)], 1, 1)
@@ -156,18 +159,18 @@ def float_conv_weight(node: Node, acts: Sequence[str]) -> Tensor | None:
     k_out = y.type.shape[1] if y.type.shape is not None else None  # type: ignore[union-attr]
     if isinstance(k_out, int) and k_out != k:
         return None
-    if (ints_at_least(node.attr("strides", None) or [1, 1], 2, 1) is None
-            or ints_at_least(node.attr("dilations", None) or [1, 1], 2, 1) is None
-            or ints_at_least(node.attr("pads", None) or [0, 0, 0, 0], 4, 0) is None):
+    if (ints_at_least(node.attr("strides", None) or [1] * nd, nd, 1) is None
+            or ints_at_least(node.attr("dilations", None) or [1] * nd, nd, 1) is None
+            or ints_at_least(node.attr("pads", None) or [0] * (2 * nd), 2 * nd, 0) is None):
         return None
     ks = node.attr("kernel_shape", None)
-    if ks is not None and ints_at_least(ks, 2, 1) != [int(s) for s in wt.shape[2:]]:
+    if ks is not None and ints_at_least(ks, nd, 1) != [int(s) for s in wt.shape[2:]]:
         return None
     if (node.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return None
     if node.op_type == "FusedConv":
         z = node.input(3)
-        if act_attrs(node)[0] not in acts or (z is not None and (not is_f32(z) or z.type.rank != 4
+        if act_attrs(node)[0] not in acts or (z is not None and (not is_f32(z) or z.type.rank != rank
                                                                  or not dims_agree(z, y))):
             return None
     return wt
