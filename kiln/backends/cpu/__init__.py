@@ -7,3 +7,4 @@ from kiln.backends.cpu import nms  # noqa: F401  (cpu.nms: NonMaxSuppression sel
 from kiln.backends.cpu import topk  # noqa: F401  (cpu.topk: TopK by selection in C)
 from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gates in C)
 from kiln.backends.cpu import conv1d  # noqa: F401  (cpu.conv1d_dnnl: 1-D convolutions on oneDNN)
+from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch's fused LSTM)

@@ -1,0 +1,138 @@
+"""LSTM on the CPU as one call of torch's fused LSTM (``torch._VF.lstm``: the whole sequence in ATen's C++
+loop, oneDNN's RNN primitive where torch has it) instead of the reference's Python loop over time steps.
+
+The common case only: float32, direction forward, reverse (the sequence flipped around the call) or
+bidirectional, the default activations (Sigmoid, Tanh, Tanh), no clip, no peepholes, no coupled
+input-forget gate, layout 0, constant W / R / B, and `sequence_lens` absent or a constant that keeps every
+sequence at full length. ONNX's gate blocks (i, o, f, c) are reordered once at build time into torch's
+(i, f, g, o) and the biases split into the input and recurrent halves; anything else is declined in
+`supports`, so those layers keep the reference tactic.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.backends.cpu.common import CpuTactic, const_f32, is_f32
+from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.errors import KilnError
+from kiln.ir.graph import Node
+from kiln.ops.registry import lookup
+
+Tensor = torch.Tensor
+_DEFAULT_ACTS = ["Sigmoid", "Tanh", "Tanh"]
+_TORCH_GATES = [0, 2, 3, 1]  # torch's i, f, g, o as ONNX gate blocks (i, o, f, c)
+
+
+def _directions(node: Node) -> int | None:
+    return {"forward": 1, "reverse": 1, "bidirectional": 2}.get(node.attr("direction", "forward") or "forward")
+
+
+def _default_activations(node: Node, dirs: int) -> bool:
+    names = [str(a).lower() for a in (node.attr("activations") or [])]
+    return (not names or names == [a.lower() for a in _DEFAULT_ACTS] * dirs
+            or (dirs == 2 and names == [a.lower() for a in _DEFAULT_ACTS]))
+
+
+def _full_lengths(node: Node) -> bool:
+    """No sequence_lens, or a constant one holding the (static) sequence length for every batch row."""
+    lens = node.input(4)
+    if lens is None:
+        return True
+    x_shape = node.inputs[0].type.shape  # type: ignore[union-attr]
+    steps = x_shape[0] if x_shape is not None else None
+    return (lens.const is not None and isinstance(steps, int) and lens.const.dim() == 1
+            and bool((lens.const == steps).all()))
+
+
+def _reorder(t: Tensor, hidden: int) -> Tensor:
+    """[4H, ...] gate blocks in ONNX's order (i, o, f, c) -> torch's (i, f, g, o), contiguous."""
+    return torch.cat([t[g * hidden:(g + 1) * hidden] for g in _TORCH_GATES]).contiguous()
+
+
+class CpuLstmTactic(CpuTactic):
+    """ONNX LSTM (the common case, see module doc) as one call of torch's fused LSTM with prepacked weights."""
+
+    id = "cpu.lstm"
+    priority = 10
+    ops = (("", "LSTM"), ("ai.onnx", "LSTM"))
+
+    def accepts(self, node: Node) -> bool:
+        dirs = _directions(node)
+        x, w, r = node.input(0), const_f32(node.input(1)), const_f32(node.input(2))
+        if dirs is None or not is_f32(x) or x.type.rank != 3 or w is None or r is None:  # type: ignore[union-attr]
+            return False
+        if w.dim() != 3 or r.dim() != 3 or int(w.shape[0]) != dirs or int(r.shape[0]) != dirs:
+            return False
+        hidden = int(r.shape[2])
+        if hidden < 1 or int(w.shape[1]) != 4 * hidden or int(r.shape[1]) != 4 * hidden or int(w.shape[2]) < 1:
+            return False
+        size = node.inputs[0].type.shape[2]  # type: ignore[union-attr,index]
+        if isinstance(size, int) and size != int(w.shape[2]):
+            return False
+        hs = node.attr("hidden_size")
+        if hs is not None and int(hs) != hidden:
+            return False
+        b = node.input(3)
+        if b is not None and (const_f32(b) is None or tuple(b.const.shape) != (dirs, 8 * hidden)):  # type: ignore[union-attr]
+            return False
+        for i in (5, 6):  # initial_h, initial_c: float32 [D, B, H] activations or constants
+            s = node.input(i)
+            if s is not None and (not is_f32(s) or s.type.rank != 3):
+                return False
+        if node.input(7) is not None or not _full_lengths(node):  # peepholes; partial sequences
+            return False
+        if node.attr("clip") is not None or int(node.attr("input_forget", 0) or 0) or int(node.attr("layout", 0) or 0):
+            return False
+        if node.attr("activation_alpha") or node.attr("activation_beta") or not _default_activations(node, dirs):
+            return False
+        return 1 <= len(node.outputs) <= 3 and all(is_f32(o) for o in node.outputs)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        dirs = _directions(node)
+        w, r = node.inputs[1].const, node.inputs[2].const  # type: ignore[union-attr]
+        b_v = node.input(3)
+        if dirs is None or w is None or r is None:
+            raise KilnError(f"'{node.name}': {self.id} needs constant W and R and a known direction")
+        hidden, size = int(r.shape[2]), int(w.shape[2])
+        b = (b_v.const if b_v is not None and b_v.const is not None
+             else torch.zeros(dirs, 8 * hidden, dtype=torch.float32))
+        params: list[Tensor] = []
+        for d in range(dirs):
+            params += [_reorder(w[d].float(), hidden), _reorder(r[d].float(), hidden),
+                       _reorder(b[d, :4 * hidden].float(), hidden), _reorder(b[d, 4 * hidden:].float(), hidden)]
+        reverse = (node.attr("direction", "forward") or "forward") == "reverse"
+        n_out = len(node.outputs)
+        lens_v = node.input(4)
+        ref = lookup(node.op_type, node.domain).compute
+        lstm = torch._VF.lstm  # type: ignore[attr-defined]
+
+        def k_lstm(x: Tensor, _w: Any = None, _r: Any = None, _b: Any = None, lens: Tensor | None = None,
+                   h0: Tensor | None = None, c0: Tensor | None = None, *rest: Any) -> Any:
+            if x.dim() != 3 or x.dtype is not torch.float32 or int(x.shape[2]) != size:
+                raise KilnError(f"'{node.name}' takes a float32 input [T, B, {size}], got {list(x.shape)} {x.dtype}")
+            steps, batch = int(x.shape[0]), int(x.shape[1])
+            if lens_v is not None:
+                lens_t = lens if lens is not None else lens_v.const
+                if lens_t is None or not bool((lens_t == steps).all()):  # a shorter sequence: the reference
+                    return ref(node, x, w, r, b_v.const if b_v is not None else None, lens_t, h0, c0)
+            state = []
+            for s in (h0, c0):
+                if s is None:
+                    s = x.new_zeros(dirs, batch, hidden)
+                elif tuple(s.shape) != (dirs, batch, hidden) or s.dtype is not torch.float32:
+                    raise KilnError(f"'{node.name}': an initial state must be float32 {[dirs, batch, hidden]}, got "
+                                    f"{list(s.shape)} {s.dtype}")
+                state.append(s.contiguous())
+            xs = x.flip(0) if reverse else x
+            y, h, c = lstm(xs, state, params, True, 1, 0.0, False, dirs == 2, False)
+            if reverse:
+                y = y.flip(0)
+            outs = (y.view(steps, batch, dirs, hidden).transpose(1, 2).contiguous(), h, c)
+            return outs[0] if n_out == 1 else outs[:n_out]
+        present = frozenset(i for i in (1, 2, 3) if node.input(i) is not None)
+        return Kernel(k_lstm, prepacked=present, out_format="contiguous")  # W, R, B live in the kernel (reordered)
+
+
+register_tactic(CpuLstmTactic())
