@@ -74,3 +74,41 @@ def test_fp32_layers_fall_back():
 def test_no_flag_no_casts():
     plan = Builder().build(_model(np.random.default_rng(2)), BuilderConfig())
     assert not [s for s in plan.graph["steps"] if s["op"] == "Cast"]
+
+
+def _attention_model(rng):
+    """x [N, S, 24] -> qkv projection -> Split into q, k, v -> softmax(q k^T) v: three outputs of one Split."""
+    w = (rng.standard_normal((24, 72)) / 5).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["qkv"], name="proj"),
+        helper.make_node("Split", ["qkv"], ["q", "k", "v"], axis=2, num_outputs=3, name="split"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        helper.make_node("Softmax", ["scores"], ["p"], axis=-1, name="softmax"),  # stays float32
+        helper.make_node("MatMul", ["p", "v"], ["y"], name="pv"),
+    ]
+    g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 24])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 24])],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_low_precision_holds_where_inference_is_blind(monkeypatch, blind):
+    """Element types the pass cannot see (an op whose inference fails on symbolic dims, as torch 2.11's fake
+    matmul did on the GPU machine) must not leave a layer with a float16 and a float32 operand: every output
+    of a lowered Split is float16, and a layer reading an unknown type gets what its producers really make."""
+    from kiln.builder import OptimizationProfile
+    from kiln.ir.types import TensorType
+    from kiln.ops import linalg
+    if blind:
+        monkeypatch.setattr(linalg.MatMul, "infer", lambda self, node, types, consts: [TensorType(None, None)])
+    rng = np.random.default_rng()
+    model = _attention_model(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 4, 24), (2, 16, 24), (3, 32, 24))
+    plan = Builder().build(model, BuilderConfig(fp16=True, optimization_level=0, profiles=[prof]))
+    x = rng.standard_normal((3, 11, 24)).astype(np.float32)
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    want = run_oracle(model, {"x": x})[0]
+    assert got.dtype == np.float32
+    assert rel_error(got, want) < 1e-2

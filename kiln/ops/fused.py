@@ -18,18 +18,20 @@ in float32 and rounded back, like the ONNX activation ops.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kiln.errors import UnsupportedOpError
-from kiln.ir.dtype import onnx_to_torch
+from kiln.ir.dtype import DType, onnx_to_torch
 from kiln.ir.graph import Node, Value
+from kiln.ir.types import TensorType
 from kiln.ops.activations import EPILOGUE, TABLE, Epilogue, activate
 from kiln.ops.attrs import REQUIRED, Attr
 from kiln.ops.conv import (WINDOW, check_window_attrs, kernel_shape, require_float, spatial_rank,
                            strides_dilations, torch_pad, window_ints)
+from kiln.ops.linalg import symbolic_operands
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
 from kiln.ops.registry import OpDef, lookup, register
 
@@ -116,6 +118,24 @@ class FusedGemm(_FusedBase):
         else:
             y = F.linear(a, w.to(a.dtype), None if b is None else b.to(a.dtype))
         return _epilogue(node, y, z)
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """By rule where A has symbolic dims: [..., K] @ W^T -> [..., N], W's float type (or out_dtype)."""
+        a, w = types[0], types[1] if len(types) > 1 else None
+        z = types[3] if len(types) > 3 else None
+        if (a is None or w is None or a.shape is None or w.shape is None or len(w.shape) != 2 or len(a.shape) < 2
+                or not symbolic_operands([a]) or a.dtype is None or w.dtype is None
+                or not (a.dtype.is_float and w.dtype.is_float)):
+            return super().infer(node, types, consts)
+        k, n = a.shape[-1], w.shape[0]
+        if isinstance(k, int) and isinstance(w.shape[1], int) and k != w.shape[1]:
+            raise ValueError(f"FusedGemm contracts a dim of {k} with a weight of {w.shape[1]}")
+        shape = (*a.shape[:-1], n)
+        if z is not None and (z.shape is None or tuple(z.shape) != shape):
+            return super().infer(node, types, consts)
+        out_dtype = Epilogue.of(node).out_dtype
+        return [TensorType(DType.from_onnx(out_dtype) if out_dtype is not None else w.dtype, shape)]
 
 
 def _ref(ref: Ref, inputs: tuple[Any, ...], temps: list[Any], consts: tuple[float, ...], like: Tensor | None) -> Any:

@@ -6,10 +6,13 @@ by `int_matmul` / `_int_einsum` and cast back.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ir.types import TensorType
 from kiln.ops.registry import OpDef, register
 
 Tensor = torch.Tensor
@@ -63,6 +66,52 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a, b)
 
 
+Dim = int | str | None
+
+
+def broadcast_dim(x: Dim, y: Dim) -> Dim:
+    """One dim of a numpy broadcast of two dims that may be symbols (str) or unknown (None)."""
+    if x == y:
+        return x
+    if x == 1:
+        return y
+    if y == 1:
+        return x
+    if isinstance(x, int) and isinstance(y, int):
+        raise ValueError(f"dims {x} and {y} do not broadcast")
+    if isinstance(x, int) or isinstance(y, int):  # a symbol or unknown dim against a size n > 1: it is n or 1
+        return x if isinstance(x, int) else y
+    return None  # two different symbols (or unknowns): either may be 1
+
+
+def matmul_dims(a: Sequence[Dim], b: Sequence[Dim]) -> tuple[Dim, ...]:
+    """numpy matmul's result dims from its operands' dims (ValueError where they cannot match)."""
+    if not a or not b:
+        raise ValueError("MatMul operands must have rank >= 1")
+    a2 = (1, *a) if len(a) == 1 else tuple(a)
+    b2 = (*b, 1) if len(b) == 1 else tuple(b)
+    ka, kb = a2[-1], b2[-2]
+    if isinstance(ka, int) and isinstance(kb, int) and ka != kb:
+        raise ValueError(f"MatMul contracts a dim of {ka} with one of {kb}")
+    ra, rb = a2[:-2], b2[:-2]
+    n = max(len(ra), len(rb))
+    ra, rb = (1,) * (n - len(ra)) + ra, (1,) * (n - len(rb)) + rb
+    out = tuple(broadcast_dim(x, y) for x, y in zip(ra, rb)) + (a2[-2], b2[-1])
+    if len(b) == 1:
+        out = out[:-1]
+    if len(a) == 1:
+        out = out[:-2] + out[-1:] if len(b) > 1 else out[:-1]
+    return out
+
+
+def symbolic_operands(types: Sequence[TensorType | None]) -> bool:
+    """Every present operand has a known rank and some dim is a symbol or unknown: the case the shape rules
+    below decide by themselves (a fake-tensor run of torch's matmul may guard on a symbolic size)."""
+    known = [t for t in types if t is not None]
+    return (bool(known) and all(t.shape is not None for t in known)
+            and any(not isinstance(d, int) for t in known for d in t.shape))  # type: ignore[union-attr]
+
+
 @register
 class MatMul(OpDef):
     op_type = "MatMul"
@@ -71,6 +120,13 @@ class MatMul(OpDef):
         if a.dim() == 0 or b.dim() == 0:
             raise UnsupportedOpError(f"node '{node.name}': MatMul operands must have rank >= 1")
         return matmul(a, b)
+
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        a, b = (types[0], types[1]) if len(types) >= 2 else (None, None)
+        if a is None or b is None or not symbolic_operands([a, b]) or a.dtype != b.dtype:
+            return super().infer(node, types, consts)
+        return [TensorType(a.dtype, matmul_dims(a.shape, b.shape))]  # type: ignore[arg-type]
 
 
 @register

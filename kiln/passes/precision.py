@@ -46,6 +46,19 @@ NEUTRAL_OPS: frozenset[str] = frozenset({"Cast", "Shape", "Size"})
 """Ops that read any element type as is: no Cast is inserted in front of them."""
 
 
+INDEX_OUTPUTS: frozenset[str] = frozenset({"Dropout", "MaxPool"})
+"""Ops of the list above whose outputs after the first are not data (a mask, indices)."""
+
+
+def _retype(n: Node) -> None:
+    """n's output types re-inferred from its (possibly just cast) inputs, so that the decisions for the nodes
+    after it see the element types they will really get."""
+    from kiln.ops.infer import infer_node, merge_types
+    for o, t in zip(n.outputs, infer_node(n)):
+        if t.dtype is not None:
+            o.type = merge_types(t, o.type)
+
+
 def _is_float32(v: Value | None) -> bool:
     return v is not None and v.kind == "tensor" and v.type.dtype == DType.FLOAT32
 
@@ -132,10 +145,12 @@ class ReducedPrecision(Pass):
                     n.inputs[i] = cast(v, low, to_low)
                     changed = True
                 new_nodes.append(n)
+                _retype(n)
                 for k, o in enumerate(n.outputs):
-                    # a first output whose element type inference could not tell (a Reshape to a run-time
-                    # shape) is the low type too: these ops compute in their float input's type
-                    if _is_float32(o) or (k == 0 and o.kind == "tensor" and o.type.dtype is None):
+                    # an output whose element type inference could not tell is the low type too: these
+                    # ops compute in their float input's type (all but the index / mask outputs)
+                    unknown = o.kind == "tensor" and o.type.dtype is None and (k == 0 or n.op_type not in INDEX_OUTPUTS)
+                    if _is_float32(o) or unknown or o.type.dtype == low:
                         o.type = TensorType(low, o.type.shape)
                         low_vals.add(id(o))
                         changed = True
@@ -147,6 +162,7 @@ class ReducedPrecision(Pass):
                     if id(v) in low_vals:
                         n.captures[j] = cast(v, DType.FLOAT32, to_f32)
                 new_nodes.append(n)
+                _retype(n)
         g.nodes = new_nodes
         # graph outputs keep float32: the producer writes a renamed low value, a Cast restores the name
         for k, v in enumerate(g.outputs):
