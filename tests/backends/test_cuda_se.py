@@ -52,6 +52,7 @@ CASES = {
     "mbv3": (72, 24, 28, 28, 1, "Relu", "HardSigmoid"),
     "odd_small_r": (96, 4, 9, 11, 3, "HardSwish", "Sigmoid"),
     "no_act": (40, 10, 5, 3, 2, "", "HardSigmoid"),
+    "large_r": (600, 300, 3, 3, 1, "Relu", "Sigmoid"),  # small channel and output blocks (W tiles of R x 8)
 }
 
 

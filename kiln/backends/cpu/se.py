@@ -3,7 +3,7 @@
 Inside a network each torch op pays its dispatcher's cold paths (docs/ARCHITECTURE.md, 11); the gate as
 torch ops (mean, addmm, activation, addmm, activation) is five of them on vectors of a few hundred values,
 and before the SEGate fusion it was a pool and two [N, C, 1, 1] convolutions that oneDNN declines. Here it
-is one ctypes call: the pixel sum (float rows added into double totals, over OpenMP threads for large maps),
+is one ctypes call: the pixel sum (float rows added into double totals, on torch's thread count for large maps),
 then the two products over transposed weights prepacked at build. Inputs the kernel was not made for
 (another dtype or device, other channels, 2**31 or more pixels) run the op's reference. Declines
 everything where no C compiler works.
@@ -27,13 +27,16 @@ from kiln.ops.registry import lookup
 Tensor = torch.Tensor
 _P, _L, _F, _I = C.c_void_p, C.c_long, C.c_float, C.c_int
 _I32 = 2**31 - 1
+PARALLEL_MIN = 1 << 17
+"""Images with fewer elements are summed on one thread (the OpenMP fork costs more than the second thread
+saves below about this size); larger ones on torch's intra-op thread count."""
 
 
 def _library() -> Any:
     lib = native.load("se_gate")
     if lib is not None and not hasattr(lib, "_kiln_typed"):
         lib.kiln_se_gate_f32.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L,
-                                         _I, _F, _F, _I, _F, _F, _P, _L, _L]
+                                         _I, _F, _F, _I, _F, _F, _P, _L, _L, _L]
         lib.kiln_se_gate_f32.restype = C.c_int
         lib._kiln_typed = True
     return lib
@@ -88,8 +91,9 @@ class CpuSEGateTactic(CpuTactic):
                 return reference(node, x, w1, b1, w2, b2)  # its checks, and empty tensors
             n, _c, h, w = (int(d) for d in x.shape)
             y = torch.empty((n, o, 1, 1), dtype=torch.float32)
+            threads = torch.get_num_threads() if c_w * h * w >= PARALLEL_MIN else 1
             if lib.kiln_se_gate_f32(x.data_ptr(), n, c_w, h, w, *x.stride(), w1t.data_ptr(), b1.data_ptr(), r,
-                                    w2t.data_ptr(), b2.data_ptr(), o, *acts, y.data_ptr(), o, 1) != 0:
+                                    w2t.data_ptr(), b2.data_ptr(), o, *acts, y.data_ptr(), o, 1, threads) != 0:
                 raise KilnError("SEGate: out of memory")
             return y
         return Kernel(k_se_gate, prepacked=frozenset({1, 2, 3, 4}))

@@ -42,7 +42,7 @@ MAX_R = 1024
 TILE = 4096
 """Elements of a W1 tile (hidden x channel block) and of a pixel tile (pixels x channel block)."""
 BLOCK_O = 64
-"""Output channels per step of the second product."""
+"""Most output channels per step of the second product (fewer where R is large: the W2 tile is BLOCK_O x R)."""
 
 
 @triton.jit(do_not_specialize=["Q", "W", "OCHUNK"])
@@ -121,10 +121,10 @@ def _pooled(node: Node) -> bool:
     return s is not None and s[2] == 1 and s[3] == 1
 
 
-def _blocks(c: int, r: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C): all of R, and channel blocks keeping the W1 tile at TILE elements."""
+def _blocks(c: int, r: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, BLOCK_O): all of R, and channel blocks keeping the W1 and W2 tiles at TILE elements."""
     br = _p2(r)
-    return br, max(1, min(_p2(c), 128, TILE // br))
+    return br, max(1, min(_p2(c), 128, TILE // br)), max(1, min(BLOCK_O, TILE // br))
 
 
 class TritonSEGate(Tactic):
@@ -168,7 +168,7 @@ class TritonSEGate(Tactic):
                 float(read(node, "reduce_beta")), ACT_CODES[str(read(node, "gate_activation"))],
                 float(read(node, "gate_alpha")), float(read(node, "gate_beta")))
         split_ok, ochunk, warps = bool(config.get("split")), int(config.get("ochunk", 0)), int(config["num_warps"])
-        br, bc = _blocks(c_w, r)
+        br, bc, bo = _blocks(c_w, r)
         reference = lookup(node.op_type, node.domain).compute
 
         def k_se_gate(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
@@ -199,7 +199,7 @@ class TritonSEGate(Tactic):
             bq = max(1, min(TILE // bc, _p2(q)))
             launch(_se_gate_kernel, grid,
                    [src, w1, b1, w2, b2, y, c, q, w, r, o, float(p), oc, *strides, y.stride(0), y.stride(1), *acts],
-                   dict(FLAT=flat, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_R=br, BLOCK_O=BLOCK_O, num_warps=warps))
+                   dict(FLAT=flat, BLOCK_Q=bq, BLOCK_C=bc, BLOCK_R=br, BLOCK_O=bo, num_warps=warps))
             return y
         return Kernel(k_se_gate, prepacked=frozenset({1, 2, 3, 4}))
 

@@ -3,9 +3,9 @@
  *
  * X is read through its four strides. With a channel stride of 1 (channels-last) a row of W pixels is
  * summed in float into a C-vector (vectorized over the channels), each row's sum then added into a double
- * total; rows are shared among OpenMP threads (static schedule, each thread its own totals, added in
- * thread order: deterministic for a thread count) when the map is large. Any other channel stride sums
- * each channel on its own (parallel over channels). The weights come transposed, W1t [C, R] and
+ * total; rows are shared among the caller's `threads` OpenMP threads (static schedule, each thread its own
+ * totals, added in thread order: deterministic for a thread count). Any other channel stride sums each
+ * channel on its own (parallel over channels). The weights come transposed, W1t [C, R] and
  * W2t [R, O], so both products run over contiguous rows without a reduction chain.
  * Returns 0, or -1 when scratch memory cannot be allocated.
  */
@@ -15,8 +15,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-#define PARALLEL_MIN 32768L /* elements of one image below which the sum runs on one thread */
 
 static inline float act(int code, float v, float alpha, float beta) {
     switch (code) {
@@ -30,11 +28,11 @@ static inline float act(int code, float v, float alpha, float beta) {
 }
 
 /* mean[c] of image x (C channels, H x W pixels, strides sc, sh, sw); 0 or -1 (no memory). */
-static int image_mean(const float *x, long C, long H, long W, long sc, long sh, long sw, float *mean) {
+static int image_mean(const float *x, long C, long H, long W, long sc, long sh, long sw, float *mean, int threads) {
     const double inv = 1.0 / (double)(H * W);
-    const int par = C * H * W >= PARALLEL_MIN;
+    if (threads < 1) threads = 1;
     if (sc != 1 && C > 1) {
-        #pragma omp parallel for schedule(static) if (par)
+        #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (long c = 0; c < C; c++) {
             double total = 0.0;
             for (long h = 0; h < H; h++) {
@@ -53,14 +51,10 @@ static int image_mean(const float *x, long C, long H, long W, long sc, long sh, 
         }
         return 0;
     }
-    int threads = 1;
-#ifdef _OPENMP
-    if (par) threads = omp_get_max_threads();
-#endif
     double *totals = calloc((size_t)threads * (size_t)C, sizeof(double));
     float *rows = malloc((size_t)threads * (size_t)C * sizeof(float));
     if (!totals || !rows) { free(totals); free(rows); return -1; }
-    #pragma omp parallel num_threads(threads) if (par)
+    #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = 0;
 #ifdef _OPENMP
@@ -92,12 +86,12 @@ int kiln_se_gate_f32(const float *x, long N, long C, long H, long W, long sn, lo
                      const float *restrict w1t, const float *b1, long R, const float *restrict w2t, const float *b2,
                      long O,
                      int act1, float alpha1, float beta1, int act2, float alpha2, float beta2,
-                     float *y, long syn, long syc) {
+                     float *y, long syn, long syc, long threads) {
     float *mean = malloc((size_t)(C + R + O) * sizeof(float));
     if (!mean) return -1;
     float *restrict hid = mean + C, *restrict g = hid + R;
     for (long n = 0; n < N; n++) {
-        if (image_mean(x + n * sn, C, H, W, sc, sh, sw, mean) != 0) { free(mean); return -1; }
+        if (image_mean(x + n * sn, C, H, W, sc, sh, sw, mean, (int)threads) != 0) { free(mean); return -1; }
         memcpy(hid, b1, (size_t)R * sizeof(float));
         for (long c = 0; c < C; c++) {
             const float m = mean[c], *restrict wr = w1t + c * R;
