@@ -167,3 +167,59 @@ def test_arena_slots_take_their_kernels_layout(first):
     assert placed[steps["FusedConv"].place].is_contiguous(memory_format=torch.channels_last)
     (in_rows, out_rows, out_cl), = seen
     assert in_rows == (first == "x") and out_rows == in_rows and out_cl == (not in_rows)
+
+
+def _heads_model(rng):
+    """x [N, S, 16] -> split into 4 heads by a run-time shape chain (Shape -> Gather -> Concat -> Reshape), scaled
+    by 1/sqrt(head dim) read from the shape, plus position ids Range(0, S) added as data: what dynamic exports do."""
+    c = {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "heads": np.array([4], np.int64),
+         "hd": np.array([4], np.int64), "ax0": np.array([0], np.int64), "zero": np.array(0, np.int64),
+         "one": np.array(1, np.int64), "m1": np.array(-1, np.int64)}
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["n"]),
+             helper.make_node("Gather", ["s", "i1"], ["L"]),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+             helper.make_node("Unsqueeze", ["L", "ax0"], ["L1"]),
+             helper.make_node("Concat", ["n1", "L1", "heads", "hd"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Shape", ["r"], ["rs"]),
+             helper.make_node("Gather", ["rs", "m1"], ["d"]),
+             helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["df"], ["sd"]),
+             helper.make_node("Div", ["r", "sd"], ["scaled"]),
+             helper.make_node("Range", ["zero", "L", "one"], ["pos"]),
+             helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["posf", "m1"], ["pos2"]),
+             helper.make_node("Unsqueeze", ["pos2", "m1"], ["pos3"]),
+             helper.make_node("Add", ["scaled", "pos3"], ["y"])]
+    g = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shape_chains_run_once_per_input_shape_on_the_host():
+    """Layers that compute from input shapes alone (kiln.runtime.prologue) leave the step list, run once per
+    input shape, and make the graph capturable by CUDA graphs (a Reshape read a computed target on the host)."""
+    from kiln.runtime.cuda_graph import capturable
+    rng = np.random.default_rng()
+    model = _heads_model(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 2, 16), (2, 8, 16), (4, 32, 16))
+    engine = Engine(Builder().build(model, BuilderConfig(profiles=[prof])))
+    f = engine.function
+    ops = [st.node.op_type for st in f.steps]
+    assert "Shape" not in ops and "Range" not in ops and "Concat" not in ops, ops
+    assert capturable(f.graph) == (True, "")
+    ctx = engine.create_execution_context()
+    calls = []
+    inner = f._prologue_values
+    f._prologue_values = lambda *a: calls.append(1) or inner(*a)
+    computed = []
+    orig = f._prologue_cache.get
+    f._prologue_cache.get = lambda key, compute: orig(key, lambda: computed.append(key) or compute())
+    for shape in [(1, 5, 16), (3, 7, 16), (1, 5, 16), (4, 32, 16), (3, 7, 16)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = ctx.execute({"x": x})["y"]
+        want = run_oracle(model, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 5 and len(computed) == 3  # three distinct shapes

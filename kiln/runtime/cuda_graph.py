@@ -23,12 +23,18 @@ UNCAPTURABLE_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compres
 
 
 def capturable(g: Graph) -> tuple[bool, str]:
-    """Whether the step list can be captured: no host reads of device data, no data-dependent shapes."""
+    """Whether the step list can be captured: no host reads of device data, no data-dependent shapes (the
+    shape prologue, kiln.runtime.prologue, runs before the graph: its host values are fixed per input shape)."""
     from kiln.ops.registry import lookup
     for v in list(g.inputs) + list(g.outputs):
         if v.kind != "tensor":
             return False, f"value '{v.name}' is a {v.kind}"
-    for n in g.nodes:
+    from kiln.runtime.prologue import shape_prologue
+    pro = set(shape_prologue(g, g.input_symbols()))
+    host_ready = {id(o) for i in pro for o in g.nodes[i].outputs}  # computed before the graph, per input shape
+    for i, n in enumerate(g.nodes):
+        if i in pro:
+            continue
         if n.op_type in UNCAPTURABLE_OPS or n.subgraphs():
             return False, f"layer '{n.name}' ({n.op_type}) has data-dependent control or shapes"
         try:
@@ -39,7 +45,7 @@ def capturable(g: Graph) -> tuple[bool, str]:
             return False, f"layer '{n.name}' ({n.op_type}) draws random numbers"
         for i in opdef.value_inputs:
             v = n.input(i)
-            if v is not None and not v.is_const:
+            if v is not None and not v.is_const and id(v) not in host_ready:
                 return False, f"layer '{n.name}' ({n.op_type}) reads a computed value on the host"
     return True, ""
 

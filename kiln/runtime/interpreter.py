@@ -11,6 +11,7 @@ from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.runtime.arena import ActivationArena, resolvable
+from kiln.runtime.prologue import SHAPE_OPS, PrologueCache, reference_kernel, shape_prologue, stand_in
 
 KernelFactory = Callable[[Node], Kernel]
 StepHook = Callable[[Node, float], None]
@@ -168,20 +169,23 @@ class GraphFunction:
             for v in n.outputs:
                 slot_of(v)
         self.output_slots = [slot_of(v) for v in graph.outputs]
-        keep = set(self.output_slots) | set(consts)
         nodes = [self._runtime_node(n) for n in graph.nodes]
         kernels = [factory(rn) for rn in nodes]
         elided, writes, allocs = self._elisions(graph, kernels, lambda v: slot[(id(v), False)])
+        symbols = _symbols_of(graph)
+        pro = set(shape_prologue(graph, symbols, skip=elided))
+        n_slots = self._plan_prologue(graph, sorted(pro), step_ins, lambda v: slot[(id(v), False)], n_slots)
+        keep = set(self.output_slots) | set(consts)
         last_use: dict[int, int] = {}
         for i, ins in enumerate(step_ins):
-            if i not in elided:
+            if i not in elided and i not in pro:
                 for s_ in ins:
                     if s_ >= 0:
                         last_use[s_] = i
         self.steps: list[_Step] = []
         needed: set[int] = set(self.output_slots) & set(consts)
         for i, (rn, kernel) in enumerate(zip(nodes, kernels)):
-            if i in elided:
+            if i in elided or i in pro:
                 continue
             ins = step_ins[i]
             outs = [slot[(id(v), False)] for v in rn.outputs]
@@ -195,7 +199,6 @@ class GraphFunction:
         self.elided = len(elided)
         self.arena: ActivationArena | None = None
         if any(k.writes_out for k in kernels):
-            symbols = _symbols_of(graph)
             out_types = {slot[(id(v), False)]: v.type for n in nodes for v in n.outputs}
             arena = ActivationArena(self.steps, out_types, self.output_slots, symbols)
             if arena.placed:
@@ -262,6 +265,100 @@ class GraphFunction:
                 elided.add(i)
         return elided, writes, allocs
 
+    def _plan_prologue(self, graph: Graph, pro: list[int], step_ins: list[list[int]],
+                       slot: Callable[[Value], int], n_slots: int) -> int:
+        """The shape prologue's layers (kiln.runtime.prologue) as host computations, and a device twin slot for
+        each result a device kernel reads as data (or the graph returns). Rewrites those readers' input slots;
+        returns the new slot count."""
+        self._prologue: list[tuple[Callable[..., Any], list[tuple[str, Any]], list[int]]] = []
+        self._twins: list[tuple[int, int]] = []  # (host slot, device slot)
+        self._prologue_cache = PrologueCache()
+        if not pro:
+            return n_slots
+        made: set[int] = set()
+        bound = {id(v): ("input", i) for i, v in enumerate(graph.inputs)}
+        bound.update({id(v): ("capture", v.name) for v in graph.captures})
+        for i in pro:
+            n = graph.nodes[i]
+            srcs: list[tuple[str, Any]] = []
+            for v in n.inputs:
+                if v is None:
+                    srcs.append(("none", None))
+                elif n.op_type in SHAPE_OPS:  # reads only the shape: the call's own tensor, or the proven type
+                    srcs.append(bound.get(id(v), ("type", (tuple(v.type.shape), v.type.dtype.torch
+                                                           if v.type.dtype is not None else torch.float32))))
+                elif v.is_const:
+                    srcs.append(("const", v.const))
+                else:
+                    srcs.append(("slot", slot(v)))
+            outs = [slot(o) for o in n.outputs]
+            made.update(outs)
+            self._prologue.append((reference_kernel(n), srcs, outs))
+        if self.device.type == "cpu":
+            return n_slots
+        twin: dict[int, int] = {}
+
+        def twin_of(s_: int) -> int:
+            nonlocal n_slots
+            if s_ not in twin:
+                twin[s_] = n_slots
+                self._twins.append((s_, n_slots))
+                n_slots += 1
+            return twin[s_]
+        pro_set = set(pro)
+        for i, ins in enumerate(step_ins):
+            if i in pro_set:
+                continue
+            host = _host_inputs(graph.nodes[i])
+            for j, s_ in enumerate(ins):
+                if s_ in made and j not in host:
+                    ins[j] = twin_of(s_)
+        self.output_slots = [twin_of(s_) if s_ in made else s_ for s_ in self.output_slots]
+        return n_slots
+
+    def _prologue_values(self, inputs: Sequence[Any], outer: dict[str, Any]) -> list[tuple[int, Any]]:
+        """(slot, value) of every prologue result for these inputs' shapes: computed once per shape."""
+        key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs),
+               tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None
+                     for x in (outer.get(v.name) for v in self.graph.captures)))
+
+        def compute() -> list[tuple[int, Any]]:
+            dims: dict[str, int] = {}
+            for v, x in zip(self.graph.inputs, inputs):
+                if isinstance(x, torch.Tensor):
+                    dims.update({d: int(x.shape[k]) for k, d in enumerate(v.type.shape or ())
+                                 if isinstance(d, str) and k < x.dim()})
+            for v in self.graph.captures:
+                x = outer.get(v.name)
+                if isinstance(x, torch.Tensor):
+                    for k, d in enumerate(v.type.shape or ()):
+                        if isinstance(d, str) and k < x.dim():
+                            dims.setdefault(d, int(x.shape[k]))
+            vals: dict[int, Any] = {}
+
+            def arg(src: tuple[str, Any]) -> Any:
+                kind, what = src
+                if kind == "slot":
+                    return vals[what]
+                if kind == "const":
+                    return what
+                if kind == "none":
+                    return None
+                if kind == "type":
+                    shape, dtype = what
+                    return stand_in([d if isinstance(d, int) else dims[d] for d in shape], dtype)
+                x = inputs[what] if kind == "input" else outer[what]
+                return stand_in(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x
+            for fn, srcs, outs in self._prologue:
+                r = fn(*[arg(a) for a in srcs])
+                for s_, v in zip(outs, r if isinstance(r, (tuple, list)) else (r,)):
+                    vals[s_] = v
+            entry = list(vals.items())
+            entry += [(dev, vals[host].to(self.device) if isinstance(vals[host], torch.Tensor) else vals[host])
+                      for host, dev in self._twins]
+            return entry
+        return self._prologue_cache.get(key, compute)
+
     def _runtime_node(self, n: Node) -> Node:
         subs = {k: v for k, v in n.attrs.items()
                 if isinstance(v, Graph) or (isinstance(v, list) and v and isinstance(v[0], Graph))}
@@ -304,6 +401,9 @@ class GraphFunction:
             outer = outer or {}
             for s, name in zip(self.capture_slots, self.capture_names):
                 env[s] = outer[name]
+        if self._prologue:
+            for s_, v in self._prologue_values(inputs, outer or {}):
+                env[s_] = v
         hook = hook or self.hook
         dims: dict[str, int] = {}
         if self._symbols:
