@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,12 @@ def run(m: ZooModel, cache: str, device: str) -> dict[str, Any]:
         st = zoo.plan_stats(plan)
         row[f"{kind}_layers"], row[f"{kind}_ref"] = st["layers"], st["ref"]
         ctx = Engine(plan).create_execution_context()
-        row[f"{kind}_ms"] = latency(ctx, feeds_t, device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            row[f"{kind}_ms"] = latency(ctx, feeds_t, device)
+        if caught:
+            row[f"{kind}_note"] = str(caught[0].message)
+            zoo.log(f"{m.name} {kind}: {caught[0].message}")
         row[f"{kind}_graph"] = getattr(ctx, "last_graph", None) is not None
         got = ctx.execute(feeds_t)
         outs[kind] = [got[n].float().cpu().numpy() for n in m.output_names]

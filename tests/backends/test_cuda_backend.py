@@ -251,3 +251,20 @@ def test_concat_elision_and_views_on_cuda(fp16):
             want = run_oracle(model, {"x": x})
             for name, w in zip(("y", "p"), want):
                 assert rel_error(got[name], w) <= (1e-2 if fp16 else 3e-3), (graph, n, name)  # fp32: TF32
+
+
+def test_dynamic_shape_chains_capture_a_cuda_graph_per_shape():
+    """A run-time shape chain (Reshape target, 1/sqrt(head dim), Range position ids read as data) runs in the
+    host prologue: the plan captures a CUDA graph per input shape and matches onnxruntime at each."""
+    from tests.test_runtime import _heads_model
+    rng = np.random.default_rng()
+    model = _heads_model(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 2, 16), (2, 8, 16), (4, 32, 16))
+    engine = Engine(Builder().build(model, BuilderConfig(device="cuda", fp16=True, profiles=[prof])))
+    ctx = engine.create_execution_context()
+    for shape in [(1, 5, 16), (3, 7, 16), (1, 5, 16)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = ctx.execute_async({"x": torch.from_numpy(x).cuda()})["y"].float().cpu().numpy()
+        assert ctx.last_graph is not None
+        want = run_oracle(model, {"x": x})[0]
+        assert rel_error(got, want) < 1e-2
