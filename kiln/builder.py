@@ -136,8 +136,10 @@ class Builder:
             PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
         low = precision_dtype(config.fp16, config.bf16)
         if low is not None:
-            PassManager([ReducedPrecision(low, config.fp32_layers)]
-                        + ([FoldCasts()] if target["device"] == "cuda" else [])).run(g, ctx)
+            # bodies too, each after the graph holding it: a body reads its captures in their lowered types
+            PassManager([ReducedPrecision(low, config.fp32_layers)], subgraphs=True).run(g, ctx)
+            if target["device"] == "cuda":
+                PassManager([FoldCasts()]).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         all_types = _infer_at(g, config.profiles or _tuning_profile(g, self.logger), "opt", self.logger)
         opt_types = all_types[id(g)]

@@ -6,6 +6,13 @@ constant inputs (weights) are converted once, its float32 activation inputs get 
 the list keep float32 and get a Cast back where they read a low-precision value. Casts are inserted
 only where the element type changes and are shared by all readers of a value. Graph inputs and
 outputs keep their declared element types (a Cast sits at each boundary that needs one).
+
+If/Loop/Scan bodies are lowered the same way when the pass runs under `PassManager(subgraphs=True)` (each
+body after the graph holding it). A body's interface keeps its element types: its inputs (Loop/Scan
+iteration values, loop-carried state) and outputs get Casts inside the body at entry and exit, so a
+loop-carried value has one type across iterations. A captured outer value is read in the type the
+enclosing graph's lowering gave it; a body layer that stays float32 reads a low capture through a Cast
+inside the body.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Iterable
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.logger import Logger
 from kiln.passes.base import Pass, PassContext
 
 LOW_PRECISION_OPS: frozenset[str] = frozenset({
@@ -59,12 +67,32 @@ def _retype(n: Node) -> None:
             o.type = merge_types(t, o.type)
 
 
+def _infer_flat(g: Graph, logger: Logger) -> None:
+    """Every node output of g re-inferred, without entering bodies: those are lowered after g, and until then
+    their declared output types (which If/Loop/Scan outputs follow) must stay as they were."""
+    from kiln.ops.infer import infer_node, merge_types
+    for n in g.nodes:
+        for v, t in zip(n.outputs, infer_node(n, logger)):
+            v.type = merge_types(t, v.type)
+
+
+def _redirect_readers(g: Graph, old: Value, new: Value) -> None:
+    """Every reader of `old` in g (nodes, subgraph captures, at any depth) reads `new`; g's outputs stay."""
+    outputs = list(g.outputs)
+    g.replace_uses(old, new)
+    g.outputs = outputs
+
+
 def _is_float32(v: Value | None) -> bool:
     return v is not None and v.kind == "tensor" and v.type.dtype == DType.FLOAT32
 
 
 class ReducedPrecision(Pass):
-    """Casts float32 layers to `dtype` (FLOAT16 or BFLOAT16) with per-layer fallback to float32."""
+    """Casts float32 layers to `dtype` (FLOAT16 or BFLOAT16) with per-layer fallback to float32.
+
+    One instance lowers a graph and then its bodies (PassManager(subgraphs=True)); it remembers the values it
+    made low and their types before, so a body knows which of its captures hold the low type because of this
+    lowering, and which type a body output that is such a capture had."""
 
     name = "reduced_precision"
 
@@ -73,6 +101,8 @@ class ReducedPrecision(Pass):
             raise ValueError(f"reduced precision must be float16 or bfloat16, not {dtype.value}")
         self.dtype = dtype
         self.fp32_layers = set(fp32_layers)
+        # values this pass lowered -> their element type before (keys kept alive: no id reuse)
+        self._made_low: dict[Value, DType | None] = {}
 
     # -- decisions --------------------------------------------------------------------------------
     def runs_low(self, n: Node) -> bool:
@@ -114,8 +144,24 @@ class ReducedPrecision(Pass):
 
     # -- rewrite ----------------------------------------------------------------------------------
     def run(self, g: Graph, ctx: PassContext) -> bool:
+        # the interface's types, before anything changes (an output that is a capture: before the outer lowering)
+        declared = [self._made_low.get(v, v.type.dtype) for v in g.outputs]
+        # a body's captures that the enclosing graph's lowering made low are read as low values
+        low_vals = {id(v) for v in g.captures if v in self._made_low}
+        changed = self._lower_nodes(g, low_vals)
+        changed |= self._keep_output_types(g, low_vals, declared)
+        if changed:
+            _infer_flat(g, ctx.logger)
+            n_low = sum(1 for n in g.nodes if any(id(o) in low_vals for o in n.outputs))
+            n_cast = sum(1 for n in g.nodes if n.op_type == "Cast" and n.name.startswith("cast_"))
+            ctx.logger.verbose(f"Reduced precision ({self.dtype.value}): {n_low} layers in {self.dtype.value}, "
+                               f"{n_cast} Cast layers inserted")
+        return changed
+
+    def _lower_nodes(self, g: Graph, low_vals: set[int]) -> bool:
+        """Each node of g in the low type or in float32, with Casts in front where the types change; the ids
+        of the values that now hold the low type are added to `low_vals`."""
         low = self.dtype
-        low_vals: set[int] = set()  # ids of values that now hold the low type
         to_low: dict[int, Value] = {}  # float32 value -> its low-type twin (Cast output or converted const)
         to_f32: dict[int, Value] = {}  # low value -> its float32 twin (Cast output)
         new_nodes: list[Node] = []
@@ -137,6 +183,7 @@ class ReducedPrecision(Pass):
                 new_nodes.append(n)
                 continue
             if self.runs_low(n):
+                before = [o.type.dtype for o in n.outputs]
                 for i in self._cast_indices(n):
                     v = n.inputs[i]
                     assert v is not None
@@ -151,43 +198,51 @@ class ReducedPrecision(Pass):
                     # ops compute in their float input's type (all but the index / mask outputs)
                     unknown = o.kind == "tensor" and o.type.dtype is None and (k == 0 or n.op_type not in INDEX_OUTPUTS)
                     if _is_float32(o) or unknown or o.type.dtype == low:
+                        self._made_low.setdefault(o, before[k])
                         o.type = TensorType(low, o.type.shape)
                         low_vals.add(id(o))
                         changed = True
             else:
+                # a node's captures stay as they are: its bodies read them in whatever type they now have
                 for i, v in enumerate(n.inputs):
                     if v is not None and id(v) in low_vals:
                         n.inputs[i] = cast(v, DType.FLOAT32, to_f32)
-                for j, v in enumerate(n.captures):
-                    if id(v) in low_vals:
-                        n.captures[j] = cast(v, DType.FLOAT32, to_f32)
+                        changed = True
                 new_nodes.append(n)
                 _retype(n)
         g.nodes = new_nodes
-        # graph outputs keep float32: the producer writes a renamed low value, a Cast restores the name
-        for k, v in enumerate(g.outputs):
+        return changed
+
+    def _keep_output_types(self, g: Graph, low_vals: set[int], declared: list[DType | None]) -> bool:
+        """g's outputs keep their declared element types (float32 where none was declared): the producer of a
+        low output writes a renamed low value and a Cast restores the name; a low output nobody in g
+        produces (a captured outer value) is replaced by a Cast of it."""
+        changed = False
+        own = {id(n) for n in g.nodes}
+        for k, v in enumerate(list(g.outputs)):
             if id(v) not in low_vals:
                 continue
-            inner = g.new_value(f"{v.name}_{low.value}", TensorType(low, v.type.shape))
+            want = declared[k] or DType.FLOAT32
+            if want == self.dtype:
+                continue
             producer = v.producer
-            assert producer is not None
+            if producer is None or id(producer) not in own:
+                out = g.new_value(f"{v.name}_{want.value}", TensorType(want, v.type.shape))
+                g.nodes.append(Node("Cast", [v], [out], {"to": want.onnx}, name=g.unique_name(f"cast_{v.name}")))
+                g.outputs[k] = out
+                changed = True
+                continue
+            inner = g.new_value(f"{v.name}_{self.dtype.value}", TensorType(self.dtype, v.type.shape))
             producer.outputs = [inner if o is v else o for o in producer.outputs]
             inner.producer = producer
-            for n in g.nodes:
-                n.inputs = [inner if x is v else x for x in n.inputs]
-                n.captures = [inner if x is v else x for x in n.captures]
-            cast_node = Node("Cast", [inner], [v], {"to": DType.FLOAT32.onnx}, name=g.unique_name(f"cast_{v.name}"))
-            v.type = TensorType(DType.FLOAT32, v.type.shape)
-            g.nodes.append(cast_node)
+            _redirect_readers(g, v, inner)
+            g.nodes.append(Node("Cast", [inner], [v], {"to": want.onnx}, name=g.unique_name(f"cast_{v.name}")))
+            v.type = TensorType(want, v.type.shape)
+            self._made_low.pop(v, None)
+            self._made_low[inner] = want
             low_vals.discard(id(v))
             low_vals.add(id(inner))
-        if changed:
-            from kiln.passes.shape_inference import infer_types
-            infer_types(g, ctx.logger)
-            n_low = sum(1 for n in g.nodes if any(id(o) in low_vals for o in n.outputs))
-            n_cast = sum(1 for n in g.nodes if n.op_type == "Cast" and n.name.startswith("cast_"))
-            ctx.logger.verbose(f"Reduced precision ({low.value}): {n_low} layers in {low.value}, "
-                               f"{n_cast} Cast layers inserted")
+            changed = True
         return changed
 
 
