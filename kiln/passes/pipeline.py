@@ -18,7 +18,7 @@ from kiln.passes.hoist import HoistLoopInvariants
 from kiln.passes.horizontal import FuseSiblingConvs
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
-from kiln.passes.recognise import RecogniseGelu, RecogniseLayerNorm
+from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseLayerNorm
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
@@ -38,9 +38,11 @@ def default_pipeline() -> list[Pass]:
         # loop bodies: work that reads only outer values and constants runs once, before the loop
         HoistLoopInvariants(),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
-        # exporters' decompositions back to single ops: GELU becomes a gemm/conv epilogue, LayerNorm one kernel
+        # exporters' decompositions back to single ops: GELU becomes a gemm/conv epilogue, LayerNorm one kernel,
+        # a channel shuffle (Reshape / Transpose / Reshape) one copy into the channels-last layout
         RecogniseGelu(),
         RecogniseLayerNorm(),
+        RecogniseChannelShuffle(),
         # weight folding into convolutions / gemms, while they are still plain ONNX ops
         FoldBatchNorm(),
         BatchNormToScale(),

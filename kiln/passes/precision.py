@@ -43,6 +43,8 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     # squeeze-excite gates: the reference and cuda.triton_se_gate keep the mean, both products and the
     # activations in float32 and round the gate once (kiln.ops.squeeze_excite)
     "SEGate",
+    # channel shuffles: pure data movement (kiln.ops.shuffle)
+    "ChannelShuffle",
 })
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""

@@ -1,8 +1,11 @@
-"""Pattern recognition: exporters' decompositions of GELU and LayerNorm back into the single ONNX ops.
+"""Pattern recognition: exporters' decompositions of GELU and LayerNorm back into the single ONNX ops, and
+of ShuffleNet's channel shuffle into Kiln's ChannelShuffle.
 
 Exporters write GELU as elementwise arithmetic and many write LayerNorm as reductions; each piece would
 run as its own layer (or one Pointwise pass per chain). As single ops, GELU becomes a GEMM / conv
-epilogue (FuseGemm, FuseConv) and LayerNorm one normalisation kernel.
+epilogue (FuseGemm, FuseConv) and LayerNorm one normalisation kernel. A channel shuffle is exported as
+two Reshapes around a Transpose, whose last Reshape copies into NCHW (and the next conv back to NHWC);
+as one ChannelShuffle it is one copy in the channels-last layout (kiln.ops.shuffle).
 
     erf GELU:   0.5 * x * (1 + Erf(x / sqrt(2)))          (x * 0.7071.. or x / 1.4142..; products in any order)
     tanh GELU:  0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))       (x^3 as Pow(x, 3) or x * x * x)
@@ -20,6 +23,7 @@ import math
 import torch
 
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import Dim
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, const, is_op, replace_nodes, runtime, scalar
 
@@ -292,3 +296,88 @@ class RecogniseLayerNorm(Pass):
         ln = Node("LayerNormalization", inputs, [out], {"axis": axis, "epsilon": float(e)}, name=name,
                   opset=LAYERNORM_OPSET)
         return nodes, ln
+
+
+SHUFFLE_PERM = [0, 2, 1, 3, 4]
+_Dim = tuple[int | None, Dim]  # (index of the shuffle input's dim it is, or None; its size: int, symbol or None)
+
+
+def _reshape_target(n: Node) -> tuple[list[int], bool] | None:
+    """(constant target, allowzero) of a Reshape, None when the target is a run-time value."""
+    if n.opset < 5:
+        return None
+    c = const(n.input(1))
+    if c is None or c.dim() != 1 or c.dtype != torch.int64:
+        return None
+    return [int(t) for t in c.tolist()], bool(int(n.attr("allowzero", 0)))
+
+
+def _same(a: _Dim, b: _Dim) -> bool:
+    """Two dims proven equal: the same dim of the shuffle input, or equal static sizes or symbols."""
+    return (a[0] is not None and a[0] == b[0]) or (a[1] is not None and a[1] == b[1])
+
+
+def _reshapes_to(target: list[int], allowzero: bool, have: list[_Dim], want: list[_Dim]) -> bool:
+    """Whether Reshape(`have`-shaped input, target) is proven to give the dims `want`: each entry copies an
+    equal input dim (0), names an equal static size, or is the one -1 (then the product fixes it)."""
+    if len(target) != len(want) or target.count(-1) > 1:
+        return False
+    for p, t in enumerate(target):
+        if t == 0 and not allowzero:
+            if p >= len(have) or not _same(have[p], want[p]):
+                return False
+        elif t >= 0 and want[p][1] != t:
+            return False
+        elif t < -1:
+            return False
+    return True
+
+
+class RecogniseChannelShuffle(Pass):
+    """Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4] -> Reshape [N, C, H, W] -> one kiln ChannelShuffle."""
+
+    name = "channel shuffle recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for t in list(g.nodes):
+            if not is_op(t, "Transpose") or t.attr("perm") != SHUFFLE_PERM:
+                continue
+            m = self._match(t, uses)
+            if m is None:
+                continue
+            nodes, x, y, groups = m
+            node = Node("ChannelShuffle", [x], [y], {"groups": groups},
+                        name=g.unique_name(f"{t.name}_channel_shuffle"), domain="kiln", opset=1)
+            replace_nodes(g, nodes, [node])
+            ctx.logger.verbose(f"Recognised channel shuffle {node.name} ({groups} groups of {x.type.shape[1]} "  # type: ignore[index]
+                               f"channels) from {', '.join(k.name for k in nodes)}")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _match(t: Node, uses: Uses) -> tuple[list[Node], Value, Value, int] | None:
+        r1 = t.inputs[0].producer if t.inputs and t.inputs[0] is not None else None
+        r2 = _only(uses, t.outputs[0], "Reshape")
+        if r1 is None or r2 is None or not is_op(r1, "Reshape") or uses.only(r1.outputs[0]) is not t \
+                or r2.inputs[0] is not t.outputs[0]:
+            return None
+        x = r1.inputs[0]
+        shape = x.type.shape
+        if not runtime(x) or shape is None or len(shape) != 4 or not isinstance(shape[1], int) or shape[1] < 1:
+            return None
+        a, b = _reshape_target(r1), _reshape_target(r2)
+        if a is None or b is None or len(a[0]) != 5:
+            return None
+        c = shape[1]
+        groups = a[0][1] if a[0][1] > 0 else (c // a[0][2] if a[0][2] > 0 and c % a[0][2] == 0 else 0)
+        if groups < 1 or c % groups:
+            return None
+        dims: list[_Dim] = [(k, d) for k, d in enumerate(shape)]
+        split = [dims[0], (None, groups), (None, c // groups), dims[2], dims[3]]
+        swapped = [dims[0], (None, c // groups), (None, groups), dims[2], dims[3]]
+        if not _reshapes_to(*a, dims, split) or not _reshapes_to(*b, swapped, dims):
+            return None
+        return [r1, t, r2], x, r2.outputs[0], groups

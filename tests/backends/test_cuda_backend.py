@@ -268,3 +268,28 @@ def test_dynamic_shape_chains_capture_a_cuda_graph_per_shape():
         assert ctx.last_graph is not None
         want = run_oracle(model, {"x": x})[0]
         assert rel_error(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_channel_shuffle_on_cuda(precision):
+    """Channel shuffles between 1x1 convs (run-time shape chains, dynamic batch) run on cuda.channel_shuffle in
+    the precision of the convs around them, one layer each, and match onnxruntime with and without CUDA graphs."""
+    from tests.passes.test_channel_shuffle import shuffle_model
+    model = shuffle_model(c=48, g=2, batch="N", hw=(14, 14), chain=True, blocks=2)
+    prof = OptimizationProfile().set_shape("x", (1, 48, 14, 14), (2, 48, 14, 14), (4, 48, 14, 14))
+    plan = Builder().build(model, BuilderConfig(device="cuda", fp16=precision == "fp16", bf16=precision == "bf16",
+                                                profiles=[prof], optimization_level=0))
+    steps = [s for s in plan.graph["steps"] if s["op"] == "ChannelShuffle"]
+    assert len(steps) == 2 and all(s["tactic"] == "cuda.channel_shuffle" for s in steps)
+    assert not any(s["op"] in ("Reshape", "Transpose") for s in plan.graph["steps"])
+    want_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert all(plan.graph["values"][s["outputs"][0]]["type"]["dtype"] == want_dtype for s in steps)
+    eng = Engine(plan)
+    rng = np.random.default_rng()
+    for graph in (True, False):
+        ctx = eng.create_execution_context(cuda_graph=graph)
+        for n in (1, 3):
+            x = rng.standard_normal((n, 48, 14, 14)).astype(np.float32)
+            got = ctx.execute({"x": x})["y"]
+            want = run_oracle(model, {"x": x})[0]
+            assert rel_error(got, want) <= {"fp32": 3e-3, "fp16": 1e-2, "bf16": 3e-2}[precision], (graph, n)

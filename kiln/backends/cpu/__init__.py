@@ -6,5 +6,6 @@ from kiln.backends.cpu import pointwise_c  # noqa: F401  (cpu.pointwise_c: Point
 from kiln.backends.cpu import nms  # noqa: F401  (cpu.nms: NonMaxSuppression selection in C)
 from kiln.backends.cpu import topk  # noqa: F401  (cpu.topk: TopK by selection in C)
 from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gates in C)
+from kiln.backends.cpu import shuffle  # noqa: F401  (cpu.channel_shuffle: channel shuffles in C)
 from kiln.backends.cpu import conv1d  # noqa: F401  (cpu.conv1d_dnnl: 1-D convolutions on oneDNN)
 from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch's fused LSTM)

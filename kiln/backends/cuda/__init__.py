@@ -13,11 +13,12 @@
 | cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows  |
 | cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
 | cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one program per image |
+| cuda.channel_shuffle      | ChannelShuffle                           | one torch copy into the NHWC destination  |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
 from __future__ import annotations
 
-from kiln.backends.cuda import cublas_gemm, cudnn_conv  # noqa: F401
+from kiln.backends.cuda import cublas_gemm, cudnn_conv, shuffle  # noqa: F401
 
 
 def _triton_available() -> bool:
