@@ -163,7 +163,7 @@ def test_arena_slots_take_their_kernels_layout(first):
     x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
     got = engine.create_execution_context().execute({"x": x})["out"]
     assert_close_to_scale(got, run_oracle(model, {"x": x})[0], 1e-5)
-    placed, _ = fn.arena.views({}, fn.device)
+    placed, _, _ = fn.arena.views({}, fn.device)
     assert placed[steps["FusedConv"].place].is_contiguous(memory_format=torch.channels_last)
     (in_rows, out_rows, out_cl), = seen
     assert in_rows == (first == "x") and out_rows == in_rows and out_cl == (not in_rows)
@@ -223,3 +223,27 @@ def test_shape_chains_run_once_per_input_shape_on_the_host():
         want = run_oracle(model, {"x": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert len(calls) == 5 and len(computed) == 3  # three distinct shapes
+
+
+def test_outputs_never_share_the_reused_cpu_arena():
+    """A thread reuses its CPU arena from one call to the next: an output that is a view of an arena slot (a
+    Flatten of a conv output) must be handed out as a copy, so the next call does not overwrite it."""
+    rng = np.random.default_rng()
+    w = (rng.standard_normal((8, 4, 3, 3)) / 6).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"]),  # [1, 4, 1, 1]: its Flatten is a view
+             helper.make_node("Flatten", ["c2"], ["y"], axis=1)]
+    w2 = (rng.standard_normal((4, 8, 10, 10)) / 30).astype(np.float32)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    engine = Engine(Builder().build(model, BuilderConfig(optimization_level=0)))
+    steps = engine.function.steps
+    assert steps[-1].node.op_type == "Flatten" and steps[-2].place >= 0  # the conv writes into the arena
+    ctx = engine.create_execution_context()
+    xs = [rng.standard_normal((1, 4, 10, 10)).astype(np.float32) for _ in range(3)]
+    outs = [ctx.execute({"x": torch.from_numpy(x)})["y"] for x in xs]
+    for x, got in zip(xs, outs):
+        np.testing.assert_allclose(got.numpy(), run_oracle(model, {"x": x})[0], rtol=1e-4, atol=1e-5)

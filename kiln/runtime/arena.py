@@ -12,6 +12,7 @@ to the end of the run when a graph output aliases it. The placement is computed 
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from kiln.ir.types import TensorType
 from kiln.plan.memory import ALIGN, Buffer, plan_memory
 
 Shape = tuple[int | str, ...]
+_KEPT_PER_THREAD = 4  # CPU arenas a thread keeps (distinct input shapes in a row reuse them)
 _Place = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...], "tuple[int, ...] | None", int]
 
 
@@ -60,12 +62,35 @@ class ActivationArena:
         # per bound dims: (arena bytes, [(slot, dtype, shape, strides, contiguous strides for a like_input slot,
         # element offset)]); a like_input slot's default strides are channels-last
         self._cache: dict[tuple[tuple[str, int], ...], tuple[int, list[_Place]]] = {}
+        self._local = threading.local()  # CPU: this thread's arenas by bound dims (views)
         self.arena_bytes = 0
 
-    def views(self, dims: dict[str, int], device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Fresh arena for these bound dims: (slot -> its tensor view in its kernel's out_format, slot -> the
-        contiguous view of each like_input slot, whose kernel takes it when its input is contiguous)."""
+    def views(self, dims: dict[str, int], device: torch.device
+              ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+        """The arena for these bound dims: (slot -> its tensor view in its kernel's out_format, slot -> the
+        contiguous view of each like_input slot, whose kernel takes it when its input is contiguous, the
+        arena's byte tensor). On the CPU a thread reuses its arena and views for the same dims from one call
+        to the next (making the views cost as much as a small layer); the caller must not hand out a value
+        living in it (GraphFunction copies such outputs). On CUDA each call gets a fresh one from the caching
+        allocator (a CUDA graph captures it in its own pool)."""
         key = tuple(sorted(dims.items()))
+        reuse = device.type == "cpu"
+        if reuse:
+            mine = getattr(self._local, "arenas", None)
+            if mine is None:
+                mine = self._local.arenas = {}
+            hit = mine.get(key)
+            if hit is not None:
+                return hit
+        made = self._make(key, dims, device)
+        if reuse:
+            if len(mine) >= _KEPT_PER_THREAD:
+                mine.pop(next(iter(mine)))
+            mine[key] = made
+        return made
+
+    def _make(self, key: tuple[tuple[str, int], ...], dims: dict[str, int], device: torch.device
+              ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
         layout = self._cache.get(key)
         if layout is None:
             layout = self._cache[key] = self._layout(dims)
@@ -82,7 +107,7 @@ class ActivationArena:
             out[s] = flat.as_strided(shape, strides, offset)
             if rows is not None:
                 alt[s] = flat.as_strided(shape, rows, offset)
-        return out, alt
+        return out, alt, arena
 
     def _layout(self, dims: dict[str, int]) -> tuple[int, list[_Place]]:
         shapes = {s: tuple(d if isinstance(d, int) else dims[d] for d in spec[0]) for s, spec in self.specs.items()}

@@ -185,13 +185,16 @@ class Engine:
         # subgraph steps are loaded like top-level ones (GraphFunction compiles bodies with this factory)
         inside = {id(n): f"{where}: subgraph '{sub.name}'" for sub in self.graph.all_graphs()[1:] for n in sub.nodes}
 
+        kernels, unproven = self.kernels, self.unproven  # not self: the function keeps the factory, and
+        # an Engine it referred back to would wait for the cycle collector (with its kernels and arenas)
+
         def factory(node: Node) -> Kernel:
             tid, cfg = tactics.get(id(node), ("ref", {}))
             at = inside.get(id(node), where)
             kernel = _load_kernel(node, tid, cfg, tctx, at)
-            self.kernels.append(kernel)
-            if tid != "ref" and self.unproven:
-                _guard_unproven(node, kernel, self.unproven, at)
+            kernels.append(kernel)
+            if tid != "ref" and unproven:
+                _guard_unproven(node, kernel, unproven, at)
             return kernel
 
         def typed(node: Node) -> bool:  # a backend tactic's kernel: built for the node's types

@@ -415,7 +415,7 @@ class GraphFunction:
             if isinstance(x, torch.Tensor) and x.dim() > syms[-1][0]:
                 for k, d in syms:
                     dims.setdefault(d, int(x.shape[k]))
-        placed, rows = self.arena.views(dims, self.device) if self.arena is not None else ({}, {})
+        placed, rows, arena = self.arena.views(dims, self.device) if self.arena is not None else ({}, {}, None)
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:
@@ -450,4 +450,9 @@ class GraphFunction:
                     env[s] = v
             for s in st.frees:
                 env[s] = None
-        return [env[s] for s in self.output_slots]
+        outs = [env[s] for s in self.output_slots]
+        if arena is not None and self.device.type == "cpu":  # the thread's arena is reused by its next call
+            base = arena.untyped_storage().data_ptr()
+            outs = [o.clone() if isinstance(o, torch.Tensor) and o.device.type == "cpu"
+                    and o.untyped_storage().data_ptr() == base else o for o in outs]
+        return outs
