@@ -155,8 +155,10 @@ class SimplifyShapes(Pass):
     @staticmethod
     def _pool_flatten(g: Graph, pool: Node, flat: Node, ctx: PassContext) -> bool:
         op = _global_pool(pool)
-        x, out = pool.inputs[0], flat.outputs[0]
-        if op is None or x is None or x.type.shape is None or out.type.shape is None:
+        if op is None:
+            return False
+        x, out = pool.input(0), flat.outputs[0]
+        if x is None or x.type.shape is None or out.type.shape is None:
             return False
         if tuple(out.type.shape) != tuple(x.type.shape[:2]):
             return False

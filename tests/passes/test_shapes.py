@@ -125,3 +125,35 @@ def test_shape_of_a_static_tensor_folds() -> None:
     g, _ = optimized(m)
     assert not {"Shape", "Size", "ConstantOfShape", "Cast"} & set(ops(g)), ops(g)
     compare(m)
+
+
+def test_reshape_of_a_producer_without_inputs():
+    """A Reshape whose input comes from a node with no inputs (a Constant with value_ints inlined from an If
+    branch that constant folding took) is not a global-pool + flatten: the pass leaves it (it indexed the
+    producer's first input and failed the build: ONNX's affine_grid expanded cases)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.runtime.engine import Engine
+    from kiln.testing import run_oracle
+    rng = np.random.default_rng()
+    ints = [int(v) for v in rng.integers(-5, 5, 6)]
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["k"], value_ints=ints),
+                                helper.make_node("Reshape", ["k", "shape"], ["kr"])], "then",
+                               [], [helper.make_tensor_value_info("kr", TensorProto.INT64, [2, 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["base"], ["nk"]),
+                                helper.make_node("Reshape", ["nk", "shape"], ["nr"])], "else", [],
+                               [helper.make_tensor_value_info("nr", TensorProto.INT64, [2, 3])])
+    nodes = [helper.make_node("If", ["cond"], ["r"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["rf", "x"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array(True), "cond"),
+                           numpy_helper.from_array(np.arange(6, dtype=np.int64), "base"),
+                           numpy_helper.from_array(np.array([2, 3], np.int64), "shape")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    got = Engine(Builder().build(model, BuilderConfig())).create_execution_context().execute({"x": x})["y"]
+    np.testing.assert_allclose(got, run_oracle(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
