@@ -60,22 +60,20 @@ INDEX_OUTPUTS: frozenset[str] = frozenset({"Dropout", "MaxPool"})
 """Ops of the list above whose outputs after the first are not data (a mask, indices)."""
 
 
-def _retype(n: Node) -> None:
+def _retype(n: Node, logger: Logger | None = None, known_only: bool = True) -> None:
     """n's output types re-inferred from its (possibly just cast) inputs, so that the decisions for the nodes
-    after it see the element types they will really get."""
+    after it see the element types they will really get (`known_only`: only where inference tells the type)."""
     from kiln.ops.infer import infer_node, merge_types
-    for o, t in zip(n.outputs, infer_node(n)):
-        if t.dtype is not None:
+    for o, t in zip(n.outputs, infer_node(n, logger)):
+        if t.dtype is not None or not known_only:
             o.type = merge_types(t, o.type)
 
 
 def _infer_flat(g: Graph, logger: Logger) -> None:
     """Every node output of g re-inferred, without entering bodies: those are lowered after g, and until then
     their declared output types (which If/Loop/Scan outputs follow) must stay as they were."""
-    from kiln.ops.infer import infer_node, merge_types
     for n in g.nodes:
-        for v, t in zip(n.outputs, infer_node(n, logger)):
-            v.type = merge_types(t, v.type)
+        _retype(n, logger, known_only=False)
 
 
 def _redirect_readers(g: Graph, old: Value, new: Value) -> None:

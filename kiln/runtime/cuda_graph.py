@@ -8,7 +8,7 @@ already reuses the memory of dead activations during capture. Replay copies the 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -22,15 +22,16 @@ UNCAPTURABLE_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compres
                               "OptionalHasElement"})
 
 
-def capturable(g: Graph) -> tuple[bool, str]:
+def capturable(g: Graph, prologue: Collection[int] | None = None) -> tuple[bool, str]:
     """Whether the step list can be captured: no host reads of device data, no data-dependent shapes (the
-    shape prologue, kiln.runtime.prologue, runs before the graph: its host values are fixed per input shape)."""
+    shape prologue, kiln.runtime.prologue, runs before the graph: its host values are fixed per input shape).
+    `prologue`: the prologue's node indices where a GraphFunction already chose them."""
     from kiln.ops.registry import lookup
     for v in list(g.inputs) + list(g.outputs):
         if v.kind != "tensor":
             return False, f"value '{v.name}' is a {v.kind}"
     from kiln.runtime.prologue import shape_prologue
-    pro = set(shape_prologue(g, g.input_symbols()))
+    pro = set(shape_prologue(g, g.input_symbols()) if prologue is None else prologue)
     host_ready = {id(o) for i in pro for o in g.nodes[i].outputs}  # computed before the graph, per input shape
     for i, n in enumerate(g.nodes):
         if i in pro:

@@ -210,7 +210,8 @@ class Engine:
         self._symbolic = [(name, dims) for name, dims in self._symbolic if dims]
         self.output_names = [d["name"] for d in plan.outputs]
         self.tf32 = plan.build.get("tf32", True) is not False
-        self.graph_capturable, self.graph_reason = capturable(self.graph) if self.device.type == "cuda" else (False, "")
+        self.graph_capturable, self.graph_reason = capturable(self.graph, self.function.prologue_nodes) \
+            if self.device.type == "cuda" else (False, "")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Engine":

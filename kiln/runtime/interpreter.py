@@ -11,7 +11,7 @@ from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.runtime.arena import ActivationArena, resolvable
-from kiln.runtime.prologue import SHAPE_OPS, PrologueCache, reference_kernel, shape_prologue, stand_in
+from kiln.runtime.prologue import SHAPE_OPS, PrologueCache, shape_prologue, stand_in
 
 KernelFactory = Callable[[Node], Kernel]
 StepHook = Callable[[Node, float], None]
@@ -174,6 +174,7 @@ class GraphFunction:
         elided, writes, allocs = self._elisions(graph, kernels, lambda v: slot[(id(v), False)])
         symbols = _symbols_of(graph)
         pro = set(shape_prologue(graph, symbols, skip=elided))
+        self.prologue_nodes = frozenset(pro)
         n_slots = self._plan_prologue(graph, sorted(pro), step_ins, lambda v: slot[(id(v), False)], n_slots)
         keep = set(self.output_slots) | set(consts)
         last_use: dict[int, int] = {}
@@ -209,12 +210,13 @@ class GraphFunction:
                         if st.kernel.out_format == "like_input":
                             st.follow = next((j for j, v in enumerate(st.node.inputs) if v is not None
                                               and not v.is_const and v.type.rank == 4), -1)
+        bind = bool(allocs or self.arena or self._prologue)  # the symbols each call binds are read
         self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
-                         for v in graph.inputs] if allocs or self.arena else None
+                         for v in graph.inputs] if bind else None
         # symbols of captured values, bound at each call too (an If branch has no inputs: its dims are its captures')
         self._capture_symbols = [(name, [(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)])
                                  for name, v in zip(self.capture_names, graph.captures)
-                                 if v.kind == "tensor" and not v.is_const] if allocs or self.arena else []
+                                 if v.kind == "tensor" and not v.is_const] if bind else []
         self._capture_symbols = [(name, dims) for name, dims in self._capture_symbols if dims]
         self._entry = (_EntryCheck(graph) if nested and self.typed is not None
                        and _relies_on_types(graph, self.typed) else None)
@@ -293,7 +295,7 @@ class GraphFunction:
                     srcs.append(("slot", slot(v)))
             outs = [slot(o) for o in n.outputs]
             made.update(outs)
-            self._prologue.append((reference_kernel(n), srcs, outs))
+            self._prologue.append((_reference_factory(n).fn, srcs, outs))
         if self.device.type == "cpu":
             return n_slots
         twin: dict[int, int] = {}
@@ -316,24 +318,15 @@ class GraphFunction:
         self.output_slots = [twin_of(s_) if s_ in made else s_ for s_ in self.output_slots]
         return n_slots
 
-    def _prologue_values(self, inputs: Sequence[Any], outer: dict[str, Any]) -> list[tuple[int, Any]]:
-        """(slot, value) of every prologue result for these inputs' shapes: computed once per shape."""
+    def _prologue_values(self, inputs: Sequence[Any], outer: dict[str, Any], dims: dict[str, int]
+                         ) -> list[tuple[int, Any]]:
+        """(slot, value) of every prologue result for these inputs' shapes (`dims`: the symbols they bind):
+        computed once per shape."""
         key = (tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs),
                tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None
                      for x in (outer.get(v.name) for v in self.graph.captures)))
 
         def compute() -> list[tuple[int, Any]]:
-            dims: dict[str, int] = {}
-            for v, x in zip(self.graph.inputs, inputs):
-                if isinstance(x, torch.Tensor):
-                    dims.update({d: int(x.shape[k]) for k, d in enumerate(v.type.shape or ())
-                                 if isinstance(d, str) and k < x.dim()})
-            for v in self.graph.captures:
-                x = outer.get(v.name)
-                if isinstance(x, torch.Tensor):
-                    for k, d in enumerate(v.type.shape or ()):
-                        if isinstance(d, str) and k < x.dim():
-                            dims.setdefault(d, int(x.shape[k]))
             vals: dict[int, Any] = {}
 
             def arg(src: tuple[str, Any]) -> Any:
@@ -401,9 +394,6 @@ class GraphFunction:
             outer = outer or {}
             for s, name in zip(self.capture_slots, self.capture_names):
                 env[s] = outer[name]
-        if self._prologue:
-            for s_, v in self._prologue_values(inputs, outer or {}):
-                env[s_] = v
         hook = hook or self.hook
         dims: dict[str, int] = {}
         if self._symbols:
@@ -415,6 +405,9 @@ class GraphFunction:
             if isinstance(x, torch.Tensor) and x.dim() > syms[-1][0]:
                 for k, d in syms:
                     dims.setdefault(d, int(x.shape[k]))
+        if self._prologue:
+            for s_, v in self._prologue_values(inputs, outer or {}, dims):
+                env[s_] = v
         placed, rows, arena = self.arena.views(dims, self.device) if self.arena is not None else ({}, {}, None)
         for st in self.steps:
             args = [env[i] if i >= 0 else None for i in st.ins]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kiln.ir.graph import Graph, Node
+from kiln.ir.graph import Graph
 
 SHAPE_OPS = frozenset({"Shape", "Size"})
 
@@ -73,8 +73,3 @@ class PrologueCache:
             with self._lock:
                 entry = self._entries.setdefault(key, fresh)
         return entry
-
-
-def reference_kernel(node: Node) -> Callable[..., Any]:
-    from kiln.ops.registry import lookup
-    return lookup(node.op_type, node.domain).bind(node)
