@@ -114,5 +114,6 @@ def _ensure_loaded() -> None:
         _loaded = True
         import kiln.backends.reference  # noqa: F401
         import kiln.backends.views  # noqa: F401
+        import kiln.backends.attention  # noqa: F401
         import kiln.backends.cpu  # noqa: F401
         import kiln.backends.cuda  # noqa: F401

@@ -4,6 +4,7 @@ The builder runs it with PassManager(default_pipeline(), subgraphs=True): each p
 If / Loop / Scan body (recursively), behind the body's fixed interface (kiln.passes.base)."""
 from __future__ import annotations
 
+from kiln.passes.attention import FuseAttention
 from kiln.passes.base import Fixpoint, Pass
 from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
 from kiln.passes.concat import MarkConcatElision
@@ -43,6 +44,9 @@ def default_pipeline() -> list[Pass]:
         RecogniseGelu(),
         RecogniseLayerNorm(),
         RecogniseChannelShuffle(),
+        # scaled dot-product attention (MatMul / scale / mask / Softmax / MatMul, heads split and merged) -> one
+        # Attention layer, before its MatMuls fuse into gemms and its mask Add into a pointwise program
+        FuseAttention(),
         # weight folding into convolutions / gemms, while they are still plain ONNX ops
         FoldBatchNorm(),
         BatchNormToScale(),

@@ -45,6 +45,9 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     "SEGate",
     # channel shuffles: pure data movement (kiln.ops.shuffle)
     "ChannelShuffle",
+    # fused attention: every kernel keeps the softmax statistics and the accumulation in float32 (the fused
+    # layers carry softmax_precision 1, so the reference does too)
+    "Attention",
 })
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""

@@ -144,3 +144,32 @@ def cast_like(t: Tensor, like: Tensor) -> Tensor:
 def onnx_opset(n: Node) -> int:
     """Opset for an ONNX-domain node that replaces `n` (at least MIN_ONNX_OPSET)."""
     return max(n.opset, MIN_ONNX_OPSET) if n.domain in ("", "ai.onnx") else MIN_ONNX_OPSET
+
+
+def restore_order(g: Graph) -> None:
+    """Re-sort g's nodes topologically after a rewire that may read a value before its producer, keeping the
+    present order wherever it is already valid (Kahn's algorithm, earliest-placed ready node first)."""
+    import heapq
+    producer = {id(o): n for n in g.nodes for o in n.outputs}
+    pos = {id(n): i for i, n in enumerate(g.nodes)}
+    waiting: dict[int, int] = {}
+    readers: dict[int, list[Node]] = {}
+    for n in g.nodes:
+        deps = {id(producer[id(v)]) for v in n.all_inputs
+                if v is not None and id(v) in producer and producer[id(v)] is not n}
+        waiting[id(n)] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(n)
+    ready = [(pos[id(n)], n) for n in g.nodes if waiting[id(n)] == 0]
+    heapq.heapify(ready)
+    out: list[Node] = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        out.append(n)
+        for r in readers.get(id(n), []):
+            waiting[id(r)] -= 1
+            if waiting[id(r)] == 0:
+                heapq.heappush(ready, (pos[id(r)], r))
+    if len(out) != len(g.nodes):
+        raise ValueError("the graph has a cycle")
+    g.nodes = out
