@@ -235,9 +235,13 @@ def test_tactic_supports_and_configs() -> None:
     assert t.supports(ok, CUDA_CTX)
     assert t.supports(_node(BF16, qs, ks, ks, ("S", "T"), mask_dtype=torch.bool), CUDA_CTX)
     assert t.supports(_node(F32, qs, ks, ks, softmax_precision=1, scale=0.1), CUDA_CTX)
+    assert t.supports(_node(F16, ("B", "S", 512), ("B", "T", 512), ("B", "T", 512), q_num_heads=8, kv_num_heads=8),
+                      CUDA_CTX)  # the 3-D form FuseAttention makes, read through head views
     assert [c.id for c in candidate_tactics(ok, CUDA_CTX)][0] == TID
     refused = {
-        "3-D": _node(F16, ("B", "S", 512), ("B", "T", 512), ("B", "T", 512), q_num_heads=8, kv_num_heads=8),
+        "3-D head dim 512": _node(F16, ("B", "S", 4096), ("B", "T", 4096), ("B", "T", 4096), q_num_heads=8,
+                                  kv_num_heads=8),
+        "3-D without heads": _node(F16, ("B", "S", 512), ("B", "T", 512), ("B", "T", 512)),
         "float64": _node(torch.float64, qs, ks, ks),
         "past kv": _node(F16, qs, ks, ks, extra_inputs=2),
         "present outputs": _node(F16, qs, ks, ks, outputs=3),
@@ -284,6 +288,21 @@ def test_tactic_kernel_out_and_fallback() -> None:
         assert kern(q, k, v, mask, out=out) is out
         _close(out, want, F32)
         assert kern.fallback.reason is None
+    # the 3-D form: [B, S, H*D] in (a packed projection's column view), [B, S, H*Dv] out, heads by strides
+    node3 = _node(F32, (2, 11, 4 * 32), (2, 30, 2 * 32), (2, 30, 2 * 32), mask, is_causal=1, q_num_heads=4,
+                  kv_num_heads=2)
+    packed = _rand(2, 30, 3 * 64, seed=25)
+    k3, v3 = packed[..., 64:128], packed[..., 128:]
+    q3 = q.transpose(1, 2).reshape(2, 11, 128)
+    want3 = attention64(q, k3.unflatten(-1, (2, 32)).transpose(1, 2), v3.unflatten(-1, (2, 32)).transpose(1, 2),
+                        mask, None, True).transpose(1, 2).reshape(2, 11, 128)
+    for cfg in t.configs(node3, ctx)[:2]:
+        kern3 = t.make(node3, cfg, DEV)
+        _close(kern3(q3, k3, v3, mask), want3, F32)
+        out3 = torch.empty(2, 11, 128, device=DEV)
+        assert kern3(q3, k3, v3, mask, out=out3) is out3
+        _close(out3, want3, F32)
+        assert kern3.fallback.reason is None
     # float64 at run time: the kernel cannot take it and runs the op's reference instead
     kern = t.make(node, cfgs[0], DEV)
     kern.fallback.quiet = True

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.backends.attention import merged_output, spec as attention_spec, views
 from kiln.backends.cpu.dnnl import ReferenceFallback
 from kiln.backends.cuda.common import check_out
 from kiln.backends.cuda.triton_launch import launch
@@ -292,34 +293,25 @@ _MASK_TYPES = (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.FLOAT64, DTyp
 
 
 def _head_dims(node: Node) -> tuple[int | None, int | None]:
-    """(D, Dv) when the types know them."""
+    """(D, Dv) when the types know them (the 3-D form: the hidden widths over the head counts)."""
+    s = attention_spec(node)
     q, v = node.inputs[0].type.shape, node.inputs[2].type.shape  # type: ignore[union-attr]
-    d = q[3] if q is not None and isinstance(q[3], int) else None
-    dv = v[3] if v is not None and isinstance(v[3], int) else None
-    return d, dv
+    if q is None or v is None or s is None:
+        return None, None
+    d, dv = q[-1], v[-1]
+    if s.rank3:
+        d = d // s.q_heads if isinstance(d, int) else None
+        dv = dv // s.kv_heads if isinstance(dv, int) else None
+    return (d if isinstance(d, int) else None), (dv if isinstance(dv, int) else None)
 
 
 def _supported(node: Node) -> bool:
-    if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
-        return False
-    if len(node.inputs) < 3 or any(v is not None for v in node.inputs[4:]):
-        return False
-    q, k, v = node.inputs[:3]
-    if q is None or k is None or v is None:
-        return False
-    dt = q.type.dtype
-    if dt not in _FLOAT_IO or any(x.type.rank != 4 or x.type.dtype != dt for x in (q, k, v)):
-        return False
-    if node.outputs[0].type.dtype not in (None, dt):
-        return False
-    if int(node.attr("qk_matmul_output_mode", 0) or 0) != 0 or float(node.attr("softcap", 0.0) or 0.0) != 0.0:
-        return False
-    if int(node.attr("left_window_size", -1)) != -1 or int(node.attr("right_window_size", -1)) != -1:
-        return False
-    if node.attr("softmax_precision") not in (None, 1):
+    """The forms kiln.backends.attention.spec admits (4-D, and 3-D read through head views), head dims to 256."""
+    s = attention_spec(node)
+    if s is None:
         return False
     mask = node.input(3)
-    if mask is not None and (mask.type.dtype not in _MASK_TYPES or mask.type.rank is None or mask.type.rank > 4):
+    if mask is not None and mask.type.dtype not in _MASK_TYPES:
         return False
     d, dv = _head_dims(node)
     return all(x is None or x <= MAX_HEAD_DIM for x in (d, dv))
@@ -358,7 +350,8 @@ class TritonAttention(Tactic):
         bd, bdv = block_d(d or 64), block_d(dv or 64)
         widest = max(bd, bdv)
         elt = 4 if node.inputs[0].type.dtype == DType.FLOAT32 else 2  # type: ignore[union-attr]
-        sq = node.inputs[0].type.shape[2]  # type: ignore[index,union-attr]
+        s = attention_spec(node)
+        sq = node.inputs[0].type.shape[1 if s is not None and s.rank3 else 2]  # type: ignore[index,union-attr]
         table = _TILES_64 if widest <= 64 else _TILES_128 if widest <= 128 else _TILES_256
         if isinstance(sq, int) and sq <= 32:  # decode-like: a 128-row block would be mostly padding
             table = [(32, 64, 4, 2)] + [t for t in table if t[0] == 64]
@@ -375,19 +368,38 @@ class TritonAttention(Tactic):
         fb = ReferenceFallback(node)
         n_in = len(node.inputs)
 
+        spec = attention_spec(node)
+        assert spec is not None
+
         def k_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *rest: Any,
                         out: Tensor | None = None) -> Tensor:
-            if out is not None:
-                check_out(out, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), node)
-            why = unsupported(q, k, v, attn_mask, out)
-            if why is None and q.device.type != "cuda" and not _interpreted():
-                why = f"inputs on {q.device}"
+            vs = views(spec, q, k, v)
+            why = "shapes that do not fit the layer's form" if vs is None else None
+            if vs is not None:
+                q4, k4, v4 = vs
+                if out is not None:
+                    check_out(out, tuple(merged_output(spec, q4, v4)[0].shape) if spec.rank3 else
+                              (q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[-1]), node)
+                why = unsupported(q4, k4, v4, attn_mask, None)
+                if why is None and q.device.type != "cuda" and not _interpreted():
+                    why = f"inputs on {q.device}"
             if why is not None:
                 key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type,
                        None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
                 fb.declined.setdefault(key, f"the Triton attention kernel cannot take these inputs: {why}")
                 return fb(key, [q, k, v, attn_mask, *rest][:n_in], out)
-            return flash_attention(q, k, v, attn_mask, scale, causal, out, **tiles)
+            if spec.rank3:  # heads by strides: the kernel writes through a [B, H, Sq, Dv] view of [B, Sq, H*Dv]
+                if out is not None and out.is_contiguous():
+                    y = out
+                    o4 = out.view(q4.shape[0], q4.shape[2], q4.shape[1], v4.shape[-1]).transpose(1, 2)
+                else:
+                    y, o4 = merged_output(spec, q4, v4)
+                flash_attention(q4, k4, v4, attn_mask, scale, causal, o4, **tiles)
+                if out is not None and y is not out:
+                    out.copy_(y)
+                    return out
+                return y
+            return flash_attention(q4, k4, v4, attn_mask, scale, causal, out, **tiles)
         return Kernel(k_attention, fallback=fb, out_format="contiguous")
 
 
