@@ -120,3 +120,92 @@ def test_refusals() -> None:
     runtime_w = se_node(torch.float32, 24, 6)
     runtime_w.inputs[3] = Value("w2", TensorType(DType.FLOAT32, (24, 6)))
     assert not t.supports(runtime_w, CTX)
+
+
+# The kernel's code paths (native/se_gate.c): channels-last sums in blocks of up to 12 vectors of 16 channels
+# (several blocks, then an 8-channel vector, then single channels), pixel runs of 64 with a few pixels a step;
+# NCHW maps summed contiguously (1024-value chunks) or with a stride; one image split over threads by pixels
+# (fewer than 128 channels a thread) or by channels; a batch shared out by images.
+
+def _views(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`x` [N, C, H, W] in every layout the kernel reads differently (equal values)."""
+    n, c, h, w = x.shape
+    cl_big = torch.randn(n, c + 3, h + 2, 2 * w + 1).contiguous(memory_format=torch.channels_last)
+    cl_big[:, 1:1 + c, 1:1 + h, 1:1 + 2 * w:2] = x
+    nchw_big = torch.randn(n, c + 2, h + 1, 2 * w)
+    nchw_big[:, 2:, 1:, ::2] = x
+    nchw_crop = torch.randn(n, c, h, w + 3)
+    nchw_crop[..., :w] = x
+    return {"nchw": x.contiguous(), "nhwc": x.contiguous(memory_format=torch.channels_last),
+            "slice": _layout(x, "slice"),  # channels-last, pixels C + 5 floats apart
+            "cl_crop": cl_big[:, 1:1 + c, 1:1 + h, 1:1 + 2 * w:2],  # rows that do not follow on
+            "nchw_strided": nchw_big[:, 2:, 1:, ::2],  # W stride 2
+            "nchw_crop": nchw_crop[..., :w]}  # contiguous rows, not maps
+
+
+@pytest.mark.parametrize("c,h,w", [
+    (1, 5, 7), (3, 2, 9), (7, 1, 1), (8, 3, 5), (15, 9, 8), (17, 5, 13), (24, 1, 1), (40, 11, 6), (200, 3, 3),
+    (205, 8, 9), (208, 2, 5), (1160, 3, 2), (33, 13, 10), (48, 40, 40),
+])
+def test_channel_blocks_and_pixel_runs(c, h, w) -> None:
+    """Channel counts around the blocks (1-7 single channels, 8-wide tail, 12- and 13-vector blocks), pixel
+    counts around the steps and the 64-pixel runs (65, 130, 1600), 1x1 maps; every layout, two images."""
+    node = se_node(torch.float32, c, max(1, c // 4), seed=c + h)
+    kern = _kernel(node)
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(c * h * w)) + 0.5
+    want = _oracle(node, x)
+    for name, v in _views(x).items():
+        assert torch.equal(v, x), name
+        got = kern(v)
+        _check(got, want)
+        assert torch.equal(got, kern(v)), name
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("c,h,w,n", [(24, 30, 31, 1), (96, 7, 9, 1), (272, 9, 10, 1), (1160, 3, 3, 1),
+                                     (40, 6, 5, 3), (1, 17, 19, 1)])
+def test_threads(monkeypatch, threads, c, h, w, n) -> None:
+    """Every map on `threads` threads (PARALLEL_MIN 0): pixel split (few channels), channel split (272 and
+    1160 channels), images shared out (n = 3); equal to float64, and to itself on the same thread count."""
+    from kiln.backends.cpu import se
+    monkeypatch.setattr(se, "PARALLEL_MIN", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        node = se_node(torch.float32, c, max(1, c // 6), act1="HardSwish", gate="HardSigmoid", seed=h)
+        kern = _kernel(node)
+        x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(threads + c)) - 0.2
+        want = _oracle(node, x)
+        for name, v in _views(x).items():
+            got = kern(v)
+            _check(got, want)
+            assert torch.equal(got, kern(v)), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_batch_is_computed_per_image() -> None:
+    """Shared-out images are each computed as alone: a batch gives each image's own result, bit for bit."""
+    node = se_node(torch.float32, 72, 18)
+    kern = _kernel(node)
+    x = (torch.randn(5, 72, 12, 12) + 0.1).contiguous(memory_format=torch.channels_last)
+    got = kern(x)
+    _check(got, _oracle(node, x))
+    for i in range(5):
+        assert torch.equal(got[i:i + 1], kern(x[i:i + 1].contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("act1", ["", "Relu", "SiLU", "HardSwish"])
+@pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
+def test_activations_far_out(act1, gate) -> None:
+    """Pre-activations from -150 to 150 (biases; the kernel's exponential clamps its argument to [-87, 88]),
+    with small weights so that float32 rounds the pre-activations little: within 1e-5 of float64."""
+    node = se_node(torch.float32, 40, 24, act1=act1, gate=gate, seed=3)
+    node.inputs[2].const = torch.linspace(-120, 120, 24)
+    node.inputs[3].const = node.inputs[3].const * 1e-3  # type: ignore[union-attr, operator]
+    node.inputs[4].const = torch.cat([torch.linspace(-150, 150, 20), torch.linspace(-4, 4, 20)])
+    kern = _kernel(node)
+    x = torch.randn(3, 40, 5, 5, generator=torch.Generator().manual_seed(7)) * 2
+    want = _oracle(node, x)
+    assert (want < 1e-6).any() and (want > 1 - 1e-6).any() and ((want > 0.01) & (want < 0.99)).any()
+    _check(kern(x.contiguous(memory_format=torch.channels_last)), want)

@@ -3,10 +3,11 @@
 Inside a network each torch op pays its dispatcher's cold paths (docs/ARCHITECTURE.md, 11); the gate as
 torch ops (mean, addmm, activation, addmm, activation) is five of them on vectors of a few hundred values,
 and before the SEGate fusion it was a pool and two [N, C, 1, 1] convolutions that oneDNN declines. Here it
-is one ctypes call: the pixel sum (float rows added into double totals, on torch's thread count for large maps),
-then the two products over transposed weights prepacked at build. Inputs the kernel was not made for
-(another dtype or device, other channels, 2**31 or more pixels) run the op's reference. Declines
-everything where no C compiler works.
+is one ctypes call: the pixel sum (float partial sums in registers added into double totals, on torch's thread
+count for large maps), then the two products over transposed, zero-padded weights prepacked at build (their
+pointers, sizes and activations in a struct made once, so a call passes 11 arguments, not 27). Inputs the
+kernel was not made for (another dtype or device, other channels, 2**31 or more pixels) run the op's
+reference. Declines everything where no C compiler works.
 """
 from __future__ import annotations
 
@@ -27,19 +28,38 @@ from kiln.ops.registry import lookup
 Tensor = torch.Tensor
 _P, _L, _F, _I = C.c_void_p, C.c_long, C.c_float, C.c_int
 _I32 = 2**31 - 1
-PARALLEL_MIN = 1 << 17
-"""Images with fewer elements are summed on one thread (the OpenMP fork costs more than the second thread
-saves below about this size); larger ones on torch's intra-op thread count."""
+PARALLEL_MIN = 100_000
+"""Layers that read fewer floats than this (N * C * (H * W + ld1): the pixels, and W1t's rows whose product
+the threads share) run on one thread, larger ones on torch's intra-op thread count. Measured on a 2-core
+AVX-512 machine, the worker thread still spinning (as between a network's layers): 2 threads took 0.56-0.68
+of 1 thread's time from about 190k floats up, mostly about 0.8 at 110k-150k (1152 x 7 x 7 with R = 48: 8.4
+vs 10.7 us), and anything from 0.8 to 1.2 from run to run below 100k, where a second thread saves 2 us at
+most. A worker
+that has gone to sleep costs far more (some 40 us to wake here) for torch's own ops as much as here."""
+
+
+class _Params(C.Structure):
+    """struct kiln_se_params of native/se_gate.c."""
+
+    _fields_ = [("w1t", _P), ("b1", _P), ("w2t", _P), ("b2", _P), ("C", _L), ("R", _L), ("ld1", _L), ("O", _L),
+                ("ld2", _L), ("act1", _I), ("act2", _I), ("alpha1", _F), ("beta1", _F), ("alpha2", _F),
+                ("beta2", _F)]
 
 
 def _library() -> Any:
     lib = native.load("se_gate")
     if lib is not None and not hasattr(lib, "_kiln_typed"):
-        lib.kiln_se_gate_f32.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L,
-                                         _I, _F, _F, _I, _F, _F, _P, _L, _L, _L]
+        lib.kiln_se_gate_f32.argtypes = [_P, _P, _L, _L, _L, _L, _L, _L, _L, _P, _L]
         lib.kiln_se_gate_f32.restype = C.c_int
         lib._kiln_typed = True
     return lib
+
+
+def _padded(t: Tensor, cols: int) -> Tensor:
+    """`t` (a matrix or a vector) with zero columns appended up to `cols`, contiguous."""
+    out = t.new_zeros((*t.shape[:-1], cols))
+    out[..., :t.shape[-1]] = t
+    return out
 
 
 def _weights(node: Node) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -78,22 +98,27 @@ class CpuSEGateTactic(CpuTactic):
         assert ws is not None, f"{self.id} does not support node {node.name}"
         w1, b1, w2, b2 = ws
         r, c_w, o = int(w1.shape[0]), int(w1.shape[1]), int(w2.shape[0])
-        w1t, w2t = w1.t().contiguous(), w2.t().contiguous()
-        b1, b2 = b1.contiguous(), b2.contiguous()
+        ld1, ld2 = -(-r // 16) * 16, -(-o // 16) * 16
+        w1t, w2t = _padded(w1.t(), ld1), _padded(w2.t(), ld2)  # [C, ld1], [R, ld2]
+        b1p, b2p = _padded(b1, ld1), _padded(b2, ld2)
         a1, a2 = str(read(node, "reduce_activation")), str(read(node, "gate_activation"))
-        acts = (TABLE[a1].code, float(read(node, "reduce_alpha")), float(read(node, "reduce_beta")),
-                TABLE[a2].code, float(read(node, "gate_alpha")), float(read(node, "gate_beta")))
+        params = _Params(w1t.data_ptr(), b1p.data_ptr(), w2t.data_ptr(), b2p.data_ptr(), c_w, r, ld1, o, ld2,
+                         TABLE[a1].code, TABLE[a2].code, float(read(node, "reduce_alpha")),
+                         float(read(node, "reduce_beta")), float(read(node, "gate_alpha")),
+                         float(read(node, "gate_beta")))
+        state = (C.addressof(params), params, w1t, b1p, w2t, b2p)  # the closure keeps what the struct points to
         reference = lookup(node.op_type, node.domain).compute
+        f32, call = torch.float32, lib.kiln_se_gate_f32
 
         def k_se_gate(x: Tensor, *_: Any) -> Tensor:
-            if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or int(x.shape[1]) != c_w \
-                    or int(x.shape[2]) * int(x.shape[3]) > _I32 or x.numel() == 0:
+            if x.dtype != f32 or not x.is_cpu or x.dim() != 4:
+                return reference(node, x, w1, b1, w2, b2)  # its checks
+            n, c, h, w = x.shape
+            if c != c_w or h * w > _I32 or n * h * w == 0:
                 return reference(node, x, w1, b1, w2, b2)  # its checks, and empty tensors
-            n, _c, h, w = (int(d) for d in x.shape)
-            y = torch.empty((n, o, 1, 1), dtype=torch.float32)
-            threads = torch.get_num_threads() if c_w * h * w >= PARALLEL_MIN else 1
-            if lib.kiln_se_gate_f32(x.data_ptr(), n, c_w, h, w, *x.stride(), w1t.data_ptr(), b1.data_ptr(), r,
-                                    w2t.data_ptr(), b2.data_ptr(), o, *acts, y.data_ptr(), o, 1, threads) != 0:
+            y = torch.empty((n, o, 1, 1), dtype=f32)
+            threads = torch.get_num_threads() if n * c * (h * w + ld1) >= PARALLEL_MIN else 1
+            if call(state[0], x.data_ptr(), n, h, w, *x.stride(), y.data_ptr(), threads) != 0:
                 raise KilnError("SEGate: out of memory")
             return y
         return Kernel(k_se_gate, prepacked=frozenset({1, 2, 3, 4}))
