@@ -1,4 +1,5 @@
-"""Horizontal fusion: sibling 1x1 FusedConvs reading the same tensor -> one FusedConv + Split.
+"""Horizontal fusion: sibling 1x1 FusedConvs reading the same tensor -> one FusedConv + Split; sibling
+FusedGemms (a transformer's Q, K and V projections) -> one FusedGemm whose column slices are views.
 
 Siblings must agree on strides, dilations and epilogue (activation, alpha, beta; no residual), have
 no padding, group 1 and constant weights. Their weights (and biases, zeros where absent) are
@@ -17,7 +18,7 @@ import torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes
+from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes, runtime
 
 Tensor = torch.Tensor
 
@@ -114,3 +115,113 @@ class FuseSiblingConvs(Pass):
         replace_nodes(g, order, [fused, split], first=True)
         return True
 
+
+
+def gemm_key(n: Node) -> tuple[Any, ...] | None:
+    """What must match for two FusedGemms to be merged (None: n is not a mergeable gemm): the epilogue, no
+    residual, constant weights [N, K] of one dtype and K, a constant bias or none."""
+    if n.domain != "kiln" or n.op_type != "FusedGemm" or n.input(3) is not None or len(n.outputs) != 1:
+        return None
+    w = const(n.input(1))
+    if w is None or not is_float_weight(w) or w.dim() != 2 or (n.input(2) is not None and const(n.input(2)) is None):
+        return None
+    t = n.outputs[0].type
+    if t.shape is None or t.shape[-1] != w.shape[0] or not runtime(n.inputs[0]):
+        return None
+    return (n.attr("activation", ""), float(n.attr("alpha", 0.0)), float(n.attr("beta", 0.0)),
+            int(n.attr("act_before_add", 0) or 0), w.dtype, int(w.shape[1]), t.dtype, t.shape[:-1])
+
+
+class FuseSiblingGemms(Pass):
+    """FusedGemms reading the same input with the same epilogue -> one FusedGemm with their weights stacked;
+    each sibling's output is a constant Slice of the last axis (a view: kiln.backends.views), so k launches
+    become one (a transformer's Q, K and V projections: one GEMM of three times the width)."""
+
+    name = "horizontal gemm fusion"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for x in [v for v in g.values() if not v.is_const]:
+            groups: dict[tuple[Any, ...], list[Node]] = {}
+            for n in uses.of(x):
+                key = gemm_key(n)
+                if key is not None and n.inputs[0] is x and n not in groups.get(key, []):
+                    groups.setdefault(key, []).append(n)
+            for sibs in groups.values():
+                if len(sibs) >= 2:
+                    self._fuse(g, x, sorted(sibs, key=uses.pos), ctx)
+                    changed = True
+                    uses.refresh()
+        return changed
+
+    @staticmethod
+    def _fuse(g: Graph, x: Value, sibs: list[Node], ctx: PassContext) -> None:
+        ws = [const(s.input(1)) for s in sibs]
+        bs = [const(s.input(2)) for s in sibs]
+        sizes = [int(w.shape[0]) for w in ws]  # type: ignore[union-attr]
+        name = "+".join(s.name for s in sibs)
+        t = sibs[0].outputs[0].type
+        out = g.new_value(f"{sibs[0].outputs[0].name}_h", TensorType(t.dtype, (*t.shape[:-1], sum(sizes))))  # type: ignore[misc]
+        inputs = [x, g.constant(f"{name}_w", torch.cat(ws).contiguous())]  # type: ignore[arg-type]
+        if any(b is not None for b in bs):
+            inputs.append(g.constant(f"{name}_b", torch.cat([
+                torch.zeros(n, dtype=w.dtype) if b is None else b.to(w.dtype)  # type: ignore[union-attr]
+                for b, w, n in zip(bs, ws, sizes)]).contiguous()))
+        new = [Node("FusedGemm", inputs, [out], dict(sibs[0].attrs), name=name, domain="kiln", opset=1)]
+        start = 0
+        for s, n in zip(sibs, sizes):
+            consts = [g.constant(f"{s.name}_cols_{k}", torch.tensor([a], dtype=torch.int64))
+                      for k, a in (("starts", start), ("ends", start + n), ("axes", -1))]
+            new.append(Node("Slice", [out, *consts], [s.outputs[0]], {}, name=g.unique_name(f"{s.name}_cols"),
+                            opset=13))
+            start += n
+        replace_nodes(g, sibs, new, first=True)
+        ctx.logger.verbose(f"Fusing {' with '.join(s.name for s in sibs)} (horizontal gemm: one GEMM of width "
+                           f"{sum(sizes)}, outputs as column views)")
+
+
+class SplitColumnsToViews(Pass):
+    """A Split of the last axis into constant sizes -> one constant Slice per part (views, no copy): a packed
+    projection's parts (GPT-2's c_attn output split into Q, K and V) read in place by their consumers."""
+
+    name = "column split views"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        for n in list(g.nodes):
+            parts = self._parts(n)
+            if parts is None:
+                continue
+            new, start = [], 0
+            for o, size in zip(n.outputs, parts):
+                consts = [g.constant(f"{o.name}_{k}", torch.tensor([a], dtype=torch.int64))
+                          for k, a in (("starts", start), ("ends", start + size), ("axes", -1))]
+                new.append(Node("Slice", [n.inputs[0], *consts], [o], {}, name=g.unique_name(f"{n.name}_{len(new)}"),
+                                opset=13))
+                start += size
+            replace_nodes(g, [n], new)
+            ctx.logger.verbose(f"Split {n.name} of the last axis -> {len(new)} column views")
+            changed = True
+        return changed
+
+    @staticmethod
+    def _parts(n: Node) -> list[int] | None:
+        if not is_op(n, "Split") or n.domain not in ("", "ai.onnx") or not n.outputs:
+            return None
+        t = n.inputs[0].type
+        if t.shape is None or not isinstance(t.shape[-1], int) or int(n.attr("axis", 0)) % len(t.shape) != len(t.shape) - 1:
+            return None
+        width = int(t.shape[-1])
+        sizes = const(n.input(1)) if n.opset >= 13 else None
+        if n.opset < 13 and n.attr("split") is not None:
+            parts = [int(a) for a in n.attr("split")]
+        elif sizes is not None:
+            parts = [int(a) for a in sizes.reshape(-1).tolist()]
+        elif n.input(1) is None and n.attr("num_outputs") is None and width % len(n.outputs) == 0:
+            parts = [width // len(n.outputs)] * len(n.outputs)
+        else:
+            return None
+        if len(parts) != len(n.outputs) or sum(parts) != width or min(parts) < 0:
+            return None
+        return parts

@@ -16,7 +16,7 @@ from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
 from kiln.passes.gemm_fusion import FuseGemm
 from kiln.passes.hoist import HoistLoopInvariants
-from kiln.passes.horizontal import FuseSiblingConvs
+from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColumnsToViews
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
 from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseLayerNorm
@@ -57,6 +57,8 @@ def default_pipeline() -> list[Pass]:
         FuseGemm(),
         FuseSqueezeExcite(),  # pool + the two 1x1 convs of a squeeze-excite gate -> one SEGate
         FuseSiblingConvs(),
+        FuseSiblingGemms(),  # Q, K, V projections of one input -> one gemm, column views
+        SplitColumnsToViews(),  # a Split of the last axis -> Slice views (a packed projection's parts)
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
         MarkConcatElision(),

@@ -61,3 +61,45 @@ def test_different_activations_not_merged() -> None:
     g, _ = optimized(m)
     assert ops(g).count("FusedConv") == 3
     compare(m)
+
+
+def _linear(i: int, src: str, n: int, inits: dict, act: str | None = None) -> list:
+    inits[f"lw{i}"] = RNG.standard_normal((16, n)).astype(np.float32)
+    inits[f"lb{i}"] = RNG.standard_normal(n).astype(np.float32)
+    out = [helper.make_node("MatMul", [src, f"lw{i}"], [f"m{i}"], name=f"mm{i}"),
+           helper.make_node("Add", [f"m{i}", f"lb{i}"], [f"g{i}" if act else f"l{i}"], name=f"add{i}")]
+    if act:
+        out.append(helper.make_node(act, [f"g{i}"], [f"l{i}"], name=f"act{i}"))
+    return out
+
+
+def test_sibling_gemms_become_one_gemm_with_column_views() -> None:
+    """A transformer's Q, K, V projections: one GEMM three times as wide, each output a Slice of it."""
+    inits: dict = {}
+    nodes = _linear(0, "x", 8, inits) + _linear(1, "x", 12, inits) + _linear(2, "x", 8, inits)
+    nodes += [helper.make_node("Mul", ["l0", "l2"], ["y0"], name="mul"), helper.make_node("Relu", ["l1"], ["y1"])]
+    m = model(nodes, {"x": (2, 5, 16)}, ["y0", "y1", "l1"], inits)
+    g, log = optimized(m)
+    assert ops(g).count("FusedGemm") == 1 and ops(g).count("Slice") == 3
+    assert tuple(next(n for n in g.nodes if n.op_type == "FusedGemm").inputs[1].const.shape) == (28, 16)
+    assert any("horizontal gemm" in line for line in log)
+    compare(m)
+
+
+def test_gemms_with_different_epilogues_stay_apart() -> None:
+    inits: dict = {}
+    nodes = _linear(0, "x", 8, inits, act="Relu") + _linear(1, "x", 8, inits)
+    m = model(nodes, {"x": (3, 16)}, ["l0", "l1"], inits)
+    g, _ = optimized(m)
+    assert ops(g).count("FusedGemm") == 2 and "Slice" not in ops(g)
+    compare(m)
+
+
+def test_a_split_of_the_last_axis_becomes_column_views() -> None:
+    inits = {"sizes": np.array([4, 8, 4], np.int64)}
+    nodes = [helper.make_node("Split", ["x", "sizes"], ["a", "b", "c"], axis=-1, name="split"),
+             helper.make_node("Mul", ["a", "c"], ["y0"]), helper.make_node("Sigmoid", ["b"], ["y1"])]
+    m = model(nodes, {"x": (2, 3, 16)}, ["y0", "y1"], inits)
+    g, log = optimized(m)
+    assert "Split" not in ops(g) and any("column views" in line for line in log)
+    compare(m)
