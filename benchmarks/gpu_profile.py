@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", help="comma-separated zoo model names")
     ap.add_argument("--batch", type=int, default=None, help="opt batch (default: the model's)")
+    ap.add_argument("--dim", action="append", metavar="NAME=N", help="opt point of a named dim, e.g. seq=128")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--peer", action="store_true", help="also list torch.compile's kernels")
     ap.add_argument("--cache", default=os.environ.get("KILN_ZOO_CACHE", zoo.DEFAULT_CACHE))
     args = ap.parse_args(argv)
-    for m in zoo.select(zoo.zoo_models.registry(), args.models, args.batch):
+    for m in zoo.select(zoo.zoo_models.registry(), args.models, zoo.opt_points(args)):
         profile_model(m, args)
     return 0
 

@@ -566,16 +566,17 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
             f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, load average {mach['load']}." if dev == "cpu" else
             f"Settings: Kiln optimization level {args.opt_level}, FP16; the ORT reference uses every core; "
             f"load average {mach['load']}."), ""]
+    dims_note = "".join(", " + d for d in args.dim or [])
     if dev == "cpu":
         out += [f"Accuracy: normwise relative error ||Kiln - ORT|| / ||ORT|| (worst output) at two shapes; pass <= {tol:g}. "
                 "ORT floor: ORT with graph optimizations off vs on, the spread of two correct FP32 evaluations. "
-                f"Latency: batch {args.batch or 1} at the profile's opt point, median ms; Kiln/ORT and Kiln/OV < 1: Kiln faster.", "",
+                f"Latency: batch {args.batch or 1}{dims_note} at the profile's opt point, median ms; Kiln/ORT and Kiln/OV < 1: Kiln faster.", "",
                 "| model | source | exporter | build | nodes -> layers | on ref | acc shape A | acc shape B | pass "
                 "| Kiln ms | ORT ms | OV ms | Kiln/ORT | Kiln/OV | build s |",
                 "|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     else:
         out += [f"Accuracy: Kiln FP16 vs ONNX Runtime FP32, normwise relative error (worst output); pass <= {tol:g}. "
-                f"Latency: batch {args.batch or 1} at the profile's opt point, median ms (CUDA events); torch peers in "
+                f"Latency: batch {args.batch or 1}{dims_note} at the profile's opt point, median ms (CUDA events); torch peers in "
                 "FP16.", "",
                 "| model | source | exporter | build | nodes -> layers | on ref | acc shape A | acc shape B | pass "
                 "| Kiln ms | eager ms | eager+graph ms | compile ms | Kiln/graph | Kiln/compile | build s |",
@@ -690,16 +691,29 @@ def print_row(r: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def at_batch(m: ZooModel, batch: int | None) -> ZooModel:
-    """m with `batch` as its profile's opt batch (the tuning and latency point; the max grows to fit)."""
-    if not batch or "batch" not in m.dims:
-        return m
-    lo, _, hi = m.dims["batch"]
-    return dataclasses.replace(m, dims={**m.dims, "batch": (min(lo, batch), batch, max(hi, batch))})
+def at_opt(m: ZooModel, opts: dict[str, int]) -> ZooModel:
+    """m with each named dim's profile opt point set (the tuning and latency point; min and max widen to fit)."""
+    dims = dict(m.dims)
+    for name, val in opts.items():
+        if val and name in dims:
+            lo, _, hi = dims[name]
+            dims[name] = (min(lo, val), val, max(hi, val))
+    return dataclasses.replace(m, dims=dims)
 
 
-def select(models: list[ZooModel], spec: str | None, batch: int | None = None) -> list[ZooModel]:
-    models = [at_batch(m, batch) for m in models]
+def opt_points(args: argparse.Namespace) -> dict[str, int]:
+    """--batch and every --dim NAME=N as {dim: opt}."""
+    out = {"batch": args.batch} if args.batch else {}
+    for spec in args.dim or []:
+        name, _, val = spec.partition("=")
+        if not name or not val.isdigit() or int(val) < 1:
+            raise SystemExit(f"--dim takes NAME=N with N >= 1, got '{spec}'")
+        out[name] = int(val)
+    return out
+
+
+def select(models: list[ZooModel], spec: str | None, opts: dict[str, int] | None = None) -> list[ZooModel]:
+    models = [at_opt(m, opts or {}) for m in models]
     if not spec:
         return models
     pats = [s.strip() for s in spec.split(",") if s.strip()]
@@ -714,7 +728,7 @@ def worker(args: argparse.Namespace) -> int:
     """Run one model in this process and write its row as JSON to --result."""
     limit_memory(args.mem_limit if args.device == "cpu" else 0)  # CUDA reserves far more address space
     configure(args)
-    m = select(zoo_models.registry(), args.models, args.batch)[0]
+    m = select(zoo_models.registry(), args.models, opt_points(args))[0]
     try:
         row = run_model(m, args)
     except Exception as e:
@@ -805,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None,
                     help="batch of the profile's opt point (tuning and latency; default 1); models without a "
                          "batch dim keep theirs")
+    ap.add_argument("--dim", action="append", metavar="NAME=N",
+                    help="opt point of a named dim, e.g. seq=128 (repeatable; min/max widen to fit)")
     ap.add_argument("--opt-level", type=int, default=3, help="Kiln builder optimization level")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile peer")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model (child process)")
@@ -819,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = os.path.abspath(os.path.expanduser(args.cache))
     if args.worker:
         return worker(args)
-    models = select(zoo_models.registry(), args.models, args.batch)
+    models = select(zoo_models.registry(), args.models, opt_points(args))
     if args.list:
         for m in models:
             miss = m.missing()
