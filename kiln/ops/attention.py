@@ -62,6 +62,21 @@ class Attention(OpDef):
     op_type = "Attention"
     opsets = (23, 28)
 
+    def infer(self, node: Node, types: Sequence[TensorType | None],
+              consts: Sequence[Tensor | None]) -> list[TensorType]:
+        """Y's type by rule, on symbolic dims: [B, H, Sq, Dv] (4-D) or [B, Sq, q_num_heads * Dv] (3-D). A meta run
+        of the reference guards on symbolic sizes (torch 2.11 lost every type after a fused attention)."""
+        q, v = (types[0], types[2]) if len(types) >= 3 else (None, None)
+        if len(node.outputs) != 1 or q is None or v is None or q.shape is None or v.shape is None or q.dtype is None:
+            return super().infer(node, types, consts)
+        if len(q.shape) == 4 and len(v.shape) == 4:
+            return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))]
+        hq, hkv = int(node.attr("q_num_heads", 0) or 0), int(node.attr("kv_num_heads", 0) or 0)
+        dv = v.shape[2]
+        if len(q.shape) == 3 and len(v.shape) == 3 and hq > 0 and hkv > 0 and isinstance(dv, int) and dv % hkv == 0:
+            return [TensorType(q.dtype, (q.shape[0], q.shape[1], hq * (dv // hkv)))]
+        return super().infer(node, types, consts)
+
     def check(self, node: Node) -> None:
         mode = node.attr("qk_matmul_output_mode", 0)
         if mode not in (0, 1, 2, 3):
