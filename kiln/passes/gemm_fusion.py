@@ -103,3 +103,45 @@ class FuseGemm(Pass):
             ctx.logger.verbose(f"Converting {n.name} to FusedGemm")
         return True
 
+
+
+class HoistActivationAboveReshape(Pass):
+    """Gemm / MatMul -> Reshape -> activation  =>  Gemm / MatMul -> activation -> Reshape.
+
+    An elementwise activation commutes with a Reshape; exporters that flatten rows for a 2-D Gemm (GPT-2's
+    Conv1D: view, addmm, view) put the reshape between the GEMM and its activation, where the epilogue fusion
+    cannot see it. Moved above the Reshape, the activation becomes the FusedGemm's epilogue."""
+
+    name = "activation hoisting"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        from kiln.ir.types import TensorType
+        from kiln.passes.epilogue import match_activation
+        from kiln.passes.rewrite import restore_order
+        changed = False
+        uses = Uses(g)
+        for r in list(g.nodes):
+            if not is_op(r, "Reshape") or len(r.outputs) != 1:
+                continue
+            x, out = r.inputs[0], r.outputs[0]
+            if not is_op(x.producer, "Gemm", "MatMul") or uses.only(x) is not r or x.type.shape is None:
+                continue
+            m = match_activation(out, uses)
+            if m is None or any(uses.is_output(o) for n in m[3] for o in n.outputs if o is not m[4]):
+                continue
+            nodes, y = m[3], m[4]
+            y_type = y.type  # y stays the Reshape's output
+            for n in nodes:  # the activation reads the GEMM's rows; its values keep their element types
+                n.inputs = [x if v is out else v for v in n.inputs]
+                for o in n.outputs:
+                    o.type = TensorType(o.type.dtype, x.type.shape)
+            flat = g.new_value(f"{y.name}_rows", TensorType(y.type.dtype, x.type.shape))
+            last = y.producer
+            last.outputs = [flat if v is y else v for v in last.outputs]  # type: ignore[union-attr]
+            flat.producer = last
+            r.inputs[0], y.producer, r.outputs, y.type = flat, r, [y], y_type
+            restore_order(g)
+            ctx.logger.verbose(f"Moved {m[0]} {last.name} above {r.name} (into the GEMM's epilogue)")  # type: ignore[union-attr]
+            changed = True
+            uses.refresh()
+        return changed

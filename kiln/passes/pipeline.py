@@ -14,7 +14,7 @@ from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.donate import DonateResidual
 from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
-from kiln.passes.gemm_fusion import FuseGemm
+from kiln.passes.gemm_fusion import FuseGemm, HoistActivationAboveReshape
 from kiln.passes.hoist import HoistLoopInvariants
 from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColumnsToViews
 from kiln.passes.pad import FoldPad
@@ -54,6 +54,7 @@ def default_pipeline() -> list[Pass]:
         FoldScale(),
         # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
+        HoistActivationAboveReshape(),  # GEMM -> Reshape -> activation: the activation first
         FuseGemm(),
         FuseSqueezeExcite(),  # pool + the two 1x1 convs of a squeeze-excite gate -> one SEGate
         FuseSiblingConvs(),

@@ -64,3 +64,29 @@ def test_matmul_runtime_weight_not_fused() -> None:
     g, _ = optimized(m)
     assert ops(g) == ["MatMul"]
     compare(m)
+
+
+def test_activation_after_a_row_reshape_becomes_the_epilogue() -> None:
+    """GPT-2's Conv1D: rows flattened for a 2-D Gemm, reshaped back, then the activation (here a
+    decomposed x * sigmoid(x)): the activation moves above the Reshape into the FusedGemm."""
+    rng = np.random.default_rng(12)
+    inits = {"w": rng.standard_normal((16, 24)).astype(np.float32), "b": rng.standard_normal(24).astype(np.float32),
+             "shape": np.array([2, 5, 24], np.int64)}
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"]), helper.make_node("Reshape", ["g", "shape"], ["r"]),
+             helper.make_node("Sigmoid", ["r"], ["s"]), helper.make_node("Mul", ["r", "s"], ["y"])]
+    m = model(nodes, {"x": (10, 16)}, ["y"], inits)
+    g, _ = optimized(m)
+    assert ops(g)[0] == "FusedGemm" and set(ops(g)) <= {"FusedGemm", "Reshape"}
+    assert g.nodes[0].attrs["activation"] == "SiLU"
+    compare(m)
+
+
+def test_a_reshape_read_twice_keeps_its_activation_apart() -> None:
+    rng = np.random.default_rng(13)
+    inits = {"w": rng.standard_normal((16, 24)).astype(np.float32), "shape": np.array([2, 5, 24], np.int64)}
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"]), helper.make_node("Reshape", ["g", "shape"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    m = model(nodes, {"x": (10, 16)}, ["y", "r"], inits)
+    g, _ = optimized(m)
+    assert "Relu" in ops(g) or any(n.attrs.get("activation") == "" for n in g.nodes if n.op_type == "FusedGemm")
+    compare(m)
