@@ -140,4 +140,12 @@ def test_fused_gemm_over_nd_rows_with_residual_and_destination(act: tuple[str, f
         assert rel_err(out, lookup("FusedGemm", "kiln").compute(dyn, a2, w, b)) <= TOL
     other = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z, False)], ("N", "H", 7, 24), attrs,
                       domain="kiln", shapes={0: ("N", "H", 7, 32), 3: ("N", "H", 7, 24)})
-    assert not get_tactic("cpu.linear_dnnl").supports(other, CPU)  # a residual only with static shapes
+    t = get_tactic("cpu.linear_dnnl")
+    assert t.supports(other, CPU)  # a residual whose dims are the output's, symbol by symbol (BERT's dynamic rows)
+    kz = t.make(other, {}, torch.device("cpu"))
+    for n in (1, 3):
+        a3, z3 = torch.randn(n, 4, 7, 32, generator=gen), torch.randn(n, 4, 7, 24, generator=gen)
+        assert rel_err(kz(a3, None, None, z3), lookup("FusedGemm", "kiln").compute(other, a3, w, b, z3)) <= TOL
+    unsure = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z, False)], ("N", "H", 7, 24), attrs,
+                       domain="kiln", shapes={0: ("N", "H", 7, 32), 3: ("N", "M", 7, 24)})
+    assert not t.supports(unsure, CPU)  # a residual whose dims are not known to be the output's

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, ints_at_least, is_f32, shape_hint, static_shape
+from kiln.backends.cpu.common import CpuTactic, act_attrs, ints_at_least, is_f32, shape_hint
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
                                     InnerProduct, Pooling, ReferenceFallback, library, require_library,
                                     shape_cached)
@@ -22,7 +22,7 @@ from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
-from kiln.ir.graph import Node, is_op
+from kiln.ir.graph import Node, Value, is_op
 from kiln.ops.pool import Window
 
 Tensor = torch.Tensor
@@ -107,6 +107,13 @@ class DnnlPoolTactic(CpuTactic):
         return Kernel(k_pool, prepacked=baked, fallback=fb, release=release)
 
 
+def _same_dims(a: Value, b: Value) -> bool:
+    """Both shapes known and equal dim by dim (symbols by name): equal at every run; the kernel still checks."""
+    sa, sb = a.type.shape, b.type.shape
+    return sa is not None and sb is not None and len(sa) == len(sb) and all(
+        x is not None and x == y for x, y in zip(sa, sb))
+
+
 class DnnlLinearTactic(CpuTactic):
     """FusedGemm / Gemm / MatMul with a constant weight as a cached oneDNN inner product (2-D input, or an
     N-D MatMul input whose leading dims flatten into rows)."""
@@ -131,8 +138,7 @@ class DnnlLinearTactic(CpuTactic):
             z = node.input(3)
             if act_attrs(node)[0] not in ("", *ELTWISE):
                 return False
-            if z is not None and (not is_f32(z) or static_shape(z) is None
-                                  or static_shape(z) != static_shape(node.outputs[0])):
+            if z is not None and (not is_f32(z) or not _same_dims(z, node.outputs[0])):
                 return False
         wb = linear_weights(node)  # W [N, K] non-empty, a bias of exactly N values
         if wb is None:
