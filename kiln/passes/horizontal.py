@@ -11,7 +11,7 @@ by side in sibling order: the Concat then reads the fused conv's output directly
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -64,6 +64,21 @@ def _fused_type(sibs: list[Node], channels: int) -> TensorType:
     return TensorType(t.dtype, (t.shape[0], channels, *t.shape[2:]))
 
 
+def sibling_groups(g: Graph, uses: Uses, key: Callable[[Node], tuple[Any, ...] | None]) \
+        -> Iterator[tuple[Value, list[Node]]]:
+    """(x, siblings in graph order) for each group of two or more nodes that read runtime value x as their first
+    input and agree on `key` (None: not mergeable). The caller refreshes `uses` after each rewrite."""
+    for x in [v for v in g.values() if not v.is_const]:
+        groups: dict[tuple[Any, ...], list[Node]] = {}
+        for n in uses.of(x):
+            k = key(n)
+            if k is not None and n.inputs[0] is x and n not in groups.get(k, []):
+                groups.setdefault(k, []).append(n)
+        for sibs in groups.values():
+            if len(sibs) >= 2 and all(n in g.nodes for n in sibs):
+                yield x, sorted(sibs, key=uses.pos)
+
+
 class FuseSiblingConvs(Pass):
     """Merges sibling 1x1 convs that read the same input (see the module docstring for when)."""
 
@@ -72,16 +87,10 @@ class FuseSiblingConvs(Pass):
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
-        for x in [v for v in g.values() if not v.is_const]:
-            groups: dict[tuple[Any, ...], list[Node]] = {}
-            for n in uses.of(x):
-                key = sibling_key(n)
-                if key is not None and n.inputs[0] is x and n not in groups.get(key, []):
-                    groups.setdefault(key, []).append(n)
-            for sibs in groups.values():
-                if len(sibs) >= 2 and self._fuse(g, x, sorted(sibs, key=uses.pos), uses, ctx):
-                    changed = True
-                    uses.refresh()
+        for x, sibs in sibling_groups(g, uses, sibling_key):
+            if self._fuse(g, x, sibs, uses, ctx):
+                changed = True
+                uses.refresh()
         return changed
 
     def _fuse(self, g: Graph, x: Value, sibs: list[Node], uses: Uses, ctx: PassContext) -> bool:
@@ -142,17 +151,10 @@ class FuseSiblingGemms(Pass):
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
-        for x in [v for v in g.values() if not v.is_const]:
-            groups: dict[tuple[Any, ...], list[Node]] = {}
-            for n in uses.of(x):
-                key = gemm_key(n)
-                if key is not None and n.inputs[0] is x and n not in groups.get(key, []):
-                    groups.setdefault(key, []).append(n)
-            for sibs in groups.values():
-                if len(sibs) >= 2:
-                    self._fuse(g, x, sorted(sibs, key=uses.pos), ctx)
-                    changed = True
-                    uses.refresh()
+        for x, sibs in sibling_groups(g, uses, gemm_key):
+            self._fuse(g, x, sibs, ctx)
+            changed = True
+            uses.refresh()
         return changed
 
     @staticmethod
