@@ -468,12 +468,30 @@ def run_cuda(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespa
     try:
         net = m.torch_module().cuda().half().eval()
         xs = tuple(v.half() if v.is_floating_point() else v for v in feeds_t.values())
+        try:
+            row["torch_fp16_err"] = torch_fp16_error(m, net, sess)
+        except Exception as e:
+            row["torch_fp16_err"] = f"failed: {one_line(e)}"
         row.update(torch_peers(net, xs, compile_ok=not args.no_compile))
     except Exception as e:
         row["peer_note"] = f"torch peer failed: {one_line(e)}"
     log(f"{m.name}: " + ", ".join(f"{k} {row[k]:.3f} ms" for k in ("kiln_ms", "eager_ms", "graph_ms", "compile_ms")
                                   if isinstance(row.get(k), float)))
     return row
+
+
+def torch_fp16_error(m: ZooModel, net: Any, sess: Any) -> float | str:
+    """The torch module's own FP16 error against ORT FP32 at the first check point (the accuracy row's shape A):
+    what FP16 costs in PyTorch eager, beside Kiln's FP16 error."""
+    import torch
+    names = [o.name for o in sess.get_outputs()]
+    feeds = m.feeds(m.checks[0], seed=100)
+    want = sess.run(None, feeds)
+    xs = tuple(torch.from_numpy(v).cuda() for v in feeds.values())
+    with torch.inference_mode():
+        out = net(*(x.half() if x.is_floating_point() else x for x in xs))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return worst(rel_errs({n: o.float().cpu().numpy() for n, o in zip(names, outs)}, want, names))
 
 
 def cuda_bench(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> float:
@@ -631,6 +649,9 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
                 continue  # the same failure as the accuracy runs, already noted
             if r.get(key):
                 notes.append(f"- {r['model']}: {r[key]}")
+        if r.get("torch_fp16_err") is not None and acc:
+            notes.append(f"- {r['model']}: FP16 error vs ORT FP32 at {_dims(acc[0]['dims'])}: Kiln "
+                         f"{_fmt_err(acc[0].get('err'))}, PyTorch FP16 eager {_fmt_err(r['torch_fp16_err'])}")
         if isinstance(r.get("ov_vs_ort"), float) and r["ov_vs_ort"] > 1e-3 or isinstance(r.get("ov_vs_ort"), str):
             notes.append(f"- {r['model']}: OpenVINO output vs ORT: {_fmt_err(r['ov_vs_ort'])}")
         if r.get("build_warnings"):
