@@ -9,7 +9,9 @@ written through a [B, Sq, H, Dv] view of the [B, Sq, H*Dv] result, so no layer c
 `spec` says whether a node is one that fast kernels run: Q, K, V and an optional mask (float additive, or
 bool where True attends) broadcastable to [B, H, Sq, Skv] over the whole key length, at most `is_causal`
 and `scale` set (no past/present key values, softcap, windows, other qk outputs), float16 / bfloat16 /
-float32. Anything else runs the reference (kiln.ops.attention).
+float32, and a float32 softmax (softmax_precision 1, as FuseAttention sets it; an imported float16 layer
+without it asks for a float16 softmax, which the reference computes). Anything else runs the reference
+(kiln.ops.attention).
 
 ``attention.sdpa``: torch's scaled_dot_product_attention, each of its backends a config the autotuner
 times (flash and efficient kernels, cuDNN on the GPU; on the CPU its flash kernel and its unfused math).
@@ -53,8 +55,6 @@ def spec(node: Node) -> AttentionSpec | None:
         return None
     if node.attr("left_window_size", -1) != -1 or node.attr("right_window_size", -1) != -1:
         return None
-    if node.attr("softmax_precision") not in (None, 1):
-        return None
     q, k, v = node.inputs[:3]
     ranks = {x.type.rank for x in (q, k, v)}  # type: ignore[union-attr]
     dts = {x.type.dtype for x in (q, k, v)}  # type: ignore[union-attr]
@@ -63,6 +63,9 @@ def spec(node: Node) -> AttentionSpec | None:
     dt = dts.pop()
     if dt is None or dt.torch not in FAST_DTYPES or node.outputs[0].type.dtype not in (None, dt):
         return None
+    sp = node.attr("softmax_precision")
+    if not (sp == 1 or (sp is None and dt.torch == torch.float32)):
+        return None  # the kernels' softmax is float32; without the attribute ONNX asks for Q's own type
     rank3 = q.type.rank == 3  # type: ignore[union-attr]
     hq, hkv = int(node.attr("q_num_heads", 0) or 0), int(node.attr("kv_num_heads", 0) or 0)
     if rank3 and (hq <= 0 or hkv <= 0 or hq % hkv):

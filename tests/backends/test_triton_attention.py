@@ -224,6 +224,7 @@ def _node(dtype: torch.dtype, qs: tuple, ks: tuple, vs: tuple, mask: torch.Tenso
         ins.append(Value(f"past{i}", _tt(dtype, ks)))
     out_shape = (qs[0], qs[1], qs[2], vs[-1]) if len(qs) == 4 else None
     outs = [Value("y", _tt(dtype, out_shape))] + [Value(f"o{i}", _tt(dtype, None)) for i in range(1, outputs)]
+    attrs = {k: v for k, v in {"softmax_precision": 1, **attrs}.items() if v is not None}  # float32 softmax
     return Node("Attention", ins, outs, attrs, name="attn", opset=23)
 
 
@@ -249,6 +250,7 @@ def test_tactic_supports_and_configs() -> None:
         "softcap": _node(F16, qs, ks, ks, softcap=30.0),
         "window": _node(F16, qs, ks, ks, left_window_size=16),
         "softmax precision": _node(F16, qs, ks, ks, softmax_precision=10),
+        "fp16 softmax asked (no attribute)": _node(F16, qs, ks, ks, softmax_precision=None),
         "int mask": _node(F16, qs, ks, ks, ("B", 1, 1, "T"), mask_dtype=torch.int64),
         "rank-5 mask": _node(F16, qs, ks, ks, (1, "B", 1, 1, "T")),
         "head dim 512": _node(F16, ("B", 8, "S", 512), ("B", 8, "T", 512), ("B", 8, "T", 512)),
@@ -275,7 +277,8 @@ def test_tactic_supports_and_configs() -> None:
 def test_tactic_kernel_out_and_fallback() -> None:
     t = get_tactic(TID)
     mask = _mask("bool", 2, 11, 30, 21)
-    node = _node(F32, (2, 4, 11, 32), (2, 2, 30, 32), (2, 2, 30, 32), mask, is_causal=1)
+    node = _node(F32, (2, 4, 11, 32), (2, 2, 30, 32), (2, 2, 30, 32), mask, is_causal=1,
+                 softmax_precision=None)  # float32 layer: its softmax is float32 (a float64 run stays float64)
     ctx = TacticContext(DEV)
     cfgs = t.configs(node, ctx)
     q, k, v = _rand(2, 4, 11, 32, seed=22), _rand(2, 2, 30, 32, seed=23), _rand(2, 2, 30, 32, seed=24)
@@ -369,7 +372,7 @@ def test_cuda_build_matches_onnxruntime(precision, level) -> None:
     from kiln.runtime.engine import Engine
     from kiln.testing import run_oracle
     onnx_dt, np_dt = (TensorProto.FLOAT, np.float32) if precision == "fp32" else (TensorProto.FLOAT16, np.float16)
-    model = _onnx_model(onnx_dt, is_causal=1)
+    model = _onnx_model(onnx_dt, is_causal=1, softmax_precision=1)
     prof = OptimizationProfile()
     for name, heads, dim in (("q", 4, 32), ("k", 2, 32), ("v", 2, 16)):
         seq = 9 if name == "q" else 13
