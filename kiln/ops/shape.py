@@ -7,6 +7,8 @@ ints, float8) for which torch lacks gather/scatter kernels; see `as_bits` / `fro
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import torch
@@ -65,6 +67,26 @@ def _prod(xs: Sequence[int]) -> int:
 
 # ---- Reshape / Transpose / Concat / Split ---------------------------------------------------------
 
+def _derived(have: list[int | str | None], other: list[int | str | None]) -> int | str | None:
+    """A Reshape's -1 entry: the input's element count over the other entries', where the symbols cancel
+    ([batch, seq, 768] to [batch, seq, -1, 64]: 12), else None."""
+    if any(d is None for d in have + other):
+        return None
+    left = [d for d in have if isinstance(d, str)]
+    for d in other:
+        if isinstance(d, str):
+            if d not in left:
+                return None
+            left.remove(d)
+    n = math.prod(d for d in have if isinstance(d, int))
+    m = math.prod(d for d in other if isinstance(d, int))
+    if m <= 0 or n % m:
+        return None
+    if not left:
+        return n // m
+    return left[0] if len(left) == 1 and n == m else None
+
+
 @register
 class Reshape(OpDef):
     op_type = "Reshape"
@@ -98,6 +120,9 @@ class Reshape(OpDef):
                     return xs[i] if xs is not None else None
                 return None if d == -1 else d
             dims = tuple(dim(i, d) for i, d in enumerate(e[0]))
+            if list(e[0]).count(-1) == 1 and x is not None and x.shape is not None:
+                k = list(e[0]).index(-1)
+                dims = dims[:k] + (_derived(list(x.shape), [d for i, d in enumerate(dims) if i != k]),) + dims[k + 1:]
         return [TensorType(x.dtype if x is not None else None, dims)]
 
 

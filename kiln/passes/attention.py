@@ -88,6 +88,27 @@ def _unpack(t: Node | None, perm: list[int], rank: int) -> tuple[Value, Value] |
     return (x, y) if math.prod(ys[2:]) == xs[2] else None  # type: ignore[arg-type]
 
 
+def _swapped_back(kt: Value) -> Value | None:
+    """k where kt = Reshape(Transpose(Reshape(k [B, H, S, D] -> [B*H, S, D]), [0, 2, 1]) -> [B, H, D, S]): the
+    dynamo exporter's k.transpose(-2, -1) through 3-D (equal to a Transpose [0, 1, 3, 2] of k), else None."""
+    r2 = kt.producer
+    if not is_op(r2, "Reshape"):
+        return None
+    t = r2.inputs[0].producer  # type: ignore[union-attr]
+    if not is_op(t, "Transpose") or list(t.attr("perm") or []) != [0, 2, 1]:  # type: ignore[union-attr]
+        return None
+    r1 = t.inputs[0].producer  # type: ignore[union-attr]
+    if not is_op(r1, "Reshape"):
+        return None
+    k = r1.inputs[0]  # type: ignore[union-attr]
+    ks, s1, s2 = k.type.shape, r1.outputs[0].type.shape, kt.type.shape  # type: ignore[union-attr]
+    if ks is None or s1 is None or s2 is None or len(ks) != 4 or len(s1) != 3 or len(s2) != 4:
+        return None
+    same = all(_same(a, b) for a, b in ((s1[1], ks[2]), (s1[2], ks[3]), (s2[0], ks[0]), (s2[1], ks[1]),
+                                        (s2[2], ks[3]), (s2[3], ks[2])))
+    return k if same and runtime(k) else None
+
+
 def _heads(v: Value, transposed: bool) -> Heads | None:
     """How v ([B, H, S, D], or [B, H, D, S] when `transposed`) splits heads out of a [B, S, C] tensor:
     Transpose(Reshape(x -> [B, S, H, D])), or one of N equal parts of a packed projection (timm's qkv:
@@ -99,6 +120,9 @@ def _heads(v: Value, transposed: bool) -> Heads | None:
         x, y = u
         return x, 0, int(x.type.shape[2]), int(y.type.shape[2]), int(y.type.shape[3])  # type: ignore[index, arg-type]
     if transposed:
+        k = _swapped_back(v)
+        if k is not None:
+            return _heads(k, False)
         if not is_op(t, "Transpose") or list(t.attr("perm") or []) != [0, 1, 3, 2]:  # type: ignore[union-attr]
             return None
         return _heads(t.inputs[0], False)  # type: ignore[union-attr]
@@ -259,7 +283,10 @@ class FuseAttention(Pass):
         # 4-D form: K is kt with its last two axes swapped back
         new: list[Node] = []
         t = kt.producer
-        if is_op(t, "Transpose") and t.attr("perm") is not None and sorted(t.attr("perm")) == [0, 1, 2, 3]:  # type: ignore[union-attr]
+        back = _swapped_back(kt)
+        if back is not None:
+            src, perm = back, [0, 1, 2, 3]
+        elif is_op(t, "Transpose") and t.attr("perm") is not None and sorted(t.attr("perm")) == [0, 1, 2, 3]:  # type: ignore[union-attr]
             perm = list(t.attr("perm"))  # type: ignore[union-attr]
             src, perm = t.inputs[0], perm[:2] + [perm[3], perm[2]]  # type: ignore[union-attr]
         else:

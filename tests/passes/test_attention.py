@@ -222,3 +222,41 @@ def test_fused_layers_are_typed_without_meta_execution(monkeypatch) -> None:
     attn = next(n for n in g.nodes if n.op_type == "Attention")
     assert attn.outputs[0].type.shape == ("b", "s", E) and attn.outputs[0].type.dtype is not None
     assert capturable(g, shape_prologue(g, g.input_symbols()))[0]
+
+
+def _shape_slice(src: str, start: int, end: int, out: str) -> list:
+    return [helper.make_node("Shape", [src], [f"{out}_shape"]),
+            helper.make_node("Slice", [f"{out}_shape", f"i{start}", f"i{end}"], [out])]
+
+
+def test_dynamo_style_export_becomes_the_three_d_form() -> None:
+    """torch's dynamo exporter: head splits by Reshape targets a shape chain computes with -1 for the heads
+    (allowzero 1), and k.transpose(-2, -1) as Reshape [B*H, S, D] / Transpose [0, 2, 1] / Reshape back. The -1
+    is derived from the symbols (H = E / D) and the 3-D transpose recognised: one Attention, no Transpose."""
+    rng = np.random.default_rng(21)
+    nodes, consts = [], {"i0": _i64(0), "i1": _i64(1), "i2": _i64(2), "i3": _i64(3), "i4": _i64(4),
+                         "tail": _i64(-1, D), "m1": _i64(-1), "d": _i64(D), "c": _f(1 / math.sqrt(math.sqrt(D))),
+                         "merge": _i64(0, 0, E)}
+    nodes += _shape_slice("x", 0, 2, "bs") + [helper.make_node("Concat", ["bs", "tail"], ["split"], axis=0)]
+    for p in ("q", "k", "v"):
+        n, c = _proj(rng, p, "x", E)
+        nodes += n + [helper.make_node("Reshape", [p, "split"], [f"{p}4r"], allowzero=1),
+                      helper.make_node("Transpose", [f"{p}4r"], [f"{p}4"], perm=[0, 2, 1, 3])]
+        consts.update(c)
+    nodes += _shape_slice("k4", 2, 4, "sd") + _shape_slice("k4", 0, 2, "bh") + _shape_slice("k4", 2, 3, "sk")
+    nodes += [helper.make_node("Concat", ["m1", "sd"], ["flat3"], axis=0),
+              helper.make_node("Reshape", ["k4", "flat3"], ["k3"]),
+              helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
+              helper.make_node("Concat", ["bh", "d", "sk"], ["back"], axis=0),
+              helper.make_node("Reshape", ["k3t", "back"], ["kt"]),
+              helper.make_node("Mul", ["q4", "c"], ["qs"]), helper.make_node("Mul", ["kt", "c"], ["ks"]),
+              helper.make_node("MatMul", ["qs", "ks"], ["s"]), helper.make_node("Add", ["s", "mask"], ["l"]),
+              helper.make_node("Softmax", ["l"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v4"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "merge"], ["y"])]
+    model = _model(nodes, consts, [("x", ["b", "s", E]), ("mask", ["b", 1, 1, "s"])], ["y"])
+    feeds = {"x": rng.standard_normal((3, 10, E)).astype(np.float32), "mask": _mask(rng, 3, 10)}
+    steps = _check(model, feeds, BERT_SHAPES)
+    ops = [st["op"] for st in steps]
+    assert ops.count("Attention") == 1 and "Transpose" not in ops, ops
+    assert next(st for st in steps if st["op"] == "Attention")["attrs"]["q_num_heads"] == H
