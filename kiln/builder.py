@@ -174,8 +174,10 @@ class Builder:
                              "the model's declared shapes or names are inconsistent") from None
         inside = (f", {counts['subgraph_layers']} of them in If/Loop/Scan bodies"
                   if counts.get("subgraph_layers") else "")
+        host = (f"; {counts['host_layers']} shape layers run on the host once per input shape"
+                if counts.get("host_layers") else "")
         self.logger.info(f"Built plan: {counts['layers']} layers ({counts['ref_layers']} on the reference tactic"
-                         f"{inside}; +{counts['views']} zero-copy views, "
+                         f"{inside}{host}; +{counts['views']} zero-copy views, "
                          f"{counts['elided']} concats elided), {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
                          f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
                          f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
@@ -216,10 +218,13 @@ class Builder:
 
 def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, int]:
     """Layers that launch work (subgraph layers included), zero-copy views, and elided concats (which launch
-    nothing); how many of the layers run on the reference tactic, and how many sit in If/Loop/Scan bodies."""
-    views = elided = ref = layers = inside = 0
+    nothing); how many of the layers run on the reference tactic, how many sit in If/Loop/Scan bodies, and how
+    many are shape layers the runtime computes on the host once per input shape (kiln.runtime.prologue)."""
+    from kiln.runtime.prologue import shape_prologue
+    host = set(shape_prologue(g, g.input_symbols()))
+    views = elided = ref = layers = inside = on_host = 0
     for sub in g.all_graphs():
-        for n in sub.nodes:
+        for i, n in enumerate(sub.nodes):
             tid = tactics.get(id(n), ("ref", {}))[0]
             t = get_tactic(tid)
             view, elide = t is not None and t.is_view, t is not None and t.elides
@@ -229,7 +234,9 @@ def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> d
                 layers += 1
                 ref += int(tid == "ref")
                 inside += int(sub is not g)
-    return {"layers": layers, "views": views, "elided": elided, "ref_layers": ref, "subgraph_layers": inside}
+                on_host += int(sub is g and i in host)
+    return {"layers": layers, "views": views, "elided": elided, "ref_layers": ref, "subgraph_layers": inside,
+            "host_layers": on_host}
 
 
 def _validate_profiles(g: Graph, profiles: list[OptimizationProfile]) -> None:

@@ -205,10 +205,12 @@ def test_shape_chains_run_once_per_input_shape_on_the_host():
     rng = np.random.default_rng()
     model = _heads_model(rng)
     prof = OptimizationProfile().set_shape("x", (1, 2, 16), (2, 8, 16), (4, 32, 16))
-    engine = Engine(Builder().build(model, BuilderConfig(profiles=[prof])))
+    plan = Builder().build(model, BuilderConfig(profiles=[prof]))
+    engine = Engine(plan)
     f = engine.function
     ops = [st.node.op_type for st in f.steps]
     assert "Shape" not in ops and "Range" not in ops and "Concat" not in ops, ops
+    assert 0 < plan.build["host_layers"] == len(f.prologue_nodes) <= plan.build["layers"]  # reported apart
     assert capturable(f.graph) == (True, "")
     ctx = engine.create_execution_context()
     calls = []
