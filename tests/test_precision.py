@@ -337,3 +337,22 @@ def test_body_output_that_is_a_low_capture_keeps_its_type():
     assert then_b.captures == [a] and graph.nodes[-1].captures == [a]
     infer_types(graph)  # a whole re-inference (what the loader does) agrees
     assert graph.outputs[0].type.dtype == DType.FLOAT32 and out.type.dtype == DType.FLOAT32
+
+
+def test_lowered_attention_keeps_a_float32_softmax():
+    """An imported float32 Attention (opset 23, no softmax_precision: the softmax in Q's type) lowered to float16
+    keeps the float32 softmax the model computed, so it stays within the fast kernels' contract
+    (kiln.backends.attention.spec), and its result matches onnxruntime's float32 one to float16 accuracy."""
+    from kiln.backends.attention import spec
+    rng = np.random.default_rng()
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)
+    g = helper.make_graph([node], "a", [_vi(n, [2, 4, 9, 16]) for n in "qkv"], [_vi("y", [2, 4, 9, 16])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    plan = Builder().build(model, BuilderConfig(fp16=True, optimization_level=0))
+    steps = [s for s in plan.graph["steps"] if s["op"] == "Attention"]
+    assert steps and steps[0]["attrs"].get("softmax_precision") == 1
+    engine = Engine(plan)
+    assert spec(next(n for n in engine.graph.nodes if n.op_type == "Attention")) is not None
+    feeds = {n: rng.standard_normal((2, 4, 9, 16)).astype(np.float32) for n in "qkv"}
+    got = engine.create_execution_context().execute(feeds)["y"]
+    assert rel_error(got, run_oracle(model, feeds)[0]) < 5e-3

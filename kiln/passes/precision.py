@@ -187,6 +187,8 @@ class ReducedPrecision(Pass):
                 continue
             if self.runs_low(n):
                 before = [o.type.dtype for o in n.outputs]
+                if n.op_type == "Attention" and n.attr("softmax_precision") is None:
+                    n.attrs["softmax_precision"] = 1  # the float32 model's softmax stays float32 (ONNX: Q's type)
                 for i in self._cast_indices(n):
                     v = n.inputs[i]
                     assert v is not None
