@@ -214,7 +214,7 @@ class FuseAttention(Pass):
     def _match(g: Graph, sm: Node, uses: Uses) -> tuple[list[Node], list[Node]] | None:
         logits = sm.inputs[0]
         rank = logits.type.rank
-        if rank != 4 or int(sm.attr("axis", -1 if sm.opset >= 13 else 1)) % 4 != 3:
+        if rank != 4 or int(sm.attr("axis", -1 if sm.opset >= 13 else 1)) not in (-1, 3):
             return None
         nodes: list[Node] = [sm]
         bias: Value | None = None

@@ -212,7 +212,8 @@ class SplitColumnsToViews(Pass):
         if not is_op(n, "Split") or n.domain not in ("", "ai.onnx") or not n.outputs:
             return None
         t = n.inputs[0].type
-        if t.shape is None or not isinstance(t.shape[-1], int) or int(n.attr("axis", 0)) % len(t.shape) != len(t.shape) - 1:
+        axis = int(n.attr("axis", 0))
+        if t.shape is None or not t.shape or not isinstance(t.shape[-1], int) or axis not in (-1, len(t.shape) - 1):
             return None
         width = int(t.shape[-1])
         sizes = const(n.input(1)) if n.opset >= 13 else None
