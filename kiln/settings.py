@@ -21,7 +21,7 @@ __all__ = ["Settings", "settings", "reload", "VARIABLES"]
 
 # every environment variable Kiln reads; the cache key
 VARIABLES = ("KILN_CACHE_DIR", "KILN_CC", "KILN_DNNL_LIB", "KILN_PARALLEL_COMPILE", "KILN_MAX_LOOP_ITERATIONS",
-             "KILN_MAX_PLAN_BYTES", "KILN_MAX_ACTIVATION_BYTES")
+             "KILN_MAX_PLAN_BYTES", "KILN_MAX_ACTIVATION_BYTES", "TRITON_INTERPRET")
 
 
 def physical_memory() -> int:
@@ -67,6 +67,11 @@ class Settings:
     """KILN_MAX_ACTIVATION_BYTES: the largest activation tensor or arena a plan or a dummy input may
     need; larger ones are refused before allocation. Default: the machine's physical RAM."""
 
+    triton_interpret: bool = False
+    """TRITON_INTERPRET (Triton's own variable, read here only): Triton runs kernels in its CPU interpreter,
+    so CUDA tactics' Triton kernels accept CPU tensors (the tests without a GPU). Set: anything but empty or
+    ``0``."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Parse the settings from `env` (default: os.environ); KilnError naming the variable on bad values."""
@@ -87,6 +92,7 @@ class Settings:
                                        100_000),
             max_plan_bytes=_parse("KILN_MAX_PLAN_BYTES", get("KILN_MAX_PLAN_BYTES"), _bytes, ram),
             max_activation_bytes=_parse("KILN_MAX_ACTIVATION_BYTES", get("KILN_MAX_ACTIVATION_BYTES"), _bytes, ram),
+            triton_interpret=get("TRITON_INTERPRET") not in (None, "0"),
         )
 
 

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from kiln.ir.graph import Graph, Node, Value, is_op
 from kiln.ir.types import Dim, TensorType
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.rewrite import Uses, replace_nodes, restore_order, runtime, scalar
+from kiln.passes.rewrite import Uses, columns_slice, replace_nodes, restore_order, runtime, scalar
 
 ATTENTION_OPSET = 23  # the first ai.onnx opset with Attention
 
@@ -177,9 +175,7 @@ def _columns(g: Graph, h: Heads, name: str, new: list[Node]) -> Value:
         return x
     shape = x.type.shape[:2] + (end - first,)  # type: ignore[index]
     y = g.new_value(name, TensorType(x.type.dtype, shape))
-    consts = [g.constant(f"{name}_{k}", torch.tensor([a], dtype=torch.int64)) for k, a in
-              (("starts", first), ("ends", end), ("axes", 2))]
-    new.append(Node("Slice", [x, *consts], [y], {}, name=g.unique_name(f"{name}_slice"), opset=13))
+    new.append(columns_slice(g, x, first, end, y, f"{name}_slice"))
     return y
 
 
@@ -201,13 +197,14 @@ class FuseAttention(Pass):
             old, new = m
             gone |= {id(k) for k in old}
             replace_nodes(g, old, new)
-            restore_order(g)  # Reshapes rewired to the merged output may stand before it
             attn = new[-1]
             form = "3-D, heads by strides" if attn.attr("q_num_heads") else "4-D"
             ctx.logger.verbose(f"Fused attention {attn.name} ({form}, scale {attn.attr('scale'):.6g}, "
                                f"{'additive mask' if len(attn.inputs) > 3 else 'no mask'}) from {len(old)} layers")
             changed = True
             uses.refresh()
+        if changed:
+            restore_order(g)  # Reshapes rewired to a merged output may stand before it
         return changed
 
     @staticmethod

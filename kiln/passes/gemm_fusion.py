@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs
+from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs, match_activation
 from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
-                                 same_shape)
+                                 restore_order, same_shape)
 
 Tensor = torch.Tensor
 
@@ -115,9 +116,6 @@ class HoistActivationAboveReshape(Pass):
     name = "activation hoisting"
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
-        from kiln.ir.types import TensorType
-        from kiln.passes.epilogue import match_activation
-        from kiln.passes.rewrite import restore_order
         changed = False
         uses = Uses(g)
         for r in list(g.nodes):
@@ -140,8 +138,9 @@ class HoistActivationAboveReshape(Pass):
             last.outputs = [flat if v is y else v for v in last.outputs]  # type: ignore[union-attr]
             flat.producer = last
             r.inputs[0], y.producer, r.outputs, y.type = flat, r, [y], y_type
-            restore_order(g)
             ctx.logger.verbose(f"Moved {m[0]} {last.name} above {r.name} (into the GEMM's epilogue)")  # type: ignore[union-attr]
             changed = True
             uses.refresh()
+        if changed:
+            restore_order(g)  # each moved Reshape now reads an activation that stood after it
         return changed

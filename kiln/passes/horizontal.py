@@ -18,7 +18,7 @@ import torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, replace_nodes, runtime
+from kiln.passes.rewrite import Uses, columns_slice, const, is_float_weight, is_op, replace_nodes, runtime
 
 Tensor = torch.Tensor
 
@@ -75,7 +75,7 @@ def sibling_groups(g: Graph, uses: Uses, key: Callable[[Node], tuple[Any, ...] |
             if k is not None and n.inputs[0] is x and n not in groups.get(k, []):
                 groups.setdefault(k, []).append(n)
         for sibs in groups.values():
-            if len(sibs) >= 2 and all(n in g.nodes for n in sibs):
+            if len(sibs) >= 2:
                 yield x, sorted(sibs, key=uses.pos)
 
 
@@ -173,10 +173,7 @@ class FuseSiblingGemms(Pass):
         new = [Node("FusedGemm", inputs, [out], dict(sibs[0].attrs), name=name, domain="kiln", opset=1)]
         start = 0
         for s, n in zip(sibs, sizes):
-            consts = [g.constant(f"{s.name}_cols_{k}", torch.tensor([a], dtype=torch.int64))
-                      for k, a in (("starts", start), ("ends", start + n), ("axes", -1))]
-            new.append(Node("Slice", [out, *consts], [s.outputs[0]], {}, name=g.unique_name(f"{s.name}_cols"),
-                            opset=13))
+            new.append(columns_slice(g, out, start, start + n, s.outputs[0], f"{s.name}_cols"))
             start += n
         replace_nodes(g, sibs, new, first=True)
         ctx.logger.verbose(f"Fusing {' with '.join(s.name for s in sibs)} (horizontal gemm: one GEMM of width "
@@ -197,10 +194,7 @@ class SplitColumnsToViews(Pass):
                 continue
             new, start = [], 0
             for o, size in zip(n.outputs, parts):
-                consts = [g.constant(f"{o.name}_{k}", torch.tensor([a], dtype=torch.int64))
-                          for k, a in (("starts", start), ("ends", start + size), ("axes", -1))]
-                new.append(Node("Slice", [n.inputs[0], *consts], [o], {}, name=g.unique_name(f"{n.name}_{len(new)}"),
-                                opset=13))
+                new.append(columns_slice(g, n.inputs[0], start, start + size, o, f"{n.name}_{len(new)}"))
                 start += size
             replace_nodes(g, [n], new)
             ctx.logger.verbose(f"Split {n.name} of the last axis -> {len(new)} column views")

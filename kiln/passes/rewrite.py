@@ -146,6 +146,14 @@ def onnx_opset(n: Node) -> int:
     return max(n.opset, MIN_ONNX_OPSET) if n.domain in ("", "ai.onnx") else MIN_ONNX_OPSET
 
 
+def columns_slice(g: Graph, x: Value, start: int, end: int, out: Value, name: str) -> Node:
+    """A Slice of x's last axis [start, end) with constant parameters, writing `out` (kiln.backends.views runs
+    it as a view: no copy)."""
+    consts = [g.constant(f"{name}_{k}", torch.tensor([a], dtype=torch.int64))
+              for k, a in (("starts", start), ("ends", end), ("axes", -1))]
+    return Node("Slice", [x, *consts], [out], {}, name=g.unique_name(name), opset=13)
+
+
 def restore_order(g: Graph) -> None:
     """Re-sort g's nodes topologically after a rewire that may read a value before its producer, keeping the
     present order wherever it is already valid (Kahn's algorithm, earliest-placed ready node first)."""

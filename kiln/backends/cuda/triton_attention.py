@@ -31,7 +31,6 @@ broadcast) run the op's reference through the kernel's ``fallback``.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -209,40 +208,50 @@ def _reach(t: Tensor, strides: tuple[int, ...] | None = None, keys: int | None =
     return (rows - 1 + _MAX_BLOCK) * st[2] + (cols - 1 + _MAX_BLOCK) * st[3]
 
 
+_MaskView = tuple[Tensor, tuple[int, int, int, int], int]
+
+
 def unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor | None = None) -> str | None:
     """Why `flash_attention` cannot take these inputs (None: it can)."""
+    return _check(q, k, v, mask, out)[0]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+           out: Tensor | None) -> tuple[str | None, _MaskView | None]:
+    """(why the kernel cannot take these inputs or None, the mask's broadcast view when there is a mask)."""
     ts = [q, k, v]
     if any(t.dim() != 4 for t in ts):
-        return "Q, K and V are not all 4-D"
+        return "Q, K and V are not all 4-D", None
     if q.dtype not in _IO_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (one of float16/bfloat16/float32 for all three)"
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (one of float16/bfloat16/float32 for all three)", None
     if mask is not None:
         ts.append(mask)
         if mask.dtype not in _MASK_DTYPES:
-            return f"a mask of dtype {mask.dtype}"
+            return f"a mask of dtype {mask.dtype}", None
     if any(t.device != q.device for t in ts):
-        return "inputs on different devices"
+        return "inputs on different devices", None
     b, h, sq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[3] != d or k.shape[1:3] != v.shape[1:3]:
-        return f"shapes Q {list(q.shape)}, K {list(k.shape)}, V {list(v.shape)} that do not agree"
+        return f"shapes Q {list(q.shape)}, K {list(k.shape)}, V {list(v.shape)} that do not agree", None
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[3]
     if hkv == 0 or h % hkv:
-        return f"{h} query heads, not a multiple of {hkv} key/value heads"
+        return f"{h} query heads, not a multiple of {hkv} key/value heads", None
     if max(d, dv) > MAX_HEAD_DIM:
-        return f"head dims {d}, {dv} (at most {MAX_HEAD_DIM})"
+        return f"head dims {d}, {dv} (at most {MAX_HEAD_DIM})", None
     if out is not None and (tuple(out.shape) != (b, h, sq, dv) or out.device != q.device
                             or out.dtype not in _IO_DTYPES):
-        return f"a destination {list(out.shape)} {out.dtype} on {out.device}, not {[b, h, sq, dv]} on {q.device}"
+        return f"a destination {list(out.shape)} {out.dtype} on {out.device}, not {[b, h, sq, dv]} on {q.device}", None
     reach = max(_reach(q), _reach(k), _reach(v), _reach(out) if out is not None else 0)
+    mview = None
     if mask is not None:
         try:
-            _, mstrides, mask_n = _mask_view(mask, b, h, sq, skv)
+            mview = _mask_view(mask, b, h, sq, skv)
         except ValueError as e:
-            return str(e)
-        reach = max(reach, _reach(q, mstrides, mask_n))
+            return str(e), None
+        reach = max(reach, _reach(q, mview[1], mview[2]))
     if reach > _INT32_MAX:
-        return "one head's elements spanning more than 2**31 offsets"
-    return None
+        return "one head's elements spanning more than 2**31 offsets", None
+    return None, mview
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool,
@@ -255,21 +264,28 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale:
     the inputs `unsupported` names. No host sync, no allocation when `out` is given."""
     if not (16 <= BLOCK_M <= _MAX_BLOCK and 16 <= BLOCK_N <= _MAX_BLOCK):
         raise ValueError(f"blocks of {BLOCK_M} x {BLOCK_N} (16 to {_MAX_BLOCK})")
-    why = unsupported(q, k, v, mask, out)
+    why, mview = _check(q, k, v, mask, out)
     if why is not None:
         raise ValueError(f"flash_attention cannot take {why}")
+    if out is None:
+        out = torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
+    _launch(q, k, v, mask, mview, scale, causal, out, BLOCK_M, BLOCK_N, num_warps, num_stages)
+    return out
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mview: _MaskView | None, scale: float | None,
+            causal: bool, out: Tensor, BLOCK_M: int, BLOCK_N: int, num_warps: int, num_stages: int) -> None:
+    """The kernel's launches for inputs `_check` accepted (`mview`: its view of the mask)."""
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[3]
-    if out is None:
-        out = torch.empty((b, h, sq, dv), dtype=q.dtype, device=q.device)
     if b * h == 0 or sq == 0 or dv == 0:
-        return out
+        return
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
-    if mask is not None:
-        mview, mstrides, mask_n = _mask_view(mask, b, h, sq, skv)
+    if mview is not None:
+        mv, mstrides, mask_n = mview
     else:
-        mview, mstrides, mask_n = q, (0, 0, 0, 0), skv
+        mv, mstrides, mask_n = q, (0, 0, 0, 0), skv
     # the interpreter multiplies bfloat16 operands as their raw bits: it gets float32 ones (P still rounded)
     dot_f32 = q.dtype == torch.bfloat16 and _interpreted()
     consts = dict(D=d, DV=dv, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
@@ -279,16 +295,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale:
     per_launch = max(1, _MAX_GRID_Y // h)  # batches per launch (the grid's second dim holds B*H)
     for b0 in range(0, b, per_launch):
         b1 = min(b, b0 + per_launch)
-        mb = mview if mstrides[0] == 0 else mview[b0:b1]
+        mb = mv if mstrides[0] == 0 else mv[b0:b1]
         launch(_flash_attn_fwd, (triton.cdiv(sq, BLOCK_M), (b1 - b0) * h),
                [q[b0:b1], k[b0:b1], v[b0:b1], mb, out[b0:b1], h, h // hkv, sq, skv, mask_n, float(scale) * LOG2E,
                 *q.stride(), *k.stride(), *v.stride(), *mstrides, *out.stride()], consts)
-    return out
 
 
 # ---- tactic -------------------------------------------------------------------------------------
 
-_FLOAT_IO = (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32)
 _MASK_TYPES = (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32, DType.FLOAT64, DType.BOOL)
 
 
@@ -371,41 +385,41 @@ class TritonAttention(Tactic):
         spec = attention_spec(node)
         assert spec is not None
 
+        interpreted = _interpreted()  # kernels may take CPU tensors (the tests without a GPU)
+
         def k_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, *rest: Any,
                         out: Tensor | None = None) -> Tensor:
             vs = views(spec, q, k, v)
-            why = "shapes that do not fit the layer's form" if vs is None else None
+            why, mview = "shapes that do not fit the layer's form", None
             if vs is not None:
                 q4, k4, v4 = vs
+                b, h, sq, dv = q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[-1]
                 if out is not None:
-                    check_out(out, tuple(merged_output(spec, q4, v4)[0].shape) if spec.rank3 else
-                              (q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[-1]), node)
-                why = unsupported(q4, k4, v4, attn_mask, None)
-                if why is None and q.device.type != "cuda" and not _interpreted():
+                    check_out(out, (b, sq, h * dv) if spec.rank3 else (b, h, sq, dv), node)
+                if out is None or (spec.rank3 and not out.is_contiguous()):
+                    y, o4 = merged_output(spec, q4, v4)  # heads by strides: a [B, H, Sq, Dv] view of [B, Sq, H*Dv]
+                else:
+                    y, o4 = out, (out.view(b, sq, h, dv).transpose(1, 2) if spec.rank3 else out)
+                why, mview = _check(q4, k4, v4, attn_mask, o4)
+                if why is None and q.device.type != "cuda" and not interpreted:
                     why = f"inputs on {q.device}"
             if why is not None:
                 key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type,
                        None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
                 fb.declined.setdefault(key, f"the Triton attention kernel cannot take these inputs: {why}")
                 return fb(key, [q, k, v, attn_mask, *rest][:n_in], out)
-            if spec.rank3:  # heads by strides: the kernel writes through a [B, H, Sq, Dv] view of [B, Sq, H*Dv]
-                if out is not None and out.is_contiguous():
-                    y = out
-                    o4 = out.view(q4.shape[0], q4.shape[2], q4.shape[1], v4.shape[-1]).transpose(1, 2)
-                else:
-                    y, o4 = merged_output(spec, q4, v4)
-                flash_attention(q4, k4, v4, attn_mask, scale, causal, o4, **tiles)
-                if out is not None and y is not out:
-                    out.copy_(y)
-                    return out
-                return y
-            return flash_attention(q4, k4, v4, attn_mask, scale, causal, out, **tiles)
+            _launch(q4, k4, v4, attn_mask, mview, scale, causal, o4, **tiles)
+            if out is not None and y is not out:
+                out.copy_(y)
+                return out
+            return y
         return Kernel(k_attention, fallback=fb, out_format="contiguous")
 
 
 def _interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, the tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from kiln.settings import settings
+    return settings().triton_interpret
 
 
 register_tactic(TritonAttention())
