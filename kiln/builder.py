@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import onnx
 import torch
@@ -28,6 +28,7 @@ from kiln.passes.shape_inference import infer_types
 from kiln.plan.format import Plan
 from kiln.plan.memory import aliases, lifetimes, plan_memory
 from kiln.plan.serialize import GraphWriter, type_to_json
+from kiln.quant.build import quantize_graph
 from kiln.tune.autotuner import Autotuner
 from kiln.tune.timing_cache import TimingCache
 
@@ -54,7 +55,11 @@ class BuilderConfig:
 
     device: "cpu", "cuda" (or "cuda:N") or "auto" (CUDA when a GPU is present).
     fp16 / bf16: run layers that tolerate it in that type (kiln.passes.precision); `fp32_layers`
-    names layers to keep in float32. optimization_level: 0 = heuristic tactics, no timing; 3+ = time
+    names layers to keep in float32 (and out of INT8). int8: conv/gemm layers run on integer kernels with ranges
+    from `dynamic_ranges` (tensor name -> amax or (lo, hi)), else the `calibration_cache` file, else calibration
+    over `calibration_data` (any iterable of input dicts; `calibration_batches` caps it) with `calibrator`
+    ("entropy", "minmax", "percentile" at `percentile`, "mse"); a Q/DQ model is built to integer layers with or
+    without it (kiln.quant.build). optimization_level: 0 = heuristic tactics, no timing; 3+ = time
     every candidate. timing_cache: a JSON file read before and merged back after tuning.
     """
 
@@ -68,6 +73,12 @@ class BuilderConfig:
     optimization_level: int = 3
     timing_cache: str | None = None
     fp32_layers: list[str] = field(default_factory=list)
+    calibration_data: Iterable[Mapping[str, Any]] | None = None
+    calibrator: str = "entropy"
+    percentile: float = 99.99
+    calibration_cache: str | None = None
+    calibration_batches: int | None = None
+    dynamic_ranges: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(device: str | None) -> str:
@@ -114,8 +125,6 @@ class Builder:
 
     def _build(self, model: Graph | onnx.ModelProto | str | os.PathLike, config: BuilderConfig,
                base_dir: str | os.PathLike | None) -> Plan:
-        if config.int8:
-            raise BuildError("INT8 is not implemented yet: build without int8 (FP32, --fp16 or --bf16)")
         t0 = time.perf_counter()
         device = resolve_device(config.device)
         target = _device_target(device)
@@ -134,6 +143,7 @@ class Builder:
         _pin_fixed_dims(g, bounds)
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
             PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
+            quantize_graph(g, config, ctx)  # INT8: integer layers from Q/DQ nodes or calibrated ranges
         low = precision_dtype(config.fp16, config.bf16)
         if low is not None:
             # bodies too, each after the graph holding it: a body reads its captures in their lowered types

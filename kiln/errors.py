@@ -36,3 +36,7 @@ class PlanFormatError(KilnError):
 
 class BuildError(KilnError):
     """The builder could not produce a plan."""
+
+
+class CalibrationError(KilnError):
+    """INT8 calibration failed: an unknown calibrator, a non-finite activation, or an unusable calibration cache."""

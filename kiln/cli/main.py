@@ -91,12 +91,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     device = args.device or "auto"  # CUDA when a GPU is present
     cfg = BuilderConfig(device=device, profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
                         tf32=args.tf32, workspace_bytes=args.workspace and args.workspace << 20,
-                        timing_cache=args.timing_cache, optimization_level=args.opt_level)
+                        timing_cache=args.timing_cache, optimization_level=args.opt_level, **_int8_options(args))
     plan = Builder(logger).build(args.model, cfg)
     save_plan(plan, out)
     print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
           f"built in {plan.build['build_seconds']:.2f} s)")
     return 0
+
+
+def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
+    """BuilderConfig's INT8 fields from the build flags (calibration data read lazily, batch by batch)."""
+    from kiln.quant.calibrate import CalibrationFolder, read_ranges_file
+    if (args.calib or args.calib_cache or args.dynamic_ranges) and not args.int8:
+        raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8")
+    if args.calib_batches is not None and args.calib_batches < 1:
+        raise KilnError(f"--calib-batches must be >= 1, got {args.calib_batches}")
+    if not 0 < args.percentile <= 100:
+        raise KilnError(f"--percentile must be in (0, 100], got {args.percentile}")
+    out: dict[str, Any] = {"int8": args.int8, "calibrator": args.calibrator, "percentile": args.percentile,
+                           "calibration_cache": args.calib_cache, "calibration_batches": args.calib_batches}
+    if args.calib:
+        out["calibration_data"] = CalibrationFolder(args.calib)
+    if args.dynamic_ranges:
+        out["dynamic_ranges"] = read_ranges_file(args.dynamic_ranges)
+    return out
 
 
 def _read_tensor(path: str, what: str) -> np.ndarray:
@@ -268,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace", type=int, help="workspace limit in MiB")
     b.add_argument("--timing-cache", help="JSON timing cache: read before tuning, merged back after")
     b.add_argument("--opt-level", type=int, default=3, help="0: heuristic tactics, no timing; 3+: time every candidate")
+    b.add_argument("--int8", action="store_true", help="conv/gemm layers on integer kernels (ranges: --calib, "
+                   "--calib-cache or --dynamic-ranges; a Q/DQ model needs none)")
+    b.add_argument("--calib", metavar="DIR", help="calibration data: a folder of .npz (one array per input) or .npy files")
+    b.add_argument("--calibrator", choices=["entropy", "minmax", "percentile", "mse"], default="entropy")
+    b.add_argument("--percentile", type=float, default=99.99, help="the percentile calibrator's percentile")
+    b.add_argument("--calib-batches", type=int, help="use at most N calibration batches")
+    b.add_argument("--calib-cache", metavar="FILE", help="calibration cache (JSON): read when present and no --calib "
+                   "is given, written after calibrating")
+    b.add_argument("--dynamic-ranges", metavar="FILE", help='JSON {"tensor": amax or [lo, hi], "*": default}')
     b.add_argument("--verbose", "-v", action="store_true")
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="run a plan and report outputs and latency")

@@ -167,7 +167,7 @@ def from_onnx(n: Node) -> tuple[str, float, float] | None:
 
 # ---- the epilogue of a fused layer ----------------------------------------------------------------
 
-FUSED_OPS = ("FusedConv", "FusedGemm")
+FUSED_OPS = ("FusedConv", "FusedGemm", "QConv", "QGemm")
 
 EPILOGUE: dict[str, Attr] = {
     "activation": Attr("str", "", choices=tuple(TABLE)),

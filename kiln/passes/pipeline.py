@@ -19,6 +19,7 @@ from kiln.passes.hoist import HoistLoopInvariants
 from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColumnsToViews
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
+from kiln.passes.quantize import FoldWeightDequantize
 from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseLayerNorm
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
@@ -28,6 +29,9 @@ from kiln.passes.squeeze_excite import FuseSqueezeExcite
 
 def default_pipeline() -> list[Pass]:
     return [
+        # a Q/DQ model's weights: int8 constants -> float constants that remember their scales (kiln.quant.build
+        # turns the Q/DQ nodes around conv/gemm layers into integer layers after this pipeline)
+        FoldWeightDequantize(),
         # folding, type inference and reshape targets feed each other: a folded shape input types the
         # layers after it, and a Reshape whose run-time target copies its input's dims (SimplifyShapes)
         # types its output, whose Shape chains then fold (a channel shuffle after a dynamic batch)

@@ -9,3 +9,4 @@ from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gat
 from kiln.backends.cpu import shuffle  # noqa: F401  (cpu.channel_shuffle: channel shuffles in C)
 from kiln.backends.cpu import conv1d  # noqa: F401  (cpu.conv1d_dnnl: 1-D convolutions on oneDNN)
 from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch's fused LSTM)
+from kiln.backends.cpu import qlayers_dnnl  # noqa: F401  (cpu.qconv_dnnl / cpu.qgemm_dnnl: int8 layers on oneDNN)

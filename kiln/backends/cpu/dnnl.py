@@ -20,9 +20,18 @@ creating thread) from a free list, so nothing mutable is shared between concurre
 holds as many sets as calls ever ran at once. Closing a kernel while another thread runs it is not
 allowed (as destroying a TensorRT engine with contexts still executing).
 
-Safety: a primitive is made for fixed shapes and strides (callers key their caches on them) and
-``_Primitive.run`` refuses any tensor that is not float32, so a tensor of another dtype never reaches
+Safety: a primitive is made for fixed shapes, strides and element types (callers key their caches on
+the shapes and strides) and ``_Primitive.run`` refuses any tensor whose dtype is not the one its argument
+was made for (float32 unless the primitive says otherwise), so a tensor of another dtype never reaches
 the native code.
+
+Integer layers (``QConvolution``, ``QMatMul``: kiln.ops.qlayers' QConv / QGemm): int8/uint8 sources, int8
+weights reordered once (with the compensation oneDNN's int8 kernels need), the combined multiplier
+``x_scale * w_scales[k]`` as oneDNN 3.x's weights scales and the zero points as attributes, their values
+fixed memory arguments (``DNNL_ARG_ATTR_SCALES | arg``, ``DNNL_ARG_ATTR_ZERO_POINTS | arg``); the
+requantization ``v * (1 / y_scale)`` is the last post-op (an eltwise linear, so it rounds as the reference
+does) and oneDNN adds the output zero point, rounds half to even and saturates (it rounds v + zp, so an odd
+zero point gets an eltwise round first: the reference rounds v).
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import site
 import sys
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -43,13 +53,18 @@ P = C.c_void_p
 Dims = C.c_int64 * 12
 _PP, _DIMS, _I, _F = C.POINTER(C.c_void_p), C.POINTER(C.c_int64), C.c_int, C.c_float
 
-F32 = 3
+F16, BF16, F32, S32, S8, U8 = 1, 2, 3, 4, 5, 6  # dnnl_data_type_t
 FLOAT32 = torch.float32
+DATA_TYPES: dict[torch.dtype, int] = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16,
+                                      torch.int32: S32, torch.int8: S8, torch.uint8: U8}
+"""torch dtype -> oneDNN data type of the tensors primitives here read and write."""
 CPU_ENGINE, IN_ORDER = 1, 1
 FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
 POOLING_MAX, POOLING_AVG_INCLUDE_PAD, POOLING_AVG_EXCLUDE_PAD = 0x1FF, 0x2FF, 0x3FF
 QUERY_IMPL_INFO, QUERY_WEIGHTS_MD, QUERY_SCRATCHPAD_MD = 8, 131, 136
 ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS, ARG_SCRATCHPAD = 1, 2, 17, 33, 41, 80
+ARG_ATTR_SCALES, ARG_ATTR_ZERO_POINTS = 4096, 8192
+ELTWISE_LINEAR, ELTWISE_ROUND = 0x26, 0x32
 POST_OP_ARG_BASE = 32768
 TAG_ANY = 1
 SCRATCHPAD_USER = 1
@@ -83,6 +98,8 @@ _SIGNATURES: dict[str, list[Any]] = {  # argument types: pointers must never go 
     "dnnl_primitive_attr_create": [_PP],
     "dnnl_primitive_attr_set_scratchpad_mode": [P, _I],
     "dnnl_primitive_attr_set_post_ops": [P, P],
+    "dnnl_primitive_attr_set_scales_mask": [P, _I, _I],
+    "dnnl_primitive_attr_set_zero_points_mask": [P, _I, _I],
     "dnnl_post_ops_create": [_PP],
     "dnnl_post_ops_len": [P],
     "dnnl_post_ops_append_eltwise": [P, _I, _F, _F],
@@ -157,16 +174,17 @@ class _Lib:
         if status != 0:
             raise DnnlError(f"oneDNN {what} failed with status {status}")
 
-    def md(self, own: _Owned, shape: Sequence[int], strides: Sequence[int] | None) -> P:
-        """A float32 memory descriptor owned by `own`: plain with these strides, or format `any` (strides None)."""
+    def md(self, own: _Owned, shape: Sequence[int], strides: Sequence[int] | None, dt: int = F32) -> P:
+        """A memory descriptor of data type `dt` (float32 by default) owned by `own`: plain with these strides,
+        or format `any` (strides None)."""
         if not 0 < len(shape) <= MAX_NDIMS or (strides is not None and len(strides) != len(shape)):
             raise DnnlError(f"oneDNN takes 1 to {MAX_NDIMS} dims, got shape {list(shape)}")
         md = P()
         if strides is None:
-            self.ok(self.dll.dnnl_memory_desc_create_with_tag(C.byref(md), len(shape), Dims(*shape), F32, TAG_ANY),
+            self.ok(self.dll.dnnl_memory_desc_create_with_tag(C.byref(md), len(shape), Dims(*shape), dt, TAG_ANY),
                     "memory descriptor")
         else:
-            self.ok(self.dll.dnnl_memory_desc_create_with_strides(C.byref(md), len(shape), Dims(*shape), F32,
+            self.ok(self.dll.dnnl_memory_desc_create_with_strides(C.byref(md), len(shape), Dims(*shape), dt,
                                                                   Dims(*strides)), "memory descriptor")
         return own.add("memory_desc", md)
 
@@ -260,8 +278,9 @@ class _Primitive:
         self._finalizer = fin
         return _Owned(lib)
 
-    def _finish(self, pd: P, fixed: list[tuple[int, Any, int]], dynamic: list[tuple[int, Any]]) -> None:
-        """fixed: (arg, md, data pointer kept alive by self); dynamic: (arg, md) set per call, in run's order."""
+    def _finish(self, pd: P, fixed: list[tuple[int, Any, int]], dynamic: Sequence[tuple[Any, ...]]) -> None:
+        """fixed: (arg, md, data pointer kept alive by self); dynamic: (arg, md) or (arg, md, torch dtype; default
+        float32) set per call, in run's order (run refuses a tensor of another dtype)."""
         lib, d = self.lib, self.dll
         impl = C.c_char_p()
         lib.ok(d.dnnl_primitive_desc_query(pd, QUERY_IMPL_INFO, 0, C.byref(impl)), "implementation query")
@@ -272,7 +291,8 @@ class _Primitive:
         lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "primitive")
         self.prim = self.own.add("primitive", prim)
         self.fixed = [_Arg(a, lib.memory(self.own, md, ptr)) for a, md, ptr in fixed]
-        self.dynamic = [(a, self._keep(md)) for a, md in dynamic]
+        self.dynamic = [(a, self._keep(md)) for a, md, *_ in dynamic]
+        self.dtypes = [dt[0] if dt else FLOAT32 for _, _, *dt in dynamic]
         scratch_md, self.scratch_bytes = lib.scratchpad_md(pd)
         self.scratch_md = self._keep(scratch_md) if self.scratch_bytes else None
         self.free.append(self._argset())  # a single-threaded caller never needs another
@@ -312,26 +332,34 @@ class _Primitive:
     def _weights(self, tmp: _Owned, pd: P, w: torch.Tensor, shape: list[int]) -> Any:
         """Reorder the weights once into the layout the primitive chose (self.weights); returns that layout's
         descriptor, owned by pd."""
+        return self._weights_from(tmp, pd, w.detach().float().contiguous().reshape(shape))
+
+    def _weights_from(self, tmp: _Owned, pd: P, plain: torch.Tensor) -> Any:
+        """`_weights` from a tensor of the primitive's logical weights shape and data type, any strides (the
+        reorder also computes the compensation an int8 layout carries)."""
         lib = self.lib
         w_md = lib.dll.dnnl_primitive_desc_query_md(pd, QUERY_WEIGHTS_MD, 0)
         self.weights = torch.empty(lib.dll.dnnl_memory_desc_get_size(w_md), dtype=torch.uint8)
-        plain = w.detach().float().contiguous().reshape(shape)
-        _reorder(lib, lib.md(tmp, shape, plain.stride()), plain.data_ptr(), w_md, self.weights.data_ptr())
+        _reorder(lib, lib.md(tmp, plain.shape, plain.stride(), _data_type(plain)), plain.data_ptr(), w_md,
+                 self.weights.data_ptr())
         return w_md
 
     def run(self, *tensors: torch.Tensor) -> None:
-        """Execute on these float32 tensors, of the shapes and strides the primitive was made for (its callers
-        key their primitives on them). Safe on several threads at once: each call takes its own argument set."""
+        """Execute on these tensors, of the shapes and strides the primitive was made for (its callers key their
+        primitives on them) and of its dtypes (checked here: float32 unless made otherwise). Safe on several
+        threads at once: each call takes its own argument set."""
         free = self.free
         try:
             a = free.pop()
         except IndexError:
             a = self._argset()
         try:
-            d, ptrs, mems = self.dll, a.ptrs, a.mems
+            d, ptrs, mems, dtypes = self.dll, a.ptrs, a.mems, self.dtypes
+            if len(tensors) != len(dtypes):
+                raise KilnError(f"oneDNN {self.impl} takes {len(dtypes)} tensors, got {len(tensors)}")
             for i, t in enumerate(tensors):
-                if t.dtype is not FLOAT32:
-                    raise KilnError(f"oneDNN {self.impl} takes float32 tensors, got {t.dtype}")
+                if t.dtype is not dtypes[i]:
+                    raise KilnError(f"oneDNN {self.impl} takes {dtypes[i]} tensors, got {t.dtype}")
                 p = t.data_ptr()
                 if p != ptrs[i]:  # arena slots keep their addresses from one inference to the next
                     d.dnnl_memory_set_data_handle(mems[i], p)
@@ -350,13 +378,22 @@ class _Primitive:
 
 
 def _post_ops(lib: _Lib, tmp: _Owned, act: str, alpha: float, beta: float, z: torch.Tensor | None,
-              act_first: bool) -> tuple[P, int, Any]:
+              act_first: bool, z_scale: float = 1.0, z_zero_point: int = 0,
+              out_scale: float = 1.0, out_round: bool = False) -> tuple[P, int, Any]:
     """Primitive attributes with the residual add (`z`) and the activation as post-ops in the node's order:
-    (attributes, the execute argument of z or -1, z's memory descriptor or None), all owned by `tmp`."""
+    (attributes, the execute argument of z or -1, z's memory descriptor or None), all owned by `tmp`.
+
+    An integer z is added dequantized, v + (z - z_zero_point) * z_scale, as v * (1 / z_scale) - z_zero_point,
+    + z, * z_scale (exact with power-of-two scales); a last eltwise linear multiplies by `out_scale` (the
+    reciprocal output scale of an integer layer), and `out_round` rounds half to even before oneDNN adds the
+    output zero point (it would round v + zp otherwise: -17.5 - 5 gives -22, not -18 - 5)."""
     d = lib.dll
     attr, po = lib.attr(tmp), P()
     lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
     tmp.add("post_ops", po)
+
+    def linear(a: float, b: float) -> None:
+        lib.ok(d.dnnl_post_ops_append_eltwise(po, ELTWISE_LINEAR, a, b), "eltwise post-op")
     z_arg, z_md = -1, None
     for op in (["act", "z"] if act_first else ["z", "act"]):
         if op == "act" and act:
@@ -364,11 +401,28 @@ def _post_ops(lib: _Lib, tmp: _Owned, act: str, alpha: float, beta: float, z: to
             a, bb = params(alpha, beta)
             lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, a, bb), "eltwise post-op")
         elif op == "z" and z is not None:
+            dequant = z.dtype in (torch.int8, torch.uint8) and (z_scale != 1.0 or z_zero_point != 0)
+            if dequant:
+                linear(1.0 / z_scale, float(-z_zero_point))
             z_arg = POST_OP_ARG_BASE * (d.dnnl_post_ops_len(po) + 1) | ARG_SRC_1
-            z_md = lib.md(tmp, z.shape, z.stride())
+            z_md = lib.md(tmp, z.shape, z.stride(), _data_type(z))
             lib.ok(d.dnnl_post_ops_append_binary(po, BINARY_ADD, z_md), "binary post-op")
+            if dequant and z_scale != 1.0:
+                linear(z_scale, 0.0)
+    if out_scale != 1.0:
+        linear(out_scale, 0.0)
+    if out_round:
+        lib.ok(d.dnnl_post_ops_append_eltwise(po, ELTWISE_ROUND, 0.0, 0.0), "eltwise post-op")
     lib.ok(d.dnnl_primitive_attr_set_post_ops(attr, po), "post-op attribute")
     return attr, z_arg, z_md
+
+
+def _data_type(t: torch.Tensor) -> int:
+    """oneDNN's data type of t (KilnError for a dtype the primitives here do not take)."""
+    dt = DATA_TYPES.get(t.dtype)
+    if dt is None:
+        raise KilnError(f"oneDNN primitives here take {', '.join(map(str, DATA_TYPES))} tensors, got {t.dtype}")
+    return dt
 
 
 def _bias_md(lib: _Lib, tmp: _Owned, b: torch.Tensor | None, n: int, shape: list[int], strides: list[int]) -> Any:
@@ -471,16 +525,155 @@ class MatMul(_Primitive):
             tmp.close()
 
 
+@dataclass(frozen=True)
+class Requant:
+    """An integer layer's quantization (kiln.ops.qlayers' semantics) in the terms oneDNN applies it."""
+
+    multipliers: torch.Tensor
+    """float32 x_scale * w_scales[k], one per output channel (oneDNN's weights scales)."""
+    x_zero_point: int = 0
+    y_scale: float | None = None
+    """The output scale of an int8/uint8 output; None for a float output (v itself)."""
+    y_zero_point: int = 0
+    z_scale: float = 1.0
+    """An int8/uint8 residual's scale and zero point (ignored for a float residual)."""
+    z_zero_point: int = 0
+
+
+_INT8 = (torch.int8, torch.uint8)
+
+
+class _QLayer(_Primitive):
+    """What QConvolution and QMatMul share: the checks, the quantization attributes, the int8 weights."""
+
+    def _check(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, q: Requant,
+               n: int) -> None:
+        if x.dtype not in _INT8 or w.dtype is not torch.int8:
+            raise KilnError(f"an integer layer takes an int8/uint8 input and int8 weights, got {x.dtype} and "
+                            f"{w.dtype}")
+        if (y.dtype in _INT8) != (q.y_scale is not None) or y.dtype not in (*_INT8, FLOAT32, torch.float16):
+            raise KilnError(f"an integer layer writes int8/uint8 (with an output scale) or float32/float16, got "
+                            f"{y.dtype}{'' if q.y_scale is None else ' with an output scale'}")
+        if z is not None and z.dtype not in (*_INT8, FLOAT32, torch.float16):
+            raise KilnError(f"an integer layer adds an int8/uint8/float32/float16 residual, got {z.dtype}")
+        m = q.multipliers
+        if m.dtype is not FLOAT32 or m.dim() != 1 or m.numel() not in (1, n):
+            raise KilnError(f"an integer layer of {n} output channels takes 1 or {n} float32 multipliers, got "
+                            f"{list(m.shape)} {m.dtype}")
+
+    def _attr(self, tmp: _Owned, q: Requant, w_mask: int, z: torch.Tensor | None, act: str, alpha: float,
+              beta: float, act_first: bool) -> tuple[P, int, Any, list[tuple[int, Any, int]]]:
+        """(attributes, z's execute argument, z's descriptor, the fixed scale / zero point arguments): the
+        multipliers as weights scales, the zero points, the epilogue's post-ops ending in * (1 / y_scale)."""
+        lib, d = self.lib, self.dll
+        out_scale = 1.0 if q.y_scale is None else 1.0 / q.y_scale  # rounded to float32 by ctypes, as the reference
+        odd_zp = q.y_scale is not None and q.y_zero_point % 2 != 0  # only an odd zero point moves a tie's rounding
+        attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first, q.z_scale, q.z_zero_point,
+                                      out_scale, odd_zp)
+        m = q.multipliers.detach().contiguous()
+        if bool((m == m[0]).all()):
+            m, w_mask = m[:1].clone(), 0  # one scale for all channels
+        self.scales = m
+        lib.ok(d.dnnl_primitive_attr_set_scales_mask(attr, ARG_WEIGHTS, w_mask), "weights scales")
+        fixed = [(ARG_ATTR_SCALES | ARG_WEIGHTS, lib.md(tmp, [m.numel()], [1], F32), m.data_ptr())]
+        self.zero_points = []
+        for arg, zp in ((ARG_SRC, q.x_zero_point), (ARG_DST, 0 if q.y_scale is None else q.y_zero_point)):
+            if zp:
+                t = torch.tensor([zp], dtype=torch.int32)
+                self.zero_points.append(t)
+                lib.ok(d.dnnl_primitive_attr_set_zero_points_mask(attr, arg, 0), "zero points")
+                fixed.append((ARG_ATTR_ZERO_POINTS | arg, lib.md(tmp, [1], [1], S32), t.data_ptr()))
+        return attr, z_arg, z_md, fixed
+
+    def _finish_q(self, tmp: _Owned, pd: P, w: torch.Tensor, b: torch.Tensor | None, b_md: Any,
+                  fixed: list[tuple[int, Any, int]], src: tuple[Any, torch.dtype], dst: tuple[Any, torch.dtype],
+                  z: tuple[int, Any, torch.dtype] | None) -> None:
+        """`_finish` with the int8 weights (logical shape, any strides) reordered once and the bias kept."""
+        w_md = self._weights_from(tmp, pd, w)
+        self.bias = None if b is None else b.detach().contiguous()
+        fixed = [(ARG_WEIGHTS, w_md, self.weights.data_ptr()), *fixed]
+        if self.bias is not None:
+            fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
+        dynamic = [(ARG_SRC, *src), (ARG_DST, *dst)] + ([z] if z is not None else [])
+        self._finish(pd, fixed, dynamic)
+
+
+class QConvolution(_QLayer):
+    """One oneDNN integer 2-D convolution (QConv) for fixed input/residual/output shapes, strides and dtypes.
+
+    x int8/uint8, w int8 [K, C/groups, KH, KW] (reordered once), b float32 [K] or None, y int8/uint8 (with
+    q.y_scale) or float32/float16, z an int8/uint8 (dequantized with q.z_scale / q.z_zero_point) or float
+    residual of y's shape or None; padding reads as x's zero point. `run(x, y[, z])` is safe to call from
+    several threads.
+    """
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
+                 pad_r: Sequence[int], groups: int, q: Requant, act: str, alpha: float, beta: float,
+                 act_first: bool) -> None:
+        tmp = self._begin(lib)
+        try:
+            k, cg, kh, kw = (int(s) for s in w.shape)
+            if groups < 1 or k % groups or x.dim() != 4 or int(x.shape[1]) != cg * groups:
+                raise KilnError(f"a convolution of {groups} group(s) with weights {list(w.shape)} cannot read an "
+                                f"input of shape {list(x.shape)}")
+            self._check(x, w, y, z, q, k)
+            w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
+            b_md = _bias_md(lib, tmp, b, k, [k], [1])
+            attr, z_arg, z_md, fixed = self._attr(tmp, q, 1 if groups == 1 else 3, z, act, alpha, beta, act_first)
+            pd = lib.pd(tmp, "convolution descriptor", lib.dll.dnnl_convolution_forward_primitive_desc_create,
+                        lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None, S8),
+                        b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l),
+                        Dims(*pad_r), attr)
+            self._finish_q(tmp, pd, w.detach().contiguous().reshape(w_shape), b, b_md, fixed, (src_md, x.dtype),
+                           (dst_md, y.dtype), None if z is None else (z_arg, z_md, z.dtype))
+        finally:
+            tmp.close()
+
+
+class QMatMul(_QLayer):
+    """One oneDNN integer matmul (QGemm) y = x @ w^T for fixed shapes, strides and dtypes: x int8/uint8
+    [M, K] or [..., M, K], w an int8 constant [N, K] (like nn.Linear; reordered once, shared by every batch),
+    b float32 [N] or None, y / z as QConvolution's of shape [..., M, N]. `run(x, y[, z])`."""
+
+    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 z: torch.Tensor | None, q: Requant, act: str = "", alpha: float = 0.0, beta: float = 0.0,
+                 act_first: bool = False) -> None:
+        tmp = self._begin(lib)
+        try:
+            nd = x.dim()
+            if w.dim() != 2 or nd < 2 or int(x.shape[-1]) != int(w.shape[1]) or y.dim() != nd:
+                raise KilnError(f"a matmul with weights {list(w.shape)}^T cannot read an input of shape "
+                                f"{list(x.shape)}")
+            n, kk = (int(s) for s in w.shape)
+            self._check(x, w, y, z, q, n)
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
+            b_md = _bias_md(lib, tmp, b, n, [1] * (nd - 1) + [n], [n] * (nd - 1) + [1])
+            attr, z_arg, z_md, fixed = self._attr(tmp, q, 1 << (nd - 1), z, act, alpha, beta, act_first)
+            w_kn = w.detach().t().contiguous().reshape([1] * (nd - 2) + [kk, n])  # [..., K, N]
+            pd = lib.pd(tmp, "matmul descriptor", lib.dll.dnnl_matmul_primitive_desc_create, lib.engine, src_md,
+                        lib.md(tmp, w_kn.shape, None, S8), b_md, dst_md, attr)
+            self._finish_q(tmp, pd, w_kn, b, b_md, fixed, (src_md, x.dtype), (dst_md, y.dtype),
+                           None if z is None else (z_arg, z_md, z.dtype))
+        finally:
+            tmp.close()
+
+
 class Reorder(_Primitive):
-    """One oneDNN reorder (a jit copy between layouts) for fixed source and destination shapes and strides."""
+    """One oneDNN reorder (a jit copy between layouts) for fixed source and destination shapes, strides and
+    dtypes (those of x and y)."""
 
     def __init__(self, lib: _Lib, x: torch.Tensor, y: torch.Tensor) -> None:
         tmp = self._begin(lib)
         try:
-            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
             pd = lib.pd(tmp, "reorder descriptor", lib.dll.dnnl_reorder_primitive_desc_create, src_md, lib.engine,
                         dst_md, lib.engine, lib.attr(tmp))
-            self._finish(pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+            self._finish(pd, [], [(ARG_SRC, src_md, x.dtype), (ARG_DST, dst_md, y.dtype)])
         finally:
             tmp.close()
 
@@ -490,12 +683,13 @@ class ChannelsLast:
 
     A tensor already in it passes through; any other (a network's NCHW input, a strided view) is copied
     by a cached oneDNN reorder into a buffer this object keeps per thread and reuses on every call
-    (about half the time of torch's permuting copy, and no allocation). `close()` frees the reorders and
+    (about half the time of torch's permuting copy, and no allocation). Copies tensors of `dtypes` only
+    (float32 by default; int8 layers pass their int8/uint8 activations). `close()` frees the reorders and
     every thread's buffer.
     """
 
-    def __init__(self, lib: _Lib) -> None:
-        self.lib = lib
+    def __init__(self, lib: _Lib, dtypes: tuple[torch.dtype, ...] = (FLOAT32,)) -> None:
+        self.lib, self.dtypes = lib, dtypes
         self.reorders: dict[tuple[Any, ...], Reorder] = {}
         self.local = threading.local()
         self.closed = False
@@ -505,13 +699,13 @@ class ChannelsLast:
             return x.contiguous()
         if x.is_contiguous(memory_format=torch.channels_last):
             return x
-        if x.dtype is not FLOAT32:
-            raise KilnError(f"takes float32 tensors, got {x.dtype}")
+        if x.dtype not in self.dtypes:
+            raise KilnError(f"takes {' or '.join(map(str, self.dtypes))} tensors, got {x.dtype}")
         local = self.local
         buf = getattr(local, "buf", None)
-        if buf is None or buf.shape != x.shape:
-            buf = local.buf = torch.empty(x.shape, memory_format=torch.channels_last)
-        key = (x.shape, x.stride())
+        if buf is None or buf.shape != x.shape or buf.dtype is not x.dtype:
+            buf = local.buf = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
+        key = (x.shape, x.stride(), x.dtype)
         prim = self.reorders.get(key)
         if prim is None:
             if self.closed:
@@ -606,16 +800,19 @@ class ReferenceFallback:
 
 
 def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made], fallback: ReferenceFallback,
-                 args: Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]] = lambda x, z: (x,)
+                 args: Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]] = lambda x, z: (x,),
+                 x_dtypes: tuple[torch.dtype, ...] = (FLOAT32,), z_dtypes: tuple[torch.dtype, ...] = (FLOAT32,),
+                 out_dtype: torch.dtype = FLOAT32
                  ) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]:
     """A layer's per-call function over primitives made once per input shape and strides.
 
     make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
-    into `out` (dense float32, channels-last for 4-D outputs: an arena slot) or a new tensor, and returns
-    it. Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`. A primitive is
-    keyed on its tensors' shapes and strides and refuses other dtypes (`_Primitive.run`), so every call
-    hands oneDNN exactly the layout it was made for. `run.close()` destroys the primitives; a call after
-    it raises KilnError.
+    into `out` (dense `out_dtype`, float32 by default, channels-last for 4-D outputs: an arena slot) or a
+    new tensor, and returns it. Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`.
+    x and z must have one of `x_dtypes` / `z_dtypes` (float32 by default). A primitive is keyed on its
+    tensors' shapes and strides and refuses other dtypes than it was made for (`_Primitive.run`), so every
+    call hands oneDNN exactly the layout it was made for. `run.close()` destroys the primitives; a call
+    after it raises KilnError.
     """
     cache: dict[tuple[Any, ...], tuple[_Primitive, tuple[int, ...], torch.memory_format]] = {}
     closed: list[bool] = []
@@ -626,8 +823,9 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
         if entry is None:
             if closed:
                 raise released(name)
-            if x.dtype is not FLOAT32 or (z is not None and z.dtype is not FLOAT32):
-                raise KilnError(f"'{name}' takes float32 tensors, got {x.dtype}"
+            if x.dtype not in x_dtypes or (z is not None and z.dtype not in z_dtypes):
+                want = " or ".join(str(t).replace("torch.", "") for t in x_dtypes)
+                raise KilnError(f"'{name}' takes {want} tensors, got {x.dtype}"
                                 f"{'' if z is None else f' and {z.dtype}'}")
             made = fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
             if made is None:
@@ -636,12 +834,12 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
             entry = cache[key] = (prim, shape, torch.channels_last if len(shape) == 4 else torch.contiguous_format)
         prim, shape, fmt = entry
         if out is None:
-            out = torch.empty(shape, memory_format=fmt)
-        elif out.shape != shape or not out.is_contiguous(memory_format=fmt):
-            raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)}"
-                            f"{' (channels-last)' if len(shape) == 4 else ''}, got {list(out.shape)} with "
-                            f"strides {list(out.stride())}")
-        prim.run(x, out) if z is None else prim.run(x, out, z)  # run refuses a tensor that is not float32
+            out = torch.empty(shape, dtype=out_dtype, memory_format=fmt)
+        elif out.shape != shape or not out.is_contiguous(memory_format=fmt) or out.dtype is not out_dtype:
+            raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)} "
+                            f"({str(out_dtype).replace('torch.', '')}{', channels-last' if len(shape) == 4 else ''}), "
+                            f"got {list(out.shape)} {out.dtype} with strides {list(out.stride())}")
+        prim.run(x, out) if z is None else prim.run(x, out, z)  # run refuses a tensor of another dtype
         return out
 
     def close() -> None:

@@ -14,6 +14,8 @@
 | cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
 | cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one program per image |
 | cuda.triton_attention     | Attention (4-D, no KV cache)             | flash attention, masks, causal, GQA       |
+| cuda.triton_qconv         | QConv (2-D, ungrouped)                   | int8 implicit-GEMM conv, requantizing epi.|
+| cuda.triton_qgemm         | QGemm                                    | int8 GEMM (or torch._int_mm), same epil.  |
 | cuda.channel_shuffle      | ChannelShuffle                           | one torch copy into the NHWC destination  |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
@@ -35,5 +37,5 @@ HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
     from kiln.backends.cuda import (  # noqa: F401
-        triton_attention, triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_reduce,
-        triton_se)
+        triton_attention, triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_qlayers,
+        triton_reduce, triton_se)

@@ -1,0 +1,150 @@
+"""INT8 against Kiln's float plans and ONNX Runtime, side by side in one process (issue 13).
+
+    python benchmarks/int8_bench.py --device cuda --batch 256          # H200: FP16 vs INT8(+FP16) throughput
+    python benchmarks/int8_bench.py --device cpu --batch 1             # CPU: FP32 vs INT8, ORT FP32 and ORT on a Q/DQ model
+
+The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights). INT8 ranges come from entropy
+calibration over `--calib-batches` batches of seeded random images (speed does not depend on the ranges; the
+error columns say how far each plan is from the FP32 reference on fresh inputs). On the CPU, onnxruntime runs the
+same network quantized by its own quantize_static (Q/DQ, per-channel int8 weights, int8 activations), and Kiln
+builds that Q/DQ model too. Prints a markdown table; writes it only with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None], runs: int, warmup: int = 5) -> float:
+    """Median milliseconds of `runs` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
+    ap.add_argument("--opt-level", type=int, default=3)
+    ap.add_argument("--out", help="also write the table here")
+    args = ap.parse_args()
+    from examples.zoo import resnet50
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.logger import Logger, Severity
+    from kiln.runtime import Engine
+    import onnxruntime as ort
+
+    cuda = args.device == "cuda"
+    batch = args.batch or (256 if cuda else 1)
+    torch.set_num_threads(args.threads if not cuda else torch.get_num_threads())
+    tmp = tempfile.mkdtemp()
+    fpath = resnet50.save_onnx(os.path.join(tmp, "resnet50.onnx"), 0, batch)
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((batch, *resnet50.INPUT_SHAPE)).astype(np.float32)}
+             for _ in range(args.calib_batches)]
+    x = rng.standard_normal((batch, *resnet50.INPUT_SHAPE)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads if not cuda else 0
+    ref = ort.InferenceSession(fpath, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0][:8]
+    logger = Logger(Severity.INFO)
+    rows: list[dict[str, Any]] = []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def kiln_row(label: str, path: str, **cfg: Any) -> None:
+        t0 = time.perf_counter()
+        plan = Builder(logger).build(path, BuilderConfig(device=args.device, optimization_level=args.opt_level, **cfg))
+        build_s = time.perf_counter() - t0
+        ops = [s["op"] for s in plan.graph["steps"]]
+        ctx = Engine(plan).create_execution_context()
+        xin = torch.from_numpy(x).cuda() if cuda else x
+        run = (lambda: ctx.execute_async({"input": xin})) if cuda else (lambda: ctx.execute({"input": xin}))
+        ms = timed(run, sync, args.runs)
+        out = ctx.execute({"input": x})
+        y = np.asarray(list(out.values())[0], dtype=np.float32)[:8]
+        rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref), "build_s": build_s,
+                     "int_layers": ops.count("QConv") + ops.count("QGemm"), "layers": plan.build.get("layers")})
+        logger.info(f"{label}: {ms:.3f} ms")
+
+    if cuda:
+        kiln_row("Kiln FP16", fpath, fp16=True)
+        kiln_row("Kiln INT8 + FP16", fpath, fp16=True, int8=True, calibration_data=calib)
+    else:
+        kiln_row("Kiln FP32", fpath)
+        kiln_row("Kiln INT8", fpath, int8=True, calibration_data=calib)
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter([{"input": c["input"][:1]} for c in calib for _ in range(1)])
+
+            def get_next(self) -> Any:
+                return next(self.it, None)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        prepped = os.path.join(tmp, "resnet50_prepped.onnx")  # BN folded into the convs, as ORT recommends
+        quant_pre_process(fpath, prepped)
+        qpath = os.path.join(tmp, "resnet50_qdq.onnx")
+        quantize_static(prepped, qpath, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=True)
+        kiln_row("Kiln on ORT's Q/DQ model", qpath)
+        for label, path in (("ORT FP32", fpath), ("ORT on its Q/DQ model", qpath)):
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            ms = timed(lambda: sess.run(None, {"input": x}), sync, args.runs)
+            y = sess.run(None, {"input": x})[0][:8]
+            rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
+    base = rows[0]["ms"]
+    dev = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {args.threads} threads"
+    lines = [f"Command: `python benchmarks/int8_bench.py {' '.join(sys.argv[1:])}`",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {dev}; torch {torch.__version__}, "
+             f"onnxruntime {ort.__version__}. ResNet-50, batch {batch}, median of {args.runs}.", "",
+             "| engine | ms | img/s | speed vs first row | rel. error vs ORT FP32 | integer layers | build s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['ms']:.3f} | {r['img_s']:.0f} | {base / r['ms']:.2f}x | {r['err']:.2e} | "
+                     f"{r.get('int_layers', '-')} | {r.get('build_s', 0):.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Triton INT8 kernels: implicit-GEMM 2-D convolution over NHWC int8/uint8 activations and a GEMM (the
+QConv / QGemm layers, kiln.ops.qlayers), with the fused float32 epilogue and a requantizing store.
+
+Integer core: int8 x int8 products accumulate exactly in int32 through ``tl.dot(out_dtype=tl.int32)``
+(tensor cores; BLOCK_K is always a multiple of 32). The weight is prepacked K-major: a conv's as
+[K_out, KH*KW*C] (tap-major, then input channel), a GEMM's [N, K] as given; Hopper's 8-bit wgmma reads
+both operands K-major, and NHWC activations already are.
+
+Zero points without leaving int8: a uint8 activation is shifted to int8 on load (x - 128) and its zero
+point with it (zp_s8 = x_zero_point - 128; int8 input: zp_s8 = x_zero_point). Padded positions (and
+masked lanes) load the zero point itself, so every tap contributes x_s8 * w with x_s8 = zp_s8 outside
+the image, and the epilogue subtracts ``corr[k] = zp_s8 * colsum(W)[k]`` (int32, computed once at
+build): acc = sum over the valid taps of (X - x_zero_point) * W, exactly.
+
+Epilogue (float32, in the order of the spec): v = float32(acc) * m[k] + B[k] with m[k] = x_scale *
+w_scales[k] rounded once to float32; the residual r = (float32(Z) - z_zero_point) * z_scale (a float Z:
+zero point 0, scale 1); act(v + r) or act(v) + r with the activation codes of triton_act. An integer
+output is rounded half to even by adding and subtracting 1.5 * 2**23 to v * (1 / y_scale) clamped to
++-2**22 (exact in float32 arithmetic), offset by y_zero_point and saturated; a float output is cast.
+Split-K adds int32 partial sums (exact: the result does not depend on the split). The GPU compiler may
+contract a multiply and the add after it into one FMA (one rounding instead of two): the results are
+bit-exact when the scales are powers of two, and within one quantization step otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.cuda.common import ConvGeometry, Epilogue, Out, activate_, out_list
+from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_conv import _nhwc_ok, _p2, split_configs, split_k_workspace
+from kiln.backends.cuda.triton_launch import launch
+from kiln.ops.qlayers import QuantSpec
+
+Tensor = torch.Tensor
+
+QUANT_RANGES: dict[torch.dtype, tuple[int, int]] = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+"""The integer output types and their saturation ranges."""
+
+_ROUND_LIMIT = 4194304.0  # 2**22: |v| below it rounds exactly by adding and subtracting 1.5 * 2**23
+
+_RUNTIME = ["x_pad", "z_zp", "z_scale", "y_inv_scale", "y_zp", "q_lo", "q_hi", "alpha", "beta",
+            "has_bias", "has_z", "act", "act_before_add", "has_y2"]
+
+
+@triton.jit
+def _to_s8(a, X_U8: tl.constexpr):
+    """An activation block as int8: uint8 shifted by -128 (its zero point shifted likewise on the host)."""
+    if X_U8:
+        a = (a.to(tl.int16) - 128).to(tl.int8)
+    return a
+
+
+@triton.jit
+def _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                has_bias, act, act_before_add, alpha, beta, QUANT: tl.constexpr):
+    """int32 accumulator -> the stored value in float32: zero-point correction, per-channel multiplier,
+    bias, residual z (already dequantized) and activation in the fused order, then (QUANT) the
+    requantization to integral values within [q_lo, q_hi]."""
+    acc = acc - tl.load(corr_ptr + offs_n, mask=n_mask, other=0)[None, :]
+    v = acc.to(tl.float32) * tl.load(m_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    v = finish(v, b_ptr, offs_n, n_mask, z, has_bias, act, act_before_add, alpha, beta)
+    if QUANT:
+        q = tl.minimum(tl.maximum(v * y_inv_scale, -4194304.0), 4194304.0)  # +-2**22
+        q = (q + 12582912.0) - 12582912.0  # + 1.5 * 2**23 rounds to an integer, half to even
+        v = tl.minimum(tl.maximum(q + y_zp, q_lo), q_hi)
+    return v
+
+
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "CB", "ITS",
+                               *_RUNTIME])
+def _qconv2d_nhwc_kernel(
+    x_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
+    M, C, H, W, K, OH, OW, KRED,
+    sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+    KH, KW, SH, SW, PH, PW, DH, DW, CB, ITS,
+    x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
+    has_bias, has_z, act, act_before_add, has_y2,
+    X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FLAT: tl.constexpr,
+):
+    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, ITS, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < K
+    ohw = OH * OW
+    nb = offs_m // ohw
+    r = offs_m - nb * ohw
+    oh = r // OW
+    ow = r - oh * OW
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_row = nb * sxn
+    w_col = offs_n * KRED
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for it in range(it_lo, it_hi):
+        if FLAT:  # few input channels: one reduction step spans several taps (k = tap * C + c)
+            ks = it * BLOCK_K + offs_k
+            k_ok = ks < KRED
+            tap_k = ks // C
+            c_k = ks - tap_k * C
+            kh_k = tap_k // KW
+            ih2 = ih0[:, None] + (kh_k * DH)[None, :]
+            iw2 = iw0[:, None] + ((tap_k - kh_k * KW) * DW)[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + ih2 * sxh + iw2 * sxw + c_k[None, :],
+                        mask=m_mask[:, None] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W), other=x_pad)
+            b = tl.load(w_ptr + w_col[None, :] + ks[:, None], mask=k_ok[:, None] & n_mask[None, :], other=0)
+        else:
+            tap = it // CB
+            c0 = (it - tap * CB) * BLOCK_K
+            kh = tap // KW
+            ih = ih0 + kh * DH
+            iw = iw0 + (tap - kh * KW) * DW
+            inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            cs = c0 + offs_k
+            c_mask = cs < C
+            a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + cs[None, :],
+                        mask=inside[:, None] & c_mask[None, :], other=x_pad)
+            b = tl.load(w_ptr + w_col[None, :] + (tap * C + cs)[:, None], mask=c_mask[:, None] & n_mask[None, :],
+                        other=0)
+        acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
+
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, K, SPLIT_K)
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if has_z != 0:
+        z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + offs_n[None, :], mask=y_mask, other=0)
+        z = (z.to(tl.float32) - z_zp) * z_scale
+    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                    has_bias, act, act_before_add, alpha, beta, QUANT)
+    tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
+             v.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2 != 0:  # a second destination (a value written into two elided Concats)
+        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + offs_n[None, :],
+                 v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit(do_not_specialize=["M", *_RUNTIME])
+def _qgemm_kernel(
+    a_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
+    M, N, K, sam, sak, szm, sym, sym2,
+    x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
+    has_bias, has_z, act, act_before_add, has_y2,
+    X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, N, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(it_lo * BLOCK_K, it_hi * BLOCK_K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        a = tl.load(a_ptr + offs_m[:, None] * sam + ks[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :],
+                    other=x_pad)
+        b = tl.load(w_ptr + offs_n[None, :] * K + ks[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, N, SPLIT_K)
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if has_z != 0:
+        z = tl.load(z_ptr + offs_m[:, None] * szm + offs_n[None, :], mask=y_mask, other=0)
+        z = (z.to(tl.float32) - z_zp) * z_scale
+    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                    has_bias, act, act_before_add, alpha, beta, QUANT)
+    tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2 != 0:
+        tl.store(y2_ptr + offs_m[:, None] * sym2 + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _f32(v: float) -> float:
+    """v rounded to the nearest float32 (what the kernels compute with)."""
+    return float(torch.tensor(v, dtype=torch.float64).to(torch.float32).item())
+
+
+@dataclass(frozen=True)
+class QuantEpilogue:
+    """Everything after the integer product, prepared once at build: device vectors and float32 scalars.
+
+    corr:  int32 [K_out], zp_s8 * colsum(W) (subtracted from the accumulator; see the module doc)
+    m:     float32 [K_out], x_scale * w_scales[k] rounded once to float32 (QuantSpec.multipliers)
+    bias:  float32 [K_out] or None
+    x_pad: the raw input zero point (what padded positions load, before the uint8 shift)
+    """
+
+    corr: Tensor
+    m: Tensor
+    bias: Tensor | None
+    x_pad: int
+    x_u8: bool
+    z_scale: float
+    z_zp: float
+    y_inv_scale: float
+    y_zp: float
+    out_dtype: torch.dtype
+    ep: Epilogue
+
+    @classmethod
+    def make(cls, wk: Tensor, x_u8: bool, q: QuantSpec, bias: Tensor | None, ep: Epilogue) -> "QuantEpilogue":
+        """From the K-major int8 weight wk [K_out, R] (on the kernel's device), whether the input is uint8,
+        the layer's quantization attributes and epilogue."""
+        zp_s8 = q.x_zero_point - (128 if x_u8 else 0)
+        corr = (wk.to(torch.int64).sum(1) * zp_s8).to(torch.int32)
+        quant = q.quantized_out
+        return cls(corr, q.multipliers(wk.shape[0]).to(wk.device).contiguous(),
+                   None if bias is None else bias.to(device=wk.device, dtype=torch.float32).contiguous(),
+                   q.x_zero_point, x_u8, _f32(q.z_scale), float(q.z_zero_point),
+                   _f32(1.0 / q.y_scale) if quant else 1.0, float(q.y_zero_point) if quant else 0.0, q.out_torch, ep)
+
+    @property
+    def quant(self) -> bool:
+        return self.out_dtype in QUANT_RANGES
+
+    def residual(self, z: Tensor | None) -> tuple[float, float]:
+        """(zero point, scale) dequantizing the residual: the layer's for an integer Z, identity for a float one."""
+        if z is None or z.is_floating_point():
+            return 0.0, 1.0
+        return self.z_zp, self.z_scale
+
+    def scalars(self, z: Tensor | None) -> list[Any]:
+        """The kernels' run-time epilogue arguments, from x_pad through act_before_add."""
+        lo, hi = QUANT_RANGES.get(self.out_dtype, (0, 0))
+        z_zp, z_scale = self.residual(z)
+        return [self.x_pad, z_zp, z_scale, self.y_inv_scale, self.y_zp, float(lo), float(hi), self.ep.alpha,
+                self.ep.beta, int(self.bias is not None), int(z is not None), self.ep.code,
+                int(self.ep.act_before_add)]
+
+    def torch_epilogue(self, acc: Tensor, z: Tensor | None) -> Tensor:
+        """The same epilogue in torch on an int32 accumulator [..., K_out] (the cuBLASLt int8 path)."""
+        v = (acc - self.corr).to(torch.float32) * self.m
+        if self.bias is not None:
+            v = v + self.bias
+        r = None
+        if z is not None:
+            z_zp, z_scale = self.residual(z)
+            r = (z.to(torch.float32) - z_zp) * z_scale
+        if r is not None and not self.ep.act_before_add:
+            v = v + r
+        v = activate_(v, self.ep.activation, self.ep.alpha, self.ep.beta)
+        if r is not None and self.ep.act_before_add:
+            v = v + r
+        if not self.quant:
+            return v.to(self.out_dtype)
+        lo, hi = QUANT_RANGES[self.out_dtype]
+        q = torch.round((v * self.y_inv_scale).clamp(-_ROUND_LIMIT, _ROUND_LIMIT)) + self.y_zp
+        return q.clamp(lo, hi).to(self.out_dtype)
+
+
+def _kwargs(qe: QuantEpilogue, cfg: dict[str, Any], split: int) -> dict[str, Any]:
+    return dict(X_U8=qe.x_u8, QUANT=qe.quant, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                GROUP_M=cfg.get("GROUP_M", 8), SPLIT_K=split, num_warps=cfg.get("num_warps", 4),
+                num_stages=cfg.get("num_stages", 3))
+
+
+def _workspace(m: int, n: int, cfg: dict[str, Any], like: Tensor) -> tuple[int, int, Tensor, Tensor]:
+    """(tiles, split, int32 partial sums [M, N], tile counters) of a launch (dummies without split-K)."""
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    split = int(cfg.get("SPLIT_K", 1))
+    ws, cnt = split_k_workspace(m, n, tiles, split, like)
+    return tiles, split, (ws.view(torch.int32) if split > 1 else ws), cnt
+
+
+def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo: ConvGeometry,
+                 cfg: dict[str, Any], out: Out = None) -> Tensor:
+    """Launch the int8 implicit-GEMM conv: x [N,C,H,W] int8/uint8 (any NHWC-like strides), wk the K-major
+    weight [K_out, KH*KW*C] -> y [N,K_out,OH,OW] channels_last in qe.out_dtype, or stored into the one or
+    two `out` tensors (channel stride 1)."""
+    x = _nhwc_ok(x)
+    n, c, h, w = x.shape
+    k = wk.shape[0]
+    oh, ow = geo.out_hw(h, w)
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=qe.out_dtype,
+                                         memory_format=torch.channels_last)
+    y2 = outs[1] if len(outs) > 1 else y
+    if z is not None:
+        z = _nhwc_ok(z)
+    m = n * oh * ow
+    tiles, split, ws, cnt = _workspace(m, k, cfg, y)
+    zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
+    flat = bool(cfg.get("FLAT", False))
+    bk = cfg["BLOCK_K"]
+    taps = geo.kernel[0] * geo.kernel[1]
+    its = triton.cdiv(taps * c, bk) if flat else taps * triton.cdiv(c, bk)
+    launch(_qconv2d_nhwc_kernel, (tiles * split,), [
+        x, wk, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y, y2, ws, cnt,
+        m, c, h, w, k, oh, ow, taps * c,
+        x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], y.stride(0), y.stride(2), y.stride(3),
+        y2.stride(0), y2.stride(2), y2.stride(3),
+        geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1],
+        geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk), its,
+        *qe.scalars(z), int(y2 is not y)],
+        {**_kwargs(qe, cfg, split), "FLAT": flat})
+    return y
+
+
+def qgemm(a: Tensor, w: Tensor, qe: QuantEpilogue, z: Tensor | None, y: Tensor, cfg: dict[str, Any],
+          y2: Tensor | None = None) -> Tensor:
+    """y[M, N] = epilogue(a[M, K] @ w[N, K]^T) in int32, also stored into y2 if given; z, y, y2 need unit
+    column stride, w is contiguous."""
+    m, k = a.shape
+    n = w.shape[0]
+    tiles, split, ws, cnt = _workspace(m, n, cfg, y)
+    launch(_qgemm_kernel, (tiles * split,), [
+        a, w, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y,
+        y2 if y2 is not None else y, ws, cnt,
+        m, n, k, a.stride(0), a.stride(1), z.stride(0) if z is not None else 0, y.stride(0),
+        y2.stride(0) if y2 is not None else 0,
+        *qe.scalars(z), int(y2 is not None)],
+        _kwargs(qe, cfg, split))
+    return y
+
+
+def qgemm_int_mm(a: Tensor, w: Tensor, qe: QuantEpilogue, z: Tensor | None) -> Tensor:
+    """The same product through torch._int_mm (cuBLASLt int8; M > 16, K and N multiples of 8) and the
+    epilogue in torch: a config the autotuner weighs against the Triton kernel on large shapes."""
+    a8 = (a.to(torch.int16) - 128).to(torch.int8) if qe.x_u8 else a
+    acc = torch._int_mm(a8.contiguous(), w.t())
+    return qe.torch_epilogue(acc, z)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for int8 on sm_90, most generally useful first (one byte
+# per element: deeper BLOCK_K than the float tiles for the same shared memory)
+QTILES: list[tuple[int, int, int, int, int]] = [
+    (128, 128, 128, 8, 3),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (128, 256, 128, 8, 3),
+    (64, 64, 64, 4, 5),
+    (32, 64, 128, 4, 4),
+    (64, 32, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (32, 32, 64, 2, 4),
+    (32, 32, 32, 2, 4),
+]
+
+
+def qtile_configs(m: int | None, n: int, k: int | None, level: int, k_red: int | None = None) -> list[dict[str, Any]]:
+    """Tile configs for an int8 problem of M x N (reduction chunk k, whole reduction k_red): tiles no larger
+    than the problem, the first few by optimization level, plus split-K configs (level >= 2) when there are
+    too few tiles to fill the GPU."""
+    out = []
+    for bm, bn, bk, warps, stages in QTILES:
+        if (m is not None and bm > max(32, _p2(m))) or bn > max(32, _p2(n)) or (k is not None and bk > max(32, _p2(k))):
+            continue
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+                    "num_stages": stages})
+    limit = {0: 1, 1: 2, 2: 3, 3: 5}.get(level, len(out))  # level 4+: every tile (more Triton compiles)
+    out = out[:limit]
+    if level >= 2 and k_red is not None:
+        out += split_configs(m, n, k_red)
+    return out

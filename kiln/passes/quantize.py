@@ -1,0 +1,366 @@
+"""INT8: Q/DQ models and calibrated ranges become integer layers (QConv, QGemm: kiln.ops.qlayers).
+
+Both roads meet in one representation, QuantizeLinear / DequantizeLinear around float layers:
+
+* explicit: a Q/DQ model (onnxruntime's quantize_static, PyTorch's exporters, Model Optimizer) brings them.
+  `FoldWeightDequantize` (first in the pipeline) folds each weight's DequantizeLinear into a float constant
+  that remembers its scales (Value.quant), so the float passes (conv and gemm fusion) run as on any model;
+* implicit: `InsertQuantization` (the builder, after calibration or with explicit dynamic ranges) puts a
+  symmetric int8 Q/DQ pair of each calibrated range in front of every conv/gemm layer's input and residual and
+  behind outputs that only such layers read.
+
+`FuseQuantizedLayers` then turns DequantizeLinear -> FusedConv/FusedGemm (bias, activation, residual) ->
+QuantizeLinear into one integer layer with int8 weights (the remembered scales, else per output channel), where
+the target has an integer kernel for it (else the layer stays float between its Q/DQ nodes, as in TensorRT).
+`PropagateQuantization` moves a DequantizeLinear below the ops that commute with it (max pooling, reshapes,
+transposes, slices, nearest resizing: they then move int8 data) and removes each DequantizeLinear ->
+QuantizeLinear pair of equal parameters, so int8 activations flow from one integer layer to the next.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kiln.backends.tactic import TacticContext, candidate_tactics
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import QuantParams, TensorType
+from kiln.ops.qlayers import FLOAT, INT8, UINT8
+from kiln.ops.registry import lookup
+from kiln.passes.base import Pass, PassContext
+from kiln.passes.rewrite import Uses, const, is_op, remove_node, replace_nodes, restore_order
+
+Tensor = torch.Tensor
+
+_CODE = {torch.int8: INT8, torch.uint8: UINT8}
+COMMUTING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+                           "Identity", "Slice", "Resize", "DepthToSpace", "SpaceToDepth"})
+"""Ops whose result on dequantized data equals the dequantization of their result on the integers (per-tensor
+parameters): they only select, move or take the maximum of elements (Resize only in nearest mode)."""
+
+
+@dataclass(frozen=True)
+class QParams:
+    """The per-tensor parameters of a QuantizeLinear / DequantizeLinear of 8-bit integers."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+
+
+def qparams(n: Node | None) -> QParams | None:
+    """n's constant per-tensor scale, zero point and integer type; None for anything else (per-axis, blocked,
+    float8, a runtime scale, a non-positive scale)."""
+    if not is_op(n, "QuantizeLinear", "DequantizeLinear") or int(n.attr("block_size", 0) or 0):  # type: ignore[union-attr]
+        return None
+    s, z = const(n.input(1)), const(n.input(2))  # type: ignore[union-attr]
+    if s is None or s.numel() != 1 or (n.input(2) is not None and (z is None or z.numel() != 1)):  # type: ignore[union-attr]
+        return None
+    scale = float(s.reshape(()).item())
+    if not (math.isfinite(scale) and scale > 0):
+        return None
+    if n.op_type == "DequantizeLinear":  # type: ignore[union-attr]
+        dtype = n.inputs[0].type.dtype  # type: ignore[union-attr]
+        dtype = None if dtype is None else dtype.torch
+    elif z is not None:
+        dtype = z.dtype
+    else:
+        code = int(n.attr("output_dtype", 0) or 0)  # type: ignore[union-attr]
+        dtype = {0: torch.uint8, 2: torch.uint8, 3: torch.int8}.get(code)
+    if dtype not in _CODE or (z is not None and z.dtype != dtype):
+        return None
+    return QParams(scale, 0 if z is None else int(z.reshape(()).item()), dtype)
+
+
+class FoldWeightDequantize(Pass):
+    """DequantizeLinear of an int8 constant (zero point 0: a quantized weight) -> a float constant whose
+    Value.quant keeps the scales, so that the integer layer gets the model's own int8 weights back."""
+
+    name = "weight dequantize folding"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        outputs = {id(v) for v in g.outputs}
+        for n in list(g.nodes):
+            if not is_op(n, "DequantizeLinear") or id(n.outputs[0]) in outputs:
+                continue
+            x, s, z = const(n.input(0)), const(n.input(1)), const(n.input(2))
+            if x is None or s is None or x.dtype != torch.int8 or (n.input(2) is not None and z is None):
+                continue
+            if (z is not None and bool((z != 0).any())) or int(n.attr("block_size", 0) or 0) or s.dim() > 1:
+                continue
+            w = lookup("DequantizeLinear", "").compute(n, x, s, z)
+            v = g.constant(n.outputs[0].name + "_folded", w.contiguous())
+            axis = int(n.attr("axis", 1)) % max(x.dim(), 1) if s.numel() > 1 else None
+            v.quant = QuantParams(tuple(float(e) for e in s.reshape(-1).tolist()), 0, axis)
+            g.replace_uses(n.outputs[0], v)
+            remove_node(g, n)
+            changed = True
+        return changed
+
+
+def quantize_weight(v: Value, channels: int) -> tuple[Tensor, list[float]]:
+    """int8 weights [channels, ...] (symmetric, zero point 0) and their scales (one, or one per output channel).
+
+    A constant folded from the model's own DequantizeLinear (Value.quant, per tensor or along axis 0) keeps its
+    scales. Otherwise a weight lying exactly on one per-tensor grid amax/127 (a per-tensor quantized weight the
+    float passes moved, e.g. transposed) keeps that grid; any other gets per-channel scales amax_k / 127."""
+    w = v.const.float()  # type: ignore[union-attr]
+    q = v.quant
+    if q is not None and (q.axis in (None, 0)):
+        scales = list(q.scale) if isinstance(q.scale, tuple) else [float(q.scale)]
+        if len(scales) in (1, channels):
+            s = torch.tensor(scales, dtype=torch.float32).reshape(-1, *([1] * (w.dim() - 1)))
+            return torch.round(w / s).clamp(-127, 127).to(torch.int8), scales
+    amax_t = float(w.abs().max()) if w.numel() else 0.0
+    if amax_t > 0:
+        s_t = amax_t / 127.0
+        if float((torch.round(w / s_t) * s_t - w).abs().max()) <= 1e-6 * amax_t:
+            return torch.round(w / s_t).clamp(-127, 127).to(torch.int8), [s_t]
+    amax = w.reshape(channels, -1).abs().amax(dim=1).double()
+    scales_t = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    wq = torch.round(w.double() / scales_t.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127)
+    return wq.to(torch.int8), [float(s) for s in scales_t]
+
+
+def _layer_kind(n: Node) -> str | None:
+    """'QConv' / 'QGemm' for the float layers an integer layer can replace (2-D convs, gemms), else None."""
+    if n.domain != "kiln" or n.attr("out_dtype") is not None:
+        return None
+    w = const(n.input(1))
+    if w is None or w.dtype != torch.float32 or (n.input(2) is not None and const(n.input(2)) is None):
+        return None
+    if n.op_type == "FusedConv" and w.dim() == 4:
+        return "QConv"
+    if n.op_type == "FusedGemm" and w.dim() == 2:
+        return "QGemm"
+    return None
+
+
+def has_integer_kernel(node: Node, device: str) -> bool:
+    """Whether a tactic other than the reference runs this integer layer on the target."""
+    ctx = TacticContext(torch.device(device))
+    return any(t.id != "ref" for t in candidate_tactics(node, ctx))
+
+
+class FuseQuantizedLayers(Pass):
+    """DequantizeLinear -> FusedConv/FusedGemm (-> QuantizeLinear) -> QConv/QGemm (see the module doc)."""
+
+    name = "integer layer fusion"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in list(g.nodes):
+            kind = _layer_kind(n)
+            if kind is not None and self._fuse(g, n, kind, uses, ctx):
+                changed = True
+                uses.refresh()
+        return changed
+
+    def _fuse(self, g: Graph, n: Node, kind: str, uses: Uses, ctx: PassContext) -> bool:
+        dq = n.inputs[0].producer
+        xp = qparams(dq)
+        if xp is None or not is_op(dq, "DequantizeLinear"):
+            return False
+        wv = n.inputs[1]
+        channels = int(wv.const.shape[0])  # type: ignore[union-attr]
+        wq, w_scales = quantize_weight(wv, channels)
+        b = const(n.input(2))
+        attrs = {k: v for k, v in n.attrs.items() if k != "out_dtype"}
+        attrs.update(x_scale=xp.scale, x_zero_point=xp.zero_point, w_scales=w_scales)
+        z = n.input(3)
+        if z is not None:
+            zp = qparams(z.producer) if is_op(z.producer, "DequantizeLinear") else None
+            if zp is not None:
+                attrs.update(z_scale=zp.scale, z_zero_point=zp.zero_point)
+                z = z.producer.inputs[0]  # type: ignore[union-attr]
+            elif z.type.dtype != DType.FLOAT32:
+                return False
+        y = n.outputs[0]
+        q = uses.only(y)
+        qp = qparams(q) if is_op(q, "QuantizeLinear") else None
+        if qp is not None:
+            out = q.outputs[0]  # type: ignore[union-attr]
+            attrs.update(y_scale=qp.scale, y_zero_point=qp.zero_point, out_dtype=_CODE[qp.dtype])
+        else:
+            out = y
+            attrs["out_dtype"] = FLOAT
+        inputs = [dq.inputs[0], g.constant(wv.name + "_int8", wq),  # type: ignore[union-attr]
+                  None if b is None else g.constant(n.input(2).name + "_f32", b.float().contiguous()), z]  # type: ignore[union-attr]
+        while inputs[-1] is None:
+            inputs.pop()
+        probe = Node(kind, inputs, [Value("probe", out.type)], attrs, name=n.name, domain="kiln", opset=1)
+        if not has_integer_kernel(probe, ctx.device):
+            ctx.logger.verbose(f"Keeping {n.name} in float between its Q/DQ nodes: no integer kernel on "
+                               f"{ctx.device} for it")
+            return False
+        fused = Node(kind, inputs, [out], attrs, name=n.name, domain="kiln", opset=1)
+        replace_nodes(g, [n] + ([q] if qp is not None else []), [fused])  # type: ignore[list-item]
+        per = "per-channel" if len(w_scales) > 1 else "per-tensor"
+        ctx.logger.verbose(f"Fusing {dq.name} -> {n.name}" + (f" -> {q.name}" if qp is not None else "")  # type: ignore[union-attr]
+                           + f" into integer layer {kind} {n.name} ({str(xp.dtype).replace('torch.', '')} in, "
+                           f"{out.type.dtype.value if out.type.dtype else '?'} out, {per} int8 weights"
+                           + (", int8 residual" if "z_scale" in attrs else "") + ")")
+        return True
+
+
+class PropagateQuantization(Pass):
+    """DequantizeLinear moved below commuting ops; DequantizeLinear -> QuantizeLinear pairs of equal parameters
+    removed (see the module doc)."""
+
+    name = "Q/DQ propagation"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in list(g.nodes):
+            if is_op(n, "QuantizeLinear"):
+                changed |= self._cancel(g, n, uses, ctx)
+            elif is_op(n, *COMMUTING_OPS):
+                if self._commute(g, n, uses, ctx):
+                    changed = True
+                    uses.refresh()
+        if changed:
+            restore_order(g)
+        return changed
+
+    @staticmethod
+    def _cancel(g: Graph, q: Node, uses: Uses, ctx: PassContext) -> bool:
+        dq = q.inputs[0].producer
+        if not is_op(dq, "DequantizeLinear") or uses.is_output(q.outputs[0]):
+            return False
+        a, b = qparams(dq), qparams(q)
+        if a is None or a != b:
+            return False
+        g.replace_uses(q.outputs[0], dq.inputs[0])  # type: ignore[union-attr]
+        remove_node(g, q)
+        ctx.logger.verbose(f"Removing {dq.name} -> {q.name}: equal quantization, the int8 values flow on")  # type: ignore[union-attr]
+        return True
+
+    @staticmethod
+    def _commute(g: Graph, op: Node, uses: Uses, ctx: PassContext) -> bool:
+        dq = op.inputs[0].producer if op.inputs and op.inputs[0] is not None else None
+        p = qparams(dq) if is_op(dq, "DequantizeLinear") else None
+        if p is None or len(op.outputs) != 1 or any(v is not None and not v.is_const for v in op.inputs[1:]):
+            return False
+        if op.op_type == "Resize" and (op.attr("mode", "nearest") or "nearest") != "nearest":
+            return False
+        out = op.outputs[0]
+        shape = out.type.shape
+        vi = Value(g.unique_name(out.name + "_int8"), TensorType(DType.from_torch(p.dtype), shape))
+        op.inputs[0] = dq.inputs[0]  # type: ignore[union-attr]
+        op.outputs = [vi]
+        vi.producer = op
+        new_dq = Node("DequantizeLinear", [vi, dq.inputs[1], *dq.inputs[2:3]], [out], {},  # type: ignore[union-attr]
+                      name=g.unique_name(dq.name + "_after_" + op.name), opset=max(dq.opset, 13))  # type: ignore[union-attr]
+        g.nodes.insert(g.nodes.index(op) + 1, new_dq)
+        ctx.logger.verbose(f"Moving {dq.name} below {op.name} ({op.op_type} commutes with it: int8 data moves)")  # type: ignore[union-attr]
+        return True
+
+
+class InsertQuantization(Pass):
+    """Implicit INT8: symmetric int8 Q/DQ pairs of calibrated ranges around the conv/gemm layers (module doc).
+
+    ranges: tensor name -> amax (the int8 scale is amax / 127); layers named in `exclude` stay float."""
+
+    name = "Q/DQ insertion"
+
+    def __init__(self, ranges: dict[str, float], exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        self.ranges, self.exclude = ranges, set(exclude)
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        uses = Uses(g)
+        layers = {id(n) for n in g.nodes if _layer_kind(n) is not None and n.name not in self.exclude}
+        amax: dict[int, float] = {}  # value -> its range (a commuting op's output: its input's range)
+        targets: dict[int, Value] = {}
+        for n in g.nodes:
+            if id(n) not in layers:
+                continue
+            for v in (n.inputs[0], n.input(3)):
+                if v is not None and not v.is_const:
+                    targets[id(v)] = v
+            y = n.outputs[0]
+            chain = _int8_chain(y, uses, layers)
+            found = [self.ranges[u.name] for u in [y, *(chain or [])] if u.name in self.ranges]
+            a = max(found) if found else None  # the widest: a max pool's output (what the layers read) is wider
+            if chain is not None and a is not None:
+                targets[id(y)] = y
+                for u in chain:  # the int8 data moves through these ops unchanged: one scale for all
+                    amax[id(u)] = a
+                    targets[id(u)] = u
+        inserted = 0
+        for v in targets.values():
+            a = amax.get(id(v), self.ranges.get(v.name))
+            if a is None or not (math.isfinite(a) and a > 0) or v.type.dtype != DType.FLOAT32:
+                continue
+            readers = [r for r in uses.of(v) if (id(r) in layers and _reads_as_data(r, v))
+                       or (is_op(r, *COMMUTING_OPS) and id(r.outputs[0]) in amax)]
+            if readers:
+                self._insert(g, v, a / 127.0, readers)
+                inserted += 1
+        if inserted:
+            restore_order(g)
+            ctx.logger.verbose(f"Inserted int8 Q/DQ pairs on {inserted} tensors from their ranges")
+        return inserted > 0
+
+    @staticmethod
+    def _insert(g: Graph, v: Value, scale: float, readers: list[Node]) -> None:
+        s = g.constant(v.name + "_scale", torch.tensor(scale, dtype=torch.float32))
+        zp = g.constant(v.name + "_zero_point", torch.tensor(0, dtype=torch.int8))
+        vq = Value(g.unique_name(v.name + "_q"), TensorType(DType.INT8, v.type.shape))
+        vd = Value(g.unique_name(v.name + "_dq"), v.type)
+        qn = Node("QuantizeLinear", [v, s, zp], [vq], {}, name=g.unique_name(v.name + "_quantize"), opset=13)
+        dn = Node("DequantizeLinear", [vq, s, zp], [vd], {}, name=g.unique_name(v.name + "_dequantize"), opset=13)
+        at = g.nodes.index(v.producer) + 1 if v.producer is not None and v.producer in g.nodes else 0
+        g.nodes[at:at] = [qn, dn]
+        for r in readers:
+            r.inputs = [vd if (x is v and i in ((0, 3) if r.domain == "kiln" else (0,))) else x
+                        for i, x in enumerate(r.inputs)]
+
+
+def _int8_chain(y: Value, uses: Uses, layers: set[int]) -> list[Value] | None:
+    """The outputs of the commuting ops between y and the layers reading it, when every path from y ends in a
+    layer reading it as data (then y can stay int8 all the way); None otherwise."""
+    chain: list[Value] = []
+    todo = [y]
+    while todo:
+        v = todo.pop()
+        readers = uses.of(v)
+        if not readers or uses.is_output(v):
+            return None
+        for r in readers:
+            if id(r) in layers and _reads_as_data(r, v):
+                continue
+            if is_op(r, *COMMUTING_OPS) and len(r.outputs) == 1 and r.inputs[0] is v and \
+                    all(x is None or x.is_const for x in r.inputs[1:]) and \
+                    (r.op_type != "Resize" or (r.attr("mode", "nearest") or "nearest") == "nearest"):
+                chain.append(r.outputs[0])
+                todo.append(r.outputs[0])
+                continue
+            return None
+    return chain
+
+
+def _reads_as_data(n: Node, v: Value) -> bool:
+    """Whether layer n reads v only as its input X or its residual Z."""
+    return all(i in (0, 3) for i, x in enumerate(n.inputs) if x is v)
+
+
+def calibration_targets(g: Graph, exclude: set[str] | frozenset[str] = frozenset()) -> list[Value]:
+    """The float tensors InsertQuantization may quantize: each conv/gemm layer's input, residual and output."""
+    seen: dict[int, Value] = {}
+    for n in g.nodes:
+        if _layer_kind(n) is None or n.name in exclude:
+            continue
+        for v in (n.inputs[0], n.input(3), n.outputs[0]):
+            if v is not None and not v.is_const and v.type.dtype == DType.FLOAT32:
+                seen.setdefault(id(v), v)
+    return list(seen.values())
+
+
+def has_qdq(g: Graph) -> bool:
+    """Whether the graph holds Q/DQ nodes (an explicitly quantized model)."""
+    return any(is_op(n, "QuantizeLinear", "DequantizeLinear") for n in g.nodes)

@@ -1,0 +1,347 @@
+"""INT8 Triton tactics (cuda.triton_qconv, cuda.triton_qgemm) against an int64/float64 oracle written here.
+
+With power-of-two scales, integer-valued biases/residuals on a power-of-two grid and accumulators below
+2**23, every step of the QConv/QGemm epilogue is exact in float32 as in float64, so the kernels must match
+the oracle bit for bit (rounding ties included: the scales make many). General scales are checked within
+one quantization step against the op's own reference (kiln.ops.qlayers). Without a GPU the kernels run
+under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors); with one, compiled on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton; the test extra has it): Triton tactics untested")
+
+from kiln.backends.tactic import TacticContext, get_tactic  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+from kiln.ir.dtype import DType  # noqa: E402
+from kiln.ir.graph import Node, Value  # noqa: E402
+from kiln.ir.types import TensorType  # noqa: E402
+from kiln.ops.registry import lookup  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CODES = {torch.int8: 3, torch.uint8: 2, torch.float32: 1, torch.float16: 10}
+RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+NP = {torch.int8: np.int8, torch.uint8: np.uint8, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _ctx(level: int = 3) -> TacticContext:
+    return TacticContext(DEV, extra={"opt_level": level})
+
+
+def _val(name: str, t: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+         dtype: torch.dtype = torch.float32) -> Value:
+    if t is not None:
+        return Value(name, const=t)
+    return Value(name, TensorType(DType.from_torch(dtype), shape))
+
+
+def _rand_int(g: np.random.Generator, shape, dtype: torch.dtype) -> np.ndarray:
+    lo, hi = RANGES[dtype]
+    return g.integers(lo, hi + 1, size=shape).astype(NP[dtype])
+
+
+# ---- the oracle --------------------------------------------------------------------------------------
+
+def oracle_conv_acc(x: np.ndarray, w: np.ndarray, x_zp: int, strides, pads, dil) -> np.ndarray:
+    """Exact int64 sum over (c, kh, kw) of (X - x_zp) * W, X padded with x_zp (NCHW)."""
+    xi = np.pad(x.astype(np.int64) - x_zp, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    _, _, hp, wp = xi.shape
+    k, _, kh, kw = w.shape
+    oh = (hp - dil[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wp - dil[1] * (kw - 1) - 1) // strides[1] + 1
+    acc = np.zeros((x.shape[0], k, oh, ow), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dil[0], j * dil[1]
+            patch = xi[:, :, h0:h0 + strides[0] * (oh - 1) + 1:strides[0], w0:w0 + strides[1] * (ow - 1) + 1:strides[1]]
+            acc += np.einsum("nchw,kc->nkhw", patch, w[:, :, i, j].astype(np.int64))
+    return acc
+
+
+def oracle_epilogue(acc: np.ndarray, axis: int, p: dict, b: np.ndarray | None, z: np.ndarray | None) -> np.ndarray:
+    """The float64 value v of the spec before the store (exact for the power-of-two test data)."""
+    shape = [1] * acc.ndim
+    shape[axis] = acc.shape[axis]
+    ws = np.asarray(p["w_scales"], np.float64)
+    m = (ws if ws.size > 1 else np.full(acc.shape[axis], ws[0])) * p["x_scale"]
+    v = acc.astype(np.float64) * m.reshape(shape)
+    if b is not None:
+        v = v + b.astype(np.float64).reshape(shape)
+    r = None
+    if z is not None:
+        r = (z.astype(np.float64) - p.get("z_zero_point", 0)) * p.get("z_scale", 1.0) if z.dtype.kind in "iu" \
+            else z.astype(np.float64)
+    act = p.get("activation", "")
+    if r is not None and not p.get("act_before_add", 0):
+        v, r = v + r, None
+    if act == "Relu":
+        v = np.maximum(v, 0.0)
+    elif act == "LeakyRelu":
+        v = np.where(v >= 0, v, v * p["alpha"])
+    elif act == "Clip":
+        v = np.clip(v, p["alpha"], p["beta"])
+    return v if r is None else v + r
+
+
+def oracle_store(v: np.ndarray, p: dict, out_dtype: torch.dtype) -> np.ndarray:
+    if out_dtype in RANGES:
+        lo, hi = RANGES[out_dtype]
+        return np.clip(np.rint(v / p["y_scale"]) + p["y_zero_point"], lo, hi).astype(NP[out_dtype])
+    return v.astype(np.float32).astype(NP[out_dtype])
+
+
+def _pow2_y(v: np.ndarray) -> float:
+    """A power-of-two output scale putting most values inside the 8-bit range and some outside (saturation)."""
+    return float(2.0 ** np.round(np.log2(max(np.std(v), 1e-3) / 40.0)))
+
+
+def _quant_params(g: np.random.Generator, k: int, x_dtype: torch.dtype, per_channel: bool = True) -> dict:
+    lo, hi = RANGES[x_dtype]
+    ws = [float(2.0 ** -int(e)) for e in g.integers(6, 10, size=k if per_channel else 1)]
+    return {"x_scale": 2.0 ** -4, "x_zero_point": int(g.integers(lo, hi + 1)), "w_scales": ws}
+
+
+# ---- QConv --------------------------------------------------------------------------------------------
+
+def qconv_node(x_shape, x_dtype, w, b, z_shape, z_dtype, out_shape, out_dtype, attrs: dict) -> Node:
+    ins = [_val("x", shape=x_shape, dtype=x_dtype), _val("w", w), None if b is None else _val("b", b),
+           None if z_shape is None else _val("z", shape=z_shape, dtype=z_dtype)]
+    while ins and ins[-1] is None:
+        ins.pop()
+    return Node("QConv", ins, [_val("y", shape=out_shape, dtype=out_dtype)], {**attrs, "out_dtype": CODES[out_dtype]},
+                name="qconv", domain="kiln")
+
+
+CONV_CASES = [
+    # (N, C, H, W, K, (kh, kw), strides, pads, dilations, x, out, bias, z, act, act_before_add)
+    (1, 3, 9, 7, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.uint8, torch.uint8, True, None, "Relu", 0),
+    (2, 17, 7, 8, 5, (3, 3), (2, 2), (0, 1, 1, 0), (1, 1), torch.int8, torch.int8, True, torch.int8, "Relu", 0),
+    (1, 17, 6, 9, 12, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), torch.uint8, torch.float16, True, torch.float32, "Relu", 1),
+    (2, 8, 9, 9, 16, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), torch.int8, torch.float32, True, torch.float32,
+     "LeakyRelu", 0),
+    (1, 40, 5, 5, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.uint8, torch.int8, False, torch.uint8, "", 1),
+    (1, 9, 8, 7, 7, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), torch.int8, torch.uint8, True, torch.int8, "Relu", 1),
+    (2, 5, 7, 9, 6, (1, 3), (2, 1), (0, 2, 1, 0), (1, 2), torch.uint8, torch.int8, True, None, "Clip", 0),
+]
+
+
+def _conv_case(case, seed: int):
+    n, c, h, w, k, ks, st, pads, dil, x_dt, out_dt, has_b, z_dt, act, order = case
+    g = np.random.default_rng(seed)
+    x = _rand_int(g, (n, c, h, w), x_dt)
+    wt = _rand_int(g, (k, c, *ks), torch.int8)
+    p = _quant_params(g, k, x_dt, per_channel=seed % 2 == 0)
+    p.update(strides=list(st), pads=list(pads), dilations=list(dil), group=1, kernel_shape=list(ks),
+             activation=act, act_before_add=order, alpha=0.25 if act == "LeakyRelu" else -1.5,
+             beta=0.0 if act == "LeakyRelu" else 6.25)
+    b = (g.integers(-64, 65, size=k) * 2.0 ** -3).astype(np.float32) if has_b else None
+    acc = oracle_conv_acc(x, wt, p["x_zero_point"], st, pads, dil)
+    z = None
+    if z_dt is not None:
+        if z_dt in RANGES:
+            z = _rand_int(g, acc.shape, z_dt)
+            p.update(z_scale=2.0 ** -3, z_zero_point=int(g.integers(*RANGES[z_dt])))
+        else:
+            z = (g.integers(-512, 513, size=acc.shape) * 2.0 ** -5).astype(NP[z_dt])
+    v0 = oracle_epilogue(acc, 1, p, b, None)
+    p.update(y_scale=_pow2_y(v0), y_zero_point=int(g.integers(*RANGES[out_dt])) if out_dt in RANGES else 0)
+    want = oracle_store(oracle_epilogue(acc, 1, p, b, z), p, out_dt)
+    node = qconv_node(x.shape, x_dt, torch.from_numpy(wt), None if b is None else torch.from_numpy(b),
+                      None if z is None else acc.shape, z_dt, acc.shape, out_dt, p)
+    xt = torch.from_numpy(x).to(DEV).contiguous(memory_format=torch.channels_last)
+    zt = None if z is None else torch.from_numpy(z).to(DEV)
+    return node, xt, zt, want
+
+
+def _run(tactic_id: str, node: Node, args: list, cfg: dict, out=None) -> torch.Tensor:
+    t = get_tactic(tactic_id)
+    assert t is not None and t.supports(node, _ctx()), f"{tactic_id} should support this {node.op_type}"
+    kern = t.make(node, cfg, DEV)
+    return kern(*args) if out is None else kern(*args, out=out)
+
+
+def _assert_exact(got: torch.Tensor, want: np.ndarray, what: str) -> None:
+    assert tuple(got.shape) == want.shape and NP[got.dtype] == want.dtype.type, what
+    g = got.cpu().numpy()
+    bad = np.argwhere(g != want)
+    assert bad.size == 0, f"{what}: {len(bad)} of {want.size} differ, first at {bad[0].tolist()}: " \
+                          f"{g[tuple(bad[0])]} != {want[tuple(bad[0])]}"
+
+
+@pytest.mark.parametrize("idx", range(len(CONV_CASES)))
+def test_qconv_bit_exact(idx: int) -> None:
+    node, x, z, want = _conv_case(CONV_CASES[idx], idx)
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx())
+    assert cfgs
+    for cfg in cfgs[:2]:
+        got = _run("cuda.triton_qconv", node, [x, None, None, z], cfg)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        _assert_exact(got, want, f"case {idx} {cfg}")
+
+
+def test_qconv_matches_the_op_reference() -> None:
+    """The oracle here and kiln.ops.qlayers' QConv agree on the exact data (the spec is one)."""
+    for idx in (1, 2, 4):
+        node, x, z, want = _conv_case(CONV_CASES[idx], idx)
+        ref = lookup("QConv", "kiln").compute(node, x.cpu(), node.inputs[1].const,
+                                              None if node.input(2) is None else node.inputs[2].const,
+                                              None if z is None else z.cpu())
+        _assert_exact(ref, want, f"reference, case {idx}")
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_qconv_split_k_and_nchw_input(split: int) -> None:
+    node, x, z, want = _conv_case(CONV_CASES[4], 4)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "SPLIT_K": split, "num_warps": 4,
+           "num_stages": 3}
+    got = _run("cuda.triton_qconv", node, [x.contiguous(), None, None, z], cfg)  # NCHW x: made NHWC first
+    _assert_exact(got, want, f"split {split}")
+
+
+def test_qconv_flat_and_tile_configs() -> None:
+    node, x, z, want = _conv_case(CONV_CASES[1], 1)  # C=17: flat and per-tap walks both cover the padding
+    for cfg in ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "FLAT": True},
+                {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}):
+        got = _run("cuda.triton_qconv", node, [x, None, None, z], {"GROUP_M": 4, **cfg})
+        _assert_exact(got, want, str(cfg))
+
+
+def test_qconv_writes_into_channel_slices() -> None:
+    node, x, z, want = _conv_case(CONV_CASES[1], 1)
+    n, k, oh, ow = want.shape
+    big = torch.zeros((n, k + 6, oh, ow), dtype=torch.int8, device=DEV).contiguous(memory_format=torch.channels_last)
+    big2 = torch.zeros_like(big)
+    cfg = get_tactic("cuda.triton_qconv").configs(node, _ctx())[0]
+    got = _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
+    assert got.data_ptr() == big[:, 2:2 + k].data_ptr()
+    _assert_exact(big[:, 2:2 + k], want, "first destination")
+    _assert_exact(big2[:, 4:4 + k], want, "second destination")
+    assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"
+    nchw = torch.empty(want.shape, dtype=torch.int8, device=DEV)  # not NHWC: written through a copy
+    _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=nchw)
+    _assert_exact(nchw, want, "NCHW destination")
+
+
+def test_qconv_general_scales_within_one_step() -> None:
+    g = np.random.default_rng(11)
+    n, c, h, w, k = 2, 19, 6, 7, 10
+    x = _rand_int(g, (n, c, h, w), torch.uint8)
+    wt = _rand_int(g, (k, c, 3, 3), torch.int8)
+    zq = _rand_int(g, (n, k, h, w), torch.int8)
+    p = {"x_scale": 0.0173, "x_zero_point": 131, "w_scales": list(g.uniform(0.001, 0.004, size=k)),
+         "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1, "kernel_shape": [3, 3],
+         "activation": "SiLU", "act_before_add": 1, "z_scale": 0.031, "z_zero_point": -7, "y_scale": 0.37,
+         "y_zero_point": 3}
+    b = g.normal(size=k).astype(np.float32)
+    node = qconv_node(x.shape, torch.uint8, torch.from_numpy(wt), torch.from_numpy(b), zq.shape, torch.int8,
+                      zq.shape, torch.int8, p)
+    args = [torch.from_numpy(x), None, None, torch.from_numpy(zq)]
+    want = lookup("QConv", "kiln").compute(node, args[0], node.inputs[1].const, node.inputs[2].const, args[3])
+    got = _run("cuda.triton_qconv", node, [a if a is None else a.to(DEV) for a in args],
+               get_tactic("cuda.triton_qconv").configs(node, _ctx())[0])
+    diff = (got.cpu().to(torch.int32) - want.to(torch.int32)).abs()
+    assert diff.max() <= 1, f"max difference {int(diff.max())} steps"
+    assert (diff == 0).float().mean() > 0.95, "most values should agree exactly"
+    assert want.float().std() > 5, "the test data should spread over the range"
+
+
+def test_qconv_declines_grouped_and_rejects_other_input_type() -> None:
+    t = get_tactic("cuda.triton_qconv")
+    node, x, z, _ = _conv_case(CONV_CASES[1], 1)
+    node.attrs["group"] = 17
+    assert not t.supports(node, _ctx()), "grouped (depthwise) convolutions stay on another path"
+    node2, x2, z2, _ = _conv_case(CONV_CASES[1], 1)
+    kern = t.make(node2, t.configs(node2, _ctx())[0], DEV)
+    with pytest.raises(KilnError, match="int8"):
+        kern(x2.to(torch.uint8), None, None, z2)
+
+
+# ---- QGemm --------------------------------------------------------------------------------------------
+
+def qgemm_node(a_shape, a_dtype, w, b, z_dtype, out_shape, out_dtype, attrs: dict) -> Node:
+    ins = [_val("a", shape=a_shape, dtype=a_dtype), _val("w", w), None if b is None else _val("b", b),
+           None if z_dtype is None else _val("z", shape=out_shape, dtype=z_dtype)]
+    while ins and ins[-1] is None:
+        ins.pop()
+    return Node("QGemm", ins, [_val("y", shape=out_shape, dtype=out_dtype)], {**attrs, "out_dtype": CODES[out_dtype]},
+                name="qgemm", domain="kiln")
+
+
+GEMM_CASES = [
+    # (leading shape, K, N, a, out, bias, z, act, act_before_add)
+    ((37,), 70, 19, torch.int8, torch.int8, True, torch.int8, "Relu", 0),
+    ((2, 5), 33, 24, torch.uint8, torch.uint8, True, None, "Relu", 0),
+    ((3, 7), 64, 17, torch.uint8, torch.float16, False, torch.float16, "Relu", 1),
+    ((41,), 48, 5, torch.int8, torch.float32, True, torch.uint8, "LeakyRelu", 1),
+]
+
+
+def _gemm_case(case, seed: int):
+    lead, k, n, a_dt, out_dt, has_b, z_dt, act, order = case
+    g = np.random.default_rng(100 + seed)
+    a = _rand_int(g, (*lead, k), a_dt)
+    wt = _rand_int(g, (n, k), torch.int8)
+    p = _quant_params(g, n, a_dt, per_channel=seed % 2 == 0)
+    p.update(activation=act, act_before_add=order, alpha=0.25)
+    b = (g.integers(-64, 65, size=n) * 2.0 ** -3).astype(np.float32) if has_b else None
+    acc = (a.astype(np.int64) - p["x_zero_point"]) @ wt.astype(np.int64).T
+    z = None
+    if z_dt is not None:
+        if z_dt in RANGES:
+            z = _rand_int(g, acc.shape, z_dt)
+            p.update(z_scale=2.0 ** -2, z_zero_point=int(g.integers(*RANGES[z_dt])))
+        else:
+            z = (g.integers(-512, 513, size=acc.shape) * 2.0 ** -5).astype(NP[z_dt])
+    p.update(y_scale=_pow2_y(oracle_epilogue(acc, acc.ndim - 1, p, b, None)),
+             y_zero_point=int(g.integers(*RANGES[out_dt])) if out_dt in RANGES else 0)
+    want = oracle_store(oracle_epilogue(acc, acc.ndim - 1, p, b, z), p, out_dt)
+    node = qgemm_node(a.shape, a_dt, torch.from_numpy(wt), None if b is None else torch.from_numpy(b), z_dt,
+                      acc.shape, out_dt, p)
+    return node, torch.from_numpy(a).to(DEV), None if z is None else torch.from_numpy(z).to(DEV), want
+
+
+@pytest.mark.parametrize("idx", range(len(GEMM_CASES)))
+def test_qgemm_bit_exact(idx: int) -> None:
+    node, a, z, want = _gemm_case(GEMM_CASES[idx], idx)
+    cfgs = get_tactic("cuda.triton_qgemm").configs(node, _ctx())
+    assert cfgs
+    extra = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 2}]
+    for cfg in cfgs[:2] + extra:
+        got = _run("cuda.triton_qgemm", node, [a, None, None, z], cfg)
+        _assert_exact(got, want, f"case {idx} {cfg}")
+
+
+def test_qgemm_strided_rows_and_int_mm() -> None:
+    node, a, z, want = _gemm_case(GEMM_CASES[0], 0)
+    wide = torch.zeros((a.shape[0], a.shape[1] + 9), dtype=a.dtype, device=DEV)
+    wide[:, 3:3 + a.shape[1]] = a
+    cfg = get_tactic("cuda.triton_qgemm").configs(node, _ctx())[0]
+    _assert_exact(_run("cuda.triton_qgemm", node, [wide[:, 3:3 + a.shape[1]], None, None, z], cfg), want,
+                  "rows read through a stride")
+    # K, N multiples of 8 and M > 16: cuBLASLt's int8 path (torch._int_mm) with the epilogue in torch
+    node, a, z, want = _gemm_case(((24,), 64, 24, torch.uint8, torch.int8, True, torch.int8, "Relu", 0), 7)
+    _assert_exact(_run("cuda.triton_qgemm", node, [a, None, None, z], {"int_mm": True}), want, "torch._int_mm")
+
+
+def test_qgemm_general_scales_within_one_step() -> None:
+    g = np.random.default_rng(12)
+    a = _rand_int(g, (29, 45), torch.int8)
+    wt = _rand_int(g, (13, 45), torch.int8)
+    p = {"x_scale": 0.021, "x_zero_point": -5, "w_scales": [0.0033], "activation": "GeluTanh", "y_scale": 0.29,
+         "y_zero_point": 128}
+    b = g.normal(size=13).astype(np.float32)
+    node = qgemm_node(a.shape, torch.int8, torch.from_numpy(wt), torch.from_numpy(b), None, (29, 13), torch.uint8, p)
+    want = lookup("QGemm", "kiln").compute(node, torch.from_numpy(a), node.inputs[1].const, node.inputs[2].const)
+    got = _run("cuda.triton_qgemm", node, [torch.from_numpy(a).to(DEV)],
+               get_tactic("cuda.triton_qgemm").configs(node, _ctx())[0])
+    diff = (got.cpu().to(torch.int32) - want.to(torch.int32)).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.95
+    assert want.float().std() > 5

@@ -1,0 +1,163 @@
+"""INT8 passes: Q/DQ models (onnxruntime's quantize_static) build to integer layers matching onnxruntime; explicit
+dynamic ranges; bad INT8 input gets one clear error."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from kiln.builder import Builder, BuilderConfig
+from kiln.errors import BuildError, KilnError
+from kiln.runtime import Engine
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the oracle")
+quant = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime's quantize_static writes the Q/DQ models")
+
+
+class _Net(torch.nn.Module):
+    """conv + relu, max pool, a residual block, flatten, gemm: the ops a Q/DQ CNN is made of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(16, 16, 1)
+        self.c4 = torch.nn.Conv2d(16, 8, 3, stride=2, padding=1, groups=8)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        z = torch.relu(self.c3(torch.relu(self.c2(y))) + y)
+        return self.fc(torch.relu(self.c4(z)).flatten(1))
+
+
+def _float_model(path: str) -> None:
+    torch.manual_seed(0)
+    torch.onnx.export(_Net().eval(), torch.randn(1, 3, 16, 16), path, input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+
+
+class _Reader(quant.CalibrationDataReader):
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.it = iter([{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+
+    def get_next(self):  # noqa: ANN201 - onnxruntime's interface
+        return next(self.it, None)
+
+
+@pytest.fixture(scope="module", params=["u8_per_tensor", "s8_per_channel"])
+def qdq_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("qdq")
+    _float_model(str(d / "f.onnx"))
+    act = quant.QuantType.QUInt8 if request.param.startswith("u8") else quant.QuantType.QInt8
+    out = str(d / f"{request.param}.onnx")
+    quant.quantize_static(str(d / "f.onnx"), out, _Reader(1), quant_format=quant.QuantFormat.QDQ,
+                          activation_type=act, weight_type=quant.QuantType.QInt8,
+                          per_channel=request.param.endswith("per_channel"))
+    return out
+
+
+def _output_scale(path: str) -> float:
+    m = onnx.load(path)
+    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0].startswith("y"))
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    return float(init[q.input[1]])
+
+
+def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str) -> None:
+    plan = Builder().build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
+    steps = plan.graph["steps"]
+    ops = [s["op"] for s in steps]
+    assert ops.count("QConv") == 4 and ops.count("QGemm") == 1, ops
+    assert all(s["tactic"] != "ref" for s in steps if s["op"] in ("QConv", "QGemm")), \
+        [(s["name"], s["tactic"]) for s in steps]
+    # int8 flows between the integer layers: only the model input's Q, the residual add's boundary and the
+    # output's DQ remain
+    assert ops.count("QuantizeLinear") + ops.count("DequantizeLinear") <= 6, ops
+    sess = ort.InferenceSession(qdq_model)
+    ctx = Engine(plan).create_execution_context()
+    step = _output_scale(qdq_model)
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        want = sess.run(None, {"x": x})[0]
+        got = ctx.execute({"x": x})["y"]
+        assert np.abs(got - want).max() <= step * 1.001, (np.abs(got - want).max(), step)
+        assert np.abs(want).max() > 10 * step  # a real output, not a saturated constant
+
+
+def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    plan = Builder().build(path, BuilderConfig(device="cpu", int8=True, dynamic_ranges={"*": 8.0},
+                                               optimization_level=0))
+    ops = [s["op"] for s in plan.graph["steps"]]
+    assert ops.count("QConv") == 4 and ops.count("QGemm") == 1, ops
+    x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(path).run(None, {"x": x})[0]
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < rel < 0.2, rel
+
+
+def test_int8_without_ranges_is_one_clear_error(tmp_path) -> None:
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    with pytest.raises(BuildError, match="INT8 needs ranges"):
+        Builder().build(path, BuilderConfig(device="cpu", int8=True))
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("[1, 2]", "JSON object"),
+    ('{"x": "big"}', "number or"),
+    ('{"x": [3, 1]}', "lo <= hi"),
+    ('{"x": NaN}', "finite"),
+    ("{not json", "cannot read"),
+])
+def test_crafted_dynamic_ranges_file(tmp_path, content: str, msg: str) -> None:
+    from kiln.cli.main import main
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    rf = tmp_path / "ranges.json"
+    rf.write_text(content)
+    out = tmp_path / "f.kiln"
+    with pytest.raises(KilnError, match=msg):
+        from kiln.quant.calibrate import read_ranges_file
+        from kiln.quant.build import explicit_ranges
+        from kiln.logger import Logger
+        from kiln.frontend.onnx import load_onnx
+        explicit_ranges(load_onnx(path), read_ranges_file(str(rf)), set(), Logger())
+    assert main(["build", path, "-o", str(out), "--device", "cpu", "--int8", "--dynamic-ranges", str(rf)]) != 0
+    assert not out.exists()
+
+
+def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from kiln.cli.main import main
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    cache = tmp_path / "calib.json"
+    out = tmp_path / "f.kiln"
+    assert main(["build", path, "-o", str(out), "--device", "cpu", "--int8", "--calib", str(calib),
+                 "--calibrator", "minmax", "--calib-cache", str(cache), "--opt-level", "0"]) == 0
+    ranges = json.loads(cache.read_text())["ranges"]
+    assert ranges and all(v > 0 for v in ranges.values())
+    # the cache alone rebuilds the same integer plan
+    out2 = tmp_path / "f2.kiln"
+    assert main(["build", path, "-o", str(out2), "--device", "cpu", "--int8", "--calib-cache", str(cache),
+                 "--opt-level", "0"]) == 0
+    from kiln.plan.format import load_plan
+    a, b = load_plan(str(out)), load_plan(str(out2))
+    assert [s["op"] for s in a.graph["steps"]] == [s["op"] for s in b.graph["steps"]]
+    assert "QConv" in [s["op"] for s in a.graph["steps"]]
+    # --calib without --int8 is refused
+    assert main(["build", path, "-o", str(tmp_path / "x.kiln"), "--calib", str(calib)]) != 0
+    assert "go with --int8" in capsys.readouterr().err
