@@ -125,8 +125,13 @@ class MaxPool(WindowOp):
     def compute(self, node: Node, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if x.dtype not in _MAXPOOL_DTYPES:
             raise UnsupportedDTypeError(f"node '{node.name}': MaxPool does not support element type {x.dtype}")
-        win = Window(node, x)
         want_idx = len(node.outputs) > 1
+        if x.dtype in (torch.int8, torch.uint8) and not want_idx:
+            # exact through a float type holding every 8-bit value (int8 activations between integer layers):
+            # torch's pooling kernels instead of the window-unfolding path below
+            wide = torch.float16 if x.is_cuda else torch.float32
+            return self.compute(node, x.to(wide)).to(x.dtype)  # type: ignore[union-attr]
+        win = Window(node, x)
         if x.dtype.is_floating_point:
             ceil = win.torch_ceil_mode()
             if ceil is not None:

@@ -65,9 +65,11 @@ def quantize(q: Tensor, zp: Tensor | None, dtype: torch.dtype, saturate: bool = 
         if zp is not None:
             q = q.float() + zp.float()
         return to_float8(q, dtype, saturate)
-    r = torch.round(q).double()
+    r = torch.round(q)
+    if r.dtype != torch.float32 or (dtype not in (torch.int8, torch.uint8)):
+        r = r.double()  # float32 holds every rounded value that does not saturate an 8-bit type, plus its zero point
     if zp is not None:
-        r = r + zp.double()
+        r = r + zp.to(r.dtype)
     return saturate_int(r, dtype)
 
 
