@@ -16,6 +16,7 @@ import torch
 from kiln import __version__
 from kiln.backends.tactic import TacticContext, get_tactic
 from kiln.errors import BuildError, KilnError, ProfileError
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
@@ -23,12 +24,12 @@ from kiln.ops.symbolic import profile_bounds, symbol_bounds
 from kiln.passes.base import PassContext, PassManager, bodies as _bodies
 from kiln.passes.cast import FoldCasts
 from kiln.passes.pipeline import default_pipeline
-from kiln.passes.precision import ReducedPrecision, precision_dtype
+from kiln.passes.precision import ReducedPrecision, cpu_precision, low_precision_ops, precision_dtype
 from kiln.passes.shape_inference import infer_types
 from kiln.plan.format import Plan
 from kiln.plan.memory import aliases, lifetimes, plan_memory
 from kiln.plan.serialize import GraphWriter, type_to_json
-from kiln.quant.build import quantize_graph
+from kiln.quant.build import layer_constraints, quantize_graph
 from kiln.tune.autotuner import Autotuner
 from kiln.tune.timing_cache import TimingCache
 
@@ -59,7 +60,10 @@ class BuilderConfig:
     from `dynamic_ranges` (tensor name -> amax or (lo, hi)), else the `calibration_cache` file, else calibration
     over `calibration_data` (any iterable of input dicts; `calibration_batches` caps it) with `calibrator`
     ("entropy", "minmax", "percentile" at `percentile`, "mse"); a Q/DQ model is built to integer layers with or
-    without it (kiln.quant.build). optimization_level: 0 = heuristic tactics, no timing; 3+ = time
+    without it (kiln.quant.build). layer_precisions: layer name -> "fp32" | "fp16" | "bf16" | "int8" (a layer
+    constrained to a float type stays out of INT8; "fp32" also out of fp16/bf16). int8_report: per-layer INT8 error
+    against float on held-out calibration batches (logged, kept in plan.build["int8_report"]); accuracy_budget:
+    the largest relative error of the outputs allowed, layers going back to float until it holds. optimization_level: 0 = heuristic tactics, no timing; 3+ = time
     every candidate. timing_cache: a JSON file read before and merged back after tuning.
     """
 
@@ -79,6 +83,9 @@ class BuilderConfig:
     calibration_cache: str | None = None
     calibration_batches: int | None = None
     dynamic_ranges: dict[str, Any] = field(default_factory=dict)
+    layer_precisions: dict[str, str] = field(default_factory=dict)
+    int8_report: bool = False
+    accuracy_budget: float | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -143,17 +150,21 @@ class Builder:
         _pin_fixed_dims(g, bounds)
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
             PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
-            quantize_graph(g, config, ctx)  # INT8: integer layers from Q/DQ nodes or calibrated ranges
+            int8_report = quantize_graph(g, config, ctx)  # INT8: integer layers from Q/DQ nodes or calibrated ranges
         low = precision_dtype(config.fp16, config.bf16)
+        if low is not None and target["device"] == "cpu":
+            low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU has no such instructions
         if low is not None:
             # bodies too, each after the graph holding it: a body reads its captures in their lowered types
-            PassManager([ReducedPrecision(low, config.fp32_layers)], subgraphs=True).run(g, ctx)
+            lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(target["device"]))
+            PassManager([lowering], subgraphs=True).run(g, ctx)
             if target["device"] == "cuda":
                 PassManager([FoldCasts()]).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         all_types = _infer_at(g, config.profiles or _tuning_profile(g, self.logger), "opt", self.logger)
         opt_types = all_types[id(g)]
-        tctx = TacticContext(torch.device(device), fp16=config.fp16, bf16=config.bf16, tf32=config.tf32,
+        fp16, bf16 = low == DType.FLOAT16, low == DType.BFLOAT16  # what the plan runs, not what was asked
+        tctx = TacticContext(torch.device(device), fp16=fp16, bf16=bf16, tf32=config.tf32,
                              workspace_bytes=config.workspace_bytes, extra={"opt_level": config.optimization_level})
         tactics, tuning = self._choose_tactics(g, tctx, all_types, config)
         counts = _layer_counts(g, tactics)
@@ -171,10 +182,10 @@ class Builder:
             outputs=[{"name": v.name, **type_to_json(v.type), "kind": v.kind} for v in g.outputs],
             profiles=[p.to_json() for p in config.profiles],
             graph=spec, memory=memory, kiln_version=__version__, weights=writer.weights,
-            build={"fp16": config.fp16, "bf16": config.bf16, "tf32": config.tf32, "int8": config.int8,
+            build={"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
                    "optimization_level": config.optimization_level, **counts,
                    "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__,
-                   "tuning": tuning},
+                   "tuning": tuning, **(int8_report or {})},
         )
         from kiln.runtime.engine import check_plan
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -96,7 +97,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     save_plan(plan, out)
     print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
           f"built in {plan.build['build_seconds']:.2f} s)")
+    _print_int8_report(plan.build)
     return 0
+
+
+def _print_int8_report(build: dict[str, Any], top: int = 10) -> None:
+    """The INT8 accuracy report kept in the plan (--int8-report / --accuracy-budget), worst layers first."""
+    rep, layers = build.get("int8_report"), build.get("int8_layer_error") or {}
+    if not rep:
+        return
+    print(f"INT8 accuracy on {rep['batches']} held-out batch(es): outputs' relative error {rep['output_rel']:.3e}"
+          + (f" (budget {rep['budget']:g})" if "budget" in rep else ""))
+    for name, err in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {err:9.3e}  {name}")
+    if rep.get("kept_float"):
+        print(f"kept in float for the budget: {rep['kept_float'].replace(',', ', ')}")
 
 
 def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,16 +119,35 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
     from kiln.quant.calibrate import CalibrationFolder, read_ranges_file
     if (args.calib or args.calib_cache or args.dynamic_ranges) and not args.int8:
         raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8")
+    if (args.int8_report or args.accuracy_budget is not None) and not args.int8:
+        raise KilnError("--int8-report and --accuracy-budget go with --int8")
+    if args.accuracy_budget is not None and not (args.accuracy_budget > 0 and math.isfinite(args.accuracy_budget)):
+        raise KilnError(f"--accuracy-budget must be a positive number, got {args.accuracy_budget}")
     if args.calib_batches is not None and args.calib_batches < 1:
         raise KilnError(f"--calib-batches must be >= 1, got {args.calib_batches}")
     if not 0 < args.percentile <= 100:
         raise KilnError(f"--percentile must be in (0, 100], got {args.percentile}")
     out: dict[str, Any] = {"int8": args.int8, "calibrator": args.calibrator, "percentile": args.percentile,
-                           "calibration_cache": args.calib_cache, "calibration_batches": args.calib_batches}
+                           "calibration_cache": args.calib_cache, "calibration_batches": args.calib_batches,
+                           "int8_report": args.int8_report, "accuracy_budget": args.accuracy_budget,
+                           "layer_precisions": _layer_precisions(args.layer_precisions)}
     if args.calib:
         out["calibration_data"] = CalibrationFolder(args.calib)
     if args.dynamic_ranges:
         out["dynamic_ranges"] = read_ranges_file(args.dynamic_ranges)
+    return out
+
+
+def _layer_precisions(spec: str | None) -> dict[str, str]:
+    """--layer-precisions name:fp16,name2:fp32 (a name may hold ':'; the precision follows the last one)."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, prec = part.strip().rpartition(":")
+        if not sep or not name or prec not in ("fp32", "fp16", "bf16", "int8"):
+            raise KilnError(f"--layer-precisions: '{part}' must be name:fp32|fp16|bf16|int8")
+        out[name] = prec
     return out
 
 
@@ -295,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-cache", metavar="FILE", help="calibration cache (JSON): read when present and no --calib "
                    "is given, written after calibrating")
     b.add_argument("--dynamic-ranges", metavar="FILE", help='JSON {"tensor": amax or [lo, hi], "*": default}')
+    b.add_argument("--layer-precisions", metavar="SPEC", help="per-layer precision: name:fp32|fp16|bf16|int8[,...]")
+    b.add_argument("--int8-report", action="store_true", help="per-layer INT8 error against float on held-out "
+                   "calibration batches")
+    b.add_argument("--accuracy-budget", type=float, metavar="X", help="largest relative output error of the INT8 "
+                   "plan: the layers adding most error go back to float until it holds")
     b.add_argument("--verbose", "-v", action="store_true")
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="run a plan and report outputs and latency")

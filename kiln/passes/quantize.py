@@ -150,12 +150,15 @@ class FuseQuantizedLayers(Pass):
 
     name = "integer layer fusion"
 
+    def __init__(self, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        self.exclude = set(exclude)  # layers a precision constraint keeps float
+
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
         for n in list(g.nodes):
             kind = _layer_kind(n)
-            if kind is not None and self._fuse(g, n, kind, uses, ctx):
+            if kind is not None and n.name not in self.exclude and self._fuse(g, n, kind, uses, ctx):
                 changed = True
                 uses.refresh()
         return changed

@@ -16,6 +16,7 @@ from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.quantize import (FuseQuantizedLayers, InsertQuantization, PropagateQuantization, calibration_targets,
                                   has_qdq)
 from kiln.quant.cache import read_cache, write_cache
+from kiln.quant.report import ReferenceRun, as_batches, clone_graph, compare
 
 ALL = "*"
 """A dynamic-ranges key giving every tensor without its own entry this range (speed experiments)."""
@@ -45,49 +46,143 @@ def explicit_ranges(g: Graph, given: dict[str, Any], exclude: set[str], logger: 
     return ranges
 
 
-def resolve_ranges(g: Graph, config: Any, ctx: PassContext) -> tuple[dict[str, float], str]:
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def layer_constraints(config: Any) -> tuple[set[str], set[str]]:
+    """(layers kept out of INT8, layers kept in float32) from fp32_layers and layer_precisions."""
+    fp32 = set(config.fp32_layers)
+    not_int8 = set(fp32)
+    for name, prec in (config.layer_precisions or {}).items():
+        if prec not in PRECISIONS:
+            raise BuildError(f"layer precision of '{name}' must be one of {', '.join(PRECISIONS)}, got {prec!r}")
+        if prec != "int8":
+            not_int8.add(name)
+        if prec == "fp32":
+            fp32.add(name)
+    return not_int8, fp32
+
+
+def _data(config: Any, g: Graph) -> list[Any] | None:
+    """The calibration batches, read once (a folder or any iterable of input dicts)."""
+    from kiln.quant.calibrate import CalibrationFolder
+    data = config.calibration_data
+    if data is None:
+        return None
+    if isinstance(data, CalibrationFolder):
+        data = data.reader([v.name for v in g.inputs])
+    out = []
+    for i, feed in enumerate(data):
+        if config.calibration_batches is not None and i >= config.calibration_batches:
+            break
+        out.append(feed)
+    return out
+
+
+def resolve_ranges(g: Graph, config: Any, ctx: PassContext, data: list[Any] | None,
+                   exclude: set[str]) -> tuple[dict[str, float], str]:
     """(ranges, where they came from) for the implicit road: dynamic ranges, else the cache, else calibration."""
     from kiln.quant.calibrate import calibrate, graph_digest
     from kiln.quant.calibrators import make_calibrator
-    exclude = set(config.fp32_layers)
     if config.dynamic_ranges:
         return explicit_ranges(g, config.dynamic_ranges, exclude, ctx.logger), "dynamic ranges"
     digest = graph_digest(g)
     cache = config.calibration_cache
-    if cache and os.path.exists(cache) and config.calibration_data is None:
+    if cache and os.path.exists(cache) and data is None:
         ranges, name = read_cache(cache, digest)
         return ranges, f"calibration cache {cache} ({name})"
-    if config.calibration_data is None:
+    if data is None:
         raise BuildError("INT8 needs ranges: calibration data (--calib DIR), a calibration cache, dynamic ranges "
                          "(--dynamic-ranges FILE) or a model with Q/DQ nodes")
     cal = make_calibrator(config.calibrator, percentile=config.percentile)
-    ranges = calibrate(g, config.calibration_data, cal, ctx.logger, exclude, config.calibration_batches)
+    ranges = calibrate(g, data, cal, ctx.logger, exclude)
     if cache:
         write_cache(cache, ranges, cal.name, digest)
         ctx.logger.info(f"Wrote calibration cache {cache} ({len(ranges)} ranges)")
     return ranges, f"{cal.name} calibration"
 
 
-def quantize_graph(g: Graph, config: Any, ctx: PassContext) -> None:
-    """INT8 where asked (config.int8) or where the model says (Q/DQ nodes); nothing otherwise."""
+def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: PassContext) -> None:
+    """Q/DQ pairs from ranges (None: the model's own), then integer layers and int8 flow."""
+    if ranges is not None:
+        PassManager([InsertQuantization(ranges, exclude)]).run(g, ctx)
+    PassManager([FuseQuantizedLayers(exclude), Fixpoint("Q/DQ", [PropagateQuantization(),
+                                                                  DeadCodeElimination()])]).run(g, ctx)
+
+
+def _count(g: Graph, *ops: str) -> int:
+    return sum(1 for n in g.nodes if n.op_type in ops and n.domain in ("", "ai.onnx", "kiln"))
+
+
+def quantize_graph(g: Graph, config: Any, ctx: PassContext) -> dict[str, dict[str, Any]] | None:
+    """INT8 where asked (config.int8) or where the model says (Q/DQ nodes); nothing otherwise. Returns the
+    accuracy report (`int8_report` / `accuracy_budget`) as entries of the plan's build record, else None."""
     explicit = has_qdq(g)
     if not (config.int8 or explicit):
-        return
+        return None
     log = ctx.logger
+    exclude, _ = layer_constraints(config)
+    want_report = bool(config.int8_report) or config.accuracy_budget is not None
+    report = None
     if explicit:
         if config.calibration_data is not None or config.dynamic_ranges:
             log.warning("the model is quantized (it holds Q/DQ nodes): its own scales are used, the calibration "
                         "data / dynamic ranges are not")
+        if want_report:
+            log.warning("the INT8 accuracy report and budget compare against calibration data of a float model: "
+                        "not available for a Q/DQ model")
         source = "the model's Q/DQ nodes"
+        _lower(g, None, exclude, ctx)
     else:
-        ranges, source = resolve_ranges(g, config, ctx)
-        PassManager([InsertQuantization(ranges, set(config.fp32_layers))]).run(g, ctx)
-    PassManager([FuseQuantizedLayers(), Fixpoint("Q/DQ", [PropagateQuantization(), DeadCodeElimination()])]).run(g, ctx)
-    ints = sum(1 for n in g.nodes if n.domain == "kiln" and n.op_type in ("QConv", "QGemm"))
-    floats = sum(1 for n in g.nodes if n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm"))
-    qdq = sum(1 for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx"))
+        data = _data(config, g)
+        held: list[Any] = []
+        if want_report:
+            if not data:
+                raise BuildError("--int8-report and --accuracy-budget measure on held-out calibration data: give "
+                                 "--calib (or calibration_data)")
+            if len(data) >= 2:
+                k = max(1, len(data) // 5)
+                data, held = data[:-k], data[-k:]
+            else:
+                held = data
+                log.warning("one calibration batch: the accuracy report measures on the data it calibrated on")
+        ranges, source = resolve_ranges(g, config, ctx, data, exclude)
+        reference = clone_graph(g) if want_report else None
+        _lower(g, ranges, exclude, ctx)
+        if reference is not None:
+            report = _measure(g, reference, ranges, exclude, held, config, ctx)
+    ints, floats = _count(g, "QConv", "QGemm"), _count(g, "FusedConv", "FusedGemm")
+    qdq = _count(g, "QuantizeLinear", "DequantizeLinear")
     log.info(f"INT8 from {source}: {ints} integer conv/gemm layers, {floats} stay float, {qdq} quantize/dequantize "
              f"layers at float boundaries")
     if ints == 0:
         log.warning(f"INT8: no conv/gemm layer got an integer kernel on {ctx.device} (ranges missing or no "
                     f"integer tactic): the plan computes in float")
+    return report
+
+
+def _measure(g: Graph, reference: Graph, ranges: dict[str, float], exclude: set[str], held: list[Any],
+             config: Any, ctx: PassContext) -> dict[str, dict[str, Any]]:
+    """The accuracy report; under a budget, layers go back to float (the one adding most error first) until the
+    outputs' error meets it. g ends as the last graph measured."""
+    ref = ReferenceRun(reference, as_batches(reference, held))
+    report = compare(ref, g)
+    budget = config.accuracy_budget
+    kept: list[str] = []
+    while budget is not None and report.output_rel > budget and report.layers:
+        worst = report.layers[0]
+        kept.append(worst.name)
+        exclude = exclude | {worst.name}
+        ctx.logger.info(f"INT8 outputs' error {report.output_rel:.3e} is over the budget {budget:g}: keeping "
+                        f"{worst.name} in float (it adds {worst.added:.3e})")
+        trial = clone_graph(reference)
+        _lower(trial, ranges, exclude, ctx)
+        g.__dict__.update(trial.__dict__)
+        report = compare(ref, g)
+    for line in report.lines():
+        ctx.logger.info(line)
+    if budget is not None:
+        met = "meets" if report.output_rel <= budget else "does not meet"
+        ctx.logger.info(f"INT8 accuracy budget {budget:g}: {met} it with {len(kept)} layer(s) kept in float"
+                        + (f" ({', '.join(kept)})" if kept else ""))
+    return report.summary(budget, kept)

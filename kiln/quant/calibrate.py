@@ -99,7 +99,8 @@ def graph_digest(g: Graph) -> str:
     return hashlib.sha256(format_graph(g).encode()).hexdigest()[:32]
 
 
-def _batch(g: Graph, feed: Mapping[str, Any], index: int) -> list[torch.Tensor]:
+def input_batch(g: Graph, feed: Mapping[str, Any], index: int) -> list[torch.Tensor]:
+    """One calibration batch as the graph's input tensors, checked against its inputs (one BuildError line)."""
     if not isinstance(feed, Mapping):
         raise BuildError(f"calibration batch {index} is a {type(feed).__name__}, not a dict of input arrays")
     unknown = sorted(set(feed) - {v.name for v in g.inputs})
@@ -141,7 +142,7 @@ def calibrate(g: Graph, data: Iterable[Mapping[str, Any]], calibrator: Calibrato
             for i, feed in enumerate(data):
                 if max_batches is not None and i >= max_batches:
                     break
-                outs = fn(_batch(g, feed, i))
+                outs = fn(input_batch(g, feed, i))
                 for v, t in zip(g.outputs, outs):
                     if id(v) in watched and isinstance(t, torch.Tensor):
                         calibrator.observe(v.name, t)

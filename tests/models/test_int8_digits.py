@@ -84,3 +84,36 @@ def test_int8_ptq_keeps_top1(trained, calibrator: str, capsys: pytest.CaptureFix
         print(f"\n[int8 digits] {calibrator}: top-1 agreement with FP32 {agree:.4f}, logits rel. error {rel:.3e}")
     assert agree >= 0.99
     assert 0 < rel < 0.3  # integer math really ran (not the float plan)
+
+
+def test_int8_report_and_accuracy_budget(trained) -> None:
+    path, calib, _ = trained
+    batches = [{"x": calib[i:i + 40]} for i in range(0, 280, 40)]
+    plan = Builder().build(path, BuilderConfig(device="cpu", profiles=_profile(), int8=True, optimization_level=0,
+                                               calibrator="minmax", calibration_data=batches, int8_report=True))
+    rep, per_layer = plan.build["int8_report"], plan.build["int8_layer_error"]
+    assert rep["batches"] == 1 and len(per_layer) == 4
+    assert all(0 < e < 0.2 for e in per_layer.values())
+    assert 0 < rep["output_rel"] < 0.2 and rep["kept_float"] == ""
+    # a budget below what INT8 gives: the layers adding most error go back to float until it holds
+    tight = rep["output_rel"] / 3
+    plan2 = Builder().build(path, BuilderConfig(device="cpu", profiles=_profile(), int8=True, optimization_level=0,
+                                                calibrator="minmax", calibration_data=batches,
+                                                accuracy_budget=tight))
+    rep2 = plan2.build["int8_report"]
+    kept = rep2["kept_float"].split(",")
+    ops = [s["op"] for s in plan2.graph["steps"]]
+    assert rep2["kept_float"] and rep2["output_rel"] <= tight
+    assert ops.count("QConv") + ops.count("QGemm") == 4 - len(kept)
+    assert all(n in [s["name"] for s in plan2.graph["steps"] if s["op"] in ("FusedConv", "FusedGemm")] for n in kept)
+
+
+def test_layer_precision_keeps_a_layer_float(trained) -> None:
+    path, calib, _ = trained
+    first = "/c1/Conv"
+    plan = Builder().build(path, BuilderConfig(device="cpu", profiles=_profile(), int8=True, optimization_level=0,
+                                               calibrator="minmax", calibration_data=[{"x": calib[:32]}],
+                                               layer_precisions={first: "fp32"}))
+    steps = {s["name"]: s["op"] for s in plan.graph["steps"]}
+    assert steps[first] == "FusedConv"
+    assert list(steps.values()).count("QConv") == 2

@@ -161,3 +161,26 @@ def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureF
     # --calib without --int8 is refused
     assert main(["build", path, "-o", str(tmp_path / "x.kiln"), "--calib", str(calib)]) != 0
     assert "go with --int8" in capsys.readouterr().err
+
+
+def test_cli_int8_report_and_budget(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from kiln.cli.main import main
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(9)
+    for i in range(5):
+        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "f.kiln"
+    assert main(["build", path, "-o", str(out), "--device", "cpu", "--int8", "--calib", str(calib), "--int8-report",
+                 "--accuracy-budget", "1e-9", "--layer-precisions", "/c4/Conv:fp16", "--opt-level", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "outputs' relative error" in text and "kept in float for the budget" in text
+    from kiln.plan.format import load_plan
+    steps = {s["name"]: s["op"] for s in load_plan(str(out)).graph["steps"]}
+    assert steps["/c4/Conv"] == "FusedConv"  # the precision constraint keeps it out of INT8
+    # an unreachable budget ends with every layer back in float, and says so
+    assert "QConv" not in steps.values() and "QGemm" not in steps.values()
+    assert main(["build", path, "-o", str(out), "--int8-report"]) != 0
+    assert main(["build", path, "-o", str(out), "--int8", "--layer-precisions", "/c4/Conv:int4"]) != 0
