@@ -11,6 +11,14 @@ from kiln.testing import run_oracle
 from tests.conftest import rel_error
 
 
+@pytest.fixture(autouse=True)
+def _lower_on_any_cpu(monkeypatch):
+    """These tests check the pass's rewriting through CPU builds: lower whatever the host CPU computes natively
+    (a real CPU build of --fp16, or of --bf16 without BF16 instructions, is float32: tests/backends/test_cpu_bf16.py)."""
+    import kiln.builder
+    monkeypatch.setattr(kiln.builder, "cpu_precision", lambda dtype, logger: dtype)
+
+
 def _model(rng):
     w1 = (rng.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32)
     w2 = (rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32)

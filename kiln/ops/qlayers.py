@@ -17,6 +17,10 @@ Semantics (what every tactic computes)::
     v   = act(v + r)   or   act(v) + r   (act_before_add)
     y   = saturate(round_half_even(v * (1 / y_scale)) + y_zero_point)   (out_dtype INT8/UINT8), else v
 
+With ``a_scale`` > 0 the layer's own result (after its activation when act_before_add) is requantized to
+(a_scale, a_zero_point, a_dtype) and dequantized before the residual is added: the Q/DQ pair a Q/DQ model
+places between a convolution and its residual Add, kept exactly when the Add is fused into the layer.
+
 With power-of-two scales every step is exact in float32, so kernels are tested bit-exactly against this
 reference; otherwise they agree within one quantization step (float32 rounding order).
 """
@@ -52,6 +56,10 @@ QUANT_ATTRS: dict[str, Attr] = {
     "z_scale": Attr("float", 1.0, min=0.0),
     "z_zero_point": Attr("int", 0, min=-128, max=255),
     "out_dtype": Attr("int", INT8, choices=(INT8, UINT8, FLOAT, FLOAT16)),
+    # the layer's own result requantized before the residual add (a Q/DQ pair the model puts there): 0 = none
+    "a_scale": Attr("float", 0.0, min=0.0),
+    "a_zero_point": Attr("int", 0, min=-128, max=255),
+    "a_dtype": Attr("int", INT8, choices=(INT8, UINT8)),
 }
 """Quantization attributes of an integer layer (see the module doc)."""
 
@@ -68,13 +76,17 @@ class QuantSpec:
     z_scale: float
     z_zero_point: int
     out_dtype: int
+    a_scale: float = 0.0
+    a_zero_point: int = 0
+    a_dtype: int = INT8
 
     @classmethod
     def of(cls, node: Node) -> "QuantSpec":
         return cls(float(read(node, "x_scale")), int(read(node, "x_zero_point")),
                    tuple(float(s) for s in read(node, "w_scales")), float(read(node, "y_scale")),
                    int(read(node, "y_zero_point")), float(read(node, "z_scale")), int(read(node, "z_zero_point")),
-                   int(read(node, "out_dtype")))
+                   int(read(node, "out_dtype")), float(read(node, "a_scale")), int(read(node, "a_zero_point")),
+                   int(read(node, "a_dtype")))
 
     @property
     def quantized_out(self) -> bool:
@@ -126,16 +138,25 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
     if z is not None:
         r = (z.to(torch.float32) - q.z_zero_point) * q.z_scale if z.dtype in _RANGE else z.to(torch.float32)
     ep = Epilogue.of(node)
-    if r is not None and not ep.act_before_add:
-        v, r = v + r, None
-    v = activate(v, ep.activation, ep.alpha, ep.beta)
+    if ep.act_before_add:
+        v = activate(v, ep.activation, ep.alpha, ep.beta)
+    if q.a_scale > 0:  # the model's Q/DQ pair between the layer and its residual add
+        lo, hi = _RANGE[QUANT_OUT[q.a_dtype]]
+        v = (_round_to(v, q.a_scale, q.a_zero_point, lo, hi) - q.a_zero_point) * q.a_scale
     if r is not None:
         v = v + r
+    if not ep.act_before_add:
+        v = activate(v, ep.activation, ep.alpha, ep.beta)
     if not q.quantized_out:
         return v.to(q.out_torch)
     lo, hi = _RANGE[q.out_torch]
-    inv = torch.tensor(1.0 / q.y_scale, dtype=torch.float32)
-    return (torch.round(v * inv.to(v.device)) + q.y_zero_point).clamp(lo, hi).to(q.out_torch)
+    return _round_to(v, q.y_scale, q.y_zero_point, lo, hi).to(q.out_torch)
+
+
+def _round_to(v: Tensor, scale: float, zero_point: int, lo: int, hi: int) -> Tensor:
+    """round_half_even(v * float32(1 / scale)) + zero_point, saturated (float32 holding integers)."""
+    inv = torch.tensor(1.0 / scale, dtype=torch.float32, device=v.device)
+    return (torch.round(v * inv) + zero_point).clamp(lo, hi)
 
 
 class _QBase(OpDef):

@@ -24,9 +24,15 @@ def _typed(v: Value | None) -> bool:
     return v is not None and v.type.dtype is not None and v.type.dtype.value in _TYPES
 
 
+def _quantized(n: Node) -> bool:
+    """n reads a DequantizeLinear's output: a Q/DQ model's quantized op, left to kiln.passes.quantize (which
+    fuses a quantized residual Add into the integer layer before it)."""
+    return any(is_op(v.producer, "DequantizeLinear") for v in n.inputs if v is not None)
+
+
 def fusible(n: Node) -> bool:
     """An elementwise ONNX node Pointwise can evaluate with opset-21 semantics."""
-    if not is_op(n, *OPS) or len(n.outputs) != 1 or n.opset < 7:
+    if not is_op(n, *OPS) or len(n.outputs) != 1 or n.opset < 7 or _quantized(n):
         return False
     if n.subgraphs() or n.captures or not _typed(n.outputs[0]):
         return False

@@ -1,11 +1,16 @@
 """Reduced precision: run layers that tolerate it in float16/bfloat16, the rest in float32.
 
 The builder runs this after the optimization pipeline when `fp16` or `bf16` is set. Each node whose
-op is in `LOW_PRECISION_OPS` (and not named in `fp32_layers`) computes in the low type: its float32
+op is in the target's low-precision set (`low_precision_ops`: `LOW_PRECISION_OPS`, less `CPU_FP32_OPS` on
+the CPU) and not named in `fp32_layers` computes in the low type: its float32
 constant inputs (weights) are converted once, its float32 activation inputs get a Cast. Nodes outside
 the list keep float32 and get a Cast back where they read a low-precision value. Casts are inserted
 only where the element type changes and are shared by all readers of a value. Graph inputs and
 outputs keep their declared element types (a Cast sits at each boundary that needs one).
+
+On the CPU target the builder lowers only where the CPU computes the type natively
+(kiln.backends.cpu.features: bfloat16 with AVX512-BF16 / AMX-BF16, never float16); elsewhere it warns and
+builds float32 (`cpu_precision`).
 
 If/Loop/Scan bodies are lowered the same way when the pass runs under `PassManager(subgraphs=True)` (each
 body after the graph holding it). A body's interface keeps its element types: its inputs (Loop/Scan
@@ -51,6 +56,19 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
 })
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""
+
+CPU_FP32_OPS: frozenset[str] = frozenset({"SEGate", "ChannelShuffle"})
+"""Ops of LOW_PRECISION_OPS that stay float32 on the CPU target: their fast CPU tactics are C kernels of
+float32 only (cpu.se_gate, cpu.channel_shuffle), so a bfloat16 layer would run the reference. Every other
+op there has a CPU tactic taking bfloat16 where its float32 layer has one (oneDNN's bf16 convolutions,
+inner products and pools; Pointwise programs as torch ops; LayerNormalization, Resize, Concat, Attention
+through aten) or runs the reference in float32 too (data movement)."""
+
+
+def low_precision_ops(device: str) -> frozenset[str]:
+    """The ops that run in the low type on a target device ("cpu", "cuda"): the one place deciding it."""
+    return LOW_PRECISION_OPS - CPU_FP32_OPS if device == "cpu" else LOW_PRECISION_OPS
+
 
 FP32_POINTWISE_OPS: frozenset[str] = frozenset({"Exp", "Log", "Pow", "Reciprocal", "Cast", "Softmax"})
 """A Pointwise program using one of these stays float32."""
@@ -99,18 +117,21 @@ class ReducedPrecision(Pass):
 
     name = "reduced_precision"
 
-    def __init__(self, dtype: DType, fp32_layers: Iterable[str] = ()) -> None:
+    def __init__(self, dtype: DType, fp32_layers: Iterable[str] = (),
+                 ops: frozenset[str] = LOW_PRECISION_OPS) -> None:
+        """ops: the op types that may run low (`low_precision_ops(device)` for a target)."""
         if dtype not in (DType.FLOAT16, DType.BFLOAT16):
             raise ValueError(f"reduced precision must be float16 or bfloat16, not {dtype.value}")
         self.dtype = dtype
         self.fp32_layers = set(fp32_layers)
+        self.ops = ops
         # values this pass lowered -> their element type before (keys kept alive: no id reuse)
         self._made_low: dict[Value, DType | None] = {}
 
     # -- decisions --------------------------------------------------------------------------------
     def runs_low(self, n: Node) -> bool:
         """Whether node `n` computes in the low type."""
-        if n.domain not in ("", "ai.onnx", "kiln") or n.op_type not in LOW_PRECISION_OPS:
+        if n.domain not in ("", "ai.onnx", "kiln") or n.op_type not in self.ops:
             return False
         if n.name in self.fp32_layers or n.subgraphs():
             return False
@@ -249,6 +270,19 @@ class ReducedPrecision(Pass):
             low_vals.add(id(inner))
             changed = True
         return changed
+
+
+def cpu_precision(dtype: DType, logger: Logger) -> DType | None:
+    """The low type a CPU build runs: `dtype` where this CPU computes it natively, else None (float32), with
+    one warning saying so."""
+    from kiln.backends.cpu.features import native_low_precision
+    if native_low_precision(dtype):
+        return dtype
+    if dtype == DType.BFLOAT16:
+        logger.warning("this CPU has no BF16 instructions: building FP32")
+    else:
+        logger.warning("the CPU target has no FP16 kernels: building FP32")
+    return None
 
 
 def precision_dtype(fp16: bool, bf16: bool) -> DType | None:

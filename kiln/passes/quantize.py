@@ -210,6 +210,86 @@ class FuseQuantizedLayers(Pass):
         return True
 
 
+class FuseQuantizedResidual(Pass):
+    """Integer layer -> Q -> DQ -> Add(+ DQ(residual)) (-> Relu) -> Q -> one integer layer with an int8 residual.
+
+    The model's Q/DQ pair between the layer and the Add is kept inside the layer (`a_scale`: its result is
+    requantized there before the residual is added), so the fused layer computes what the Q/DQ graph says. Of an
+    Add of two integer layers' outputs, the later layer takes the Add (the earlier one's output is its residual).
+    Only where the target's integer kernel takes the result (else the Add stays a float layer between Q/DQ)."""
+
+    name = "integer residual fusion"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for add in [n for n in g.nodes if is_op(n, "Add")]:
+            if add in g.nodes and self._fuse(g, add, uses, ctx):
+                changed = True
+                uses.refresh()
+        return changed
+
+    @staticmethod
+    def _branch(v: Value | None, uses: Uses) -> tuple[Node, Node] | None:
+        """(DQ, integer layer) when v = DQ(layer's int8 output), read only by that path, the layer without Z."""
+        dq = v.producer if v is not None else None
+        if not is_op(dq, "DequantizeLinear") or qparams(dq) is None or uses.only(v) is None:  # type: ignore[arg-type]
+            return None
+        layer = dq.inputs[0].producer  # type: ignore[union-attr]
+        if layer is None or layer.domain != "kiln" or layer.op_type not in ("QConv", "QGemm") or \
+                layer.input(3) is not None or uses.only(dq.inputs[0]) is not dq:  # type: ignore[union-attr]
+            return None
+        from kiln.ops.qlayers import QuantSpec
+        q = QuantSpec.of(layer)
+        p = qparams(dq)
+        if not q.quantized_out or q.a_scale > 0 or p is None or (p.scale, p.zero_point) != (q.y_scale, q.y_zero_point):
+            return None
+        return dq, layer  # type: ignore[return-value]
+
+    def _fuse(self, g: Graph, add: Node, uses: Uses, ctx: PassContext) -> bool:
+        a, b = add.inputs[0], add.inputs[1] if len(add.inputs) > 1 else None
+        if a is None or b is None or a.type.shape is None or a.type.shape != b.type.shape:
+            return False
+        cands = [(self._branch(x, uses), other) for x, other in ((a, b), (b, a))]
+        cands = [(c, other) for c, other in cands if c is not None]
+        cands.sort(key=lambda co: -uses.pos(co[0][1]))  # the later layer absorbs the Add
+        for (dq_a, layer), other in cands:
+            zdq = other.producer
+            zp = qparams(zdq) if is_op(zdq, "DequantizeLinear") else None
+            if zp is None:
+                continue
+            nxt, act = uses.only(add.outputs[0]), None
+            if is_op(nxt, "Relu"):
+                act, nxt = nxt, uses.only(nxt.outputs[0])  # type: ignore[union-attr]
+            q_out = qparams(nxt) if is_op(nxt, "QuantizeLinear") else None
+            if q_out is None:
+                continue
+            attrs = dict(layer.attrs)
+            if act is not None:
+                if attrs.get("activation"):
+                    continue  # an activation on both sides of the add: not one epilogue
+                attrs.update(activation="Relu", act_before_add=0)
+            elif attrs.get("activation"):
+                attrs["act_before_add"] = 1
+            attrs.update(a_scale=attrs["y_scale"], a_zero_point=attrs.get("y_zero_point", 0),
+                         a_dtype=attrs.get("out_dtype", INT8), z_scale=zp.scale, z_zero_point=zp.zero_point,
+                         y_scale=q_out.scale, y_zero_point=q_out.zero_point, out_dtype=_CODE[q_out.dtype])
+            inputs = list(layer.inputs) + [None] * (3 - len(layer.inputs)) + [zdq.inputs[0]]  # type: ignore[union-attr]
+            out = nxt.outputs[0]  # type: ignore[union-attr]
+            probe = Node(layer.op_type, inputs, [Value("probe", out.type)], attrs, name=layer.name, domain="kiln",
+                         opset=1)
+            if not has_integer_kernel(probe, ctx.device):
+                continue
+            fused = Node(layer.op_type, inputs, [out], attrs, name=layer.name, domain="kiln", opset=1)
+            old = [layer, dq_a, add, nxt] + ([act] if act is not None else [])
+            replace_nodes(g, old, [fused])  # type: ignore[list-item]
+            ctx.logger.verbose(f"Fusing {add.name}" + (f" + {act.name}" if act is not None else "") +
+                               f" into integer layer {layer.name}: int8 residual from {zdq.name}, the Q/DQ pair "  # type: ignore[union-attr]
+                               f"between them kept inside")
+            return True
+        return False
+
+
 class PropagateQuantization(Pass):
     """DequantizeLinear moved below commuting ops; DequantizeLinear -> QuantizeLinear pairs of equal parameters
     removed (see the module doc)."""

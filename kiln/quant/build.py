@@ -13,8 +13,8 @@ from kiln.errors import BuildError
 from kiln.ir.graph import Graph
 from kiln.passes.base import Fixpoint, PassContext, PassManager
 from kiln.passes.dce import DeadCodeElimination
-from kiln.passes.quantize import (FuseQuantizedLayers, InsertQuantization, PropagateQuantization, calibration_targets,
-                                  has_qdq)
+from kiln.passes.quantize import (FuseQuantizedLayers, FuseQuantizedResidual, InsertQuantization,
+                                  PropagateQuantization, calibration_targets, has_qdq)
 from kiln.quant.cache import read_cache, write_cache
 from kiln.quant.report import ReferenceRun, as_batches, clone_graph, compare
 
@@ -106,7 +106,7 @@ def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: Pa
     """Q/DQ pairs from ranges (None: the model's own), then integer layers and int8 flow."""
     if ranges is not None:
         PassManager([InsertQuantization(ranges, exclude)]).run(g, ctx)
-    PassManager([FuseQuantizedLayers(exclude), Fixpoint("Q/DQ", [PropagateQuantization(),
+    PassManager([FuseQuantizedLayers(exclude), FuseQuantizedResidual(), Fixpoint("Q/DQ", [PropagateQuantization(),
                                                                   DeadCodeElimination()])]).run(g, ctx)
 
 

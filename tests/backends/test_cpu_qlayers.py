@@ -78,11 +78,16 @@ def _epilogue64(acc: torch.Tensor, ch: int, b: torch.Tensor | None, z: torch.Ten
     r = None
     if z is not None:
         r = (z.double() - q.get("z_zero_point", 0)) * q.get("z_scale", 1.0) if z.dtype in RANGE else z.double()
-    if r is not None and not before_add:
-        v, r = v + r, None
-    v = ACT64[act](v)
+    if before_add:
+        v = ACT64[act](v)
+    if q.get("a_scale", 0.0) > 0:  # the layer's result requantized before the residual (a fused Q/DQ Add)
+        lo, hi = RANGE[S8 if q.get("a_dtype", 3) == 3 else U8]
+        zp = q.get("a_zero_point", 0)
+        v = ((torch.round(v / q["a_scale"]) + zp).clamp(lo, hi) - zp) * q["a_scale"]
     if r is not None:
         v = v + r
+    if not before_add:
+        v = ACT64[act](v)
     if q["out_dtype"] == 1:
         return v
     lo, hi = RANGE[S8 if q["out_dtype"] == 3 else U8]
@@ -253,6 +258,27 @@ def test_qconv_residual(z_dtype: torch.dtype, before_add: int, act: str, out: to
         q["y_scale"] = 2.0 ** -4
     got = run_kernel(qconv_node(x, w, b, z, q, geo, act, before_add, out=out), "cpu.qconv_dnnl", x, z)
     assert_matches(got, oracle_qconv(x, w, b, z, q, geo, act, before_add), out, exact=act == "Relu")
+
+
+@pytest.mark.parametrize("a_dtype, a_zp", [(S8, -3), (S8, 0), (U8, 131)], ids=["s8zp", "s8", "u8zp"])
+@pytest.mark.parametrize("before_add", [0, 1], ids=["act_after_add", "act_before_add"])
+def test_qconv_residual_with_requant_before_add(a_dtype: torch.dtype, a_zp: int, before_add: int) -> None:
+    # a Q/DQ model's Conv -> Q -> DQ -> Add(DQ(z)) -> Q fused into one layer: the conv result is requantized to
+    # the model's grid (a_scale) before the int8 residual is added, exactly as the unfused graph computes
+    g = _gen(70 + before_add + a_zp)
+    x, w, b = _cl(_ints(S8, (2, 8, 7, 9), g)), _ints(S8, (16, 8, 3, 3), g), _few_bits((16,), g)
+    q = _quant(S8, -5, S8, True, 16, g)
+    q.update(a_scale=2.0 ** -2, a_zero_point=a_zp, a_dtype=OUT_CODE[a_dtype], z_scale=2.0 ** -1, z_zero_point=-7)
+    zshape = (2, 16, _conv_out(7, 3, 2, 0, 2, 1), _conv_out(9, 3, 1, 1, 0, 1))
+    z = _cl(_ints(S8, zshape, g))
+    got = run_kernel(qconv_node(x, w, b, z, q, GEO_B, "Relu", before_add, out=S8), "cpu.qconv_dnnl", x, z)
+    want = oracle_qconv(x, w, b, z, q, GEO_B, "Relu", before_add)
+    assert_matches(got, want, S8, exact=True)
+    ref = qconv_node(x, w, b, z, q, GEO_B, "Relu", before_add, out=S8)
+    from kiln.ops.registry import lookup
+    assert torch.equal(lookup("QConv", "kiln").compute(ref, x, w, b, z).double(), want)  # the op's own reference
+    q0 = dict(q, a_scale=0.0)  # the requantization is really applied (it changes the result here)
+    assert not torch.equal(oracle_qconv(x, w, b, z, q0, GEO_B, "Relu", before_add), want)
 
 
 @pytest.mark.parametrize("out", [S8, U8, F32], ids=["s8", "u8", "f32"])

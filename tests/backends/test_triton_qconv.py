@@ -133,12 +133,14 @@ CONV_CASES = [
 ]
 
 
-def _conv_case(case, seed: int):
+def _conv_case(case, seed: int, x_zp: int | None = None):
     n, c, h, w, k, ks, st, pads, dil, x_dt, out_dt, has_b, z_dt, act, order = case
     g = np.random.default_rng(seed)
     x = _rand_int(g, (n, c, h, w), x_dt)
     wt = _rand_int(g, (k, c, *ks), torch.int8)
     p = _quant_params(g, k, x_dt, per_channel=seed % 2 == 0)
+    if x_zp is not None:
+        p["x_zero_point"] = x_zp
     p.update(strides=list(st), pads=list(pads), dilations=list(dil), group=1, kernel_shape=list(ks),
              activation=act, act_before_add=order, alpha=0.25 if act == "LeakyRelu" else -1.5,
              beta=0.0 if act == "LeakyRelu" else 6.25)
@@ -262,6 +264,102 @@ def test_qconv_declines_grouped_and_rejects_other_input_type() -> None:
     kern = t.make(node2, t.configs(node2, _ctx())[0], DEV)
     with pytest.raises(KilnError, match="int8"):
         kern(x2.to(torch.uint8), None, None, z2)
+
+
+# ---- specializations: EVEN_K (C % BLOCK_K == 0), PAD_ZERO (zero fill), ROWS (stem window rows) -----------
+
+EVEN_CASES = [
+    # 64 channels: EVEN_K for BLOCK_K 32 and 64; (x zero point, whether the padded value may be a zero fill)
+    ((2, 64, 6, 7, 48, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.int8, torch.int8, True, torch.int8, "Relu", 0),
+     0, True),
+    ((2, 64, 7, 6, 40, (3, 3), (2, 2), (1, 0, 1, 1), (1, 1), torch.int8, torch.int8, True, None, "Relu", 0),
+     -37, False),
+    ((1, 64, 6, 6, 24, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), torch.uint8, torch.float16, False, torch.float32,
+      "LeakyRelu", 1), 141, False),
+    ((2, 128, 5, 6, 72, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), torch.int8, torch.uint8, True, torch.int8, "Relu", 1),
+     23, True),
+    ((2, 64, 7, 7, 40, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), torch.uint8, torch.int8, True, None, "", 0), 200, True),
+]
+
+
+@pytest.mark.parametrize("idx", range(len(EVEN_CASES)))
+def test_qconv_even_k_and_zero_fill_bit_exact(idx: int) -> None:
+    from kiln.backends.cuda.triton_qconv import _qconv_mode
+    from kiln.backends.cuda.triton_qlayers import quant_epilogue
+    from kiln.ops.conv import ConvGeometry
+    case, x_zp, zero_fill = EVEN_CASES[idx]
+    node, x, z, want = _conv_case(case, 50 + idx, x_zp=x_zp)
+    geo = ConvGeometry.of(node)
+    qe = quant_epilogue(node, torch.zeros((case[4], 1), dtype=torch.int8, device=DEV), DEV)
+    cfgs = [{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64},
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 2},
+            {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128}]  # 128 > C=64: the masked channel tail
+    for cfg in cfgs:
+        mode = _qconv_mode(x, geo, qe, cfg)  # the specializations this launch compiles
+        assert mode["EVEN_K"] == (case[1] % cfg["BLOCK_K"] == 0) and mode["PAD_ZERO"] == zero_fill, mode
+        got = _run("cuda.triton_qconv", node, [x, None, None, z], {"GROUP_M": 4, **cfg})
+        _assert_exact(got, want, f"case {idx} {cfg}")
+
+
+def test_qconv_level3_configs_lead_with_wide_tiles() -> None:
+    """A ResNet-sized layer gets the 128-deep tiles of two warpgroups first; every tile fits shared memory."""
+    from kiln.backends.cuda.triton_qconv import QTILES, qtile_configs
+    cfgs = qtile_configs(256 * 28 * 28, 512, 128, 3, 128)
+    assert (cfgs[0]["BLOCK_M"], cfgs[0]["BLOCK_N"], cfgs[0]["BLOCK_K"], cfgs[0]["num_warps"]) == (128, 128, 128, 8)
+    assert any(c["BLOCK_N"] == 256 for c in cfgs) and len(cfgs) == 5
+    narrow = qtile_configs(256 * 56 * 56, 64, 64, 2, 576)  # 64 channels in and out: BLOCK_K 64, BLOCK_N 64
+    assert narrow and all(c["BLOCK_K"] == 64 and c["BLOCK_N"] == 64 for c in narrow)
+    assert narrow[0]["BLOCK_M"] >= 128
+    for bm, bn, bk, warps, stages in QTILES:
+        assert (bm + bn) * bk * stages <= 200 * 1024, (bm, bn, bk, stages)
+        assert bm < 64 or warps % 4 == 0, "wgmma needs whole warpgroups"
+
+
+def test_pack_qconv_weight_rows_layout() -> None:
+    from kiln.backends.cuda.triton_qconv import pack_qconv_weight
+    g = np.random.default_rng(3)
+    w = _rand_int(g, (5, 3, 7, 7), torch.int8)
+    got = pack_qconv_weight(torch.from_numpy(w), {"ROWS": True, "BLOCK_K": 32}).numpy()
+    want = np.zeros((5, 7, 32), np.int8)
+    want[:, :, :21] = w.transpose(0, 2, 3, 1).reshape(5, 7, 21)
+    assert np.array_equal(got, want.reshape(5, 7 * 32))
+    plain = pack_qconv_weight(torch.from_numpy(w), {"BLOCK_K": 32}).numpy()
+    assert np.array_equal(plain, w.transpose(0, 2, 3, 1).reshape(5, 147))
+
+
+STEM_CASES = [
+    # the ResNet stem's window (7x7, stride 2, pad 3) on 3 channels; a 3x3 on 4; one dilated in H only
+    ((2, 3, 13, 11, 16, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), torch.int8, torch.int8, True, None, "Relu", 0), 0),
+    ((2, 3, 13, 11, 16, (7, 7), (2, 2), (3, 3, 2, 3), (1, 1), torch.int8, torch.int8, True, torch.int8, "Relu", 0),
+     -9),
+    ((1, 4, 9, 10, 40, (3, 3), (1, 1), (1, 1, 1, 1), (2, 1), torch.uint8, torch.uint8, True, None, "Relu", 0), 117),
+]
+
+
+@pytest.mark.parametrize("idx", range(len(STEM_CASES)))
+def test_qconv_rows_stem_bit_exact(idx: int) -> None:
+    case, x_zp = STEM_CASES[idx]
+    node, x, z, want = _conv_case(case, 70 + idx, x_zp=x_zp)
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx(2))
+    rows = [c for c in cfgs if c.get("ROWS")]
+    assert rows and cfgs[0].get("ROWS"), "stems try window rows first"
+    for cfg in rows[:2] + [{**rows[0], "BLOCK_M": 32, "SPLIT_K": 3}]:
+        _assert_exact(_run("cuda.triton_qconv", node, [x, None, None, z], cfg), want, f"case {idx} {cfg}")
+    c = case[1]
+    wide = torch.zeros((x.shape[0], c + 5, x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=DEV).contiguous(memory_format=torch.channels_last)
+    wide[:, 2:2 + c] = x
+    _assert_exact(_run("cuda.triton_qconv", node, [wide[:, 2:2 + c], None, None, z], rows[0]), want,
+                  "ROWS on a channel slice (read through a dense copy)")
+
+
+def test_qconv_rows_refused_where_it_does_not_fit() -> None:
+    node, _, _, _ = _conv_case(CONV_CASES[1], 1)  # C=17, 3x3: a row is 51 values
+    t = get_tactic("cuda.triton_qconv")
+    with pytest.raises(KilnError, match="ROWS"):
+        t.make(node, {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "ROWS": True}, DEV)
+    dil, _, _, _ = _conv_case(CONV_CASES[3], 3)  # dilated in W: window rows are not contiguous
+    assert not any(c.get("ROWS") for c in t.configs(dil, _ctx(4)))
 
 
 # ---- QGemm --------------------------------------------------------------------------------------------

@@ -205,7 +205,13 @@ def test_near_misses_keep_their_layers(miss: str) -> None:
     _run_check(plan, m, (1, 24, *hw))
 
 
-def test_fp16_lowering_shuffles_in_float16() -> None:
+def test_fp16_lowering_shuffles_in_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CUDA target's lowering (a CPU build of --fp16 is float32, and these ops stay float32 on the CPU),
+    # run through a CPU build so the op's float16 reference is checked against the oracle here
+    import kiln.builder
+    from kiln.passes.precision import LOW_PRECISION_OPS
+    monkeypatch.setattr(kiln.builder, "cpu_precision", lambda dtype, logger: dtype)
+    monkeypatch.setattr(kiln.builder, "low_precision_ops", lambda device: LOW_PRECISION_OPS)
     m = shuffle_model(c=24, g=2, convs=False)
     plan = _build(m, fp16=True)
     (step,) = _steps(plan, "ChannelShuffle")

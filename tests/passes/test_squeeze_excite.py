@@ -189,7 +189,13 @@ def test_dynamic_batch_plan_round_trip_and_hostile_attribute() -> None:
     Engine(plan_from_bytes(edit("HardSigmoid")))  # a declared value loads
 
 
-def test_fp16_lowering_runs_the_gate_in_float16() -> None:
+def test_fp16_lowering_runs_the_gate_in_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CUDA target's lowering (a CPU build of --fp16 is float32, and these ops stay float32 on the CPU),
+    # run through a CPU build so the op's float16 reference is checked against the oracle here
+    import kiln.builder
+    from kiln.passes.precision import LOW_PRECISION_OPS
+    monkeypatch.setattr(kiln.builder, "cpu_precision", lambda dtype, logger: dtype)
+    monkeypatch.setattr(kiln.builder, "low_precision_ops", lambda device: LOW_PRECISION_OPS)
     m = se_model(72, 24, 1, act1="SiLU")
     plan = _build(m, fp16=True)
     step = next(s for s in plan.graph["steps"] if s["op"] == "SEGate")

@@ -1,5 +1,9 @@
 """Shared pieces of the CPU tactics: the CPU tactic base, value checks and activation epilogues.
 
+Tactics take float32 layers; the oneDNN ones (``cpu.conv_dnnl``, ``cpu.conv1d_dnnl``, ``cpu.linear_dnnl``,
+``cpu.pool_dnnl``) also bfloat16 ones (``bf16_layer``, ``float_conv_weight(..., bf16=True)``), which a bf16
+build makes where the CPU has BF16 instructions (kiln.backends.cpu.features).
+
 oneDNN (through torch's ``torch.ops.mkldnn`` kernels) fuses a few activations into convolutions and
 linear layers as post-ops; ``onednn_unary`` names them. Any other activation runs as an in-place torch
 op on the kernel's own freshly computed output (``inplace_activation``), which never allocates.
@@ -35,7 +39,8 @@ _ONEDNN = onednn_available()
 
 
 class CpuTactic(Tactic):
-    """Base of the CPU tactics: runs on the CPU only and declines anything but float32 tensors."""
+    """Base of the CPU tactics: runs on the CPU only; `accepts` takes float32 layers (and, for the oneDNN and
+    torch-based tactics, bfloat16 ones)."""
 
     devices = ("cpu",)
     ops: tuple[tuple[str, str], ...] = ()  # (domain, op_type) pairs the tactic implements
@@ -63,6 +68,26 @@ def const_f32(v: Value | None) -> Tensor | None:
     if v is None or v.const is None or v.const.dtype != torch.float32:
         return None
     return v.const
+
+
+def const_float(v: Value | None, bf16: bool = False) -> Tensor | None:
+    """The payload of a float32 constant value (or, with `bf16`, a bfloat16 one) as float32, else None."""
+    if v is None or v.const is None:
+        return None
+    if v.const.dtype == torch.float32 or (bf16 and v.const.dtype == torch.bfloat16):
+        return v.const.float()
+    return None
+
+
+def bf16_layer(node: Node, residual: int | None = None) -> bool:
+    """A layer that oneDNN's bfloat16 primitives take (kiln.backends.cpu.dnnl.LAYER_DTYPES): a bfloat16 input
+    (input 0) and one output, float32 or bfloat16, and the residual input `residual` (if present) float32 or
+    bfloat16. A float32 layer is not one."""
+    x = node.input(0)
+    if x is None or x.type.dtype != DType.BFLOAT16 or len(node.outputs) != 1:
+        return False
+    z = None if residual is None else node.input(residual)
+    return all(v.type.dtype in (DType.FLOAT32, DType.BFLOAT16) for v in (node.outputs[0], z) if v is not None)
 
 
 def static_shape(v: Value | None) -> tuple[int, ...] | None:
@@ -124,18 +149,30 @@ def dims_agree(a: Value | None, b: Value | None) -> bool:
                                       for p, q in zip(sa, sb))
 
 
-def float_bias(v: Value | None, n: int) -> bool:
-    """No bias, or a constant 1-D float32 bias of exactly n values (native kernels read n of them)."""
+def layer_dtypes(node: Node, residual: int | None = None) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(input, output, residual) torch dtypes of a float layer (`residual`: the residual's input index; a
+    layer without one reports its output's dtype there)."""
+    x, y = node.inputs[0], node.outputs[0]
+    z = None if residual is None else node.input(residual)
+    dt = [torch.float32 if v is None or v.type.dtype is None else v.type.dtype.torch for v in (x, y, y if z is None else z)]
+    return dt[0], dt[1], dt[2]
+
+
+def float_bias(v: Value | None, n: int, bf16: bool = False) -> bool:
+    """No bias, or a constant 1-D float32 (with `bf16`: or bfloat16) bias of exactly n values (native kernels
+    read n of them)."""
     if v is None:
         return True
-    b = const_f32(v)
+    b = const_float(v, bf16)
     return b is not None and b.dim() == 1 and b.numel() == n
 
 
-def float_conv_weight(node: Node, acts: Sequence[str], rank: int = 4) -> Tensor | None:
-    """The constant float32 weight of a Conv / FusedConv whose input (of `rank`: 4 for 2-D convolutions, 3
-    for 1-D ones), weight, residual and only output have that rank, whose bias, residual and output are
-    float32 and whose fused activation is one of `acts`; None for any other node.
+def float_conv_weight(node: Node, acts: Sequence[str], rank: int = 4, bf16: bool = False) -> Tensor | None:
+    """The constant weight (as float32) of a Conv / FusedConv whose input (of `rank`: 4 for 2-D convolutions,
+    3 for 1-D ones), weight, residual and only output have that rank, whose bias, residual and output are
+    float32 and whose fused activation is one of `acts`; None for any other node. With `bf16`, also a
+    bfloat16 layer (`bf16_layer`: bfloat16 input, float32 or bfloat16 output and residual) whose weight and
+    bias are bfloat16 or float32 constants.
 
     Native kernels rely on everything checked here: the weight [K, C/group, kh, kw] ([K, C/group, k])
     non-empty and its input channels matching the input's (where the input's channel dim is static; the
@@ -143,15 +180,17 @@ def float_conv_weight(node: Node, acts: Sequence[str], rank: int = 4) -> Tensor 
     where known, and positive strides, dilations and kernel sizes, non-negative pads and a known auto_pad
     mode.
     """
-    x, wt, b, y = node.input(0), const_f32(node.input(1)), node.input(2), node.outputs[0] if node.outputs else None
+    low = bf16 and bf16_layer(node, 3 if node.op_type == "FusedConv" else None)
+    x, wt, b = node.input(0), const_float(node.input(1), low), node.input(2)
+    y = node.outputs[0] if node.outputs else None
     nd = rank - 2
-    if not is_f32(x) or x.type.rank != rank or wt is None or wt.dim() != rank or wt.numel() == 0:  # type: ignore[union-attr]
+    if not (low or is_f32(x)) or x.type.rank != rank or wt is None or wt.dim() != rank or wt.numel() == 0:  # type: ignore[union-attr]
         return None
-    if len(node.outputs) != 1 or not is_f32(y) or y.type.rank not in (None, rank):  # type: ignore[union-attr]
+    if len(node.outputs) != 1 or not (low or is_f32(y)) or y.type.rank not in (None, rank):  # type: ignore[union-attr]
         return None
     k, cg = int(wt.shape[0]), int(wt.shape[1])
     group = ints_at_least([node.attr("group", 1)], 1, 1)
-    if group is None or k % group[0] or not float_bias(b, k):
+    if group is None or k % group[0] or not float_bias(b, k, low):
         return None
     c_in = x.type.shape[1]  # type: ignore[union-attr,index]
     if isinstance(c_in, int) and c_in != cg * group[0]:
@@ -170,7 +209,7 @@ def float_conv_weight(node: Node, acts: Sequence[str], rank: int = 4) -> Tensor 
         return None
     if node.op_type == "FusedConv":
         z = node.input(3)
-        if act_attrs(node)[0] not in acts or (z is not None and (not is_f32(z) or z.type.rank != rank
+        if act_attrs(node)[0] not in acts or (z is not None and (not (low or is_f32(z)) or z.type.rank != rank
                                                                  or not dims_agree(z, y))):
             return None
     return wt

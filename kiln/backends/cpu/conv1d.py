@@ -11,7 +11,7 @@ oneDNN has only its reference loops for that layout (a single input channel, as 
 length-1 output) the primitive reads and writes the plain [N, C, L] layout instead (its gemm
 convolution) and the output is dense. The kernel allocates its output (writes_out = 0: an arena slot is
 a dense [N, K, L'] tensor). Shapes oneDNN declines in both layouts run the op's reference
-implementation, with one warning.
+implementation, with one warning. bfloat16 layers (a bf16 build) as ``cpu.conv_dnnl``'s.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
+from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, DnnlError, ReferenceFallback, library, released,
                                     require_library)
@@ -36,14 +36,15 @@ def _as_3d(y: Tensor) -> Tensor:
 
 
 class DnnlConv1dTactic(CpuTactic):
-    """1-D float32 Conv / FusedConv as a cached oneDNN 2-D convolution over a [N, C, 1, L] view (see module doc)."""
+    """1-D float32 or bfloat16 Conv / FusedConv as a cached oneDNN 2-D convolution over a [N, C, 1, L] view
+    (see module doc)."""
 
     id = "cpu.conv1d_dnnl"
     priority = 12
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if library() is None or float_conv_weight(node, ("", *ELTWISE), rank=3) is None:
+        if library() is None or float_conv_weight(node, ("", *ELTWISE), rank=3, bf16=True) is None:
             return False
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
         return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
@@ -63,6 +64,7 @@ class DnnlConv1dTactic(CpuTactic):
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
         k_out = int(w.shape[0])
+        x_dt, y_dt, z_dt = layer_dtypes(node, 3)
 
         def make(x: Tensor, z: Tensor | None, plain: bool) -> tuple[Convolution, tuple[int, ...]]:
             geo = conv_geometry(node, [k_len], [int(x.shape[3])])
@@ -74,11 +76,11 @@ class DnnlConv1dTactic(CpuTactic):
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {[shape[0], shape[1], shape[3]]}, "
                                 f"got {list(z.shape[:2]) + list(z.shape[3:])}")
-            y0 = torch.empty(shape, memory_format=torch.contiguous_format if plain else torch.channels_last)
+            y0 = torch.empty(shape, dtype=y_dt, memory_format=torch.contiguous_format if plain else torch.channels_last)
             return Convolution(lib, x, w, b, y0, z, (1, s), (1, d), (0, lo), (0, hi), geo.group,
                                act, alpha, beta, act_first), shape
         fb = ReferenceFallback(node)
-        x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
+        x_cl, z_cl = ChannelsLast(lib, (x_dt,)), ChannelsLast(lib, (z_dt,))
         cache: dict[tuple[Any, ...], tuple[Convolution, tuple[int, ...], bool]] = {}
         closed: list[bool] = []
 
@@ -103,8 +105,8 @@ class DnnlConv1dTactic(CpuTactic):
             if entry is None:
                 if closed:
                     raise released(node.name)
-                if x.dtype is not torch.float32 or (z is not None and z.dtype is not torch.float32):
-                    raise KilnError(f"'{node.name}' takes float32 tensors, got {x.dtype}")
+                if x.dtype is not x_dt or (z is not None and z.dtype is not z_dt):
+                    raise KilnError(f"'{node.name}' takes {x_dt} tensors, got {x.dtype}")
                 entry = fb.attempt(key, lambda: make_either(x, z), f"input shape {list(x.shape)}")
                 if entry is None:
                     return fb(key, (x, None, None, z), None)
@@ -112,10 +114,10 @@ class DnnlConv1dTactic(CpuTactic):
             prim, shape, plain = entry
             x4, z4 = views(x, z, plain)
             if plain:
-                y = torch.empty((shape[0], shape[1], shape[3]))
+                y = torch.empty((shape[0], shape[1], shape[3]), dtype=y_dt)
                 y4 = y.unsqueeze(2)
             else:
-                y = y4 = torch.empty(shape, memory_format=torch.channels_last)
+                y = y4 = torch.empty(shape, dtype=y_dt, memory_format=torch.channels_last)
             prim.run(x4, y4) if z4 is None else prim.run(x4, y4, z4)
             return _as_3d(y)
 

@@ -6,7 +6,13 @@ residual add and activation as post-ops in the node's order; an inference alloca
 output and executes the primitive. Asymmetric pads, groups and dilations are oneDNN's own.
 Declines every layer when the oneDNN library is not installed. The input's channels are checked against
 the weights when a primitive is made (a static channel dim already in `accepts`); `_Primitive.run`
-refuses tensors that are not float32. `release` (Engine.close) destroys the primitives and reorders.
+refuses tensors of other dtypes than the node's. `release` (Engine.close) destroys the primitives and reorders.
+
+bfloat16 layers (a bf16 build, kiln.passes.precision): a bfloat16 input, weights reordered once into the
+primitive's bfloat16 layout, a float32 bias, a bfloat16 or float32 output and residual; oneDNN accumulates in
+float32 and applies the post-ops in float32 before the one rounding on store. Where the CPU has no BF16
+instructions oneDNN offers only its reference loops, which `_finish` refuses: the layer then runs its reference
+implementation, with a warning.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
+from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
                                     shape_cached)
@@ -26,7 +32,7 @@ Tensor = torch.Tensor
 
 
 class DnnlConvTactic(CpuTactic):
-    """2-D float32 Conv / FusedConv as a cached oneDNN primitive (see module doc)."""
+    """2-D float32 or bfloat16 Conv / FusedConv as a cached oneDNN primitive (see module doc)."""
 
     id = "cpu.conv_dnnl"
     priority = 12
@@ -35,7 +41,7 @@ class DnnlConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if library() is None or float_conv_weight(node, ("", *ELTWISE)) is None:
+        if library() is None or float_conv_weight(node, ("", *ELTWISE), bf16=True) is None:
             return False
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
         return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
@@ -52,6 +58,7 @@ class DnnlConvTactic(CpuTactic):
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
         k_out = int(w.shape[0])
+        x_dt, y_dt, z_dt = layer_dtypes(node, 3)
 
         def make(x: Tensor, z: Tensor | None) -> tuple[Convolution, tuple[int, ...]]:
             geo = conv_geometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
@@ -60,12 +67,12 @@ class DnnlConvTactic(CpuTactic):
             shape = (int(x.shape[0]), k_out, oh, ow)
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
-            y0 = torch.empty(shape, memory_format=torch.channels_last)
+            y0 = torch.empty(shape, dtype=y_dt, memory_format=torch.channels_last)
             return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.group,
                                act, alpha, beta, act_first), shape
         fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
-        x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)  # the layout the primitives are made for
+        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_dt,), (z_dt,), y_dt)
+        x_cl, z_cl = ChannelsLast(lib, (x_dt,)), ChannelsLast(lib, (z_dt,))  # the layout the primitives are made for
 
         def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                    out: Tensor | None = None) -> Tensor:

@@ -25,6 +25,12 @@ the shapes and strides) and ``_Primitive.run`` refuses any tensor whose dtype is
 was made for (float32 unless the primitive says otherwise), so a tensor of another dtype never reaches
 the native code.
 
+bfloat16 layers (a bf16 build on a CPU with BF16 instructions): ``Convolution`` and ``InnerProduct`` take a
+bfloat16 source with bfloat16 weights (reordered once from the float32 values of the constant into the
+primitive's bfloat16 layout), a float32 bias and a bfloat16 or float32 destination and residual; ``Pooling``
+reads and writes bfloat16. oneDNN accumulates in float32 and applies the post-ops before the one rounding on
+store. Without BF16 instructions it has only reference loops for these, which `_finish` refuses.
+
 Integer layers (``QConvolution``, ``QMatMul``: kiln.ops.qlayers' QConv / QGemm): int8/uint8 sources, int8
 weights reordered once (with the compensation oneDNN's int8 kernels need), the combined multiplier
 ``x_scale * w_scales[k]`` as oneDNN 3.x's weights scales and the zero points as attributes, their values
@@ -319,14 +325,18 @@ class _Primitive:
         return a
 
     def _finish_layer(self, tmp: _Owned, pd: P, w: torch.Tensor, w_shape: list[int], b: torch.Tensor | None,
-                      b_md: Any, src_md: Any, dst_md: Any, z_arg: int, z_md: Any) -> None:
-        """`_finish` for a layer with constant weights, an optional bias and an optional residual post-op."""
+                      b_md: Any, src_md: Any, dst_md: Any, z_arg: int, z_md: Any,
+                      dtypes: Sequence[torch.dtype] = (FLOAT32, FLOAT32, FLOAT32)) -> None:
+        """`_finish` for a layer with constant weights, an optional bias and an optional residual post-op;
+        `dtypes`: those of the source, destination and residual run() takes."""
         w_md = self._weights(tmp, pd, w, w_shape)
         self.bias = None if b is None else b.detach().float().contiguous()
         fixed = [(ARG_WEIGHTS, w_md, self.weights.data_ptr())]
         if self.bias is not None:
             fixed.append((ARG_BIAS, b_md, self.bias.data_ptr()))
-        dynamic = [(ARG_SRC, src_md), (ARG_DST, dst_md)] + ([(z_arg, z_md)] if z_md is not None else [])
+        dynamic = [(ARG_SRC, src_md, dtypes[0]), (ARG_DST, dst_md, dtypes[1])]
+        if z_md is not None:
+            dynamic.append((z_arg, z_md, dtypes[2]))
         self._finish(pd, fixed, dynamic)
 
     def _weights(self, tmp: _Owned, pd: P, w: torch.Tensor, shape: list[int]) -> Any:
@@ -379,14 +389,17 @@ class _Primitive:
 
 def _post_ops(lib: _Lib, tmp: _Owned, act: str, alpha: float, beta: float, z: torch.Tensor | None,
               act_first: bool, z_scale: float = 1.0, z_zero_point: int = 0,
-              out_scale: float = 1.0, out_round: bool = False) -> tuple[P, int, Any]:
+              out_scale: float = 1.0, out_round: bool = False,
+              mid: tuple[float, int, int, int] | None = None) -> tuple[P, int, Any]:
     """Primitive attributes with the residual add (`z`) and the activation as post-ops in the node's order:
     (attributes, the execute argument of z or -1, z's memory descriptor or None), all owned by `tmp`.
 
     An integer z is added dequantized, v + (z - z_zero_point) * z_scale, as v * (1 / z_scale) - z_zero_point,
     + z, * z_scale (exact with power-of-two scales); a last eltwise linear multiplies by `out_scale` (the
     reciprocal output scale of an integer layer), and `out_round` rounds half to even before oneDNN adds the
-    output zero point (it would round v + zp otherwise: -17.5 - 5 gives -22, not -18 - 5)."""
+    output zero point (it would round v + zp otherwise: -17.5 - 5 gives -22, not -18 - 5). `mid` (scale,
+    zero point, lo, hi): the layer's own result is requantized to that grid and dequantized before the residual
+    (a Q/DQ pair of the model kept inside a fused residual add, kiln.ops.qlayers' a_scale)."""
     d = lib.dll
     attr, po = lib.attr(tmp), P()
     lib.ok(d.dnnl_post_ops_create(C.byref(po)), "post-ops")
@@ -395,8 +408,15 @@ def _post_ops(lib: _Lib, tmp: _Owned, act: str, alpha: float, beta: float, z: to
     def linear(a: float, b: float) -> None:
         lib.ok(d.dnnl_post_ops_append_eltwise(po, ELTWISE_LINEAR, a, b), "eltwise post-op")
     z_arg, z_md = -1, None
-    for op in (["act", "z"] if act_first else ["z", "act"]):
-        if op == "act" and act:
+    for op in (["act", "mid", "z"] if act_first else ["mid", "z", "act"]):
+        if op == "mid" and mid is not None:
+            scale, zp, lo, hi = mid
+            linear(1.0 / scale, 0.0)
+            lib.ok(d.dnnl_post_ops_append_eltwise(po, ELTWISE_ROUND, 0.0, 0.0), "eltwise post-op")
+            lib.ok(d.dnnl_post_ops_append_eltwise(po, ELTWISE["Clip"][0], float(lo - zp), float(hi - zp)),
+                   "eltwise post-op")
+            linear(scale, 0.0)
+        elif op == "act" and act:
             alg, params = ELTWISE[act]
             a, bb = params(alpha, beta)
             lib.ok(d.dnnl_post_ops_append_eltwise(po, alg, a, bb), "eltwise post-op")
@@ -425,6 +445,23 @@ def _data_type(t: torch.Tensor) -> int:
     return dt
 
 
+LAYER_DTYPES = (FLOAT32, torch.bfloat16)
+"""Activation dtypes of the float layers here (Convolution, InnerProduct, Pooling)."""
+
+
+def _layer_dtypes(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None
+                  ) -> tuple[tuple[torch.dtype, torch.dtype, torch.dtype], int]:
+    """(source, destination, residual dtypes; the weights' oneDNN data type) of a float layer: all float32, or a
+    bfloat16 source and weights with a float32 or bfloat16 destination and residual (KilnError otherwise)."""
+    zt = y.dtype if z is None else z.dtype
+    if x.dtype is FLOAT32 and y.dtype is FLOAT32 and zt is FLOAT32:
+        return (FLOAT32, FLOAT32, FLOAT32), F32
+    if x.dtype is torch.bfloat16 and y.dtype in LAYER_DTYPES and zt in LAYER_DTYPES:
+        return (x.dtype, y.dtype, zt), BF16
+    raise KilnError(f"a float layer reads float32 or bfloat16 tensors (float32 or bfloat16 output and residual "
+                    f"of a bfloat16 one), got {x.dtype} -> {y.dtype}{'' if z is None else f' + {z.dtype}'}")
+
+
 def _bias_md(lib: _Lib, tmp: _Owned, b: torch.Tensor | None, n: int, shape: list[int], strides: list[int]) -> Any:
     """The bias descriptor, after checking that the bias holds exactly the n values the primitive reads."""
     if b is None:
@@ -435,7 +472,8 @@ def _bias_md(lib: _Lib, tmp: _Owned, b: torch.Tensor | None, n: int, shape: list
 
 
 class Convolution(_Primitive):
-    """One oneDNN convolution primitive for fixed input/residual/output shapes and strides.
+    """One oneDNN convolution primitive for fixed input/residual/output shapes, strides and dtypes (all float32,
+    or a bfloat16 input with a bfloat16 or float32 output and residual: see the module doc).
 
     Weights are reordered once into the primitive's chosen layout; bias and residual add and the
     activation are post-ops in the node's order. `run(x, y[, z])` is safe to call from several threads.
@@ -451,13 +489,16 @@ class Convolution(_Primitive):
                 raise KilnError(f"a convolution of {groups} group(s) with weights {list(w.shape)} cannot read an "
                                 f"input of shape {list(x.shape)}")
             w_shape = [k, cg, kh, kw] if groups == 1 else [groups, k // groups, cg, kh, kw]
-            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            dtypes, w_dt = _layer_dtypes(x, y, z)
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
             b_md = _bias_md(lib, tmp, b, k, [k], [1])
             attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first)
             pd = lib.pd(tmp, "convolution descriptor", lib.dll.dnnl_convolution_forward_primitive_desc_create,
-                        lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None), b_md,
-                        dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr)
-            self._finish_layer(tmp, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md)
+                        lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None, w_dt),
+                        b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l),
+                        Dims(*pad_r), attr)
+            self._finish_layer(tmp, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
         finally:
             tmp.close()
 
@@ -471,11 +512,14 @@ class Pooling(_Primitive):
                  pad_r: Sequence[int]) -> None:
         tmp = self._begin(lib)
         try:
-            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            if x.dtype not in LAYER_DTYPES or y.dtype is not x.dtype:
+                raise KilnError(f"a pooling reads and writes float32 or bfloat16 tensors, got {x.dtype} -> {y.dtype}")
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
             pd = lib.pd(tmp, "pooling descriptor", lib.dll.dnnl_pooling_forward_primitive_desc_create, lib.engine,
                         FORWARD_INFERENCE, algorithm, src_md, dst_md, Dims(*strides), Dims(*kernel),
                         Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), lib.attr(tmp))
-            self._finish(pd, [], [(ARG_SRC, src_md), (ARG_DST, dst_md)])
+            self._finish(pd, [], [(ARG_SRC, src_md, x.dtype), (ARG_DST, dst_md, y.dtype)])
         finally:
             tmp.close()
 
@@ -491,13 +535,15 @@ class InnerProduct(_Primitive):
             if x.dim() != 2 or w.dim() != 2 or int(x.shape[1]) != int(w.shape[1]):
                 raise KilnError(f"an inner product with weights {list(w.shape)} cannot read an input of shape "
                                 f"{list(x.shape)}")
-            src_md, dst_md = lib.md(tmp, x.shape, x.stride()), lib.md(tmp, y.shape, y.stride())
+            dtypes, w_dt = _layer_dtypes(x, y, z)
+            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
             n = int(w.shape[0])
             b_md = _bias_md(lib, tmp, b, n, [n], [1])
             attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first)
             pd = lib.pd(tmp, "inner product descriptor", lib.dll.dnnl_inner_product_forward_primitive_desc_create,
-                        lib.engine, FORWARD_INFERENCE, src_md, lib.md(tmp, w.shape, None), b_md, dst_md, attr)
-            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md)
+                        lib.engine, FORWARD_INFERENCE, src_md, lib.md(tmp, w.shape, None, w_dt), b_md, dst_md, attr)
+            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
         finally:
             tmp.close()
 
@@ -538,6 +584,8 @@ class Requant:
     z_scale: float = 1.0
     """An int8/uint8 residual's scale and zero point (ignored for a float residual)."""
     z_zero_point: int = 0
+    mid: tuple[float, int, int, int] | None = None
+    """(scale, zero point, lo, hi) of a requantization of the layer's own result before the residual (a_scale)."""
 
 
 _INT8 = (torch.int8, torch.uint8)
@@ -569,7 +617,7 @@ class _QLayer(_Primitive):
         out_scale = 1.0 if q.y_scale is None else 1.0 / q.y_scale  # rounded to float32 by ctypes, as the reference
         odd_zp = q.y_scale is not None and q.y_zero_point % 2 != 0  # only an odd zero point moves a tie's rounding
         attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first, q.z_scale, q.z_zero_point,
-                                      out_scale, odd_zp)
+                                      out_scale, odd_zp, q.mid)
         m = q.multipliers.detach().contiguous()
         if bool((m == m[0]).all()):
             m, w_mask = m[:1].clone(), 0  # one scale for all channels

@@ -3,10 +3,13 @@
 ``cpu.pool_dnnl``: MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool and spatial ReduceMean as a
 oneDNN pooling primitive on the channels-last tensors the convolutions produce. ``cpu.linear_dnnl``:
 FusedGemm / Gemm / MatMul with a constant weight as a oneDNN inner product (weights reordered once,
-bias, residual add and activation as post-ops). Both write into the run-time arena and compete under
-the autotuner with the torch-based tactics; inside a network they avoid torch's dispatcher, whose
-cold code paths cost more than the small kernels themselves (see docs/ARCHITECTURE.md). Both decline
-every layer when the oneDNN library is not installed.
+bias, residual add and activation as post-ops). Both take float32 layers and bfloat16 ones (a bf16 build:
+bfloat16 input and weights, float32 bias, bfloat16 or float32 output and residual; pools read and write
+one type); where the CPU has no BF16 instructions oneDNN offers only its reference loops, which
+kiln.backends.cpu.dnnl refuses, and the layer runs its reference implementation with a warning. Both
+write into the run-time arena and compete under the autotuner with the torch-based tactics; inside a
+network they avoid torch's dispatcher, whose cold code paths cost more than the small kernels themselves
+(see docs/ARCHITECTURE.md). Both decline every layer when the oneDNN library is not installed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, act_attrs, ints_at_least, is_f32, shape_hint
+from kiln.backends.cpu.common import (CpuTactic, act_attrs, bf16_layer, ints_at_least, is_f32, layer_dtypes,
+                                      shape_hint)
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
                                     InnerProduct, Pooling, ReferenceFallback, library, require_library,
                                     shape_cached)
@@ -22,11 +26,13 @@ from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value, is_op
 from kiln.ops.pool import Window
 
 Tensor = torch.Tensor
 _GLOBAL = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+_POOL_DTYPES = (DType.FLOAT32, DType.BFLOAT16)
 
 
 def _pool_geometry(node: Node, x_shape: tuple[int, ...]) -> tuple[int, list[int], list[int], list[int],
@@ -53,7 +59,8 @@ def _pool_geometry(node: Node, x_shape: tuple[int, ...]) -> tuple[int, list[int]
 
 
 class DnnlPoolTactic(CpuTactic):
-    """2-D max / average / global pooling and spatial ReduceMean as a cached oneDNN pooling primitive."""
+    """2-D max / average / global pooling and spatial ReduceMean (float32 or bfloat16) as a cached oneDNN
+    pooling primitive."""
 
     id = "cpu.pool_dnnl"
     priority = 11
@@ -64,9 +71,9 @@ class DnnlPoolTactic(CpuTactic):
 
     def accepts(self, node: Node) -> bool:
         x = node.input(0)
-        if library() is None or not is_f32(x) or x.type.rank != 4 or len(node.outputs) != 1:  # type: ignore[union-attr]
+        if library() is None or x is None or x.type.rank != 4 or len(node.outputs) != 1:
             return False
-        if not is_f32(node.outputs[0]):  # the primitive writes float32 into the output
+        if x.type.dtype not in _POOL_DTYPES or node.outputs[0].type.dtype != x.type.dtype:  # one type in and out
             return False
         if node.op_type == "ReduceMean" and spatial_mean(node) is None:
             return False
@@ -91,11 +98,12 @@ class DnnlPoolTactic(CpuTactic):
             if geo is None:
                 raise ValueError(f"this pooling window needs a crop at input shape {list(x.shape)}")
             alg, kernel, strides, dilations, begin, end, shape = geo
-            y0 = torch.empty((*shape, 1, 1)[:4], memory_format=torch.channels_last)  # [N, C] as [N, C, 1, 1]
+            y0 = torch.empty((*shape, 1, 1)[:4], dtype=dt, memory_format=torch.channels_last)  # [N, C] as [N, C, 1, 1]
             return Pooling(lib, x, y0, alg, kernel, strides, dilations, begin, end), shape
         fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb)
-        x_cl = ChannelsLast(lib)
+        dt = layer_dtypes(node)[0]
+        run = shape_cached(node.name, make, fb, x_dtypes=(dt,), out_dtype=dt)
+        x_cl = ChannelsLast(lib, (dt,))
 
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None, out)
@@ -116,7 +124,7 @@ def _same_dims(a: Value, b: Value) -> bool:
 
 class DnnlLinearTactic(CpuTactic):
     """FusedGemm / Gemm / MatMul with a constant weight as a cached oneDNN inner product (2-D input, or an
-    N-D MatMul input whose leading dims flatten into rows)."""
+    N-D MatMul input whose leading dims flatten into rows), float32 or bfloat16 (see module doc)."""
 
     id = "cpu.linear_dnnl"
     priority = 11
@@ -127,20 +135,21 @@ class DnnlLinearTactic(CpuTactic):
     def accepts(self, node: Node) -> bool:
         a = node.input(0)
         rank = a.type.rank if a is not None else None
-        if library() is None or not is_f32(a) or rank is None or rank < 2 or len(node.outputs) != 1:
+        low = bf16_layer(node, 3 if node.domain == "kiln" else None)
+        if library() is None or not (low or is_f32(a)) or rank is None or rank < 2 or len(node.outputs) != 1:
             return False
         if rank > 2 and not is_op(node, "MatMul") and node.op_type != "FusedGemm":
             return False  # only MatMul (and the FusedGemm made from it) reads N-D rows; Gemm is 2-D
         y = node.outputs[0]
-        if not is_f32(y) or y.type.rank not in (None, rank):
+        if not (low or is_f32(y)) or y.type.rank not in (None, rank):
             return False
         if node.domain == "kiln":
             z = node.input(3)
             if act_attrs(node)[0] not in ("", *ELTWISE):
                 return False
-            if z is not None and (not is_f32(z) or not _same_dims(z, node.outputs[0])):
+            if z is not None and (not (low or is_f32(z)) or not _same_dims(z, node.outputs[0])):
                 return False
-        wb = linear_weights(node)  # W [N, K] non-empty, a bias of exactly N values
+        wb = linear_weights(node, low)  # W [N, K] non-empty, a bias of exactly N values
         if wb is None:
             return False
         n, k = (int(s) for s in wb[0].shape)
@@ -150,8 +159,9 @@ class DnnlLinearTactic(CpuTactic):
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
-        w, b = linear_weights(node)  # type: ignore[misc]
         fused = node.domain == "kiln"
+        x_dt, y_dt, z_dt = layer_dtypes(node, 3 if fused else None)
+        w, b = linear_weights(node, x_dt is torch.bfloat16)  # type: ignore[misc]
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
 
@@ -159,9 +169,9 @@ class DnnlLinearTactic(CpuTactic):
             shape = (int(x.shape[0]), int(w.shape[0]))
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
-            return InnerProduct(lib, x, w, b, torch.empty(shape), z, act, alpha, beta, act_first), shape
+            return InnerProduct(lib, x, w, b, torch.empty(shape, dtype=y_dt), z, act, alpha, beta, act_first), shape
         fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z))
+        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_dt,), (z_dt,), y_dt)
 
         n_out = int(w.shape[0])
 

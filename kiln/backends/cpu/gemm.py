@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_f32, inplace_activation, is_f32, onednn_unary,
+from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_float, inplace_activation, is_f32, onednn_unary,
                                       static_shape)
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.ir.graph import Node
@@ -36,16 +36,16 @@ def _onnx(node: Node, op: str) -> bool:
     return node.op_type == op and node.domain in ("", "ai.onnx")
 
 
-def _gemm_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
+def _gemm_weights(node: Node, bf16: bool = False) -> tuple[Tensor, Tensor | None] | None:
     """(W [N, K], bias [N] or None) of a Gemm whose B (and C) are constants and A is not transposed."""
-    b, c = const_f32(node.input(1)), node.input(2)
+    b, c = const_float(node.input(1), bf16), node.input(2)
     if b is None or b.dim() != 2 or int(node.attr("transA", 0)):
         return None
     w = b if int(node.attr("transB", 0)) else b.t()
     w = w * float(node.attr("alpha", 1.0))
     if c is None:
         return w.contiguous(), None
-    ct = const_f32(c)
+    ct = const_float(c, bf16)
     n = w.shape[0]
     if ct is None or ct.numel() not in (1, n) or (ct.dim() == 2 and ct.shape[-1] != ct.numel()) or ct.dim() > 2:
         return None
@@ -53,26 +53,26 @@ def _gemm_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
     return w.contiguous(), bias
 
 
-def linear_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
-    """The node's weight as [N, K] (non-empty) and its bias (exactly N values), or None when the node is not
-    a constant-weight linear layer."""
-    wb = _linear_weights(node)
+def linear_weights(node: Node, bf16: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """The node's weight as [N, K] (non-empty) and its bias (exactly N values), float32, or None when the node
+    is not a constant-weight linear layer (of float32 constants; with `bf16`, float32 or bfloat16 ones)."""
+    wb = _linear_weights(node, bf16)
     if wb is None or wb[0].numel() == 0 or (wb[1] is not None and (wb[1].dim() != 1
                                                                     or wb[1].numel() != wb[0].shape[0])):
         return None
     return wb
 
 
-def _linear_weights(node: Node) -> tuple[Tensor, Tensor | None] | None:
+def _linear_weights(node: Node, bf16: bool) -> tuple[Tensor, Tensor | None] | None:
     if node.domain == "kiln" and node.op_type == "FusedGemm":
-        w, b = const_f32(node.input(1)), node.input(2)
-        if w is None or w.dim() != 2 or (b is not None and const_f32(b) is None):
+        w, b = const_float(node.input(1), bf16), const_float(node.input(2), bf16)
+        if w is None or w.dim() != 2 or (node.input(2) is not None and b is None):
             return None
-        return w.contiguous(), None if b is None else b.const.contiguous()  # type: ignore[union-attr]
+        return w.contiguous(), None if b is None else b.contiguous()
     if _onnx(node, "Gemm"):
-        return _gemm_weights(node)
+        return _gemm_weights(node, bf16)
     if _onnx(node, "MatMul"):
-        w = const_f32(node.input(1))
+        w = const_float(node.input(1), bf16)
         if w is None or w.dim() != 2:
             return None
         return w.t().contiguous(), None

@@ -5,7 +5,9 @@ is exactly aten's layer_norm: biased variance, epsilon inside the square root, t
 scale and bias are constants broadcast once, at kernel build, to the normalized shape; the normalized
 shape itself is read from the input at run time, so dynamic leading dims (batch, sequence) need nothing.
 Only the Y output is produced (nodes asking for Mean / InvStdDev keep the reference). A non-contiguous
-input (a Transpose view) is read through aten's own copy.
+input (a Transpose view) is read through aten's own copy. A bfloat16 layer (a bf16 build) runs the same
+call on bfloat16 rows with the float32 scale and bias: aten keeps the statistics and the arithmetic in float32
+and rounds each result once, as the reference does.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.backends.cpu.common import CpuTactic, const_f32, is_f32
+from kiln.backends.cpu.common import CpuTactic, const_float
 from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.ops.registry import norm_axis
 
@@ -32,7 +35,7 @@ def _axis(node: Node) -> int | None:
 
 def _affine(node: Node, i: int, norm: tuple[int, ...] | None) -> Tensor | None:
     """Scale (i=1) or bias (i=2) broadcast to the normalized shape; None if it does not fit."""
-    c = const_f32(node.input(i))
+    c = const_float(node.input(i), bf16=True)
     if c is None or norm is None or c.dim() > len(norm):
         return None
     try:
@@ -42,7 +45,8 @@ def _affine(node: Node, i: int, norm: tuple[int, ...] | None) -> Tensor | None:
 
 
 class CpuLayerNormTactic(CpuTactic):
-    """LayerNormalization (Y only, float32, constant scale/bias, static normalized dims) via aten layer_norm."""
+    """LayerNormalization (Y only, float32 or bfloat16, constant scale/bias, static normalized dims) via aten
+    layer_norm."""
 
     id = "cpu.layernorm"
     ops = (("", "LayerNormalization"), ("ai.onnx", "LayerNormalization"))
@@ -57,7 +61,10 @@ class CpuLayerNormTactic(CpuTactic):
         return tuple(int(d) for d in shape[axis:])  # type: ignore[arg-type]
 
     def accepts(self, node: Node) -> bool:
-        if len(node.outputs) != 1 or not is_f32(node.inputs[0]) or int(node.attr("stash_type", 1)) != 1:
+        x = node.inputs[0]
+        if len(node.outputs) != 1 or x is None or int(node.attr("stash_type", 1)) != 1:
+            return False
+        if x.type.dtype not in (DType.FLOAT32, DType.BFLOAT16) or node.outputs[0].type.dtype != x.type.dtype:
             return False
         norm = self._norm(node)
         return _affine(node, 1, norm) is not None and (node.input(2) is None or _affine(node, 2, norm) is not None)

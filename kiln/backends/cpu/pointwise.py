@@ -11,8 +11,10 @@ input shapes are static, the program is first run on meta tensors to learn every
 shape and dtype; an instruction then writes in place (``out=`` / ``op_``) into a temporary that dies
 there and has the result's shape and dtype, so a chain allocates one tensor, not one per op.
 
-Only float32/bool programs whose ops are all in the fast table are accepted; anything else stays
-with the reference tactic (which evaluates each instruction with the op's own definition).
+Only float32/bool programs, or bfloat16/bool ones (a bf16 build: each torch op on bfloat16 tensors computes
+in float32 and rounds its result, as the reference's instructions do), whose ops are all in the fast table
+are accepted; anything else stays with the reference tactic (which evaluates each instruction with the op's
+own definition).
 """
 from __future__ import annotations
 
@@ -248,6 +250,7 @@ def _inplace_target(k: int, ins: _Instr, shapes: list[tuple[tuple[int, ...], tor
 
 
 _OK_DTYPES = (DType.FLOAT32, DType.BOOL)
+_BF16_DTYPES = (DType.BFLOAT16, DType.BOOL)
 
 
 class CpuPointwiseTactic(CpuTactic):
@@ -258,9 +261,8 @@ class CpuPointwiseTactic(CpuTactic):
     ops = (("kiln", "Pointwise"),)
 
     def accepts(self, node: Node) -> bool:
-        if any(v is None or v.type.dtype not in _OK_DTYPES for v in node.inputs):
-            return False
-        if any(o.type.dtype not in _OK_DTYPES for o in node.outputs):
+        types = [v.type.dtype if v is not None else None for v in (*node.inputs, *node.outputs)]
+        if not (all(t in _OK_DTYPES for t in types) or all(t in _BF16_DTYPES for t in types)):
             return False
         prog = _parse(node)
         return prog is not None and _fast(prog) is not None

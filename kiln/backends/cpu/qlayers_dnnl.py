@@ -80,8 +80,12 @@ def _int8_weight(v: Value | None, rank: int) -> Tensor | None:
 
 
 def _requant(q: QuantSpec, n_out: int) -> Requant:
+    mid = None
+    if q.a_scale > 0:
+        lo, hi = (-128, 127) if q.a_dtype == INT8 else (0, 255)
+        mid = (q.a_scale, q.a_zero_point, lo, hi)
     return Requant(q.multipliers(n_out), q.x_zero_point, q.y_scale if q.quantized_out else None, q.y_zero_point,
-                   q.z_scale, q.z_zero_point)
+                   q.z_scale, q.z_zero_point, mid)
 
 
 def _layer(node: Node) -> tuple[Tensor, Tensor | None, Requant, str, float, float, bool, torch.dtype,

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.common import CpuTactic, is_f32, static_shape
+from kiln.backends.cpu.common import CpuTactic, static_shape
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -65,7 +66,9 @@ class CpuResizeTactic(CpuTactic):
 
     def accepts(self, node: Node) -> bool:
         x = node.input(0)
-        return is_f32(x) and x.type.rank == 4 and upsample_factors(node) is not None  # type: ignore[union-attr]
+        if x is None or x.type.dtype not in (DType.FLOAT32, DType.BFLOAT16) or len(node.outputs) != 1:
+            return False  # aten's kernel copies float32 and bfloat16 values alike
+        return x.type.rank == 4 and node.outputs[0].type.dtype == x.type.dtype and upsample_factors(node) is not None
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         sh, sw = upsample_factors(node)  # type: ignore[misc]

@@ -4,13 +4,22 @@ QConv / QGemm layers, kiln.ops.qlayers), with the fused float32 epilogue and a r
 Integer core: int8 x int8 products accumulate exactly in int32 through ``tl.dot(out_dtype=tl.int32)``
 (tensor cores; BLOCK_K is always a multiple of 32). The weight is prepacked K-major: a conv's as
 [K_out, KH*KW*C] (tap-major, then input channel), a GEMM's [N, K] as given; Hopper's 8-bit wgmma reads
-both operands K-major, and NHWC activations already are.
+both operands K-major from shared memory (it cannot transpose 8-bit operands), and NHWC activations
+already are. The conv's reduction walks (tap, channel block) pairs; the pointer blocks of tap (0, 0) are
+built once and each step adds one scalar offset; EVEN_K (C % BLOCK_K == 0, every ResNet-style layer)
+drops the channel-tail masks. Config FLAT walks the flattened (tap, channel) index (few channels); config
+ROWS (few channels, undilated kernel rows of KW*C <= BLOCK_K values) reads one window row per step as
+contiguous bytes of the NHWC input, against a weight packed [K_out, KH, BLOCK_K] with zero tails.
 
 Zero points without leaving int8: a uint8 activation is shifted to int8 on load (x - 128) and its zero
-point with it (zp_s8 = x_zero_point - 128; int8 input: zp_s8 = x_zero_point). Padded positions (and
-masked lanes) load the zero point itself, so every tap contributes x_s8 * w with x_s8 = zp_s8 outside
-the image, and the epilogue subtracts ``corr[k] = zp_s8 * colsum(W)[k]`` (int32, computed once at
-build): acc = sum over the valid taps of (X - x_zero_point) * W, exactly.
+point with it (zp_s8 = x_zero_point - 128; int8 input: zp_s8 = x_zero_point). Padded positions load the
+zero point itself, so every tap contributes x_s8 * w with x_s8 = zp_s8 outside the image, and the
+epilogue subtracts ``corr[k] = zp_s8 * colsum(W)[k]`` (int32, computed once at build): acc = sum over
+the valid taps of (X - x_zero_point) * W, exactly. Other masked lanes (a channel or K tail, a row past M)
+meet a zero weight or are never stored, so they load 0. PAD_ZERO (the raw zero point is 0, or the conv
+has no padding) makes every masked load a zero fill: Triton's async copies then land in shared memory
+and feed wgmma directly, where a non-zero fill value needs a pass through registers (a select) and a
+second shared-memory store on every step.
 
 Epilogue (float32, in the order of the spec): v = float32(acc) * m[k] + B[k] with m[k] = x_scale *
 w_scales[k] rounded once to float32; the residual r = (float32(Z) - z_zero_point) * z_scale (a float Z:
@@ -81,7 +90,8 @@ def _qconv2d_nhwc_kernel(
     x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
     has_bias, has_z, act, act_before_add, has_y2,
     X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FLAT: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FLAT: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+    PAD_ZERO: tl.constexpr,
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, ITS, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
@@ -98,7 +108,16 @@ def _qconv2d_nhwc_kernel(
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     x_row = nb * sxn
-    w_col = offs_n * KRED
+    a_rows = x_ptr + (x_row + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :]  # tap (0, 0), channels 0..BLOCK_K
+    w_cols = w_ptr + (offs_n * KRED)[None, :] + offs_k[:, None]  # reduction index 0..BLOCK_K of each out channel
+    if PAD_ZERO:  # a zero fill: the async copy feeds the tensor cores from shared memory directly
+        pad = 0
+    else:
+        pad = x_pad
+    if ROWS:  # a window row of KW*C <= BLOCK_K contiguous bytes per step; which lanes fall inside the image
+        tap_j = offs_k // C
+        iw_j = iw0[:, None] + tap_j[None, :]
+        col_ok = (offs_k < KW * C)[None, :] & (iw_j >= 0) & (iw_j < W)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for it in range(it_lo, it_hi):
@@ -111,21 +130,30 @@ def _qconv2d_nhwc_kernel(
             ih2 = ih0[:, None] + (kh_k * DH)[None, :]
             iw2 = iw0[:, None] + ((tap_k - kh_k * KW) * DW)[None, :]
             a = tl.load(x_ptr + x_row[:, None] + ih2 * sxh + iw2 * sxw + c_k[None, :],
-                        mask=m_mask[:, None] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W), other=x_pad)
-            b = tl.load(w_ptr + w_col[None, :] + ks[:, None], mask=k_ok[:, None] & n_mask[None, :], other=0)
+                        mask=m_mask[:, None] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W), other=pad)
+            b = tl.load(w_cols + it * BLOCK_K, mask=k_ok[:, None] & n_mask[None, :], other=0)
+        elif ROWS:  # reduction step `it` = kernel row kh; the packed weight row is zero past KW*C
+            ih = ih0 + it * DH
+            row_ok = m_mask & (ih >= 0) & (ih < H)
+            a = tl.load(a_rows + it * DH * sxh, mask=row_ok[:, None] & col_ok, other=pad)
+            b = tl.load(w_cols + it * BLOCK_K, mask=n_mask[None, :], other=0)
         else:
             tap = it // CB
             c0 = (it - tap * CB) * BLOCK_K
             kh = tap // KW
+            kw = tap - kh * KW
             ih = ih0 + kh * DH
-            iw = iw0 + (tap - kh * KW) * DW
+            iw = iw0 + kw * DW
             inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            cs = c0 + offs_k
-            c_mask = cs < C
-            a = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + cs[None, :],
-                        mask=inside[:, None] & c_mask[None, :], other=x_pad)
-            b = tl.load(w_ptr + w_col[None, :] + (tap * C + cs)[:, None], mask=c_mask[:, None] & n_mask[None, :],
-                        other=0)
+            a_ptrs = a_rows + (kh * DH * sxh + kw * DW * sxw + c0)
+            b_ptrs = w_cols + (tap * C + c0)
+            if EVEN_K:  # C % BLOCK_K == 0: no channel tail to mask
+                a = tl.load(a_ptrs, mask=inside[:, None], other=pad)
+                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
+            else:
+                c_mask = (c0 + offs_k) < C
+                a = tl.load(a_ptrs, mask=inside[:, None] & c_mask[None, :], other=pad)
+                b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
 
     y_mask = m_mask[:, None] & n_mask[None, :]
@@ -151,7 +179,7 @@ def _qgemm_kernel(
     x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
     has_bias, has_z, act, act_before_add, has_y2,
     X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, N, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
@@ -160,13 +188,19 @@ def _qgemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak
+    b_ptrs = w_ptr + offs_n[None, :] * K + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # masked lanes load 0 (a zero fill, no select after the async copy): a K-tail lane meets a zero weight,
+    # a row past M is never stored, so the zero point correction needs no padded value here
     for k0 in range(it_lo * BLOCK_K, it_hi * BLOCK_K, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < K
-        a = tl.load(a_ptr + offs_m[:, None] * sam + ks[None, :] * sak, mask=m_mask[:, None] & k_mask[None, :],
-                    other=x_pad)
-        b = tl.load(w_ptr + offs_n[None, :] * K + ks[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0 * sak, mask=m_mask[:, None], other=0)
+            b = tl.load(b_ptrs + k0, mask=n_mask[None, :], other=0)
+        else:
+            k_mask = (k0 + offs_k) < K
+            a = tl.load(a_ptrs + k0 * sak, mask=m_mask[:, None] & k_mask[None, :], other=0)
+            b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -274,13 +308,43 @@ def _workspace(m: int, n: int, cfg: dict[str, Any], like: Tensor) -> tuple[int, 
     return tiles, split, (ws.view(torch.int32) if split > 1 else ws), cnt
 
 
+def rows_ok(c: int, kernel: tuple[int, ...], dilations: tuple[int, ...], block_k: int) -> bool:
+    """Whether config ROWS fits a conv: a window row (KW taps of C channels, undilated) within BLOCK_K."""
+    return dilations[1] == 1 and kernel[1] * c <= block_k
+
+
+def pack_qconv_weight(w: Tensor, cfg: dict[str, Any]) -> Tensor:
+    """int8 [K_out, C, KH, KW] -> the K-major weight a config reads: [K_out, KH*KW*C] (tap-major, then channel),
+    or for ROWS [K_out, KH*BLOCK_K], each kernel row's KW*C values zero-padded to BLOCK_K."""
+    k_out, c, kh, kw = w.shape
+    wk = w.permute(0, 2, 3, 1).reshape(k_out, kh, kw * c)
+    if cfg.get("ROWS"):
+        wk = torch.nn.functional.pad(wk, (0, int(cfg["BLOCK_K"]) - kw * c))
+    return wk.reshape(k_out, -1).contiguous()
+
+
+def _qconv_mode(x: Tensor, geo: ConvGeometry, qe: QuantEpilogue, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The kernel's walk (FLAT / ROWS / per-tap channel blocks) and its specializations for this launch."""
+    c = x.shape[1]
+    rows = bool(cfg.get("ROWS", False))
+    flat = bool(cfg.get("FLAT", False)) and not rows
+    # a zero fill is exact where the padded value is 0 or no window reaches outside the image
+    pad_zero = qe.x_pad == 0 or not any(geo.pads)
+    return {"FLAT": flat, "ROWS": rows, "EVEN_K": not (flat or rows) and c % cfg["BLOCK_K"] == 0,
+            "PAD_ZERO": pad_zero}
+
+
 def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo: ConvGeometry,
                  cfg: dict[str, Any], out: Out = None) -> Tensor:
     """Launch the int8 implicit-GEMM conv: x [N,C,H,W] int8/uint8 (any NHWC-like strides), wk the K-major
-    weight [K_out, KH*KW*C] -> y [N,K_out,OH,OW] channels_last in qe.out_dtype, or stored into the one or
-    two `out` tensors (channel stride 1)."""
+    weight of `pack_qconv_weight(w, cfg)` -> y [N,K_out,OH,OW] channels_last in qe.out_dtype, or stored into
+    the one or two `out` tensors (channel stride 1). Config ROWS needs `rows_ok` and reads x densely packed
+    (a channel-sliced view is copied first)."""
     x = _nhwc_ok(x)
     n, c, h, w = x.shape
+    mode = _qconv_mode(x, geo, qe, cfg)
+    if mode["ROWS"] and x.stride(3) != c:
+        x = x.contiguous(memory_format=torch.channels_last)
     k = wk.shape[0]
     oh, ow = geo.out_hw(h, w)
     outs = out_list(out)
@@ -292,19 +356,23 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
     m = n * oh * ow
     tiles, split, ws, cnt = _workspace(m, k, cfg, y)
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
-    flat = bool(cfg.get("FLAT", False))
     bk = cfg["BLOCK_K"]
     taps = geo.kernel[0] * geo.kernel[1]
-    its = triton.cdiv(taps * c, bk) if flat else taps * triton.cdiv(c, bk)
+    if mode["ROWS"]:
+        its = geo.kernel[0]
+    elif mode["FLAT"]:
+        its = triton.cdiv(taps * c, bk)
+    else:
+        its = taps * triton.cdiv(c, bk)
     launch(_qconv2d_nhwc_kernel, (tiles * split,), [
         x, wk, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y, y2, ws, cnt,
-        m, c, h, w, k, oh, ow, taps * c,
+        m, c, h, w, k, oh, ow, wk.shape[1],
         x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], y.stride(0), y.stride(2), y.stride(3),
         y2.stride(0), y2.stride(2), y2.stride(3),
         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1],
         geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk), its,
         *qe.scalars(z), int(y2 is not y)],
-        {**_kwargs(qe, cfg, split), "FLAT": flat})
+        {**_kwargs(qe, cfg, split), **mode})
     return y
 
 
@@ -321,7 +389,7 @@ def qgemm(a: Tensor, w: Tensor, qe: QuantEpilogue, z: Tensor | None, y: Tensor, 
         m, n, k, a.stride(0), a.stride(1), z.stride(0) if z is not None else 0, y.stride(0),
         y2.stride(0) if y2 is not None else 0,
         *qe.scalars(z), int(y2 is not None)],
-        _kwargs(qe, cfg, split))
+        {**_kwargs(qe, cfg, split), "EVEN_K": k % cfg["BLOCK_K"] == 0})
     return y
 
 
@@ -333,18 +401,28 @@ def qgemm_int_mm(a: Tensor, w: Tensor, qe: QuantEpilogue, z: Tensor | None) -> T
     return qe.torch_epilogue(acc, z)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for int8 on sm_90, most generally useful first (one byte
-# per element: deeper BLOCK_K than the float tiles for the same shared memory)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for int8 on sm_90, most generally useful first: the large
+# tiles of fast int8/fp8 GEMMs (128x128 / 128x256 / 256x128, 8 warps = two warpgroups of wgmma, K 128 bytes deep,
+# 3-4 stages within the 228 KB of shared memory), then BLOCK_K 64 twins for 64-channel layers (a channel block
+# deeper than C would be mostly padding), then narrow and small tiles. wgmma needs BLOCK_M % 64 == 0 and warps
+# % 4 == 0; the 32-row / 2-warp tiles run Ampere-style mma for tiny problems.
 QTILES: list[tuple[int, int, int, int, int]] = [
-    (128, 128, 128, 8, 3),
-    (128, 64, 128, 4, 4),
-    (64, 128, 128, 4, 4),
-    (64, 64, 128, 4, 4),
+    (128, 128, 128, 8, 4),
     (128, 256, 128, 8, 3),
+    (128, 64, 128, 4, 4),
+    (128, 128, 64, 8, 4),
+    (256, 128, 128, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 64, 128, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+    (256, 128, 64, 8, 4),
+    (256, 64, 64, 8, 4),
+    (64, 64, 128, 4, 4),
     (64, 64, 64, 4, 5),
+    (128, 128, 128, 8, 3),
     (32, 64, 128, 4, 4),
     (64, 32, 64, 4, 4),
-    (128, 128, 64, 8, 4),
     (32, 32, 64, 2, 4),
     (32, 32, 32, 2, 4),
 ]

@@ -7,8 +7,10 @@ optional residual (float, or int8/uint8 dequantized by ``z_scale``/``z_zero_poin
 (requantized by ``y_scale``/``y_zero_point``) or float16/float32 (``out_dtype``). Grouped convolutions
 (depthwise included) are declined: they stay on the reference path. QGemm has a second config family,
 ``int_mm``: torch._int_mm (cuBLASLt int8) and the epilogue in torch, offered on CUDA for M > 16 with K and N
-multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Tensors past int32 indexing run
-the op's reference implementation (the kernel's fallback).
+multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Convs with few input channels
+(a network's stem) try configs ROWS (contiguous window rows; its own weight packing) and FLAT before the
+tile configs; they stay integer layers (the autotuner times them like any other). Tensors past int32
+indexing run the op's reference implementation (the kernel's fallback).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from kiln.backends.cpu.dnnl import ReferenceFallback
 from kiln.backends.cuda.common import check_out, conv_geometry, nhwc_outs, out_list, write_out, Out
 from kiln.backends.cuda.triton_conv import split_k_bytes
 from kiln.backends.cuda.triton_gemm import _out_rows, _rows
-from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, qconv2d_nhwc, qgemm, qgemm_int_mm,
-                                             qtile_configs)
+from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, pack_qconv_weight, qconv2d_nhwc, qgemm,
+                                             qgemm_int_mm, qtile_configs, rows_ok)
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -54,6 +56,8 @@ def q_layer_ok(node: Node, op_type: str, w_rank: int) -> bool:
     if z is not None and z.type.dtype not in _Z_TYPES:
         return False
     q = QuantSpec.of(node)
+    if q.a_scale > 0:  # a requantization before the residual (a fused Q/DQ residual Add): not in these kernels yet
+        return False
     x_lo, x_hi = QUANT_RANGES[x.type.dtype.torch]  # type: ignore[union-attr]
     y_lo, y_hi = QUANT_RANGES.get(q.out_torch, (0, 0))
     return len(q.w_scales) in (1, k_out) and x_lo <= q.x_zero_point <= x_hi and y_lo <= q.y_zero_point <= y_hi
@@ -84,6 +88,20 @@ def _static_rows(node: Node, n: int) -> int | None:
     return total // max(n, 1)
 
 
+def _stem_configs(node: Node, k_out: int, c: int, kw: int) -> list[dict[str, Any]]:
+    """Configs for convs with few input channels: ROWS (one contiguous window row of KW*C bytes per reduction
+    step, where it fits BLOCK_K 32 or 64) first, then FLAT (the flattened (tap, channel) index)."""
+    geo = ConvGeometry.of(node)
+    bn = 32 if k_out <= 32 else 64
+    cfgs: list[dict[str, Any]] = []
+    bk = max(32, 1 << (kw * c - 1).bit_length())
+    if geo is not None and bk <= 64 and rows_ok(c, geo.kernel, geo.dilations, bk):
+        cfgs += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "ROWS": True, "num_warps": warps,
+                  "num_stages": 4} for bm, warps in ((128, 4), (256, 8), (64, 4))]
+    return cfgs + [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8, "FLAT": True, "num_warps": 4,
+                    "num_stages": 3} for bm in (128, 64)]
+
+
 class TritonQConv(Tactic):
     """QConv as an int8 implicit-GEMM Triton conv with the requantizing epilogue fused; ungrouped only."""
 
@@ -103,9 +121,7 @@ class TritonQConv(Tactic):
         m = _static_rows(node, k_out)
         cfgs = qtile_configs(m, k_out, c, int(ctx.extra.get("opt_level", 3)), c * kh * kw)
         if c < 32 and kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
-            bn = 32 if k_out <= 32 else 64
-            cfgs = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8, "FLAT": True, "num_warps": 4,
-                     "num_stages": 3} for bm in (128, 64)] + cfgs
+            cfgs = _stem_configs(node, k_out, c, kw) + cfgs
         return cfgs
 
     def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
@@ -116,8 +132,10 @@ class TritonQConv(Tactic):
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)
         w = node.inputs[1].const.to(device)  # type: ignore[union-attr]
-        k_out, c_in, kh, kw = (int(d) for d in w.shape)
-        wk = w.permute(0, 2, 3, 1).reshape(k_out, kh * kw * c_in).contiguous()  # K-major: [K_out, (kh, kw, c)]
+        k_out = int(w.shape[0])
+        if config.get("ROWS") and not rows_ok(int(w.shape[1]), geo.kernel, geo.dilations, int(config["BLOCK_K"])):
+            raise KilnError(f"'{node.name}' (QConv): config ROWS needs an undilated kernel row within BLOCK_K")
+        wk = pack_qconv_weight(w, config)  # K-major: [K_out, (kh, kw, c)]
         del w
         qe = quant_epilogue(node, wk, device)
         fb = ReferenceFallback(node)
