@@ -1,7 +1,8 @@
 """INT8 against Kiln's float plans and ONNX Runtime, side by side in one process (issue 13).
 
     python benchmarks/int8_bench.py --device cuda --batch 256          # H200: FP16 vs INT8(+FP16) throughput
-    python benchmarks/int8_bench.py --device cpu --batch 1             # CPU: FP32 vs INT8, ORT FP32 and ORT on a Q/DQ model
+    python benchmarks/int8_bench.py --device cpu --batch 1 [--bf16]    # CPU: FP32 vs INT8 (vs BF16), ORT FP32, ORT on a
+                                                                       # Q/DQ model (OpenVINO FP32 / BF16 with --bf16)
 
 The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights). INT8 ranges come from entropy
 calibration over `--calib-batches` batches of seeded random images (speed does not depend on the ranges; the
@@ -55,6 +56,27 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
+def openvino_rows(path: str, x: np.ndarray, ref: np.ndarray, batch: int, args: argparse.Namespace,
+                  rows: list[dict[str, Any]]) -> None:
+    """OpenVINO FP32 and BF16 (its inference precision hint) on the same model, when OpenVINO is installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return
+    core = ov.Core()
+    for label, hint in (("OpenVINO FP32", "f32"), ("OpenVINO BF16", "bf16")):
+        try:
+            cm = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                  "INFERENCE_NUM_THREADS": args.threads})
+        except Exception as e:  # a CPU without BF16: OpenVINO refuses the hint
+            print(f"{label}: not run ({type(e).__name__})")
+            continue
+        req = cm.create_infer_request()
+        ms = timed(lambda: req.infer({0: x}), lambda: None, args.runs)
+        y = np.asarray(req.infer({0: x})[cm.output(0)], dtype=np.float32)[:8]
+        rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,6 +85,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
     ap.add_argument("--opt-level", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="CPU: also Kiln BF16 and OpenVINO FP32 / BF16")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args()
     from examples.zoo import resnet50
@@ -128,6 +151,9 @@ def main() -> int:
             ms = timed(lambda: sess.run(None, {"input": x}), sync, args.runs)
             y = sess.run(None, {"input": x})[0][:8]
             rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
+        if args.bf16:
+            kiln_row("Kiln BF16", fpath, bf16=True)
+            openvino_rows(fpath, x, ref, batch, args, rows)
     base = rows[0]["ms"]
     dev = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {args.threads} threads"
     lines = [f"Command: `python benchmarks/int8_bench.py {' '.join(sys.argv[1:])}`",

@@ -72,6 +72,7 @@ from zoo_models import ZooModel  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kiln-zoo")
 TOL = {"cpu": 1e-4, "cuda": 1e-2}
+BF16_TOL = 3e-2  # --bf16 on the CPU: 8-bit mantissas
 T0 = float(os.environ.setdefault("KILN_ZOO_T0", str(time.time())))  # children log on the parent's clock
 
 
@@ -222,10 +223,10 @@ def ort_session(path: str, threads: int, optimize: bool = True) -> Any:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def ov_runner(path: str, threads: int, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
+def ov_runner(path: str, threads: int, feeds: dict[str, np.ndarray], precision: str = "f32") -> Callable[[], Any]:
     import openvino as ov
     core = ov.Core()
-    compiled = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+    compiled = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
                                                 "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
     req = compiled.create_infer_request()
     names = [p.get_any_name() for p in compiled.inputs]
@@ -322,7 +323,9 @@ def build(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespace,
     t = time.perf_counter()
     try:
         with cap:
-            plan = Builder(cap.logger()).build(path, BuilderConfig(device=device, fp16=fp16, profiles=[profile_for(m)],
+            bf16 = bool(getattr(args, "bf16", False)) and device == "cpu"
+            plan = Builder(cap.logger()).build(path, BuilderConfig(device=device, fp16=fp16, bf16=bf16,
+                                                                   profiles=[profile_for(m)],
                                                                    optimization_level=args.opt_level))
     except KilnError as e:
         row["build"] = f"FAIL {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
@@ -339,7 +342,8 @@ def build(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespace,
     return plan
 
 
-def accuracy(m: ZooModel, ctx: Any, sess: Any, row: dict[str, Any], device: str, path: str) -> None:
+def accuracy(m: ZooModel, ctx: Any, sess: Any, row: dict[str, Any], device: str, path: str,
+             tol: float | None = None) -> None:
     """Kiln vs ORT at the two check points; also ORT unoptimized vs ORT optimized (the 'floor': how far
     two correct FP32 evaluation orders of this model already disagree at that input)."""
     from kiln.errors import KilnError
@@ -376,7 +380,7 @@ def accuracy(m: ZooModel, ctx: Any, sess: Any, row: dict[str, Any], device: str,
         if cap.lines():
             entry["warnings"] = cap.lines()[:3]
         row["acc"].append(entry)
-    tol = TOL[device]
+    tol = TOL[device] if tol is None else tol
     vals = [a["err"] for a in row["acc"]]
     row["acc_pass"] = all(isinstance(v, float) and v <= tol for v in vals)
 
@@ -396,7 +400,7 @@ def run_cpu(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespac
     except KilnError as e:
         row["build"] = f"FAIL load {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         return row
-    accuracy(m, ctx, sess, row, "cpu", path)
+    accuracy(m, ctx, sess, row, "cpu", path, BF16_TOL if args.bf16 else None)
     log(f"{m.name}: accuracy " + ", ".join(_fmt_err(a["err"]) for a in row["acc"]))
     if args.skip_latency:
         return row
@@ -414,7 +418,7 @@ def run_cpu(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespac
         row["latency_note"] = f"Kiln run failed: {one_line(e)}"
     runners["ort"] = lambda: sess.run(None, feeds)
     try:
-        ov = ov_runner(path, args.threads, feeds)
+        ov = ov_runner(path, args.threads, feeds, "bf16" if args.bf16 else "f32")
         res = ov()
         want = sess.run(None, feeds)
         ov_out = [np.asarray(res[i]) for i in range(len(want))]
@@ -572,8 +576,8 @@ def _dims(d: dict[str, int]) -> str:
 
 def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Namespace, cmd: str) -> str:
     dev = args.device
-    tol = TOL[dev]
-    out = [f"# Kiln model zoo ({dev}{', FP16' if dev == 'cuda' else ', FP32'})", "",
+    tol = BF16_TOL if dev == "cpu" and args.bf16 else TOL[dev]
+    out = [f"# Kiln model zoo ({dev}{', FP16' if dev == 'cuda' else (', BF16' if args.bf16 else ', FP32')})", "",
            f"Command: `{cmd}`", "",
            f"Date: {mach['date']}. Machine: {mach['cpu']} ({mach['cores']} cores; {mach['isa']})"
            + (f"; GPU {mach['gpu']}" if "gpu" in mach else "") + ".",
@@ -581,6 +585,7 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
            f"OpenVINO {mach['openvino']}, onnx {mach['onnx']}, timm {mach['timm']}, transformers {mach['transformers']}, "
            f"torchvision {mach['torchvision']}, Python {mach['python']}.",
            (f"Settings: {args.threads} threads per engine, Kiln optimization level {args.opt_level}, "
+            + ("Kiln and OpenVINO in BF16 (ORT FP32), " if args.bf16 else "") +
             f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, load average {mach['load']}." if dev == "cpu" else
             f"Settings: Kiln optimization level {args.opt_level}, FP16; the ORT reference uses every core; "
             f"load average {mach['load']}."), ""]
@@ -652,7 +657,8 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
         if r.get("torch_fp16_err") is not None and acc:
             notes.append(f"- {r['model']}: FP16 error vs ORT FP32 at {_dims(acc[0]['dims'])}: Kiln "
                          f"{_fmt_err(acc[0].get('err'))}, PyTorch FP16 eager {_fmt_err(r['torch_fp16_err'])}")
-        if isinstance(r.get("ov_vs_ort"), float) and r["ov_vs_ort"] > 1e-3 or isinstance(r.get("ov_vs_ort"), str):
+        if isinstance(r.get("ov_vs_ort"), float) and (r["ov_vs_ort"] > 1e-3 or args.bf16) or \
+                isinstance(r.get("ov_vs_ort"), str):
             notes.append(f"- {r['model']}: OpenVINO output vs ORT: {_fmt_err(r['ov_vs_ort'])}")
         if r.get("build_warnings"):
             notes.append(f"- {r['model']}: build logged {r['build_warnings']} warnings, first: {r['build_log'][0][:300]}")
@@ -843,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", action="append", metavar="NAME=N",
                     help="opt point of a named dim, e.g. seq=128 (repeatable; min/max widen to fit)")
     ap.add_argument("--opt-level", type=int, default=3, help="Kiln builder optimization level")
+    ap.add_argument("--bf16", action="store_true", help="CPU: Kiln --bf16 and OpenVINO's bf16 inference precision "
+                    "(ORT stays FP32, the reference); accuracy pass <= 3e-2")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile peer")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model (child process)")
     ap.add_argument("--in-process", action="store_true", help="run every model in this process (debugging)")

@@ -151,15 +151,16 @@ class Builder:
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
             PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
             int8_report = quantize_graph(g, config, ctx)  # INT8: integer layers from Q/DQ nodes or calibrated ranges
-        low = precision_dtype(config.fp16, config.bf16)
-        if low is not None and target["device"] == "cpu":
-            low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU has no such instructions
-        if low is not None:
-            # bodies too, each after the graph holding it: a body reads its captures in their lowered types
-            lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(target["device"]))
-            PassManager([lowering], subgraphs=True).run(g, ctx)
-            if target["device"] == "cuda":
-                PassManager([FoldCasts()]).run(g, ctx)
+            low = precision_dtype(config.fp16, config.bf16)
+            if low is not None and target["device"] == "cpu":
+                low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU has no such instructions
+            if low is not None:
+                # bodies too, each after the graph holding it: a body reads its captures in their lowered types
+                # (re-inferred under the same bounds: without them a dim the pipeline proved comes back unknown)
+                lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(target["device"]))
+                PassManager([lowering], subgraphs=True).run(g, ctx)
+                if target["device"] == "cuda":
+                    PassManager([FoldCasts()]).run(g, ctx)
         self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
         all_types = _infer_at(g, config.profiles or _tuning_profile(g, self.logger), "opt", self.logger)
         opt_types = all_types[id(g)]
