@@ -117,6 +117,8 @@ def _print_int8_report(build: dict[str, Any], top: int = 10) -> None:
 def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
     """BuilderConfig's INT8 fields from the build flags (calibration data read lazily, batch by batch)."""
     from kiln.quant.calibrate import CalibrationFolder, read_ranges_file
+    if args.calib_preprocess and not args.calib:
+        raise KilnError("--calib-preprocess describes the images of a --calib folder")
     if (args.calib or args.calib_cache or args.dynamic_ranges) and not args.int8:
         raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8")
     if (args.int8_report or args.accuracy_budget is not None) and not args.int8:
@@ -132,7 +134,7 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
                            "int8_report": args.int8_report, "accuracy_budget": args.accuracy_budget,
                            "layer_precisions": _layer_precisions(args.layer_precisions)}
     if args.calib:
-        out["calibration_data"] = CalibrationFolder(args.calib)
+        out["calibration_data"] = CalibrationFolder(args.calib, args.calib_preprocess)
     if args.dynamic_ranges:
         out["dynamic_ranges"] = read_ranges_file(args.dynamic_ranges)
     return out
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--int8", action="store_true", help="conv/gemm layers on integer kernels (ranges: --calib, "
                    "--calib-cache or --dynamic-ranges; a Q/DQ model needs none)")
     b.add_argument("--calib", metavar="DIR", help="calibration data: a folder of .npz (one array per input) or .npy files")
+    b.add_argument("--calib-preprocess", metavar="SPEC", help="for a --calib folder of images: e.g. "
+                   "'resize=256;crop=224;scale=0.00392157;mean=0.485,0.456,0.406;std=0.229,0.224,0.225;order=rgb'")
     b.add_argument("--calibrator", choices=["entropy", "minmax", "percentile", "mse"], default="entropy")
     b.add_argument("--percentile", type=float, default=99.99, help="the percentile calibrator's percentile")
     b.add_argument("--calib-batches", type=int, help="use at most N calibration batches")

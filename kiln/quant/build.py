@@ -70,7 +70,7 @@ def _data(config: Any, g: Graph) -> list[Any] | None:
     if data is None:
         return None
     if isinstance(data, CalibrationFolder):
-        data = data.reader([v.name for v in g.inputs])
+        data = data.reader(list(g.inputs))
     out = []
     for i, feed in enumerate(data):
         if config.calibration_batches is not None and i >= config.calibration_batches:

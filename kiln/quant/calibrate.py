@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from kiln.errors import BuildError
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Value
 from kiln.ir.printer import format_graph
 from kiln.logger import Logger
 from kiln.passes.quantize import calibration_targets
 from kiln.quant.calibrators import Calibrator
+from kiln.quant.images import Preprocess, image_files, image_reader
 
 MAX_FILES = 100_000
 
@@ -53,15 +54,25 @@ def folder_reader(path: str | os.PathLike, input_names: list[str]) -> Iterator[d
 
 
 class CalibrationFolder:
-    """A folder of calibration data (`folder_reader`) read anew at every use, once the model's inputs are known."""
+    """A folder of calibration data read anew at every use, once the model's inputs are known: .npy/.npz files
+    (`folder_reader`), or images with a stated preprocessing (kiln.quant.images, `preprocess` SPEC)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, preprocess: str | None = None) -> None:
         if not os.path.isdir(path):
             raise BuildError(f"calibration data: not a folder: {os.fspath(path)}")
         self.path = os.fspath(path)
+        self.preprocess = None if preprocess is None else Preprocess.parse(preprocess)
 
-    def reader(self, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        return folder_reader(self.path, input_names)
+    def reader(self, inputs: list[Value]) -> Iterator[dict[str, np.ndarray]]:
+        images = image_files(self.path)
+        arrays = [f for f in os.listdir(self.path) if f.endswith((".npy", ".npz"))]
+        if images and not arrays:
+            if self.preprocess is None:
+                raise BuildError(f"calibration data: {self.path} holds images: state their preprocessing "
+                                 "(--calib-preprocess, e.g. 'resize=256;crop=224;mean=0.485,0.456,0.406;"
+                                 "std=0.229,0.224,0.225')")
+            return image_reader(self.path, images[:MAX_FILES], self.preprocess, inputs)
+        return folder_reader(self.path, [v.name for v in inputs])
 
 
 MAX_RANGES_BYTES = 64 << 20
@@ -127,7 +138,7 @@ def calibrate(g: Graph, data: Iterable[Mapping[str, Any]], calibrator: Calibrato
     """Ranges (tensor name -> amax) of the calibration targets of g, from `calibrator` over `data`."""
     from kiln.runtime.interpreter import GraphFunction
     if isinstance(data, CalibrationFolder):
-        data = data.reader([v.name for v in g.inputs])
+        data = data.reader(list(g.inputs))
     targets = calibration_targets(g, exclude)
     if not targets:
         return {}

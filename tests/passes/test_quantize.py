@@ -185,3 +185,28 @@ def test_cli_int8_report_and_budget(tmp_path, capsys: pytest.CaptureFixture) -> 
     assert "QConv" not in steps.values() and "QGemm" not in steps.values()
     assert main(["build", path, "-o", str(out), "--int8-report"]) != 0
     assert main(["build", path, "-o", str(out), "--int8", "--layer-precisions", "/c4/Conv:int4"]) != 0
+
+
+def test_cli_int8_calibration_from_images(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+    from kiln.cli.main import main
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    calib = tmp_path / "images"
+    calib.mkdir()
+    rng = np.random.default_rng(21)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    cache = tmp_path / "c.json"
+    args = ["build", path, "-o", str(tmp_path / "f.kiln"), "--device", "cpu", "--int8", "--calib", str(calib),
+            "--calibrator", "minmax", "--calib-cache", str(cache), "--opt-level", "0"]
+    assert main(args) != 0  # images without a stated preprocessing
+    assert "--calib-preprocess" in capsys.readouterr().err
+    assert main(args + ["--calib-preprocess", "resize=18;crop=16;mean=0.5;std=0.25"]) == 0
+    ranges = json.loads(cache.read_text())["ranges"]
+    # the model input's range is the preprocessed pixels': (255/255 - 0.5) / 0.25 = 2 at most, near it for noise
+    assert 1.5 < ranges["x"] <= 2.0 + 1e-6, ranges["x"]
+    (calib / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    assert main(args + ["--calib-preprocess", "crop=16"]) != 0
+    assert "cannot decode image" in capsys.readouterr().err
+    assert main(args + ["--calib-preprocess", "crop=16;colour=red"]) != 0
