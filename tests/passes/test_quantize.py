@@ -61,6 +61,16 @@ def qdq_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return out
 
 
+def _npy_folder(tmp_path, n: int, seed: int):  # noqa: ANN001, ANN202 - pytest's tmp_path
+    """A --calib folder of n seeded random input batches."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    return calib
+
+
 def _output_scale(path: str) -> float:
     m = onnx.load(path)
     q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0].startswith("y"))
@@ -140,11 +150,7 @@ def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureF
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")
     _float_model(path)
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(5)
-    for i in range(4):
-        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    calib = _npy_folder(tmp_path, 4, 5)
     cache = tmp_path / "calib.json"
     out = tmp_path / "f.kiln"
     assert main(["build", path, "-o", str(out), "--device", "cpu", "--int8", "--calib", str(calib),
@@ -168,11 +174,7 @@ def test_cli_int8_report_and_budget(tmp_path, capsys: pytest.CaptureFixture) -> 
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")
     _float_model(path)
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(9)
-    for i in range(5):
-        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    calib = _npy_folder(tmp_path, 5, 9)
     out = tmp_path / "f.kiln"
     assert main(["build", path, "-o", str(out), "--device", "cpu", "--int8", "--calib", str(calib), "--int8-report",
                  "--accuracy-budget", "1e-9", "--layer-precisions", "/c4/Conv:fp16", "--opt-level", "0"]) == 0

@@ -22,9 +22,9 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
-from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, ReferenceFallback, library, require_library,
-                                    shape_cached)
-from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library, require_library
+from kiln.backends.cpu.dnnl_kernels import channels_last_kernel
+from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
@@ -70,19 +70,7 @@ class DnnlConvTactic(CpuTactic):
             y0 = torch.empty(shape, dtype=y_dt, memory_format=torch.channels_last)
             return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.group,
                                act, alpha, beta, act_first), shape
-        fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_dt,), (z_dt,), y_dt)
-        x_cl, z_cl = ChannelsLast(lib, (x_dt,)), ChannelsLast(lib, (z_dt,))  # the layout the primitives are made for
-
-        def k_conv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
-                   out: Tensor | None = None) -> Tensor:
-            return run(x_cl(x), None if z is None else z_cl(z), out)
-
-        def release() -> None:
-            run.close()  # type: ignore[attr-defined]
-            x_cl.close()
-            z_cl.close()
-        return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
+        return channels_last_kernel(node, lib, make, (x_dt,), (z_dt,), y_dt)
 
 
 register_tactic(DnnlConvTactic())

@@ -22,6 +22,7 @@ from kiln.backends.cpu.common import (CpuTactic, act_attrs, bf16_layer, ints_at_
 from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
                                     InnerProduct, Pooling, ReferenceFallback, library, require_library,
                                     shape_cached)
+from kiln.backends.cpu.dnnl_kernels import rows_kernel
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic
@@ -170,27 +171,7 @@ class DnnlLinearTactic(CpuTactic):
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             return InnerProduct(lib, x, w, b, torch.empty(shape, dtype=y_dt), z, act, alpha, beta, act_first), shape
-        fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_dt,), (z_dt,), y_dt)
-
-        n_out = int(w.shape[0])
-
-        def k_linear(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
-                     out: Tensor | None = None) -> Tensor:
-            if a.dim() == 2:
-                return run(a.contiguous(), None if z is None else z.contiguous(), out)
-            lead = a.shape[:-1]  # N-D MatMul rows: one inner product over the flattened leading dims
-            rows = a.contiguous().view(-1, a.shape[-1])
-            z2 = None if z is None else z.contiguous().view(-1, n_out)
-            o2 = out.view(-1, n_out) if out is not None and out.is_contiguous() else None
-            y = run(rows, z2, o2).view(*lead, n_out)
-            if out is not None and o2 is None:
-                out.copy_(y)
-                return out
-            return out if out is not None else y
-        release = run.close  # type: ignore[attr-defined]
-        return Kernel(k_linear, prepacked=frozenset({1, 2}), fallback=fb, release=release,  # W, B live in the kernel
-                      out_format="contiguous")
+        return rows_kernel(node, make, int(w.shape[0]), (x_dt,), (z_dt,), y_dt)
 
 
 register_tactic(DnnlPoolTactic())

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, dims_agree
-from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, QConvolution, QMatMul, ReferenceFallback, Requant, library,
-                                    require_library, shape_cached)
-from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.backends.cpu.dnnl import ELTWISE, QConvolution, QMatMul, Requant, library, require_library
+from kiln.backends.cpu.dnnl_kernels import channels_last_kernel, rows_kernel
+from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
@@ -149,20 +149,7 @@ class DnnlQConvTactic(CpuTactic):
             y0 = torch.empty(shape, dtype=out_t, memory_format=torch.channels_last)
             return QConvolution(lib, x, w, b, y0, z, strides, dilations, pads[:2], pads[2:], group, req, act, alpha,
                                 beta, act_first), shape
-        fb = ReferenceFallback(node)
-        z_types = () if z_t is None else (z_t,)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_t,), z_types, out_t)
-        x_cl, z_cl = ChannelsLast(lib, (x_t,)), ChannelsLast(lib, z_types)  # the layout the primitives are made for
-
-        def k_qconv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
-                    out: Tensor | None = None) -> Tensor:
-            return run(x_cl(x), None if z is None else z_cl(z), out)
-
-        def release() -> None:
-            run.close()  # type: ignore[attr-defined]
-            x_cl.close()
-            z_cl.close()
-        return Kernel(k_qconv, prepacked=frozenset({1, 2}), fallback=fb, release=release)  # W, B live in the kernel
+        return channels_last_kernel(node, lib, make, (x_t,), () if z_t is None else (z_t,), out_t)
 
 
 class DnnlQGemmTactic(CpuTactic):
@@ -194,25 +181,7 @@ class DnnlQGemmTactic(CpuTactic):
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             return QMatMul(lib, x, w, b, torch.empty(shape, dtype=out_t), z, req, act, alpha, beta, act_first), shape
-        fb = ReferenceFallback(node)
-        run = shape_cached(node.name, make, fb, lambda x, z: (x, None, None, z), (x_t,),
-                           () if z_t is None else (z_t,), out_t)
-
-        def k_qgemm(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
-                    out: Tensor | None = None) -> Tensor:
-            lead = a.shape[:-1]  # one matmul over the flattened leading dims
-            if z is not None and z.shape != (*lead, n_out):
-                raise KilnError(f"'{node.name}' adds a residual of shape {[*lead, n_out]}, got {list(z.shape)}")
-            rows = a.contiguous().view(-1, a.shape[-1])
-            z2 = None if z is None else z.contiguous().view(-1, n_out)
-            o2 = out.view(-1, n_out) if out is not None and out.is_contiguous() else None
-            y = run(rows, z2, o2).view(*lead, n_out)
-            if out is not None and o2 is None:
-                out.copy_(y)
-                return out
-            return out if out is not None else y
-        release = run.close  # type: ignore[attr-defined]
-        return Kernel(k_qgemm, prepacked=frozenset({1, 2}), fallback=fb, release=release, out_format="contiguous")
+        return rows_kernel(node, make, n_out, (x_t,), () if z_t is None else (z_t,), out_t)
 
 
 register_tactic(DnnlQConvTactic())
