@@ -61,7 +61,8 @@ def bench(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> float:
 GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_triton.py",
              "tests/backends/test_cuda_pool.py", "tests/backends/test_cuda_norm.py",
              "tests/test_control_flow_compiled.py", "tests/backends/test_cuda_se.py",
-             "tests/backends/test_triton_attention.py", "tests/backends/test_triton_qconv.py"]
+             "tests/backends/test_triton_attention.py", "tests/backends/test_triton_qconv.py",
+             "tests/passes/test_quantize.py"]
 
 
 def run_tests(timeout: int) -> None:

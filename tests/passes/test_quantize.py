@@ -212,3 +212,18 @@ def test_cli_int8_calibration_from_images(tmp_path, capsys: pytest.CaptureFixtur
     assert main(args + ["--calib-preprocess", "crop=16"]) != 0
     assert "cannot decode image" in capsys.readouterr().err
     assert main(args + ["--calib-preprocess", "crop=16;colour=red"]) != 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to build for the CUDA target")
+def test_qdq_model_on_cuda_matches_onnxruntime(qdq_model: str) -> None:
+    plan = Builder().build(qdq_model, BuilderConfig(device="cuda", optimization_level=1))
+    steps = plan.graph["steps"]
+    ints = [s for s in steps if s["op"] in ("QConv", "QGemm")]
+    assert len(ints) == 4 and all(s["tactic"].startswith("cuda.") for s in ints), [(s["name"], s["tactic"]) for s in steps]
+    sess = ort.InferenceSession(qdq_model)
+    ctx = Engine(plan).create_execution_context()
+    step = _output_scale(qdq_model)
+    x = np.random.default_rng(17).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    got = np.asarray(ctx.execute({"x": x})["y"])
+    assert np.abs(got - sess.run(None, {"x": x})[0]).max() <= step * 1.001
