@@ -79,16 +79,36 @@ def oracle_epilogue(acc: np.ndarray, axis: int, p: dict, b: np.ndarray | None, z
     if z is not None:
         r = (z.astype(np.float64) - p.get("z_zero_point", 0)) * p.get("z_scale", 1.0) if z.dtype.kind in "iu" \
             else z.astype(np.float64)
+    before = p.get("act_before_add", 0)
+    if before:
+        v = _oracle_act(v, p)
+    if p.get("a_scale", 0.0) > 0:  # the layer's own result requantized to a_dtype and dequantized
+        lo, hi = A_RANGES[p["a_dtype"]]
+        zp = p["a_zero_point"]
+        v = (np.clip(np.rint(v / p["a_scale"]) + zp, lo, hi) - zp) * p["a_scale"]
+    if r is not None:
+        v = v + r
+    return v if before else _oracle_act(v, p)
+
+
+A_RANGES = {3: (-128, 127), 2: (0, 255)}  # a_dtype code (INT8 / UINT8) -> range
+
+
+def _oracle_act(v: np.ndarray, p: dict) -> np.ndarray:
     act = p.get("activation", "")
-    if r is not None and not p.get("act_before_add", 0):
-        v, r = v + r, None
     if act == "Relu":
-        v = np.maximum(v, 0.0)
-    elif act == "LeakyRelu":
-        v = np.where(v >= 0, v, v * p["alpha"])
-    elif act == "Clip":
-        v = np.clip(v, p["alpha"], p["beta"])
-    return v if r is None else v + r
+        return np.maximum(v, 0.0)
+    if act == "LeakyRelu":
+        return np.where(v >= 0, v, v * p["alpha"])
+    if act == "Clip":
+        return np.clip(v, p["alpha"], p["beta"])
+    return v
+
+
+def _a_params(g: np.random.Generator, v: np.ndarray, a_dtype: torch.dtype) -> dict:
+    """A power-of-two a_scale twice as coarse as the output's (so the step shows) and a zero point off 0."""
+    zp = int(g.integers(-20, 21)) if a_dtype == torch.int8 else int(g.integers(100, 157))
+    return {"a_scale": 2.0 * _pow2_y(v), "a_zero_point": zp, "a_dtype": CODES[a_dtype]}
 
 
 def oracle_store(v: np.ndarray, p: dict, out_dtype: torch.dtype) -> np.ndarray:
@@ -133,7 +153,7 @@ CONV_CASES = [
 ]
 
 
-def _conv_case(case, seed: int, x_zp: int | None = None):
+def _conv_case(case, seed: int, x_zp: int | None = None, a_dtype: torch.dtype | None = None):
     n, c, h, w, k, ks, st, pads, dil, x_dt, out_dt, has_b, z_dt, act, order = case
     g = np.random.default_rng(seed)
     x = _rand_int(g, (n, c, h, w), x_dt)
@@ -154,6 +174,8 @@ def _conv_case(case, seed: int, x_zp: int | None = None):
         else:
             z = (g.integers(-512, 513, size=acc.shape) * 2.0 ** -5).astype(NP[z_dt])
     v0 = oracle_epilogue(acc, 1, p, b, None)
+    if a_dtype is not None:
+        p.update(_a_params(g, v0, a_dtype))
     p.update(y_scale=_pow2_y(v0), y_zero_point=int(g.integers(*RANGES[out_dt])) if out_dt in RANGES else 0)
     want = oracle_store(oracle_epilogue(acc, 1, p, b, z), p, out_dt)
     node = qconv_node(x.shape, x_dt, torch.from_numpy(wt), None if b is None else torch.from_numpy(b),
@@ -382,7 +404,7 @@ GEMM_CASES = [
 ]
 
 
-def _gemm_case(case, seed: int):
+def _gemm_case(case, seed: int, a_dtype: torch.dtype | None = None):
     lead, k, n, a_dt, out_dt, has_b, z_dt, act, order = case
     g = np.random.default_rng(100 + seed)
     a = _rand_int(g, (*lead, k), a_dt)
@@ -398,6 +420,8 @@ def _gemm_case(case, seed: int):
             p.update(z_scale=2.0 ** -2, z_zero_point=int(g.integers(*RANGES[z_dt])))
         else:
             z = (g.integers(-512, 513, size=acc.shape) * 2.0 ** -5).astype(NP[z_dt])
+    if a_dtype is not None:
+        p.update(_a_params(g, oracle_epilogue(acc, acc.ndim - 1, p, b, None), a_dtype))
     p.update(y_scale=_pow2_y(oracle_epilogue(acc, acc.ndim - 1, p, b, None)),
              y_zero_point=int(g.integers(*RANGES[out_dt])) if out_dt in RANGES else 0)
     want = oracle_store(oracle_epilogue(acc, acc.ndim - 1, p, b, z), p, out_dt)
@@ -443,3 +467,70 @@ def test_qgemm_general_scales_within_one_step() -> None:
     diff = (got.cpu().to(torch.int32) - want.to(torch.int32)).abs()
     assert diff.max() <= 1 and (diff == 0).float().mean() > 0.95
     assert want.float().std() > 5
+
+
+# ---- a_scale: the layer's own result requantized before the residual add (a fused Q/DQ residual) --------
+
+A_CONV_CASES = [
+    # (conv case, a_dtype): int8 residuals, both orders, int8 and uint8 requantization with a zero point
+    ((2, 17, 7, 8, 5, (3, 3), (2, 2), (0, 1, 1, 0), (1, 1), torch.int8, torch.int8, True, torch.int8, "Relu", 0),
+     torch.int8),
+    ((2, 17, 7, 8, 5, (3, 3), (2, 2), (0, 1, 1, 0), (1, 1), torch.int8, torch.int8, True, torch.int8, "Relu", 1),
+     torch.uint8),
+    ((1, 9, 8, 7, 7, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), torch.uint8, torch.uint8, True, torch.int8, "Relu", 1),
+     torch.int8),
+    ((2, 8, 9, 9, 16, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), torch.int8, torch.float32, True, torch.int8,
+      "LeakyRelu", 0), torch.uint8),
+]
+
+A_GEMM_CASES = [
+    (((37,), 70, 19, torch.int8, torch.int8, True, torch.int8, "Relu", 0), torch.uint8),
+    (((2, 9), 40, 24, torch.uint8, torch.int8, True, torch.int8, "Relu", 1), torch.int8),
+    (((41,), 48, 5, torch.int8, torch.float32, True, torch.int8, "LeakyRelu", 1), torch.uint8),
+    (((24,), 64, 16, torch.uint8, torch.uint8, False, torch.int8, "", 0), torch.int8),
+]
+
+
+def _no_a_want(node: Node, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """The op's reference output on the same node with a_scale off."""
+    a_scale = node.attrs["a_scale"]
+    node.attrs["a_scale"] = 0.0
+    try:
+        return _reference(node, x, z)
+    finally:
+        node.attrs["a_scale"] = a_scale
+
+
+def _reference(node: Node, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    return lookup(node.op_type, "kiln").compute(node, x.cpu(), node.inputs[1].const,
+                                                None if node.input(2) is None else node.inputs[2].const,
+                                                None if z is None else z.cpu())
+
+
+@pytest.mark.parametrize("idx", range(len(A_CONV_CASES)))
+def test_qconv_a_scale_bit_exact(idx: int) -> None:
+    case, a_dtype = A_CONV_CASES[idx]
+    node, x, z, want = _conv_case(case, 200 + idx, a_dtype=a_dtype)
+    assert node.attrs["a_scale"] > 0 and node.attrs["a_zero_point"] != 0
+    _assert_exact(_reference(node, x, z), want, f"op reference, case {idx}")
+    assert not np.array_equal(_no_a_want(node, x, z).numpy(), want), "a_scale must matter on the test data"
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx())
+    split = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "SPLIT_K": 2}
+    for cfg in cfgs[:2] + [split]:
+        _assert_exact(_run("cuda.triton_qconv", node, [x, None, None, z], cfg), want, f"case {idx} {cfg}")
+
+
+@pytest.mark.parametrize("idx", range(len(A_GEMM_CASES)))
+def test_qgemm_a_scale_bit_exact(idx: int) -> None:
+    case, a_dtype = A_GEMM_CASES[idx]
+    node, a, z, want = _gemm_case(case, 200 + idx, a_dtype=a_dtype)
+    assert node.attrs["a_scale"] > 0 and node.attrs["a_zero_point"] != 0
+    _assert_exact(_reference(node, a, z), want, f"op reference, case {idx}")
+    assert not np.array_equal(_no_a_want(node, a, z).numpy(), want), "a_scale must matter on the test data"
+    cfgs = get_tactic("cuda.triton_qgemm").configs(node, _ctx())
+    extra = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 2}]
+    for cfg in cfgs[:2] + extra:
+        _assert_exact(_run("cuda.triton_qgemm", node, [a, None, None, z], cfg), want, f"case {idx} {cfg}")
+    if case[0][-1] > 16 and case[1] % 8 == 0 and case[2] % 8 == 0 and len(case[0]) == 1:
+        _assert_exact(_run("cuda.triton_qgemm", node, [a, None, None, z], {"int_mm": True}), want,
+                      f"case {idx} torch._int_mm and the torch epilogue")

@@ -23,7 +23,9 @@ second shared-memory store on every step.
 
 Epilogue (float32, in the order of the spec): v = float32(acc) * m[k] + B[k] with m[k] = x_scale *
 w_scales[k] rounded once to float32; the residual r = (float32(Z) - z_zero_point) * z_scale (a float Z:
-zero point 0, scale 1); act(v + r) or act(v) + r with the activation codes of triton_act. An integer
+zero point 0, scale 1); act(v + r) or act(v) + r with the activation codes of triton_act; with a_scale > 0
+(has_a) the layer's own result (after act when act_before_add) is first requantized to (a_scale,
+a_zero_point, a_dtype) and dequantized, by the output's rounding, before r is added. An integer
 output is rounded half to even by adding and subtracting 1.5 * 2**23 to v * (1 / y_scale) clamped to
 +-2**22 (exact in float32 arithmetic), offset by y_zero_point and saturated; a float output is cast.
 Split-K adds int32 partial sums (exact: the result does not depend on the split). The GPU compiler may
@@ -40,10 +42,10 @@ import triton
 import triton.language as tl
 
 from kiln.backends.cuda.common import ConvGeometry, Epilogue, Out, activate_, out_list
-from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import apply_act, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_conv import _nhwc_ok, _p2, split_configs, split_k_workspace
 from kiln.backends.cuda.triton_launch import launch
-from kiln.ops.qlayers import QuantSpec
+from kiln.ops.qlayers import QUANT_OUT, QuantSpec
 
 Tensor = torch.Tensor
 
@@ -53,7 +55,8 @@ QUANT_RANGES: dict[torch.dtype, tuple[int, int]] = {torch.int8: (-128, 127), tor
 _ROUND_LIMIT = 4194304.0  # 2**22: |v| below it rounds exactly by adding and subtracting 1.5 * 2**23
 
 _RUNTIME = ["x_pad", "z_zp", "z_scale", "y_inv_scale", "y_zp", "q_lo", "q_hi", "alpha", "beta",
-            "has_bias", "has_z", "act", "act_before_add", "has_y2"]
+            "has_bias", "has_z", "act", "act_before_add", "a_inv_scale", "a_scale", "a_zp", "a_lo", "a_hi", "has_a",
+            "has_y2"]
 
 
 @triton.jit
@@ -65,18 +68,34 @@ def _to_s8(a, X_U8: tl.constexpr):
 
 
 @triton.jit
+def _round_sat(v, inv_scale, zp, lo, hi):
+    """round_half_even(v * inv_scale) + zp saturated to [lo, hi], in float32."""
+    q = tl.minimum(tl.maximum(v * inv_scale, -4194304.0), 4194304.0)  # +-2**22
+    q = (q + 12582912.0) - 12582912.0  # + 1.5 * 2**23 rounds to an integer, half to even
+    return tl.minimum(tl.maximum(q + zp, lo), hi)
+
+
+@triton.jit
 def _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                has_bias, act, act_before_add, alpha, beta, QUANT: tl.constexpr):
+                has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                QUANT: tl.constexpr):
     """int32 accumulator -> the stored value in float32: zero-point correction, per-channel multiplier,
-    bias, residual z (already dequantized) and activation in the fused order, then (QUANT) the
-    requantization to integral values within [q_lo, q_hi]."""
+    bias, (has_a) the requantize/dequantize of the layer's own result, residual z (already dequantized)
+    and activation in the fused order, then (QUANT) the requantization to integral values within
+    [q_lo, q_hi]."""
     acc = acc - tl.load(corr_ptr + offs_n, mask=n_mask, other=0)[None, :]
     v = acc.to(tl.float32) * tl.load(m_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    v = finish(v, b_ptr, offs_n, n_mask, z, has_bias, act, act_before_add, alpha, beta)
+    if has_bias != 0:
+        v = v + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if act_before_add != 0:
+        v = apply_act(v, act, alpha, beta)
+    if has_a != 0:
+        v = (_round_sat(v, a_inv_scale, a_zp, a_lo, a_hi) - a_zp) * a_scale
+    v = v + z
+    if act_before_add == 0:
+        v = apply_act(v, act, alpha, beta)
     if QUANT:
-        q = tl.minimum(tl.maximum(v * y_inv_scale, -4194304.0), 4194304.0)  # +-2**22
-        q = (q + 12582912.0) - 12582912.0  # + 1.5 * 2**23 rounds to an integer, half to even
-        v = tl.minimum(tl.maximum(q + y_zp, q_lo), q_hi)
+        v = _round_sat(v, y_inv_scale, y_zp, q_lo, q_hi)
     return v
 
 
@@ -88,7 +107,7 @@ def _qconv2d_nhwc_kernel(
     sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
     KH, KW, SH, SW, PH, PW, DH, DW, CB, ITS,
     x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
-    has_bias, has_z, act, act_before_add, has_y2,
+    has_bias, has_z, act, act_before_add, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_y2,
     X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FLAT: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr,
     PAD_ZERO: tl.constexpr,
@@ -164,7 +183,8 @@ def _qconv2d_nhwc_kernel(
         z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + offs_n[None, :], mask=y_mask, other=0)
         z = (z.to(tl.float32) - z_zp) * z_scale
     v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, QUANT)
+                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                    QUANT)
     tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
              v.to(y_ptr.dtype.element_ty), mask=y_mask)
     if has_y2 != 0:  # a second destination (a value written into two elided Concats)
@@ -177,7 +197,7 @@ def _qgemm_kernel(
     a_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
     M, N, K, sam, sak, szm, sym, sym2,
     x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
-    has_bias, has_z, act, act_before_add, has_y2,
+    has_bias, has_z, act, act_before_add, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_y2,
     X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -210,7 +230,8 @@ def _qgemm_kernel(
         z = tl.load(z_ptr + offs_m[:, None] * szm + offs_n[None, :], mask=y_mask, other=0)
         z = (z.to(tl.float32) - z_zp) * z_scale
     v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, QUANT)
+                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                    QUANT)
     tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
     if has_y2 != 0:
         tl.store(y2_ptr + offs_m[:, None] * sym2 + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
@@ -229,6 +250,8 @@ class QuantEpilogue:
     m:     float32 [K_out], x_scale * w_scales[k] rounded once to float32 (QuantSpec.multipliers)
     bias:  float32 [K_out] or None
     x_pad: the raw input zero point (what padded positions load, before the uint8 shift)
+    a_*:   the requantization before the residual (a_scale 0: none), float32 1 / a_scale and a_scale,
+           a_zero_point and a_dtype's range
     """
 
     corr: Tensor
@@ -242,6 +265,11 @@ class QuantEpilogue:
     y_zp: float
     out_dtype: torch.dtype
     ep: Epilogue
+    a_inv_scale: float = 0.0
+    a_scale: float = 0.0
+    a_zp: float = 0.0
+    a_lo: float = 0.0
+    a_hi: float = 0.0
 
     @classmethod
     def make(cls, wk: Tensor, x_u8: bool, q: QuantSpec, bias: Tensor | None, ep: Epilogue) -> "QuantEpilogue":
@@ -250,10 +278,20 @@ class QuantEpilogue:
         zp_s8 = q.x_zero_point - (128 if x_u8 else 0)
         corr = (wk.to(torch.int64).sum(1) * zp_s8).to(torch.int32)
         quant = q.quantized_out
+        a: tuple[float, ...] = ()
+        if q.a_scale > 0:
+            a_lo, a_hi = QUANT_RANGES[QUANT_OUT[q.a_dtype]]
+            a = (_f32(1.0 / q.a_scale), _f32(q.a_scale), float(q.a_zero_point), float(a_lo), float(a_hi))
         return cls(corr, q.multipliers(wk.shape[0]).to(wk.device).contiguous(),
                    None if bias is None else bias.to(device=wk.device, dtype=torch.float32).contiguous(),
                    q.x_zero_point, x_u8, _f32(q.z_scale), float(q.z_zero_point),
-                   _f32(1.0 / q.y_scale) if quant else 1.0, float(q.y_zero_point) if quant else 0.0, q.out_torch, ep)
+                   _f32(1.0 / q.y_scale) if quant else 1.0, float(q.y_zero_point) if quant else 0.0, q.out_torch, ep,
+                   *a)
+
+    @property
+    def has_a(self) -> bool:
+        """Whether the layer's own result is requantized before the residual add."""
+        return self.a_scale > 0
 
     @property
     def quant(self) -> bool:
@@ -266,12 +304,13 @@ class QuantEpilogue:
         return self.z_zp, self.z_scale
 
     def scalars(self, z: Tensor | None) -> list[Any]:
-        """The kernels' run-time epilogue arguments, from x_pad through act_before_add."""
+        """The kernels' run-time epilogue arguments, from x_pad through has_a."""
         lo, hi = QUANT_RANGES.get(self.out_dtype, (0, 0))
         z_zp, z_scale = self.residual(z)
         return [self.x_pad, z_zp, z_scale, self.y_inv_scale, self.y_zp, float(lo), float(hi), self.ep.alpha,
                 self.ep.beta, int(self.bias is not None), int(z is not None), self.ep.code,
-                int(self.ep.act_before_add)]
+                int(self.ep.act_before_add), self.a_inv_scale, self.a_scale, self.a_zp, self.a_lo, self.a_hi,
+                int(self.has_a)]
 
     def torch_epilogue(self, acc: Tensor, z: Tensor | None) -> Tensor:
         """The same epilogue in torch on an int32 accumulator [..., K_out] (the cuBLASLt int8 path)."""
@@ -282,16 +321,23 @@ class QuantEpilogue:
         if z is not None:
             z_zp, z_scale = self.residual(z)
             r = (z.to(torch.float32) - z_zp) * z_scale
-        if r is not None and not self.ep.act_before_add:
+        if self.ep.act_before_add:
+            v = activate_(v, self.ep.activation, self.ep.alpha, self.ep.beta)
+        if self.has_a:
+            v = (_round_sat_torch(v, self.a_inv_scale, self.a_zp, self.a_lo, self.a_hi) - self.a_zp) * self.a_scale
+        if r is not None:
             v = v + r
-        v = activate_(v, self.ep.activation, self.ep.alpha, self.ep.beta)
-        if r is not None and self.ep.act_before_add:
-            v = v + r
+        if not self.ep.act_before_add:
+            v = activate_(v, self.ep.activation, self.ep.alpha, self.ep.beta)
         if not self.quant:
             return v.to(self.out_dtype)
         lo, hi = QUANT_RANGES[self.out_dtype]
-        q = torch.round((v * self.y_inv_scale).clamp(-_ROUND_LIMIT, _ROUND_LIMIT)) + self.y_zp
-        return q.clamp(lo, hi).to(self.out_dtype)
+        return _round_sat_torch(v, self.y_inv_scale, self.y_zp, lo, hi).to(self.out_dtype)
+
+
+def _round_sat_torch(v: Tensor, inv_scale: float, zp: float, lo: float, hi: float) -> Tensor:
+    """The kernels' _round_sat in torch: round_half_even(v * inv_scale) + zp saturated to [lo, hi]."""
+    return (torch.round((v * inv_scale).clamp(-_ROUND_LIMIT, _ROUND_LIMIT)) + zp).clamp(lo, hi)
 
 
 def _kwargs(qe: QuantEpilogue, cfg: dict[str, Any], split: int) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 
 Both take int8 or uint8 activations (the input's declared type; a run-time tensor of the other type is an
 error), an int8 constant weight with per-tensor or per-output-channel scales, an optional float bias and an
-optional residual (float, or int8/uint8 dequantized by ``z_scale``/``z_zero_point``), and store int8/uint8
+optional residual (float, or int8/uint8 dequantized by ``z_scale``/``z_zero_point``; ``a_scale`` > 0
+requantizes the layer's own result before it is added), and store int8/uint8
 (requantized by ``y_scale``/``y_zero_point``) or float16/float32 (``out_dtype``). Grouped convolutions
 (depthwise included) are declined: they stay on the reference path. QGemm has a second config family,
 ``int_mm``: torch._int_mm (cuBLASLt int8) and the epilogue in torch, offered on CUDA for M > 16 with K and N
@@ -56,8 +57,6 @@ def q_layer_ok(node: Node, op_type: str, w_rank: int) -> bool:
     if z is not None and z.type.dtype not in _Z_TYPES:
         return False
     q = QuantSpec.of(node)
-    if q.a_scale > 0:  # a requantization before the residual (a fused Q/DQ residual Add): not in these kernels yet
-        return False
     x_lo, x_hi = QUANT_RANGES[x.type.dtype.torch]  # type: ignore[union-attr]
     y_lo, y_hi = QUANT_RANGES.get(q.out_torch, (0, 0))
     return len(q.w_scales) in (1, k_out) and x_lo <= q.x_zero_point <= x_hi and y_lo <= q.y_zero_point <= y_hi
