@@ -27,7 +27,7 @@ from kiln.backends.tactic import TacticContext, candidate_tactics
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import QuantParams, TensorType
-from kiln.ops.qlayers import FLOAT, INT8, UINT8
+from kiln.ops.qlayers import FLOAT, INT8, UINT8, QuantSpec
 from kiln.ops.registry import lookup
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, const, is_op, remove_node, replace_nodes, restore_order
@@ -239,7 +239,6 @@ class FuseQuantizedResidual(Pass):
         if layer is None or layer.domain != "kiln" or layer.op_type not in ("QConv", "QGemm") or \
                 layer.input(3) is not None or uses.only(dq.inputs[0]) is not dq:  # type: ignore[union-attr]
             return None
-        from kiln.ops.qlayers import QuantSpec
         q = QuantSpec.of(layer)
         p = qparams(dq)
         if not q.quantized_out or q.a_scale > 0 or p is None or (p.scale, p.zero_point) != (q.y_scale, q.y_zero_point):

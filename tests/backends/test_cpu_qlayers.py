@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.backends.cpu.dnnl import DnnlError, QConvolution, QMatMul, Requant, library
+from kiln.backends.cpu.dnnl import DnnlError, library
+from kiln.backends.cpu.dnnl_int8 import QConvolution, QMatMul, Requant
 from kiln.backends.tactic import get_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
