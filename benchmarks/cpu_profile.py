@@ -23,6 +23,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -56,7 +57,7 @@ def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int,
     per: dict[str, list[float]] = collections.defaultdict(list)
     ops: dict[str, str] = {}
 
-    def hook(node: Node, seconds: float) -> None:
+    def hook(node: Node, seconds: float, _result: Any = None) -> None:
         per[node.name].append(seconds * 1e3)
         ops[node.name] = node.op_type
     walls = []

@@ -72,7 +72,7 @@ def profile_model(m: Any, args: argparse.Namespace) -> None:
     for _ in range(args.runs):
         marks: list[tuple[str, Any]] = []
 
-        def hook(node: Any, _s: float) -> None:
+        def hook(node: Any, _s: float, _result: Any = None) -> None:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             marks.append((node.name, e))

@@ -14,7 +14,8 @@ from kiln.runtime.arena import ActivationArena, resolvable
 from kiln.runtime.prologue import SHAPE_OPS, PrologueCache, shape_prologue, stand_in
 
 KernelFactory = Callable[[Node], Kernel]
-StepHook = Callable[[Node, float], None]
+StepHook = Callable[[Node, float, Any], None]
+"""Called after each step with its node, host seconds spent launching it and its result (a tensor or tuple)."""
 TypedKernel = Callable[[Node], bool]
 
 
@@ -428,7 +429,7 @@ class GraphFunction:
                     outs = tuple(env[buf].narrow(axis, start, length) for buf, axis, start, length in st.out)
                     r = st.fn(*args, out=outs[0] if len(outs) == 1 else outs)
                 if hook is not None:
-                    hook(st.node, time.perf_counter() - t0)
+                    hook(st.node, time.perf_counter() - t0, r)
             except KilnError as e:
                 raise type(e)(f"node '{st.node.name}' ({st.node.op_type}): {e}".replace("\n", " ")) from None
             except Exception as e:  # a failing kernel is reported as one line naming the node
