@@ -77,6 +77,48 @@ def openvino_rows(path: str, x: np.ndarray, ref: np.ndarray, batch: int, args: a
         rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
 
 
+def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: int = 25) -> None:
+    """Per-step GPU spans (an event after each step's launch, no CUDA graph) and the kernel table."""
+    import collections
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import kernel_table
+    steps = {s["name"]: s for s in plan.graph["steps"]}
+    spans: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(runs):
+        marks: list[tuple[str, Any]] = []
+
+        def hook(node: Any, _s: float, _r: Any = None) -> None:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            marks.append((node.name, e))
+        start = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        ctx.profiler = hook
+        ctx.execute_async({"input": xin})
+        ctx.profiler = None
+        torch.cuda.synchronize()
+        prev = start
+        for name, e in marks:
+            spans[name].append(prev.elapsed_time(e))
+            prev = e
+    med = {n: statistics.median(v) for n, v in spans.items()}
+    print(f"\n{label}: step spans (no graph) {sum(med.values()):.3f} ms over {len(med)} steps")
+    for key, what in ((lambda n: steps.get(n, {}).get("op", "?"), "op"),
+                      (lambda n: steps.get(n, {}).get("tactic", "?"), "tactic")):
+        agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        for n, v in med.items():
+            agg[key(n)][0] += v
+            agg[key(n)][1] += 1
+        print(f"  by {what}: " + ", ".join(f"{k} {v[0]:.3f} ms/{v[1]}" for k, v in
+                                         sorted(agg.items(), key=lambda kv: -kv[1][0])))
+    for n, v in sorted(med.items(), key=lambda kv: -kv[1])[:top]:
+        s = steps.get(n, {})
+        shapes = [plan.graph["values"].get(o, {}).get("type", {}).get("shape") for o in s.get("outputs", [])]
+        print(f"  {v:7.3f} ms  {s.get('op')} {n} {s.get('tactic')} {s.get('config')} -> {shapes}")
+    kernel_table(lambda: ctx.execute_async({"input": xin}), top, f"{label} kernels")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +129,8 @@ def main() -> int:
     ap.add_argument("--opt-level", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="CPU: also Kiln BF16 and OpenVINO FP32 / BF16")
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--profile", action="store_true", help="CUDA: per-layer spans (by op, by tactic, slowest "
+                    "layers with their configs) and torch.profiler's kernels for each Kiln plan")
     args = ap.parse_args()
     from examples.zoo import resnet50
     from kiln.builder import Builder, BuilderConfig
@@ -124,6 +168,8 @@ def main() -> int:
         rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref), "build_s": build_s,
                      "int_layers": ops.count("QConv") + ops.count("QGemm"), "layers": plan.build.get("layers")})
         logger.info(f"{label}: {ms:.3f} ms")
+        if cuda and args.profile:
+            layer_spans(plan, ctx, xin, label)
 
     if cuda:
         kiln_row("Kiln FP16", fpath, fp16=True)

@@ -370,7 +370,7 @@ class InsertQuantization(Pass):
             a = max(found) if found else None  # the widest: a max pool's output (what the layers read) is wider
             if chain is not None and a is not None:
                 targets[id(y)] = y
-                for u in chain:  # the int8 data moves through these ops unchanged: one scale for all
+                for u in [y, *chain]:  # the int8 data moves through these ops unchanged: one scale for all
                     amax[id(u)] = a
                     targets[id(u)] = u
         inserted = 0

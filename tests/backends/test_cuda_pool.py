@@ -108,6 +108,19 @@ def test_maxpool_matches_reference(case, dtype, layout) -> None:
     _check("cuda.triton_maxpool", maxpool(dtype, **POOL_CASES[case]), x)
 
 
+@pytest.mark.parametrize("case", list(POOL_CASES))
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("layout", ["nchw", "slice"])
+def test_maxpool_8bit_matches_reference(case, dtype, layout) -> None:
+    """An INT8 plan's max pool on its 8-bit activations: the lowest values of the type included (padding must
+    never win), exact."""
+    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+    g = torch.Generator().manual_seed(5)
+    x = _layout(torch.randint(lo, hi, (2, 24, 9, 10), generator=g).to(dtype).to(DEV), layout)
+    x[0, :, :3] = lo  # whole windows at the type's lowest value, next to the padding
+    _check("cuda.triton_maxpool", maxpool(dtype, **POOL_CASES[case]), x)
+
+
 @pytest.mark.parametrize("case", ["k2s2", "k3s2ceil", "asym_pads"])
 def test_maxpool_writes_into_out_slice(case) -> None:
     x = _rand(2, 12, 8, 7, dtype=torch.float16, seed=2).contiguous(memory_format=CL)
@@ -141,7 +154,7 @@ def resize(dtype: torch.dtype, scales: list[float] | None = None, sizes: list[in
     return Node(op, ins, [_x("y", dtype, ("N", shape[1], None, None))], attrs, name="up", opset=opset)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8])
 def test_resize_yolo_scale2_asymmetric_floor(dtype) -> None:
     node = resize(dtype, [1, 1, 2, 2], coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     for layout in ["nchw", "nhwc", "slice"]:

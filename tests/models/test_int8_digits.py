@@ -68,20 +68,27 @@ def _profile():
     return [OptimizationProfile().set_shape("x", (1, 1, 16, 16), (64, 1, 16, 16), (64, 1, 16, 16))]
 
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU to build for the CUDA target")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("calibrator", ["entropy", "minmax", "percentile", "mse"])
-def test_int8_ptq_keeps_top1(trained, calibrator: str, capsys: pytest.CaptureFixture) -> None:
+def test_int8_ptq_keeps_top1(trained, calibrator: str, device: str, capsys: pytest.CaptureFixture) -> None:
     path, calib, held = trained
-    fp32 = _run(Builder().build(path, BuilderConfig(device="cpu", profiles=_profile(), optimization_level=0)), held)
+    fp32 = _run(Builder().build(path, BuilderConfig(device=device, profiles=_profile(), optimization_level=0)), held)
     batches = [{"x": calib[i:i + 32]} for i in range(0, len(calib), 32)]
-    plan = Builder().build(path, BuilderConfig(device="cpu", profiles=_profile(), int8=True, optimization_level=0,
+    plan = Builder().build(path, BuilderConfig(device=device, profiles=_profile(), int8=True, optimization_level=0,
                                                calibrator=calibrator, calibration_data=batches))
-    ops = [s["op"] for s in plan.graph["steps"]]
+    steps = plan.graph["steps"]
+    ops = [s["op"] for s in steps]
     assert ops.count("QConv") == 3 and ops.count("QGemm") == 1, ops
+    assert all(s["tactic"].startswith(device + ".") for s in steps if s["op"] in ("QConv", "QGemm")), steps
     q = _run(plan, held)
     agree = float((q.argmax(1) == fp32.argmax(1)).mean())
     rel = float(np.linalg.norm(q - fp32) / np.linalg.norm(fp32))
     with capsys.disabled():
-        print(f"\n[int8 digits] {calibrator}: top-1 agreement with FP32 {agree:.4f}, logits rel. error {rel:.3e}")
+        print(f"\n[int8 digits] {device} {calibrator}: top-1 agreement with FP32 {agree:.4f}, logits rel. error {rel:.3e}")
     assert agree >= 0.99
     assert 0 < rel < 0.3  # integer math really ran (not the float plan)
 

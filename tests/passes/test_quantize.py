@@ -115,6 +115,23 @@ def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
     assert 0 < rel < 0.2, rel
 
 
+def test_max_pool_between_layers_keeps_one_scale(tmp_path) -> None:
+    """A max pool's output range wider than its input's (entropy calibration gives that): both sides take the
+    wider scale, so the int8 data flows conv -> pool -> conv with no requantization between."""
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    pool = next(n for n in onnx.load(path).graph.node if n.op_type == "MaxPool")
+    ranges = {pool.input[0]: 2.0, pool.output[0]: 3.0, "*": 8.0}
+    plan = Builder().build(path, BuilderConfig(device="cpu", int8=True, dynamic_ranges=ranges, optimization_level=0))
+    steps = plan.graph["steps"]
+    ops = [s["op"] for s in steps]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 0, ops  # the input's only
+    first = next(s for s in steps if s["op"] == "QConv")
+    assert first["attrs"]["y_scale"] == pytest.approx(3.0 / 127, rel=1e-6)
+    reader = next(s for s in steps if s["op"] == "MaxPool")
+    assert reader["inputs"][0] == first["outputs"][0]
+
+
 def test_int8_without_ranges_is_one_clear_error(tmp_path) -> None:
     path = str(tmp_path / "f.onnx")
     _float_model(path)

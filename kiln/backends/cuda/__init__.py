@@ -16,6 +16,7 @@
 | cuda.triton_attention     | Attention (4-D, no KV cache)             | flash attention, masks, causal, GQA       |
 | cuda.triton_qconv         | QConv (2-D, ungrouped)                   | int8 implicit-GEMM conv, requantizing epi.|
 | cuda.triton_qgemm         | QGemm                                    | int8 GEMM (or torch._int_mm), same epil.  |
+| cuda.triton_qdq           | QuantizeLinear, DequantizeLinear (8-bit) | one strided pass, NCHW float -> NHWC int8 |
 | cuda.channel_shuffle      | ChannelShuffle                           | one torch copy into the NHWC destination  |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
@@ -37,5 +38,5 @@ HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
     from kiln.backends.cuda import (  # noqa: F401
-        triton_attention, triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_qlayers,
-        triton_reduce, triton_se)
+        triton_attention, triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_qdq,
+        triton_qlayers, triton_reduce, triton_se)

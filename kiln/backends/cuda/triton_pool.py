@@ -27,6 +27,7 @@ import triton.language as tl
 from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
 from kiln.ops.conv import MAX_WINDOW
 from kiln.ops.pool import Window
@@ -52,7 +53,7 @@ def _maxpool2d_kernel(
     x_ptr, y_ptr, P, C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LOW: tl.constexpr,
 ):
     p_mask, nb, oh, ow = _pixels(P, OH, OW, BLOCK_P)
     cs = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
@@ -69,7 +70,7 @@ def _maxpool2d_kernel(
             iw = iw0 + kw * DW
             ok = row_ok & (iw >= 0) & (iw < W)
             v = tl.load(x_ptr + (x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + x_col,
-                        mask=ok[:, None] & c_mask[None, :], other=float("-inf"))
+                        mask=ok[:, None] & c_mask[None, :], other=LOW)
             acc = tl.maximum(acc, v.to(tl.float32))
     y_off = nb * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     tl.store(y_ptr + y_off[:, None] + cs[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
@@ -127,11 +128,18 @@ def _p2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+_LOWEST = {DType.INT8: -128.0, DType.UINT8: 0.0}
+"""What a window's padded positions read in an 8-bit MaxPool (float types read -inf): the type's lowest value,
+never above an element of the window (every window holds one), so the maximum is exact."""
+
+
 def _float_4d(node: Node) -> bool:
-    """Domain "" / ai.onnx, one output, a rank-4 float input and an output of the same type."""
+    """Domain "" / ai.onnx, one output, a rank-4 float or 8-bit integer input (an INT8 plan's activations: max
+    and nearest selection commute with quantization) and an output of the same type."""
     x = node.input(0)
-    return (node.domain in ("", "ai.onnx") and len(node.outputs) == 1 and x is not None
-            and x.type.rank == 4 and x.type.dtype in FLOAT_DTYPES and node.outputs[0].type.dtype == x.type.dtype)
+    return (node.domain in ("", "ai.onnx") and len(node.outputs) == 1 and x is not None and x.type.rank == 4
+            and (x.type.dtype in FLOAT_DTYPES or x.type.dtype in _LOWEST)
+            and node.outputs[0].type.dtype == x.type.dtype)
 
 
 def _tile_configs(node: Node) -> list[dict[str, Any]]:
@@ -220,6 +228,7 @@ class TritonMaxPool(Tactic):
         geometry: dict[tuple[int, int], tuple[int, int, list[int]]] = {}
         cfg = dict(config)
         bp, bc, warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg.get("num_warps", 4)
+        low = _LOWEST.get(node.inputs[0].type.dtype, float("-inf"))  # type: ignore[union-attr]
 
         def kernel(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             h, w = int(x.shape[2]), int(x.shape[3])
@@ -232,7 +241,7 @@ class TritonMaxPool(Tactic):
             def body(y: Tensor, pixels: int, grid: tuple[int, int]) -> None:
                 launch(_maxpool2d_kernel, grid, [x, y, pixels, x.shape[1], h, w, g[0], g[1],
                                                  *_strides(x), *_strides(y), *g[2]],
-                       dict(KH=kh, KW=kw, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps))
+                       dict(KH=kh, KW=kw, BLOCK_P=bp, BLOCK_C=bc, LOW=low, num_warps=warps))
             return _run(node, x, out, g[0], g[1], cfg, body)
         return kernel
 

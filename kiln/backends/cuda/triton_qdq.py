@@ -1,0 +1,187 @@
+"""QuantizeLinear / DequantizeLinear on CUDA (tactic ``cuda.triton_qdq``): 8-bit, per-tensor or per-channel (axis 1)
+constant scales and zero points, as one pass that also lays the data out for its reader.
+
+An INT8 plan's boundaries are these ops: the network input quantized for the first integer layer, a dequantize
+before a float layer. Each is one memory-bound pass; the kernel tiles a 4-D tensor as (channels x pixels) of one
+image through all of its strides, so an NCHW float input is read along its pixels and written as the NHWC int8
+activations the integer layers read, in the same pass (no layout copy after it).
+
+Arithmetic follows the reference (kiln.ops.quantize) exactly: QuantizeLinear divides in float32 with IEEE
+rounding (div_rn, not the fast division), and where the reference works in float16/bfloat16 (input and scale both
+of that type) the quotient is rounded to it — float32 division then rounding to a type of at most 11 bits is the
+correctly rounded division in that type (24 >= 2 * 11 + 2); then round half to even, add the zero point and
+saturate. DequantizeLinear subtracts the zero point in int32, multiplies by the scale in float32 and converts to
+the output type.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.backends.cuda.common import FLOAT_DTYPES
+from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Node, Value
+from kiln.ops.registry import norm_axis
+
+Tensor = torch.Tensor
+_RANGES = {DType.INT8: (-128.0, 127.0), DType.UINT8: (0.0, 255.0)}
+_WORK = {torch.float16: 1, torch.bfloat16: 2}
+_MAX_GRID = 65535
+
+
+@triton.jit
+def _qdq_kernel(x_ptr, s_ptr, z_ptr, y_ptr, C, P, sxn, sxc, sxp, syn, syc, syp, lo, hi,
+                QUANT: tl.constexpr, PER_C: tl.constexpr, HAS_Z: tl.constexpr, WORK: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n = tl.program_id(2).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    c_ok = cs < C
+    mask = c_ok[:, None] & (ps < P)[None, :]
+    x = tl.load(x_ptr + n * sxn + cs.to(tl.int64)[:, None] * sxc + ps[None, :] * sxp, mask=mask, other=0)
+    if PER_C:
+        s = tl.load(s_ptr + cs, mask=c_ok, other=1.0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + cs, mask=c_ok, other=0).to(tl.float32)[:, None] if HAS_Z else 0.0
+    else:
+        s = tl.load(s_ptr).to(tl.float32)
+        z = tl.load(z_ptr).to(tl.float32) if HAS_Z else 0.0
+    if QUANT:
+        v = tl.math.div_rn(x.to(tl.float32), s)
+        if WORK == 1:
+            v = v.to(tl.float16).to(tl.float32)
+        elif WORK == 2:
+            v = v.to(tl.bfloat16).to(tl.float32)
+        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)  # +-2**22: saturates below either way
+        v = (v + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even
+        v = tl.minimum(tl.maximum(v + z, lo), hi)
+    else:
+        v = (x.to(tl.float32) - z) * s  # |x - z| <= 255: exact in float32, one rounding in the product
+    tl.store(y_ptr + n * syn + cs.to(tl.int64)[:, None] * syc + ps[None, :] * syp, v.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _const_param(v: Value | None, n_ok: tuple[int, ...]) -> Tensor | None:
+    """A constant scale / zero point of 1 or C values (any rank that flattens to that), else None."""
+    if v is None or v.const is None or v.const.numel() not in n_ok:
+        return None
+    return v.const.reshape(-1)
+
+
+def qdq_spec(node: Node) -> dict[str, Any] | None:
+    """What the kernel needs of a QuantizeLinear / DequantizeLinear it takes, else None: 8-bit integer side,
+    float other side, constant scale (positive, finite) and zero point per tensor or per channel of axis 1."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        return None
+    if len(node.outputs) != 1 or int(node.attr("block_size", 0) or 0) or node.attr("precision"):
+        return None
+    x, y = node.input(0), node.outputs[0]
+    if x is None or x.const is not None:
+        return None
+    quant = node.op_type == "QuantizeLinear"
+    int_t, float_t = (y.type.dtype, x.type.dtype) if quant else (x.type.dtype, y.type.dtype)
+    if int_t not in _RANGES or float_t not in FLOAT_DTYPES or x.type.rank is None:
+        return None
+    rank = x.type.rank
+    c = x.type.shape[1] if rank >= 2 else None  # type: ignore[index]
+    try:
+        axis = norm_axis(int(node.attr("axis", 1)), max(rank, 1))
+    except Exception:
+        return None
+    s = _const_param(node.input(1), (1,) if c is None or axis != 1 else (1, int(c)) if isinstance(c, int) else (1,))
+    if s is None or not s.dtype.is_floating_point or not bool(torch.isfinite(s).all() and (s > 0).all()):
+        return None
+    zp_in = node.input(2)
+    z = None
+    if zp_in is not None:
+        z = _const_param(zp_in, (s.numel(),))
+        if z is None or z.dtype != int_t.torch:
+            return None
+    per_c = s.numel() > 1
+    if per_c and rank < 2:
+        return None
+    return {"quant": quant, "scale": s, "zp": z, "per_c": per_c, "int": int_t, "float": float_t}
+
+
+def _as_ncp(t: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
+    """(t, its (n, c, pixel) strides) viewing t [N, C, ...] as N x C x P, when its trailing dims collapse into
+    one stride (NCHW and NHWC both do); None otherwise."""
+    if t.dim() < 2:
+        return (t, (0, 0, 1)) if t.dim() <= 1 and t.is_contiguous() else None
+    sizes, strides = list(t.shape[2:]), list(t.stride()[2:])
+    for i in range(len(sizes) - 1):
+        if sizes[i] > 1 and strides[i] != strides[i + 1] * sizes[i + 1]:
+            return None
+    sp = strides[-1] if sizes else 1
+    return t, (t.stride(0), t.stride(1), sp)
+
+
+def _pixels(t: Tensor) -> int:
+    p = 1
+    for d in t.shape[2:]:
+        p *= int(d)
+    return p
+
+
+class TritonQDQ(Tactic):
+    """QuantizeLinear / DequantizeLinear (8-bit, constant per-tensor or axis-1 parameters) in one strided pass."""
+
+    id = "cuda.triton_qdq"
+    devices = ("cuda",)
+    priority = 30
+    writes_out = 1
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        return qdq_spec(node) is not None
+
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        shape = node.inputs[0].type.shape  # type: ignore[union-attr]
+        c = shape[1] if shape is not None and len(shape) >= 2 else 1
+        bc = min(64, 1 << max(0, (int(c) - 1).bit_length())) if isinstance(c, int) and c > 0 else 32
+        return [{"BLOCK_C": bc, "BLOCK_P": max(64, 4096 // bc), "num_warps": 4},
+                {"BLOCK_C": bc, "BLOCK_P": max(64, 8192 // bc), "num_warps": 8}]
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        spec = qdq_spec(node)
+        assert spec is not None, f"{self.id} does not support node {node.name}"
+        quant: bool = spec["quant"]
+        s = spec["scale"].to(device)
+        z = spec["zp"].to(device) if spec["zp"] is not None else s
+        lo, hi = _RANGES[spec["int"]]
+        out_t = (spec["int"] if quant else spec["float"]).torch
+        s_work = spec["scale"].dtype
+        bc, bp, warps = int(config["BLOCK_C"]), int(config["BLOCK_P"]), int(config.get("num_warps", 4))
+        consts = dict(QUANT=quant, PER_C=spec["per_c"], HAS_Z=spec["zp"] is not None, BLOCK_C=bc, BLOCK_P=bp,
+                      num_warps=warps)
+
+        def kernel(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
+            work = _WORK.get(x.dtype, 0) if quant and s_work == x.dtype else 0
+            y = out
+            if y is None or _as_ncp(y) is None or tuple(y.shape) != tuple(x.shape):
+                y = torch.empty(x.shape, dtype=out_t, device=x.device,
+                                memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
+            xv = _as_ncp(x) or _as_ncp(x.contiguous())
+            assert xv is not None
+            xt, (sxn, sxc, sxp) = xv
+            yt, (syn, syc, syp) = _as_ncp(y)  # type: ignore[misc]
+            if x.dim() >= 2:
+                n, c, p = int(x.shape[0]), int(x.shape[1]), _pixels(x)
+            else:
+                n, c, p = 1, 1, x.numel()
+            for n0 in range(0, n if c and p else 0, _MAX_GRID):  # the grid's third dimension holds 65535 images
+                k = min(_MAX_GRID, n - n0)
+                xs, ys = (xt, yt) if k == n else (xt.narrow(0, n0, k), yt.narrow(0, n0, k))
+                launch(_qdq_kernel, (triton.cdiv(p, bp), triton.cdiv(c, bc), k),
+                       [xs, s, z, ys, c, p, sxn, sxc, sxp, syn, syc, syp, lo, hi], {**consts, "WORK": work})
+            if out is not None and y is not out:
+                out.copy_(y)
+                return out
+            return y
+        return Kernel(kernel, writes_out=1)
+
+
+register_tactic(TritonQDQ())
