@@ -1,7 +1,7 @@
 """CPU benchmark: Kiln vs ONNX Runtime (and PyTorch eager) on the sample models, in one process.
 
     python benchmarks/cpu_bench.py [--threads 2] [--blocks 8] [--iters 10]
-                                   [--models resnet50,yolov4_tiny,light_resnet50] [--opt-levels 3,0] [--no-write]
+                                   [--models resnet50,yolov4_tiny,light_resnet50] [--opt-levels 3,0] [--out FILE]
 
 Every engine runs batch 1 on the same input with the same number of intra-op threads. Timing is done in
 blocks: each block runs one engine `--iters` times (its first run discarded), and blocks rotate over the
@@ -9,8 +9,13 @@ engines, so slow drifts of a shared machine hit all engines alike. Blocks rather
 alternate because both thread pools keep spinning for a while after a run: an engine started right
 after the other one's run competes with its spinning threads. The table gives the median and the 90th
 percentile per engine and the Kiln/ORT ratio of medians. ORT uses its default graph optimizations
-(ORT_ENABLE_ALL). Results are printed and written into the "CPU benchmark" section of
-benchmarks/RESULTS.md (replacing the previous one).
+(ORT_ENABLE_ALL). Results are printed; with `--out FILE` the section is also written into FILE,
+replacing the section of the same kind there (`--out benchmarks/RESULTS.md` updates the published
+results); nothing is written without --out.
+
+The machine's load is measured, not assumed (benchmarks/machine_load.py): the load average, and the
+share of the CPUs other processes used in a 1 s sample before the run and during the timed blocks;
+the section says "idle" or "busy" from those numbers.
 
 OpenMP (torch's thread pool, used by Kiln's CPU kernels and by PyTorch eager) spins 300000 rounds by
 default before a waiting thread sleeps; on a machine shared with other busy processes that spinning
@@ -38,16 +43,20 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from kiln.backends.cpu.runtime import configure  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+from kiln.fileio import atomic_write, check_writable  # noqa: E402
 from kiln.builder import Builder, BuilderConfig  # noqa: E402
 from kiln.logger import Logger, Severity  # noqa: E402
 from kiln.runtime.engine import Engine  # noqa: E402
+from machine_load import LoadMeter  # noqa: E402  (beside this script)
 
-RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_resnet50.onnx")
 
 
@@ -85,8 +94,7 @@ def machine() -> dict[str, str]:
         pass
     from kiln.backends.cpu.runtime import physical_cores
     return {"cpu": cpu, "cores": f"{physical_cores()} physical / {os.cpu_count()} logical",
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version(),
-            "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
 def kiln_runner(case: Case, opt_level: int, feeds_t: dict[str, torch.Tensor]) -> tuple[Callable[[], Any], str]:
@@ -171,8 +179,13 @@ def table(results: list[tuple[str, dict[str, list[float]], dict[str, Any]]]) -> 
 
 
 def markers(busy: int) -> tuple[str, str]:
-    tag = f"busy{busy}" if busy else "idle"
+    """The comments around a section: one kind per --busy N (no added load: 'noload'). They name what was
+    asked for; the measured load is in the section's text."""
+    tag = f"busy{busy}" if busy else "noload"
     return f"<!-- cpu_bench:{tag}:begin -->", f"<!-- cpu_bench:{tag}:end -->"
+
+
+LEGACY_MARKERS = {"noload": ("<!-- cpu_bench:idle:begin -->", "<!-- cpu_bench:idle:end -->")}  # before --out
 
 
 class BusyLoad:
@@ -194,16 +207,22 @@ class BusyLoad:
             p.wait()
 
 
-def write_results(section: str, busy: int) -> None:
-    begin, end = markers(busy)
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
+def write_results(path: str, section: str, busy: int) -> None:
+    """The section into the file at `path` (atomically), in place of the section of the same kind."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Benchmark results\n"
+    kinds = [markers(busy)] + ([LEGACY_MARKERS["noload"]] if not busy else [])
+    for begin, end in kinds:
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + section + rest.split(end, 1)[1]
+            break
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    atomic_write(path, text.encode(), "results")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,16 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opt-levels", default="3,0",
                     help="Kiln builder optimization levels to run, one engine each (3: autotuned, 0: heuristic)")
     ap.add_argument("--busy", type=int, default=0,
-                    help="run N busy-looping processes during the timing (a shared machine); own section in RESULTS.md")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+                    help="run N busy-looping processes during the timing (a shared machine); own section in --out")
+    ap.add_argument("--out", metavar="FILE", help="also write the section into FILE, replacing its section of the "
+                    "same kind (e.g. benchmarks/RESULTS.md); default: print only")
     args = ap.parse_args(argv)
+    if args.out:
+        try:
+            check_writable(args.out, "results")
+        except KilnError as e:
+            ap.error(str(e))
     configure(threads=args.threads)  # torch intra-op threads (Kiln and eager) + heap retention
     mach = machine()
+    load = LoadMeter()
+    load.sample_before()
     results = []
     for name in args.models.split(","):
         case = load_case(name.strip())
         runners, info = make_runners(case, args.threads, [int(v) for v in args.opt_levels.split(",")])
-        with BusyLoad(args.busy):
+        with BusyLoad(args.busy), load.measure():  # the meter stops first: the busy children count as others
             times = measure(runners, args.blocks, args.iters, args.warmup)
         results.append((case.name, times, info))
         for eng, ts in times.items():
@@ -233,22 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         onnxrt = statistics.median(times["ONNX Runtime"])
         for eng, note in info["notes"].items():
             print(f"{case.name:16s} {eng}/ORT {statistics.median(times[eng]) / onnxrt:.2f}x   ({note})")
-    mach["load"] += f" -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     cmd = "python benchmarks/cpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     begin, end = markers(args.busy)
-    title = f"with {args.busy} busy processes beside it" if args.busy else "idle machine"
+    title = (f"with {args.busy} busy processes beside it" if args.busy else "no load added") + \
+        f"; measured: {load.label}"
     section = "\n".join([
         begin, f"## CPU benchmark (batch 1, {title})", "", f"Command: `{cmd.strip()}`", "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores; {args.threads} intra-op threads per engine; "
         f"torch {mach['torch']}, onnxruntime {mach['onnxruntime']}, Python {mach['python']}; "
-        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {mach['load']} (before -> after); "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; {load.describe()}; "
         f"{args.blocks} blocks x {args.iters} runs per engine, "
         f"{time.strftime('%Y-%m-%d %H:%M')}.", "", table(results), "", end])
     print()
     print(section)
-    if not args.no_write:
-        write_results(section, args.busy)
-        print(f"\nwrote {os.path.relpath(RESULTS)}")
+    if args.out:
+        write_results(args.out, section, args.busy)
+        print(f"\nwrote {args.out}")
     return 0
 
 

@@ -76,17 +76,18 @@ def ort_profile(model, feeds: dict[str, np.ndarray], runs: int, threads: int) ->
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feeds)
-    walls = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        walls.append((time.perf_counter() - t0) * 1e3)
-    with open(sess.end_profiling()) as f:
-        events = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="kiln-ort-profile-") as tmp:  # ORT's trace file, read then gone
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            sess.run(None, feeds)
+        walls = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            walls.append((time.perf_counter() - t0) * 1e3)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
     per: dict[str, list[float]] = collections.defaultdict(list)
     ops: dict[str, str] = {}
     for e in events:

@@ -141,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=os.environ.get("KILN_ZOO_CACHE", zoo.DEFAULT_CACHE))
     ap.add_argument("--out", help="also write the results as markdown to this file")
     args = ap.parse_args(argv)
+    if args.out:
+        from kiln.errors import KilnError
+        from kiln.fileio import check_writable
+        try:
+            check_writable(args.out, "results")
+        except KilnError as e:
+            ap.error(str(e))
     if args.device == "cpu":
         from kiln.backends.cpu.runtime import configure
         configure(threads=2)
@@ -154,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, args.device, "python benchmarks/dynamic_vs_static.py " + " ".join(argv or sys.argv[1:]))
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        from kiln.fileio import atomic_write
+        atomic_write(args.out, text.encode(), "results")
+        print(f"wrote {args.out}")
     return 0
 
 

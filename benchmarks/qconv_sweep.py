@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                          "Triton interpreter (a crash check, not a measurement)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     a = ap.parse_args(argv)
+    if a.out:
+        from kiln.errors import KilnError
+        from kiln.fileio import check_writable
+        try:
+            check_writable(a.out, "results")
+        except KilnError as e:
+            ap.error(str(e))
     a.batch = a.batch or (2 if a.smoke else 256)
     a.shapes = a.shapes or (SMOKE_SHAPES if a.smoke else None)
     a.max_configs = a.max_configs if a.max_configs is not None else (3 if a.smoke else 12)
@@ -395,8 +402,8 @@ class Sweep:
         self.totals()
         self.emit(f"\nWall time {time.perf_counter() - self.t0:.1f} s")
         if a.out:
-            with open(a.out, "w") as f:
-                f.write("\n".join(self.lines) + "\n")
+            from kiln.fileio import atomic_write
+            atomic_write(a.out, ("\n".join(self.lines) + "\n").encode(), "results")
         return 0
 
     def totals(self) -> None:

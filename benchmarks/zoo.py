@@ -68,6 +68,7 @@ for p in (HERE, KILN_TREE):
     sys.path.insert(0, p)
 
 import zoo_models  # noqa: E402
+from machine_load import LoadMeter  # noqa: E402
 from zoo_models import ZooModel  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kiln-zoo")
@@ -148,7 +149,6 @@ def machine(device: str) -> dict[str, str]:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = f"{torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}, " \
                       f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
-    info["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return info
 
 
@@ -586,9 +586,9 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
            f"torchvision {mach['torchvision']}, Python {mach['python']}.",
            (f"Settings: {args.threads} threads per engine, Kiln optimization level {args.opt_level}, "
             + ("Kiln and OpenVINO in BF16 (ORT FP32), " if args.bf16 else "") +
-            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, load average {mach['load']}." if dev == "cpu" else
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; {mach['load']}." if dev == "cpu" else
             f"Settings: Kiln optimization level {args.opt_level}, FP16; the ORT reference uses every core; "
-            f"load average {mach['load']}."), ""]
+            f"{mach['load']}."), ""]
     dims_note = "".join(", " + d for d in args.dim or [])
     if dev == "cpu":
         out += [f"Accuracy: normwise relative error ||Kiln - ORT|| / ||ORT|| (worst output) at two shapes; pass <= {tol:g}. "
@@ -864,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = os.path.abspath(os.path.expanduser(args.cache))
     if args.worker:
         return worker(args)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        ap.error(f"--out {args.out}: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
     models = select(zoo_models.registry(), args.models, opt_points(args))
     if args.list:
         for m in models:
@@ -873,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':32s} {m.what}")
         return 0
     mach = machine(args.device)
+    load = LoadMeter("the models' runs")
+    load.sample_before()
     log(f"{mach['cpu']} ({mach['isa']}); torch {mach['torch']}, onnxruntime {mach['onnxruntime']}, "
         f"OpenVINO {mach['openvino']}; {len(models)} models; cache {args.cache}")
     if args.in_process:
@@ -881,27 +885,45 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in models:
         log(f"--- {m.name} ({m.source}, {m.exporter})")
-        if args.in_process:
-            try:
-                row = run_model(m, args)
-            except Exception as e:
-                traceback.print_exc()
-                row = {"model": m.name, "source": m.source, "exporter": m.exporter, "family": m.family,
-                       "build": f"FAIL (benchmark error) {one_line(e)}", "nodes": "?"}
-        else:
-            row = child(m, args, argv)
+        with load.measure():  # the model's child process is ours: waited for, so not counted as load
+            row = one_model(m, args, argv)
         print_row(row)
         rows.append(row)
-    mach["load"] += f" -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    mach["load"] = load.describe()
     cmd = "python benchmarks/zoo.py " + " ".join(argv)
     text = render(rows, mach, args, cmd.strip())
     print()
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_out(args.out, text)
         print(f"wrote {args.out}")
     return 0
+
+
+def one_model(m: ZooModel, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """One model's row: in this process (--in-process) or in a child."""
+    if not args.in_process:
+        return child(m, args, argv)
+    try:
+        return run_model(m, args)
+    except Exception as e:
+        traceback.print_exc()
+        return {"model": m.name, "source": m.source, "exporter": m.exporter, "family": m.family,
+                "build": f"FAIL (benchmark error) {one_line(e)}", "nodes": "?"}
+
+
+def write_out(path: str, text: str) -> None:
+    """The results file, atomically (a temp file beside it, renamed over it). Not kiln.fileio: --kiln may
+    import an older Kiln tree."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".zoo-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":

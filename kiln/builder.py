@@ -15,25 +15,29 @@ import torch
 
 from kiln import __version__
 from kiln.backends.tactic import TacticContext, get_tactic
+from kiln.build_report import plan_figures, summary_lines
 from kiln.errors import BuildError, KilnError, ProfileError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
-from kiln.logger import Logger
+from kiln.logger import BuildProgress, Logger
 from kiln.ops.symbolic import profile_bounds, symbol_bounds
 from kiln.passes.base import PassContext, PassManager, bodies as _bodies
 from kiln.passes.cast import FoldCasts
 from kiln.passes.pipeline import default_pipeline
 from kiln.passes.precision import ReducedPrecision, cpu_precision, low_precision_ops, precision_dtype
+from kiln.passes.quantize import has_qdq
 from kiln.passes.shape_inference import infer_types
 from kiln.plan.format import Plan
 from kiln.plan.memory import aliases, lifetimes, plan_memory
+from kiln.plan.records import layer_records, snapshot
 from kiln.plan.serialize import GraphWriter, type_to_json
 from kiln.quant.build import layer_constraints, quantize_graph
 from kiln.tune.autotuner import Autotuner
 from kiln.tune.timing_cache import TimingCache
 
 Shape = tuple[int, ...]
+_PRECISION_FLAG = {DType.FLOAT16: "--fp16", DType.BFLOAT16: "--bf16"}
 
 
 @dataclass
@@ -135,42 +139,85 @@ class Builder:
         t0 = time.perf_counter()
         device = resolve_device(config.device)
         target = _device_target(device)
-        if isinstance(model, Graph):
-            g = model
-        elif isinstance(getattr(model, "graph", None), Graph):  # a NetworkDefinition
-            g = model.graph  # type: ignore[union-attr]
-        else:
-            from kiln.frontend.onnx import load_onnx
-            g = load_onnx(model, self.logger, base_dir=base_dir)
-        self.logger.info(f"Building '{g.name}' for {target['device']}: {len(g.nodes)} layers")
-        _validate_profiles(g, config.profiles)
-        ctx = PassContext(self.logger, device=target["device"], options={"fp16": config.fp16, "bf16": config.bf16})
+        with self.logger.progress("Building") as progress:
+            if isinstance(model, Graph):
+                g = model
+            elif isinstance(getattr(model, "graph", None), Graph):  # a NetworkDefinition
+                g = model.graph  # type: ignore[union-attr]
+            else:
+                from kiln.frontend.onnx import load_onnx
+                with progress.stage("import"):
+                    g = load_onnx(model, self.logger, base_dir=base_dir)
+            progress.title = f"Building '{g.name}'"
+            self.logger.verbose(f"Building '{g.name}' for {target['device']}: {len(g.nodes)} layers")
+            _validate_profiles(g, config.profiles)
+            origin = snapshot(g)  # the model's nodes, for the fused members of each layer (`kiln inspect`)
+            notes: dict[str, Any] = {}
+            low, int8_report = self._optimize(g, config, target["device"], progress, notes)
+            self.logger.verbose(f"After graph optimization: {len(g.nodes)} layers")
+            with progress.stage("autotune", "layers"):
+                tuning_profiles = config.profiles or _tuning_profile(g, self.logger)
+                if not config.profiles and tuning_profiles:
+                    notes["tuned_at"] = {n: "x".join(map(str, s[1])) for n, s in tuning_profiles[0].shapes.items()}
+                all_types = _infer_at(g, tuning_profiles, "opt", self.logger)
+                fp16, bf16 = low == DType.FLOAT16, low == DType.BFLOAT16  # what the plan runs, not what was asked
+                tctx = TacticContext(torch.device(device), fp16=fp16, bf16=bf16, tf32=config.tf32,
+                                     workspace_bytes=config.workspace_bytes,
+                                     extra={"opt_level": config.optimization_level})
+                tactics, tuning = self._choose_tactics(g, tctx, all_types, config)
+            with progress.stage("plan"):
+                build = {"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
+                         "optimization_level": config.optimization_level, "torch": torch.__version__,
+                         "tuning": tuning, **notes, **(int8_report or {}),
+                         **layer_records(origin, g, tactics, all_types[id(g)])}
+                plan = self._make_plan(g, target, config, tactics, all_types, build)
+        plan.build["stage_seconds"] = {k: round(v, 3) for k, v in progress.seconds.items()}
+        plan.build["build_seconds"] = round(time.perf_counter() - t0, 3)
+        for line in summary_lines(plan):
+            self.logger.info(line)
+        return plan
+
+    def _optimize(self, g: Graph, config: BuilderConfig, device: str, progress: BuildProgress,
+                  notes: dict[str, Any]) -> tuple[DType | None, dict[str, Any] | None]:
+        """The passes, INT8 and reduced precision, under the profiles' bounds: (the low type the plan runs,
+        the INT8 accuracy report's build entries). `notes` gets a requested precision the target lacks."""
+        ctx = PassContext(self.logger, device=device, options={"fp16": config.fp16, "bf16": config.bf16})
         bounds = profile_bounds([(v.type.shape, [(p.shapes[v.name][0], p.shapes[v.name][2]) if v.name in p.shapes
                                                   else None for p in config.profiles]) for v in g.inputs])
         _pin_fixed_dims(g, bounds)
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
-            PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
-            int8_report = quantize_graph(g, config, ctx)  # INT8: integer layers from Q/DQ nodes or calibrated ranges
-            low = precision_dtype(config.fp16, config.bf16)
-            if low is not None and target["device"] == "cpu":
-                low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU has no such instructions
-            if low is not None:
-                # bodies too, each after the graph holding it: a body reads its captures in their lowered types
-                # (re-inferred under the same bounds: without them a dim the pipeline proved comes back unknown)
-                lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(target["device"]))
-                PassManager([lowering], subgraphs=True).run(g, ctx)
-                if target["device"] == "cuda":
-                    PassManager([FoldCasts()]).run(g, ctx)
-        self.logger.info(f"After graph optimization: {len(g.nodes)} layers")
-        all_types = _infer_at(g, config.profiles or _tuning_profile(g, self.logger), "opt", self.logger)
-        opt_types = all_types[id(g)]
-        fp16, bf16 = low == DType.FLOAT16, low == DType.BFLOAT16  # what the plan runs, not what was asked
-        tctx = TacticContext(torch.device(device), fp16=fp16, bf16=bf16, tf32=config.tf32,
-                             workspace_bytes=config.workspace_bytes, extra={"opt_level": config.optimization_level})
-        tactics, tuning = self._choose_tactics(g, tctx, all_types, config)
+            with progress.stage("optimize"):
+                PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
+            int8_report = None
+            if config.int8 or has_qdq(g):  # integer layers from Q/DQ nodes or calibrated ranges
+                # its progress and report lines are details here: the summary and `kiln build` give them
+                quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
+                with progress.stage("calibrate" if config.calibration_data is not None else "quantize"):
+                    int8_report = quantize_graph(g, config, quiet_ctx)
+            with progress.stage("optimize"):
+                asked = low = precision_dtype(config.fp16, config.bf16)
+                if low is not None and device == "cpu":
+                    low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU lacks such kernels
+                if asked is not None and low is None:
+                    notes["precision_fallback"] = f"{_PRECISION_FLAG[asked]} asked, no kernels on {device}: fp32"
+                if low is not None:
+                    # bodies too, each after the graph holding it: a body reads its captures in their lowered
+                    # types (re-inferred under the same bounds: without them a dim the pipeline proved comes
+                    # back unknown)
+                    lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(device))
+                    PassManager([lowering], subgraphs=True).run(g, ctx)
+                    if device == "cuda":
+                        PassManager([FoldCasts()]).run(g, ctx)
+        return low, int8_report
+
+    def _make_plan(self, g: Graph, target: dict[str, Any], config: BuilderConfig,
+                   tactics: dict[int, tuple[str, dict[str, Any]]], all_types: dict[int, dict[str, TensorType]],
+                   build: dict[str, Any]) -> Plan:
+        """Memory plan, graph spec and weights into a Plan, its figures (build_report) in its build record,
+        checked as a load would check it."""
         counts = _layer_counts(g, tactics)
         self._log_subgraphs(g, tactics)
-        memory = self._plan_memory(g, opt_types, aliases(g, tactics))
+        memory = self._plan_memory(g, all_types[id(g)], aliases(g, tactics))
         sub_arena = sum(self._plan_memory(sub, all_types.get(id(sub), {}), aliases(sub, tactics), label).get(
             "arena_bytes", 0) for sub, label in _bodies(g))
         if sub_arena:
@@ -183,26 +230,15 @@ class Builder:
             outputs=[{"name": v.name, **type_to_json(v.type), "kind": v.kind} for v in g.outputs],
             profiles=[p.to_json() for p in config.profiles],
             graph=spec, memory=memory, kiln_version=__version__, weights=writer.weights,
-            build={"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
-                   "optimization_level": config.optimization_level, **counts,
-                   "build_seconds": round(time.perf_counter() - t0, 3), "torch": torch.__version__,
-                   "tuning": tuning, **(int8_report or {})},
+            build={**build, **counts},
         )
+        plan.build.update(plan_figures(plan))
         from kiln.runtime.engine import check_plan
         try:
             check_plan(plan, "built plan")
         except KilnError as e:
             raise BuildError(f"the model builds into a plan that fails Kiln's own load checks ({e}); "
                              "the model's declared shapes or names are inconsistent") from None
-        inside = (f", {counts['subgraph_layers']} of them in If/Loop/Scan bodies"
-                  if counts.get("subgraph_layers") else "")
-        host = (f"; {counts['host_layers']} shape layers run on the host once per input shape"
-                if counts.get("host_layers") else "")
-        self.logger.info(f"Built plan: {counts['layers']} layers ({counts['ref_layers']} on the reference tactic"
-                         f"{inside}{host}; +{counts['views']} zero-copy views, "
-                         f"{counts['elided']} concats elided), {sum(w.numel() * w.element_size() for w in writer.weights.values())} "
-                         f"weight bytes, activation arena {memory.get('arena_bytes', '?')} bytes "
-                         f"(naive {memory.get('naive_bytes', '?')}), {time.perf_counter() - t0:.2f} s")
         return plan
 
     def _choose_tactics(self, g: Graph, tctx: TacticContext, types: dict[int, dict[str, TensorType]],
@@ -210,7 +246,8 @@ class Builder:
         """The autotuner's choice per node (subgraph nodes included), with the timing cache file read before
         and merged after. `types`: per graph (id), its values' types at the opt shape (`_infer_at`)."""
         cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
-        tuner = Autotuner(self.logger, tctx, config.optimization_level, cache)
+        # its totals line is a detail here (the build summary gives them); its progress counts on the display
+        tuner = Autotuner(self.logger.demoted(), tctx, config.optimization_level, cache)
         chosen = tuner.choose(g, types[id(g)], types)
         if config.timing_cache:
             cache.save(config.timing_cache)
@@ -322,9 +359,14 @@ def _tuning_profile(g: Graph, logger: Logger) -> list[OptimizationProfile]:
                             for k, d in enumerate(shape))
     if not opt:
         return []
-    shown = ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in opt.items())
-    logger.warning(f"dynamic inputs and no optimization profile: layers are tuned at {shown} "
-                   "(give --opt-shapes with --min-shapes/--max-shapes, or a profile, to tune for your shapes)")
+    shown = ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in opt.items())
+    declared = ", ".join(f"{v.name}:{_fmt(v.type.shape)}" for v in g.inputs if v.name in opt)
+    form = ",".join(f"{v.name}:{'x'.join(str(d) if isinstance(d, int) else 'N' for d in v.type.shape or ())}"
+                    for v in g.inputs if v.name in opt)
+    logger.warning(f"no optimization profile for the dynamic input(s) {declared}: tuned at the default shape "
+                   f"{shown}, and the plan takes any shape; to tune for your shapes give --shapes {form} "
+                   "or --min-shapes/--opt-shapes/--max-shapes (Python: BuilderConfig(profiles=[OptimizationProfile()"
+                   ".set_shape(...)]))")
     prof = OptimizationProfile()
     for n, s in opt.items():
         prof.set_shape(n, s, s, s)

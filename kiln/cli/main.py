@@ -9,12 +9,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kiln.cli.bench import add_bench_parser
 from kiln.cli.options import add_build_options, builder_config
 from kiln.errors import KilnError
 
 # Bounded OpenMP spin-waiting: torch's default spinning starves other processes on small shared CPUs.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
-from kiln.logger import Logger, Severity
+from kiln.logger import Logger
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -43,13 +44,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kiln.plan.format import save_plan
     out = args.output or os.path.splitext(args.model)[0] + ".kiln"
     _check_outputs(args, out)
-    logger = Logger(Severity.VERBOSE if args.verbose else Severity.WARNING)
+    logger = Logger.from_flags(args.quiet, args.verbose)  # -q: errors only; default: warnings, progress, summary
     cfg = builder_config(args)
     plan = Builder(logger).build(args.model, cfg)
     save_plan(plan, out)
-    print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
-          f"built in {plan.build['build_seconds']:.2f} s)")
-    _print_int8_report(plan.build)
+    if not args.quiet:
+        print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
+              f"built in {plan.build['build_seconds']:.2f} s)")
+        _print_int8_report(plan.build)
     return 0
 
 
@@ -196,15 +198,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from kiln.plan.format import load_plan
-    from kiln.plan.inspect import describe
-    print(describe(load_plan(args.plan), layers=not args.summary))
-    return 0
+    from kiln.plan.inspect import run_inspect  # reads the plan's header only: no torch import
+    return run_inspect(args)
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from kiln.conformance.runner import main
-    return main(args.rest)
+    from kiln.conformance.runner import run
+    return run(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model")
     b.add_argument("-o", "--output")
     add_build_options(b)
-    b.add_argument("--verbose", "-v", action="store_true")
+    level = b.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    level.add_argument("-v", "--verbose", action="store_true", help="also every pass, fusion and tactic timing")
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="run a plan and report outputs and latency")
     r.add_argument("plan")
@@ -234,12 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rtol", type=float, default=1e-3)
     r.add_argument("--atol", type=float, default=1e-5)
     r.set_defaults(func=cmd_run)
-    i = sub.add_parser("inspect", help="show a plan's layers, shapes, dtypes and memory")
-    i.add_argument("plan")
-    i.add_argument("--summary", action="store_true", help="no per-layer table")
+    i = sub.add_parser("inspect", help="show a plan's layers, fused nodes, tactics, precision and memory; "
+                                       "an HTML engine report")
+    from kiln.plan.inspect import add_arguments as add_inspect_arguments
+    add_inspect_arguments(i)
     i.set_defaults(func=cmd_inspect)
-    c = sub.add_parser("conformance", help="run the ONNX backend test suite against Kiln", add_help=False)
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    add_bench_parser(sub)
+    from kiln.cli.compare import add_compare_parser
+    add_compare_parser(sub)
+    from kiln.conformance.runner import add_arguments
+    c = sub.add_parser("conformance", help="run the ONNX backend test suite against Kiln")
+    add_arguments(c)
     c.set_defaults(func=cmd_conformance)
     return ap
 

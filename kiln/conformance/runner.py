@@ -16,6 +16,8 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from kiln.errors import KilnError
+
 CATEGORIES = {"NodeModel": "node", "RealModel": "light models", "SimpleModel": "simple",
               "PyTorchConvertedModel": "pytorch-converted", "PyTorchOperatorModel": "pytorch-operator"}
 EXCLUDE_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "conformance", "excluded.txt")
@@ -153,14 +155,38 @@ def summarize(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kiln conformance", description=__doc__.splitlines()[0])
-    ap.add_argument("-k", dest="pattern", help="only cases whose name matches this regex")
-    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The runner's flags, on its own parser and on `kiln conformance`'s."""
+    ap.description = __doc__.splitlines()[0]
+    ap.add_argument("-k", dest="pattern", metavar="REGEX", help="only cases whose name matches this regex")
+    ap.add_argument("-j", "--jobs", type=_jobs, default=os.cpu_count() or 1,
+                    help="worker processes (default: one per CPU)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every case's outcome")
-    ap.add_argument("--category", action="append", help="node, light models, simple, pytorch-converted, pytorch-operator")
+    ap.add_argument("--category", action="append", metavar="NAME",
+                    help=f"only this category (repeatable): {', '.join(CATEGORIES.values())}")
     ap.add_argument("--failures", action="store_true", help="list failed cases with their error")
-    args = ap.parse_args(argv)
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, got '{text}'")
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the suite as `args` (from add_arguments) asks; prints the outcomes and the summary table."""
+    if args.pattern:
+        try:
+            re.compile(args.pattern)
+        except re.error as e:
+            raise KilnError(f"-k: bad regular expression '{args.pattern}': {e}") from None
+    for cat in args.category or []:
+        if cat not in CATEGORIES.values() and cat not in CATEGORIES:
+            raise KilnError(f"--category: unknown category '{cat}' (one of: {', '.join(CATEGORIES.values())})")
     t0 = time.perf_counter()
     outcomes = run_suite(args.pattern, args.jobs, args.verbose, args.category)
     if args.failures and not args.verbose:
@@ -170,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(outcomes))
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kiln.conformance")
+    add_arguments(ap)
+    try:
+        return run(ap.parse_args(argv))
+    except KilnError as e:  # a bad -k or --category: one line, as the kiln command prints it
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

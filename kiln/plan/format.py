@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,11 +18,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kiln.errors import KilnError, PlanFormatError
-
-MAGIC = b"KILNPLAN"
-FORMAT_VERSION = 1
-_HEAD = struct.Struct("<8sIIQ")
-_U64 = struct.Struct("<Q")
+from kiln.plan.header import FORMAT_VERSION, MAGIC, parse_header, read_plan_file, split_plan
+from kiln.plan.header import HEAD as _HEAD
+from kiln.plan.header import U64 as _U64
 
 
 @dataclass
@@ -81,52 +78,19 @@ def _line(e: BaseException) -> str:
 
 
 def _plan_from_bytes(data: bytes, where: str) -> Plan:
-    from kiln.plan.schema import (MAX_HEADER_BYTES, check_io, check_json_depth, check_weights, limit_bytes,
-                                  validate_header)
+    from kiln.plan.schema import check_io, check_weights, validate_header
     from kiln.plan.serialize import GraphReader
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise PlanFormatError(f"{where}: expected the plan's bytes, got {type(data).__name__}")
-    data = memoryview(data).cast("B")
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        head = bytes(data[:64])
-        hint = " (it looks like an ONNX model; build it first with `kiln build`)" if head[:2] == b"\x08\x07" or b"onnx" in head.lower() else ""
-        raise PlanFormatError(f"{where}: not a Kiln plan file (bad magic){hint}")
-    if len(data) < _HEAD.size:
-        raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")
-    limit = limit_bytes("max_plan_bytes")
-    if len(data) > limit:
-        raise PlanFormatError(f"{where}: plan file of {len(data)} bytes is above the limit of {limit} "
-                              f"(KILN_MAX_PLAN_BYTES)")
-    _, version, _flags, hlen = _HEAD.unpack_from(data, 0)
-    if version != FORMAT_VERSION:
-        raise PlanFormatError(f"{where}: plan format version {version}, this Kiln reads version {FORMAT_VERSION}; rebuild the plan")
-    if len(data) < _HEAD.size + hlen + _U64.size + 32:
-        raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")
-    if hlen > MAX_HEADER_BYTES:
-        raise PlanFormatError(f"{where}: plan header of {hlen} bytes is above the limit of {MAX_HEADER_BYTES}")
-    (wlen,) = _U64.unpack_from(data, _HEAD.size + hlen)
-    end = _HEAD.size + hlen + _U64.size + wlen
-    if len(data) != end + 32:
-        raise PlanFormatError(f"{where}: truncated or padded plan file ({len(data)} bytes, expected {end + 32})")
-    if hashlib.sha256(data[:end]).digest() != data[end:]:
-        raise PlanFormatError(f"{where}: checksum mismatch, the plan file is corrupted")
-    raw = bytes(data[_HEAD.size:_HEAD.size + hlen])
-    check_json_depth(raw, where)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise PlanFormatError(f"{where}: plan header: JSON nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PlanFormatError(f"{where}: plan header is not valid JSON ({type(e).__name__}: {_line(e)})") from None
+    parts = split_plan(data, where)  # magic, size limit, version, lengths, checksum (kiln.plan.header)
+    header = parse_header(parts.header, where)
     validate_header(header, where)
-    weights = _load_weights(bytes(data[_HEAD.size + hlen + _U64.size:end]), where) if wlen else {}
+    weights = _load_weights(bytes(parts.weights), where) if len(parts.weights) else {}
     check_weights(weights, where)
     graph = GraphReader(weights, where).graph(header["graph"])  # the graph's structure (the Engine rebuilds it)
     check_io(header, graph, where)
     return Plan(target=header["target"], inputs=header["inputs"], outputs=header["outputs"],
                 profiles=header["profiles"], graph=header["graph"], memory=header.get("memory", {}),
                 build=header.get("build", {}), kiln_version=header.get("kiln_version", ""),
-                format_version=version, weights=weights)
+                format_version=parts.version, weights=weights)
 
 
 def _check_safetensors_header(blob: bytes, where: str) -> None:
@@ -184,21 +148,5 @@ def _load_weights(blob: bytes, where: str) -> dict[str, torch.Tensor]:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and parse a plan file (PlanFormatError for anything but a readable, valid plan)."""
-    from kiln.plan.schema import limit_bytes
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise PlanFormatError(f"plan path must be a string or path, got {type(path).__name__}") from None
-    if not os.path.isfile(path):
-        raise PlanFormatError(f"plan file not found: {path}")
-    limit = limit_bytes("max_plan_bytes")
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise PlanFormatError(f"{path}: plan file of {size} bytes is above the limit of {limit} "
-                                      f"(KILN_MAX_PLAN_BYTES)")
-            data = f.read(size + 1)  # +1: a file that grew since fstat is seen as longer than its header says
-    except OSError as e:
-        raise PlanFormatError(f"{path}: cannot read the plan file ({e.strerror or type(e).__name__})") from None
-    return plan_from_bytes(data, path)
+    where, data = read_plan_file(path)
+    return plan_from_bytes(data, where)

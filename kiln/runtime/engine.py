@@ -256,7 +256,7 @@ class ExecutionContext:
     def __init__(self, engine: Engine, cuda_graph: bool | None = None) -> None:
         self.engine = engine
         self.input_shapes: dict[str, tuple[int, ...]] = {}
-        self.profiler: Any = None
+        self.profiler: Any = None  # a step hook (kiln.runtime.profiler.LayerProfiler); set: no CUDA graphs
         on_cuda = engine.device.type == "cuda"
         self.use_cuda_graph = on_cuda and engine.graph_capturable and cuda_graph is not False
         self._graphs: dict[tuple[Any, ...], CapturedGraph] = {}
@@ -294,8 +294,9 @@ class ExecutionContext:
     def execute(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """Run the plan. numpy in -> numpy out; torch in -> torch out (on the engine's device).
 
-        `inputs`: a dict {name: array} or a list in input order. Every failure is a KilnError (InputError
-        for bad inputs) of one line."""
+        `inputs`: a dict {name: array} or a list in input order. A bare array is refused, even by a plan with
+        one input, with an InputError naming the forms that work (a call names what it feeds, as with
+        several inputs). Every failure is a KilnError (InputError for bad inputs) of one line."""
         try:
             return self._execute(inputs)
         except KilnError:
@@ -312,6 +313,7 @@ class ExecutionContext:
             if self.last_graph is not None and not numpy_io:  # static buffers: hand out copies
                 outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
         else:
+            _begin(self.profiler)
             outs = self.engine.function(args, hook=self.profiler)
         return {n: _to_numpy(o) if numpy_io else o for n, o in zip(self.engine.output_names, outs)}
 
@@ -343,22 +345,27 @@ class ExecutionContext:
 
     def execute_inputs(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
         """Validated device tensors for a call (names, dtypes, shapes against the profiles, and each
-        symbolic dim the same in every input that names it)."""
+        symbolic dim the same in every input that names it). An unknown name is reported before a
+        missing one: a misspelt key is the likelier mistake."""
         names = self.engine.input_names
         if not isinstance(inputs, Mapping):
             if not isinstance(inputs, (list, tuple)):
+                hint = ""
+                if isinstance(inputs, (np.ndarray, torch.Tensor)):
+                    hint = (f" (a bare array: pass {{'{names[0]}': array}} or [array])" if len(names) == 1 else
+                            f" (a bare array: pass {{{', '.join(repr(n) + ': ...' for n in names)}}})")
                 raise InputError(f"inputs must be a dict {{name: array}} or a list in input order "
-                                 f"({', '.join(names)}), got {type(inputs).__name__}")
+                                 f"({', '.join(names)}), got {type(inputs).__name__}{hint}")
             if len(inputs) != len(names):
                 raise InputError(f"the plan takes {len(names)} inputs ({', '.join(names)}), "
                                  f"got a list of {len(inputs)}")
             inputs = dict(zip(names, inputs))
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
         extra = [n for n in inputs if n not in self.engine.input_specs]
         if extra:
             raise InputError(f"unknown input {_show(extra[0])}; inputs are: {', '.join(names)}")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input '{missing[0]}'; inputs are: {', '.join(names)}")
         args = [self._to_tensor(n, inputs[n]) for n in names]
         if self.engine._symbolic:
             self._check_symbols(dict(zip(names, args)))
@@ -401,6 +408,7 @@ class ExecutionContext:
                     self.last_graph = cg
                     return cg.run(args)
             self.last_graph = None
+            _begin(self.profiler)
             with cuda_flags(eng.tf32):
                 return eng.function(args, hook=self.profiler)
 
@@ -424,6 +432,13 @@ class ExecutionContext:
 
 
 _TORCH_NAMES = {d.torch for d in DType}
+
+
+def _begin(profiler: Any) -> None:
+    """Tell a profiler that has `begin_iteration` (LayerProfiler: its CUDA start event) that a run begins."""
+    begin = getattr(profiler, "begin_iteration", None)
+    if begin is not None:
+        begin()
 
 
 class _InputCheck:
