@@ -206,6 +206,20 @@ def test_progress_display_draws_on_a_terminal_only() -> None:
         assert text and all(ln.startswith("[kiln] [") for ln in text.splitlines()), text
 
 
+def test_calibration_counts_its_batches_on_the_display() -> None:
+    from rich.console import Console
+    rng = np.random.default_rng()
+    batches = [{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(5)]
+    screen = io.StringIO()
+    Builder(Logger(Severity.INFO, console=Console(file=screen, force_terminal=True, width=120))).build(
+        _cnn(2, rng), BuilderConfig(device="cpu", optimization_level=0, int8=True, calibration_data=batches,
+                                    calibration_batches=4))
+    drawn = ANSI.sub("", screen.getvalue()).replace("\r", "\n")
+    assert "calibrate" in drawn, drawn
+    counts = {(int(a), int(b)) for a, b in re.findall(r"calibrate\D*?(\d+)/(\d+)", drawn)}
+    assert counts and {b for _, b in counts} == {4} and (4, 4) in counts, drawn  # --calib-batches caps the 5
+
+
 def test_conformance_takes_the_documented_flags(capsys, cli) -> None:
     import warnings
     from onnx.backend.test.case import model as model_cases

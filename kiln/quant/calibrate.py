@@ -18,7 +18,7 @@ import torch
 from kiln.errors import BuildError
 from kiln.ir.graph import Graph, Value
 from kiln.ir.printer import format_graph
-from kiln.logger import Logger
+from kiln.logger import Logger, Progress
 from kiln.passes.quantize import calibration_targets
 from kiln.quant.calibrators import Calibrator
 from kiln.quant.images import Preprocess, image_files, image_reader
@@ -133,10 +133,27 @@ def input_batch(g: Graph, feed: Mapping[str, Any], index: int) -> list[torch.Ten
     return out
 
 
+def _batches_known(data: Any, max_batches: int | None) -> int | None:
+    """How many batches calibration will read, where that is known before reading them (a sized collection, a
+    folder's data files, or --calib-batches), else None."""
+    n: int | None = None
+    if isinstance(data, CalibrationFolder):
+        try:
+            n = len([f for f in os.listdir(data.path) if f.endswith((".npy", ".npz"))]) or len(image_files(data.path))
+        except OSError:
+            n = None
+    elif hasattr(data, "__len__"):
+        n = len(data)
+    if max_batches is not None:
+        n = max_batches if n is None else min(n, max_batches)
+    return n
+
+
 def calibrate(g: Graph, data: Iterable[Mapping[str, Any]], calibrator: Calibrator, logger: Logger,
               exclude: set[str] | frozenset[str] = frozenset(), max_batches: int | None = None) -> dict[str, float]:
     """Ranges (tensor name -> amax) of the calibration targets of g, from `calibrator` over `data`."""
     from kiln.runtime.interpreter import GraphFunction
+    total = _batches_known(data, max_batches)
     if isinstance(data, CalibrationFolder):
         data = data.reader(list(g.inputs))
     targets = calibration_targets(g, exclude)
@@ -149,6 +166,7 @@ def calibrate(g: Graph, data: Iterable[Mapping[str, Any]], calibrator: Calibrato
         fn = GraphFunction(g, "cpu")
         watched = {id(v) for v in targets}
         n = 0
+        progress = Progress(logger, total, "Calibration") if total else None  # counts on the build's display
         with torch.inference_mode():
             for i, feed in enumerate(data):
                 if max_batches is not None and i >= max_batches:
@@ -158,7 +176,9 @@ def calibrate(g: Graph, data: Iterable[Mapping[str, Any]], calibrator: Calibrato
                     if id(v) in watched and isinstance(t, torch.Tensor):
                         calibrator.observe(v.name, t)
                 n += 1
-                if n % 8 == 0:
+                if progress is not None:
+                    progress.step()
+                elif n % 8 == 0:
                     logger.info(f"Calibration: {n} batches")
     finally:
         g.outputs = saved
