@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import onnx
 import torch
@@ -32,7 +32,7 @@ from kiln.plan.format import Plan
 from kiln.plan.memory import aliases, lifetimes, plan_memory
 from kiln.plan.records import layer_records, snapshot
 from kiln.plan.serialize import GraphWriter, type_to_json
-from kiln.quant.build import layer_constraints, quantize_graph
+from kiln.quant.build import Int8Lowering, layer_constraints, quantize_graph
 from kiln.tune.autotuner import Autotuner
 from kiln.tune.timing_cache import TimingCache
 
@@ -67,8 +67,12 @@ class BuilderConfig:
     without it (kiln.quant.build). layer_precisions: layer name -> "fp32" | "fp16" | "bf16" | "int8" (a layer
     constrained to a float type stays out of INT8; "fp32" also out of fp16/bf16). int8_report: per-layer INT8 error
     against float on held-out calibration batches (logged, kept in plan.build["int8_report"]); accuracy_budget:
-    the largest relative error of the outputs allowed, layers going back to float until it holds. optimization_level: 0 = heuristic tactics, no timing; 3+ = time
-    every candidate. timing_cache: a JSON file read before and merged back after tuning.
+    the largest relative error of the outputs allowed, layers going back to float until it holds. int8_by_speed:
+    True keeps a layer INT8 only where that is faster counting the reformats around it, by measurement
+    (kiln.quant.speed; a layer constrained to "int8" stays INT8); None (default) does so at optimization_level >= 2;
+    False runs every layer with an integer kernel INT8. A Q/DQ model keeps its own placement.
+    optimization_level: 0 = heuristic tactics, no timing; 3+ = time every candidate. timing_cache: a JSON file read
+    before and merged back after tuning.
     """
 
     device: str = "cpu"
@@ -90,6 +94,7 @@ class BuilderConfig:
     layer_precisions: dict[str, str] = field(default_factory=dict)
     int8_report: bool = False
     accuracy_budget: float | None = None
+    int8_by_speed: bool | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -153,18 +158,21 @@ class Builder:
             _validate_profiles(g, config.profiles)
             origin = snapshot(g)  # the model's nodes, for the fused members of each layer (`kiln inspect`)
             notes: dict[str, Any] = {}
-            low, int8_report = self._optimize(g, config, target["device"], progress, notes)
+            low, int8_report, relower = self._optimize(g, config, target["device"], progress, notes)
             self.logger.verbose(f"After graph optimization: {len(g.nodes)} layers")
             with progress.stage("autotune", "layers"):
                 tuning_profiles = config.profiles or _tuning_profile(g, self.logger)
                 if not config.profiles and tuning_profiles:
                     notes["tuned_at"] = {n: "x".join(map(str, s[1])) for n, s in tuning_profiles[0].shapes.items()}
-                all_types = _infer_at(g, tuning_profiles, "opt", self.logger)
                 fp16, bf16 = low == DType.FLOAT16, low == DType.BFLOAT16  # what the plan runs, not what was asked
                 tctx = TacticContext(torch.device(device), fp16=fp16, bf16=bf16, tf32=config.tf32,
                                      workspace_bytes=config.workspace_bytes,
                                      extra={"opt_level": config.optimization_level})
-                tactics, tuning = self._choose_tactics(g, tctx, all_types, config)
+                cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
+                if relower is not None:
+                    notes.update(self._int8_by_speed(g, *relower, tctx, cache, tuning_profiles, config, low))
+                all_types = _infer_at(g, tuning_profiles, "opt", self.logger)
+                tactics, tuning = self._choose_tactics(g, tctx, all_types, config, cache)
             with progress.stage("plan"):
                 build = {"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
                          "optimization_level": config.optimization_level, "torch": torch.__version__,
@@ -177,10 +185,12 @@ class Builder:
             self.logger.info(line)
         return plan
 
-    def _optimize(self, g: Graph, config: BuilderConfig, device: str, progress: BuildProgress,
-                  notes: dict[str, Any]) -> tuple[DType | None, dict[str, Any] | None]:
+    def _optimize(self, g: Graph, config: BuilderConfig, device: str, progress: BuildProgress, notes: dict[str, Any]
+                  ) -> tuple[DType | None, dict[str, Any] | None, tuple[Graph, Callable[[set[str]], Graph]] | None]:
         """The passes, INT8 and reduced precision, under the profiles' bounds: (the low type the plan runs,
-        the INT8 accuracy report's build entries). `notes` gets a requested precision the target lacks."""
+        the INT8 accuracy report's build entries, and where INT8 layers are to be chosen by speed: the float graph
+        before quantization and a function lowering it again with the named layers kept float). `notes` gets a
+        requested precision the target lacks."""
         ctx = PassContext(self.logger, device=device, options={"fp16": config.fp16, "bf16": config.bf16})
         bounds = profile_bounds([(v.type.shape, [(p.shapes[v.name][0], p.shapes[v.name][2]) if v.name in p.shapes
                                                   else None for p in config.profiles]) for v in g.inputs])
@@ -189,26 +199,52 @@ class Builder:
             with progress.stage("optimize"):
                 PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
             int8_report = None
+            lowering = Int8Lowering() if self._speed_selection(g, config) else None
+            quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
             if config.int8 or has_qdq(g):  # integer layers from Q/DQ nodes or calibrated ranges
                 # its progress and report lines are details here: the summary and `kiln build` give them
-                quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
                 with progress.stage("calibrate" if config.calibration_data is not None else "quantize"):
-                    int8_report = quantize_graph(g, config, quiet_ctx)
+                    int8_report = quantize_graph(g, config, quiet_ctx, lowering)
             with progress.stage("optimize"):
                 asked = low = precision_dtype(config.fp16, config.bf16)
                 if low is not None and device == "cpu":
                     low = cpu_precision(low, self.logger)  # None (with a warning) where the CPU lacks such kernels
                 if asked is not None and low is None:
                     notes["precision_fallback"] = f"{_PRECISION_FLAG[asked]} asked, no kernels on {device}: fp32"
-                if low is not None:
-                    # bodies too, each after the graph holding it: a body reads its captures in their lowered
-                    # types (re-inferred under the same bounds: without them a dim the pipeline proved comes
-                    # back unknown)
-                    lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(device))
-                    PassManager([lowering], subgraphs=True).run(g, ctx)
-                    if device == "cuda":
-                        PassManager([FoldCasts()]).run(g, ctx)
-        return low, int8_report
+                _lower_precision(g, low, config, device, ctx)
+
+        def variant(exclude: set[str]) -> Graph:
+            with symbol_bounds(bounds):
+                h = lowering.lower(exclude, quiet_ctx)  # type: ignore[union-attr]
+                _lower_precision(h, low, config, device, ctx)
+            return h
+        if lowering is None or lowering.pre is None:
+            return low, int8_report, None
+        return low, int8_report, (lowering.pre, variant)
+
+    def _speed_selection(self, g: Graph, config: BuilderConfig) -> bool:
+        """Whether INT8 layers are chosen by measured speed (BuilderConfig.int8_by_speed) for this model."""
+        if not config.int8 or config.int8_by_speed is False or has_qdq(g):
+            return False  # a Q/DQ model's own placement is kept, as TensorRT keeps it
+        if config.int8_by_speed is None:
+            return config.optimization_level >= 2
+        if config.optimization_level < 1:
+            self.logger.warning("INT8 by measured speed needs timing (optimization level >= 1): every layer with an "
+                                "integer kernel runs INT8")
+            return False
+        return True
+
+    def _int8_by_speed(self, g: Graph, pre: Graph, variant: Callable[[set[str]], Graph], tctx: TacticContext,
+                       cache: TimingCache, profiles: list[OptimizationProfile], config: BuilderConfig,
+                       low: DType | None) -> dict[str, Any]:
+        """g's integer layers kept only where faster (kiln.quant.speed), timed by an autotuner sharing the
+        build's timing cache; the plan's build entries saying what was chosen."""
+        from kiln.quant.speed import select_by_speed
+        tuner = Autotuner(self.logger.demoted(), tctx, config.optimization_level, cache)
+        float_name = {DType.FLOAT16: "fp16", DType.BFLOAT16: "bf16"}.get(low, "fp32")  # type: ignore[arg-type]
+        forced = {name for name, prec in config.layer_precisions.items() if prec == "int8"}
+        return select_by_speed(g, pre, variant, lambda h: _infer_at(h, profiles, "opt", self.logger)[id(h)], tuner,
+                               self.logger, float_name, forced) or {}
 
     def _make_plan(self, g: Graph, target: dict[str, Any], config: BuilderConfig,
                    tactics: dict[int, tuple[str, dict[str, Any]]], all_types: dict[int, dict[str, TensorType]],
@@ -242,10 +278,11 @@ class Builder:
         return plan
 
     def _choose_tactics(self, g: Graph, tctx: TacticContext, types: dict[int, dict[str, TensorType]],
-                        config: BuilderConfig) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any]]:
-        """The autotuner's choice per node (subgraph nodes included), with the timing cache file read before
-        and merged after. `types`: per graph (id), its values' types at the opt shape (`_infer_at`)."""
-        cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
+                        config: BuilderConfig, cache: TimingCache
+                        ) -> tuple[dict[int, tuple[str, dict[str, Any]]], dict[str, Any]]:
+        """The autotuner's choice per node (subgraph nodes included), with the timing cache (read from the
+        file before) merged back into the file after. `types`: per graph (id), its values' types at the opt
+        shape (`_infer_at`)."""
         # its totals line is a detail here (the build summary gives them); its progress counts on the display
         tuner = Autotuner(self.logger.demoted(), tctx, config.optimization_level, cache)
         chosen = tuner.choose(g, types[id(g)], types)
@@ -273,6 +310,18 @@ class Builder:
             chosen = [(n, tactics.get(id(n), ("ref", {}))[0]) for n in sub.nodes]
             self.logger.verbose(f"Subgraph {label}: {len(chosen)} layers: "
                                 + ", ".join(f"{n.name} ({n.op_type}) {tid}" for n, tid in chosen))
+
+
+def _lower_precision(g: Graph, low: DType | None, config: BuilderConfig, device: str, ctx: PassContext) -> None:
+    """FP16/BF16 lowering where the plan runs a low type (bodies too, each after the graph holding it: a body reads
+    its captures in their lowered types, re-inferred under the caller's bounds: without them a dim the pipeline
+    proved comes back unknown), with the boundary Casts folded on CUDA."""
+    if low is None:
+        return
+    lowering = ReducedPrecision(low, layer_constraints(config)[1], low_precision_ops(device))
+    PassManager([lowering], subgraphs=True).run(g, ctx)
+    if device == "cuda":
+        PassManager([FoldCasts()]).run(g, ctx)
 
 
 def _layer_counts(g: Graph, tactics: dict[int, tuple[str, dict[str, Any]]]) -> dict[str, int]:

@@ -87,6 +87,11 @@ def register_tactic(t: Tactic) -> Tactic:
     return t
 
 
+def unregister_tactic(tid: str) -> None:
+    """Remove a tactic (a plugin's, when the plugin is unregistered: kiln.plugins.registry)."""
+    _TACTICS.pop(tid, None)
+
+
 def get_tactic(tid: str) -> Tactic | None:
     _ensure_loaded()
     return _TACTICS.get(tid)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.cli.bench import add_bench_parser
-from kiln.cli.options import add_build_options, builder_config
+from kiln.cli.options import add_build_options, build_model, builder_config
 from kiln.errors import KilnError
 
 # Bounded OpenMP spin-waiting: torch's default spinning starves other processes on small shared CPUs.
@@ -33,6 +33,8 @@ def _check_outputs(args: argparse.Namespace, out: str) -> None:
     if _same_file(out, args.model):
         raise KilnError(f"output {out} is the input model {args.model}; choose another -o")
     check_writable(out, "plan")
+    if getattr(args, "weights", None) and _same_file(out, args.weights):
+        raise KilnError(f"output {out} is the --weights file {args.weights}; choose another -o")
     if args.timing_cache:
         if _same_file(args.timing_cache, args.model) or _same_file(args.timing_cache, out):
             raise KilnError(f"--timing-cache {args.timing_cache} is the model or the output plan; choose another file")
@@ -46,7 +48,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _check_outputs(args, out)
     logger = Logger.from_flags(args.quiet, args.verbose)  # -q: errors only; default: warnings, progress, summary
     cfg = builder_config(args)
-    plan = Builder(logger).build(args.model, cfg)
+    plan = Builder(logger).build(build_model(args, logger), cfg)
     save_plan(plan, out)
     if not args.quiet:
         print(f"wrote {out} ({os.path.getsize(out)} bytes, {plan.build['layers']} layers, "
@@ -220,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"kiln {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    b = sub.add_parser("build", help="optimize an ONNX model into a .kiln plan")
+    b = sub.add_parser("build", help="optimize an ONNX model (or a Darknet .cfg with --weights) into a .kiln plan")
     b.add_argument("model")
     b.add_argument("-o", "--output")
+    b.add_argument("--weights", metavar="FILE", help="the Darknet .weights of a .cfg model")
     add_build_options(b)
     level = b.add_mutually_exclusive_group()
     level.add_argument("-q", "--quiet", action="store_true", help="print errors only")

@@ -39,6 +39,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    "calibration batches")
     p.add_argument("--accuracy-budget", type=float, metavar="X", help="largest relative output error of the INT8 "
                    "plan: the layers adding most error go back to float until it holds")
+    p.add_argument("--int8-layers", choices=["speed", "all"], help="speed (default): a layer runs INT8 only where "
+                   "measured faster counting the reformats around it; all: every layer with an integer kernel")
 
 
 def builder_config(args: argparse.Namespace) -> Any:
@@ -103,6 +105,8 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
         raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8")
     if (args.int8_report or args.accuracy_budget is not None) and not args.int8:
         raise KilnError("--int8-report and --accuracy-budget go with --int8")
+    if args.int8_layers and not args.int8:
+        raise KilnError("--int8-layers goes with --int8")
     if args.accuracy_budget is not None and not (args.accuracy_budget > 0 and math.isfinite(args.accuracy_budget)):
         raise KilnError(f"--accuracy-budget must be a positive number, got {args.accuracy_budget}")
     if args.calib_batches is not None and args.calib_batches < 1:
@@ -112,7 +116,8 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"int8": args.int8, "calibrator": args.calibrator, "percentile": args.percentile,
                            "calibration_cache": args.calib_cache, "calibration_batches": args.calib_batches,
                            "int8_report": args.int8_report, "accuracy_budget": args.accuracy_budget,
-                           "layer_precisions": _layer_precisions(args.layer_precisions)}
+                           "layer_precisions": _layer_precisions(args.layer_precisions),
+                           "int8_by_speed": {None: None, "speed": True, "all": False}[args.int8_layers]}
     if args.calib:
         out["calibration_data"] = CalibrationFolder(args.calib, args.calib_preprocess)
     if args.dynamic_ranges:
@@ -133,3 +138,16 @@ def _layer_precisions(spec: str | None) -> dict[str, str]:
     return out
 
 
+def build_model(args: argparse.Namespace, logger: Any) -> Any:
+    """What `kiln build` builds: the ONNX model path as given, or a Darknet .cfg imported with its --weights
+    into a Graph (its input's batch is dynamic, "N", when shape flags are given; else 1)."""
+    weights = getattr(args, "weights", None)
+    if not args.model.lower().endswith(".cfg"):
+        if weights:
+            raise KilnError("--weights goes with a Darknet .cfg model; an ONNX model holds its own weights")
+        return args.model
+    if not weights:
+        raise KilnError(f"{args.model} is a Darknet .cfg: give its weights with --weights FILE.weights")
+    from kiln.frontend.darknet import load_darknet
+    dynamic = any((args.shapes, args.min_shapes, args.opt_shapes, args.max_shapes))
+    return load_darknet(args.model, weights, logger, batch="N" if dynamic else 1)

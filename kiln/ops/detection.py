@@ -388,6 +388,19 @@ def no_selection(device: torch.device) -> Tensor:
     return torch.zeros((0, 3), dtype=torch.int64, device=device)
 
 
+def box_columns(boxes: Tensor, center: bool) -> Cols:
+    """x_min, y_min, x_max, y_max, area of boxes (..., 4) as NonMaxSuppression computes them. BatchedNMS
+    (kiln.plugins.detection) shares them and `iou_above`, so both ops decide every IoU test alike; for its
+    [x1, y1, x2, y2] rows the two axes trade names, which changes no IoU (products of the same two sides)."""
+    return _corners(boxes, center)
+
+
+def iou_above(a: Cols, b: Cols, threshold: float) -> Tensor:
+    """IoU of boxes a and b (columns, broadcast against each other) above threshold, as NonMaxSuppression
+    decides it (only boxes of positive area can pass)."""
+    return _overlap(a, b, threshold)
+
+
 @register
 class NonMaxSuppression(OpDef):
     op_type = "NonMaxSuppression"

@@ -114,8 +114,11 @@ def lookup(op_type: str, domain: str = "", opset: int | None = None, where: str 
     dom = d or "ai.onnx"
     at = f"node '{where}': " if where else ""
     if opdef is None:
-        raise UnsupportedOpError(f"{at}unsupported op {op_type} (domain {dom}, opset {opset}): "
-                                 "no op definition or plugin implements it")
+        version = "" if opset is None else f", opset {opset}"
+        hint = "" if not d else ("; register a plugin for it (@kiln.plugins.plugin, a 'kiln.plugins' entry point or "
+                                 "kiln.plugins.load(path); docs/PLUGINS.md)")
+        raise UnsupportedOpError(f"{at}unsupported op {op_type} (domain {dom}{version}): no built-in op or registered "
+                                 f"plugin implements it{hint}")
     lo, hi = opdef.opsets
     if opset is not None and not lo <= opset <= hi:
         raise UnsupportedOpError(f"{at}op {op_type} (domain {dom}) is supported for opsets {lo}-{hi}, "

@@ -42,6 +42,7 @@ class GraphWriter:
     def __init__(self) -> None:
         self.weights: dict[str, torch.Tensor] = {}
         self._tactics: dict[int, tuple[str, dict[str, Any]]] = {}  # of the graph being written, for its subgraphs
+        self._depth = 0
 
     def _tensor(self, t: torch.Tensor) -> str:
         span = 1
@@ -57,7 +58,11 @@ class GraphWriter:
         if isinstance(a, torch.Tensor):
             return {"__tensor__": self._tensor(a)}
         if isinstance(a, Graph):  # a subgraph's steps carry their tactics as the top-level steps do
-            return {"__graph__": self.graph(a, self._tactics)}
+            self._depth += 1
+            try:
+                return {"__graph__": self.graph(a, self._tactics)}
+            finally:
+                self._depth -= 1
         if isinstance(a, onnx.TypeProto):
             return {"__typeproto__": base64.b64encode(a.SerializeToString()).decode()}
         if isinstance(a, (list, tuple)):
@@ -87,12 +92,19 @@ class GraphWriter:
                 "captures": [v.name for v in n.captures],
                 "tactic": tid, "config": cfg,
             })
-        return {"name": g.name, "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
+        spec = {"name": g.name, "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
                 "captures": [v.name for v in g.captures], "values": values, "steps": steps,
                 "opsets": g.opsets}
+        if self._depth == 0:  # the plugins the plan needs, subgraphs' steps included (kiln.plugins.registry)
+            from kiln.plugins.registry import graph_records
+            plugins = graph_records(g)
+            if plugins:
+                spec["plugins"] = plugins
+        return spec
 
 
-_GRAPH_KEYS = {"name", "inputs", "outputs", "captures", "values", "steps", "opsets"}
+_GRAPH_KEYS = {"name", "inputs", "outputs", "captures", "values", "steps", "opsets", "plugins"}
+MAX_PLUGINS = 4096
 _VALUE_KEYS = {"type", "kind", "const"}
 _STEP_KEYS = {"name", "op", "domain", "opset", "attrs", "inputs", "outputs", "captures", "tactic", "config"}
 _ENCODINGS = ("__tensor__", "__graph__", "__typeproto__", "__dict__")
@@ -135,6 +147,7 @@ class GraphReader:
         self.weights = weights
         self.where = where
         self.tactics: dict[int, tuple[str, dict[str, Any]]] = {}
+        self.plugins: list[tuple[str, str, int]] = []  # (domain, op, version) the plan needs
         self.items = 0
 
     def _fail(self, path: str, msg: str) -> PlanFormatError:
@@ -221,6 +234,11 @@ class GraphReader:
         for k in ("name", "inputs", "outputs", "values", "steps"):
             if k not in spec:
                 raise self._fail(f"{path}.{k}", "missing")
+        if "plugins" in spec:
+            if depth:
+                raise self._fail(f"{path}.plugins", "only the top-level graph lists plugins")
+            from kiln.plugins.registry import records_from_json
+            self.plugins = records_from_json(spec["plugins"], lambda p, m: self._fail(f"{path}.{p}", m), MAX_PLUGINS)
         g = Graph(self._name(spec["name"], f"{path}.name"))
         opsets = spec.get("opsets") or {"": 21}
         if not isinstance(opsets, dict) or len(opsets) > 1024 or not all(

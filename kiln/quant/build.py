@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import BuildError
@@ -110,13 +111,35 @@ def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: Pa
                                                                   DeadCodeElimination()])]).run(g, ctx)
 
 
+@dataclass
+class Int8Lowering:
+    """What the implicit road lowered from, kept to lower the same float graph again with more layers kept float
+    (kiln.quant.speed): the float graph before quantization, its ranges, and the layers the user's constraints
+    (and an accuracy budget) keep float. quantize_graph fills it."""
+
+    pre: Graph | None = None
+    ranges: dict[str, float] = field(default_factory=dict)
+    exclude: set[str] = field(default_factory=set)
+
+    def lower(self, exclude: set[str], ctx: PassContext) -> Graph:
+        """A fresh copy of the float graph lowered to integer layers, the layers in `exclude` (and the kept ones)
+        staying float."""
+        if self.pre is None:
+            raise BuildError("internal error: no float graph kept to lower again")
+        g = clone_graph(self.pre)
+        _lower(g, self.ranges, self.exclude | exclude, ctx)
+        return g
+
+
 def _count(g: Graph, *ops: str) -> int:
     return sum(1 for n in g.nodes if n.op_type in ops and n.domain in ("", "ai.onnx", "kiln"))
 
 
-def quantize_graph(g: Graph, config: Any, ctx: PassContext) -> dict[str, dict[str, Any]] | None:
+def quantize_graph(g: Graph, config: Any, ctx: PassContext,
+                   keep: Int8Lowering | None = None) -> dict[str, dict[str, Any]] | None:
     """INT8 where asked (config.int8) or where the model says (Q/DQ nodes); nothing otherwise. Returns the
-    accuracy report (`int8_report` / `accuracy_budget`) as entries of the plan's build record, else None."""
+    accuracy report (`int8_report` / `accuracy_budget`) as entries of the plan's build record, else None.
+    `keep` (implicit road only; a Q/DQ model leaves it empty) gets what the lowering started from."""
     explicit = has_qdq(g)
     if not (config.int8 or explicit):
         return None
@@ -147,10 +170,13 @@ def quantize_graph(g: Graph, config: Any, ctx: PassContext) -> dict[str, dict[st
                 held = data
                 log.warning("one calibration batch: the accuracy report measures on the data it calibrated on")
         ranges, source = resolve_ranges(g, config, ctx, data, exclude)
-        reference = clone_graph(g) if want_report else None
+        reference = clone_graph(g) if want_report or keep is not None else None
         _lower(g, ranges, exclude, ctx)
-        if reference is not None:
-            report = _measure(g, reference, ranges, exclude, held, config, ctx)
+        kept: list[str] = []
+        if want_report:
+            report, kept = _measure(g, reference, ranges, exclude, held, config, ctx)  # type: ignore[arg-type]
+        if keep is not None:
+            keep.pre, keep.ranges, keep.exclude = reference, ranges, exclude | set(kept)
     ints, floats = _count(g, "QConv", "QGemm"), _count(g, "FusedConv", "FusedGemm")
     qdq = _count(g, "QuantizeLinear", "DequantizeLinear")
     log.info(f"INT8 from {source}: {ints} integer conv/gemm layers, {floats} stay float, {qdq} quantize/dequantize "
@@ -162,9 +188,9 @@ def quantize_graph(g: Graph, config: Any, ctx: PassContext) -> dict[str, dict[st
 
 
 def _measure(g: Graph, reference: Graph, ranges: dict[str, float], exclude: set[str], held: list[Any],
-             config: Any, ctx: PassContext) -> dict[str, dict[str, Any]]:
-    """The accuracy report; under a budget, layers go back to float (the one adding most error first) until the
-    outputs' error meets it. g ends as the last graph measured."""
+             config: Any, ctx: PassContext) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The accuracy report and the layers kept float; under a budget, layers go back to float (the one adding
+    most error first) until the outputs' error meets it. g ends as the last graph measured."""
     ref = ReferenceRun(reference, as_batches(reference, held))
     report = compare(ref, g)
     budget = config.accuracy_budget
@@ -185,4 +211,4 @@ def _measure(g: Graph, reference: Graph, ranges: dict[str, float], exclude: set[
         met = "meets" if report.output_rel <= budget else "does not meet"
         ctx.logger.info(f"INT8 accuracy budget {budget:g}: {met} it with {len(kept)} layer(s) kept in float"
                         + (f" ({', '.join(kept)})" if kept else ""))
-    return report.summary(budget, kept)
+    return report.summary(budget, kept), kept

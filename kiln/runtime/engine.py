@@ -25,6 +25,7 @@ from kiln.ir.graph import Graph, Node
 from kiln.plan.format import Plan, load_plan
 from kiln.plan.schema import check_weights, validate_header, verify_graph
 from kiln.plan.serialize import GraphReader
+from kiln.plugins.registry import check_graph_records
 from kiln.runtime.cuda_graph import CapturedGraph, capturable
 from kiln.runtime.flags import cuda_flags
 from kiln.runtime.interpreter import GraphFunction
@@ -69,6 +70,7 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
     check_weights(plan.weights, where)
     reader = GraphReader(plan.weights, where)
     graph = reader.graph(plan.graph)
+    check_graph_records(reader.plugins, graph, where)  # the plugins it needs, registered at their versions
     _validate_nodes(graph, where)
     # types proven against the inputs before any tactic looks at them; sizes bounded before allocating
     unproven = verify_graph(header, graph, reader.tactics, where)

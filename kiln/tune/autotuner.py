@@ -177,6 +177,7 @@ class Autotuner:
         self._consts: dict[int, torch.Tensor] = {}
         self._homes: dict[int, int] = {}  # value -> elided Concats its producer already writes into
         self._labels: dict[int, str] = {}  # subgraph layer -> its name in logs
+        self.best_ms: dict[str, float] = {}  # layer name -> its chosen candidate's time (measured or cached)
 
     # -- public -----------------------------------------------------------------------------------
     def choose(self, g: Graph, types: Mapping[str, TensorType],
@@ -302,7 +303,23 @@ class Autotuner:
             return choices[-1]
         self.logger.verbose(f"Fastest tactic for {self._name(n)} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
                             f"time {best_ms:.4f} ms")
+        self.best_ms[n.name] = best_ms
         return best
+
+    def time_layer(self, n: Node, types: Mapping[str, TensorType]) -> float | None:
+        """The time (ms) of one layer's fastest candidate at the opt shape, timed as `choose` times it (from the
+        timing cache where known, into it otherwise) even where it has one candidate only; 0 for a view, None
+        where it cannot be timed. The layer need not sit in a graph (a probe of a layer the build may make)."""
+        cands = candidate_tactics(n, self.tctx)
+        if not cands:
+            return None
+        if any(t.is_view for t in cands):
+            return 0.0
+        choices = self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)], types)
+        self.best_ms.pop(n.name, None)
+        with self._flags():
+            self._tune(n, choices, types)
+        return self.best_ms.get(n.name)
 
     def _within_workspace(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType]) -> list[Choice]:
         """Candidates whose scratch memory at the opt shape fits BuilderConfig.workspace_bytes (all when unset;

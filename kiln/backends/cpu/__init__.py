@@ -4,6 +4,7 @@ settings (threads, heap retention)."""
 from kiln.backends.cpu import concat, conv, conv_dnnl, conv_matmul, conv_winograd, dnnl_layers, gemm, norm, pointwise, pool, resize  # noqa: F401
 from kiln.backends.cpu import pointwise_c  # noqa: F401  (cpu.pointwise_c: Pointwise programs as compiled C)
 from kiln.backends.cpu import nms  # noqa: F401  (cpu.nms: NonMaxSuppression selection in C)
+from kiln.backends.cpu import batched_nms  # noqa: F401  (cpu.batched_nms: BatchedNMS plugin, greedy loop in C)
 from kiln.backends.cpu import topk  # noqa: F401  (cpu.topk: TopK by selection in C)
 from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gates in C)
 from kiln.backends.cpu import shuffle  # noqa: F401  (cpu.channel_shuffle: channel shuffles in C)
