@@ -58,6 +58,24 @@ def test_maxpool_new_shapes_and_destination() -> None:
         kernel(x, out=torch.empty(want.shape))  # NCHW, not channels-last
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("k, s, pads", [(3, 2, [1, 1, 1, 1]), (2, 2, [0, 0, 0, 0]), (3, 2, [0, 1, 1, 0])])
+def test_maxpool_8bit_exact(dtype: torch.dtype, k: int, s: int, pads: list[int]) -> None:
+    """An INT8 plan's max pool on its 8-bit activations, the type's lowest values next to the padding: exact."""
+    from kiln.ir.dtype import DType
+    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+    x = torch.randint(lo, hi, (2, 16, 11, 12), generator=torch.Generator().manual_seed(k + s)).to(dtype)
+    x[0, :, :2] = lo
+    x = x.contiguous(memory_format=torch.channels_last)
+    node = make_node("MaxPool", [(x, False)], None, {"kernel_shape": [k, k], "strides": [s, s], "pads": pads},
+                     opset=19, out_dtype=DType.from_torch(dtype))
+    got, want = run_both(node, "cpu.pool_dnnl", [x])
+    assert got.dtype == dtype and torch.equal(got, want)
+    avg = make_node("AveragePool", [(x, False)], None, {"kernel_shape": [k, k]}, opset=19,
+                    out_dtype=DType.from_torch(dtype))
+    assert not get_tactic("cpu.pool_dnnl").supports(avg, CPU)  # an 8-bit mean would need its own rounding
+
+
 @pytest.mark.parametrize("op, keep", [("GlobalAveragePool", 1), ("GlobalMaxPool", 1), ("ReduceMean", 0),
                                       ("ReduceMean", 1)])
 def test_global_pools(op: str, keep: int) -> None:

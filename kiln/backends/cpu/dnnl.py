@@ -517,8 +517,10 @@ class Pooling(_Primitive):
                  pad_r: Sequence[int]) -> None:
         tmp = self._begin(lib)
         try:
-            if x.dtype not in LAYER_DTYPES or y.dtype is not x.dtype:
-                raise KilnError(f"a pooling reads and writes float32 or bfloat16 tensors, got {x.dtype} -> {y.dtype}")
+            eight_bit = x.dtype in (torch.int8, torch.uint8) and algorithm == POOLING_MAX
+            if (x.dtype not in LAYER_DTYPES and not eight_bit) or y.dtype is not x.dtype:
+                raise KilnError(f"a pooling reads and writes float32 or bfloat16 tensors (a max pooling also "
+                                f"int8/uint8), got {x.dtype} -> {y.dtype}")
             src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
             dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
             pd = lib.pd(tmp, "pooling descriptor", lib.dll.dnnl_pooling_forward_primitive_desc_create, lib.engine,

@@ -34,6 +34,8 @@ from kiln.ops.pool import Window
 Tensor = torch.Tensor
 _GLOBAL = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 _POOL_DTYPES = (DType.FLOAT32, DType.BFLOAT16)
+_MAX_8BIT = (DType.INT8, DType.UINT8)  # an INT8 plan's activations: the maximum commutes with quantization
+_MAX_OPS = ("MaxPool", "GlobalMaxPool")
 
 
 def _pool_geometry(node: Node, x_shape: tuple[int, ...]) -> tuple[int, list[int], list[int], list[int],
@@ -60,8 +62,8 @@ def _pool_geometry(node: Node, x_shape: tuple[int, ...]) -> tuple[int, list[int]
 
 
 class DnnlPoolTactic(CpuTactic):
-    """2-D max / average / global pooling and spatial ReduceMean (float32 or bfloat16) as a cached oneDNN
-    pooling primitive."""
+    """2-D max / average / global pooling and spatial ReduceMean (float32 or bfloat16; max pooling also over
+    int8/uint8 activations) as a cached oneDNN pooling primitive."""
 
     id = "cpu.pool_dnnl"
     priority = 11
@@ -74,7 +76,9 @@ class DnnlPoolTactic(CpuTactic):
         x = node.input(0)
         if library() is None or x is None or x.type.rank != 4 or len(node.outputs) != 1:
             return False
-        if x.type.dtype not in _POOL_DTYPES or node.outputs[0].type.dtype != x.type.dtype:  # one type in and out
+        if node.outputs[0].type.dtype != x.type.dtype:  # one type in and out
+            return False
+        if x.type.dtype not in _POOL_DTYPES and not (x.type.dtype in _MAX_8BIT and node.op_type in _MAX_OPS):
             return False
         if node.op_type == "ReduceMean" and spatial_mean(node) is None:
             return False
