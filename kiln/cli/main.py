@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.cli.bench import add_bench_parser
-from kiln.cli.options import add_build_options, build_model, builder_config
+from kiln.cli.options import add_build_options, add_detect_options, build_model, builder_config
 from kiln.errors import KilnError
 
 # Bounded OpenMP spin-waiting: torch's default spinning starves other processes on small shared CPUs.
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output")
     b.add_argument("--weights", metavar="FILE", help="the Darknet .weights of a .cfg model")
     add_build_options(b)
+    add_detect_options(b)
     level = b.add_mutually_exclusive_group()
     level.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     level.add_argument("-v", "--verbose", action="store_true", help="also every pass, fusion and tactic timing")

@@ -43,6 +43,21 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
                    "measured faster counting the reformats around it; all: every layer with an integer kernel")
 
 
+DETECT_DEFAULTS = {"conf": 0.25, "iou": 0.45, "max_det": 100}
+
+
+def add_detect_options(p: argparse.ArgumentParser) -> None:
+    """`--detect` and its thresholds (Darknet .cfg models: kiln.frontend.detect)."""
+    g = p.add_argument_group("detection (Darknet .cfg models)")
+    g.add_argument("--detect", action="store_true", help="append YOLO decode + NMS to the plan: outputs num_detections "
+                   "[N,1], det_boxes [N,K,4], det_scores [N,K], det_classes [N,K]; a second input 'letterbox' [N,4] = "
+                   "scale_x, scale_y, pad_x, pad_y maps the boxes back to the original image")
+    g.add_argument("--conf", type=float, help=f"--detect's score threshold (default {DETECT_DEFAULTS['conf']})")
+    g.add_argument("--iou", type=float, help=f"--detect's NMS IoU threshold (default {DETECT_DEFAULTS['iou']})")
+    g.add_argument("--max-det", type=int,
+                   help=f"--detect's detections per image, K (default {DETECT_DEFAULTS['max_det']})")
+
+
 def builder_config(args: argparse.Namespace) -> Any:
     """The BuilderConfig the build flags in `args` ask for (checked: a bad value is one KilnError line)."""
     from kiln.builder import BuilderConfig
@@ -140,14 +155,38 @@ def _layer_precisions(spec: str | None) -> dict[str, str]:
 
 def build_model(args: argparse.Namespace, logger: Any) -> Any:
     """What `kiln build` builds: the ONNX model path as given, or a Darknet .cfg imported with its --weights
-    into a Graph (its input's batch is dynamic, "N", when shape flags are given; else 1)."""
+    into a Graph (its input's batch is dynamic, "N", when shape flags are given; else 1), with decode + NMS
+    appended under --detect."""
     weights = getattr(args, "weights", None)
+    detect = _detect_options(args)
     if not args.model.lower().endswith(".cfg"):
         if weights:
             raise KilnError("--weights goes with a Darknet .cfg model; an ONNX model holds its own weights")
+        if detect is not None:
+            raise KilnError("--detect goes with a Darknet .cfg model (its [yolo] layers give the anchors); "
+                            "an ONNX model keeps its own outputs")
         return args.model
     if not weights:
         raise KilnError(f"{args.model} is a Darknet .cfg: give its weights with --weights FILE.weights")
-    from kiln.frontend.darknet import load_darknet
+    from kiln.frontend.darknet import load_darknet, parse_darknet_cfg
     dynamic = any((args.shapes, args.min_shapes, args.opt_shapes, args.max_shapes))
-    return load_darknet(args.model, weights, logger, batch="N" if dynamic else 1)
+    graph = load_darknet(args.model, weights, logger, batch="N" if dynamic else 1)
+    if detect is not None:
+        from kiln.frontend.detect import append_detection
+        from kiln.logger import Logger, Severity
+        heads = parse_darknet_cfg(args.model, Logger(Severity.ERROR)).heads  # read again: no repeated warnings
+        append_detection(graph, heads, **detect)
+    return graph
+
+
+def _detect_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--detect's checked thresholds (None without --detect; a threshold flag without it is an error)."""
+    given = {k: getattr(args, k, None) for k in DETECT_DEFAULTS}
+    if not getattr(args, "detect", False):
+        if any(v is not None for v in given.values()):
+            raise KilnError("--conf, --iou and --max-det go with --detect")
+        return None
+    from kiln.frontend.detect import check_detect_options
+    opts = {k: DETECT_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    check_detect_options(**opts)
+    return opts
