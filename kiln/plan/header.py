@@ -25,8 +25,8 @@ MAGIC = b"KILNPLAN"
 FORMAT_VERSION = 1
 HEAD = struct.Struct("<8sIIQ")
 U64 = struct.Struct("<Q")
-MAX_HEADER_BYTES = 1 << 30  # as kiln.plan.schema.MAX_HEADER_BYTES (that module imports torch)
-MAX_JSON_DEPTH = 512        # as kiln.plan.schema.MAX_JSON_DEPTH
+MAX_HEADER_BYTES = 1 << 30  # JSON header (kiln.plan.schema uses these)
+MAX_JSON_DEPTH = 512        # nesting of the header JSON (a subgraph level costs 5-6)
 MAX_WEIGHTS_JSON_DEPTH = 8  # a safetensors table is two levels deep
 
 

@@ -19,16 +19,13 @@ import os
 import re
 from typing import Any, Mapping
 
-import numpy as np
-
 from kiln.errors import BuildError, PlanFormatError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.plan.header import MAX_HEADER_BYTES, MAX_JSON_DEPTH, check_json_depth  # noqa: F401 (re-exported)
 
 # Bounds on what a plan may hold (far above any real model; they keep hostile headers cheap to refuse).
-MAX_HEADER_BYTES = 1 << 30      # JSON header
-MAX_JSON_DEPTH = 512            # nesting of the header JSON (a subgraph level costs 5-6)
 MAX_SUBGRAPH_DEPTH = 64         # graphs inside attributes inside graphs ...
 MAX_ITEMS = 1_000_000           # values + steps of the whole plan; I/O specs, weights, list lengths
 MAX_STR = 1 << 16               # any name, symbol, op type or attribute string
@@ -102,22 +99,7 @@ class _Fail:
 
 # ---- the raw JSON ---------------------------------------------------------------------------------
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-
-
-def check_json_depth(raw: bytes, where: str = "plan", limit: int = MAX_JSON_DEPTH, what: str = "plan header") -> None:
-    """Refuse JSON nested deeper than `limit` before json.loads (which recurses per level) sees it."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return
-    text = _STRINGS.sub(b'""', raw)
-    depth, chunk = 0, 1 << 24
-    for lo in range(0, len(text), chunk):
-        a = np.frombuffer(text, dtype=np.uint8, count=min(chunk, len(text) - lo), offset=lo)
-        step = (a == 0x5B).astype(np.int32) + (a == 0x7B) - (a == 0x5D) - (a == 0x7D)
-        run = np.cumsum(step, dtype=np.int64) + depth
-        if run.size and int(run.max()) > limit:
-            raise PlanFormatError(f"{prefix(where)}{what}: JSON nested deeper than {limit} levels")
-        depth = int(run[-1]) if run.size else depth
+# check_json_depth: kiln.plan.header's (one copy; that module reads plans without torch)
 
 
 # ---- the header -------------------------------------------------------------------------------------
