@@ -20,7 +20,7 @@ import collections
 import os
 import statistics
 import sys
-from typing import Any
+from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -52,6 +52,44 @@ def kernel_table(fn: Any, top: int, label: str) -> None:
         print(f"  {ms:8.3f} ms {n:4d}x  {name}")
 
 
+def step_spans(ctx: Any, run: Callable[[], Any], runs: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Per-step GPU spans of `ctx` (no CUDA graph) over `runs` calls of `run` (one inference on ctx): a CUDA event
+    recorded after each step's launch (the runtime's step hook), a step's span the GPU time between the previous
+    step's event and its own. Returns ({step name: median ms}, {step name: op type}), in execution order."""
+    spans: dict[str, list[float]] = collections.defaultdict(list)
+    ops: dict[str, str] = {}
+    for _ in range(runs):
+        marks: list[tuple[str, Any]] = []
+
+        def hook(node: Any, _s: float, _result: Any = None) -> None:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            marks.append((node.name, e))
+            ops[node.name] = node.op_type
+        start = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        ctx.profiler = hook
+        run()
+        ctx.profiler = None
+        torch.cuda.synchronize()
+        prev = start
+        for name, e in marks:
+            spans[name].append(prev.elapsed_time(e))
+            prev = e
+    return {n: statistics.median(v) for n, v in spans.items()}, ops
+
+
+def grouped(med: dict[str, float], key: Callable[[str], str]) -> list[tuple[str, float, int]]:
+    """(group, total ms, steps) of the steps' spans grouped by key(step name), the largest total first."""
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for n, v in med.items():
+        a = agg[key(n)]
+        a[0] += v
+        a[1] += 1
+    return [(k, v[0], int(v[1])) for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])]
+
+
 def profile_model(m: Any, args: argparse.Namespace) -> None:
     from kiln.builder import Builder, BuilderConfig
     from kiln.logger import Logger, Severity
@@ -67,37 +105,10 @@ def profile_model(m: Any, args: argparse.Namespace) -> None:
     ms = zoo.cuda_bench(lambda: ctx.execute_async(feeds))
     print(f"\n=== {m.name} batch {m.point('opt').get('batch', '-')}: Kiln {ms:.3f} ms with CUDA graphs "
           f"({'graph' if ctx.last_graph is not None else 'no graph'}), {len(tactic)} steps")
-    spans: dict[str, list[float]] = collections.defaultdict(list)
-    ops: dict[str, str] = {}
-    for _ in range(args.runs):
-        marks: list[tuple[str, Any]] = []
-
-        def hook(node: Any, _s: float, _result: Any = None) -> None:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            marks.append((node.name, e))
-            ops[node.name] = node.op_type
-        start = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        ctx.profiler = hook
-        ctx.execute_async(feeds)
-        ctx.profiler = None
-        torch.cuda.synchronize()
-        prev = start
-        for name, e in marks:
-            spans[name].append(prev.elapsed_time(e))
-            prev = e
-    med = {n: statistics.median(v) for n, v in spans.items()}
+    med, ops = step_spans(ctx, lambda: ctx.execute_async(feeds), args.runs)
     print(f"step spans (no graph): {sum(med.values()):.3f} ms")
     for key, label in ((lambda n: ops[n], "op"), (lambda n: tactic.get(n, "?"), "tactic")):
-        agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-        for n, v in med.items():
-            a = agg[key(n)]
-            a[0] += v
-            a[1] += 1
-        print(f"by {label}: " + ", ".join(f"{k} {v[0]:.3f} ({v[1]})" for k, v in
-                                         sorted(agg.items(), key=lambda kv: -kv[1][0])))
+        print(f"by {label}: " + ", ".join(f"{k} {ms:.3f} ({n})" for k, ms, n in grouped(med, key)))
     print(f"slowest {args.top} steps:")
     for n, v in sorted(med.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {v:7.3f} ms  {ops[n][:18]:18s} {tactic.get(n, '?')[:24]:24s} {n[-60:]}")

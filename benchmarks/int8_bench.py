@@ -78,40 +78,16 @@ def openvino_rows(path: str, x: np.ndarray, ref: np.ndarray, batch: int, args: a
 
 
 def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: int = 25) -> None:
-    """Per-step GPU spans (an event after each step's launch, no CUDA graph) and the kernel table."""
-    import collections
+    """Per-step GPU spans (benchmarks/gpu_profile.step_spans: an event after each step's launch, no CUDA graph)
+    and the kernel table."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_profile import kernel_table
+    from gpu_profile import grouped, kernel_table, step_spans
     steps = {s["name"]: s for s in plan.graph["steps"]}
-    spans: dict[str, list[float]] = collections.defaultdict(list)
-    for _ in range(runs):
-        marks: list[tuple[str, Any]] = []
-
-        def hook(node: Any, _s: float, _r: Any = None) -> None:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            marks.append((node.name, e))
-        start = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        ctx.profiler = hook
-        ctx.execute_async({"input": xin})
-        ctx.profiler = None
-        torch.cuda.synchronize()
-        prev = start
-        for name, e in marks:
-            spans[name].append(prev.elapsed_time(e))
-            prev = e
-    med = {n: statistics.median(v) for n, v in spans.items()}
+    med, _ = step_spans(ctx, lambda: ctx.execute_async({"input": xin}), runs)
     print(f"\n{label}: step spans (no graph) {sum(med.values()):.3f} ms over {len(med)} steps")
     for key, what in ((lambda n: steps.get(n, {}).get("op", "?"), "op"),
                       (lambda n: steps.get(n, {}).get("tactic", "?"), "tactic")):
-        agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-        for n, v in med.items():
-            agg[key(n)][0] += v
-            agg[key(n)][1] += 1
-        print(f"  by {what}: " + ", ".join(f"{k} {v[0]:.3f} ms/{v[1]}" for k, v in
-                                         sorted(agg.items(), key=lambda kv: -kv[1][0])))
+        print(f"  by {what}: " + ", ".join(f"{k} {ms:.3f} ms/{n}" for k, ms, n in grouped(med, key)))
     for n, v in sorted(med.items(), key=lambda kv: -kv[1])[:top]:
         s = steps.get(n, {})
         shapes = [plan.graph["values"].get(o, {}).get("type", {}).get("shape") for o in s.get("outputs", [])]

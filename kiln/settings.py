@@ -5,6 +5,9 @@ Code deep in Kiln never reads ``os.environ`` itself: it asks ``settings()`` for 
 KILN_* variables below changes (so ``monkeypatch.setenv`` in a test takes effect) or when ``reload()``
 is called. A value that cannot be parsed (``KILN_MAX_LOOP_ITERATIONS=abc``) is a KilnError that names
 the variable.
+
+The few variables Kiln sets, rather than reads, for libraries that read them themselves are set here too
+(``set_openmp_spin_default``, ``set_private_onnx_home``); they are not settings, as no Kiln code reads them.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Callable, Mapping
 
 from kiln.errors import KilnError
 
-__all__ = ["Settings", "settings", "reload", "VARIABLES"]
+__all__ = ["Settings", "settings", "reload", "VARIABLES", "set_openmp_spin_default", "set_private_onnx_home"]
 
 # every environment variable Kiln reads; the cache key
 VARIABLES = ("KILN_CACHE_DIR", "KILN_CC", "KILN_DNNL_LIB", "KILN_PARALLEL_COMPILE", "KILN_MAX_LOOP_ITERATIONS",
@@ -163,3 +166,23 @@ def reload() -> Settings:
     with _LOCK:
         _CACHED = None
     return settings()
+
+
+# ---- variables Kiln sets (defaults for libraries that read the environment themselves) ----------------------
+
+GOMP_SPINCOUNT_DEFAULT = "3000"
+
+
+def set_openmp_spin_default() -> None:
+    """GOMP_SPINCOUNT=3000 unless it is set: bounded OpenMP spin-waiting (torch's default spinning starves other
+    processes on small shared CPUs). libgomp reads it when it loads, with torch: entry points call this before
+    anything imports torch (kiln/cli/main.py)."""
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT_DEFAULT)
+
+
+def set_private_onnx_home() -> None:
+    """ONNX_HOME pointed at a new temporary folder unless it is set: the onnx package's backend test suite
+    writes its light models' inputs under it, and a private folder avoids races between concurrent runs."""
+    if "ONNX_HOME" not in os.environ:
+        import tempfile
+        os.environ["ONNX_HOME"] = tempfile.mkdtemp(prefix="kiln-onnx-home-")

@@ -429,6 +429,42 @@ def test_settings_fields_documented():
         assert src.count(var) >= 2  # listed, and in its field's docstring
 
 
+def test_variables_kiln_sets_keep_a_value_already_there(monkeypatch, tmp_path):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    settings_mod.set_openmp_spin_default()
+    assert os.environ["GOMP_SPINCOUNT"] == "3000"
+    for given in ("", "30000"):  # set, even empty: left as it is
+        monkeypatch.setenv("GOMP_SPINCOUNT", given)
+        settings_mod.set_openmp_spin_default()
+        assert os.environ["GOMP_SPINCOUNT"] == given
+    monkeypatch.delenv("ONNX_HOME", raising=False)
+    settings_mod.set_private_onnx_home()
+    home = os.environ["ONNX_HOME"]
+    assert os.path.isdir(home) and os.path.basename(home).startswith("kiln-onnx-home-") and not os.listdir(home)
+    os.rmdir(home)
+    monkeypatch.setenv("ONNX_HOME", str(tmp_path))
+    settings_mod.set_private_onnx_home()
+    assert os.environ["ONNX_HOME"] == str(tmp_path)
+    # the CLI has set the OpenMP default by the time torch is first imported (libgomp reads it when it loads)
+    code = textwrap.dedent("""
+        import importlib.abc, os, sys
+        seen = []
+        class First(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch" and not seen:
+                    seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        sys.meta_path.insert(0, First())
+        import kiln.cli.main
+        kiln.cli.main.build_parser()
+        import torch
+        print(seen)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "['3000']", out.stdout + out.stderr
+
+
 # ---- CLI dummy inputs ------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 
 class Fallback(Protocol):
-    """A kernel's slow path for shapes its fast path cannot run (kiln.backends.cpu.dnnl.ReferenceFallback)."""
+    """A kernel's slow path for shapes its fast path cannot run (kiln.backends.cpu.fallback.ReferenceFallback)."""
 
     quiet: bool
     reason: str | None

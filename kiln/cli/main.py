@@ -13,8 +13,8 @@ from kiln.cli.bench import add_bench_parser
 from kiln.cli.options import add_build_options, add_detect_options, build_model, builder_config
 from kiln.errors import KilnError
 
-# Bounded OpenMP spin-waiting: torch's default spinning starves other processes on small shared CPUs.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from kiln.settings import set_openmp_spin_default
+set_openmp_spin_default()  # bounded OpenMP spin-waiting: before anything imports torch
 from kiln.logger import Logger
 
 

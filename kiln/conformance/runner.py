@@ -61,10 +61,8 @@ def _match(name: str, excl: dict[str, tuple[str, str]]) -> tuple[str, str] | Non
 
 def collect() -> dict[str, dict[str, object]]:
     """{category: {case name: test function}} for the CPU device."""
-    # the suite writes light-model inputs under ONNX_HOME: a private folder avoids races between runs
-    if "ONNX_HOME" not in os.environ:
-        import tempfile
-        os.environ["ONNX_HOME"] = tempfile.mkdtemp(prefix="kiln-onnx-home-")
+    from kiln.settings import set_private_onnx_home
+    set_private_onnx_home()  # before onnx.backend.test reads it
     import onnx.backend.test
 
     from kiln.conformance import backend

@@ -16,6 +16,7 @@ import torch
 
 from kiln.backends.cpu import dnnl
 from kiln.backends.cpu.conv_winograd import _kernels
+from kiln.backends.cpu.dnnl_primitive import Primitive
 from kiln.backends.tactic import get_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -248,9 +249,9 @@ def test_dynamic_channels_are_checked_per_call(tid: str) -> None:
 
 # ---- resources ---------------------------------------------------------------------------------------------
 
-def _live_primitives() -> list[dnnl._Primitive]:
+def _live_primitives() -> list[Primitive]:
     gc.collect()
-    return [o for o in gc.get_objects() if issubclass(type(o), dnnl._Primitive) and not o.closed and o._finalizer.alive]
+    return [o for o in gc.get_objects() if issubclass(type(o), Primitive) and not o.closed and o._finalizer.alive]
 
 
 @pytest.mark.parametrize("tid", NATIVE)

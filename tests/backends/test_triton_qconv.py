@@ -534,3 +534,45 @@ def test_qgemm_a_scale_bit_exact(idx: int) -> None:
     if case[0][-1] > 16 and case[1] % 8 == 0 and case[2] % 8 == 0 and len(case[0]) == 1:
         _assert_exact(_run("cuda.triton_qgemm", node, [a, None, None, z], {"int_mm": True}), want,
                       f"case {idx} torch._int_mm and the torch epilogue")
+
+
+LINEAR_CASES = [CONV_CASES[2], EVEN_CASES[3][0],
+                (3, 48, 5, 3, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), torch.int8, torch.int8, False, torch.uint8,
+                 "Clip", 0)]
+
+
+@pytest.mark.parametrize("idx", range(len(LINEAR_CASES)))
+def test_qconv_linear_rows_bit_exact(idx: int) -> None:
+    """Config LINEAR (a 1x1 conv as a GEMM over pixel rows): exact on dense NHWC input, on a channel slice of a
+    wider tensor (row stride > C) and into two channel-sliced destinations; on an input whose pixels are not
+    evenly spaced rows it runs the general kernel, still exact. It leads the configs of a 1x1 layer."""
+    from kiln.backends.cuda.triton_qconv import linear_configs, row_stride
+    node, x, z, want = _conv_case(LINEAR_CASES[idx], 80 + idx, x_zp=23 if idx == 1 else None)
+    n, c, h, w = x.shape
+    k = want.shape[1]
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx())
+    assert cfgs[0].get("LINEAR") and all(not cf.get("LINEAR") for cf in cfgs[len(linear_configs(k, c)):])
+    small = [{"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "LINEAR": True},
+             {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "LINEAR": True}]
+    wide = torch.zeros((n, c + 5, h, w), dtype=x.dtype, device=DEV).contiguous(memory_format=torch.channels_last)
+    wide[:, 3:3 + c] = x
+    xs = wide[:, 3:3 + c]
+    assert row_stride(xs) == c + 5 and row_stride(x) == c
+    uneven = torch.zeros((n, c, h + 1, w), dtype=x.dtype, device=DEV).contiguous(memory_format=torch.channels_last)
+    uneven[:, :, :h] = x
+    xu = uneven[:, :, :h]  # pixel rows jump at each image: not one row stride
+    assert n == 1 or row_stride(xu) is None
+    for cfg in small:
+        for what, xin in (("dense", x), ("channel slice", xs), ("uneven rows", xu)):
+            _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")
+        big = torch.zeros((n, k + 6, h, w), dtype=want_dtype(want), device=DEV).contiguous(
+            memory_format=torch.channels_last)
+        big2 = torch.zeros_like(big)
+        _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
+        _assert_exact(big[:, 2:2 + k], want, f"first destination {cfg}")
+        _assert_exact(big2[:, 4:4 + k], want, f"second destination {cfg}")
+        assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"
+
+
+def want_dtype(want: np.ndarray) -> torch.dtype:
+    return {v: k for k, v in NP.items()}[want.dtype.type]

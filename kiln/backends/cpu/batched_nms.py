@@ -18,12 +18,12 @@ import torch
 from kiln.backends.cpu import native
 from kiln.backends.cpu.common import CpuTactic
 from kiln.backends.cpu.nms import _library
-from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.backends.detection import batched_nms_kernel
+from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
-from kiln.plugins.detection import (DOMAIN, Candidates, NmsParams, batched_nms, candidate_scores,
-                                    make_candidates)
+from kiln.plugins.detection import DOMAIN, Candidates, NmsParams, candidate_scores, make_candidates
 
 Tensor = torch.Tensor
 _FLOATS = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
@@ -100,12 +100,7 @@ class CpuBatchedNmsTactic(CpuTactic):
         lib = _library()
         if lib is None:
             raise KilnError(f"cpu.batched_nms: no C compiler builds its kernel here ({native.error('nms')})")
-
-        def k_batched_nms(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            if torch.float64 in (boxes.dtype, scores.dtype):  # the reference computes in float64 then
-                return batched_nms(node, boxes, scores)
-            return batched_nms(node, boxes, scores, greedy=lambda c, p: _c_greedy(lib, c, p), ranked=ranked_on_cpu)
-        return Kernel(k_batched_nms)
+        return batched_nms_kernel(node, lambda c, p: _c_greedy(lib, c, p), ranked=ranked_on_cpu)
 
 
 register_tactic(CpuBatchedNmsTactic())

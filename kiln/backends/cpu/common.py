@@ -80,7 +80,7 @@ def const_float(v: Value | None, bf16: bool = False) -> Tensor | None:
 
 
 def bf16_layer(node: Node, residual: int | None = None) -> bool:
-    """A layer that oneDNN's bfloat16 primitives take (kiln.backends.cpu.dnnl.LAYER_DTYPES): a bfloat16 input
+    """A layer that oneDNN's bfloat16 primitives take (kiln.backends.cpu.dnnl_float.LAYER_DTYPES): a bfloat16 input
     (input 0) and one output, float32 or bfloat16, and the residual input `residual` (if present) float32 or
     bfloat16. A float32 layer is not one."""
     x = node.input(0)

@@ -21,8 +21,11 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
-from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, Convolution, DnnlError, ReferenceFallback, library, released,
-                                    require_library)
+from kiln.backends.cpu.dnnl import DnnlError, library, released, require_library
+from kiln.backends.cpu.dnnl_epilogue import ELTWISE
+from kiln.backends.cpu.dnnl_float import Convolution
+from kiln.backends.cpu.dnnl_primitive import ChannelsLast
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node

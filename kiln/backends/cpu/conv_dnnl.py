@@ -5,7 +5,7 @@ shape and strides, a convolution primitive with the weights already in its layou
 residual add and activation as post-ops in the node's order; an inference allocates the channels-last
 output and executes the primitive. Asymmetric pads, groups and dilations are oneDNN's own.
 Declines every layer when the oneDNN library is not installed. The input's channels are checked against
-the weights when a primitive is made (a static channel dim already in `accepts`); `_Primitive.run`
+the weights when a primitive is made (a static channel dim already in `accepts`); `Primitive.run`
 refuses tensors of other dtypes than the node's. `release` (Engine.close) destroys the primitives and reorders.
 
 bfloat16 layers (a bf16 build, kiln.passes.precision): a bfloat16 input, weights reordered once into the
@@ -22,7 +22,9 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
-from kiln.backends.cpu.dnnl import ELTWISE, Convolution, library, require_library
+from kiln.backends.cpu.dnnl import library, require_library
+from kiln.backends.cpu.dnnl_epilogue import ELTWISE
+from kiln.backends.cpu.dnnl_float import Convolution
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel
 from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError

@@ -8,7 +8,7 @@ the destination matrix, whatever its row stride (oneDNN's GEMM kernel takes lead
 destinations (a value feeding two Concats) the second receives a copy of the first.
 
 A matmul is made per (input, destination, residual) shapes and strides, after checking the input's channels
-against the weights and the residual's shape against the output; `_Primitive.run` refuses tensors that
+against the weights and the residual's shape against the output; `Primitive.run` refuses tensors that
 are not float32.
 """
 from __future__ import annotations
@@ -18,8 +18,11 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
-from kiln.backends.cpu.dnnl import (ELTWISE, FLOAT32, ChannelsLast, MatMul, ReferenceFallback, library, released,
-                                    require_library)
+from kiln.backends.cpu.dnnl import FLOAT32, library, released, require_library
+from kiln.backends.cpu.dnnl_epilogue import ELTWISE
+from kiln.backends.cpu.dnnl_float import MatMul
+from kiln.backends.cpu.dnnl_primitive import ChannelsLast
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node

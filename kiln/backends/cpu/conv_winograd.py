@@ -30,7 +30,10 @@ import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
 from kiln.backends.cpu.conv import conv_geometry
-from kiln.backends.cpu.dnnl import FLOAT32, ChannelsLast, MatMul, ReferenceFallback, library, released, require_library
+from kiln.backends.cpu.dnnl import FLOAT32, library, released, require_library
+from kiln.backends.cpu.dnnl_float import MatMul
+from kiln.backends.cpu.dnnl_primitive import ChannelsLast
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cpu import native
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError, PlanFormatError

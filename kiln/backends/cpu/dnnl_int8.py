@@ -1,9 +1,17 @@
 """oneDNN's integer (INT8) convolution and matmul primitives for QConv / QGemm (kiln.ops.qlayers' semantics).
 
-The int8 side of kiln.backends.cpu.dnnl (resources, threads and the dtype check of `run` are that module's):
-int8/uint8 source, int8 weights reordered once, the multipliers x_scale * w_scales[k] as oneDNN's weights
-scales, source and destination zero points, and the epilogue (bias, int8 or float residual, activation, the
-a_scale requantization, * 1 / y_scale) as post-ops.
+The int8 side of kiln.backends.cpu.dnnl (resources, threads and the dtype check of `run` are
+kiln.backends.cpu.dnnl_primitive's): int8/uint8 source, int8 weights reordered once, the multipliers
+x_scale * w_scales[k] as oneDNN's weights scales, source and destination zero points, and the epilogue (bias,
+int8 or float residual, activation, the a_scale requantization, * 1 / y_scale) as post-ops.
+
+``QConvolution``, ``QMatMul`` (kiln.ops.qlayers' QConv / QGemm): int8/uint8 sources, int8 weights reordered once
+(with the compensation oneDNN's int8 kernels need), the combined multiplier ``x_scale * w_scales[k]`` as oneDNN
+3.x's weights scales and the zero points as attributes, their values fixed memory arguments
+(``DNNL_ARG_ATTR_SCALES | arg``, ``DNNL_ARG_ATTR_ZERO_POINTS | arg``); the requantization ``v * (1 / y_scale)`` is
+the last post-op (an eltwise linear, so it rounds as the reference does) and oneDNN adds the output zero point,
+rounds half to even and saturates (it rounds v + zp, so an odd zero point gets an eltwise round first: the
+reference rounds v).
 """
 from __future__ import annotations
 
@@ -13,8 +21,11 @@ from typing import Any, Sequence
 import torch
 
 from kiln.backends.cpu.dnnl import (ARG_ATTR_SCALES, ARG_ATTR_ZERO_POINTS, ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS,
-                                    CONVOLUTION_DIRECT, F32, FLOAT32, FORWARD_INFERENCE, S8, S32, Dims, P, _bias_md,
-                                    _data_type, _Lib, _Owned, _post_ops, _Primitive, conv_weight_shape)
+                                    CONVOLUTION_DIRECT, F32, FLOAT32, FORWARD_INFERENCE, S8, S32, Dims, Library, Owned,
+                                    P, data_type)
+from kiln.backends.cpu.dnnl_epilogue import bias_md, post_ops
+from kiln.backends.cpu.dnnl_float import conv_weight_shape
+from kiln.backends.cpu.dnnl_primitive import Primitive
 from kiln.errors import KilnError
 
 
@@ -38,7 +49,7 @@ class Requant:
 _INT8 = (torch.int8, torch.uint8)
 
 
-class _QLayer(_Primitive):
+class _QLayer(Primitive):
     """What QConvolution and QMatMul share: the checks, the quantization attributes, the int8 weights."""
 
     def _check(self, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, q: Requant,
@@ -56,15 +67,15 @@ class _QLayer(_Primitive):
             raise KilnError(f"an integer layer of {n} output channels takes 1 or {n} float32 multipliers, got "
                             f"{list(m.shape)} {m.dtype}")
 
-    def _attr(self, tmp: _Owned, q: Requant, w_mask: int, z: torch.Tensor | None, act: str, alpha: float,
+    def _attr(self, tmp: Owned, q: Requant, w_mask: int, z: torch.Tensor | None, act: str, alpha: float,
               beta: float, act_first: bool) -> tuple[P, int, Any, list[tuple[int, Any, int]]]:
         """(attributes, z's execute argument, z's descriptor, the fixed scale / zero point arguments): the
         multipliers as weights scales, the zero points, the epilogue's post-ops ending in * (1 / y_scale)."""
         lib, d = self.lib, self.dll
         out_scale = 1.0 if q.y_scale is None else 1.0 / q.y_scale  # rounded to float32 by ctypes, as the reference
         odd_zp = q.y_scale is not None and q.y_zero_point % 2 != 0  # only an odd zero point moves a tie's rounding
-        attr, z_arg, z_md = _post_ops(lib, tmp, act, alpha, beta, z, act_first, q.z_scale, q.z_zero_point,
-                                      out_scale, odd_zp, q.mid)
+        attr, z_arg, z_md = post_ops(lib, tmp, act, alpha, beta, z, act_first, q.z_scale, q.z_zero_point,
+                                     out_scale, odd_zp, q.mid)
         m = q.multipliers.detach().contiguous()
         if bool((m == m[0]).all()):
             m, w_mask = m[:1].clone(), 0  # one scale for all channels
@@ -80,7 +91,7 @@ class _QLayer(_Primitive):
                 fixed.append((ARG_ATTR_ZERO_POINTS | arg, lib.md(tmp, [1], [1], S32), t.data_ptr()))
         return attr, z_arg, z_md, fixed
 
-    def _finish_q(self, tmp: _Owned, pd: P, w: torch.Tensor, b: torch.Tensor | None, b_md: Any,
+    def _finish_q(self, tmp: Owned, pd: P, w: torch.Tensor, b: torch.Tensor | None, b_md: Any,
                   fixed: list[tuple[int, Any, int]], src: tuple[Any, torch.dtype], dst: tuple[Any, torch.dtype],
                   z: tuple[int, Any, torch.dtype] | None) -> None:
         """`_finish` with the int8 weights (logical shape, any strides) reordered once and the bias kept."""
@@ -102,7 +113,7 @@ class QConvolution(_QLayer):
     several threads.
     """
 
-    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+    def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
                  pad_r: Sequence[int], groups: int, q: Requant, act: str, alpha: float, beta: float,
                  act_first: bool) -> None:
@@ -110,9 +121,9 @@ class QConvolution(_QLayer):
         try:
             k, w_shape = conv_weight_shape(x, w, groups)
             self._check(x, w, y, z, q, k)
-            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
-            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
-            b_md = _bias_md(lib, tmp, b, k, [k], [1])
+            src_md = lib.md(tmp, x.shape, x.stride(), data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), data_type(y))
+            b_md = bias_md(lib, tmp, b, k, [k], [1])
             attr, z_arg, z_md, fixed = self._attr(tmp, q, 1 if groups == 1 else 3, z, act, alpha, beta, act_first)
             pd = lib.pd(tmp, "convolution descriptor", lib.dll.dnnl_convolution_forward_primitive_desc_create,
                         lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None, S8),
@@ -129,7 +140,7 @@ class QMatMul(_QLayer):
     [M, K] or [..., M, K], w an int8 constant [N, K] (like nn.Linear; reordered once, shared by every batch),
     b float32 [N] or None, y / z as QConvolution's of shape [..., M, N]. `run(x, y[, z])`."""
 
-    def __init__(self, lib: _Lib, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+    def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, q: Requant, act: str = "", alpha: float = 0.0, beta: float = 0.0,
                  act_first: bool = False) -> None:
         tmp = self._begin(lib)
@@ -140,9 +151,9 @@ class QMatMul(_QLayer):
                                 f"{list(x.shape)}")
             n, kk = (int(s) for s in w.shape)
             self._check(x, w, y, z, q, n)
-            src_md = lib.md(tmp, x.shape, x.stride(), _data_type(x))
-            dst_md = lib.md(tmp, y.shape, y.stride(), _data_type(y))
-            b_md = _bias_md(lib, tmp, b, n, [1] * (nd - 1) + [n], [n] * (nd - 1) + [1])
+            src_md = lib.md(tmp, x.shape, x.stride(), data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), data_type(y))
+            b_md = bias_md(lib, tmp, b, n, [1] * (nd - 1) + [n], [n] * (nd - 1) + [1])
             attr, z_arg, z_md, fixed = self._attr(tmp, q, 1 << (nd - 1), z, act, alpha, beta, act_first)
             w_kn = w.detach().t().contiguous().reshape([1] * (nd - 2) + [kk, n])  # [..., K, N]
             pd = lib.pd(tmp, "matmul descriptor", lib.dll.dnnl_matmul_primitive_desc_create, lib.engine, src_md,

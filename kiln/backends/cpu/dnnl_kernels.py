@@ -4,7 +4,7 @@
 made for) and `rows_kernel` (gemms: the input's leading dims flattened into the rows of one 2-D primitive). Both
 build each primitive on first sight of a shape (`make(x, z) -> (primitive, output shape)`), fall back to the op's
 reference where oneDNN declines a shape (ReferenceFallback), take `out=` and release their primitives with the
-kernel.
+kernel. `shape_cached` is the per-shape cache under both (and under the pooling and linear tactics).
 """
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ from typing import Any, Callable
 
 import torch
 
-from kiln.backends.cpu.dnnl import ChannelsLast, ReferenceFallback, shape_cached
+from kiln.backends.cpu.dnnl import FLOAT32, released
+from kiln.backends.cpu.dnnl_primitive import ChannelsLast, Primitive
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
 Make = Callable[[Tensor, Tensor | None], Any]
+Made = tuple[Primitive, tuple[int, ...]]
 
 
 def channels_last_kernel(node: Node, lib: Any, make: Make, x_types: tuple[torch.dtype, ...],
@@ -62,3 +65,56 @@ def rows_kernel(node: Node, make: Make, n_out: int, x_types: tuple[torch.dtype, 
         return out if out is not None else y
     return Kernel(k_rows, prepacked=frozenset({1, 2}), fallback=fb, release=run.close,  # type: ignore[attr-defined]
                   out_format="contiguous")
+
+
+def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made], fallback: ReferenceFallback,
+                 args: Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]] = lambda x, z: (x,),
+                 x_dtypes: tuple[torch.dtype, ...] = (FLOAT32,), z_dtypes: tuple[torch.dtype, ...] = (FLOAT32,),
+                 out_dtype: torch.dtype = FLOAT32
+                 ) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]:
+    """A layer's per-call function over primitives made once per input shape and strides.
+
+    make(x, z) -> (primitive, output shape) on a miss; the call `run(x, z, out)` executes the primitive
+    into `out` (dense `out_dtype`, float32 by default, channels-last for 4-D outputs: an arena slot) or a
+    new tensor, and returns it. Shapes oneDNN declines go to `fallback`, with the node's inputs `args(x, z)`.
+    x and z must have one of `x_dtypes` / `z_dtypes` (float32 by default). A primitive is keyed on its
+    tensors' shapes and strides and refuses other dtypes than it was made for (`Primitive.run`), so every
+    call hands oneDNN exactly the layout it was made for. `run.close()` destroys the primitives; a call
+    after it raises KilnError.
+    """
+    cache: dict[tuple[Any, ...], tuple[Primitive, tuple[int, ...], torch.memory_format]] = {}
+    closed: list[bool] = []
+
+    def run(x: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+        key = (x.shape, x.stride(), None if z is None else (z.shape, z.stride()))
+        entry = cache.get(key)
+        if entry is None:
+            if closed:
+                raise released(name)
+            if x.dtype not in x_dtypes or (z is not None and z.dtype not in z_dtypes):
+                want = " or ".join(str(t).replace("torch.", "") for t in x_dtypes)
+                raise KilnError(f"'{name}' takes {want} tensors, got {x.dtype}"
+                                f"{'' if z is None else f' and {z.dtype}'}")
+            made = fallback.attempt(key, lambda: make(x, z), f"input shape {list(x.shape)}")
+            if made is None:
+                return fallback(key, args(x, z), out)
+            prim, shape = made
+            entry = cache[key] = (prim, shape, torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+        prim, shape, fmt = entry
+        if out is None:
+            out = torch.empty(shape, dtype=out_dtype, memory_format=fmt)
+        elif out.shape != shape or not out.is_contiguous(memory_format=fmt) or out.dtype is not out_dtype:
+            raise KilnError(f"'{name}' takes a dense destination of shape {list(shape)} "
+                            f"({str(out_dtype).replace('torch.', '')}{', channels-last' if len(shape) == 4 else ''}), "
+                            f"got {list(out.shape)} {out.dtype} with strides {list(out.stride())}")
+        prim.run(x, out) if z is None else prim.run(x, out, z)  # run refuses a tensor of another dtype
+        return out
+
+    def close() -> None:
+        closed.append(True)
+        entries = list(cache.values())
+        cache.clear()
+        for prim, _, _ in entries:
+            prim.close()
+    run.close = close  # type: ignore[attr-defined]
+    return run

@@ -6,7 +6,7 @@ FusedGemm / Gemm / MatMul with a constant weight as a oneDNN inner product (weig
 bias, residual add and activation as post-ops). Both take float32 layers and bfloat16 ones (a bf16 build:
 bfloat16 input and weights, float32 bias, bfloat16 or float32 output and residual; pools read and write
 one type); where the CPU has no BF16 instructions oneDNN offers only its reference loops, which
-kiln.backends.cpu.dnnl refuses, and the layer runs its reference implementation with a warning. Both
+kiln.backends.cpu.dnnl_primitive refuses, and the layer runs its reference implementation with a warning. Both
 write into the run-time arena and compete under the autotuner with the torch-based tactics; inside a
 network they avoid torch's dispatcher, whose cold code paths cost more than the small kernels themselves
 (see docs/ARCHITECTURE.md). Both decline every layer when the oneDNN library is not installed.
@@ -19,10 +19,13 @@ import torch
 
 from kiln.backends.cpu.common import (CpuTactic, act_attrs, bf16_layer, ints_at_least, is_f32, layer_dtypes,
                                       shape_hint)
-from kiln.backends.cpu.dnnl import (ELTWISE, ChannelsLast, POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX,
-                                    InnerProduct, Pooling, ReferenceFallback, library, require_library,
-                                    shape_cached)
-from kiln.backends.cpu.dnnl_kernels import rows_kernel
+from kiln.backends.cpu.dnnl import (POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX, library,
+                                    require_library)
+from kiln.backends.cpu.dnnl_epilogue import ELTWISE
+from kiln.backends.cpu.dnnl_float import InnerProduct, Pooling
+from kiln.backends.cpu.dnnl_kernels import rows_kernel, shape_cached
+from kiln.backends.cpu.dnnl_primitive import ChannelsLast
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cpu.gemm import linear_weights
 from kiln.backends.cpu.pool import spatial_mean
 from kiln.backends.tactic import Built, Kernel, register_tactic

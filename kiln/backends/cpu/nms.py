@@ -17,12 +17,12 @@ import torch
 
 from kiln.backends.cpu import native
 from kiln.backends.cpu.common import CpuTactic
-from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.backends.detection import nms_kernel
+from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
-from kiln.ops.detection import Ranked, no_selection, rank_candidates
-from kiln.ops.registry import lookup
+from kiln.ops.detection import Ranked
 
 Tensor = torch.Tensor
 _FLOATS = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
@@ -69,16 +69,7 @@ class CpuNmsTactic(CpuTactic):
         lib = _library()
         if lib is None:
             raise KilnError(f"cpu.nms: no C compiler builds its kernel here ({native.error('nms')})")
-        reference = lookup(node.op_type, node.domain).bind(node)
-
-        def k_nms(boxes: Tensor, scores: Tensor, *rest: Any) -> Tensor:
-            if boxes.dtype == torch.float64:  # the reference computes in float64 then
-                return reference(boxes, scores, *rest)
-            c = rank_candidates(node, boxes, scores, *rest)
-            if c is None:
-                return no_selection(boxes.device)
-            return c.selected(greedy(lib, c))
-        return Kernel(k_nms)
+        return nms_kernel(node, lambda c: greedy(lib, c))
 
 
 register_tactic(CpuNmsTactic())

@@ -71,7 +71,7 @@ import torch
 
 from kiln.backends.cpu import native
 from kiln.backends.cpu.common import CpuTactic
-from kiln.backends.cpu.dnnl import ReferenceFallback
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cpu.pointwise_codegen import _B, _F, _SIMD_DECLS, MAX_DIMS, CProgram, analyse, generate_source
 from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import Built, register_tactic

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, dims_agree
-from kiln.backends.cpu.dnnl import ELTWISE, library, require_library
+from kiln.backends.cpu.dnnl import library, require_library
+from kiln.backends.cpu.dnnl_epilogue import ELTWISE
 from kiln.backends.cpu.dnnl_int8 import QConvolution, QMatMul, Requant
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel, rows_kernel
 from kiln.backends.tactic import Built, register_tactic

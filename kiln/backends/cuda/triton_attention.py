@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.attention import merged_output, spec as attention_spec, views
-from kiln.backends.cpu.dnnl import ReferenceFallback
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cuda.common import check_out
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic

@@ -29,12 +29,11 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import FLOAT_DTYPES
 from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.detection import batched_nms_kernel, nms_kernel
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
-from kiln.ops.detection import Ranked, no_selection, rank_candidates
-from kiln.ops.registry import lookup
-from kiln.plugins.detection import (DOMAIN, Candidates, NmsParams, YoloParams, batched_nms, check_head,
-                                    decode_head)
+from kiln.ops.detection import Ranked
+from kiln.plugins.detection import DOMAIN, Candidates, NmsParams, YoloParams, check_head, decode_head
 
 Tensor = torch.Tensor
 _CONFIGS = ({"block": 32, "num_warps": 1}, {"block": 64, "num_warps": 2}, {"block": 128, "num_warps": 4})
@@ -158,12 +157,7 @@ class TritonBatchedNms(Tactic):
             kidx, num = greedy_rows(c.cols, c.valid.sum(1), None if p.class_agnostic else c.cls,
                                     p.iou_threshold, p.max_output_boxes, config)
             return keep_mask(kidx, num, int(c.valid.shape[1]))
-
-        def k_batched_nms(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            if torch.float64 in (boxes.dtype, scores.dtype):  # the reference computes in float64 then
-                return batched_nms(node, boxes, scores)
-            return batched_nms(node, boxes, scores, greedy=greedy)
-        return Kernel(k_batched_nms)
+        return batched_nms_kernel(node, greedy)
 
 
 class TritonNms(Tactic):
@@ -181,16 +175,7 @@ class TritonNms(Tactic):
         return [dict(c) for c in _CONFIGS]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
-        reference = lookup(node.op_type, node.domain).bind(node)
-
-        def k_nms(boxes: Tensor, scores: Tensor, *rest: Any) -> Tensor:
-            if boxes.dtype == torch.float64:  # the reference computes in float64 then
-                return reference(boxes, scores, *rest)
-            c = rank_candidates(node, boxes, scores, *rest)
-            if c is None:
-                return no_selection(boxes.device)
-            return c.selected(_nms_keys(c, config))
-        return Kernel(k_nms)
+        return nms_kernel(node, lambda c: _nms_keys(c, config))
 
 
 def _nms_keys(c: Ranked, config: dict[str, Any]) -> Tensor:

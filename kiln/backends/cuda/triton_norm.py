@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.backends.cpu.dnnl import ReferenceFallback
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cuda.common import FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic

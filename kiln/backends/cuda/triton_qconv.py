@@ -192,6 +192,53 @@ def _qconv2d_nhwc_kernel(
                  v.to(y2_ptr.dtype.element_ty), mask=y_mask)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _qconv_rows_kernel(
+    x_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr,
+    M, sx, sz, sy, sy2,
+    x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
+    has_bias: tl.constexpr, has_z: tl.constexpr, act: tl.constexpr, act_before_add: tl.constexpr,
+    a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a: tl.constexpr, has_y2: tl.constexpr,
+    C: tl.constexpr, K: tl.constexpr,
+    X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """A 1x1, stride-1, unpadded QConv over activations whose pixels are evenly spaced rows (dense NHWC, or a
+    channel slice of it): a GEMM over M = N*H*W rows of C channels with the row stride as the only address
+    math, the reduction unrolled at compile time (C constexpr) and every epilogue switch constexpr (one
+    compiled variant per layer). Same arithmetic as _qconv2d_nhwc_kernel, bit for bit."""
+    tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, 1, BLOCK_M, BLOCK_N, GROUP_M, 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < K
+    rows = offs_m  # the wrapper keeps every tensor under 2**31 elements
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in tl.static_range(0, C, BLOCK_K):
+        if C % BLOCK_K == 0:
+            a = tl.load(x_ptr + (rows * sx)[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0)
+            b = tl.load(w_ptr + (offs_n * C)[None, :] + (k0 + offs_k)[:, None], mask=n_mask[None, :], other=0)
+        else:
+            k_ok = (k0 + offs_k) < C
+            a = tl.load(x_ptr + (rows * sx)[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_ok[None, :],
+                        other=0)
+            b = tl.load(w_ptr + (offs_n * C)[None, :] + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_mask[None, :],
+                        other=0)
+        acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if has_z:
+        z = tl.load(z_ptr + (rows * sz)[:, None] + offs_n[None, :], mask=y_mask, other=0)
+        z = (z.to(tl.float32) - z_zp) * z_scale
+    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                    QUANT)
+    tl.store(y_ptr + (rows * sy)[:, None] + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2:
+        tl.store(y2_ptr + (rows * sy2)[:, None] + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+
+
 @triton.jit(do_not_specialize=["M", *_RUNTIME])
 def _qgemm_kernel(
     a_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
@@ -388,6 +435,10 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
     (a channel-sliced view is copied first)."""
     x = _nhwc_ok(x)
     n, c, h, w = x.shape
+    if cfg.get("LINEAR") and pointwise_geometry(geo) and int(cfg.get("SPLIT_K", 1)) == 1:
+        y = _qconv_rows(x, wk, qe, z, cfg, out)
+        if y is not None:
+            return y
     mode = _qconv_mode(x, geo, qe, cfg)
     if mode["ROWS"] and x.stride(3) != c:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -419,6 +470,52 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
         geo.dilations[0], geo.dilations[1], triton.cdiv(c, bk), its,
         *qe.scalars(z), int(y2 is not y)],
         {**_kwargs(qe, cfg, split), **mode})
+    return y
+
+
+def pointwise_geometry(geo: ConvGeometry) -> bool:
+    """A 1x1 conv with stride 1 and no padding: one output pixel per input pixel."""
+    return tuple(geo.kernel) == (1, 1) and tuple(geo.strides) == (1, 1) and not any(geo.pads)
+
+
+def row_stride(t: Tensor) -> int | None:
+    """The distance r between consecutive pixels of an NCHW-shaped tensor whose pixel p = (n*H + h)*W + w
+    starts at p * r with unit channel stride (dense NHWC, or a channel slice of it), else None."""
+    n, c, h, w = t.shape
+    if c > 1 and t.stride(1) != 1:
+        return None
+    sizes, strides, span = (w, h, n), (t.stride(3), t.stride(2), t.stride(0)), (1, w, w * h)
+    r = next((st // sp for sz, st, sp in zip(sizes, strides, span) if sz > 1), c)
+    if any(sz > 1 and st != sp * r for sz, st, sp in zip(sizes, strides, span)):
+        return None
+    return r if r >= c else None
+
+
+def _qconv_rows(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, cfg: dict[str, Any],
+                out: Out) -> Tensor | None:
+    """Config LINEAR of a 1x1 / stride-1 / unpadded conv through _qconv_rows_kernel, or None when a tensor's
+    pixels are not evenly spaced rows (the caller then runs the general kernel with the same tile)."""
+    n, c, h, w = x.shape
+    k = wk.shape[0]
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty((n, k, h, w), device=x.device, dtype=qe.out_dtype,
+                                         memory_format=torch.channels_last)
+    y2 = outs[1] if len(outs) > 1 else y
+    strides = [row_stride(t) for t in (x, y, y2, *([z] if z is not None else []))]
+    if any(r is None for r in strides):
+        return None
+    sx, sy, sy2 = strides[:3]
+    sz = strides[3] if z is not None else 0
+    m = n * h * w
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    sc = qe.scalars(z)
+    launch(_qconv_rows_kernel, (triton.cdiv(m, bm) * triton.cdiv(k, bn),), [
+        x, wk, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y, y2,
+        m, sx, sz, sy, sy2, *sc[:9]], dict(
+        has_bias=sc[9], has_z=sc[10], act=sc[11], act_before_add=sc[12], a_inv_scale=sc[13], a_scale=sc[14],
+        a_zp=sc[15], a_lo=sc[16], a_hi=sc[17], has_a=sc[18], has_y2=int(y2 is not y), C=c, K=k,
+        X_U8=qe.x_u8, QUANT=qe.quant, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
     return y
 
 
@@ -472,6 +569,28 @@ QTILES: list[tuple[int, int, int, int, int]] = [
     (32, 32, 64, 2, 4),
     (32, 32, 32, 2, 4),
 ]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of config LINEAR (1x1 convs as GEMMs over pixel rows), the
+# fastest on the H200 for ResNet-50's 1x1 layers at batch 256 (benchmarks/int8_ceiling.py): narrow N tiles with
+# 4 warps for 64/128 input channels, 128x128 with 8 warps and a 128-byte reduction step for wider layers.
+LINEAR_TILES: list[tuple[int, int, int, int, int]] = [
+    (128, 64, 64, 4, 4),
+    (128, 128, 128, 8, 3),
+    (128, 128, 64, 8, 3),
+]
+
+
+def linear_configs(k_out: int, c: int) -> list[dict[str, Any]]:
+    """Config LINEAR tiles for a 1x1 conv of c -> k_out channels, each narrowed to the problem (N and the
+    reduction step no wider than the next power of two of k_out and c, at least 32), duplicates dropped."""
+    out: list[dict[str, Any]] = []
+    for bm, bn, bk, warps, stages in LINEAR_TILES:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": min(bn, max(32, _p2(k_out))), "BLOCK_K": min(bk, max(32, _p2(c))),
+               "GROUP_M": 8, "num_warps": warps, "num_stages": stages, "LINEAR": True}
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def qtile_configs(m: int | None, n: int, k: int | None, level: int, k_red: int | None = None) -> list[dict[str, Any]]:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from kiln.backends.cpu.dnnl import ReferenceFallback
+from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cuda.common import check_out, conv_geometry, nhwc_outs, out_list, write_out, Out
 from kiln.backends.cuda.triton_conv import split_k_bytes
 from kiln.backends.cuda.triton_gemm import _out_rows, _rows
-from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, pack_qconv_weight, qconv2d_nhwc, qgemm,
-                                             qgemm_int_mm, qtile_configs, rows_ok)
+from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, pointwise_geometry, linear_configs,
+                                             pack_qconv_weight, qconv2d_nhwc, qgemm, qgemm_int_mm, qtile_configs,
+                                             rows_ok)
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -121,6 +122,9 @@ class TritonQConv(Tactic):
         cfgs = qtile_configs(m, k_out, c, int(ctx.extra.get("opt_level", 3)), c * kh * kw)
         if c < 32 and kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
             cfgs = _stem_configs(node, k_out, c, kw) + cfgs
+        geo = ConvGeometry.of(node)
+        if geo is not None and pointwise_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles first
+            cfgs = linear_configs(k_out, c) + cfgs
         return cfgs
 
     def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
