@@ -177,7 +177,7 @@ class Builder:
                 build = {"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
                          "optimization_level": config.optimization_level, "torch": torch.__version__,
                          "tuning": tuning, **notes, **(int8_report or {}),
-                         **layer_records(origin, g, tactics, all_types[id(g)])}
+                         **layer_records(origin, g, tactics, all_types[id(g)], device)}
                 plan = self._make_plan(g, target, config, tactics, all_types, build)
         plan.build["stage_seconds"] = {k: round(v, 3) for k, v in progress.seconds.items()}
         plan.build["build_seconds"] = round(time.perf_counter() - t0, 3)

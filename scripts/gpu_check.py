@@ -9,7 +9,9 @@
 3. benchmarks Kiln against PyTorch FP16 channels_last eager, eager + CUDA graph and
    torch.compile(mode="reduce-overhead") in this one process: latency is the median of 50 runs,
    each timed with CUDA events from an idle GPU (so launch overhead counts), throughput = batch/latency;
-4. prints and writes a markdown table (Kiln/peer ratios, build and load times, arena vs naive memory).
+4. runs `kiln bench` on the same ResNet-50 plan files and batches in its own process (--no-transfers, its
+   --export-json read back) and records its median beside this script's, flagging a disagreement over 10%;
+5. prints and writes a markdown table (Kiln/peer ratios, build and load times, arena vs naive memory).
 """
 from __future__ import annotations
 
@@ -112,6 +114,30 @@ class KilnRunner:
                 stream.close()
 
 
+BENCH_ARGS = ["--no-transfers", "--warmup", "500", "--iterations", "300"]
+BENCH_TOLERANCE = 0.10  # kiln bench's median against this script's, relative
+
+
+def bench_check(row: dict[str, Any], path: str, batch: int) -> None:
+    """`kiln bench PLAN --no-transfers --export-json` (kiln.cli.bench.run_bench: a fresh process, inputs staged
+    on the device once, CUDA graphs on, as this script times Kiln) on the plan file just timed; its median, the
+    ratio to this script's median and whether they agree within BENCH_TOLERANCE go into the row."""
+    from kiln.cli.bench import agreement, run_bench
+    try:
+        res = run_bench(path, BENCH_ARGS, timeout=300)
+        if res.batch != batch:
+            raise RuntimeError(f"kiln bench ran batch {res.batch}, the plan was built for {batch}")
+        ratio, ok = agreement(res.median_ms, row["kiln"], BENCH_TOLERANCE)
+        row.update(bench=res.median_ms, bench_ratio=ratio, bench_agrees=ok, bench_graph=res.cuda_graph,
+                   bench_iterations=res.iterations)
+        log(f"{row['model']} b{batch}: kiln bench --no-transfers median {res.median_ms:.3f} ms over {res.iterations} "
+            f"iterations vs {row['kiln']:.3f} ms here: ratio {ratio:.3f}"
+            + ("" if ok else f" (DISAGREE by more than {BENCH_TOLERANCE:.0%})"))
+    except Exception as e:
+        log(f"{row['model']} b{batch}: kiln bench FAILED: {type(e).__name__}: {e}")
+        NOTES.append(f"{row['model']} b{batch}: kiln bench failed: {type(e).__name__}: {str(e)[:200]}")
+
+
 def peers_for(net: torch.nn.Module, x16: torch.Tensor, compile_ok: bool) -> dict[str, float]:
     """Latencies (ms) of the PyTorch peers on an FP16 channels_last input."""
     res: dict[str, float] = {}
@@ -147,7 +173,11 @@ def main() -> int:
     ap.add_argument("--compile-batches", default="resnet50:1,32,256;yolov4_tiny:1,32",
                     help="which (model:batches) get a torch.compile peer (time-box); 'none' for none")
     ap.add_argument("--models", default="yolov4_tiny,resnet50", help="comma-separated subset to build and time")
+    ap.add_argument("--batches", default="yolov4_tiny:1,32;resnet50:1,32,256",
+                    help="the batches each model is built and timed at (model:batches;...)")
     ap.add_argument("--budget", type=float, default=540, help="seconds; torch.compile peers are skipped past 70%%")
+    ap.add_argument("--bench-models", default="resnet50",
+                    help="models whose plans `kiln bench` also times, against this script's median; 'none' for none")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU available", file=sys.stderr)
@@ -178,8 +208,12 @@ def main() -> int:
     cache = os.path.join(out_dir, "timing_cache.json")
     if os.path.exists(cache):
         os.unlink(cache)
-    models = [m for m in [("yolov4_tiny", yolov4_tiny, (1, 32)), ("resnet50", resnet50, (1, 32, 256))]
-              if m[0] in args.models.split(",")]
+    batch_plan: dict[str, tuple[int, ...]] = {}
+    for part in args.batches.split(";"):
+        m, _, bs = part.partition(":")
+        batch_plan[m] = tuple(int(b) for b in bs.split(",") if b)
+    models = [(m, mod, batch_plan.get(m, ())) for m, mod in [("yolov4_tiny", yolov4_tiny), ("resnet50", resnet50)]
+              if m in args.models.split(",")]
     for name, mod, batches in models:
         runner = KilnRunner(name, mod, out_dir, cache)
         net = mod.build_torch(0).eval().half().cuda().to(memory_format=torch.channels_last)
@@ -235,6 +269,9 @@ def main() -> int:
                 row["kiln_nograph"] = bench(lambda: eager_ctx.execute_async(feed), runs=20)
                 log(f"{name} b{batch}: kiln {row['kiln']:.3f} ms (without CUDA graph {row['kiln_nograph']:.3f} ms)")
                 ctx = eager_ctx = eng = None
+                if name in args.bench_models.split(","):
+                    torch.cuda.empty_cache()  # this process idles on the GPU while kiln bench runs
+                    bench_check(row, path, batch)
             except Exception as e:
                 log(f"{name} b{batch}: KILN FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
@@ -298,6 +335,13 @@ def render(dev: str) -> str:
         if "layers" in r:
             lines.append(f"- Kiln layers {r['model']} b{r['batch']}: {r['layers']['layers']} launching kernels "
                          f"(+{r['layers']['views']} zero-copy views, {r['layers']['elided']} concats elided)")
+        if "bench" in r:
+            verdict = (f"agree within {BENCH_TOLERANCE:.0%}" if r["bench_agrees"]
+                       else f"**DISAGREE by more than {BENCH_TOLERANCE:.0%}**")
+            graphs = "" if r.get("bench_graph") else ", without CUDA graphs"
+            lines.append(f"- `kiln bench --no-transfers` {r['model']} b{r['batch']} (same plan file, own process"
+                         f"{graphs}): median {r['bench']:.3f} ms over {r['bench_iterations']} iterations vs "
+                         f"{r['kiln']:.3f} ms here, ratio {r['bench_ratio']:.3f}: {verdict}")
     lines += [f"- {n}" for n in NOTES]
     lines.append(f"- total wall time {time.perf_counter() - T_START:.0f} s")
     return "\n".join(lines) + "\n"

@@ -251,3 +251,165 @@ def test_unwritable_export_writes_nothing(files, tmp_path, capsys, monkeypatch):
                                    "--export-times", str(out / "a.json"))
     assert "is the model" in _refused(capsys, monkeypatch, plan, "--export-json", plan)
     assert os.listdir(out) == [] and not (tmp_path / "missing").exists()
+
+
+# ---- a Darknet .cfg: built in memory as `kiln build` builds it ------------------------------------------------
+
+TINY_CFG = """[net]
+width=16
+height=16
+channels=3
+
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+filters=6
+size=1
+stride=1
+pad=1
+activation=linear
+"""
+
+
+def _darknet(d) -> tuple[str, str]:
+    """TINY_CFG and fresh random .weights for it (header 0.2.5; bn conv: biases, scales, mean, var, weights; then the
+    1x1 conv's biases and weights)."""
+    rng = np.random.default_rng()
+    parts = [rng.standard_normal(4), 1 + 0.1 * rng.standard_normal(4), 0.1 * rng.standard_normal(4),
+             0.5 + np.abs(rng.standard_normal(4)), 0.2 * rng.standard_normal(4 * 3 * 3 * 3),
+             rng.standard_normal(6), 0.3 * rng.standard_normal(6 * 4)]
+    cfg, weights = d / "tiny.cfg", d / "tiny.weights"
+    cfg.write_text(TINY_CFG)
+    weights.write_bytes(np.array([0, 2, 5], np.int32).tobytes() + np.zeros(1, np.int64).tobytes()
+                        + np.concatenate(parts).astype(np.float32).tobytes())
+    return str(cfg), str(weights)
+
+
+def test_bench_darknet_cfg_and_its_profile_in_inspect(tmp_path, capsys):
+    from kiln.cli.main import main
+    cfg, weights = _darknet(tmp_path)
+    j, t, p = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "p.json"
+    code, out, err = _bench(capsys, cfg, "--weights", weights, "--opt-level", "0", "--iterations", "12", "--warmup",
+                            "0", "--export-json", str(j), "--export-times", str(t), "--export-profile", str(p),
+                            "--profile-iterations", "3")
+    assert code == 0, err
+    s, prof = _load(j), _load(p)
+    _check_summary(s, _load(t), out, batch=1)
+    assert s["origin"].startswith(f"model {cfg}: built for cpu in ")
+    assert s["inputs"] == [{"name": "input", "dtype": "float32", "shape": [1, 3, 16, 16], "source": "random"}]
+    # `kiln build` of the same .cfg + .weights: the bench profile times exactly its layers, and inspect shows it
+    plan = tmp_path / "tiny.kiln"
+    assert main(["build", cfg, "--weights", weights, "--opt-level", "0", "-q", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(plan), "--profile", str(p), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    launching = {r["name"]: r for r in doc["layers"] if r["launches"]}
+    assert sorted(r["name"] for r in prof["layers"]) == sorted(launching) and len(launching) == 3
+    assert doc["profile"]["layers_timed"] == 3 and doc["profile"]["unknown_layers"] == []
+    for r in prof["layers"]:
+        assert launching[r["name"]]["profile"] == {"ms": r["mean_ms"], "percent": r["percent"]}
+    assert doc["profile"]["sum_ms"] == pytest.approx(math.fsum(r["mean_ms"] for r in prof["layers"]), rel=1e-12)
+    # --shapes gives the Darknet input a dynamic batch, as for `kiln build`
+    code, out, err = _bench(capsys, cfg, "--weights", weights, "--opt-level", "0", "--shapes", "input:3x3x16x16",
+                            "--iterations", "6", "--warmup", "0", "--export-json", str(j), "--export-times", str(t))
+    assert code == 0, err
+    _check_summary(_load(j), _load(t), out, batch=3)
+
+
+def test_darknet_flags_refused(files, tmp_path, capsys, monkeypatch):
+    model, plan = files
+    cfg, weights = _darknet(tmp_path)
+    assert "give its weights with --weights" in _refused(capsys, monkeypatch, cfg, "--iterations", "3")
+    assert "--weights goes with a Darknet .cfg" in _refused(capsys, monkeypatch, model, "--weights", weights)
+    assert "--detect goes with a Darknet .cfg" in _refused(capsys, monkeypatch, model, "--detect")
+    assert "--weights is a build flag" in _refused(capsys, monkeypatch, plan, "--weights", weights)
+    assert "--detect is a build flag" in _refused(capsys, monkeypatch, plan, "--detect")
+    assert "is the --weights file" in _refused(capsys, monkeypatch, cfg, "--weights", weights, "--export-json", weights)
+    assert "--conf" in _refused(capsys, monkeypatch, cfg, "--weights", weights, "--conf", "0.5")
+    assert os.path.getsize(weights) == 20 + 4 * (4 * 4 + 108 + 6 + 24)  # not overwritten
+
+
+# ---- kiln bench from other tools (scripts/gpu_check.py) -------------------------------------------------------
+
+def test_run_bench_reads_back_its_json(files, tmp_path):
+    from kiln.cli.bench import parse_bench_json, run_bench
+    from kiln.errors import KilnError
+    _, plan = files
+    r = run_bench(plan, ["--iterations", "6", "--warmup", "0", "--no-transfers", "--shapes", "x:3x3x16x16"])
+    s = r.summary
+    assert (r.min_ms, r.median_ms, r.mean_ms, r.max_ms) == tuple(s["latency_ms"][k] for k in ("min", "median", "mean",
+                                                                                             "max"))
+    assert r.min_ms <= r.median_ms <= r.max_ms and r.iterations == s["iterations"] == 6
+    assert (r.batch, r.device, r.transfers, r.cuda_graph) == (3, "cpu", False, None)
+    assert s["inputs"][0]["shape"] == [3, 3, 16, 16] and "--no-transfers" in " ".join(s["notes"])
+    with pytest.raises(KilnError, match="exited with 2: kiln: error: model file not found"):
+        run_bench(str(tmp_path / "none.kiln"))
+    with pytest.raises(KilnError, match="--iterations must be >= 1"):
+        run_bench(plan, ["--iterations", "0"])
+    for edit, words in [(lambda d: d["latency_ms"].pop("median"), "no latency_ms.median"),
+                        (lambda d: d["latency_ms"].__setitem__("min", 1e9), "not ordered"),
+                        (lambda d: d["latency_ms"].__setitem__("mean", float("nan")), "latency_ms.mean"),
+                        (lambda d: d.__setitem__("iterations", 0), "iterations must be"),
+                        (lambda d: d.__setitem__("batch", "3"), "batch must be"),
+                        (lambda d: d.pop("config"), "no config.cuda_graph")]:
+        bad = json.loads(json.dumps(s))
+        edit(bad)
+        with pytest.raises(KilnError, match=words):
+            parse_bench_json(bad)
+
+
+def _gpu_check():
+    import importlib.util
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", os.path.join(ROOT, "scripts", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_records_kiln_bench_beside_its_own_median(files, monkeypatch):
+    """gpu_check's step after its own timing, run on a CPU plan: `kiln bench` in its own process on the same plan
+    file; both medians, their ratio and the verdict in the row and in the markdown."""
+    import kiln.cli.bench as bench_mod
+    gc = _gpu_check()
+    _, plan = files  # built with a profile whose opt batch is 2: what kiln bench runs by default
+    monkeypatch.setattr(gc, "BENCH_ARGS", ["--no-transfers", "--warmup", "0", "--iterations", "8"])
+    calls = []
+    real = bench_mod.run_bench
+
+    def spy(*a, **k):
+        calls.append((a, real(*a, **k)))
+        return calls[-1][1]
+    monkeypatch.setattr(bench_mod, "run_bench", spy)
+    row = {"model": "tiny", "batch": 2, "kiln": 0.25}
+    gc.bench_check(row, plan, 2)
+    ((args, res),) = calls
+    assert args == (plan, gc.BENCH_ARGS) and res.batch == 2 and res.iterations == 8
+    assert row["bench"] == res.median_ms == res.summary["latency_ms"]["median"] and row["bench_iterations"] == 8
+    assert row["bench_ratio"] == res.median_ms / 0.25 and row["bench_graph"] is None
+    assert row["bench_agrees"] == (abs(res.median_ms / 0.25 - 1) <= 0.10)
+    # the markdown: one row agreeing, one 25% off
+    agree = dict(row, kiln=res.median_ms * 1.05, bench_ratio=1 / 1.05, bench_agrees=True)
+    off = dict(row, batch=4, kiln=res.median_ms / 1.25, bench_ratio=1.25, bench_agrees=False, bench_graph=True)
+    monkeypatch.setattr(gc, "RESULTS", [agree, off])
+    md = gc.render("a CPU").splitlines()
+    (a,) = [ln for ln in md if ln.startswith("- `kiln bench --no-transfers` tiny b2 ")]
+    (b,) = [ln for ln in md if ln.startswith("- `kiln bench --no-transfers` tiny b4 ")]
+    assert (f"median {res.median_ms:.3f} ms over 8 iterations vs {agree['kiln']:.3f} ms here, ratio {1 / 1.05:.3f}: "
+            "agree within 10%") in a and "without CUDA graphs" in a
+    assert f"vs {off['kiln']:.3f} ms here, ratio 1.250: **DISAGREE by more than 10%**" in b and "without" not in b
+    # a run of another batch than the plan's row is a note, not a number
+    monkeypatch.setattr(bench_mod, "run_bench", lambda *a, **k: res)
+    wrong = {"model": "tiny", "batch": 7, "kiln": 0.25}
+    gc.bench_check(wrong, plan, 7)
+    assert "bench" not in wrong and any("kiln bench ran batch 2, the plan was built for 7" in n for n in gc.NOTES)

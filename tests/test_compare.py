@@ -306,3 +306,24 @@ def test_missing_onnxruntime_says_how_to_install(tmp_path, capsys, monkeypatch) 
     rc, out, err = _compare(capsys, model)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert "pip install onnxruntime" in err and err.startswith("kiln: error:")
+
+
+def test_darknet_cfg_refused_in_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """A .cfg (with or without --weights) has no ONNX for onnxruntime to run: one line, nothing built."""
+    from kiln.builder import Builder
+
+    def no_build(*a, **k):
+        raise AssertionError("the build started")
+    monkeypatch.setattr(Builder, "build", no_build)
+    cfg, weights = tmp_path / "net.cfg", tmp_path / "net.weights"
+    cfg.write_text("[net]\nwidth=8\nheight=8\nchannels=3\n\n[maxpool]\nsize=2\nstride=2\n")
+    weights.write_bytes(b"\0" * 20)
+    for extra in (["--weights", str(weights)], []):
+        rc, out, err = _compare(capsys, str(cfg), *extra, "--device", "cpu")
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"kiln: error: kiln compare needs an ONNX model (onnxruntime is the reference), and "
+                              f"{cfg} is a Darknet .cfg") and f"kiln bench {cfg} --weights W" in err
+    model = str(tmp_path / "cnn.onnx")
+    _cnn(model, np.random.default_rng(_seed()))
+    rc, out, err = _compare(capsys, model, "--weights", str(weights))
+    assert rc == 2 and out == "" and err.startswith("kiln: error: --weights goes with a Darknet .cfg model"), err

@@ -379,3 +379,13 @@ def test_layout_ranks_edges_down_and_keeps_boxes_apart():
             row.sort(key=lambda i: p.x[i])
             for a, b in zip(row, row[1:]):
                 assert p.x[b] - p.x[a] >= (widths[a] + widths[b]) / 2 - 1e-6
+
+
+def test_a_model_instead_of_a_plan_says_how_to_build_it(tmp_path, capsys):
+    cfg = tmp_path / "net.cfg"
+    cfg.write_text("# a Darknet network\n; another comment\n\n[net]\nwidth=8\nheight=8\nchannels=3\n")
+    _refused(capsys, [str(cfg)], "not a Kiln plan file", "looks like a Darknet .cfg",
+             "kiln build X.cfg --weights X.weights")
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(_model().SerializeToString())
+    _refused(capsys, [str(onnx_path)], "looks like an ONNX model")

@@ -1,4 +1,4 @@
-"""`kiln bench`: a trtexec-style benchmark of an ONNX model (built in memory) or a .kiln plan.
+"""`kiln bench`: a trtexec-style benchmark of an ONNX model or a Darknet .cfg (built in memory) or a .kiln plan.
 
 Throughput, latency min/mean/median/max and percentiles, enqueue time, H2D / compute / D2H times and
 host wall time over a warmed-up run of N iterations or S seconds; optionally a per-layer profile from
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.cli.options import add_build_options, builder_config, parse_shapes
+from kiln.cli.options import add_build_options, add_detect_options, builder_config, build_model, parse_shapes
 from kiln.errors import KilnError
 
 MAX_STREAMS = 64
@@ -28,9 +28,12 @@ HOST_BOUND = 0.9  # enqueue time at or above this share of the GPU compute time:
 def add_bench_parser(sub: Any) -> None:
     """The `kiln bench` subcommand on the CLI's subparsers."""
     b = sub.add_parser("bench", help="benchmark a model or plan: throughput, latency percentiles, per-layer profile",
-                       description="Benchmark MODEL.onnx (built in memory with the build flags) or MODEL.kiln.")
-    b.add_argument("model", help="MODEL.onnx or MODEL.kiln")
+                       description="Benchmark MODEL.onnx or a Darknet MODEL.cfg with --weights (built in memory with "
+                       "the build flags), or MODEL.kiln.")
+    b.add_argument("model", help="MODEL.onnx, MODEL.cfg (with --weights) or MODEL.kiln")
+    b.add_argument("--weights", metavar="FILE", help="the Darknet .weights of a .cfg model")
     add_build_options(b)
+    add_detect_options(b)
     b.add_argument("--input", action="append", metavar="NAME=FILE",
                    help="name=file.npy|file.pb (default: random data from --seed; --shapes sets dynamic dims)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -101,6 +104,8 @@ def _validate(args: argparse.Namespace) -> list[float]:
     for i, (flag, path) in enumerate(exports):
         if _same_file(path, args.model):
             raise KilnError(f"{flag} {path} is the model {args.model}; choose another file")
+        if args.weights and _same_file(path, args.weights):
+            raise KilnError(f"{flag} {path} is the --weights file {args.weights}; choose another file")
         for other, p2 in exports[:i]:
             if _same_file(path, p2):
                 raise KilnError(f"{flag} and {other} name the same file {path}")
@@ -109,9 +114,12 @@ def _validate(args: argparse.Namespace) -> list[float]:
 
 
 def _build_flag_given(args: argparse.Namespace) -> str | None:
-    """The first build flag given on the command line (--shapes aside), as the user would type it."""
+    """The first build flag (or --weights / detection flag) given on the command line (--shapes aside), as the
+    user would type it."""
     scratch = argparse.ArgumentParser(add_help=False)
+    scratch.add_argument("--weights")
     add_build_options(scratch)
+    add_detect_options(scratch)
     for dest, default in vars(scratch.parse_args([])).items():
         if dest != "shapes" and getattr(args, dest) != default:
             return "--no-tf32" if dest == "tf32" else "--" + dest.replace("_", "-")
@@ -518,15 +526,16 @@ def _write_json(path: str, data: Any, what: str) -> None:
 # ---- the command -----------------------------------------------------------------------------------------
 
 def _engine(args: argparse.Namespace, files: list[tuple[str | None, str]]) -> tuple[Any, dict[str, str], str]:
-    """Build (ONNX) or load (.kiln) the engine; --input names checked before a build. Returns the engine,
-    input files by name and a line saying where it came from."""
+    """Build (ONNX, or a Darknet .cfg with --weights, as `kiln build` reads them) or load (.kiln) the engine;
+    --input names checked before a build. Returns the engine, input files by name and a line saying where it
+    came from."""
     from kiln.logger import Logger, Severity
     from kiln.runtime.engine import Engine
     if args.model.endswith(".kiln"):
         flag = _build_flag_given(args)
         if flag:
-            raise KilnError(f"{flag} is a build flag, and {args.model} is a built plan "
-                            f"(build flags go with an ONNX model; --shapes picks a plan's dynamic input shapes)")
+            raise KilnError(f"{flag} is a build flag, and {args.model} is a built plan (build flags go with an ONNX "
+                            f"model or a Darknet .cfg; --shapes picks a plan's dynamic input shapes)")
         t0 = time.perf_counter()
         engine = Engine.load(args.model)
         return engine, _name_files(files, engine.input_names), \
@@ -535,7 +544,8 @@ def _engine(args: argparse.Namespace, files: list[tuple[str | None, str]]) -> tu
     from kiln.frontend.onnx import load_onnx
     cfg = builder_config(args)
     logger = Logger(Severity.VERBOSE if args.verbose else Severity.WARNING)
-    graph = load_onnx(args.model, logger)
+    model = build_model(args, logger)  # the ONNX path, or the Darknet network as a Graph
+    graph = load_onnx(model, logger) if isinstance(model, str) else model
     named = _name_files(files, [v.name for v in graph.inputs])
     plan = Builder(logger).build(graph, cfg)
     engine = Engine(plan, args.model)
@@ -652,3 +662,93 @@ def _profile(engine: Any, ctx: Any, iterations: int, feeds: list[Any], stream: A
         ctx.profiler = None
     profiler.report()  # resolves the CUDA events now (one sync)
     return profiler
+
+
+# ---- `kiln bench` from other tools ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one `kiln bench --export-json` run measured, read back from its JSON (times in ms).
+
+    median_ms/mean_ms/min_ms/max_ms: the latency of a timed iteration (with --no-transfers on CUDA: the GPU
+    time of one replay); summary: the whole JSON document."""
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    iterations: int
+    batch: int | None
+    device: str
+    cuda_graph: bool | None
+    transfers: bool
+    summary: dict[str, Any]
+
+
+def parse_bench_json(data: Any, where: str = "kiln bench JSON") -> BenchResult:
+    """A `kiln bench --export-json` document as a BenchResult; KilnError naming the field that is missing or
+    malformed."""
+    def get(obj: Any, *path: str) -> Any:
+        for k in path:
+            if not isinstance(obj, dict) or k not in obj:
+                raise KilnError(f"{where}: no {'.'.join(path)}")
+            obj = obj[k]
+        return obj
+
+    def ms(*path: str) -> float:
+        v = get(data, *path)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise KilnError(f"{where}: {'.'.join(path)} must be a time in ms, got {v!r:.40}")
+        return float(v)
+    lat = [ms("latency_ms", k) for k in ("min", "median", "mean", "max")]
+    if not lat[0] <= lat[1] <= lat[3] or not lat[0] <= lat[2] <= lat[3]:
+        raise KilnError(f"{where}: latency_ms is not ordered min <= median, mean <= max: {lat}")
+    n, batch, device = get(data, "iterations"), get(data, "batch"), get(data, "device")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise KilnError(f"{where}: iterations must be an int >= 1, got {n!r:.40}")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise KilnError(f"{where}: batch must be an int >= 1 or null, got {batch!r:.40}")
+    if not isinstance(device, str):
+        raise KilnError(f"{where}: device must be a string, got {device!r:.40}")
+    graph, transfers = get(data, "config", "cuda_graph"), get(data, "config", "transfers")
+    return BenchResult(lat[1], lat[2], lat[0], lat[3], n, batch, device,
+                       graph if isinstance(graph, bool) else None, transfers is True, data)
+
+
+def run_bench(model: str, args: list[str] | tuple[str, ...] = (), timeout: float = 600.0) -> BenchResult:
+    """`kiln bench MODEL ARGS --export-json TMP` in a fresh Python process (the kiln package this process
+    imported, the same interpreter), as a user runs it; its JSON read back. KilnError (one line, from the
+    command's own error when it has one) when it fails, times out or writes no valid JSON."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import kiln
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, "-m", "kiln", "bench", model, *args, "--export-json", out]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise KilnError(f"kiln bench {model}: no result after {timeout:g} s") from None
+        if r.returncode != 0:
+            lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+            why = next((ln for ln in reversed(lines) if "error" in ln), lines[-1] if lines else "no output")
+            raise KilnError(f"kiln bench {model} exited with {r.returncode}: {why.strip()}")
+        try:
+            with open(out, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise KilnError(f"kiln bench {model}: no readable --export-json file ({type(e).__name__})") from None
+    return parse_bench_json(data, f"kiln bench {model}")
+
+
+def agreement(bench_ms: float, other_ms: float, tolerance: float = 0.10) -> tuple[float, bool]:
+    """(bench_ms / other_ms, whether they agree within `tolerance`, relative to other_ms)."""
+    if not (other_ms > 0 and math.isfinite(other_ms) and math.isfinite(bench_ms)):
+        raise KilnError(f"cannot compare {bench_ms} ms with {other_ms} ms")
+    ratio = bench_ms / other_ms
+    return ratio, abs(ratio - 1.0) <= tolerance

@@ -77,6 +77,8 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
     """The `kiln compare` subcommand on the top-level parser's subparsers."""
     p = sub.add_parser("compare", help="compare Kiln's outputs (and intermediates) with onnxruntime's")
     p.add_argument("model", help="the ONNX model")
+    p.add_argument("--weights", metavar="FILE",
+                   help="Darknet .weights: a .cfg model is refused in one line (the reference, onnxruntime, needs ONNX)")
     add_build_options(p)
     p.add_argument("--input", action="append", metavar="NAME=FILE",
                    help="an input from a .npy or .pb file (default: seeded random data)")
@@ -114,6 +116,17 @@ def parse_tols(items: list[str] | None) -> dict[str, Tolerance]:
             raise KilnError(f"--tol {item}: RTOL and ATOL must be numbers") from None
         out[parts[0]] = Tolerance(_nonneg(rtol, f"--tol {item}: RTOL"), _nonneg(atol, f"--tol {item}: ATOL"))
     return out
+
+
+def _onnx_only(args: argparse.Namespace) -> None:
+    """The reference runs the model in onnxruntime: a Darknet .cfg (or --weights) is refused in one line."""
+    if args.model.lower().endswith(".cfg"):
+        raise KilnError(f"kiln compare needs an ONNX model (onnxruntime is the reference), and {args.model} is a "
+                        f"Darknet .cfg: compare the network's ONNX export, or time this one with "
+                        f"`kiln bench {args.model} --weights W`")
+    if args.weights:
+        raise KilnError("--weights goes with a Darknet .cfg model, which kiln compare cannot take (it needs ONNX); "
+                        "an ONNX model holds its own weights")
 
 
 def _import_ort() -> Any:
@@ -605,6 +618,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise KilnError(f"--seed must be >= 0, got {args.seed}")
     tols = parse_tols(args.tol)
+    _onnx_only(args)
     ort = _import_ort()
     if args.save_outputs:
         _check_folder(args.save_outputs)

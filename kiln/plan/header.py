@@ -60,8 +60,11 @@ def split_plan(data: bytes | bytearray | memoryview, where: str = "plan") -> Pla
     data = memoryview(data).cast("B")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         head = bytes(data[:64])
-        hint = (" (it looks like an ONNX model; build it first with `kiln build`)"
-                if head[:2] == b"\x08\x07" or b"onnx" in head.lower() else "")
+        hint = ""
+        if (len(head) > 1 and head[0] == 0x08 and 1 <= head[1] <= 20) or b"onnx" in head.lower():  # ir_version first
+            hint = " (it looks like an ONNX model; build it first with `kiln build`)"
+        elif re.search(rb"^\s*\[(net|network)\]", bytes(data[:4096]), re.M):
+            hint = " (it looks like a Darknet .cfg; build it first with `kiln build X.cfg --weights X.weights`)"
         raise PlanFormatError(f"{where}: not a Kiln plan file (bad magic){hint}")
     if len(data) < HEAD.size:
         raise PlanFormatError(f"{where}: truncated plan file ({len(data)} bytes)")

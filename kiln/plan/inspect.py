@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any, Iterator
 
 from kiln.errors import KilnError, PlanFormatError
+from kiln.plan.formats import parse_record
 from kiln.plan.header import PlanHeader, read_header
 
 SCHEMA = "kiln-inspect/1"
@@ -172,6 +173,23 @@ def _fused(c: _Check, build: dict[str, Any]) -> dict[str, tuple[list[dict[str, s
     return out
 
 
+def _formats(c: _Check, build: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """build["formats"] (kiln.plan.formats): layer -> {"host": bool, "inputs": [format], "outputs": [format]};
+    None when the plan does not record them."""
+    rec = build.get("formats")
+    if rec is None:
+        return None
+    out = {}
+    for layer, text in c.obj(rec, "build.formats").items():
+        try:
+            sides = parse_record(text)
+        except ValueError as e:
+            raise c.fail(f"build.formats.{_short(layer)}", str(e)) from None
+        out[layer] = ({"host": True, "inputs": [], "outputs": []} if sides is None
+                      else {"host": False, "inputs": sides[0], "outputs": sides[1]})
+    return out
+
+
 # ---- the document -------------------------------------------------------------------------------------------
 
 def describe(ph: PlanHeader) -> dict[str, Any]:
@@ -185,8 +203,10 @@ def describe(ph: PlanHeader) -> dict[str, Any]:
     precision_fallback, int8_report]}; tuning (the autotuner's counts) | null; fused_recorded; layers: one per
     step of the main graph {index, name, op, domain, launches, kind (layer | view | elided), tactic, config,
     precision, fused [{name, op}] | null (not recorded), fused_more, inputs (runtime value names), outputs
-    [{name, dtype, shape}], workspace_bytes | null}; with a profile (attach_profile) "profile" at the top and
-    per layer."""
+    [{name, dtype, shape}], workspace_bytes | null, formats {host, inputs [format], outputs [format]} | null (not
+    recorded; kiln.plan.formats: what the layer's kernel read and wrote at the opt shape, e.g. "fp32 NHWC")};
+    formats_recorded, formats_note (why the build could not record them) | null; with a profile (attach_profile)
+    "profile" at the top and per layer."""
     c = _Check(ph.path)
     h = c.obj(ph.header, "(top level)")
     for k in ("target", "inputs", "outputs", "profiles", "graph"):
@@ -200,6 +220,7 @@ def describe(ph: PlanHeader) -> dict[str, Any]:
     memory = c.obj(h.get("memory", {}), "memory")
     build = c.obj(h.get("build", {}), "build")
     fused = _fused(c, build)
+    formats = _formats(c, build)
     work = {k: c.count(v, f"build.workspace.{_short(k)}")
             for k, v in c.obj(build.get("workspace", {}), "build.workspace").items()}
     work_recorded = "workspace" in build
@@ -233,6 +254,7 @@ def describe(ph: PlanHeader) -> dict[str, Any]:
             "inputs": [n for n in s.get("inputs", []) if n is not None and not _is_const(main_values, n)],
             "outputs": [_value_type(c, main_values, o, f"graph.values.{_short(o)}") for o in s.get("outputs", [])],
             "workspace_bytes": work.get(s["name"], 0) if work_recorded else None,
+            "formats": formats.get(s["name"]) if formats is not None else None,
         })
 
     weights = {"tensors": len(ph.weights), "bytes": sum(w.nbytes for w in ph.weights.values())}
@@ -261,6 +283,8 @@ def describe(ph: PlanHeader) -> dict[str, Any]:
         "build": _build_info(c, build),
         "tuning": tuning,
         "fused_recorded": fused is not None,
+        "formats_recorded": formats is not None,
+        "formats_note": build["formats_note"] if isinstance(build.get("formats_note"), str) else None,
         "layers": rows,
     }
 
@@ -417,6 +441,26 @@ def fused_text(r: dict[str, Any], width: int | None = None) -> str:
     return " + ".join(keep) + (f" + {more} more" if more else "")
 
 
+def format_text(r: dict[str, Any]) -> str:
+    """A layer's formats as 'fp32 NCHW -> fp32 NHWC' (a run of equal formats as 'fp32 NHWC x2'); 'host' for a
+    shape layer computed on the host; '-' where the plan does not record them."""
+    f = r.get("formats")
+    if f is None:
+        return "-"
+    if f["host"]:
+        return "host"
+
+    def side(fs: list[str]) -> str:
+        runs: list[list[Any]] = []
+        for x in fs:
+            if runs and runs[-1][0] == x:
+                runs[-1][1] += 1
+            else:
+                runs.append([x, 1])
+        return ", ".join(_safe(x) + (f" x{n}" if n > 1 else "") for x, n in runs) or "(none)"
+    return f"{side(f['inputs'])} -> {side(f['outputs'])}"
+
+
 def output_text(o: dict[str, Any], precision: str) -> str:
     """An output's shape, with its element type where that is not the layer's precision."""
     return dims(o["shape"]) if o["dtype"] in (None, precision) else f"{_safe(o['dtype'])} {dims(o['shape'])}"
@@ -451,6 +495,7 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("  by op", _counts(t["layers_by_op"])))
     rows.append(("  by tactic", _counts(t["layers_by_tactic"])))
     rows.append(("  precision", _counts(t["layers_by_precision"]) + _flags(b)))
+    rows.append(("  formats", _formats_text(doc)))
     w = t["weights"]
     rows.append(("Weights", f"{size(w['bytes'])} in {w['tensors']} tensor{'s' if w['tensors'] != 1 else ''} "
                             f"({w['bytes']} bytes)"))
@@ -482,6 +527,23 @@ def summary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
                                 f"(from {_safe(pr['path'])})"
                      + (f"; {len(unknown)} entries name no layer of this plan" if unknown else "")))
     return rows
+
+
+def _formats_text(doc: dict[str, Any]) -> str:
+    """The launching layers' output formats, counted; or why the plan has none."""
+    if not doc["formats_recorded"]:
+        note = doc.get("formats_note")
+        return _safe(note, 200) if note else "not recorded (the plan was built by an older Kiln)"
+    seen: Counter[str] = Counter()
+    host = 0
+    for r in doc["layers"]:
+        f = r["formats"]
+        if not r["launches"] or f is None:
+            continue
+        host += f["host"]
+        seen.update(f["outputs"])
+    return (_counts(dict(_ranked(seen))) + " (layer outputs, at the opt shapes)"
+            + (f"; {host} shape layer{'s' if host != 1 else ''} on the host" if host else ""))
 
 
 def _counts(d: dict[str, int]) -> str:
@@ -528,7 +590,8 @@ def render_text(doc: dict[str, Any], layers: bool = True) -> str:
 
 def _table(doc: dict[str, Any]) -> list[str]:
     prof = "profile" in doc
-    head = ["#", "Layer", "Op", "Tactic", "Precision", "Output", "Workspace"] + (["ms", "%"] if prof else [])
+    head = ["#", "Layer", "Op", "Tactic", "Precision", "Output", "Format (in -> out)", "Workspace"]
+    head += ["ms", "%"] if prof else []
     head.append("Fused from")
     body = []
     for r in doc["layers"]:
@@ -538,14 +601,14 @@ def _table(doc: dict[str, Any]) -> list[str]:
             tac += f" ({r['kind']})"
         ws = r["workspace_bytes"]
         row = [str(r["index"]), _safe(r["name"], 36), _safe(r["op"], 24), tac, _safe(r["precision"], 10),
-               _safe(outs, 40), "?" if ws is None else size(ws) if ws else "-"]
+               _safe(outs, 40), _safe(format_text(r), 60), "?" if ws is None else size(ws) if ws else "-"]
         if prof:
             t = r.get("profile")
             row += [f"{t['ms']:.4f}", f"{t['percent']:.1f}"] if t else ["-", "-"]
         row.append(fused_text(r, 90))
         body.append(row)
     widths = [max(len(x[k]) for x in [head] + body) for k in range(len(head))]
-    right = {0, 6} | ({7, 8} if prof else set())
+    right = {0, 7} | ({8, 9} if prof else set())
 
     def fmt(row: list[str]) -> str:
         cells = [row[k].rjust(widths[k]) if k in right else row[k].ljust(widths[k]) for k in range(len(row) - 1)]

@@ -1,11 +1,14 @@
 """What the builder records per layer for `kiln inspect`: the model's nodes folded into each layer of the main
-graph, and each layer's workspace (scratch memory beside its outputs at the opt shape).
+graph, each layer's workspace (scratch memory beside its outputs at the opt shape), and the formats (element type
+and memory layout) its kernel reads and writes.
 
-Both are plan.build entries, flat objects as the plan schema wants them:
+All are plan.build entries, flat objects as the plan schema wants them:
     build["fused"]     = {layer name: JSON text of [[node name, op type], ...]}   (layers that are not simply
                           the model's node of the same name and op; [] for a layer the optimizer added, such as a
                           Cast; a trailing int counts members left out)
     build["workspace"] = {layer name: bytes}                                      (layers that need any)
+    build["formats"]   = {layer name: "fp32 NCHW -> fp32 NHWC"}                   (kiln.plan.formats; every layer
+                          of the main graph, when the build could run it: see `layer_formats`)
 
 Which nodes a layer holds is read from the names and the data flow, not recorded by each pass: fused layers
 keep the name of the node they grew from, and the passes keep value names (a fused node writes the last fused
@@ -14,11 +17,13 @@ node's output); see `fused_members`. Constant-only nodes (folded by the build) b
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Value
 from kiln.ir.types import TensorType
+from kiln.plan.formats import HOST, UNKNOWN, make_record, tensor_format
 
 MAX_ENTRIES = 4096   # entries of one flat build object (kiln.plan.schema)
 MAX_TEXT = 1 << 16   # characters of one string in it
@@ -132,9 +137,10 @@ def _encode(members: list[tuple[str, str]]) -> str:
 
 
 def layer_records(origin: list[Origin], g: Graph, tactics: Mapping[int, tuple[str, dict[str, Any]]],
-                  types: Mapping[str, TensorType]) -> dict[str, Any]:
+                  types: Mapping[str, TensorType], device: Any = None) -> dict[str, Any]:
     """The build entries "fused" and "workspace" (see the module docstring) for the optimized main graph g;
-    `types`: its values' types at the opt shape."""
+    `types`: its values' types at the opt shape. With the target `device`: also "formats" (`layer_formats`), or,
+    where they cannot be recorded, "formats_note" saying why."""
     from kiln.backends.tactic import get_tactic
     fused: dict[str, str] = {}
     ops = {n.name: n.op_type for n in g.nodes}
@@ -155,4 +161,112 @@ def layer_records(origin: list[Origin], g: Graph, tactics: Mapping[int, tuple[st
         if need > 0:
             work[n.name] = need
     work = dict(sorted(work.items(), key=lambda kv: -kv[1])[:MAX_ENTRIES])
-    return {"fused": fused, "workspace": work}
+    out: dict[str, Any] = {"fused": fused, "workspace": work}
+    if device is not None:
+        try:
+            out["formats"] = layer_formats(g, tactics, types, device)
+        except Exception as e:  # the formats are a description: a run they need that fails leaves them out
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            out["formats_note"] = f"not recorded: {why}"[:200]
+    return out
+
+
+class FormatsNotRecorded(Exception):
+    """Why a build records no layer formats (the model's inputs cannot be made up at the opt shape)."""
+
+
+def layer_formats(g: Graph, tactics: Mapping[int, tuple[str, dict[str, Any]]], types: Mapping[str, TensorType],
+                  device: Any) -> dict[str, str]:
+    """build["formats"]: what each layer of the main graph reads and writes, seen on one run of the plan's own
+    kernels at the opt shape.
+
+    In Kiln a layer's output layout is decided where it runs (a kernel's `out_format` for the arena slot the
+    runtime places, a channel slice of an elided Concat's buffer, `like_input` kernels following their input,
+    kernels that allocate their own output), so it is observed rather than predicted: the chosen tactics' kernels
+    run once, through the runtime's own GraphFunction, on made-up inputs of the opt shape (floats standard normal,
+    integers and booleans zero), each main-graph kernel wrapped to note the format of every tensor it is given and
+    returns. Shape layers computed on the host (kiln.runtime.prologue) are "host". `types`: the graph's value types
+    at the opt shape. Raises FormatsNotRecorded when the inputs cannot be made up (a dynamic dim without an opt
+    size, a sequence input); a failing run raises what the runtime raises."""
+    import torch
+
+    from kiln.backends.tactic import get_tactic
+    from kiln.runtime.interpreter import GraphFunction
+    dev = torch.device(device)
+    feeds = [_made_up(v, types.get(v.name), dev) for v in g.inputs]
+    main = {id(v) for n in g.nodes for v in (*n.inputs, *n.outputs) if v is not None}
+    seen: dict[int, str] = {}  # id(Value) -> format, first seen
+    built: list[Any] = []
+
+    def note(v: Any, x: Any) -> None:
+        if v is not None and id(v) in main and id(v) not in seen:
+            seen[id(v)] = _format(x)
+
+    def factory(node: Any) -> Any:
+        tid, cfg = tactics.get(id(node), ("ref", {}))
+        tactic = get_tactic(tid) or get_tactic("ref")
+        kernel = tactic.make(node, cfg, dev)  # type: ignore[union-attr]
+        built.append(kernel)
+        if kernel.fallback is not None:  # its one warning is the runtime's to give, not the build's
+            kernel.fallback.quiet = True
+        fn = kernel.fn
+
+        def observed(*args: Any, **kw: Any) -> Any:
+            r = fn(*args, **kw)
+            for v, x in zip(node.inputs, args):
+                note(v, x)
+            if len(node.outputs) == 1:  # as the runtime reads a result (GraphFunction.__call__)
+                results = (r[0] if isinstance(r, tuple) else r,)
+            else:
+                results = r if isinstance(r, (tuple, list)) else (r,)
+            for v, x in zip(node.outputs, results):
+                note(v, x)
+            return r
+        kernel.fn = observed
+        return kernel
+
+    def typed(node: Any) -> bool:
+        return tactics.get(id(node), ("ref", {}))[0] != "ref"
+
+    try:
+        with warnings.catch_warnings():  # as above: a subgraph run on the reference kernels warns at run time
+            warnings.simplefilter("ignore")
+            run = GraphFunction(g, dev, factory, typed)
+            outs = run(feeds)
+        for v, x in zip(g.outputs, outs):
+            note(v, x)  # an elided Concat's buffer no layer reads
+        host = run.prologue_nodes
+    finally:
+        for k in built:
+            k.close()
+    out: dict[str, str] = {}
+    for i, n in enumerate(g.nodes[:MAX_ENTRIES]):
+        if i in host:
+            out[n.name] = HOST
+            continue
+        ins = [seen.get(id(v), UNKNOWN) for v in n.inputs if v is not None and not v.is_const]
+        out[n.name] = make_record(ins, [seen.get(id(v), UNKNOWN) for v in n.outputs])
+    return {name: text for name, text in out.items() if len(text) <= MAX_TEXT}
+
+
+def _made_up(v: Value, t: TensorType | None, device: Any) -> Any:
+    """A stand-in for graph input v of type t at the opt shape (standard normal floats, zero integers and
+    booleans), seeded."""
+    import torch
+    if v.kind != "tensor":
+        raise FormatsNotRecorded(f"input '{v.name}' is a {v.kind}: no stand-in for it")
+    if t is None or t.dtype is None or t.shape is None or not all(isinstance(d, int) for d in t.shape):
+        raise FormatsNotRecorded(f"input '{v.name}' has no concrete type at the opt shape ({t})")
+    dtype = t.dtype.torch
+    if dtype.is_floating_point or dtype.is_complex:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(tuple(t.shape), generator=gen, dtype=torch.float64).to(dtype).to(device)
+    return torch.zeros(tuple(t.shape), dtype=dtype, device=device)
+
+
+def _format(x: Any) -> str:
+    """The format of a runtime value: a tensor's type and layout; "-" for anything else."""
+    import torch
+    if not isinstance(x, torch.Tensor):
+        return UNKNOWN
+    return tensor_format(str(x.dtype), tuple(x.shape), x.stride())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from kiln.plan.inspect import config_text, dims, fused_text, output_text, size, summary_rows
+from kiln.plan.inspect import config_text, dims, format_text, fused_text, output_text, size, summary_rows
 from kiln.plan.inspect import _safe as safe
 from kiln.plan.layout import layered
 
@@ -53,6 +53,7 @@ table { border-collapse:collapse; }
 .mono { font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace; font-size:12px; }
 .cfg { color:var(--muted); }
 .fused { color:var(--muted); max-width:260px; }
+.lt td.fmt { white-space:nowrap; }
 .tac { color:var(--muted); margin-top:1px; }
 svg text { font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif; }
 svg .l1 { font-size:12px; font-weight:600; fill:#1f2933; }
@@ -210,7 +211,7 @@ def _layer_box(r: dict[str, Any], cx: float, cy: float, slowest: float) -> str:
     t = r.get("profile")
     tip = [f"#{r['index']} {safe(r['name'])}", f"op {safe(r['op'])}",
            f"tactic {safe(r['tactic'])}" + (f" {config_text(r['config'])}" if r["config"] else ""),
-           f"precision {safe(r['precision'])}", f"outputs {outs}"]
+           f"precision {safe(r['precision'])}", f"outputs {outs}", f"formats {format_text(r)}"]
     if r.get("fused"):
         tip.append(f"fused from {fused_text(r)}")
     if r.get("workspace_bytes"):
@@ -236,7 +237,8 @@ def _layer_box(r: dict[str, Any], cx: float, cy: float, slowest: float) -> str:
 
 def _table_section(doc: dict[str, Any]) -> str:
     prof = "profile" in doc
-    head = ["#", "Layer", "Op &middot; tactic", "Fused from", "Precision", "Output", "Workspace"]
+    head = ["#", "Layer", "Op &middot; tactic", "Fused from", "Precision", "Output", "Format (in &rarr; out)",
+            "Workspace"]
     head += ["ms", "%"] if prof else []
     rows = []
     for r in doc["layers"]:
@@ -249,7 +251,7 @@ def _table_section(doc: dict[str, Any]) -> str:
                  f'<td>{_e(r["op"])}<div class="tac mono">{tac}</div></td>',
                  f'<td class="fused" title="{_e(fused_text(r))}">{_e(fused_text(r, 64))}</td>',
                  f'<td><span class="sw" style="background:{colour(r["precision"])}"></span>{_e(r["precision"])}</td>',
-                 f'<td class="mono">{outs}</td>',
+                 f'<td class="mono">{outs}</td>', f'<td class="mono fmt">{_e(format_text(r))}</td>',
                  f'<td class="n">{"?" if ws is None else size(ws) if ws else "-"}</td>']
         if prof:
             t = r.get("profile")

@@ -23,6 +23,7 @@ from kiln.errors import BuildError, PlanFormatError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.plan.formats import parse_record
 from kiln.plan.header import MAX_HEADER_BYTES, MAX_JSON_DEPTH, check_json_depth  # noqa: F401 (re-exported)
 
 # Bounds on what a plan may hold (far above any real model; they keep hostile headers cheap to refuse).
@@ -273,6 +274,14 @@ def _build(b: Any, fail: _Fail) -> None:
                 raise fail(path, f"expected an int >= 0, got {show(v)}")
         elif not _flat_json(v):
             raise fail(path, f"expected a JSON scalar or a flat object of scalars, got {show(v)}")
+        elif k == "formats":  # kiln.plan.formats: each layer's "<input formats> -> <output formats>"
+            if not isinstance(v, dict):
+                raise fail(path, f"expected a JSON object of layer formats, got {show(v)}")
+            for layer, text in v.items():
+                try:
+                    parse_record(text)
+                except ValueError as e:
+                    raise fail(f"{path}.{key(layer)}", str(e)) from None
 
 
 def _scalar(v: Any) -> bool:
