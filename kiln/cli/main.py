@@ -267,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`kiln inspect x.kiln | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail on the closed pipe again
+        return 0
     except MemoryError:  # the model or its inputs do not fit: the user's to change
         print("kiln: error: out of memory", file=sys.stderr)
         return 2
