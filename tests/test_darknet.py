@@ -1,10 +1,11 @@
 """The Darknet importer (kiln.frontend.darknet) against an independent oracle.
 
-The oracle is written here, apart from the importer: a small Darknet .cfg -> torch interpreter with its
-own parser, shape bookkeeping and weights writer. Each test draws random weights, writes them into a
-.weights file, imports the .cfg + .weights with Kiln, builds the same network from the same weights in
-torch, and compares Kiln's outputs with the torch module run in float64 and with Kiln's build of the
-torch module's ONNX export. Malformed .cfg and .weights files must fail with one line naming the layer.
+The oracle is written apart from the importer, in examples/darknet_torch.py (which imports nothing from
+kiln): a small Darknet .cfg -> torch interpreter with its own parser, shape bookkeeping and weights writer.
+Each test draws random weights, writes them into a .weights file, imports the .cfg + .weights with Kiln,
+builds the same network from the same weights in torch, and compares Kiln's outputs with the torch module
+run in float64 and with Kiln's build of the torch module's ONNX export. Malformed .cfg and .weights files
+must fail with one line naming the layer.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from examples.darknet_torch import DarknetTorch, oracle_cfg, oracle_layers, random_params, write_weights
 from kiln.builder import Builder, BuilderConfig, OptimizationProfile
 from kiln.errors import KilnError
 from kiln.frontend.darknet import load_darknet, parse_darknet_cfg
@@ -27,175 +28,6 @@ from tests.conftest import rel_error
 CFGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "darknet_cfgs")
 TOL = 1e-4  # normwise relative error of float32 against the float64 oracle, and between two float32 builds
 TOL_YOLOV4 = 3e-4  # float32 against float32 (torch, Kiln's ONNX build) through YOLOv4's 110 convolutions
-
-
-# ---- the oracle ------------------------------------------------------------------------------------------
-
-def oracle_cfg(path: str) -> list[dict[str, str]]:
-    """Sections as dicts ('type' plus the keys; a repeated key keeps its first value, as in Darknet)."""
-    sections: list[dict[str, str]] = []
-    with open(path) as f:
-        for raw in f:
-            line = re.sub(r"\s", "", raw.split("#")[0])
-            if not line or line.startswith(";"):
-                continue
-            if line.startswith("["):
-                sections.append({"type": line.strip("[]")})
-            else:
-                key, val = line.split("=", 1)
-                sections[-1].setdefault(key, val)
-    return sections
-
-
-def oracle_layers(sections: list[dict[str, str]]) -> list[dict]:
-    """Per layer: its kind, parameters, the layers it reads and its channel count."""
-    net, out = sections[0], []
-    chans = [int(net["channels"])]  # chans[i + 1]: layer i's channels
-
-    def ref(i: int, v: str) -> int:
-        j = int(v)
-        return i + j if j < 0 else j
-
-    for i, s in enumerate(sections[1:]):
-        kind = {"conv": "convolutional", "max": "maxpool"}.get(s["type"], s["type"])
-        cin = chans[-1]
-        d = {"kind": kind, "cin": cin}
-        if kind == "convolutional":
-            k = int(s.get("size", 1))
-            d.update(filters=int(s["filters"]), size=k, stride=int(s.get("stride", 1)),
-                     pad=k // 2 if int(s.get("pad", 0)) else int(s.get("padding", 0)), groups=int(s.get("groups", 1)),
-                     bn=int(s.get("batch_normalize", 0)), act=s.get("activation", "logistic"))
-            c = d["filters"]
-        elif kind == "route":
-            d.update(src=[ref(i, v) for v in s["layers"].split(",")], groups=int(s.get("groups", 1)),
-                     gid=int(s.get("group_id", 0)))
-            c = sum(chans[j + 1] for j in d["src"]) // d["groups"]
-        elif kind == "shortcut":
-            d.update(src=ref(i, s["from"]), act=s.get("activation", "linear"))
-            c = cin
-        elif kind == "maxpool":
-            stride = int(s.get("stride", 1))
-            size = int(s.get("size", stride))
-            d.update(size=size, stride=stride, padding=int(s.get("padding", size - 1)))
-            c = cin
-        elif kind == "upsample":
-            d.update(stride=int(s.get("stride", 2)))
-            c = cin
-        else:
-            assert kind == "yolo", kind
-            c = cin
-        out.append(d)
-        chans.append(c)
-    return out
-
-
-def random_params(layers: list[dict], rng: np.random.Generator) -> dict[int, dict[str, np.ndarray]]:
-    """Random weights for every convolutional layer: variance-preserving kernels, BN stats with var > 0."""
-    def normal(shape):
-        return rng.standard_normal(shape, dtype=np.float32)
-
-    def uniform(lo, hi, n):
-        return rng.random(n, dtype=np.float32) * np.float32(hi - lo) + np.float32(lo)
-
-    params = {}
-    for i, d in enumerate(layers):
-        if d["kind"] != "convolutional":
-            continue
-        n, cg, k = d["filters"], d["cin"] // d["groups"], d["size"]
-        p = {"biases": 0.2 * normal(n), "weights": normal((n, cg, k, k)) / np.float32(np.sqrt(cg * k * k))}
-        if d["bn"]:
-            p.update(scales=uniform(0.5, 1.0, n), mean=0.2 * normal(n), var=uniform(0.5, 1.5, n))
-        params[i] = p
-    return params
-
-
-def write_weights(path: str, layers: list[dict], params: dict, version=(0, 2, 5), seen: int = 32013312) -> int:
-    """Darknet's .weights: major, minor, revision (int32), seen (uint64 from version 0.2, else uint32), then
-    per conv layer biases, [scales, rolling mean, rolling variance], weights. Returns the header's size."""
-    major, minor, _ = version
-    wide = major * 10 + minor >= 2 and major < 1000 and minor < 1000
-    with open(path, "wb") as f:
-        f.write(np.array(version, "<i4").tobytes())
-        f.write(np.array([seen], "<u8" if wide else "<u4").tobytes())
-        for i in sorted(params):
-            p = params[i]
-            for key in ("biases", "scales", "mean", "var", "weights") if layers[i]["bn"] else ("biases", "weights"):
-                f.write(np.ascontiguousarray(p[key], "<f4").data)
-    return 20 if wide else 16
-
-
-def _act(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "leaky":
-        return torch.where(x > 0, x, 0.1 * x)
-    if act == "mish":
-        return x * torch.tanh(F.softplus(x))
-    if act == "logistic":
-        return torch.sigmoid(x)
-    if act == "swish":
-        return x * torch.sigmoid(x)
-    if act == "relu":
-        return torch.relu(x)
-    if act == "relu6":
-        return torch.clamp(x, 0, 6)
-    if act == "tanh":
-        return torch.tanh(x)
-    assert act == "linear", act
-    return x
-
-
-class DarknetTorch(torch.nn.Module):
-    """The network of a .cfg in torch, with Darknet's semantics; returns the maps feeding each [yolo]."""
-
-    def __init__(self, layers: list[dict], params: dict, calibrate: np.random.Generator | None = None) -> None:
-        """calibrate: a forward pass sets each BN layer's mean and variance (in `params` too) near the batch
-        statistics of its input, as training would leave them (random ones drown the image in offsets)."""
-        super().__init__()
-        self.layers, self.params, self.calibrate = layers, params, calibrate
-        self.p = torch.nn.ParameterDict({f"{i}_{k}": torch.nn.Parameter(torch.from_numpy(v), False)  # shared
-                                         for i, p in params.items() for k, v in p.items()})
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs: list[torch.Tensor] = []
-        heads = []
-        for i, d in enumerate(self.layers):
-            prev = outs[-1] if outs else x
-            kind = d["kind"]
-            if kind == "convolutional":
-                y = F.conv2d(prev, self.p[f"{i}_weights"], None, d["stride"], d["pad"], 1, d["groups"])
-                if d["bn"] and self.calibrate is not None:
-                    self._calibrate(i, y)
-                if d["bn"]:  # Darknet: (y - mean) / sqrt(var + .00001) * scales + biases
-                    y = F.batch_norm(y, self.p[f"{i}_mean"], self.p[f"{i}_var"], self.p[f"{i}_scales"],
-                                     self.p[f"{i}_biases"], False, 0.0, 1e-5)
-                else:
-                    y = y + self.p[f"{i}_biases"][:, None, None]
-                y = _act(y, d["act"])
-            elif kind == "route":
-                parts = []
-                for j in d["src"]:
-                    c = outs[j].shape[1] // d["groups"]
-                    parts.append(outs[j][:, d["gid"] * c:(d["gid"] + 1) * c])
-                y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-            elif kind == "shortcut":
-                y = _act(prev + outs[d["src"]], d["act"])
-            elif kind == "maxpool":  # windows start padding//2 before the input; the rest of the padding after
-                lo = d["padding"] // 2
-                hi = d["padding"] - lo
-                y = F.max_pool2d(F.pad(prev, (lo, hi, lo, hi), value=float("-inf")), d["size"], d["stride"])
-            elif kind == "upsample":
-                y = F.interpolate(prev, scale_factor=d["stride"], mode="nearest")
-            else:
-                heads.append(prev)
-                y = prev
-            outs.append(y)
-        return tuple(heads)
-
-    def _calibrate(self, i: int, y: torch.Tensor) -> None:
-        rng, n = self.calibrate, y.shape[1]
-        mean, var = y.mean((0, 2, 3)).numpy(), y.var((0, 2, 3)).numpy()
-        p = self.params[i]
-        p["mean"][:] = mean + 0.1 * np.sqrt(var) * rng.standard_normal(n, dtype=np.float32)
-        p["var"][:] = var * (0.8 + 0.45 * rng.random(n, dtype=np.float32))  # the module's tensors share these
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The oracle is written here: a float64 numpy decode (Darknet's formulas: sigmoid/
 scale_x_y, the letterbox undone) and a class-aware greedy NMS (rank by score then box then class, best
 pre_nms_top_k, IoU > threshold suppresses, boxes of no area never overlap) applied to the raw head maps that
 the plan *without* --detect computes for the same letterboxed image. The --detect plan must give the same
-detections. Weights are random (tests/test_darknet.py's writer, BN statistics set from a forward pass), the
+detections. Weights are random (examples/darknet_torch.py's writer, BN statistics set from a forward pass), the
 image is drawn by the test.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from examples import yolo_pipeline as yp
+from examples.darknet_torch import oracle_cfg, oracle_layers, random_params, write_weights
 from kiln.cli.main import main as kiln_main
 from kiln.errors import KilnError
 from kiln.frontend.darknet import parse_darknet_cfg
 from kiln.runtime.engine import Engine
 from tests.conftest import ROOT
-from tests.test_darknet import CFGS, CONV, NET, _setup, oracle_cfg, oracle_layers, random_params, write_weights
+from tests.test_darknet import CFGS, CONV, NET, _setup
 
 TINY = os.path.join(ROOT, "examples", "yolov4_tiny", "yolov4-tiny.cfg")
 PRE_NMS_TOP_K = 4096  # BatchedNMS's default, which --detect keeps
