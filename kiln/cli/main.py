@@ -12,6 +12,7 @@ import numpy as np
 from kiln.cli.bench import add_bench_parser
 from kiln.cli.options import add_build_options, add_detect_options, build_model, builder_config
 from kiln.errors import KilnError
+from kiln.serve.cli import add_serve_parser
 
 from kiln.settings import set_openmp_spin_default
 set_openmp_spin_default()  # bounded OpenMP spin-waiting: before anything imports torch
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_arguments(i)
     i.set_defaults(func=cmd_inspect)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     from kiln.cli.compare import add_compare_parser
     add_compare_parser(sub)
     from kiln.conformance.runner import add_arguments
