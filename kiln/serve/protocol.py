@@ -64,19 +64,31 @@ def _json(raw: bytes | memoryview, what: str) -> Any:
         raise BadRequest(f"{what} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
 
 
-def decompress(body: bytes, content_encoding: str | None) -> bytes:
-    """The request body with its Content-Encoding (gzip, deflate, identity) undone."""
+MAX_BODY_BYTES = 1 << 30
+"""The largest request body accepted, after decompression: a small compressed body may not inflate without
+bound (a decompression bomb), and every request body is held in memory whole."""
+
+
+def decompress(body: bytes, content_encoding: str | None, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body with its Content-Encoding (gzip, deflate, identity) undone, inflated at most to
+    `limit` bytes (BadRequest beyond)."""
     enc = (content_encoding or "identity").strip().lower()
-    try:
-        if enc == "gzip":
-            return gzip.decompress(body)
-        if enc == "deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error) as e:
-        raise BadRequest(f"request body is not valid {enc} data ({type(e).__name__})") from None
-    if enc != "identity":
+    if enc not in ("gzip", "deflate", "identity"):
         raise BadRequest(f"unsupported Content-Encoding '{content_encoding}'; use gzip, deflate or none")
-    return body
+    if enc == "identity":
+        if len(body) > limit:
+            raise BadRequest(f"request body of {len(body)} bytes exceeds the limit of {limit} bytes")
+        return body
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if enc == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise BadRequest(f"request body is not valid {enc} data ({type(e).__name__})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise BadRequest(f"request body inflates past the limit of {limit} bytes ({enc})")
+    if not d.eof:
+        raise BadRequest(f"request body is not valid {enc} data (truncated)")
+    return out
 
 
 def _header_length(value: str | None, size: int) -> int | None:

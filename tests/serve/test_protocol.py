@@ -272,3 +272,27 @@ def test_metadata_and_config():
     assert cfg["max_batch_size"] == 8 and cfg["input"][0]["dims"] == [3, 2]
     assert cfg["dynamic_batching"]["max_queue_delay_microseconds"] == 2500
     assert protocol.model_config("m", sig, 1, 2.5, 1)["max_batch_size"] == 0
+
+
+def test_compressed_body_may_not_inflate_past_the_limit() -> None:
+    """A decompression bomb (a small body inflating to far more than any request) is one BadRequest, decided
+    without inflating it whole; a body within the limit round-trips for both encodings; truncated data is refused."""
+    import gzip as _gzip
+    import zlib as _zlib
+
+    from kiln.serve.model import BadRequest
+    from kiln.serve.protocol import decompress
+    rng = np.random.default_rng(7)
+    payload = rng.integers(0, 256, size=5000, dtype=np.uint8).tobytes()
+    for enc, packed in (("gzip", _gzip.compress(payload)), ("deflate", _zlib.compress(payload))):
+        assert decompress(packed, enc, limit=5000) == payload
+        with pytest.raises(BadRequest, match="limit of 4999 bytes"):
+            decompress(packed, enc, limit=4999)
+        with pytest.raises(BadRequest, match="not valid"):
+            decompress(packed[: len(packed) // 2], enc, limit=10_000)
+    bomb = _gzip.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KB
+    assert len(bomb) < 1 << 17
+    with pytest.raises(BadRequest, match="inflates past the limit"):
+        decompress(bomb, "gzip", limit=1 << 20)
+    with pytest.raises(BadRequest, match="exceeds the limit"):
+        decompress(payload, None, limit=100)
