@@ -11,3 +11,4 @@ from kiln.backends.cpu import shuffle  # noqa: F401  (cpu.channel_shuffle: chann
 from kiln.backends.cpu import conv1d  # noqa: F401  (cpu.conv1d_dnnl: 1-D convolutions on oneDNN)
 from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch's fused LSTM)
 from kiln.backends.cpu import qlayers_dnnl  # noqa: F401  (cpu.qconv_dnnl / cpu.qgemm_dnnl: int8 layers on oneDNN)
+from kiln.backends.cpu import qdq  # noqa: F401  (cpu.qdq_c: QuantizeLinear / DequantizeLinear in C, NHWC out)
