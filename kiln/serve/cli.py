@@ -6,6 +6,8 @@ import signal
 import threading
 from typing import Any
 
+from kiln.errors import KilnError
+
 
 def add_serve_parser(sub: Any) -> None:
     """Register `kiln serve` on the CLI's subparsers."""
@@ -56,6 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for note in m.notes:
             print(f"kiln serve: {note}", flush=True)
 
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise KilnError("kiln serve needs Ray Serve, which is not installed: pip install 'kiln[serve]' "
+                        "(or pip install 'ray[serve,data]')") from None
     from kiln.serve.launch import start
     stop = threading.Event()
 

@@ -49,3 +49,12 @@ def test_imports_stay_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"  # neither Ray nor torch until something runs
+
+
+def test_without_ray_installed_is_one_line(capsys, small_plan, monkeypatch):
+    """A machine without the serve extra: the plan is checked, then one line says what to install."""
+    for mod in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    line = _serve(capsys, small_plan[0], "--port", "18123")
+    assert "needs Ray Serve" in line and "kiln[serve]" in line
