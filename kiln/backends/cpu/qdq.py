@@ -23,15 +23,16 @@ import torch
 
 from kiln.backends.cpu import native
 from kiln.backends.cpu.common import CpuTactic
+from kiln.backends.qdq import ncp
+from kiln.backends.qdq import qdq_spec as shared_spec
 from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Node, Value
-from kiln.ops.registry import lookup, norm_axis
+from kiln.ir.graph import Node
+from kiln.ops.registry import lookup
 
 Tensor = torch.Tensor
 _P, _L, _I = C.c_void_p, C.c_long, C.c_int
-_INTS = (DType.INT8, DType.UINT8)
 _FLOATS = (DType.FLOAT32, DType.BFLOAT16)
 PARALLEL_MIN = 1 << 17
 """Tensors with fewer elements run on one thread, larger ones on torch's intra-op thread count (a pass over
@@ -50,76 +51,25 @@ def _library() -> Any:
     return lib
 
 
-def _param(v: Value | None) -> Tensor | None:
-    """A constant scale / zero point as the reference accepts it: a scalar or a 1-D tensor."""
-    if v is None or v.const is None or v.const.dim() > 1 or v.const.numel() < 1:
-        return None
-    return v.const.reshape(-1)
-
-
 def qdq_spec(node: Node) -> dict[str, Any] | None:
-    """What the kernel needs of a QuantizeLinear / DequantizeLinear it takes, else None: int8/uint8 integer side,
-    float32/bfloat16 other side with float32 work (or bfloat16 for a bfloat16 input and scale), a constant
-    positive finite scale and a zero point of the integer type, per tensor or per channel of axis 1."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-        return None
-    if len(node.outputs) != 1 or int(node.attr("block_size", 0) or 0) or node.attr("precision"):
-        return None
-    x, y = node.input(0), node.outputs[0]
-    if x is None or x.const is not None or x.type.rank is None:
-        return None
-    quant = node.op_type == "QuantizeLinear"
-    int_t, float_t = (y.type.dtype, x.type.dtype) if quant else (x.type.dtype, y.type.dtype)
-    if int_t not in _INTS or float_t not in _FLOATS:
-        return None
-    s = _param(node.input(1))
-    if s is None or s.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return None
-    if not bool(torch.isfinite(s).all() and (s > 0).all()):
-        return None
-    z = _param(node.input(2)) if node.input(2) is not None else None
-    if node.input(2) is not None and (z is None or z.dtype != int_t.torch or z.numel() != s.numel()):
+    """kiln.backends.qdq.qdq_spec for this kernel: a float32/bfloat16 float side, float32 work (bfloat16 for a
+    bfloat16 input and scale), and the output type the reference produces (a quantize: the zero point's, else
+    output_dtype, else uint8; a dequantize: output_dtype, else the scale's). Adds work_bf16."""
+    spec = shared_spec(node, _FLOATS)
+    if spec is None:
         return None
     try:
         out_code = int(node.attr("output_dtype", 0) or 0)
         out_attr = DType.from_onnx(out_code) if out_code else None
     except Exception:
         return None
-    if quant:  # the reference's output type: the zero point's, else output_dtype, else uint8
-        work = torch.promote_types(float_t.torch, s.dtype)
-        if work not in (torch.float32, torch.bfloat16) or (z is None and (out_attr or DType.UINT8) != int_t):
+    if spec["quant"]:
+        if spec["work"] not in (torch.float32, torch.bfloat16) or \
+                (spec["zp"] is None and (out_attr or DType.UINT8) != spec["int"]):
             return None
-    else:  # the reference's output type: output_dtype, else the scale's
-        work = torch.float32
-        if (out_attr or DType.from_torch(s.dtype)) != float_t:
-            return None
-    rank = x.type.rank
-    per_c = s.numel() > 1
-    if per_c:
-        try:
-            axis = norm_axis(int(node.attr("axis", 1)), rank) if rank >= 2 else -1
-        except Exception:
-            return None
-        c = x.type.shape[1] if rank >= 2 else None  # type: ignore[index]
-        if axis != 1 or not isinstance(c, int) or c != s.numel():
-            return None
-    return {"quant": quant, "scale": s, "zp": z, "per_c": per_c, "int": int_t, "float": float_t,
-            "work_bf16": work == torch.bfloat16}
-
-
-def _as_ncp(t: Tensor) -> tuple[int, int, int, int, int, int] | None:
-    """(N, C, P, stride N, stride C, stride P) viewing t [N, C, ...] as N x C x P, when its trailing dims
-    collapse into one stride (NCHW and NHWC both do); None otherwise."""
-    if t.dim() <= 1:
-        return 1, 1, t.numel(), 0, 0, (t.stride(0) if t.dim() == 1 else 1)
-    sizes, strides = list(t.shape[2:]), list(t.stride()[2:])
-    for i in range(len(sizes) - 1):
-        if sizes[i] > 1 and strides[i] != strides[i + 1] * sizes[i + 1]:
-            return None
-    p = 1
-    for d in sizes:
-        p *= int(d)
-    return int(t.shape[0]), int(t.shape[1]), p, t.stride(0), t.stride(1), strides[-1] if sizes else 1
+    elif (out_attr or DType.from_torch(spec["scale"].dtype)) != spec["float"]:
+        return None
+    return {**spec, "work_bf16": spec["work"] == torch.bfloat16}
 
 
 class CpuQDQTactic(CpuTactic):
@@ -165,13 +115,13 @@ class CpuQDQTactic(CpuTactic):
                 raise KilnError(f"node '{node.name}': {node.op_type} of a {list(x.shape)} tensor into a "
                                 f"{list(out.shape)} {out.dtype} destination on {out.device}")
             y = out
-            if y is None or _as_ncp(y) is None or any(st == 0 and sz > 1 for st, sz in zip(y.stride(), y.shape)):
+            if y is None or ncp(y) is None or any(st == 0 and sz > 1 for st, sz in zip(y.stride(), y.shape)):
                 y = torch.empty(x.shape, dtype=out_t,
                                 memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
             if x.numel():
-                xv = x if _as_ncp(x) is not None else x.contiguous()
-                nn, cc, pp, sxn, sxc, sxp = _as_ncp(xv)  # type: ignore[misc]
-                _, _, _, syn, syc, syp = _as_ncp(y)  # type: ignore[misc]
+                xv = x if ncp(x) is not None else x.contiguous()
+                nn, cc, pp, sxn, sxc, sxp = ncp(xv)  # type: ignore[misc]
+                _, _, _, syn, syc, syp = ncp(y)  # type: ignore[misc]
                 threads = torch.get_num_threads() if x.numel() >= PARALLEL_MIN else 1
                 if quant:
                     call(xv.data_ptr(), float_bf16, nn, cc, pp, sxn, sxc, sxp, state[0].data_ptr(),

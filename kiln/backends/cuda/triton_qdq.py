@@ -23,13 +23,12 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import FLOAT_DTYPES
 from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.qdq import INT_RANGES, ncp
+from kiln.backends.qdq import qdq_spec as shared_spec
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
-from kiln.ir.dtype import DType
-from kiln.ir.graph import Node, Value
-from kiln.ops.registry import norm_axis
+from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
-_RANGES = {DType.INT8: (-128.0, 127.0), DType.UINT8: (0.0, 255.0)}
 _WORK = {torch.float16: 1, torch.bfloat16: 2}
 _MAX_GRID = 65535
 
@@ -65,59 +64,15 @@ def _qdq_kernel(x_ptr, s_ptr, z_ptr, y_ptr, C, P, sxn, sxc, sxp, syn, syc, syp, 
              mask=mask)
 
 
-def _const_param(v: Value | None, n_ok: tuple[int, ...]) -> Tensor | None:
-    """A constant scale / zero point of 1 or C values (any rank that flattens to that), else None."""
-    if v is None or v.const is None or v.const.numel() not in n_ok:
-        return None
-    return v.const.reshape(-1)
-
-
 def qdq_spec(node: Node) -> dict[str, Any] | None:
-    """What the kernel needs of a QuantizeLinear / DequantizeLinear it takes, else None: 8-bit integer side,
-    float other side, constant scale (positive, finite) and zero point per tensor or per channel of axis 1."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-        return None
-    if len(node.outputs) != 1 or int(node.attr("block_size", 0) or 0) or node.attr("precision"):
-        return None
-    x, y = node.input(0), node.outputs[0]
-    if x is None or x.const is not None:
-        return None
-    quant = node.op_type == "QuantizeLinear"
-    int_t, float_t = (y.type.dtype, x.type.dtype) if quant else (x.type.dtype, y.type.dtype)
-    if int_t not in _RANGES or float_t not in FLOAT_DTYPES or x.type.rank is None:
-        return None
-    rank = x.type.rank
-    c = x.type.shape[1] if rank >= 2 else None  # type: ignore[index]
-    try:
-        axis = norm_axis(int(node.attr("axis", 1)), max(rank, 1))
-    except Exception:
-        return None
-    s = _const_param(node.input(1), (1,) if c is None or axis != 1 else (1, int(c)) if isinstance(c, int) else (1,))
-    if s is None or not s.dtype.is_floating_point or not bool(torch.isfinite(s).all() and (s > 0).all()):
-        return None
-    zp_in = node.input(2)
-    z = None
-    if zp_in is not None:
-        z = _const_param(zp_in, (s.numel(),))
-        if z is None or z.dtype != int_t.torch:
-            return None
-    per_c = s.numel() > 1
-    if per_c and rank < 2:
-        return None
-    return {"quant": quant, "scale": s, "zp": z, "per_c": per_c, "int": int_t, "float": float_t}
+    """kiln.backends.qdq.qdq_spec for this kernel: a float32, float16 or bfloat16 float side."""
+    return shared_spec(node, FLOAT_DTYPES)
 
 
 def _as_ncp(t: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
-    """(t, its (n, c, pixel) strides) viewing t [N, C, ...] as N x C x P, when its trailing dims collapse into
-    one stride (NCHW and NHWC both do); None otherwise."""
-    if t.dim() < 2:
-        return (t, (0, 0, 1)) if t.dim() <= 1 and t.is_contiguous() else None
-    sizes, strides = list(t.shape[2:]), list(t.stride()[2:])
-    for i in range(len(sizes) - 1):
-        if sizes[i] > 1 and strides[i] != strides[i + 1] * sizes[i + 1]:
-            return None
-    sp = strides[-1] if sizes else 1
-    return t, (t.stride(0), t.stride(1), sp)
+    """(t, its (n, c, pixel) strides) when its trailing dims collapse into one stride (kiln.backends.qdq.ncp)."""
+    r = ncp(t)
+    return None if r is None else (t, r[3:])
 
 
 def _pixels(t: Tensor) -> int:
@@ -151,7 +106,7 @@ class TritonQDQ(Tactic):
         quant: bool = spec["quant"]
         s = spec["scale"].to(device)
         z = spec["zp"].to(device) if spec["zp"] is not None else s
-        lo, hi = _RANGES[spec["int"]]
+        lo, hi = INT_RANGES[spec["int"]]
         out_t = (spec["int"] if quant else spec["float"]).torch
         s_work = spec["scale"].dtype
         bc, bp, warps = int(config["BLOCK_C"]), int(config["BLOCK_P"]), int(config.get("num_warps", 4))
