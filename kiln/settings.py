@@ -180,6 +180,26 @@ def set_openmp_spin_default() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT_DEFAULT)
 
 
+def child_process_env(pythonpath: list[str]) -> dict[str, str]:
+    """The environment of a Python child process Kiln starts (compile workers, `kiln bench` run by a script):
+    this process's environment passed on whole (the child sees the same TRITON_*, CUDA_* and KILN_* variables)
+    with PYTHONPATH set to `pythonpath`, so the child imports the same kiln package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in pythonpath if p)
+    return env
+
+
+def openmp_spin_count() -> str:
+    """GOMP_SPINCOUNT as this process runs with (set_openmp_spin_default's value unless the user set another),
+    for processes Kiln starts elsewhere, such as Ray Serve replicas."""
+    return os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT_DEFAULT)
+
+
+def ray_auth_mode_set() -> bool:
+    """Whether RAY_AUTH_MODE is set (Ray's own variable: a driver joining a token-authenticated cluster needs it)."""
+    return bool(os.environ.get("RAY_AUTH_MODE"))
+
+
 def set_private_onnx_home() -> None:
     """ONNX_HOME pointed at a new temporary folder unless it is set: the onnx package's backend test suite
     writes its light models' inputs under it, and a private folder avoids races between concurrent runs."""

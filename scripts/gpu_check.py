@@ -119,10 +119,10 @@ BENCH_TOLERANCE = 0.10  # kiln bench's median against this script's, relative
 
 
 def bench_check(row: dict[str, Any], path: str, batch: int) -> None:
-    """`kiln bench PLAN --no-transfers --export-json` (kiln.cli.bench.run_bench: a fresh process, inputs staged
+    """`kiln bench PLAN --no-transfers --export-json` (kiln.cli.bench_json.run_bench: a fresh process, inputs staged
     on the device once, CUDA graphs on, as this script times Kiln) on the plan file just timed; its median, the
     ratio to this script's median and whether they agree within BENCH_TOLERANCE go into the row."""
-    from kiln.cli.bench import agreement, run_bench
+    from kiln.cli.bench_json import agreement, run_bench
     try:
         res = run_bench(path, BENCH_ARGS, timeout=300)
         if res.batch != batch:

@@ -342,7 +342,7 @@ def test_darknet_flags_refused(files, tmp_path, capsys, monkeypatch):
 # ---- kiln bench from other tools (scripts/gpu_check.py) -------------------------------------------------------
 
 def test_run_bench_reads_back_its_json(files, tmp_path):
-    from kiln.cli.bench import parse_bench_json, run_bench
+    from kiln.cli.bench_json import parse_bench_json, run_bench
     from kiln.errors import KilnError
     _, plan = files
     r = run_bench(plan, ["--iterations", "6", "--warmup", "0", "--no-transfers", "--shapes", "x:3x3x16x16"])
@@ -380,7 +380,7 @@ def _gpu_check():
 def test_gpu_check_records_kiln_bench_beside_its_own_median(files, monkeypatch):
     """gpu_check's step after its own timing, run on a CPU plan: `kiln bench` in its own process on the same plan
     file; both medians, their ratio and the verdict in the row and in the markdown."""
-    import kiln.cli.bench as bench_mod
+    import kiln.cli.bench_json as bench_mod
     gc = _gpu_check()
     _, plan = files  # built with a profile whose opt batch is 2: what kiln bench runs by default
     monkeypatch.setattr(gc, "BENCH_ARGS", ["--no-transfers", "--warmup", "0", "--iterations", "8"])

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from kiln.errors import KilnError
 from kiln.serve.config import ServeConfig
 from kiln.serve.plans import ServedModel
+from kiln.settings import openmp_spin_count, ray_auth_mode_set
 
 
 @dataclass
@@ -79,7 +80,7 @@ def start(cfg: ServeConfig, models: list[ServedModel], port_given: bool = True,
             ray.init(address=cfg.address, logging_level=logging.WARNING, namespace="kiln")
         except (ConnectionError, ValueError, RuntimeError) as e:
             hint = ""
-            if not os.environ.get("RAY_AUTH_MODE") and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            if not ray_auth_mode_set() and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
                 hint = "; if the cluster uses Ray's token authentication, set RAY_AUTH_MODE=token"
             raise KilnError(f"--address {cfg.address}: cannot join the Ray cluster "
                             f"({(str(e).splitlines() or [type(e).__name__])[0]}){hint}") from None
@@ -107,7 +108,7 @@ def start(cfg: ServeConfig, models: list[ServedModel], port_given: bool = True,
         host, port = actual
     else:
         host, port = cfg.host, cfg.port
-    env = {"OMP_NUM_THREADS": str(cfg.threads()), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "3000")}
+    env = {"OMP_NUM_THREADS": str(cfg.threads()), "GOMP_SPINCOUNT": openmp_spin_count()}
     try:
         targets, refs = [], []
         for m in models:

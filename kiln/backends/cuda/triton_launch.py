@@ -124,13 +124,12 @@ def precompile(recipes: list[dict[str, Any]], logger: Any, max_workers: int | No
     for r in recipes:
         unique.setdefault(_spec_key(r), r)
     todo = list(unique.values())
-    from kiln.settings import settings
+    from kiln.settings import child_process_env, settings
     if len(todo) < 2 or not settings().parallel_compile:
         return 0
     workers = max_workers or max(1, min(len(todo), 12, (os.cpu_count() or 2) - 1))
     chunks = [todo[i::workers] for i in range(workers)]
-    env = dict(os.environ)  # passed on whole: the workers see the build's TRITON_*, CUDA_* and KILN_* variables
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    env = child_process_env([p for p in sys.path if p and os.path.isdir(p)])
     cmd = [sys.executable, "-c", "from kiln.backends.cuda.triton_launch import _worker_main; _worker_main()"]
     t0 = time.perf_counter()
     ok = 0
