@@ -65,7 +65,8 @@ GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_tr
              "tests/test_control_flow_compiled.py", "tests/backends/test_cuda_se.py",
              "tests/backends/test_triton_attention.py", "tests/backends/test_triton_qconv.py",
              "tests/passes/test_quantize.py", "tests/models/test_int8_digits.py",
-             "tests/backends/test_triton_qdq.py", "tests/test_detection_plugins.py", "tests/quant/test_speed.py"]
+             "tests/backends/test_triton_qdq.py", "tests/test_detection_plugins.py", "tests/quant/test_speed.py",
+             "tests/backends/test_triton_epilogue.py"]
 
 
 def run_tests(timeout: int) -> None:

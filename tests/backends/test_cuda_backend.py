@@ -64,6 +64,36 @@ def test_conv_tactics_match_reference(tid, dtype, residual, k):
         assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < (1e-2 if dtype == torch.float16 else 3e-3), cfg
 
 
+@pytest.mark.parametrize("tid,k,group", [("cuda.cudnn_conv", 3, 1), ("cuda.cudnn_conv", 3, 16),
+                                          ("cuda.conv1x1_gemm", 1, 1)])
+@pytest.mark.parametrize("act", ["Mish", "LeakyRelu", "Sigmoid", "HardSwish", "Relu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_library_conv_with_triton_epilogue(tid, k, group, act, residual):
+    """The {"epilogue": "triton"} configs (library conv/GEMM, then one Triton pass for bias, activation and
+    residual) match the float64 reference; offered whenever there is more than the library fuses itself."""
+    if get_tactic("cuda.triton_conv") is None:
+        pytest.skip("triton missing: the Triton epilogue is not offered")
+    node, args = _conv_node(torch.float16, act=act, residual=residual, k=k)
+    if group > 1:
+        node.attrs["group"] = group
+        w = node.inputs[1].const
+        node.inputs[1] = Value("w", const=w[:, : w.shape[1] // group].contiguous())
+    if act == "LeakyRelu":
+        node.attrs["alpha"] = 0.1
+    t = get_tactic(tid)
+    ctx = TacticContext(DEV, fp16=True)
+    cfgs = [c for c in t.configs(node, ctx) if c.get("epilogue") == "triton"]
+    if act == "Relu" and not residual:
+        assert not cfgs or tid == "cuda.cudnn_conv"
+    if not cfgs:
+        return
+    full = [a if a is not None else v.const.to(DEV) for a, v in zip(args, node.inputs)]
+    want = lookup("FusedConv", "kiln").compute(node, *[a.double() for a in full])
+    got = t.make(node, cfgs[0], DEV)(*args)
+    assert got.shape == want.shape and got.dtype == torch.float16
+    assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2, (tid, act, residual)
+
+
 @pytest.mark.parametrize("tid", ["cuda.cublas_gemm", "cuda.triton_gemm"])
 @pytest.mark.parametrize("act", ["Relu", "Gelu", ""])
 def test_gemm_tactics_match_reference(tid, act):
@@ -76,8 +106,32 @@ def test_gemm_tactics_match_reference(tid, act):
     if t is None:
         pytest.skip(f"{tid} not registered")
     want = lookup("FusedGemm", "kiln").compute(node, a.double(), w.double().to(DEV), node.inputs[2].const.double().to(DEV))
-    got = t.make(node, t.configs(node, TacticContext(DEV, fp16=True))[0], DEV)(a)
-    assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2
+    for cfg in t.configs(node, TacticContext(DEV, fp16=True)):
+        got = t.make(node, cfg, DEV)(a)
+        assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("act", ["Gelu", "GeluTanh", ""])
+@pytest.mark.parametrize("before", [0, 1])
+def test_cublas_gemm_triton_epilogue_with_residual(act, before):
+    """cuBLAS GEMM + bias, then GELU and the residual in one Triton pass, on a 3-D [batch, seq, hidden] input."""
+    w = (torch.randn(64, 96) / 10).half()
+    node = Node("FusedGemm", [Value("a", TensorType(DType.FLOAT16, (2, 5, 96))), Value("w", const=w),
+                              Value("b", const=torch.randn(64).half()),
+                              Value("z", TensorType(DType.FLOAT16, (2, 5, 64)))],
+                [Value("y", TensorType(DType.FLOAT16, (2, 5, 64)))], {"activation": act, "act_before_add": before},
+                name="g", domain="kiln")
+    a, z = torch.randn(2, 5, 96, device=DEV).half(), torch.randn(2, 5, 64, device=DEV).half()
+    t = get_tactic("cuda.cublas_gemm")
+    cfgs = t.configs(node, TacticContext(DEV, fp16=True))
+    if get_tactic("cuda.triton_gemm") is not None:
+        assert {"epilogue": "triton"} in cfgs
+    want = lookup("FusedGemm", "kiln").compute(node, a.double(), w.double().to(DEV),
+                                               node.inputs[2].const.double().to(DEV), z.double())
+    for cfg in cfgs:
+        got = t.make(node, cfg, DEV)(a, None, None, z)
+        assert got.shape == (2, 5, 64)
+        assert rel_error(got.cpu().numpy(), want.cpu().numpy()) < 1e-2, cfg
 
 
 def test_cuda_conv_candidates_include_cudnn_and_triton():

@@ -42,6 +42,14 @@ class CublasGemm(Tactic):
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         return gemm_static_ok(node) and float_io(node, cast_ok=True)
 
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        from kiln.backends.cuda import HAVE_TRITON
+        ep = epilogue_of(node)
+        has_z = node.op_type == "FusedGemm" and node.input(3) is not None
+        if HAVE_TRITON and (has_z or ep.activation not in ("", "Relu")):
+            return [{"epilogue": "triton"}, {}]
+        return [{}]
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
         wkn = packed_weight(node, device)  # [K, N] view (column-major for cuBLAS is free)
@@ -49,6 +57,16 @@ class CublasGemm(Tactic):
         has_z = node.op_type == "FusedGemm" and node.input(3) is not None
         relu_only = ep.activation == "Relu" and not has_z and b is not None
         n_out = int(wkn.shape[1])
+        if config.get("epilogue") == "triton":
+            from kiln.backends.cuda.triton_epilogue import epilogue_
+
+            def kernel_epi(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+                lead = a.shape[:-1]
+                a2 = a.reshape(-1, a.shape[-1])
+                y = torch.addmm(b, a2, wkn) if b is not None else torch.mm(a2, wkn)
+                z2 = None if z is None else z.expand(*lead, n_out).reshape(-1, n_out)
+                return epilogue_(y, None, z2, ep).view(*lead, n_out)
+            return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
             lead = a.shape[:-1]

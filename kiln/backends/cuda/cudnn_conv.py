@@ -27,6 +27,16 @@ def _pad_args(geo: ConvGeometry) -> tuple[list[int] | None, list[int]]:
     return [l, r, t, b], [0, 0]
 
 
+def _triton_epilogue_helps(node: Node) -> bool:
+    """Whether a one-pass Triton epilogue can replace torch's separate bias/activation/residual kernels after a
+    library conv or GEMM: Triton present and something to do beyond what the library call fuses itself."""
+    from kiln.backends.cuda import HAVE_TRITON
+    if not HAVE_TRITON:
+        return False
+    ep = epilogue_of(node)
+    return bool(ep.activation) or node.input(3) is not None
+
+
 class CudnnConv(Tactic):
     """torch conv2d (cuDNN) with bias, then the epilogue as in-place torch ops. Any group, any float type."""
 
@@ -38,7 +48,10 @@ class CudnnConv(Tactic):
         return conv_static_ok(node) and float_io(node, cast_ok=True)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
-        return [{"layout": "nhwc"}, {"layout": "nchw"}]
+        out = [{"layout": "nhwc"}, {"layout": "nchw"}]
+        if _triton_epilogue_helps(node):
+            out.insert(0, {"layout": "nhwc", "epilogue": "triton"})
+        return out
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         geo = conv_geometry(node)
@@ -49,6 +62,18 @@ class CudnnConv(Tactic):
         b = const_on(node, 2, device)
         pad, padding = _pad_args(geo)
         stride, dil, groups = list(geo.strides), list(geo.dilations), geo.group
+        if config.get("epilogue") == "triton":
+            if not nhwc:
+                raise ValueError("the Triton epilogue needs the nhwc layout")
+            from kiln.backends.cuda.triton_epilogue import epilogue_
+
+            def kernel_epi(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+                x = x.contiguous(memory_format=mf)
+                if pad is not None:
+                    x = F.pad(x, pad)
+                y = F.conv2d(x, w, None, stride, padding, dil, groups).contiguous(memory_format=mf)
+                return epilogue_(y, b, z, ep)
+            return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
             x = x.contiguous(memory_format=mf)
@@ -119,6 +144,12 @@ class Conv1x1Gemm(Tactic):
         return (geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.pads == (0, 0, 0, 0)
                 and geo.group == 1)
 
+    def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
+        ep = epilogue_of(node)
+        if _triton_epilogue_helps(node) and not (ep.activation == "Relu" and node.input(3) is None):
+            return [{"epilogue": "triton"}, {}]
+        return [{}]
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
         w = const_on(node, 1, device)
@@ -126,6 +157,15 @@ class Conv1x1Gemm(Tactic):
         wt = w.reshape(k_out, -1).t().contiguous()  # type: ignore[union-attr]  [C, K]
         b = const_on(node, 2, device)
         relu_only = ep.activation == "Relu" and node.input(3) is None and b is not None
+        if config.get("epilogue") == "triton":
+            from kiln.backends.cuda.triton_epilogue import epilogue_
+
+            def kernel_epi(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
+                x = channels_last(x)
+                n, c, h, wd = x.shape
+                y2 = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), wt)
+                return epilogue_(y2.view(n, h, wd, k_out).permute(0, 3, 1, 2), b, z, ep)
+            return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
             x = channels_last(x)
