@@ -32,10 +32,12 @@ def _graphs(attr: Any) -> Iterator[Mapping[str, Any]]:
 
 
 def step_precision(step: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
-    """A layer's precision: int8 for the integer conv/gemm layers, else the element type of its first output
-    (its kind, e.g. "sequence", where it has none; "?" where the plan does not know it)."""
+    """A layer's precision: int8 / fp8 for the integer / float8 conv/gemm layers, else the element type of its first
+    output (its kind, e.g. "sequence", where it has none; "?" where the plan does not know it)."""
     if step.get("op") in INT8_LAYERS:
-        return "int8"
+        ins = step.get("inputs") or []
+        w = (spec.get("values", {}).get(ins[1]) if len(ins) > 1 and ins[1] else None) or {}
+        return "fp8" if (w.get("type") or {}).get("dtype") == "float8_e4m3fn" else "int8"
     outs = step.get("outputs") or []
     value = (spec.get("values", {}).get(outs[0]) if outs else None) or {}
     return (value.get("type") or {}).get("dtype") or (value.get("kind") if value.get("kind") != "tensor" else None) or "?"

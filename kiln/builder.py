@@ -70,7 +70,9 @@ class BuilderConfig:
     the largest relative error of the outputs allowed, layers going back to float until it holds. int8_by_speed:
     True keeps a layer INT8 only where that is faster counting the reformats around it, by measurement
     (kiln.quant.speed; a layer constrained to "int8" stays INT8); None (default) does so at optimization_level >= 2;
-    False runs every layer with an integer kernel INT8. A Q/DQ model keeps its own placement.
+    False runs every layer with an integer kernel INT8. A Q/DQ model keeps its own placement. fp8 (instead of
+    int8): the GEMM-shaped layers (gemms, 1x1 convs) in float8 e4m3 from the same ranges (scales amax / 448), where
+    the target has an FP8 kernel (a GPU of compute capability 8.9+; the CPU computes them in float32, with a warning).
     optimization_level: 0 = heuristic tactics, no timing; 3+ = time every candidate. timing_cache: a JSON file read
     before and merged back after tuning.
     """
@@ -95,6 +97,7 @@ class BuilderConfig:
     int8_report: bool = False
     accuracy_budget: float | None = None
     int8_by_speed: bool | None = None
+    fp8: bool = False
 
 
 def resolve_device(device: str | None) -> str:
@@ -201,7 +204,7 @@ class Builder:
             int8_report = None
             lowering = Int8Lowering() if self._speed_selection(g, config) else None
             quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
-            if config.int8 or has_qdq(g):  # integer layers from Q/DQ nodes or calibrated ranges
+            if config.int8 or config.fp8 or has_qdq(g):  # integer / FP8 layers from Q/DQ nodes or calibrated ranges
                 # its progress and report lines are details here: the summary and `kiln build` give them
                 with progress.stage("calibrate" if config.calibration_data is not None else "quantize"):
                     int8_report = quantize_graph(g, config, quiet_ctx, lowering)

@@ -66,7 +66,7 @@ GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_tr
              "tests/backends/test_triton_attention.py", "tests/backends/test_triton_qconv.py",
              "tests/passes/test_quantize.py", "tests/models/test_int8_digits.py",
              "tests/backends/test_triton_qdq.py", "tests/test_detection_plugins.py", "tests/quant/test_speed.py",
-             "tests/backends/test_triton_epilogue.py"]
+             "tests/backends/test_triton_epilogue.py", "tests/backends/test_cuda_fp8_gemm.py"]
 
 
 def run_tests(timeout: int) -> None:

@@ -25,6 +25,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt-level", type=int, default=3, help="0: heuristic tactics, no timing; 3+: time every candidate")
     p.add_argument("--int8", action="store_true", help="conv/gemm layers on integer kernels (ranges: --calib, "
                    "--calib-cache or --dynamic-ranges; a Q/DQ model needs none)")
+    p.add_argument("--fp8", action="store_true", help="gemm and 1x1 conv layers in float8 e4m3 on FP8 tensor cores "
+                   "(compute capability 8.9+; on the CPU in float32), ranges as for --int8")
     p.add_argument("--calib", metavar="DIR", help="calibration data: a folder of .npz (one array per input) or .npy files")
     p.add_argument("--calib-preprocess", metavar="SPEC", help="for a --calib folder of images: e.g. "
                    "'resize=256;crop=224;scale=0.00392157;mean=0.485,0.456,0.406;std=0.229,0.224,0.225;order=rgb'")
@@ -116,8 +118,10 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
     from kiln.quant.calibrate import CalibrationFolder, read_ranges_file
     if args.calib_preprocess and not args.calib:
         raise KilnError("--calib-preprocess describes the images of a --calib folder")
-    if (args.calib or args.calib_cache or args.dynamic_ranges) and not args.int8:
-        raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8")
+    if args.int8 and args.fp8:
+        raise KilnError("--int8 and --fp8 are two precisions: choose one")
+    if (args.calib or args.calib_cache or args.dynamic_ranges) and not (args.int8 or args.fp8):
+        raise KilnError("--calib, --calib-cache and --dynamic-ranges go with --int8 or --fp8")
     if (args.int8_report or args.accuracy_budget is not None) and not args.int8:
         raise KilnError("--int8-report and --accuracy-budget go with --int8")
     if args.int8_layers and not args.int8:
@@ -128,7 +132,8 @@ def _int8_options(args: argparse.Namespace) -> dict[str, Any]:
         raise KilnError(f"--calib-batches must be >= 1, got {args.calib_batches}")
     if not 0 < args.percentile <= 100:
         raise KilnError(f"--percentile must be in (0, 100], got {args.percentile}")
-    out: dict[str, Any] = {"int8": args.int8, "calibrator": args.calibrator, "percentile": args.percentile,
+    out: dict[str, Any] = {"int8": args.int8, "fp8": args.fp8, "calibrator": args.calibrator,
+                           "percentile": args.percentile,
                            "calibration_cache": args.calib_cache, "calibration_batches": args.calib_batches,
                            "int8_report": args.int8_report, "accuracy_budget": args.accuracy_budget,
                            "layer_precisions": _layer_precisions(args.layer_precisions),

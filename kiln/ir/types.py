@@ -50,3 +50,4 @@ class QuantParams:
     scale: float | tuple[float, ...]
     zero_point: int | tuple[int, ...] = 0
     axis: int | None = None
+    dtype: DType | None = None  # the element type the values were quantized to (a folded weight's), if known

@@ -23,6 +23,13 @@ places between a convolution and its residual Add, kept exactly when the Add is 
 
 With power-of-two scales every step is exact in float32, so kernels are tested bit-exactly against this
 reference; otherwise they agree within one quantization step (float32 rounding order).
+
+FP8 is the same layer on float8 e4m3 elements (the element type is X's): X and W ``float8_e4m3fn``, zero points
+0, a residual float or float8 (dequantized by ``z_scale``), ``out_dtype`` FLOAT8E4M3FN (17) for a quantized
+output. The accumulator stays exact in float64 (products of two e4m3 values are multiples of 2**-18 below 2**18:
+exact for reductions of fewer than 2**17 terms), and the output is quantized as ONNX's QuantizeLinear does for
+float8: ``y = float8(v / y_scale)`` in float32, rounded to nearest even, saturated to +-448, NaN kept. (Not a
+sibling op: that would repeat the shape rule, the epilogue and every pass's handling for one changed step.)
 """
 from __future__ import annotations
 
@@ -42,9 +49,11 @@ from kiln.ops.registry import OpDef, lookup, register
 
 Tensor = torch.Tensor
 
-INT8, UINT8, FLOAT, FLOAT16 = 3, 2, 1, 10
+INT8, UINT8, FLOAT, FLOAT16, FLOAT8E4M3FN = 3, 2, 1, 10, 17
 QUANT_OUT = {INT8: torch.int8, UINT8: torch.uint8}
 FLOAT_OUT = {FLOAT: torch.float32, FLOAT16: torch.float16}
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 _RANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
 
 QUANT_ATTRS: dict[str, Attr] = {
@@ -55,7 +64,7 @@ QUANT_ATTRS: dict[str, Attr] = {
     "y_zero_point": Attr("int", 0, min=-128, max=255),
     "z_scale": Attr("float", 1.0, min=0.0),
     "z_zero_point": Attr("int", 0, min=-128, max=255),
-    "out_dtype": Attr("int", INT8, choices=(INT8, UINT8, FLOAT, FLOAT16)),
+    "out_dtype": Attr("int", INT8, choices=(INT8, UINT8, FLOAT, FLOAT16, FLOAT8E4M3FN)),
     # the layer's own result requantized before the residual add (a Q/DQ pair the model puts there): 0 = none
     "a_scale": Attr("float", 0.0, min=0.0),
     "a_zero_point": Attr("int", 0, min=-128, max=255),
@@ -93,8 +102,12 @@ class QuantSpec:
         return self.out_dtype in QUANT_OUT
 
     @property
+    def fp8_out(self) -> bool:
+        return self.out_dtype == FLOAT8E4M3FN
+
+    @property
     def out_torch(self) -> torch.dtype:
-        return QUANT_OUT.get(self.out_dtype) or FLOAT_OUT[self.out_dtype]
+        return FP8 if self.fp8_out else (QUANT_OUT.get(self.out_dtype) or FLOAT_OUT[self.out_dtype])
 
     def multipliers(self, n: int) -> Tensor:
         """float32 x_scale * w_scales[k] for the n output channels (computed in float64, rounded once)."""
@@ -104,14 +117,28 @@ class QuantSpec:
         return (w * self.x_scale).to(torch.float32)
 
 
+def _check_fp8(node: Node, q: QuantSpec, w: Tensor, z: Tensor | None) -> None:
+    """An FP8 layer (float8 X): float8 weights, every zero point 0, a float8 residual only as such."""
+    if w.dtype != FP8:
+        raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} with a float8 input needs float8_e4m3fn "
+                                    f"weights, got {w.dtype}")
+    for name in ("x_zero_point", "y_zero_point", "z_zero_point"):
+        if getattr(q, name) != 0:
+            raise UnsupportedOpError(f"node '{node.name}': {name} must be 0 in an FP8 layer, got {getattr(q, name)}")
+    if z is not None and z.dtype in _RANGE:
+        raise UnsupportedDTypeError(f"node '{node.name}': an FP8 layer takes a float or float8 residual, got {z.dtype}")
+
+
 def _check_quant(node: Node, x: Tensor, w: Tensor, b: Tensor | None, z: Tensor | None, n_out: int) -> QuantSpec:
     q = QuantSpec.of(node)
-    if x.dtype not in _RANGE:
-        raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} needs an int8/uint8 input, got {x.dtype}")
-    lo, hi = _RANGE[x.dtype]
-    if not lo <= q.x_zero_point <= hi:
+    if x.dtype == FP8:
+        _check_fp8(node, q, w, z)
+    elif x.dtype not in _RANGE:
+        raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} needs an int8/uint8/float8_e4m3fn input, "
+                                    f"got {x.dtype}")
+    elif not _RANGE[x.dtype][0] <= q.x_zero_point <= _RANGE[x.dtype][1]:
         raise UnsupportedOpError(f"node '{node.name}': x_zero_point {q.x_zero_point} is outside {x.dtype}'s range")
-    if w.dtype != torch.int8:
+    elif w.dtype != torch.int8:
         raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} needs int8 weights, got {w.dtype}")
     if len(q.w_scales) not in (1, n_out):
         raise UnsupportedOpError(f"node '{node.name}': {len(q.w_scales)} weight scales for {n_out} output channels")
@@ -119,6 +146,8 @@ def _check_quant(node: Node, x: Tensor, w: Tensor, b: Tensor | None, z: Tensor |
         raise UnsupportedOpError(f"node '{node.name}': the bias must hold {n_out} float32 values")
     if z is not None and z.dtype not in _RANGE and not z.is_floating_point():
         raise UnsupportedDTypeError(f"node '{node.name}': residual of type {z.dtype}")
+    if z is not None and z.is_floating_point() and z.dtype.itemsize == 1 and z.dtype != FP8:
+        raise UnsupportedDTypeError(f"node '{node.name}': residual of type {z.dtype} (float8 means e4m3fn here)")
     if q.quantized_out:
         lo, hi = _RANGE[q.out_torch]
         if not lo <= q.y_zero_point <= hi:
@@ -136,7 +165,8 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
         v = v + b.to(acc.device).reshape(shape)
     r = None
     if z is not None:
-        r = (z.to(torch.float32) - q.z_zero_point) * q.z_scale if z.dtype in _RANGE else z.to(torch.float32)
+        r = (z.to(torch.float32) - q.z_zero_point) * q.z_scale if z.dtype in _RANGE or z.dtype == FP8 \
+            else z.to(torch.float32)
     ep = Epilogue.of(node)
     if ep.act_before_add:
         v = activate(v, ep.activation, ep.alpha, ep.beta)
@@ -147,10 +177,18 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
         v = v + r
     if not ep.act_before_add:
         v = activate(v, ep.activation, ep.alpha, ep.beta)
+    if q.fp8_out:
+        return quantize_fp8(v, q.y_scale)
     if not q.quantized_out:
         return v.to(q.out_torch)
     lo, hi = _RANGE[q.out_torch]
     return _round_to(v, q.y_scale, q.y_zero_point, lo, hi).to(q.out_torch)
+
+
+def quantize_fp8(v: Tensor, scale: float) -> Tensor:
+    """float8_e4m3fn(v / scale) as ONNX's QuantizeLinear computes it in float32: round to nearest even, saturated
+    to +-448 (saturate=1, the default), NaN kept."""
+    return (v.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def _round_to(v: Tensor, scale: float, zero_point: int, lo: int, hi: int) -> Tensor:
@@ -223,6 +261,12 @@ class QGemm(_QBase):
 
 
 def quant_layer(node: Node | None) -> bool:
-    """Whether `node` is one of the integer layers above."""
+    """Whether `node` is one of the integer (or FP8) layers above."""
     return node is not None and node.domain == "kiln" and node.op_type in ("QConv", "QGemm")
+
+
+def fp8_layer(node: Node | None) -> bool:
+    """Whether `node` is a QConv/QGemm on float8 elements (its weight is float8_e4m3fn)."""
+    w = node.input(1) if quant_layer(node) else None  # type: ignore[union-attr]
+    return w is not None and w.type.dtype == DType.FLOAT8E4M3FN
 

@@ -14,6 +14,7 @@ from kiln.passes.base import Pass, PassContext
 from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs, match_activation
 from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
                                  restore_order, same_shape)
+from kiln.passes.weight_quant import transposed
 
 Tensor = torch.Tensor
 
@@ -94,8 +95,11 @@ class FuseGemm(Pass):
                 absorbed.append(ba[0])
                 out = ba[0].outputs[0]
         ep = absorb(Match(out, z=z), uses)
-        inputs = fused_inputs(a, g.constant(f"{n.name}_w", w), None if bias is None else g.constant(f"{n.name}_b", bias),
-                              ep.z)
+        wc = g.constant(f"{n.name}_w", w)
+        wq = n.inputs[1].quant  # a quantized weight's scales, kept where W is only transposed
+        if wq is not None and float(n.attr("alpha", 1.0)) == 1.0:
+            wc.quant = wq if n.attr("transB", 0) else transposed(wq)
+        inputs = fused_inputs(a, wc, None if bias is None else g.constant(f"{n.name}_b", bias), ep.z)
         fused = Node("FusedGemm", inputs, [ep.out], ep.attrs(), name=n.name, domain="kiln", opset=1)
         replace_nodes(g, [n] + absorbed + ep.nodes, [fused])
         for m in absorbed + ep.nodes:

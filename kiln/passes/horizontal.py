@@ -19,6 +19,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, columns_slice, const, is_float_weight, is_op, replace_nodes, runtime
+from kiln.passes.weight_quant import stacked
 
 Tensor = torch.Tensor
 
@@ -109,6 +110,7 @@ class FuseSiblingConvs(Pass):
         name = "+".join(s.name for s in order)
         out = g.new_value(f"{order[0].outputs[0].name}_h", _fused_type(order, sum(sizes)))
         weights = g.constant(f"{name}_w", torch.cat(ws).contiguous())
+        weights.quant = stacked([s.inputs[1] for s in order])  # the siblings' quantized weights' scales
         bias = g.constant(f"{name}_b", torch.cat(bs).contiguous())
         fused = Node("FusedConv", [x, weights, bias], [out], dict(order[0].attrs), name=name, domain="kiln", opset=1)
         for a, b in zip(order, order[1:]):
@@ -166,6 +168,7 @@ class FuseSiblingGemms(Pass):
         t = sibs[0].outputs[0].type
         out = g.new_value(f"{sibs[0].outputs[0].name}_h", TensorType(t.dtype, (*t.shape[:-1], sum(sizes))))  # type: ignore[misc]
         inputs = [x, g.constant(f"{name}_w", torch.cat(ws).contiguous())]  # type: ignore[arg-type]
+        inputs[1].quant = stacked([s.inputs[1] for s in sibs])  # the siblings' quantized weights' scales
         if any(b is not None for b in bs):
             inputs.append(g.constant(f"{name}_b", torch.cat([
                 torch.zeros(n, dtype=w.dtype) if b is None else b.to(w.dtype)  # type: ignore[union-attr]

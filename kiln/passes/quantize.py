@@ -15,6 +15,10 @@ the target has an integer kernel for it (else the layer stays float between its 
 `PropagateQuantization` moves a DequantizeLinear below the ops that commute with it (max pooling, reshapes,
 transposes, slices, nearest resizing: they then move int8 data) and removes each DequantizeLinear ->
 QuantizeLinear pair of equal parameters, so int8 activations flow from one integer layer to the next.
+
+FP8 (float8_e4m3fn Q/DQ, zero points 0) takes the same road: weights fold with their scales, a float8 DQ ->
+FusedConv/FusedGemm (-> float8 Q) becomes a QConv/QGemm on float8 elements where the target has an FP8 kernel,
+and equal float8 DQ -> Q pairs cancel; float8 data is not moved across other ops.
 """
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.backends.fp8 import gemm_shaped
 from kiln.backends.tactic import TacticContext, candidate_tactics
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import QuantParams, TensorType
-from kiln.ops.qlayers import FLOAT, INT8, UINT8, QuantSpec
+from kiln.errors import UnsupportedOpError
+from kiln.ops.qlayers import FLOAT, FLOAT8E4M3FN, FP8, FP8_MAX, INT8, UINT8, QuantSpec
 from kiln.ops.registry import lookup
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, const, is_op, remove_node, replace_nodes, restore_order
 
 Tensor = torch.Tensor
 
-_CODE = {torch.int8: INT8, torch.uint8: UINT8}
+_CODE = {torch.int8: INT8, torch.uint8: UINT8, FP8: FLOAT8E4M3FN}
 COMMUTING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
                            "Identity", "Slice", "Resize", "DepthToSpace", "SpaceToDepth"})
 """Ops whose result on dequantized data equals the dequantization of their result on the integers (per-tensor
@@ -50,9 +56,9 @@ class QParams:
     dtype: torch.dtype
 
 
-def qparams(n: Node | None) -> QParams | None:
+def qparams(n: Node | None, float8: bool = False) -> QParams | None:
     """n's constant per-tensor scale, zero point and integer type; None for anything else (per-axis, blocked,
-    float8, a runtime scale, a non-positive scale)."""
+    a runtime scale, a non-positive scale; float8 unless `float8`, and then float8_e4m3fn with zero point 0)."""
     if not is_op(n, "QuantizeLinear", "DequantizeLinear") or int(n.attr("block_size", 0) or 0):  # type: ignore[union-attr]
         return None
     s, z = const(n.input(1)), const(n.input(2))  # type: ignore[union-attr]
@@ -69,14 +75,19 @@ def qparams(n: Node | None) -> QParams | None:
     else:
         code = int(n.attr("output_dtype", 0) or 0)  # type: ignore[union-attr]
         dtype = {0: torch.uint8, 2: torch.uint8, 3: torch.int8}.get(code)
-    if dtype not in _CODE or (z is not None and z.dtype != dtype):
+    if float8 and dtype == FP8:
+        if z is not None and (z.dtype != FP8 or float(z.float().reshape(())) != 0.0):
+            return None
+        return QParams(scale, 0, FP8)
+    if dtype not in (torch.int8, torch.uint8) or (z is not None and z.dtype != dtype):
         return None
     return QParams(scale, 0 if z is None else int(z.reshape(()).item()), dtype)
 
 
 class FoldWeightDequantize(Pass):
-    """DequantizeLinear of an int8 constant (zero point 0: a quantized weight) -> a float constant whose
-    Value.quant keeps the scales, so that the integer layer gets the model's own int8 weights back."""
+    """DequantizeLinear of an int8 or float8_e4m3fn constant (zero point 0: a quantized weight) -> a float
+    constant whose Value.quant keeps the scales, so that the integer or FP8 layer gets the model's own weights
+    back. A float8 weight with a non-zero zero point is refused (one line): FP8 layers take zero points 0."""
 
     name = "weight dequantize folding"
 
@@ -87,14 +98,18 @@ class FoldWeightDequantize(Pass):
             if not is_op(n, "DequantizeLinear") or id(n.outputs[0]) in outputs:
                 continue
             x, s, z = const(n.input(0)), const(n.input(1)), const(n.input(2))
-            if x is None or s is None or x.dtype != torch.int8 or (n.input(2) is not None and z is None):
+            if x is None or s is None or x.dtype not in (torch.int8, FP8) or (n.input(2) is not None and z is None):
                 continue
-            if (z is not None and bool((z != 0).any())) or int(n.attr("block_size", 0) or 0) or s.dim() > 1:
+            if x.dtype == FP8 and z is not None and bool((z.float() != 0).any()):
+                raise UnsupportedOpError(f"node '{n.name}': the float8 weight '{n.inputs[0].name}' has a non-zero "
+                                         f"zero point: FP8 weights need zero point 0")
+            if (z is not None and bool((z.float() != 0).any())) or int(n.attr("block_size", 0) or 0) or s.dim() > 1:
                 continue
             w = lookup("DequantizeLinear", "").compute(n, x, s, z)
             v = g.constant(n.outputs[0].name + "_folded", w.contiguous())
             axis = int(n.attr("axis", 1)) % max(x.dim(), 1) if s.numel() > 1 else None
-            v.quant = QuantParams(tuple(float(e) for e in s.reshape(-1).tolist()), 0, axis)
+            v.quant = QuantParams(tuple(float(e) for e in s.reshape(-1).tolist()), 0, axis,
+                                  DType.from_torch(x.dtype))
             g.replace_uses(n.outputs[0], v)
             remove_node(g, n)
             changed = True
@@ -108,12 +123,10 @@ def quantize_weight(v: Value, channels: int) -> tuple[Tensor, list[float]]:
     scales. Otherwise a weight lying exactly on one per-tensor grid amax/127 (a per-tensor quantized weight the
     float passes moved, e.g. transposed) keeps that grid; any other gets per-channel scales amax_k / 127."""
     w = v.const.float()  # type: ignore[union-attr]
-    q = v.quant
-    if q is not None and (q.axis in (None, 0)):
-        scales = list(q.scale) if isinstance(q.scale, tuple) else [float(q.scale)]
-        if len(scales) in (1, channels):
-            s = torch.tensor(scales, dtype=torch.float32).reshape(-1, *([1] * (w.dim() - 1)))
-            return torch.round(w / s).clamp(-127, 127).to(torch.int8), scales
+    scales = _remembered(v, channels, DType.INT8)
+    if scales is not None:
+        s = torch.tensor(scales, dtype=torch.float32).reshape(-1, *([1] * (w.dim() - 1)))
+        return torch.round(w / s).clamp(-127, 127).to(torch.int8), scales
     amax_t = float(w.abs().max()) if w.numel() else 0.0
     if amax_t > 0:
         s_t = amax_t / 127.0
@@ -123,6 +136,28 @@ def quantize_weight(v: Value, channels: int) -> tuple[Tensor, list[float]]:
     scales_t = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     wq = torch.round(w.double() / scales_t.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127)
     return wq.to(torch.int8), [float(s) for s in scales_t]
+
+
+def quantize_weight_fp8(v: Value, channels: int) -> tuple[Tensor, list[float]]:
+    """float8_e4m3fn weights [channels, ...] and their scales: a weight folded from the model's own float8
+    DequantizeLinear gets its float8 values back (w / s is exact: w was float8 * s in float32); any other gets
+    per-channel scales amax_k / 448."""
+    w = v.const.float()  # type: ignore[union-attr]
+    scales = _remembered(v, channels, DType.FLOAT8E4M3FN)
+    if scales is None:
+        amax = w.reshape(channels, -1).abs().amax(dim=1).double()
+        scales = [float(s) for s in torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))]
+    s = torch.tensor(scales, dtype=torch.float32).reshape(-1, *([1] * (w.dim() - 1)))
+    return (w / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
+
+
+def _remembered(v: Value, channels: int, dtype: DType) -> list[float] | None:
+    """The scales FoldWeightDequantize kept for v (per tensor or along axis 0) when it was quantized to `dtype`."""
+    q = v.quant
+    if q is None or q.axis not in (None, 0) or (q.dtype != dtype and not (q.dtype is None and dtype == DType.INT8)):
+        return None
+    scales = list(q.scale) if isinstance(q.scale, tuple) else [float(q.scale)]
+    return scales if len(scales) in (1, channels) else None
 
 
 def _layer_kind(n: Node) -> str | None:
@@ -165,48 +200,51 @@ class FuseQuantizedLayers(Pass):
 
     def _fuse(self, g: Graph, n: Node, kind: str, uses: Uses, ctx: PassContext) -> bool:
         dq = n.inputs[0].producer
-        xp = qparams(dq)
+        xp = qparams(dq, float8=True)
         if xp is None or not is_op(dq, "DequantizeLinear"):
             return False
+        fp8 = xp.dtype == FP8  # an FP8 layer: float8 weights, float8 or float residual
         wv = n.inputs[1]
         channels = int(wv.const.shape[0])  # type: ignore[union-attr]
-        wq, w_scales = quantize_weight(wv, channels)
+        wq, w_scales = (quantize_weight_fp8 if fp8 else quantize_weight)(wv, channels)
         b = const(n.input(2))
         attrs = {k: v for k, v in n.attrs.items() if k != "out_dtype"}
         attrs.update(x_scale=xp.scale, x_zero_point=xp.zero_point, w_scales=w_scales)
         z = n.input(3)
         if z is not None:
-            zp = qparams(z.producer) if is_op(z.producer, "DequantizeLinear") else None
-            if zp is not None:
+            zp = qparams(z.producer, float8=fp8) if is_op(z.producer, "DequantizeLinear") else None
+            if zp is not None and (zp.dtype == FP8) == fp8:
                 attrs.update(z_scale=zp.scale, z_zero_point=zp.zero_point)
                 z = z.producer.inputs[0]  # type: ignore[union-attr]
             elif z.type.dtype != DType.FLOAT32:
                 return False
         y = n.outputs[0]
         q = uses.only(y)
-        qp = qparams(q) if is_op(q, "QuantizeLinear") else None
+        qp = qparams(q, float8=fp8) if is_op(q, "QuantizeLinear") else None
         if qp is not None:
             out = q.outputs[0]  # type: ignore[union-attr]
             attrs.update(y_scale=qp.scale, y_zero_point=qp.zero_point, out_dtype=_CODE[qp.dtype])
         else:
             out = y
             attrs["out_dtype"] = FLOAT
-        inputs = [dq.inputs[0], g.constant(wv.name + "_int8", wq),  # type: ignore[union-attr]
+        inputs = [dq.inputs[0], g.constant(wv.name + ("_fp8" if fp8 else "_int8"), wq),  # type: ignore[union-attr]
                   None if b is None else g.constant(n.input(2).name + "_f32", b.float().contiguous()), z]  # type: ignore[union-attr]
         while inputs[-1] is None:
             inputs.pop()
         probe = Node(kind, inputs, [Value("probe", out.type)], attrs, name=n.name, domain="kiln", opset=1)
+        what = "FP8" if fp8 else "integer"
         if not has_integer_kernel(probe, ctx.device):
-            ctx.logger.verbose(f"Keeping {n.name} in float between its Q/DQ nodes: no integer kernel on "
+            ctx.logger.verbose(f"Keeping {n.name} in float between its Q/DQ nodes: no {what} kernel on "
                                f"{ctx.device} for it")
             return False
         fused = Node(kind, inputs, [out], attrs, name=n.name, domain="kiln", opset=1)
         replace_nodes(g, [n] + ([q] if qp is not None else []), [fused])  # type: ignore[list-item]
         per = "per-channel" if len(w_scales) > 1 else "per-tensor"
         ctx.logger.verbose(f"Fusing {dq.name} -> {n.name}" + (f" -> {q.name}" if qp is not None else "")  # type: ignore[union-attr]
-                           + f" into integer layer {kind} {n.name} ({str(xp.dtype).replace('torch.', '')} in, "
-                           f"{out.type.dtype.value if out.type.dtype else '?'} out, {per} int8 weights"
-                           + (", int8 residual" if "z_scale" in attrs else "") + ")")
+                           + f" into {what} layer {kind} {n.name} ({str(xp.dtype).replace('torch.', '')} in, "
+                           f"{out.type.dtype.value if out.type.dtype else '?'} out, {per} "
+                           f"{'float8' if fp8 else 'int8'} weights"
+                           + (", quantized residual" if "z_scale" in attrs else "") + ")")
         return True
 
 
@@ -314,7 +352,7 @@ class PropagateQuantization(Pass):
         dq = q.inputs[0].producer
         if not is_op(dq, "DequantizeLinear") or uses.is_output(q.outputs[0]):
             return False
-        a, b = qparams(dq), qparams(q)
+        a, b = qparams(dq, float8=True), qparams(q, float8=True)
         if a is None or a != b:
             return False
         g.replace_uses(q.outputs[0], dq.inputs[0])  # type: ignore[union-attr]
@@ -346,16 +384,20 @@ class PropagateQuantization(Pass):
 class InsertQuantization(Pass):
     """Implicit INT8: symmetric int8 Q/DQ pairs of calibrated ranges around the conv/gemm layers (module doc).
 
-    ranges: tensor name -> amax (the int8 scale is amax / 127); layers named in `exclude` stay float."""
+    ranges: tensor name -> amax (the int8 scale is amax / 127); layers named in `exclude` stay float. With `fp8`:
+    float8_e4m3fn pairs (scale amax / 448, zero point 0) around the GEMM-shaped layers only (gemms, 1x1 convs: the
+    FP8 kernels' layers), and float8 data is not carried through other ops."""
 
     name = "Q/DQ insertion"
 
-    def __init__(self, ranges: dict[str, float], exclude: set[str] | frozenset[str] = frozenset()) -> None:
-        self.ranges, self.exclude = ranges, set(exclude)
+    def __init__(self, ranges: dict[str, float], exclude: set[str] | frozenset[str] = frozenset(),
+                 fp8: bool = False) -> None:
+        self.ranges, self.exclude, self.fp8 = ranges, set(exclude), fp8
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
         uses = Uses(g)
-        layers = {id(n) for n in g.nodes if _layer_kind(n) is not None and n.name not in self.exclude}
+        layers = {id(n) for n in g.nodes if _layer_kind(n) is not None and n.name not in self.exclude
+                  and (not self.fp8 or gemm_shaped(n))}
         amax: dict[int, float] = {}  # value -> its range (a commuting op's output: its input's range)
         targets: dict[int, Value] = {}
         for n in g.nodes:
@@ -366,6 +408,8 @@ class InsertQuantization(Pass):
                     targets[id(v)] = v
             y = n.outputs[0]
             chain = _int8_chain(y, uses, layers)
+            if self.fp8 and chain:
+                chain = None
             found = [self.ranges[u.name] for u in [y, *(chain or [])] if u.name in self.ranges]
             a = max(found) if found else None  # the widest: a max pool's output (what the layers read) is wider
             if chain is not None and a is not None:
@@ -381,21 +425,23 @@ class InsertQuantization(Pass):
             readers = [r for r in uses.of(v) if (id(r) in layers and _reads_as_data(r, v))
                        or (is_op(r, *COMMUTING_OPS) and id(r.outputs[0]) in amax)]
             if readers:
-                self._insert(g, v, a / 127.0, readers)
+                self._insert(g, v, a / (FP8_MAX if self.fp8 else 127.0), readers, self.fp8)
                 inserted += 1
         if inserted:
             restore_order(g)
-            ctx.logger.verbose(f"Inserted int8 Q/DQ pairs on {inserted} tensors from their ranges")
+            ctx.logger.verbose(f"Inserted {'float8' if self.fp8 else 'int8'} Q/DQ pairs on {inserted} tensors from "
+                               f"their ranges")
         return inserted > 0
 
     @staticmethod
-    def _insert(g: Graph, v: Value, scale: float, readers: list[Node]) -> None:
+    def _insert(g: Graph, v: Value, scale: float, readers: list[Node], fp8: bool = False) -> None:
         s = g.constant(v.name + "_scale", torch.tensor(scale, dtype=torch.float32))
-        zp = g.constant(v.name + "_zero_point", torch.tensor(0, dtype=torch.int8))
-        vq = Value(g.unique_name(v.name + "_q"), TensorType(DType.INT8, v.type.shape))
+        zp = g.constant(v.name + "_zero_point", torch.zeros((), dtype=FP8 if fp8 else torch.int8))
+        vq = Value(g.unique_name(v.name + "_q"), TensorType(DType.FLOAT8E4M3FN if fp8 else DType.INT8, v.type.shape))
         vd = Value(g.unique_name(v.name + "_dq"), v.type)
-        qn = Node("QuantizeLinear", [v, s, zp], [vq], {}, name=g.unique_name(v.name + "_quantize"), opset=13)
-        dn = Node("DequantizeLinear", [vq, s, zp], [vd], {}, name=g.unique_name(v.name + "_dequantize"), opset=13)
+        opset = 21 if fp8 else 13
+        qn = Node("QuantizeLinear", [v, s, zp], [vq], {}, name=g.unique_name(v.name + "_quantize"), opset=opset)
+        dn = Node("DequantizeLinear", [vq, s, zp], [vd], {}, name=g.unique_name(v.name + "_dequantize"), opset=opset)
         at = g.nodes.index(v.producer) + 1 if v.producer is not None and v.producer in g.nodes else 0
         g.nodes[at:at] = [qn, dn]
         for r in readers:

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import BuildError
-from kiln.ir.graph import Graph
+from kiln.ir.dtype import DType
+from kiln.ir.graph import Graph, Node
+from kiln.ops.qlayers import fp8_layer
 from kiln.passes.base import Fixpoint, PassContext, PassManager
 from kiln.passes.dce import DeadCodeElimination
+from kiln.passes.rewrite import is_op
 from kiln.passes.quantize import (FuseQuantizedLayers, FuseQuantizedResidual, InsertQuantization,
                                   PropagateQuantization, calibration_targets, has_qdq)
 from kiln.quant.cache import read_cache, write_cache
@@ -93,8 +96,8 @@ def resolve_ranges(g: Graph, config: Any, ctx: PassContext, data: list[Any] | No
         ranges, name = read_cache(cache, digest)
         return ranges, f"calibration cache {cache} ({name})"
     if data is None:
-        raise BuildError("INT8 needs ranges: calibration data (--calib DIR), a calibration cache, dynamic ranges "
-                         "(--dynamic-ranges FILE) or a model with Q/DQ nodes")
+        raise BuildError(f"{'FP8' if config.fp8 else 'INT8'} needs ranges: calibration data (--calib DIR), a "
+                         "calibration cache, dynamic ranges (--dynamic-ranges FILE) or a model with Q/DQ nodes")
     cal = make_calibrator(config.calibrator, percentile=config.percentile)
     ranges = calibrate(g, data, cal, ctx.logger, exclude)
     if cache:
@@ -103,12 +106,33 @@ def resolve_ranges(g: Graph, config: Any, ctx: PassContext, data: list[Any] | No
     return ranges, f"{cal.name} calibration"
 
 
-def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: PassContext) -> None:
-    """Q/DQ pairs from ranges (None: the model's own), then integer layers and int8 flow."""
+def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: PassContext, fp8: bool = False) -> None:
+    """Q/DQ pairs from ranges (None: the model's own; `fp8`: float8 pairs), then integer / FP8 layers and int8 or
+    float8 flow between them."""
     if ranges is not None:
-        PassManager([InsertQuantization(ranges, exclude)]).run(g, ctx)
+        PassManager([InsertQuantization(ranges, exclude, fp8)]).run(g, ctx)
     PassManager([FuseQuantizedLayers(exclude), FuseQuantizedResidual(), Fixpoint("Q/DQ", [PropagateQuantization(),
                                                                   DeadCodeElimination()])]).run(g, ctx)
+    if ranges is not None and fp8:
+        left = _unquantize_float_layers(g)
+        DeadCodeElimination().run(g, ctx)
+        if left:
+            ctx.logger.warning(f"FP8: {len(left)} gemm/1x1 conv layer(s) got no FP8 kernel on {ctx.device} and stay "
+                               f"float (e.g. '{left[0]}')")
+
+
+def _unquantize_float_layers(g: Graph) -> list[str]:
+    """Implicit FP8: a layer that got no FP8 kernel reads its input unquantized (its inserted float8 Q/DQ pair
+    would round its input and cost two passes for no FP8 arithmetic). Every Q/DQ here is one the builder put.
+    Returns the names of the conv/gemm layers that read such a pair."""
+    left: list[str] = []
+    for dq in [n for n in g.nodes if is_op(n, "DequantizeLinear")]:
+        q = dq.inputs[0].producer
+        if is_op(q, "QuantizeLinear"):
+            left += [r.name for r in g.nodes if r.op_type in ("FusedConv", "FusedGemm") and r.domain == "kiln"
+                     and r.inputs[0] is dq.outputs[0] and r.name not in left]
+            g.replace_uses(dq.outputs[0], q.inputs[0])  # type: ignore[union-attr]
+    return left
 
 
 @dataclass
@@ -141,11 +165,15 @@ def quantize_graph(g: Graph, config: Any, ctx: PassContext,
     accuracy report (`int8_report` / `accuracy_budget`) as entries of the plan's build record, else None.
     `keep` (implicit road only; a Q/DQ model leaves it empty) gets what the lowering started from."""
     explicit = has_qdq(g)
-    if not (config.int8 or explicit):
+    fp8 = bool(config.fp8) and not explicit
+    if not (config.int8 or fp8 or explicit):
         return None
     log = ctx.logger
     exclude, _ = layer_constraints(config)
     want_report = bool(config.int8_report) or config.accuracy_budget is not None
+    if fp8 and (config.int8 or want_report):
+        raise BuildError("FP8 is its own precision: not with INT8, and the accuracy report and budget measure INT8 "
+                         "layers only")
     report = None
     if explicit:
         if config.calibration_data is not None or config.dynamic_ranges:
@@ -171,20 +199,38 @@ def quantize_graph(g: Graph, config: Any, ctx: PassContext,
                 log.warning("one calibration batch: the accuracy report measures on the data it calibrated on")
         ranges, source = resolve_ranges(g, config, ctx, data, exclude)
         reference = clone_graph(g) if want_report or keep is not None else None
-        _lower(g, ranges, exclude, ctx)
+        _lower(g, ranges, exclude, ctx, fp8)
         kept: list[str] = []
         if want_report:
             report, kept = _measure(g, reference, ranges, exclude, held, config, ctx)  # type: ignore[arg-type]
         if keep is not None:
             keep.pre, keep.ranges, keep.exclude = reference, ranges, exclude | set(kept)
-    ints, floats = _count(g, "QConv", "QGemm"), _count(g, "FusedConv", "FusedGemm")
+    fp8s = sum(1 for n in g.nodes if fp8_layer(n))
+    ints, floats = _count(g, "QConv", "QGemm") - fp8s, _count(g, "FusedConv", "FusedGemm")
     qdq = _count(g, "QuantizeLinear", "DequantizeLinear")
-    log.info(f"INT8 from {source}: {ints} integer conv/gemm layers, {floats} stay float, {qdq} quantize/dequantize "
-             f"layers at float boundaries")
-    if ints == 0:
-        log.warning(f"INT8: no conv/gemm layer got an integer kernel on {ctx.device} (ranges missing or no "
-                    f"integer tactic): the plan computes in float")
+    some_fp8, what = (f", {fp8s} FP8 ones" if fp8s else ""), ("FP8" if fp8 else "INT8")
+    log.info(f"{what} from {source}: {ints} integer conv/gemm layers{some_fp8}, {floats} stay float, {qdq} "
+             f"quantize/dequantize layers at float boundaries")
+    _say_fp8(g, fp8s, ctx)
+    if ints + fp8s == 0:
+        log.warning(f"{what}: no conv/gemm layer got an integer or FP8 kernel on {ctx.device} (ranges missing or "
+                    f"no such tactic): the plan computes in float")
     return report
+
+
+def _say_fp8(g: Graph, fp8s: int, ctx: PassContext) -> None:
+    """Warn where FP8 layers do not get FP8 arithmetic: conv/gemm layers left float between float8 Q/DQ nodes
+    (no FP8 kernel for them on the target), and FP8 layers computed in float32 on the CPU."""
+    def float8_dq(n: Node | None) -> bool:
+        return is_op(n, "DequantizeLinear") and n.inputs[0].type.dtype == DType.FLOAT8E4M3FN  # type: ignore[union-attr]
+    left = [n.name for n in g.nodes
+            if n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm") and float8_dq(n.inputs[0].producer)]
+    if left:
+        ctx.logger.warning(f"FP8: {len(left)} conv/gemm layer(s) stay float between their float8 Q/DQ nodes, no FP8 "
+                           f"kernel on {ctx.device} takes them (e.g. '{left[0]}')")
+    if fp8s and ctx.device == "cpu":
+        ctx.logger.warning(f"FP8: {fp8s} layer(s) run on the CPU as float32 products of their float8 values "
+                           f"(cpu.fp8_gemm): the FP8 model's results, no FP8 arithmetic or speed-up on this target")
 
 
 def _measure(g: Graph, reference: Graph, ranges: dict[str, float], exclude: set[str], held: list[Any],

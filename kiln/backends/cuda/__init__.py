@@ -2,7 +2,7 @@
 
 | tactic id                 | layers                                   | what                                      |
 |---------------------------|------------------------------------------|-------------------------------------------|
-| cuda.cudnn_conv           | Conv, FusedConv (2-D)                    | cuDNN conv, NHWC or NCHW, torch epilogue  |
+| cuda.cudnn_conv           | Conv, FusedConv (2-D)                    | cuDNN conv; torch or one-pass Triton epi. |
 | cuda.cudnn_fused_conv     | FusedConv with Relu (optional residual)  | cuDNN conv+bias(+add)+ReLU in one call    |
 | cuda.conv1x1_gemm         | 1x1 stride-1 convs                       | cuBLASLt GEMM over the NHWC view          |
 | cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU) epilogue       |
@@ -17,6 +17,7 @@
 | cuda.triton_qconv         | QConv (2-D, ungrouped)                   | int8 implicit-GEMM conv, requantizing epi.|
 | cuda.triton_qgemm         | QGemm                                    | int8 GEMM (or torch._int_mm), same epil.  |
 | cuda.triton_qdq           | QuantizeLinear, DequantizeLinear (8-bit) | one strided pass, NCHW float -> NHWC int8 |
+| cuda.fp8_gemm             | FP8 QGemm, 1x1 QConv (float8 e4m3, 8.9+) | torch._scaled_mm, torch epilogue          |
 | cuda.channel_shuffle      | ChannelShuffle                           | one torch copy into the NHWC destination  |
 | cuda.triton_yolo_decode   | YoloDecode (kiln.plugins)                | one launch per head, any input strides    |
 | cuda.triton_batched_nms   | BatchedNMS (kiln.plugins)                | greedy NMS kernel, no host round trip     |
@@ -25,7 +26,7 @@
 """
 from __future__ import annotations
 
-from kiln.backends.cuda import cublas_gemm, cudnn_conv, shuffle  # noqa: F401
+from kiln.backends.cuda import cublas_gemm, cudnn_conv, fp8_gemm, shuffle  # noqa: F401
 
 
 def _triton_available() -> bool:

@@ -1,0 +1,86 @@
+"""cuda.fp8_gemm on a GPU with FP8 tensor cores (compute capability >= 8.9): its kernels against the float64 oracle
+of test_fp8_gemm.py, and float8 Q/DQ models built for CUDA against ONNX's reference evaluator. Times nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from kiln.backends.cuda.fp8_gemm import has_fp8_tensor_cores
+from kiln.backends.tactic import TacticContext, get_tactic
+from kiln.builder import Builder, BuilderConfig
+from kiln.runtime import Engine
+from tests.backends.test_fp8_gemm import CASES, F8, _case, _check, _oracle, _steps
+from tests.passes.test_quantize_fp8 import _agree, _float_model, _gemm_model, _ops
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or not has_fp8_tensor_cores(torch.device("cuda")),
+                                 reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")]
+
+DEV = torch.device("cuda")
+CTX = TacticContext(DEV)
+
+
+def _run(node: Any, args: list[Any], fast: bool) -> torch.Tensor:
+    tactic = get_tactic("cuda.fp8_gemm")
+    assert tactic is not None and tactic.supports(node, CTX)
+    assert {"fast_accum": fast} in tactic.configs(node, CTX)
+    kernel = tactic.make(node, {"fast_accum": fast}, DEV)
+    x = args[0].to(DEV)
+    if node.op_type == "QConv":
+        x = x.float().contiguous(memory_format=torch.channels_last).to(F8)
+    z = [a.to(DEV) for a in args[3:]]
+    return kernel(x, None, None, *z).cpu()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("fast", [False, True])
+def test_kernel_matches_oracle(case: dict[str, Any], fast: bool) -> None:
+    node, args, attrs = _case(seed=7, **case)
+    _check(_run(node, args, fast), args, attrs, node.op_type, exact=False)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_large_gemm(fast: bool) -> None:
+    """K = 1024: float32 accumulation (fast: partial sums not promoted) still lands within one or two steps."""
+    node, args, attrs = _case("QGemm", 8, True, m=256, k=1024, n=512, lead=(2,))
+    got = _run(node, args, fast)
+    want = _oracle(args[0], args[1], attrs, args[2], None, False)
+    d = _steps(got.float().numpy().astype(want.dtype), want)
+    assert d.max() <= (2 if fast else 1) and (d == 0).mean() >= 0.9, (d.max(), (d == 0).mean())
+
+
+@pytest.mark.parametrize("kind, per_channel", [("MatMul", True), ("Gemm", False)])
+def test_fp8_model_on_cuda(tmp_path, kind: str, per_channel: bool) -> None:
+    path, _ = _gemm_model(str(tmp_path / "g.onnx"), kind, per_channel)
+    plan = Builder().build(path, BuilderConfig(device="cuda", optimization_level=0))  # the tactic by priority
+    assert _ops(plan) == ["QuantizeLinear", "QGemm", "DequantizeLinear"], _ops(plan)
+    assert plan.graph["steps"][1]["tactic"] == "cuda.fp8_gemm"
+    ref = ReferenceEvaluator(onnx.load(path))
+    ctx = Engine(plan).create_execution_context()  # CUDA graphs: the kernel must capture
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        x = (rng.standard_normal((8, 64)) * 2).astype(np.float32)
+        _agree(ctx.execute({"x": x})["y"], ref.run(None, {"x": x})[0], 0.05)
+
+
+def test_implicit_fp8_on_cuda(tmp_path) -> None:
+    """BuilderConfig(fp8=True) on the GPU, every candidate timed: the two gemms and the 1x1 conv are FP8 layers,
+    cuda.fp8_gemm's configs all pass the autotuner's reference check (none skipped)."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime runs the float model")
+    path = _float_model(str(tmp_path / "f.onnx"))
+    rng = np.random.default_rng(22)
+    data = [{"x": rng.standard_normal((2, 16, 64)).astype(np.float32)} for _ in range(4)]
+    plan = Builder().build(path, BuilderConfig(device="cuda", fp8=True, calibration_data=data, calibrator="minmax",
+                                               optimization_level=3))
+    fp8 = [s for s in plan.graph["steps"] if s["op"] in ("QGemm", "QConv")]
+    assert len(fp8) == 3 and plan.build["tuning"]["skipped"] == 0, (plan.build["tuning"], fp8)
+    x = rng.standard_normal((2, 16, 64)).astype(np.float32)
+    want = ort.InferenceSession(path).run(None, {"x": x})[0]
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-3 < rel < 0.15, rel
