@@ -50,8 +50,12 @@ def test_large_gemm(fast: bool) -> None:
     node, args, attrs = _case("QGemm", 8, True, m=256, k=1024, n=512, lead=(2,))
     got = _run(node, args, fast)
     want = _oracle(args[0], args[1], attrs, args[2], None, False)
-    d = _steps(got.float().numpy().astype(want.dtype), want)
-    assert d.max() <= (2 if fast else 1) and (d == 0).mean() >= 0.9, (d.max(), (d == 0).mean())
+    g32 = got.float().numpy()
+    d = _steps(g32.astype(want.dtype), want)
+    w32 = want.astype(np.float32)
+    big = np.abs(w32) >= np.abs(w32).max() / 8  # near zero a float8 step is tiny: judge those absolutely
+    assert d[big].max() <= (2 if fast else 1) and (d == 0).mean() >= 0.9, (d[big].max(), (d == 0).mean())
+    assert np.abs(g32 - w32).max() <= np.abs(w32).max() / 8, np.abs(g32 - w32).max()  # one top-binade step
 
 
 @pytest.mark.parametrize("kind, per_channel", [("MatMul", True), ("Gemm", False)])

@@ -84,6 +84,7 @@ class _Model:
                               [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
                               self.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = min(m.ir_version, 10)  # float8 needs 9+; older onnxruntime builds read up to 10
         onnx.checker.check_model(m, full_check=True)
         onnx.save(m, path)
         return path
