@@ -144,3 +144,31 @@ def test_bad_timing_cache_file_is_one_clear_error(tmp_path):
     p.write_text('{"format": "something-else"}')
     with pytest.raises(KilnError, match="not a Kiln timing cache"):
         TimingCache.load(p)
+
+
+def test_cpu_torch_tactics_need_a_margin_over_native_kernels(tmp_path):
+    """On the CPU `ref` (torch) wins only when CPU_TORCH_MARGIN faster (times, or ms) than the best timed native
+    kernel: isolated timing does not see the cold dispatcher paths a torch call pays inside a network."""
+    from kiln.tune.autotuner import CPU_TORCH_MARGIN
+    factor, ahead = CPU_TORCH_MARGIN
+    path = tmp_path / "tc.json"
+    _build(timing_cache=str(path))
+    data = json.loads(path.read_text())
+
+    def rebuild(ref_ms: float, fast_ms: float) -> str:
+        for entry in data["entries"].values():
+            times = entry["times"]
+            for cid in times:
+                if times[cid] is not None:
+                    times[cid] = ref_ms if cid == "ref {}" else fast_ms if cid.startswith("test.fast") else 500.0
+        path.write_text(json.dumps(data))
+        plan, log = _build(timing_cache=str(path))
+        assert plan.build["tuning"]["measured"] == 0  # decided from the edited times alone
+        return _tactics(plan)["tune_me_1"][0]
+    small = 0.2 * ahead  # a small layer: the factor decides
+    assert rebuild(small, small * 0.99 * factor) == "test.fast"
+    assert rebuild(small, small * 1.01 * factor) == "ref"
+    assert rebuild(small, small * 0.5) == "test.fast"
+    big = 10 * ahead  # a large layer: being `ahead` ms faster is enough
+    assert rebuild(big, big + 0.99 * ahead) == "test.fast"
+    assert rebuild(big, big + 1.01 * ahead) == "ref"

@@ -7,7 +7,7 @@ autotuner need to know about it is a typed field here; nothing is attached to fu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 
 class Fallback(Protocol):
@@ -36,6 +36,13 @@ class Kernel:
                   GEMM's [N, H, W, C] or [B, heads, S, D] rows), or "like_input" (contiguous when its first
                   4-D input is, channels-last otherwise: pointwise and normalization)
     release:      frees native resources (oneDNN primitives, memory descriptors) held by the kernel
+    bind:         ``bind(args, out)``, called by the CPU runtime right after a call whose tensors are the same
+                  objects at every call on this thread for these input shapes (its activation arena's views and
+                  constants): a zero-argument callable that repeats exactly that call and returns what it
+                  returned, with the per-call work (shape-keyed lookups, layout and dtype checks, argument
+                  packing) done once here, where the first call checked these very tensors; or None where the
+                  call cannot be repeated so (a fallback ran, an input needed a copy first). The callable must
+                  refuse to run once the kernel is released.
     """
 
     fn: Callable[..., Any]
@@ -47,6 +54,7 @@ class Kernel:
     channels_last: bool = False
     out_format: str = "channels_last"
     release: Callable[[], None] | None = None
+    bind: Callable[[Sequence[Any], Any], Callable[[], Any] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.out_format not in OUT_FORMATS:

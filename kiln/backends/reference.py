@@ -14,6 +14,8 @@ class ReferenceTactic(Tactic):
     """Runs OpDef.compute; the universal fallback."""
 
     id = "ref"
+
+    torch_dispatch = True
     priority = -100
 
     def supports(self, node: Node, ctx: TacticContext) -> bool:

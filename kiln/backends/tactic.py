@@ -38,6 +38,10 @@ class Tactic:
                dense tensor of the output's own layout (an arena slot), so no Concat is elided into it
     is_view:   its kernels return a view of their input: nothing is launched, nothing is timed
     elides:    the runtime removes the layer (its producers write its output; see kiln.backends.views)
+    elides_partly: a Concat laid out in place whose step copies only the inputs not stored there
+               (kiln.plan.elision); it still launches
+    torch_dispatch: its kernels call torch ops (the dispatcher), not native code directly: on the CPU the
+               autotuner asks such a candidate to beat the native ones by a margin (kiln.tune.autotuner)
     """
 
     id: str = ""
@@ -47,6 +51,8 @@ class Tactic:
     strided_out: bool = True
     is_view: bool = False
     elides: bool = False
+    elides_partly: bool = False
+    torch_dispatch: bool = False
 
     @property
     def launches(self) -> bool:

@@ -5,12 +5,17 @@
   out-of-range values clamp), so the node becomes ``x[key]`` with ``key`` built once: a view, no
   kernel, on any device and element type.
 * ``concat.elide``: a Concat the optimizer marked ``kiln_elide`` (see kiln.passes.concat) whose
-  producers all run tactics that write into a given output (``Tactic.writes_out``). The runtime
-  allocates the Concat's output before its first producer runs and hands each producer its slice as
-  ``out=``; the Concat itself launches nothing. Its kernel is a plain ``torch.cat``, used only where the
-  runtime cannot elide (a caller's own kernel factory, or a shape it cannot resolve).
+  inputs are all stored in place (kiln.plan.elision): their producers run tactics that write into a given
+  output (``Tactic.writes_out``), or they are Concats laid out in place themselves, nested in this one's
+  buffer. The runtime allocates the Concat's output before the first write into it and hands each
+  producer its slice as ``out=``; the Concat itself launches nothing.
+* ``concat.partial``: the same layout where only some inputs are stored in place; the layer's step copies the
+  others into their slices (a oneDNN convolution, which writes only dense outputs, feeding DenseNet's block
+  buffer costs one copy of its own output instead of one per Concat reading it).
 
-Neither counts as a layer (``Tactic.launches`` is False).
+Both kernels are one function: with ``out=`` (the buffer) they copy each input not already stored in its
+slice; without, a plain ``torch.cat`` (a caller's own kernel factory, or a shape the runtime cannot resolve).
+Views and elided Concats do not count as layers (``Tactic.launches`` is False); a partial Concat does.
 """
 from __future__ import annotations
 
@@ -80,7 +85,11 @@ class SliceView(Tactic):
 
         def k_slice(x: Tensor, *_: Any) -> Tensor:
             return x[key]
-        return Kernel(k_slice, prepacked=frozenset({1, 2, 3, 4}))  # parameters baked in
+
+        def bind(args: Any, out: Any) -> Any:  # the same view object at every call on the same tensor
+            view = args[0][key] if out is None and isinstance(args[0], Tensor) else None
+            return None if view is None else (lambda: view)
+        return Kernel(k_slice, prepacked=frozenset({1, 2, 3, 4}), bind=bind)  # parameters baked in
 
 
 def concat_axis(node: Node) -> int | None:
@@ -90,6 +99,29 @@ def concat_axis(node: Node) -> int | None:
         return None
     axis = int(node.attr("axis", 1))
     return axis % rank if -rank <= axis < rank else None
+
+
+def _in_place(x: Tensor, dst: Tensor) -> bool:
+    """Whether x is the very slice `dst` of the buffer (its producer wrote there): same memory, same strides."""
+    return x.data_ptr() == dst.data_ptr() and x.stride() == dst.stride() and x.shape == dst.shape
+
+
+def concat_kernel(axis: int) -> Kernel:
+    """A Concat laid out in place along `axis` (see the module doc)."""
+    cat = torch.cat
+
+    def k_cat(*xs: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            return cat(xs, axis)
+        start = 0
+        for x in xs:
+            n = x.shape[axis]
+            dst = out.narrow(axis, start, n)
+            if n and not _in_place(x, dst):
+                dst.copy_(x)
+            start += n
+        return out
+    return Kernel(k_cat, elide_axis=axis, channels_last=True)  # conv producers on both backends store NHWC
 
 
 class ConcatElide(Tactic):
@@ -105,13 +137,19 @@ class ConcatElide(Tactic):
                 and concat_axis(node) is not None)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
-        axis = concat_axis(node)
-        cat = torch.cat
+        return concat_kernel(concat_axis(node))  # type: ignore[arg-type]
 
-        def k_cat(*xs: Tensor) -> Tensor:
-            return cat(xs, axis)
-        return Kernel(k_cat, elide_axis=axis, channels_last=True)  # conv producers on both backends store NHWC
+
+class ConcatPartial(ConcatElide):
+    """A marked Concat some of whose inputs are stored in place; its step copies the rest (chosen by the
+    autotuner, never timed)."""
+
+    id = "concat.partial"
+    priority = 99
+    elides = False
+    elides_partly = True
 
 
 register_tactic(SliceView())
 register_tactic(ConcatElide())
+register_tactic(ConcatPartial())

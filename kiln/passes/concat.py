@@ -1,13 +1,21 @@
-"""Concat elision marking: the runtime elides marked Concats (no copy at run time).
+"""Concat nesting and elision marking: the runtime lays marked Concats out in place (kiln.plan.elision).
 
-A Concat is marked with attribute ``kiln_elide = 1`` when each of its inputs is a runtime tensor
-produced by a node of this graph (not a graph input, output or constant), appears once, is in at
+``NestConcats``: a Concat whose inputs contain, as one contiguous run, all the inputs of an earlier Concat on the
+same axis reads that Concat's output instead of the run (the longest such run). DenseNet concatenates every
+earlier feature map of a block again at each layer, Concat(x0..x5) after Concat(x0..x4); nested,
+Concat(Concat(x0..x4), x5), the inner Concat's buffer can be a slice of the outer one, so each block keeps one
+buffer and every feature map is stored into it once. The value is the same either way; without elision the
+copies are the same too (the inner Concat's result is copied instead of its inputs).
+
+``MarkConcatElision``: a Concat is marked with attribute ``kiln_elide = 1`` when each of its inputs is a runtime
+tensor produced by a node of this graph (not a graph input, output or constant), appears once, is in at
 most one other marked Concat (a producer may store into two places) and has a static extent along
 the axis, and when the output's shape can be resolved at run time from the graph inputs' shapes
 (every dim an int or a symbol of an input dim).
-The autotuner then elides it where every producer runs a tactic that writes into a given output
-(kiln.backends.views): the runtime allocates the output before the first producer runs, each producer
-writes its slice, and inputs with other readers are read as views of that buffer.
+The autotuner then lays it out in place where some producer runs a tactic that writes into a given output, or
+an input is a marked Concat laid out in place itself (kiln.backends.views, kiln.plan.elision): the runtime
+allocates the output before the first write into it, each such producer writes its slice, inputs with other
+readers are read as views of that buffer, and the Concat's own step (if any) copies the other inputs.
 
 ``allow_shared_inputs=False`` additionally requires that the Concat is each input's only reader.
 """
@@ -20,6 +28,54 @@ from kiln.passes.rewrite import Uses, is_op
 
 MAX_HOMES = 2
 """Elided Concats one value may be written into (the widest ``Tactic.writes_out``)."""
+
+
+class NestConcats(Pass):
+    """Rewrites Concat(.., x0..xk, ..) after Concat(x0..xk) on the same axis to read the earlier one's output
+    (see module docstring)."""
+
+    name = "concat nesting"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        earlier: list[tuple[Node, tuple[int, ...], int]] = []  # (Concat, ids of its inputs before nesting, axis)
+        changed = False
+        for n in g.nodes:
+            axis = _axis(n)
+            if axis is None:
+                continue
+            ids = tuple(id(v) for v in n.inputs)
+            best: tuple[Node, int, int] | None = None  # (inner Concat, start, length) in n's inputs
+            for inner, run, inner_axis in earlier:
+                if (inner_axis != axis or not 2 <= len(run) < len(ids) or (best is not None and len(run) <= best[2])
+                        or inner.outputs[0].type.dtype != n.outputs[0].type.dtype):
+                    continue
+                at = _find(ids, run)
+                if at >= 0:
+                    best = (inner, at, len(run))
+            earlier.append((n, ids, axis))
+            if best is not None:
+                inner, at, length = best
+                n.inputs = [*n.inputs[:at], inner.outputs[0], *n.inputs[at + length:]]
+                ctx.logger.verbose(f"Nesting {inner.name} in {n.name}: {length} of its inputs read as one")
+                changed = True
+        return changed
+
+
+def _axis(n: Node) -> int | None:
+    """A one-output Concat's axis in [0, rank), or None (not such a Concat, or its rank unknown)."""
+    if not is_op(n, "Concat") or len(n.outputs) != 1 or not n.inputs or any(v is None for v in n.inputs):
+        return None
+    rank = n.outputs[0].type.rank
+    axis = int(n.attr("axis", 1))
+    return axis % rank if rank and -rank <= axis < rank else None
+
+
+def _find(seq: tuple[int, ...], run: tuple[int, ...]) -> int:
+    """The first index where `run` occurs in `seq` as a contiguous run, or -1."""
+    for i in range(len(seq) - len(run) + 1):
+        if seq[i:i + len(run)] == run:
+            return i
+    return -1
 
 
 class MarkConcatElision(Pass):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from kiln.passes.attention import FuseAttention
 from kiln.passes.base import Fixpoint, Pass
 from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
-from kiln.passes.concat import MarkConcatElision
+from kiln.passes.concat import MarkConcatElision, NestConcats
 from kiln.passes.conv_fusion import FuseConv
 from kiln.passes.cse import EliminateCommonSubexpressions
 from kiln.passes.dce import DeadCodeElimination
@@ -20,7 +20,7 @@ from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColu
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
 from kiln.passes.quantize import FoldWeightDequantize
-from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseLayerNorm
+from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
@@ -43,9 +43,10 @@ def default_pipeline() -> list[Pass]:
         # loop bodies: work that reads only outer values and constants runs once, before the loop
         HoistLoopInvariants(),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
-        # exporters' decompositions back to single ops: GELU becomes a gemm/conv epilogue, LayerNorm one kernel,
-        # a channel shuffle (Reshape / Transpose / Reshape) one copy into the channels-last layout
+        # exporters' decompositions back to single ops: GELU and HardSwish become gemm/conv epilogues, LayerNorm one
+        # kernel, a channel shuffle (Reshape / Transpose / Reshape) one copy into the channels-last layout
         RecogniseGelu(),
+        RecogniseHardSwish(),
         RecogniseLayerNorm(),
         RecogniseChannelShuffle(),
         # scaled dot-product attention (MatMul / scale / mask / Softmax / MatMul, heads split and merged) -> one
@@ -66,6 +67,7 @@ def default_pipeline() -> list[Pass]:
         SplitColumnsToViews(),  # a Split of the last axis -> Slice views (a packed projection's parts)
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
+        NestConcats(),  # Concat(x0..x5) after Concat(x0..x4) reads it: DenseNet's block becomes one buffer
         MarkConcatElision(),
         DonateResidual(),
     ]

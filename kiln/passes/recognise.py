@@ -1,5 +1,5 @@
-"""Pattern recognition: exporters' decompositions of GELU and LayerNorm back into the single ONNX ops, and
-of ShuffleNet's channel shuffle into Kiln's ChannelShuffle.
+"""Pattern recognition: exporters' decompositions of GELU, HardSwish / HardSigmoid and LayerNorm back into the
+single ONNX ops, and of ShuffleNet's channel shuffle into Kiln's ChannelShuffle.
 
 Exporters write GELU as elementwise arithmetic and many write LayerNorm as reductions; each piece would
 run as its own layer (or one Pointwise pass per chain). As single ops, GELU becomes a GEMM / conv
@@ -9,6 +9,8 @@ as one ChannelShuffle it is one copy in the channels-last layout (kiln.ops.shuff
 
     erf GELU:   0.5 * x * (1 + Erf(x / sqrt(2)))          (x * 0.7071.. or x / 1.4142..; products in any order)
     tanh GELU:  0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))       (x^3 as Pow(x, 3) or x * x * x)
+    HardSwish:  x * Clip(x + 3, 0, 6) / 6                 (/ 6 or * (1/6), after or before the product with x)
+    HardSigmoid: Clip(x + 3, 0, 6) / 6                     (the same without the product: HardSigmoid(1/6, 1/2))
     LayerNorm:  d = x - ReduceMean(x); y = d / Sqrt(ReduceMean(d^2) + eps) [* gamma] [+ beta]
                 over trailing axes, d^2 as Pow(d, 2) or d * d; gamma/beta constants over the normalized dims
 
@@ -29,6 +31,8 @@ from kiln.passes.rewrite import Uses, const, is_op, replace_nodes, runtime, scal
 
 Tensor = torch.Tensor
 GELU_OPSET = 20           # the first ai.onnx opset with Gelu
+HARDSWISH_OPSET = 14      # the first ai.onnx opset with HardSwish
+HARDSIGMOID_OPSET = 6
 LAYERNORM_OPSET = 17      # the first ai.onnx opset with LayerNormalization
 
 
@@ -180,6 +184,76 @@ class RecogniseGelu(Pass):
         if tail is None:
             return None
         return c[0] + [k[0], add, s[0], t, one] + tail[0], x, tail[1], "tanh"  # type: ignore[index]
+
+
+def _sixth(n: Node | None, v: Value) -> bool:
+    """n computes v / 6 or v * (1/6), reading v once, with a constant that cannot grow v's shape."""
+    if n is None or not is_op(n, "Mul", "Div") or len(n.inputs) != 2:
+        return False
+    if is_op(n, "Div"):
+        return n.inputs[0] is v and n.inputs[1] is not v and _close(n.inputs[1], 6.0) and _scalar_fits(n.inputs[1], v)
+    o = _operands(n, v)
+    return o is not None and _close(o, 1.0 / 6.0) and _scalar_fits(o, v)
+
+
+class RecogniseHardSwish(Pass):
+    """x * Clip(x + 3, 0, 6) / 6 -> one HardSwish; Clip(x + 3, 0, 6) / 6 alone -> one HardSigmoid(1/6, 1/2).
+
+    Paddle2ONNX writes MobileNetV3's hard-swish this way (Add, Clip, Mul, Div): four layers, or one Pointwise
+    program behind every convolution, where a HardSwish is the convolution's epilogue (FuseConv)."""
+
+    name = "hardswish recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        gone: set[int] = set()
+        for clip in list(g.nodes):
+            if id(clip) in gone or not is_op(clip, "Clip"):
+                continue
+            m = self._match(clip, uses)
+            if m is None:
+                continue
+            nodes, x, y, op = m
+            gone |= {id(k) for k in nodes}
+            attrs = {"alpha": 1.0 / 6.0, "beta": 0.5} if op == "HardSigmoid" else {}
+            node = Node(op, [x], [y], attrs, name=g.unique_name(f"{nodes[-1].name}_{op.lower()}"),
+                        opset=HARDSWISH_OPSET if op == "HardSwish" else HARDSIGMOID_OPSET)
+            replace_nodes(g, nodes, [node])
+            ctx.logger.verbose(f"Recognised {op} {node.name} from {', '.join(k.name for k in nodes)}")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _match(clip: Node, uses: Uses) -> tuple[list[Node], Value, Value, str] | None:
+        from kiln.ops.activations import from_onnx
+        act = from_onnx(clip)
+        if act is None or act[0] != "Clip" or act[1] != 0.0 or act[2] != 6.0:
+            return None
+        add = clip.inputs[0].producer if clip.inputs and clip.inputs[0] is not None else None
+        if add is None or not is_op(add, "Add") or len(add.inputs) != 2 or uses.only(add.outputs[0]) is not clip:
+            return None
+        x = next((v for v, o in (add.inputs, add.inputs[::-1]) if runtime(v) and _close(o, 3.0)
+                  and _scalar_fits(o, v)), None)
+        if x is None or x.type.dtype is None or not x.type.dtype.is_float:
+            return None
+        c = clip.outputs[0]
+        n = uses.only(c)
+        if n is None:
+            return None
+        if is_op(n, "Mul") and _operands(n, c) is x:  # x * clip, then / 6
+            k = uses.only(n.outputs[0])
+            if not _sixth(k, n.outputs[0]):
+                return None
+            return [add, clip, n, k], x, k.outputs[0], "HardSwish"  # type: ignore[list-item,union-attr]
+        if not _sixth(n, c):
+            return None
+        h = n.outputs[0]
+        mul = uses.only(h)
+        if is_op(mul, "Mul") and _operands(mul, h) is x:  # type: ignore[arg-type]
+            return [add, clip, n, mul], x, mul.outputs[0], "HardSwish"  # type: ignore[list-item,union-attr]
+        return [add, clip, n], x, h, "HardSigmoid"
 
 
 def _reduce_axes(n: Node) -> list[int] | None:

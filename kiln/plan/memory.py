@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from kiln.errors import BuildError
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
 
 ALIGN = 256
 
@@ -40,17 +40,31 @@ def _align(n: int) -> int:
 
 def aliases(g: Graph, tactics: Mapping[int, tuple[str, dict[str, Any]]]) -> dict[str, list[str]]:
     """value -> the values whose memory it lives in, from the tactic chosen per node (id(node) -> (tactic,
-    config)): a view's output lives in its input, an elided Concat's inputs live in its output."""
+    config)): a view's output lives in its input; an input of a Concat laid out in place (kiln.plan.elision)
+    that its producer writes there, or that is a Concat nested in it, lives in its output."""
     from kiln.backends.tactic import get_tactic
+    from kiln.backends.views import concat_axis
+    from kiln.plan.elision import Caps, place_all
     out: dict[str, list[str]] = {}
+    chosen = {id(n): get_tactic(tactics.get(id(n), ("ref", {}))[0]) for n in g.nodes}
+    concats = []
+    symbols = g.input_symbols()  # and those of captured values, as the runtime binds them (a body's)
+    symbols.update(d for v in g.captures if v.kind == "tensor" and not v.is_const
+                   for d in (v.type.shape or ()) if isinstance(d, str))
     for n in g.nodes:
-        t = get_tactic(tactics.get(id(n), ("ref", {}))[0])
+        t = chosen[id(n)]
         if t is not None and t.is_view and n.inputs and n.inputs[0] is not None:
             out.setdefault(n.outputs[0].name, []).append(n.inputs[0].name)
-        elif t is not None and t.elides and n.outputs:
-            for v in n.inputs:
-                if v is not None:
-                    out.setdefault(v.name, []).append(n.outputs[0].name)
+        elif (t is not None and (t.elides or t.elides_partly) and len(n.outputs) == 1 and concat_axis(n) is not None
+              and n.outputs[0].type.shape is not None
+              and all(isinstance(d, int) or d in symbols for d in n.outputs[0].type.shape)):
+            concats.append((n, concat_axis(n)))
+
+    def caps(p: Node) -> Caps:
+        t = chosen.get(id(p))
+        return Caps() if t is None else Caps(t.writes_out, t.strided_out)
+    for name, homes in place_all(g, concats, caps).lives_in().items():
+        out.setdefault(name, []).extend(homes)
     return out
 
 

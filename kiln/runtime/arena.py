@@ -1,9 +1,9 @@
 """One activation arena per input shape: the outputs of destination-passing kernels at planned offsets.
 
 Kernels whose tactic writes into a given ``out=`` (``Tactic.writes_out``) get their output as a view
-of one arena tensor, placed by the liveness planner of kiln.plan.memory; so do elided Concat buffers
-(which their producers write into). Everything else allocates as before (the caching allocator, or
-the CUDA graph's pool during capture).
+of one arena tensor, placed by the liveness planner of kiln.plan.memory; so do the buffers of Concats
+laid out in place (which their producers write into; a nested one is a slice of the outer buffer).
+Everything else allocates as before (the caching allocator, or the CUDA graph's pool during capture).
 
 Lifetimes are alias-aware and conservative: a step not handed a destination may return a view of an
 input (a reshape, a slice, a split), so its outputs count as living in every buffer its inputs live in; an arena buffer stays alive until the last step reading any of its aliases, and
@@ -22,7 +22,7 @@ from kiln.ir.types import TensorType
 from kiln.plan.memory import ALIGN, Buffer, plan_memory
 
 Shape = tuple[int | str, ...]
-_KEPT_PER_THREAD = 4  # CPU arenas a thread keeps (distinct input shapes in a row reuse them)
+KEPT_PER_THREAD = 4  # CPU arenas a thread keeps (distinct input shapes in a row reuse them)
 _Place = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...], "tuple[int, ...] | None", int]
 
 
@@ -32,11 +32,16 @@ class ActivationArena:
     def __init__(self, steps: Sequence[Any], out_types: dict[int, TensorType], output_slots: Sequence[int],
                  symbols: set[str]) -> None:
         self.specs: dict[int, tuple[Shape, torch.dtype, str, int]] = {}  # slot -> (shape, dtype, out_format, first)
+        self.slices: list[tuple[int, int, int, int, int]] = []  # (slot, parent slot, axis, start, length), outer first
         roots: dict[int, set[int]] = {}
         last: dict[int, int] = {}
         outputs = set(output_slots)
         for i, st in enumerate(steps):
-            for a in st.allocs:  # elided Concat buffers: written from their first producer on
+            for a in st.allocs:  # in-place Concat buffers: written from their first producer on
+                if a.parent is not None:  # a slice of an outer Concat's buffer (made before it in this list)
+                    roots[a.slot] = set(roots.get(a.parent[0], ()))
+                    self.slices.append((a.slot, *a.parent))
+                    continue
                 self.specs[a.slot] = (a.shape, a.dtype, "channels_last" if a.channels_last else "contiguous", i)
                 roots[a.slot] = {a.slot}
             for s in st.ins:
@@ -44,8 +49,8 @@ class ActivationArena:
                     last[r] = i
             writes = st.kernel.writes_out
             for s in st.outs:
-                if st.out:  # writes into elided Concat buffers
-                    roots[s] = {buf for buf, *_ in st.out}
+                if st.out:  # writes into in-place Concat buffers
+                    roots[s] = {r for buf, *_ in st.out for r in roots.get(buf, ())}
                 elif writes and len(st.outs) == 1 and s not in outputs and resolvable(out_types.get(s), symbols):
                     t = out_types[s]
                     fmt = st.kernel.out_format if t.rank == 4 else "contiguous"
@@ -58,7 +63,7 @@ class ActivationArena:
         for s in outputs:
             last.update({r: end for r in roots.get(s, ())})
         self.last = {r: last.get(r, self.specs[r][3]) for r in self.specs}
-        self.placed = frozenset(self.specs)
+        self.placed = frozenset(self.specs) | {c[0] for c in self.slices}
         # per bound dims: (arena bytes, [(slot, dtype, shape, strides, contiguous strides for a like_input slot,
         # element offset)]); a like_input slot's default strides are channels-last
         self._cache: dict[tuple[tuple[str, int], ...], tuple[int, list[_Place]]] = {}
@@ -84,7 +89,7 @@ class ActivationArena:
                 return hit
         made = self._make(key, dims, device)
         if reuse:
-            if len(mine) >= _KEPT_PER_THREAD:
+            if len(mine) >= KEPT_PER_THREAD:
                 mine.pop(next(iter(mine)))
             mine[key] = made
         return made
@@ -107,6 +112,8 @@ class ActivationArena:
             out[s] = flat.as_strided(shape, strides, offset)
             if rows is not None:
                 alt[s] = flat.as_strided(shape, rows, offset)
+        for s, parent, axis, start, length in self.slices:  # nested Concat buffers: views made once, like the rest
+            out[s] = out[parent].narrow(axis, start, length)
         return out, alt, arena
 
     def _layout(self, dims: dict[str, int]) -> tuple[int, list[_Place]]:

@@ -78,7 +78,7 @@ def check_plan(plan: Plan, where: str) -> tuple[Graph, dict[int, tuple[str, dict
         for node in (n for sub in graph.all_graphs() for n in sub.nodes):  # subgraph steps as top-level ones
             t = get_tactic(reader.tactics.get(id(node), ("ref", {}))[0])
             outs = [v for v in node.outputs if v.name in unproven]
-            if outs and t is not None and (t.writes_out or t.elides):
+            if outs and t is not None and (t.writes_out or t.elides or t.elides_partly):
                 raise PlanFormatError(f"{where}: layer '{node.name}' ({node.op_type}): its output '{outs[0].name}' "
                                       f"has type {outs[0].type} in the plan, which Kiln's inference cannot confirm, "
                                       "and its kernel writes into memory laid out from it; rebuild the plan")

@@ -1,6 +1,7 @@
 """GraphFunction: executes a Graph's nodes in order over a slot table (also used for subgraphs)."""
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -10,7 +11,8 @@ import torch
 from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
-from kiln.runtime.arena import ActivationArena, resolvable
+from kiln.plan.elision import Caps, place_all
+from kiln.runtime.arena import KEPT_PER_THREAD, ActivationArena, resolvable
 from kiln.runtime.prologue import SHAPE_OPS, PrologueCache, shape_prologue, stand_in
 
 KernelFactory = Callable[[Node], Kernel]
@@ -20,14 +22,20 @@ TypedKernel = Callable[[Node], bool]
 
 
 class _Alloc:
-    """The output buffer of an elided Concat, allocated before its first producer runs."""
+    """The output buffer of a Concat laid out in place, made before the first write into it: a new tensor, or
+    for a Concat nested in another (kiln.plan.elision) a slice (parent slot, axis, start, length) of that one's."""
 
-    __slots__ = ("slot", "shape", "dtype", "channels_last")
+    __slots__ = ("slot", "shape", "dtype", "channels_last", "parent")
 
-    def __init__(self, slot: int, shape: tuple[int | str, ...], dtype: torch.dtype, channels_last: bool) -> None:
+    def __init__(self, slot: int, shape: tuple[int | str, ...], dtype: torch.dtype, channels_last: bool,
+                 parent: tuple[int, int, int, int] | None = None) -> None:
         self.slot, self.shape, self.dtype, self.channels_last = slot, shape, dtype, channels_last
+        self.parent = parent
 
-    def make(self, dims: dict[str, int], device: torch.device) -> torch.Tensor:
+    def make(self, dims: dict[str, int], device: torch.device, env: list[Any] | None = None) -> torch.Tensor:
+        if self.parent is not None and env is not None:
+            buf, axis, start, length = self.parent
+            return env[buf].narrow(axis, start, length)
         shape = [d if isinstance(d, int) else dims[d] for d in self.shape]
         fmt = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
         return torch.empty(shape, dtype=self.dtype, device=device, memory_format=fmt)
@@ -116,6 +124,33 @@ class _EntryCheck:
         return None
 
 
+def _step_error(node: Node, e: BaseException) -> KilnError:
+    """A failing step's error as one line naming its node (a KilnError keeps its type)."""
+    if isinstance(e, KilnError):
+        return type(e)(f"node '{node.name}' ({node.op_type}): {e}".replace("\n", " "))
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return KilnError(f"node '{node.name}' ({node.op_type}) failed: {msg}")
+
+
+def _bind_step(st: _Step, args: list[Any], dest: Any, r: Any, record: list[Any], k: int, stable: set[int]) -> Any:
+    """Record step k's bound call (GraphFunction._bound_calls) after its first run on stable tensors; returns the
+    result later steps read, which the bound call returns at every call (so it is stable too)."""
+    if dest is None:  # no destination: a view of its input, the same view object from now on
+        b = st.kernel.bind(args, None)
+        if b is None:
+            return r
+        r = b()
+    else:
+        if r is not (dest[0] if isinstance(dest, tuple) else dest):  # it did not store into its destination
+            return r
+        b = st.kernel.bind(args, dest)
+        if b is None:
+            return r
+    record[k] = b
+    stable.add(id(r))
+    return r
+
+
 def _reference_factory(node: Node) -> Kernel:
     from kiln.ops.registry import lookup
     return Kernel(lookup(node.op_type, node.domain).bind(node))
@@ -172,9 +207,10 @@ class GraphFunction:
         self.output_slots = [slot_of(v) for v in graph.outputs]
         nodes = [self._runtime_node(n) for n in graph.nodes]
         kernels = [factory(rn) for rn in nodes]
-        elided, writes, allocs = self._elisions(graph, kernels, lambda v: slot[(id(v), False)])
         symbols = _symbols_of(graph)
-        pro = set(shape_prologue(graph, symbols, skip=elided))
+        host = set(shape_prologue(graph, symbols))  # layers that may run on the host: they write nowhere
+        elided, writes, allocs, gathers = self._elisions(graph, kernels, lambda v: slot[(id(v), False)], host)
+        pro = set(shape_prologue(graph, symbols, skip=elided | set(gathers)))
         self.prologue_nodes = frozenset(pro)
         n_slots = self._plan_prologue(graph, sorted(pro), step_ins, lambda v: slot[(id(v), False)], n_slots)
         keep = set(self.output_slots) | set(consts)
@@ -197,6 +233,8 @@ class GraphFunction:
             needed |= {s_ for j, s_ in enumerate(ins) if s_ in consts and j not in own}
             st = _Step(rn, kernel, ins, outs, frees)
             st.out, st.allocs = writes.get(i, []), allocs.get(i, [])
+            if i in gathers:  # a Concat partly stored in place: its step copies the rest into its buffer
+                st.out = [(outs[0], *gathers[i])]
             self.steps.append(st)
         self.elided = len(elided)
         self.arena: ActivationArena | None = None
@@ -230,43 +268,53 @@ class GraphFunction:
             template[s_] = v.const if host else v.const.to(self.device)  # type: ignore[union-attr]
         self.template = template
         self.hook: StepHook | None = None
+        self._unbound: list[Any] = [None] * len(self.steps)
+        self._bound = threading.local()  # CPU: this thread's bound calls per input dims (_bound_calls)
 
     @staticmethod
-    def _elisions(graph: Graph, kernels: list[Kernel], slot: Callable[[Value], int]
-                  ) -> tuple[set[int], dict[int, list[tuple[int, int, int, int]]], dict[int, list[_Alloc]]]:
-        """Concats whose kernels allow elision (`elide_axis`) and whose producers' kernels write into a
-        given output: (their step indices, producer step -> where it writes, step -> buffers to allocate)."""
+    def _elisions(graph: Graph, kernels: list[Kernel], slot: Callable[[Value], int], host: set[int]
+                  ) -> tuple[set[int], dict[int, list[tuple[int, int, int, int]]], dict[int, list[_Alloc]],
+                             dict[int, tuple[int, int, int]]]:
+        """Concats laid out in place (kiln.plan.elision), from their kernels (`elide_axis`) and their producers'
+        (`writes_out`, `strided_out`; none for the layers in `host`, which may run on the host): (the steps
+        removed, producer step -> the (buffer slot, axis, start, length) it writes into, step -> the buffers to
+        make before it runs, Concat step that copies some inputs -> (axis, 0, length) of its own buffer)."""
         index = {id(n): i for i, n in enumerate(graph.nodes)}
+        symbols = _symbols_of(graph)
+
+        def caps(p: Node) -> Caps:
+            j = index[id(p)]
+            return Caps() if j in host else Caps(kernels[j].writes_out, kernels[j].strided_out)
+        placer = place_all(graph, [(n, k.elide_axis) for n, k in zip(graph.nodes, kernels)
+                                   if k.elide_axis is not None and len(n.outputs) == 1
+                                   and resolvable(n.outputs[0].type, symbols)], caps)
         elided: set[int] = set()
         writes: dict[int, list[tuple[int, int, int, int]]] = {}
         allocs: dict[int, list[_Alloc]] = {}
-        symbols = _symbols_of(graph)
-        for i, (n, k) in enumerate(zip(graph.nodes, kernels)):
-            axis = k.elide_axis
-            out_t = n.outputs[0].type if len(n.outputs) == 1 else None
-            if axis is None or not resolvable(out_t, symbols):
-                continue
-            spans: list[tuple[int, int, int]] = []  # (producer step, start, length)
-            start = 0
-            for v in n.inputs:
-                p = v.producer if v is not None else None
-                j = index.get(id(p), -1) if p is not None else -1
-                ext = v.type.shape[axis] if v is not None and v.type.shape is not None else None
-                if (j < 0 or len(p.outputs) != 1 or not isinstance(ext, int)  # type: ignore[union-attr]
-                        or kernels[j].writes_out <= len(writes.get(j, []))
-                        or not kernels[j].strided_out):
-                    break
-                spans.append((j, start, ext))
-                start += ext
+        gathers: dict[int, tuple[int, int, int]] = {}
+        first: dict[int, int] = {}  # root Concat -> the first step writing into its tree
+        for m in placer.members.values():
+            i, buf, root = index[id(m.node)], slot(m.node.outputs[0]), id(placer.root(m).node)
+            for p in m.parts:
+                if p.how == "write":
+                    j = index[id(p.producer)]
+                    writes.setdefault(j, []).append((buf, m.axis, p.start, p.length))
+                    first[root] = min(first.get(root, j), j)
+            if m.copies:
+                gathers[i] = (m.axis, 0, sum(p.length for p in m.parts))
+                first[root] = min(first.get(root, i), i)
             else:
-                buf = slot(n.outputs[0])
-                for j, st, ln in spans:
-                    writes.setdefault(j, []).append((buf, axis, st, ln))
-                first = min(j for j, _, _ in spans)
-                allocs.setdefault(first, []).append(
-                    _Alloc(buf, tuple(out_t.shape), out_t.dtype.torch, k.channels_last))
                 elided.add(i)
-        return elided, writes, allocs
+        for m in sorted(placer.members.values(), key=placer.depth):  # an outer buffer before those inside it
+            t = m.node.outputs[0].type
+            parent = None
+            if m.parent is not None:
+                outer, start, length = m.parent
+                parent = (slot(outer.outputs[0]), placer.members[id(outer)].axis, start, length)
+            allocs.setdefault(first[id(placer.root(m).node)], []).append(
+                _Alloc(slot(m.node.outputs[0]), tuple(t.shape), t.dtype.torch,  # type: ignore[union-attr]
+                       kernels[index[id(m.node)]].channels_last, parent))
+        return elided, writes, allocs, gathers
 
     def _plan_prologue(self, graph: Graph, pro: list[int], step_ins: list[list[int]],
                        slot: Callable[[Value], int], n_slots: int) -> int:
@@ -367,6 +415,37 @@ class GraphFunction:
             rn.attrs[k] = [compile(g) for g in v] if isinstance(v, list) else compile(v)
         return rn
 
+    def _bound_calls(self, dims: dict[str, int], arena: torch.Tensor | None, placed: dict[int, torch.Tensor],
+                     rows: dict[int, torch.Tensor]) -> tuple[list[Any], list[Any] | None, set[int] | None]:
+        """(each step's bound call for this thread's arena at these dims, or None; the list to record bound calls
+        into during this call, or None; the ids of the tensors that are the same objects at every call).
+
+        On the CPU a thread's arena views for given input dims are the same tensor objects from one call to the
+        next (ActivationArena.views), and so are the constants. A step whose inputs and destination are all such
+        tensors makes the same call every time: its first run asks the kernel for that call bound
+        (Kernel.bind), and later runs on this arena make only the bound call."""
+        if arena is None or self.device.type != "cpu":
+            return self._unbound, None, None
+        key = tuple(sorted(dims.items()))
+        mine = getattr(self._bound, "calls", None)
+        hit = None if mine is None else mine.get(key)
+        if hit is not None and hit[0] is arena:
+            return hit[1], None, None
+        stable = {id(t) for t in placed.values()} | {id(t) for t in rows.values()}
+        stable |= {id(t) for t in self.template if isinstance(t, torch.Tensor)}
+        return self._unbound, [None] * len(self.steps), stable
+
+    def _keep_bound(self, dims: dict[str, int], arena: torch.Tensor, calls: list[Any]) -> None:
+        """Keep this thread's bound calls for its arena at these dims (as many entries as the arena keeps)."""
+        mine = getattr(self._bound, "calls", None)
+        if mine is None:
+            mine = self._bound.calls = {}
+        key = tuple(sorted(dims.items()))
+        mine.pop(key, None)
+        if len(mine) >= KEPT_PER_THREAD:
+            mine.pop(next(iter(mine)))
+        mine[key] = (arena, calls)
+
     def _on_reference(self, why: str) -> "GraphFunction":
         """This subgraph compiled on the reference kernels (once), for inputs its tactics were not chosen for."""
         if self._reference is None:
@@ -410,31 +489,49 @@ class GraphFunction:
             for s_, v in self._prologue_values(inputs, outer or {}, dims):
                 env[s_] = v
         placed, rows, arena = self.arena.views(dims, self.device) if self.arena is not None else ({}, {}, None)
-        for st in self.steps:
+        binds, record, stable = self._bound_calls(dims, arena, placed, rows)
+        for k, (st, bound) in enumerate(zip(self.steps, binds)):
+            if bound is not None:  # this step's call on these arena views, repeated as bound at its first run
+                try:
+                    if hook is None:
+                        r = bound()
+                    else:
+                        t0 = time.perf_counter()
+                        r = bound()
+                        hook(st.node, time.perf_counter() - t0, r)
+                except Exception as e:
+                    raise _step_error(st.node, e) from (None if isinstance(e, KilnError) else e)
+                env[st.outs[0]] = r
+                for s in st.frees:
+                    env[s] = None
+                continue
             args = [env[i] if i >= 0 else None for i in st.ins]
             try:
                 for a in st.allocs:
-                    env[a.slot] = placed[a.slot] if a.slot in placed else a.make(dims, self.device)
+                    env[a.slot] = placed[a.slot] if a.slot in placed else a.make(dims, self.device, env)
                 t0 = time.perf_counter() if hook is not None else 0.0
                 if st.place >= 0:
-                    o = placed[st.place]
+                    o = dest = placed[st.place]
                     if st.follow >= 0 and st.place in rows:
                         a = args[st.follow]
                         if isinstance(a, torch.Tensor) and a.is_contiguous():
-                            o = rows[st.place]
+                            o = dest = rows[st.place]
                     r = st.fn(*args, out=o)
                 elif not st.out:
+                    dest = None
                     r = st.fn(*args)
                 else:
                     outs = tuple(env[buf].narrow(axis, start, length) for buf, axis, start, length in st.out)
-                    r = st.fn(*args, out=outs[0] if len(outs) == 1 else outs)
+                    dest = outs[0] if len(outs) == 1 else outs
+                    r = st.fn(*args, out=dest)
                 if hook is not None:
                     hook(st.node, time.perf_counter() - t0, r)
-            except KilnError as e:
-                raise type(e)(f"node '{st.node.name}' ({st.node.op_type}): {e}".replace("\n", " ")) from None
-            except Exception as e:  # a failing kernel is reported as one line naming the node
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise KilnError(f"node '{st.node.name}' ({st.node.op_type}) failed: {msg}") from e
+            except Exception as e:
+                raise _step_error(st.node, e) from (None if isinstance(e, KilnError) else e)
+            if record is not None and st.kernel.bind is not None and st.single and not st.allocs \
+                    and all(a is None or id(a) in stable for a in args) \
+                    and all(id(env[buf]) in stable for buf, *_ in st.out):  # type: ignore[operator]
+                r = _bind_step(st, args, dest, r, record, k, stable)  # type: ignore[arg-type]
             if st.single:
                 env[st.outs[0]] = r[0] if isinstance(r, tuple) else r
             else:
@@ -444,6 +541,8 @@ class GraphFunction:
                     env[s] = v
             for s in st.frees:
                 env[s] = None
+        if record is not None:
+            self._keep_bound(dims, arena, record)
         outs = [env[s] for s in self.output_slots]
         if arena is not None and self.device.type == "cpu":  # the thread's arena is reused by its next call
             base = arena.untyped_storage().data_ptr()

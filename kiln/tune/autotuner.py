@@ -20,15 +20,32 @@ from typing import Any, Callable, Mapping
 import torch
 
 from kiln.backends.tactic import Tactic, TacticContext, candidate_tactics, get_tactic
+from kiln.backends.views import concat_axis, concat_kernel
 from kiln.errors import BuildError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import bodies as _bodies
+from kiln.plan.elision import Caps, ConcatPlacer
 from kiln.logger import Logger, Progress
 from kiln.tune.timing_cache import TimingCache, choice_id, entry_key, environment
 
 Choice = tuple[Tactic, dict[str, Any]]
 _TOL = 5e-2  # normwise; wrong kernels land near 1, correct reduced-precision ones under 1e-2
+CPU_TORCH_MARGIN = (2.0, 0.05)
+"""On the CPU a candidate whose kernels call torch ops (`Tactic.torch_dispatch`: `ref`, cpu.pointwise, cpu.conv_onednn,
+...) is chosen over the best timed native candidate only when it is this many times faster or this many ms faster in
+isolation: inside a network every torch call pays its dispatcher's cold paths (tens to hundreds of us after a large
+layer, docs/ARCHITECTURE.md 11), which isolated timing of a small layer does not see, and native kernels repeat their
+calls bound (Kernel.bind) where torch ops cannot (ppocr_cls: a 1x1 conv timed 0.015 ms on `ref` and 0.018 ms on
+cpu.conv_matmul ran 0.31 ms on `ref` in the network). The absolute term lets torch win large layers by a real margin."""
+
+
+STORE_MARGIN = 1.25
+"""On the CPU a layer feeding a Concat laid out in place (kiln.plan.elision) leaves its slice to the Concat's copy
+only when its tactic, plus that copy, is this much faster than one that writes in place: near-ties and timing
+noise keep it writing in place, one runtime step fewer (YOLOv4-tiny keeps every Concat elided), while DenseNet's
+3x3 convs where oneDNN's direct convolution clearly beats Winograd (7x7 maps) run it and have their maps copied.
+(Forcing Winograd on all of DenseNet-121's 3x3 convs, as the in-place writer, measured 20% slower in the network.)"""
 
 
 class _Declined(BuildError):
@@ -175,7 +192,9 @@ class Autotuner:
         self.precision = precision_name(tctx)
         self.stats = {"layers_timed": 0, "measured": 0, "cached": 0, "skipped": 0, "seconds": 0.0}
         self._consts: dict[int, torch.Tensor] = {}
-        self._homes: dict[int, int] = {}  # value -> elided Concats its producer already writes into
+        self._placers: dict[int, ConcatPlacer] = {}  # Concat -> the placement of its graph's in-place Concats
+        self._want: dict[int, int] = {}  # layer -> the in-place Concat slices it feeds
+        self._copy_ms: dict[tuple[Any, ...], float] = {}  # output shape -> time of copying it into a slice
         self._labels: dict[int, str] = {}  # subgraph layer -> its name in logs
         self.best_ms: dict[str, float] = {}  # layer name -> its chosen candidate's time (measured or cached)
 
@@ -206,7 +225,7 @@ class Autotuner:
             self._precompile(tunable)
             for n, choices, gtypes in plans:
                 counted = self.level > 0 and len(choices) > 1
-                if any(t.elides for t, _ in choices):
+                if any(t.elides or t.elides_partly for t, _ in choices):
                     choices = self._elide_or_not(n, choices, chosen)
                 if counted:
                     progress.step()
@@ -218,7 +237,8 @@ class Autotuner:
                         self.logger.verbose(f"{self._name(n)} ({n.op_type}): tactic {t.id} {_cfg(cfg)} (heuristic)")
                 chosen[id(n)] = (t.id, cfg)
         self._consts.clear()
-        self._homes.clear()
+        self._placers.clear()
+        self._want.clear()
         self._labels.clear()
         self.stats["seconds"] = round(time.perf_counter() - t0, 3)
         if tunable:
@@ -244,12 +264,22 @@ class Autotuner:
                     homes[id(v)] = homes.get(id(v), 0) + 1
             plans.append((n, self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)],
                                                     types), types))
+        placer = ConcatPlacer(g)
         for k, (n, choices, _) in enumerate(plans):
+            if any(t.elides for t, _ in choices):
+                self._placers[id(n)] = placer
             want = max((homes.get(id(o), 0) for o in n.outputs), default=0)
-            if want:  # feeds Concats to elide: only tactics that can write into their slices
-                direct = ([c for c in choices if c[0].writes_out >= want and c[0].strided_out]
-                          or [c for c in choices if c[0].writes_out and c[0].strided_out])
-                plans[k] = (n, direct or choices, types)
+            if want:  # feeds Concats to lay out in place: tactics that can write into their slices first (level 0
+                # takes them); on the CPU the others stay, timed with the copy into the slice that they leave to the
+                # Concat (`_store_penalty`); on CUDA only the first kind where there is one
+                direct = [c for c in choices if (c[0].writes_out and c[0].strided_out) or c[0].elides
+                          or c[0].elides_partly]
+                full = [c for c in direct if c[0].writes_out >= want or c[0].elides or c[0].elides_partly]
+                if self.device.type == "cpu":
+                    plans[k] = (n, full + [c for c in choices if c not in full], types)
+                    self._want[id(n)] = want
+                else:
+                    plans[k] = (n, full or direct or choices, types)
         return plans
 
     def _name(self, n: Node) -> str:
@@ -258,23 +288,67 @@ class Autotuner:
 
     def _elide_or_not(self, n: Node, choices: list[Choice], chosen: dict[int, tuple[str, dict[str, Any]]]
                       ) -> list[Choice]:
-        """The elision choice alone when every producer's tactic writes into a given output; else the rest."""
-        blockers = []
-        for v in n.inputs:
-            p = v.producer if v is not None else None
-            tid = chosen.get(id(p), ("?", {}))[0] if p is not None else "?"
-            t = get_tactic(tid)
-            if (t is None or t.writes_out <= self._homes.get(id(v), 0) or not t.strided_out
-                    or len(p.outputs) != 1):  # type: ignore[union-attr]
-                blockers.append(f"{p.name if p is not None else v}: {tid}")
-        if not blockers:
-            for v in n.inputs:
-                self._homes[id(v)] = self._homes.get(id(v), 0) + 1
-            self.logger.verbose(f"Eliding {n.name} (Concat): its {len(n.inputs)} producers write into its output")
-            return [c for c in choices if c[0].elides][:1]
-        self.logger.verbose(f"Concat {n.name} not elided: producer tactic cannot write into a slice "
-                            f"({', '.join(blockers)})")
-        return [c for c in choices if not c[0].elides]
+        """A Concat marked for elision, laid out in place (kiln.plan.elision) from its producers' chosen tactics:
+        `concat.elide` when every input is stored in place, `concat.partial` when some are (its step copies the
+        rest); else the other choices (a Concat step, timed)."""
+        placer, axis = self._placers.get(id(n)), concat_axis(n)
+
+        def caps(p: Node) -> Caps:
+            t = get_tactic(chosen.get(id(p), ("?", {}))[0])
+            return Caps() if t is None else Caps(t.writes_out, t.strided_out)
+        parts = placer.parts(n, axis, caps) if placer is not None and axis is not None else None
+        copied = [f"{v.name}" for p, v in zip(parts or (), n.inputs) if p.how == "copy"]
+        if parts and len(copied) < len(parts):
+            pick = [c for c in choices if (c[0].elides_partly if copied else c[0].elides)][:1]
+            if pick and placer is not None:
+                placer.commit(n, axis, parts)  # type: ignore[arg-type]
+                self.logger.verbose(f"Eliding {n.name} (Concat): {len(parts) - len(copied)} of its {len(parts)} "
+                                    f"inputs stored in place" + (f", copying {', '.join(copied)}" if copied else ""))
+                return pick
+        self.logger.verbose(f"Concat {n.name} not elided: no input can be stored in its output")
+        return [c for c in choices if not (c[0].elides or c[0].elides_partly)]
+
+    def _store_penalty(self, n: Node, t: Tactic, types: Mapping[str, TensorType]) -> float:
+        """ms a candidate of a layer feeding in-place Concats costs beyond its own time: the Concat step that
+        copies its output into each slice it cannot write itself (timed once per output shape: the Concat's own
+        kernel over one input stored in place and this one copied, Python call included)."""
+        want = self._want.get(id(n), 0)
+        missing = want - (t.writes_out if t.strided_out else 0)
+        ty = types.get(n.outputs[0].name) if n.outputs else None
+        if missing <= 0 or ty is None or not ty.is_static or ty.dtype is None or not ty.shape:
+            return 0.0
+        shape = tuple(int(d) for d in ty.shape)  # type: ignore[arg-type]
+        key = (shape, ty.dtype.torch)
+        if key not in self._copy_ms:
+            fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+            src = torch.randn(shape, device=self.device).to(ty.dtype.torch).contiguous(memory_format=fmt)
+            axis = 1 if len(shape) > 1 else 0
+            wide = list(shape)
+            wide[axis] *= 2
+            buf = torch.empty(wide, dtype=src.dtype, device=self.device, memory_format=fmt)
+            kept = buf.narrow(axis, 0, shape[axis])
+            cat = concat_kernel(axis)
+            self._copy_ms[key] = self.timer(lambda: cat(kept, src, out=buf))
+        return missing * self._copy_ms[key]
+
+    def _recheck_in_place(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType], key: str,
+                          best: Choice, best_ms: float) -> tuple[Choice, float]:
+        """Before a layer feeding in-place Concats leaves its slice to a copy, its fastest in-place candidate is
+        timed once more (the cache keeps the faster time): one hiccup in that timing must not cost the elision."""
+        if not self._store_penalty(n, best[0], types):
+            return best, best_ms
+        known = self.cache.times(key)
+        timed = [(known[choice_id(t.id, cfg)], (t, cfg)) for t, cfg in choices
+                 if not self._store_penalty(n, t, types) and known.get(choice_id(t.id, cfg)) is not None]
+        if not timed:
+            return best, best_ms
+        _, c = min(timed, key=lambda a: a[0])
+        self._measure(n, [c], types, key)
+        ms = self.cache.times(key).get(choice_id(c[0].id, c[1]))
+        if ms is not None and ms < best_ms:
+            self.logger.verbose(f"{self._name(n)}: {c[0].id} retimed {ms:.4f} ms, writing in place")
+            return c, ms
+        return best, best_ms
 
     # -- one layer --------------------------------------------------------------------------------
     def _tune(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType]) -> Choice:
@@ -290,9 +364,15 @@ class Autotuner:
         fresh = {choice_id(t.id, cfg) for t, cfg in todo}
         best: Choice | None = None
         best_ms = float("inf")
+        scored: list[tuple[float, Choice]] = []  # (time as compared, candidate)
         for t, cfg in choices:
             cid = choice_id(t.id, cfg)
             ms = known.get(cid)
+            if ms is not None and id(n) in self._want:
+                extra = self._store_penalty(n, t, types)
+                ms = ms * STORE_MARGIN + extra if extra else ms
+            if ms is not None:
+                scored.append((ms, (t, cfg)))
             if cid not in fresh:
                 self.stats["cached"] += 1
                 self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {_ms(ms)} (timing cache)")
@@ -301,6 +381,16 @@ class Autotuner:
         if best is None:
             self.logger.warning(f"{self._name(n)} ({n.op_type}): no candidate could be timed; using {choices[-1][0].id}")
             return choices[-1]
+        if id(n) in self._want:
+            best, best_ms = self._recheck_in_place(n, choices, types, key, best, best_ms)
+        if best[0].torch_dispatch and self.device.type == "cpu":
+            alt = min((a for a in scored if not a[1][0].torch_dispatch), default=None, key=lambda a: a[0])
+            factor, ms_ahead = CPU_TORCH_MARGIN
+            if alt is not None and best_ms * factor > alt[0] and best_ms + ms_ahead > alt[0]:
+                self.logger.verbose(f"{self._name(n)}: {best[0].id} {best_ms:.4f} ms is not {factor:g}x or "
+                                    f"{ms_ahead:g} ms faster than {alt[1][0].id} {alt[0]:.4f} ms in isolation; "
+                                    f"taking {alt[1][0].id}")
+                best, best_ms = alt[1], alt[0]
         self.logger.verbose(f"Fastest tactic for {self._name(n)} ({n.op_type}): {best[0].id} {_cfg(best[1])} "
                             f"time {best_ms:.4f} ms")
         self.best_ms[n.name] = best_ms
@@ -367,9 +457,10 @@ class Autotuner:
                 err = 0.0 if t.id == "ref" or want is None else _rel_err(out, want)
                 if err > _TOL:
                     raise BuildError(f"result differs from the reference (normwise error {err:.3g})")
+                call = self._as_run(kern, own, out)
                 del out
-                ms = self.timer(lambda: kern(*own))
-                timed.append((cid, kern, own, ms))
+                ms = self.timer(call)
+                timed.append((cid, call, own, ms))
                 self.stats["measured"] += 1
                 self.logger.verbose(f"Tactic {t.id} {_cfg(cfg)} time {ms:.4f} ms")
             except Exception as e:  # compile errors, unsupported shapes, out of memory
@@ -391,13 +482,35 @@ class Autotuner:
         # a candidate far (3x) slower than the best may have been timed through a hiccup (clocks ramping, a
         # late compile, another process): time it once more and keep the faster of the two
         best = min((ms for _, _, _, ms in timed), default=0.0)
-        for cid, kern, own, ms in timed:
+        for cid, call, own, ms in timed:
             if ms > 3.0 * best:
-                again = self.timer(lambda: kern(*own))  # noqa: B023  # called right here
+                again = self.timer(call)
                 if again < ms:
                     self.logger.verbose(f"Retimed {cid}: {ms:.4f} -> {again:.4f} ms")
                     self.cache.record(key, cid, again, self.env, layer)
         return True
+
+    def _as_run(self, kern: Any, args: list[Any], out: Any) -> Callable[[], Any]:
+        """The call the runtime repeats for this kernel: on the CPU, where the kernel writes into a given destination
+        and can bind a call (Kernel.bind), its bound call into a destination laid out as the runtime's arena slot
+        would be (interior layers of a network run so, kiln.runtime.interpreter); otherwise the plain call."""
+        plain = lambda: kern(*args)  # noqa: E731
+        if self.device.type != "cpu" or kern.bind is None or not kern.writes_out or not isinstance(out, torch.Tensor):
+            return plain
+        if out.dim() == 4:
+            fmt = kern.out_format
+            if fmt == "like_input":
+                first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
+                fmt = "contiguous" if first is not None and first.is_contiguous() else "channels_last"
+            dest = torch.empty(out.shape, dtype=out.dtype, memory_format=torch.channels_last
+                               if fmt == "channels_last" else torch.contiguous_format)
+        else:
+            dest = torch.empty(out.shape, dtype=out.dtype)
+        try:
+            bound = kern.bind(args, dest) if kern(*args, out=dest) is dest else None
+        except Exception:  # the destination form is the runtime's business; time the plain call
+            bound = None
+        return bound if bound is not None else plain
 
     def _precompile(self, tunable: list[tuple[Node, list[Choice], Mapping[str, TensorType]]]) -> None:
         """Compile the Triton kernels of all untimed candidates in parallel before timing them serially."""

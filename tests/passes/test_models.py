@@ -66,7 +66,9 @@ def test_yolov4_tiny_cpu_plan_elides_every_concat() -> None:
     yolo = pytest.importorskip("examples.zoo.yolov4_tiny")
     m = yolo.onnx_model(0, 1)
     kinds = Counter(n.op_type for n in m.graph.node)
-    plan = Builder().build(m, BuilderConfig(device="cpu"))
+    # level 0: the heuristic choice, in-place writers first; when timing, a producer may leave its slice to the
+    # Concat's copy where its faster tactic pays for that (kiln.tune.autotuner.STORE_MARGIN: load-dependent)
+    plan = Builder().build(m, BuilderConfig(device="cpu", optimization_level=0))
     assert plan.build["layers"] == kinds["Conv"] + kinds["MaxPool"] + kinds["Resize"]
     assert plan.build["views"] == kinds["Slice"] and plan.build["elided"] == kinds["Concat"]
     feeds = feeds_for(m, 3)

@@ -171,3 +171,52 @@ def test_cpu_layernorm_matches_onnxruntime(shape: tuple[int, ...], axis: int) ->
     m = _model([node], consts, ["y"], list(shape))
     steps = _check(m, (rng.standard_normal(shape) * 4 - 2).astype(np.float32), tol=1e-5)
     assert [s["tactic"] for s in steps] == ["cpu.layernorm"]
+
+
+def _conv_head(rng: np.random.Generator, c: int = 8) -> tuple[list, dict[str, np.ndarray]]:
+    w = (rng.standard_normal((c, c, 3, 3)) / math.sqrt(9 * c)).astype(np.float32)
+    return [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1])], {"w": w}
+
+
+HS_CONSTS = {"three": _f(3.0), "zero": _f(0.0), "six": _f(6.0), "sixth": _f(1.0 / 6.0)}
+HARDSWISH_FORMS = {
+    # Paddle2ONNX: x * clip(x + 3, 0, 6) / 6
+    "mul_then_div": [helper.make_node("Add", ["a", "three"], ["p"]), helper.make_node("Clip", ["p", "zero", "six"], ["c"]),
+                     helper.make_node("Mul", ["a", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])],
+    # the scale first and as a product, operands commuted: x * (clip(3 + x, 0, 6) * 1/6)
+    "scale_then_mul": [helper.make_node("Add", ["three", "a"], ["p"]),
+                       helper.make_node("Clip", ["p", "zero", "six"], ["c"]),
+                       helper.make_node("Mul", ["sixth", "c"], ["h"]), helper.make_node("Mul", ["h", "a"], ["y"])],
+}
+
+
+@pytest.mark.parametrize("form", sorted(HARDSWISH_FORMS))
+def test_hardswish_decomposition_fuses_into_the_conv(form: str) -> None:
+    rng = np.random.default_rng(11)
+    head, w = _conv_head(rng)
+    m = _model(head + HARDSWISH_FORMS[form], {**w, **HS_CONSTS}, ["y"], ["N", 8, 9, 11])
+    x = rng.standard_normal((2, 8, 9, 11)).astype(np.float32) * 4  # across the clip's both bounds
+    steps = _check(m, x, dynamic=True)
+    assert [(s["op"], s["attrs"].get("activation")) for s in steps] == [("FusedConv", "HardSwish")]
+
+
+def test_hardsigmoid_decomposition_becomes_a_gate_activation() -> None:
+    rng = np.random.default_rng(12)
+    head, w = _conv_head(rng)
+    tail = [helper.make_node("Add", ["a", "three"], ["p"]), helper.make_node("Clip", ["p", "zero", "six"], ["c"]),
+            helper.make_node("Div", ["c", "six"], ["y"])]
+    m = _model(head + tail, {**w, **HS_CONSTS}, ["y"], [1, 8, 7, 5])
+    steps = _check(m, rng.standard_normal((1, 8, 7, 5)).astype(np.float32) * 4)
+    assert [(s["op"], s["attrs"].get("activation")) for s in steps] == [("FusedConv", "HardSigmoid")]
+
+
+def test_hardswish_near_misses_are_left_alone() -> None:
+    rng = np.random.default_rng(13)
+    head, w = _conv_head(rng)
+    form = HARDSWISH_FORMS["mul_then_div"]
+    for consts, outs in (({**HS_CONSTS, "six": _f(5.0)}, ["y"]),   # clip(x + 3, 0, 5) / 5: not a hard-swish
+                         ({**HS_CONSTS, "three": _f(2.5)}, ["y"]),  # x + 2.5
+                         (HS_CONSTS, ["y", "c"])):                  # the clip read outside
+        m = _model(head + form, {**w, **consts}, outs, [1, 8, 6, 6])
+        steps = _check(m, rng.standard_normal((1, 8, 6, 6)).astype(np.float32) * 4)
+        assert not any(s["attrs"].get("activation") in ("HardSwish", "HardSigmoid") for s in steps)

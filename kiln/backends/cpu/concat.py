@@ -16,6 +16,8 @@ class CpuConcatTactic(Tactic):
     """Concat as one torch.cat with the axis normalized once (keeps channels-last inputs channels-last)."""
 
     id = "cpu.concat"
+
+    torch_dispatch = True
     devices = ("cpu",)
     priority = 10
     writes_out = 1  # each input copied straight into its slice of the destination (an arena slot)

@@ -43,6 +43,8 @@ class OneDnnConvTactic(CpuTactic):
     """Conv / FusedConv through oneDNN with prepacked weights and fused epilogues (see module doc)."""
 
     id = "cpu.conv_onednn"
+
+    torch_dispatch = True
     priority = 10
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
     needs_onednn = True

@@ -130,6 +130,11 @@ class Library:
             getattr(d, name).argtypes = argtypes
         d.dnnl_primitive_desc_query_md.restype = P
         d.dnnl_memory_desc_get_size.restype = C.c_size_t
+        # the per-call execute without argument conversion (0.5 us of a 1.5 us call): a separate function object
+        # whose callers pass only ctypes objects (c_void_p primitive, stream and argument array address) and the
+        # argument count, so no pointer ever goes through ctypes' default int conversion
+        self.execute_raw = d["dnnl_primitive_execute"]
+        self.execute_raw.restype = C.c_int
         self.destroy: dict[str, Any] = {}
         for kind in _KINDS:
             fn = getattr(d, f"dnnl_{kind}_destroy")

@@ -35,11 +35,23 @@ def channels_last_kernel(node: Node, lib: Any, make: Make, x_types: tuple[torch.
                out: Tensor | None = None) -> Tensor:
         return run(x_cl(x), None if z is None else z_cl(z), out)
 
+    def bind(args: Any, out: Any) -> Any:
+        x, z = args[0], (args[3] if len(args) > 3 else None)
+        if not _dense(x) or (z is not None and not _dense(z)):  # the call copied it to channels-last first
+            return None
+        return run.bind(x, z, out)  # type: ignore[attr-defined]
+
     def release() -> None:
         run.close()  # type: ignore[attr-defined]
         x_cl.close()
         z_cl.close()
-    return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb, release=release)
+    return Kernel(k_conv, prepacked=frozenset({1, 2}), fallback=fb, release=release, bind=bind)
+
+
+def _dense(t: Any) -> bool:
+    """A tensor ChannelsLast passes through as it is."""
+    return isinstance(t, Tensor) and t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4
+                                                     else torch.contiguous_format)
 
 
 def rows_kernel(node: Node, make: Make, n_out: int, x_types: tuple[torch.dtype, ...],
@@ -63,8 +75,14 @@ def rows_kernel(node: Node, make: Make, n_out: int, x_types: tuple[torch.dtype, 
             out.copy_(y)
             return out
         return out if out is not None else y
+    def bind(args: Any, out: Any) -> Any:
+        a, z = args[0], (args[3] if len(args) > 3 else None)
+        if not isinstance(a, Tensor) or a.dim() != 2 or not a.is_contiguous() \
+                or (z is not None and not z.is_contiguous()):
+            return None  # the call reshaped or copied them first
+        return run.bind(a, z, out)  # type: ignore[attr-defined]
     return Kernel(k_rows, prepacked=frozenset({1, 2}), fallback=fb, release=run.close,  # type: ignore[attr-defined]
-                  out_format="contiguous")
+                  out_format="contiguous", bind=bind)
 
 
 def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], Made], fallback: ReferenceFallback,
@@ -110,6 +128,22 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
         prim.run(x, out) if z is None else prim.run(x, out, z)  # run refuses a tensor of another dtype
         return out
 
+    def bind(x: torch.Tensor, z: torch.Tensor | None, out: Any) -> Callable[[], torch.Tensor] | None:
+        """`run(x, z, out)` repeated on these very tensors (Kernel.bind), or None where that call did not run a
+        primitive (a fallback) or wrote no given dense destination."""
+        entry = cache.get((x.shape, x.stride(), None if z is None else (z.shape, z.stride())))
+        if entry is None or not isinstance(out, torch.Tensor):
+            return None
+        prim, shape, fmt = entry
+        if out.shape != shape or not out.is_contiguous(memory_format=fmt) or out.dtype is not out_dtype:
+            return None
+        call = prim.bind(x, out) if z is None else prim.bind(x, out, z)
+
+        def bound() -> torch.Tensor:
+            call()
+            return out
+        return bound
+
     def close() -> None:
         closed.append(True)
         entries = list(cache.values())
@@ -117,4 +151,5 @@ def shape_cached(name: str, make: Callable[[torch.Tensor, torch.Tensor | None], 
         for prim, _, _ in entries:
             prim.close()
     run.close = close  # type: ignore[attr-defined]
+    run.bind = bind  # type: ignore[attr-defined]
     return run

@@ -116,11 +116,17 @@ class DnnlPoolTactic(CpuTactic):
         def k_pool(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             return run(x_cl(x), None, out)
 
+        def bind(args: Any, out: Any) -> Any:
+            x = args[0]
+            if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+                return None  # the call copied it to channels-last first
+            return run.bind(x, None, out)  # type: ignore[attr-defined]
+
         def release() -> None:
             run.close()  # type: ignore[attr-defined]
             x_cl.close()
         baked = frozenset({1}) if node.op_type == "ReduceMean" else frozenset()  # the axes input is baked in
-        return Kernel(k_pool, prepacked=baked, fallback=fb, release=release)
+        return Kernel(k_pool, prepacked=baked, fallback=fb, release=release, bind=bind)
 
 
 def _same_dims(a: Value, b: Value) -> bool:

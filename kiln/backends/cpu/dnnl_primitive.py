@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes as C
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -35,9 +35,10 @@ class _Arg(C.Structure):
 
 class _ArgSet:
     """One call's execute arguments: memory objects re-pointed at the call's tensors, and a scratchpad.
-    Used by one call at a time (taken from and returned to its primitive's free list)."""
+    Used by one call at a time (taken from and returned to its primitive's free list). `address`: the
+    argument array's address as a c_void_p (what Library.execute_raw takes)."""
 
-    __slots__ = ("args", "nargs", "mems", "ptrs", "scratch")
+    __slots__ = ("args", "nargs", "mems", "ptrs", "scratch", "address")
 
 
 class Primitive:
@@ -70,6 +71,8 @@ class Primitive:
         prim = P()
         lib.ok(d.dnnl_primitive_create(C.byref(prim), pd), "primitive")
         self.prim = self.own.add("primitive", prim)
+        self.execute = lib.execute_raw
+        self.set_handle = d.dnnl_memory_set_data_handle
         self.fixed = [_Arg(a, lib.memory(self.own, md, ptr)) for a, md, ptr in fixed]
         self.dynamic = [(a, self._keep(md)) for a, md, *_ in dynamic]
         self.dtypes = [dt[0] if dt else FLOAT32 for _, _, *dt in dynamic]
@@ -96,6 +99,7 @@ class Primitive:
             a.scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8)
             args.append(_Arg(ARG_SCRATCHPAD, lib.memory(own, self.scratch_md, a.scratch.data_ptr())))
         a.args, a.nargs, a.ptrs = (_Arg * len(args))(*args), len(args), [0] * len(a.mems)
+        a.address = P(C.addressof(a.args))
         return a
 
     def _finish_layer(self, tmp: Owned, pd: P, w: torch.Tensor, w_shape: list[int], b: torch.Tensor | None,
@@ -135,24 +139,57 @@ class Primitive:
         free = self.free
         try:
             a = free.pop()
-        except IndexError:
+        except IndexError:  # another thread holds every argument set
             a = self._argset()
         try:
-            d, ptrs, mems, dtypes = self.dll, a.ptrs, a.mems, self.dtypes
+            ptrs, dtypes = a.ptrs, self.dtypes
             if len(tensors) != len(dtypes):
                 raise KilnError(f"oneDNN {self.impl} takes {len(dtypes)} tensors, got {len(tensors)}")
-            for i, t in enumerate(tensors):
+            i = 0
+            for t in tensors:
                 if t.dtype is not dtypes[i]:
                     raise KilnError(f"oneDNN {self.impl} takes {dtypes[i]} tensors, got {t.dtype}")
                 p = t.data_ptr()
                 if p != ptrs[i]:  # arena slots keep their addresses from one inference to the next
-                    d.dnnl_memory_set_data_handle(mems[i], p)
+                    self.set_handle(a.mems[i], p)
                     ptrs[i] = p
-            status = d.dnnl_primitive_execute(self.prim, self.stream, a.nargs, a.args)
+                i += 1
+            status = self.execute(self.prim, self.stream, a.nargs, a.address)
         finally:
             free.append(a)
         if status != 0:
             raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
+
+    def bind(self, *tensors: torch.Tensor) -> Callable[[], None]:
+        """A zero-argument call executing the primitive on these tensors, as `run(*tensors)` would, with its own
+        argument set pointed at them once (checked here as `run` checks them). The caller guarantees that the
+        tensors stay alive and unchanged in shape, strides and dtype while the call may run (the runtime's
+        arena views). The argument set goes back to the free list when the call is dropped; after `close()`
+        the call raises KilnError."""
+        if self.closed:
+            raise KilnError(f"oneDNN {self.impl} primitive was released")
+        dtypes = self.dtypes
+        if len(tensors) != len(dtypes) or any(t.dtype is not d for t, d in zip(tensors, dtypes)):
+            raise KilnError(f"oneDNN {self.impl} takes {[str(d) for d in dtypes]} tensors, "
+                            f"got {[str(t.dtype) for t in tensors]}")
+        try:
+            a = self.free.pop()  # one a call dropped earlier, or the single-threaded caller's
+        except IndexError:
+            a = self._argset()
+        for i, t in enumerate(tensors):
+            a.ptrs[i] = t.data_ptr()
+            self.set_handle(a.mems[i], a.ptrs[i])
+        execute, prim, stream, nargs, address = self.execute, self.prim, self.stream, a.nargs, a.address
+
+        def call() -> None:
+            if self.closed:
+                raise KilnError(f"oneDNN {self.impl} primitive was released")
+            status = execute(prim, stream, nargs, address)
+            if status != 0:
+                raise DnnlError(f"oneDNN {self.impl} failed with status {status}")
+        call.tensors = tensors  # type: ignore[attr-defined]  # what the argument set points to stays alive
+        weakref.finalize(call, self.free.append, a)
+        return call
 
     def close(self) -> None:
         """Destroy the native objects now (idempotent); the primitive cannot run afterwards."""

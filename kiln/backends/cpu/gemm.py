@@ -83,6 +83,8 @@ class OneDnnLinearTactic(CpuTactic):
     """FusedGemm / Gemm / MatMul (constant weight) through oneDNN with a prepacked weight."""
 
     id = "cpu.linear_onednn"
+
+    torch_dispatch = True
     priority = 10
     ops = (("kiln", "FusedGemm"), ("", "Gemm"), ("ai.onnx", "Gemm"), ("", "MatMul"), ("ai.onnx", "MatMul"))
 

@@ -49,6 +49,8 @@ class CpuLayerNormTactic(CpuTactic):
     layer_norm."""
 
     id = "cpu.layernorm"
+
+    torch_dispatch = True
     ops = (("", "LayerNormalization"), ("ai.onnx", "LayerNormalization"))
     priority = 20
 

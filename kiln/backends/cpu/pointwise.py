@@ -257,6 +257,8 @@ class CpuPointwiseTactic(CpuTactic):
     """kiln Pointwise programs as a generated Python function with in-place temporaries."""
 
     id = "cpu.pointwise"
+
+    torch_dispatch = True
     priority = 10
     ops = (("kiln", "Pointwise"),)
 

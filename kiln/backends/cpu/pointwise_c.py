@@ -265,6 +265,33 @@ class PointwiseKernel:
         self.fn(self.ptrs_t(*ptrs), dst, plan.dims, plan.st, plan.nd, threads)
         return out
 
+    def bind(self, xs: Any, out: Any) -> Callable[[], Tensor] | None:
+        """The call `self(*xs, out=out)` that just ran, repeated on these very tensors (Kernel.bind): its plan and
+        pointers prebuilt; None where that call did not run the program straight into `out`."""
+        if not isinstance(out, Tensor) or len(xs) != self.n_inputs:
+            return None
+        ins = [xs[k] for k in self.used]
+        if not all(isinstance(x, Tensor) for x in ins):
+            return None
+        plan = self.plans.get((tuple([(x.shape, x.stride(), x.dtype, x.is_cpu) for x in ins]),
+                               (out.shape, out.stride(), out.is_cpu)))
+        if plan is None or out.dtype is not self.out_dtype:
+            return None
+        ptrs = [x.data_ptr() for x in ins]
+        dst = out.data_ptr()
+        o_lo, o_hi = dst, dst + plan.out_span[1]
+        if any(p + lo < o_hi and o_lo < p + hi for p, (lo, hi) in zip(ptrs, plan.spans)):
+            return None  # an input overlaps the destination: the call went through a temporary
+        fn, args = self.fn, (self.ptrs_t(*ptrs), C.c_void_p(dst), plan.dims, plan.st, plan.nd)
+        big = plan.numel >= PARALLEL_MIN
+        kept = (ins, out)
+
+        def bound() -> Tensor:
+            if plan.numel:
+                fn(*args, torch.get_num_threads() if big else 1)
+            return kept[1]
+        return bound
+
     def _plan(self, ins: list[Tensor], out: Tensor | None) -> _Plan:
         """The iteration space of one call pattern; _Decline (a ValueError) sends it to the reference."""
         for x, want in zip(ins, self.want):
@@ -368,7 +395,7 @@ class CpuPointwiseCTactic(CpuTactic):
         except OSError as e:
             raise KilnError(f"layer '{node.name}': its Pointwise program did not compile ({e})") from None
         k = PointwiseKernel(node, cp, fn, src)
-        return Kernel(k, fallback=k.fallback, out_format="like_input")
+        return Kernel(k, fallback=k.fallback, out_format="like_input", bind=k.bind)
 
 
 register_tactic(CpuPointwiseCTactic())

@@ -60,6 +60,8 @@ class CpuPoolTactic(CpuTactic):
     """MaxPool / AveragePool / GlobalAveragePool / GlobalMaxPool / spatial ReduceMean, channels-last friendly."""
 
     id = "cpu.pool"
+
+    torch_dispatch = True
     priority = 10
     ops = (("", "MaxPool"), ("", "AveragePool"), ("", "GlobalAveragePool"), ("", "GlobalMaxPool"),
            ("", "ReduceMean"))

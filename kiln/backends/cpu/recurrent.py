@@ -55,6 +55,8 @@ class CpuLstmTactic(CpuTactic):
     """ONNX LSTM (the common case, see module doc) as one call of torch's fused LSTM with prepacked weights."""
 
     id = "cpu.lstm"
+
+    torch_dispatch = True
     priority = 10
     ops = (("", "LSTM"), ("ai.onnx", "LSTM"))
 

@@ -60,6 +60,8 @@ class CpuResizeTactic(CpuTactic):
     """Nearest Resize by power-of-two integer factors through aten's upsample_nearest2d."""
 
     id = "cpu.resize_nearest"
+
+    torch_dispatch = True
     priority = 10
     writes_out = 1
     ops = (("", "Resize"), ("ai.onnx", "Resize"))

@@ -75,12 +75,31 @@ def _weights(node: Node) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     return w1, b1, w2, b2
 
 
+def _dense_gate(out: Tensor, n: int, o: int) -> Tensor:
+    """`out` when it is a float32 [n, o, 1, 1] destination whose n x o values are dense (the kernel's store)."""
+    if out.dtype != torch.float32 or tuple(out.shape) != (n, o, 1, 1) or (o > 1 and out.stride(1) != 1) \
+            or (n > 1 and out.stride(0) != o):
+        raise KilnError(f"SEGate writes a dense float32 [{n}, {o}, 1, 1] gate, got a destination "
+                        f"{out.dtype} {list(out.shape)} with strides {list(out.stride())}")
+    return out
+
+
+def _into(y: Tensor, out: Tensor | None) -> Tensor:
+    """The reference's result, stored into the destination when there is one."""
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
 class CpuSEGateTactic(CpuTactic):
     """SEGate on float32: pixel mean and both products in one C call per layer."""
 
     id = "cpu.se_gate"
     priority = 10
     ops = (("kiln", "SEGate"),)
+    writes_out = 1  # into its arena slot: [N, O, 1, 1] is dense in either 4-D layout
+    strided_out = False
 
     def accepts(self, node: Node) -> bool:
         x = node.input(0)
@@ -110,18 +129,37 @@ class CpuSEGateTactic(CpuTactic):
         reference = lookup(node.op_type, node.domain).compute
         f32, call = torch.float32, lib.kiln_se_gate_f32
 
-        def k_se_gate(x: Tensor, *_: Any) -> Tensor:
+        def k_se_gate(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             if x.dtype != f32 or not x.is_cpu or x.dim() != 4:
-                return reference(node, x, w1, b1, w2, b2)  # its checks
+                return _into(reference(node, x, w1, b1, w2, b2), out)  # its checks
             n, c, h, w = x.shape
             if c != c_w or h * w > _I32 or n * h * w == 0:
-                return reference(node, x, w1, b1, w2, b2)  # its checks, and empty tensors
-            y = torch.empty((n, o, 1, 1), dtype=f32)
+                return _into(reference(node, x, w1, b1, w2, b2), out)  # its checks, and empty tensors
+            y = torch.empty((n, o, 1, 1), dtype=f32) if out is None else _dense_gate(out, n, o)
             threads = torch.get_num_threads() if n * c * (h * w + ld1) >= PARALLEL_MIN else 1
             if call(state[0], x.data_ptr(), n, h, w, *x.stride(), y.data_ptr(), threads) != 0:
                 raise KilnError("SEGate: out of memory")
             return y
-        return Kernel(k_se_gate, prepacked=frozenset({1, 2, 3, 4}))
+
+        def bind(args: Any, out: Any) -> Any:
+            x = args[0]
+            if not isinstance(x, Tensor) or x.dtype != f32 or not x.is_cpu or x.dim() != 4 \
+                    or not isinstance(out, Tensor):
+                return None
+            n, c, h, w = x.shape
+            if c != c_w or h * w > _I32 or n * h * w == 0:
+                return None  # the reference ran
+            y = _dense_gate(out, n, o)
+            big = n * c * (h * w + ld1) >= PARALLEL_MIN
+            fixed = (state[0], x.data_ptr(), n, h, w, *x.stride(), y.data_ptr())
+
+            def bound() -> Tensor:
+                if call(*fixed, torch.get_num_threads() if big else 1) != 0:
+                    raise KilnError("SEGate: out of memory")
+                return y
+            bound.kept = (x, state)  # type: ignore[attr-defined]  # what the pointers point into stays alive
+            return bound
+        return Kernel(k_se_gate, prepacked=frozenset({1, 2, 3, 4}), bind=bind)
 
 
 register_tactic(CpuSEGateTactic())

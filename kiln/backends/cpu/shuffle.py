@@ -65,13 +65,32 @@ class CpuChannelShuffleTactic(CpuTactic):
                 raise KilnError(f"node '{node.name}': ChannelShuffle of a {list(x.shape)} tensor in {groups} groups")
             if out is None:
                 out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            elif out.shape != x.shape:
+                raise KilnError(f"node '{node.name}': ChannelShuffle of a {list(x.shape)} tensor into a "
+                                f"{list(out.shape)} destination")
             if x.device.type != "cpu" or x.element_size() != 4 or out.dtype != x.dtype or x.numel() == 0:
                 return shuffle_into(x, groups, out)
             n, c, h, w = x.shape
             threads = torch.get_num_threads() if x.numel() >= PARALLEL_MIN else 1
             shuffle(x.data_ptr(), n, c, h, w, *x.stride(), groups, out.data_ptr(), *out.stride(), threads)
             return out
-        return Kernel(k_channel_shuffle, out_format="channels_last")
+
+        def bind(args: Any, out: Any) -> Any:
+            x = args[0]
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor) or x.dim() != 4 or x.shape[1] % groups \
+                    or out.shape != x.shape or x.device.type != "cpu" or x.element_size() != 4 \
+                    or out.dtype != x.dtype or x.numel() == 0:
+                return None  # the call raised or ran the reference
+            n, c, h, w = x.shape
+            fixed = (x.data_ptr(), n, c, h, w, *x.stride(), groups, out.data_ptr(), *out.stride())
+            big = x.numel() >= PARALLEL_MIN
+
+            def bound() -> Tensor:
+                shuffle(*fixed, torch.get_num_threads() if big else 1)
+                return out
+            bound.kept = x  # type: ignore[attr-defined]  # the source the pointer points into stays alive
+            return bound
+        return Kernel(k_channel_shuffle, out_format="channels_last", bind=bind)
 
 
 register_tactic(CpuChannelShuffleTactic())
