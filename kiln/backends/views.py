@@ -106,21 +106,25 @@ def _in_place(x: Tensor, dst: Tensor) -> bool:
     return x.data_ptr() == dst.data_ptr() and x.stride() == dst.stride() and x.shape == dst.shape
 
 
+def cat_into(xs: tuple[Tensor, ...], axis: int, out: Tensor | None) -> Tensor:
+    """torch.cat(xs, axis), or each x copied into its slice of `out` along axis (skipping any already stored there)."""
+    if out is None:
+        return torch.cat(xs, axis)
+    start = 0
+    for x in xs:
+        n = x.shape[axis]
+        dst = out.narrow(axis, start, n)
+        if n and not _in_place(x, dst):
+            dst.copy_(x)
+        start += n
+    return out
+
+
 def concat_kernel(axis: int) -> Kernel:
     """A Concat laid out in place along `axis` (see the module doc)."""
-    cat = torch.cat
 
     def k_cat(*xs: Tensor, out: Tensor | None = None) -> Tensor:
-        if out is None:
-            return cat(xs, axis)
-        start = 0
-        for x in xs:
-            n = x.shape[axis]
-            dst = out.narrow(axis, start, n)
-            if n and not _in_place(x, dst):
-                dst.copy_(x)
-            start += n
-        return out
+        return cat_into(xs, axis, out)
     return Kernel(k_cat, elide_axis=axis, channels_last=True)  # conv producers on both backends store NHWC
 
 

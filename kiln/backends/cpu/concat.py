@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
-from kiln.backends.views import concat_axis
+from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
+from kiln.backends.views import cat_into, concat_axis
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -30,17 +30,9 @@ class CpuConcatTactic(Tactic):
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         axis = concat_axis(node)
-        cat = torch.cat
 
         def k_cat(*xs: Tensor, out: Tensor | None = None) -> Tensor:
-            if out is None:
-                return cat(xs, axis)
-            start = 0
-            for x in xs:
-                n = x.shape[axis]
-                out.narrow(axis, start, n).copy_(x)
-                start += n
-            return out
+            return cat_into(xs, axis, out)
         return k_cat
 
 
