@@ -180,12 +180,14 @@ def set_openmp_spin_default() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT_DEFAULT)
 
 
-def child_process_env(pythonpath: list[str]) -> dict[str, str]:
+def child_process_env(pythonpath: list[str], keep_pythonpath: bool = False) -> dict[str, str]:
     """The environment of a Python child process Kiln starts (compile workers, `kiln bench` run by a script):
     this process's environment passed on whole (the child sees the same TRITON_*, CUDA_* and KILN_* variables)
-    with PYTHONPATH set to `pythonpath`, so the child imports the same kiln package."""
+    with PYTHONPATH set to `pythonpath` (followed by this process's own PYTHONPATH with keep_pythonpath), so the
+    child imports the same kiln package."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in pythonpath if p)
+    own = env.get("PYTHONPATH", "").split(os.pathsep) if keep_pythonpath else []
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [*pythonpath, *own] if p)
     return env
 
 

@@ -71,7 +71,7 @@ def run_bench(model: str, args: list[str] | tuple[str, ...] = (), timeout: float
     import kiln
     from kiln.settings import child_process_env
     root = os.path.dirname(os.path.dirname(os.path.abspath(kiln.__file__)))
-    env = child_process_env([root, *os.environ.get("PYTHONPATH", "").split(os.pathsep)])
+    env = child_process_env([root], keep_pythonpath=True)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [sys.executable, "-m", "kiln", "bench", model, *args, "--export-json", out]

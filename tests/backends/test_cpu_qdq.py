@@ -19,6 +19,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
 from kiln.ops.registry import lookup
+from tests.qdq_inputs import layout as _layout, near_ties as _near_ties
 
 pytestmark = pytest.mark.skipif(_library() is None, reason="no C compiler for native/qdq.c")
 
@@ -46,25 +47,6 @@ def _run(node: Node, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 
 def _reference(node: Node, x: torch.Tensor) -> torch.Tensor:
     return lookup(node.op_type, "").compute(node, x, *[v.const for v in node.inputs[1:]])
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nhwc":
-        return x.contiguous(memory_format=CL)
-    if layout == "slice":  # a channel slice of a wider NHWC tensor: strides of neither layout
-        big = torch.zeros((x.shape[0], x.shape[1] + 3, *x.shape[2:]), dtype=x.dtype).contiguous(memory_format=CL)
-        big[:, 1:1 + x.shape[1]] = x
-        return big[:, 1:1 + x.shape[1]]
-    return x.contiguous()
-
-
-def _near_ties(shape: tuple, scale: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Values k * s, exact ties (k + 0.5) * s, a hair either side of the ties, and far past saturation."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randint(-300, 300, shape, generator=g).double()
-    frac = torch.tensor([0.0, 0.5, 0.5 - 1e-4, 0.5 + 1e-4, 0.25])[torch.randint(0, 5, shape, generator=g)].double()
-    s = scale.double().reshape(-1, *([1] * (len(shape) - 2))) if scale.numel() > 1 else scale.double()
-    return ((k + frac) * s).to(dtype)
 
 
 def _exact(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from kiln.ir.dtype import DType  # noqa: E402
 from kiln.ir.graph import Node, Value  # noqa: E402
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.ops.registry import lookup  # noqa: E402
+from tests.qdq_inputs import layout as _layout, near_ties as _near_ties  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CTX = TacticContext(DEV)
@@ -45,25 +46,6 @@ def _run(node: Node, x: torch.Tensor, cfg: int = 0, out: torch.Tensor | None = N
 
 def _reference(node: Node, x: torch.Tensor) -> torch.Tensor:
     return lookup(node.op_type, "").compute(node, x.cpu(), *[v.const for v in node.inputs[1:]])
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nhwc":
-        return x.contiguous(memory_format=CL)
-    if layout == "slice":
-        big = torch.zeros((x.shape[0], x.shape[1] + 3, *x.shape[2:]), dtype=x.dtype).contiguous(memory_format=CL)
-        big[:, 1:1 + x.shape[1]] = x
-        return big[:, 1:1 + x.shape[1]]
-    return x.contiguous()
-
-
-def _near_ties(shape: tuple, scale: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Values k * s and (k + 0.5) * s (ties), a hair off the ties, and far past saturation."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randint(-300, 300, shape, generator=g).double()
-    frac = torch.tensor([0.0, 0.5, 0.5 - 1e-4, 0.5 + 1e-4, 0.25])[torch.randint(0, 5, shape, generator=g)].double()
-    s = scale.double().reshape(-1, *([1] * (len(shape) - 2))) if scale.numel() > 1 else scale.double()
-    return ((k + frac) * s).to(dtype)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "slice"])

@@ -58,14 +58,15 @@ class CublasGemm(Tactic):
         relu_only = ep.activation == "Relu" and not has_z and b is not None
         n_out = int(wkn.shape[1])
         if config.get("epilogue") == "triton":
-            from kiln.backends.cuda.triton_epilogue import epilogue_
+            from kiln.backends.cuda.triton_epilogue import OnePassEpilogue
+            epi = OnePassEpilogue(ep)
 
             def kernel_epi(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
                 lead = a.shape[:-1]
                 a2 = a.reshape(-1, a.shape[-1])
                 y = torch.addmm(b, a2, wkn) if b is not None else torch.mm(a2, wkn)
                 z2 = None if z is None else z.expand(*lead, n_out).reshape(-1, n_out)
-                return epilogue_(y, None, z2, ep).view(*lead, n_out)
+                return epi(y, None, z2).view(*lead, n_out)
             return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(a: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:

@@ -65,14 +65,15 @@ class CudnnConv(Tactic):
         if config.get("epilogue") == "triton":
             if not nhwc:
                 raise ValueError("the Triton epilogue needs the nhwc layout")
-            from kiln.backends.cuda.triton_epilogue import epilogue_
+            from kiln.backends.cuda.triton_epilogue import OnePassEpilogue
+            epi = OnePassEpilogue(ep)
 
             def kernel_epi(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
                 x = x.contiguous(memory_format=mf)
                 if pad is not None:
                     x = F.pad(x, pad)
                 y = F.conv2d(x, w, None, stride, padding, dil, groups).contiguous(memory_format=mf)
-                return epilogue_(y, b, z, ep)
+                return epi(y, b, z)
             return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
@@ -158,13 +159,14 @@ class Conv1x1Gemm(Tactic):
         b = const_on(node, 2, device)
         relu_only = ep.activation == "Relu" and node.input(3) is None and b is not None
         if config.get("epilogue") == "triton":
-            from kiln.backends.cuda.triton_epilogue import epilogue_
+            from kiln.backends.cuda.triton_epilogue import OnePassEpilogue
+            epi = OnePassEpilogue(ep)
 
             def kernel_epi(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
                 x = channels_last(x)
                 n, c, h, wd = x.shape
                 y2 = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), wt)
-                return epilogue_(y2.view(n, h, wd, k_out).permute(0, 3, 1, 2), b, z, ep)
+                return epi(y2.view(n, h, wd, k_out).permute(0, 3, 1, 2), b, z)
             return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:

@@ -58,25 +58,35 @@ def channels_innermost(t: Tensor) -> bool:
     return t.dim() == 2 and t.is_contiguous()
 
 
+class OnePassEpilogue:
+    """The epilogue of one layer, its compile-time switches fixed once (at kernel build): call it as
+    `epi(y, bias, z)` on each output (see epilogue_)."""
+
+    def __init__(self, ep: Epilogue) -> None:
+        self.alpha, self.beta = float(ep.alpha), float(ep.beta)
+        self.meta = {"ACT": ACT_CODES[ep.activation], "ACT_BEFORE_ADD": bool(ep.act_before_add), "BLOCK": BLOCK,
+                     "num_warps": 8}
+
+    def __call__(self, y: Tensor, bias: Tensor | None, z: Tensor | None) -> Tensor:
+        if not channels_innermost(y):
+            raise ValueError("epilogue_: the output must be channels_last (4-D) or a contiguous matrix (2-D)")
+        c = int(y.shape[1]) if y.dim() == 4 else int(y.shape[-1])
+        if z is not None and not (z.shape == y.shape and channels_innermost(z)):
+            z = z.expand(y.shape).contiguous(memory_format=torch.channels_last if y.dim() == 4 else
+                                             torch.contiguous_format)
+        total = y.numel()
+        if total == 0:
+            return y
+        launch(_epilogue_kernel, (triton.cdiv(total, BLOCK),),
+               [y, bias if bias is not None else y, z if z is not None else y, total, c, self.alpha, self.beta],
+               {**self.meta, "HAS_BIAS": bias is not None, "HAS_Z": z is not None, "WIDE": total > _INT32_LIMIT})
+        return y
+
+
 def epilogue_(y: Tensor, bias: Tensor | None, z: Tensor | None, ep: Epilogue) -> Tensor:
     """y = act(y + bias[c] (+ z)) (or act(y + bias) + z) in one pass, in place; y channels-innermost (see
     channels_innermost), z (if any) of y's shape, made to y's layout when it is not already."""
-    if not channels_innermost(y):
-        raise ValueError("epilogue_: the output must be channels_last (4-D) or a contiguous matrix (2-D)")
-    c = int(y.shape[1]) if y.dim() == 4 else int(y.shape[-1])
-    if z is not None and not (z.shape == y.shape and channels_innermost(z)):
-        z = z.expand(y.shape).contiguous(memory_format=torch.channels_last if y.dim() == 4 else
-                                         torch.contiguous_format)
-    total = y.numel()
-    if total == 0:
-        return y
-    launch(_epilogue_kernel, (triton.cdiv(total, BLOCK),),
-           [y, bias if bias is not None else y, z if z is not None else y, total, c,
-            float(ep.alpha), float(ep.beta)],
-           {"HAS_BIAS": bias is not None, "HAS_Z": z is not None, "ACT": ACT_CODES[ep.activation],
-            "ACT_BEFORE_ADD": bool(ep.act_before_add), "WIDE": total > _INT32_LIMIT, "BLOCK": BLOCK,
-            "num_warps": 8})
-    return y
+    return OnePassEpilogue(ep)(y, bias, z)
 
 
-__all__ = ["epilogue_", "channels_innermost"]
+__all__ = ["OnePassEpilogue", "epilogue_", "channels_innermost"]
