@@ -1,7 +1,9 @@
 """Load generator for the serve tests, run as its own process: N concurrent tritonclient (aio) clients send
 binary-tensor infer requests drawn from a .npz of inputs and expected outputs, bounded in count and time.
 
-    python load_client.py URL MODEL CASES.npz --clients 32 --requests 640 --seconds 30 --timeout 20
+    python load_client.py URL MODEL CASES.npz --clients 32 --requests 640 --seconds 30 --timeout 20 [--after-failure 10]
+
+--after-failure S stops issuing S seconds after the first failed request (a load that outlasts a fault, then ends).
 
 Prints one JSON line: ok, wrong (answered with wrong numbers), failed (by HTTP status), timeouts, elapsed, rps.
 """
@@ -33,7 +35,9 @@ async def _main(args: argparse.Namespace) -> dict:
 
     async def client(k: int, c: "tc.InferenceServerClient") -> None:
         nonlocal issued, ok_after_failure
-        while issued < args.requests and time.monotonic() < stop_at:
+        while issued < args.requests and time.monotonic() < stop_at and not (
+                first_failure and args.after_failure is not None
+                and time.monotonic() > first_failure[0] + args.after_failure):
             i = issued % len(xs)
             issued += 1
             inp = tc.InferInput(args.input, list(xs[i].shape), "FP32")
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=640)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=20.0)
+    ap.add_argument("--after-failure", type=float, default=None)
     args = ap.parse_args(argv)
     print(json.dumps(asyncio.run(_main(args))), flush=True)
     return 0

@@ -157,9 +157,11 @@ def _cases(oracle, folder, n: int = 64) -> str:
 
 
 def _load(server, model: str, cases: str, requests: int, seconds: float, timeout: float = 30,
-          background: bool = False):
+          background: bool = False, after_failure: float | None = None):
     args = [sys.executable, os.path.join(HERE, "load_client.py"), server.url, model, cases, "--clients", "32",
             "--requests", str(requests), "--seconds", str(seconds), "--timeout", str(timeout)]
+    if after_failure is not None:
+        args += ["--after-failure", str(after_failure)]
     if background:
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + timeout + 60)
@@ -211,7 +213,10 @@ def test_replica_killed_under_load(server, heavy, oracle):
         assert kill.stdout.readline().strip() == "ready"
         c = _client(server)
         before = c.get_inference_statistics("batched")["model_stats"][0]["inference_stats"]["success"]["count"]
-        load = _load(server, "batched", cases, requests=100000, seconds=12, timeout=45, background=True)
+        # the load runs until 10 s after its first failure (at most 90 s): on a slow machine the kill can land
+        # after a fixed-length load has ended, and then no request is in flight to fail
+        load = _load(server, "batched", cases, requests=100000, seconds=90, timeout=45, background=True,
+                     after_failure=10)
         end = time.monotonic() + 30
         while time.monotonic() < end:  # kill once the load's requests flow through the replica
             done = c.get_inference_statistics("batched")["model_stats"][0]["inference_stats"]["success"]["count"]
@@ -225,7 +230,7 @@ def test_replica_killed_under_load(server, heavy, oracle):
             kill.kill()
     assert kill.returncode == 0, err[-2000:]
     assert len(json.loads(out.strip().splitlines()[-1])) == 1, out
-    out, _ = load.communicate(timeout=12 + 45 + 60)
+    out, _ = load.communicate(timeout=90 + 45 + 60)
     r = json.loads(out.strip().splitlines()[-1])
     failed = sum(r["failed"].values())
     print(f"\nreplica kill under load: {r['ok']} ok, {failed} failed {r['failed']}, {r['timeouts']} hung past 45 s, "
