@@ -4,10 +4,9 @@
                                    [--models resnet50,yolov4_tiny,light_resnet50] [--opt-levels 3,0] [--out FILE]
 
 Every engine runs batch 1 on the same input with the same number of intra-op threads. Timing is done in
-blocks: each block runs one engine `--iters` times (its first run discarded), and blocks rotate over the
-engines, so slow drifts of a shared machine hit all engines alike. Blocks rather than single runs
-alternate because both thread pools keep spinning for a while after a run: an engine started right
-after the other one's run competes with its spinning threads. The table gives the median and the 90th
+blocks: each block runs one engine for a settling time untimed, then `--iters` times timed, and blocks rotate
+over the engines, so slow drifts of a shared machine hit all engines alike (benchmarks/rotation.py says why
+blocks settle: each thread pool keeps spinning for a while after its engine's last run). The table gives the median and the 90th
 percentile per engine and the Kiln/ORT ratio of medians. ORT uses its default graph optimizations
 (ORT_ENABLE_ALL). Results are printed; with `--out FILE` the section is also written into FILE,
 replacing the section of the same kind there (`--out benchmarks/RESULTS.md` updates the published
@@ -56,6 +55,7 @@ from kiln.builder import Builder, BuilderConfig  # noqa: E402
 from kiln.logger import Logger, Severity  # noqa: E402
 from kiln.runtime.engine import Engine  # noqa: E402
 from machine_load import LoadMeter  # noqa: E402  (beside this script)
+from rotation import rotating_blocks  # noqa: E402
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_resnet50.onnx")
 
@@ -146,21 +146,8 @@ def make_runners(case: Case, threads: int, opt_levels: list[int]) -> tuple[dict[
 
 
 def measure(runners: dict[str, Callable[[], Any]], blocks: int, iters: int, warmup: int) -> dict[str, list[float]]:
-    """Timings in ms, in blocks of `iters` runs per engine (first run of a block dropped), engines rotating."""
-    names = list(runners)
-    for n in names:
-        for _ in range(warmup):
-            runners[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for b in range(blocks):
-        for k in range(len(names)):
-            n = names[(b + k) % len(names)]
-            for i in range(iters + 1):
-                t0 = time.perf_counter()
-                runners[n]()
-                if i:
-                    times[n].append((time.perf_counter() - t0) * 1e3)
-    return times
+    """Timings in ms, in blocks of `iters` runs per engine, each settled first, engines rotating (rotation.py)."""
+    return rotating_blocks(runners, blocks, iters, warmup)
 
 
 def p90(xs: list[float]) -> float:

@@ -17,7 +17,7 @@ crash or a hang is one row, not the end of the run):
 4. CPU: batch-1 latency at the profile's opt point, Kiln vs ONNX Runtime (intra-op threads = --threads,
    inter-op 1, ORT_ENABLE_ALL) vs OpenVINO (CPU, INFERENCE_NUM_THREADS = --threads,
    INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY), all three fed the same ONNX file: medians over
-   blocks of runs, engines rotating per block (as benchmarks/cpu_bench.py);
+   blocks of runs, engines rotating per block, each block settled first (benchmarks/rotation.py);
    CUDA: Kiln FP16 vs the torch module in FP16: eager, eager + CUDA graph, torch.compile (torch models only;
    the shipped ONNX models have no torch peer and get the accuracy check only).
 The results are printed; with --out they are also written as markdown (with the machine named).
@@ -69,6 +69,7 @@ for p in (HERE, KILN_TREE):
 
 import zoo_models  # noqa: E402
 from machine_load import LoadMeter  # noqa: E402
+from rotation import rotating_blocks  # noqa: E402
 from zoo_models import ZooModel  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kiln-zoo")
@@ -239,27 +240,17 @@ def ov_runner(path: str, threads: int, feeds: dict[str, np.ndarray], precision: 
 
 def measure(runners: dict[str, Callable[[], Any]], blocks: int, iters: int | None, warmup: int,
             block_s: float = 0.3) -> dict[str, list[float]]:
-    """ms per run, in blocks (first run of a block dropped), engines rotating per block (cpu_bench.py).
+    """ms per run, in blocks settled first, engines rotating per block (benchmarks/rotation.py).
     iters None: per engine, as many runs as fill about block_s seconds (3 to 20)."""
-    names = list(runners)
     per: dict[str, int] = {}
-    for n in names:
+    for n, run in runners.items():
         ts = []
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
             t = time.perf_counter()
-            runners[n]()
+            run()
             ts.append(time.perf_counter() - t)
         per[n] = iters or max(3, min(20, round(block_s / max(min(ts), 1e-6))))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for b in range(blocks):
-        for k in range(len(names)):
-            n = names[(b + k) % len(names)]
-            for i in range(per[n] + 1):
-                t = time.perf_counter()
-                runners[n]()
-                if i:
-                    times[n].append((time.perf_counter() - t) * 1e3)
-    return times
+    return rotating_blocks(runners, blocks, per.__getitem__, 0)
 
 
 class Capture:
