@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kiln.backends.cpu.activation_c import ActivatedPrimitive, c_activation_configs, split_epilogue
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import library, require_library
@@ -48,6 +49,9 @@ class DnnlConvTactic(CpuTactic):
         mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
         return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
 
+    def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
+        return c_activation_configs(node)
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         w = node.inputs[1].const.float().contiguous()  # type: ignore[union-attr]
@@ -62,7 +66,7 @@ class DnnlConvTactic(CpuTactic):
         k_out = int(w.shape[0])
         x_dt, y_dt, z_dt = layer_dtypes(node, 3)
 
-        def make(x: Tensor, z: Tensor | None) -> tuple[Convolution, tuple[int, ...]]:
+        def make(x: Tensor, z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
             geo = conv_geometry(node, kernel, [int(x.shape[2]), int(x.shape[3])])
             oh, ow = ((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, lo, hi, d, k, s in
                       zip(x.shape[2:], geo.begin, geo.end, geo.dilations, kernel, geo.strides))
@@ -70,8 +74,10 @@ class DnnlConvTactic(CpuTactic):
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             y0 = torch.empty(shape, dtype=y_dt, memory_format=torch.channels_last)
-            return Convolution(lib, x, w, b, y0, z, geo.strides, geo.dilations, geo.begin, geo.end, geo.group,
-                               act, alpha, beta, act_first), shape
+            p_act, p_z, c_act, z_after = split_epilogue(config, act, z, act_first)
+            prim = Convolution(lib, x, w, b, y0, p_z, geo.strides, geo.dilations, geo.begin, geo.end, geo.group,
+                               p_act, alpha, beta, act_first)
+            return (prim if c_act is None else ActivatedPrimitive(prim, c_act, z_after)), shape
         return channels_last_kernel(node, lib, make, (x_dt,), (z_dt,), y_dt)
 
 

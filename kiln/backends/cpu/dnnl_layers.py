@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kiln.backends.cpu.activation_c import ActivatedPrimitive, c_activation_configs, split_epilogue
 from kiln.backends.cpu.common import (CpuTactic, act_attrs, bf16_layer, ints_at_least, is_f32, layer_dtypes,
                                       shape_hint)
 from kiln.backends.cpu.dnnl import (POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX, library,
@@ -171,6 +172,9 @@ class DnnlLinearTactic(CpuTactic):
         n_out = y.type.shape[-1] if y.type.shape is not None else None  # type: ignore[index]
         return not (isinstance(k_in, int) and k_in != k) and not (isinstance(n_out, int) and n_out != n)
 
+    def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
+        return c_activation_configs(node)
+
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
         fused = node.domain == "kiln"
@@ -179,11 +183,13 @@ class DnnlLinearTactic(CpuTactic):
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
 
-        def make(x: Tensor, z: Tensor | None) -> tuple[InnerProduct, tuple[int, ...]]:
+        def make(x: Tensor, z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
             shape = (int(x.shape[0]), int(w.shape[0]))
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
-            return InnerProduct(lib, x, w, b, torch.empty(shape, dtype=y_dt), z, act, alpha, beta, act_first), shape
+            p_act, p_z, c_act, z_after = split_epilogue(config, act, z, act_first)
+            prim = InnerProduct(lib, x, w, b, torch.empty(shape, dtype=y_dt), p_z, p_act, alpha, beta, act_first)
+            return (prim if c_act is None else ActivatedPrimitive(prim, c_act, z_after)), shape
         return rows_kernel(node, make, int(w.shape[0]), (x_dt,), (z_dt,), y_dt)
 
 
