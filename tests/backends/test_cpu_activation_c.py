@@ -153,7 +153,9 @@ def test_conv_residual_with_the_c_pass(case: tuple[Any, ...], act: tuple[str, fl
 @pytest.mark.parametrize("a_shape", [(1, 64), (5, 64), (2, 3, 64)])
 @pytest.mark.parametrize("act", C_LAYER_ACTS, ids=lambda a: a[0])
 @pytest.mark.parametrize("residual", [None, 0, 1])
-def test_linear_with_the_c_pass(a_shape: tuple[int, ...], act: tuple[str, float, float], residual: int | None) -> None:
+@pytest.mark.parametrize("prim", [{}, {"prim": "matmul"}], ids=["ip", "matmul"])
+def test_linear_with_the_c_pass(a_shape: tuple[int, ...], act: tuple[str, float, float], residual: int | None,
+                                prim: dict[str, str]) -> None:
     g = torch.Generator().manual_seed(13)
     a = torch.randn(a_shape, generator=g)
     w = torch.randn((40, 64), generator=g) / 8
@@ -162,8 +164,9 @@ def test_linear_with_the_c_pass(a_shape: tuple[int, ...], act: tuple[str, float,
     attrs = {"activation": act[0], "alpha": 0.0, "beta": 0.0, "act_before_add": residual or 0}
     ins: list[tuple[Any, bool]] = [(a, False), (w, True), (b, True)] + ([(z, False)] if z is not None else [])
     node = make_node("FusedGemm", ins, a_shape[:-1] + (40,), attrs, domain="kiln")
-    assert {"act": "c"} in get_tactic("cpu.linear_dnnl").configs(node, CPU)  # type: ignore[union-attr]
-    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b] + ([z] if z is not None else []), {"act": "c"})
+    cfg = {**prim, "act": "c"}
+    assert cfg in get_tactic("cpu.linear_dnnl").configs(node, CPU)  # type: ignore[union-attr]
+    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b] + ([z] if z is not None else []), cfg)
     assert rel_err(got, want) <= 1e-5
 
 

@@ -88,26 +88,32 @@ def test_global_pools(op: str, keep: int) -> None:
     assert not get_tactic("cpu.pool_dnnl").supports(other, CPU)
 
 
+PRIMS = [{}, {"prim": "matmul"}]  # oneDNN's inner product and its matmul primitive (configs of cpu.linear_dnnl)
+
+
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{a[0] or 'none'}{a[1]:g}")
 @pytest.mark.parametrize("rows, bias", [(1, True), (5, False)])
-def test_fused_gemm(act: tuple[str, float, float], rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("prim", PRIMS, ids=["ip", "matmul"])
+def test_fused_gemm(act: tuple[str, float, float], rows: int, bias: bool, prim: dict[str, str]) -> None:
     gen = torch.Generator().manual_seed(11)
     a, w, b = torch.randn(rows, 64, generator=gen), torch.randn(48, 64, generator=gen) / 8, torch.randn(48, generator=gen)
     attrs = {"activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": 0}
     node = make_node("FusedGemm", [(a, False), (w, True), (b if bias else None, True)], (rows, 48), attrs,
                      domain="kiln")
-    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b if bias else None])
+    assert prim in get_tactic("cpu.linear_dnnl").configs(node, CPU)
+    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b if bias else None], prim)
     assert rel_err(got, want) <= TOL
 
 
 @pytest.mark.parametrize("act", [ACTS[0], ACTS[1], ACTS[5]], ids=lambda a: a[0] or "none")
 @pytest.mark.parametrize("before_add", [0, 1])
-def test_fused_gemm_residual(act: tuple[str, float, float], before_add: int) -> None:
+@pytest.mark.parametrize("prim", PRIMS, ids=["ip", "matmul"])
+def test_fused_gemm_residual(act: tuple[str, float, float], before_add: int, prim: dict[str, str]) -> None:
     gen = torch.Generator().manual_seed(12)
     a, w, b, z = (torch.randn(s, generator=gen) for s in ((4, 32), (24, 32), (24,), (4, 24)))
     attrs = {"activation": act[0], "alpha": act[1], "beta": act[2], "act_before_add": before_add}
     node = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z, False)], (4, 24), attrs, domain="kiln")
-    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b, z])
+    got, want = run_both(node, "cpu.linear_dnnl", [a, w, b, z], prim)
     assert rel_err(got, want) <= TOL
     broadcast = make_node("FusedGemm", [(a, False), (w, True), (b, True), (z[:1], False)], (4, 24), attrs,
                           domain="kiln")

@@ -23,7 +23,7 @@ from kiln.backends.cpu.common import (CpuTactic, act_attrs, bf16_layer, ints_at_
 from kiln.backends.cpu.dnnl import (POOLING_AVG_EXCLUDE_PAD, POOLING_AVG_INCLUDE_PAD, POOLING_MAX, library,
                                     require_library)
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
-from kiln.backends.cpu.dnnl_float import InnerProduct, Pooling
+from kiln.backends.cpu.dnnl_float import InnerProduct, MatMul, Pooling
 from kiln.backends.cpu.dnnl_kernels import rows_kernel, shape_cached
 from kiln.backends.cpu.dnnl_primitive import ChannelsLast
 from kiln.backends.cpu.fallback import ReferenceFallback
@@ -173,7 +173,13 @@ class DnnlLinearTactic(CpuTactic):
         return not (isinstance(k_in, int) and k_in != k) and not (isinstance(n_out, int) and n_out != n)
 
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
-        return c_activation_configs(node)
+        """oneDNN's inner product ({}), and for float32 layers its matmul primitive too ({"prim": "matmul"}: a
+        brgemm kernel of its own, 1.2-1.8x faster on transformer shapes such as 128 x 768 -> 3072 on a 2-core
+        AVX-512 EPYC, slower on others), each with the C activation pass where it applies."""
+        acts = c_activation_configs(node)
+        if not (is_f32(node.inputs[0]) and is_f32(node.outputs[0])):
+            return acts
+        return acts + [{"prim": "matmul", **c} for c in acts]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
@@ -182,13 +188,18 @@ class DnnlLinearTactic(CpuTactic):
         w, b = linear_weights(node, x_dt is torch.bfloat16)  # type: ignore[misc]
         act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
+        w_kn = w.t().contiguous() if config.get("prim") == "matmul" else None
 
         def make(x: Tensor, z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
             shape = (int(x.shape[0]), int(w.shape[0]))
             if z is not None and tuple(z.shape) != shape:
                 raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             p_act, p_z, c_act, z_after = split_epilogue(config, act, z, act_first)
-            prim = InnerProduct(lib, x, w, b, torch.empty(shape, dtype=y_dt), p_z, p_act, alpha, beta, act_first)
+            y0 = torch.empty(shape, dtype=y_dt)
+            if config.get("prim") == "matmul":  # float32 only (configs)
+                prim: Any = MatMul(lib, x, w_kn, y0, b, p_z, p_act, alpha, beta, act_first)
+            else:
+                prim = InnerProduct(lib, x, w, b, y0, p_z, p_act, alpha, beta, act_first)
             return (prim if c_act is None else ActivatedPrimitive(prim, c_act, z_after)), shape
         return rows_kernel(node, make, int(w.shape[0]), (x_dt,), (z_dt,), y_dt)
 
