@@ -13,3 +13,4 @@ from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch'
 from kiln.backends.cpu import qlayers_dnnl  # noqa: F401  (cpu.qconv_dnnl / cpu.qgemm_dnnl: int8 layers on oneDNN)
 from kiln.backends.cpu import qdq  # noqa: F401  (cpu.qdq_c: QuantizeLinear / DequantizeLinear in C, NHWC out)
 from kiln.backends.cpu import fp8_gemm  # noqa: F401  (cpu.fp8_gemm: FP8 layers as float32 products, no FP8 speed-up)
+from kiln.backends.cpu import attention_dnnl  # noqa: F401  (cpu.attention_dnnl: oneDNN matmuls around a C softmax)

@@ -27,18 +27,22 @@ PARALLEL_MIN = 16384
 """Outputs of fewer values run on one thread (a second one saves less than it costs to wake)."""
 
 
-def _library() -> Any:
+def library() -> Any:
+    """native/act.c's library (kiln_act, kiln_softmax), or None where no C compiler works."""
     lib = native.load("act")
     if lib is not None and not hasattr(lib, "_kiln_typed"):
-        lib.kiln_act.argtypes = [C.c_void_p, C.c_void_p, C.c_long, C.c_int, C.c_int]
+        P, L, I = C.c_void_p, C.c_long, C.c_int
+        lib.kiln_act.argtypes = [P, P, L, I, I]
         lib.kiln_act.restype = C.c_int
+        lib.kiln_softmax.argtypes = [P, L, L, L, L, P, I, L, L, L, L, I, I]
+        lib.kiln_softmax.restype = C.c_int
         lib._kiln_typed = True
     return lib
 
 
 def available(act: str) -> bool:
     """Whether `act` can run as the C pass here (a known activation and a working C compiler)."""
-    return act in C_ACTS and _library() is not None
+    return act in C_ACTS and library() is not None
 
 
 def c_activation_configs(node: Node) -> list[dict[str, Any]]:
@@ -58,7 +62,7 @@ class InPlaceActivation:
     """y = act(y), or act(y) + z, over a dense float32 tensor y (z: the same shape, strides and dtype)."""
 
     def __init__(self, act: str) -> None:
-        lib = _library()
+        lib = library()
         if lib is None or act not in C_ACTS:
             raise KilnError(f"the C activation pass cannot run {act!r} here ({native.error('act') or 'unknown'})")
         self.act, self.code, self.fn = act, C_ACTS[act], lib.kiln_act
