@@ -141,3 +141,40 @@ def test_a_closed_engine_refuses_bound_calls() -> None:
     with pytest.raises(KilnError, match="released") as e:
         ctx.execute({"x": x})
     assert "\n" not in str(e.value)
+
+
+def test_view_ops_on_the_reference_are_bound_and_follow_their_input() -> None:
+    """Flatten, Transpose and Reshape run by the reference return views of their input: bound, the same view
+    object at every call (its values the input's current ones), so the layers reading them are bound too
+    (MobileNetV3's head: pool -> 1x1 conv -> Flatten -> Gemm -> Gemm; a channels-last map seen as tokens)."""
+    rng = np.random.default_rng(9)
+    inits = {"w": (rng.standard_normal((C, 8, 3, 3)) / 9).astype(np.float32),
+             "g": (rng.standard_normal((5, C)) / 4).astype(np.float32),
+             "h": (rng.standard_normal((C, C, 1, 1)) / 4).astype(np.float32),
+             "g2": (rng.standard_normal((3, 5)) / 2).astype(np.float32),
+             "m": (rng.standard_normal((C, 4)) / 4).astype(np.float32), "shape": np.array([0, -1, C], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Conv", ["p", "h"], ["q"]),
+             helper.make_node("Flatten", ["q"], ["f"]), helper.make_node("Gemm", ["f", "g"], ["e"], transB=1),
+             helper.make_node("Gemm", ["e", "g2"], ["y1"], transB=1),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["t", "shape"], ["r"]), helper.make_node("MatMul", ["r", "m"], ["y2"])]
+    g = helper.make_graph(nodes, "views", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, "H", 12])],
+                          [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = OptimizationProfile().set_shape("x", (1, 8, 4, 12), (2, 8, 6, 12), (4, 8, 8, 12))
+    engine = Engine(Builder(Logger(Severity.ERROR)).build(model, BuilderConfig(optimization_level=0, profiles=[p])))
+    ctx = engine.create_execution_context()
+    for _ in range(3):
+        x = rng.standard_normal((2, 8, 6, 12)).astype(np.float32)
+        got, want = ctx.execute({"x": x}), run_oracle(model, {"x": x})
+        for name, w in zip(("y1", "y2"), want):
+            assert_close_to_scale(got[name], w)
+    steps = engine.function.steps
+    (entry,) = engine.function._bound.calls.values()
+    bound = {st.node.op_type for st, b in zip(steps, entry[1]) if b is not None}
+    assert {"Flatten", "Transpose", "Reshape"} <= bound, [(st.node.op_type, b) for st, b in zip(steps, entry[1])]
+    gemm = [b for st, b in zip(steps, entry[1]) if st.node.inputs[0] is not None and st.node.inputs[0].name == "f"]
+    assert gemm and gemm[0] is not None  # the layer reading the Flatten view is bound too

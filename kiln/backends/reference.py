@@ -10,6 +10,24 @@ from kiln.ir.graph import Node
 from kiln.ops.registry import lookup
 
 
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+"""Ops whose reference returns a view of its first input wherever torch can make one."""
+
+
+def _view_bind(fn: Any) -> Any:
+    """Kernel.bind of a view op on the CPU: where the call on these (stable) tensors returns a view of the first
+    input, that same view object from then on (as view.slice does): no torch dispatch per inference."""
+    def bind(args: Any, out: Any) -> Any:
+        x = args[0] if args else None
+        if out is not None or not isinstance(x, torch.Tensor):
+            return None
+        r = fn(*args)
+        if not isinstance(r, torch.Tensor) or r.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            return None  # a copy (a reshape of a non-contiguous tensor): the plain call each time
+        return lambda: r
+    return bind
+
+
 class ReferenceTactic(Tactic):
     """Runs OpDef.compute; the universal fallback."""
 
@@ -26,7 +44,8 @@ class ReferenceTactic(Tactic):
         fn = opdef.bind(node)
         kind = torch.device(device).type
         if kind == "cpu":
-            return fn
+            return Kernel(fn, bind=_view_bind(fn)) if node.op_type in VIEW_OPS and node.domain in ("", "ai.onnx") \
+                else fn
         host = frozenset(opdef.value_inputs)
 
         def on_device(*xs: Any) -> Any:
