@@ -343,9 +343,10 @@ TEXT = {"batch": (1, 1, 4), "seq": (8, 32, 128)}
 TEXT_CHECKS: tuple[Dims, Dims] = ({"batch": 1, "seq": 32}, {"batch": 3, "seq": 77})
 
 
-def _timm_entry(name: str, arch: str, what: str, dynamo: bool = False, size: int = 224) -> ZooModel:
+def _timm_entry(name: str, arch: str, what: str, dynamo: bool = False, size: int = 224,
+                family: str = "conv") -> ZooModel:
     img = ("batch", 3, size, size)
-    m = ZooModel(name, "timm", "torch.onnx dynamo" if dynamo else "torch.onnx TorchScript", "conv", what,
+    m = ZooModel(name, "timm", "torch.onnx dynamo" if dynamo else "torch.onnx TorchScript", family, what,
                  [In("input", img)], dict(B), B_CHECKS, make_onnx=lambda p: None, torch_module=_timm(arch),
                  needs=("timm", "onnxscript") if dynamo else ("timm",), output_names=["logits"])
     m.make_onnx = _exported(_timm(arch), dynamo)(m)
@@ -411,10 +412,12 @@ def registry() -> list[ZooModel]:
         _timm_entry("convnext_tiny", "convnext_tiny", "ConvNeXt-T (timm): 7x7 depthwise, LayerNorm, GELU"),
         _timm_entry("regnety_016", "regnety_016", "RegNetY-1.6GF (timm): grouped convs, SE"),
         _timm_entry("densenet121", "densenet121", "DenseNet-121 (timm): concatenations"),
-        _timm_entry("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16 (timm)"),
-        _timm_entry("deit_small_patch16_224", "deit_small_patch16_224", "DeiT-S/16 (timm)"),
+        _timm_entry("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16 (timm)", family="transformer"),
+        _timm_entry("vit_small_patch16_224", "vit_small_patch16_224", "ViT-S/16 (timm)", family="transformer"),
+        _timm_entry("deit_small_patch16_224", "deit_small_patch16_224", "DeiT-S/16 (timm)", family="transformer"),
+        _timm_entry("deit_tiny_patch16_224", "deit_tiny_patch16_224", "DeiT-Ti/16 (timm)", family="transformer"),
         _timm_entry("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224",
-                    "Swin-T (timm): shifted windows (roll, window reshapes)"),
+                    "Swin-T (timm): shifted windows (roll, window reshapes)", family="transformer"),
         _text_entry("bert_base", "bert", "BERT-base (BertModel(BertConfig()))", _bert_inputs(30522),
                     ["last_hidden_state", "pooler_output"]),
         _text_entry("bert_base_dynamo", "bert", "BERT-base, torch's default (dynamo) exporter", _bert_inputs(30522),
