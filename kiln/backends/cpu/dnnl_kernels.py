@@ -77,10 +77,21 @@ def rows_kernel(node: Node, make: Make, n_out: int, x_types: tuple[torch.dtype, 
         return out if out is not None else y
     def bind(args: Any, out: Any) -> Any:
         a, z = args[0], (args[3] if len(args) > 3 else None)
-        if not isinstance(a, Tensor) or a.dim() != 2 or not a.is_contiguous() \
-                or (z is not None and not z.is_contiguous()):
-            return None  # the call reshaped or copied them first
-        return run.bind(a, z, out)  # type: ignore[attr-defined]
+        if not isinstance(a, Tensor) or a.dim() < 2 or not a.is_contiguous() or not isinstance(out, Tensor) \
+                or not out.is_contiguous() or (z is not None and not z.is_contiguous()):
+            return None  # the call copied them first
+        if a.dim() == 2:
+            return run.bind(a, z, out)  # type: ignore[attr-defined]
+        # N-D rows (a transformer's [B, S, K]): the 2-D views of the same memory the call ran on, made once
+        call = run.bind(a.view(-1, a.shape[-1]), None if z is None else z.view(-1, n_out),  # type: ignore[attr-defined]
+                        out.view(-1, n_out))
+        if call is None:
+            return None
+
+        def bound() -> Tensor:
+            call()
+            return out
+        return bound
     return Kernel(k_rows, prepacked=frozenset({1, 2}), fallback=fb, release=run.close,  # type: ignore[attr-defined]
                   out_format="contiguous", bind=bind)
 
