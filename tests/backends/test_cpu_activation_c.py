@@ -14,6 +14,7 @@ from kiln.backends.cpu.activation_c import C_ACTS, InPlaceActivation, available
 from kiln.backends.cpu.dnnl import library as dnnl_library
 from kiln.backends.tactic import get_tactic
 from kiln.errors import KilnError
+from kiln.ir.dtype import DType
 from tests.backends.test_cpu_tactics import CONV_CASES, CPU, _conv_inputs, _fused_conv, make_node, rel_err, run_both
 
 pytestmark = pytest.mark.skipif(not available("SiLU"), reason=f"no C compiler here: {native.error('act')}")
@@ -176,3 +177,44 @@ def test_only_the_c_activations_get_the_config() -> None:
     for act, offered in (("Relu", False), ("HardSwish", False), ("", False), ("SiLU", True), ("Gelu", True)):
         node = _fused_conv(CONV_CASES[0], x, w, b, None, (act, 0.0, 0.0), 0)
         assert ({"act": "c"} in get_tactic("cpu.conv_dnnl").configs(node, CPU)) == offered, act  # type: ignore[union-attr]
+
+
+# ---- cpu.layernorm_c (kiln_layernorm) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 197, 64), (2, 5, 768), (4, 13), (1, 1, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_c_layernorm_matches_float64(shape: tuple[int, ...], bias: bool) -> None:
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = torch.randn(shape, generator=g) * 4 + 3  # an offset mean: the two-pass variance matters
+    w, b = torch.randn(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
+    ins: list[tuple[Any, bool]] = [(x, False), (w, True)] + ([(b, True)] if bias else [])
+    node = make_node("LayerNormalization", ins, shape, {"axis": -1, "epsilon": 1e-5}, opset=17)
+    t = get_tactic("cpu.layernorm_c")
+    assert t is not None and t.supports(node, CPU)
+    kern = t.make(node, {}, torch.device("cpu"))
+    x64 = x.double()
+    want = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5) \
+        * w.double() + (b.double() if bias else 0)
+    got = kern(x, None, None)
+    assert (got.double() - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
+    dest = torch.full(shape, float("nan"))
+    args = [x, None, None]
+    assert kern(*args, out=dest) is dest
+    dest.fill_(float("nan"))
+    call = kern.bind(args, dest)
+    assert call is not None and call() is dest
+    torch.testing.assert_close(dest, got, rtol=0, atol=0)
+    strided = x.transpose(0, -1).contiguous().transpose(0, -1)  # non-contiguous rows: aten's path, same values
+    assert (kern.bind([strided, None, None], dest) is None) == (not strided.is_contiguous())
+    torch.testing.assert_close(kern(strided, None, None), got, rtol=1e-5, atol=1e-5)
+
+
+def test_c_layernorm_declines_other_axes_and_types() -> None:
+    x, w = torch.randn(2, 5, 7), torch.randn(5, 7)
+    t = get_tactic("cpu.layernorm_c")
+    two_axes = make_node("LayerNormalization", [(x, False), (w, True)], (2, 5, 7), {"axis": 1}, opset=17)
+    assert not t.supports(two_axes, CPU) and get_tactic("cpu.layernorm").supports(two_axes, CPU)  # type: ignore[union-attr]
+    xb = torch.randn(2, 7).bfloat16()
+    bf = make_node("LayerNormalization", [(xb, False), (torch.randn(7), True)], (2, 7), {"axis": -1}, opset=17,
+                   out_dtype=DType.BFLOAT16)
+    assert not t.supports(bf, CPU)  # type: ignore[union-attr]

@@ -107,3 +107,36 @@ def test_declines_what_it_does_not_run() -> None:
     gqa = _node((1, 4, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None)
     assert not t.supports(f16, CPU) and not t.supports(gqa, CPU)
     assert not t.supports(_node((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None), TacticContext(torch.device("cuda")))
+
+
+@pytest.mark.parametrize("rank3", [True, False])
+def test_writes_its_destination_and_binds(rank3: bool) -> None:
+    """Into the runtime's arena slot (out=), and as a bound call repeating it on the same tensors with new values."""
+    g = torch.Generator().manual_seed(21)
+    b, s, h, d = 1, 23, 3, 16
+    if rank3:
+        qkv = torch.randn(b, s, 3 * h * d, generator=g)
+        q, k, v = qkv[..., :h * d], qkv[..., h * d:2 * h * d], qkv[..., 2 * h * d:]
+        node = _node((b, s, h * d), (b, s, h * d), (b, s, h * d), None, rank3_heads=h)
+        heads = lambda x: x.unflatten(-1, (h, d)).transpose(1, 2)  # noqa: E731
+        dest = torch.full((b, s, h * d), float("nan"))
+    else:
+        qkv = torch.randn(3, b, h, s, d, generator=g)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        node = _node(tuple(q.shape), tuple(k.shape), tuple(v.shape), None)
+        heads = lambda x: x  # noqa: E731
+        dest = torch.full((b, h, s, d), float("nan"))
+    kern = get_tactic(TID).make(node, {}, torch.device("cpu"))  # type: ignore[union-attr]
+
+    def want() -> torch.Tensor:
+        w = _attention64(heads(q), heads(k), heads(v), None, d ** -0.5, False)
+        return w.transpose(1, 2).reshape(b, s, h * d) if rank3 else w
+    with torch.inference_mode():  # buffers made in inference mode serve calls outside it too
+        assert kern(q, k, v, out=dest) is dest
+    assert (dest.double() - want()).abs().max().item() <= 1e-5
+    call = kern.bind([q, k, v], dest)
+    assert call is not None
+    qkv.copy_(torch.randn(qkv.shape, generator=g))  # new values in the same tensors
+    dest.fill_(float("nan"))
+    assert call() is dest
+    assert (dest.double() - want()).abs().max().item() <= 1e-5

@@ -66,6 +66,8 @@ class CpuAttention(CpuTactic):
 
     id = "cpu.attention_dnnl"
     priority = 5
+    writes_out = 1  # into the layer's arena slot (dense), so the call binds and so do the layers reading it
+    strided_out = False
     ops = (("", "Attention"), ("ai.onnx", "Attention"))
 
     def accepts(self, node: Node) -> bool:
@@ -96,22 +98,31 @@ class CpuAttention(CpuTactic):
             """This thread's dense buffer `name` of this shape (kept from call to call)."""
             have = getattr(local, name, None)
             if have is None or tuple(have.shape) != shape:
-                have = torch.empty(shape)
+                with torch.inference_mode(False):  # a normal tensor: written in place inside inference mode or not
+                    have = torch.empty(shape)
                 setattr(local, name, have)
             return have
 
-        def k_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        def prepare(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor | None) -> Any:
+            """Everything one call needs for these tensors (primitives, this thread's buffers, the mask's strides),
+            or None where the reference decides (shapes the views reject, other dtypes, a destination it cannot
+            write)."""
             vs = views(s, q, k, v)
             if vs is None or any(t.dtype != torch.float32 for t in (q, k, v)) or not mask_fits(mask, vs[0], vs[1]) \
                     or vs[0].shape[1] != vs[1].shape[1] or (mask is not None and mask.dtype != torch.bool
                                                              and not mask.dtype.is_floating_point):
-                return reference(node, q, k, v, mask)  # type: ignore[return-value]
+                return None
+            y, y4 = merged_output(s, vs[0], vs[2])
+            if out is not None:
+                if out.shape != y.shape or out.dtype != y.dtype or not out.is_contiguous():
+                    return None
+                y = out
+                y4 = y.view(y4.shape[0], y4.shape[2], y4.shape[1], y4.shape[3]).transpose(1, 2) if s.rank3 else y
             # dense copies of the head views (a few us): oneDNN runs its brgemm kernel on dense operands and a
             # slower jit gemm on the strided views of a fused QKV projection
-            y, y4 = merged_output(s, vs[0], vs[2])
-            q4 = scratch("q", tuple(vs[0].shape)).copy_(vs[0])
-            kt = scratch("kt", tuple(vs[1].transpose(-1, -2).shape)).copy_(vs[1].transpose(-1, -2))
-            v4 = scratch("v", tuple(vs[2].shape)).copy_(vs[2])
+            q4 = scratch("q", tuple(vs[0].shape))
+            kt = scratch("kt", tuple(vs[1].transpose(-1, -2).shape))
+            v4 = scratch("v", tuple(vs[2].shape))
             b, h, sq, skv = int(q4.shape[0]), int(q4.shape[1]), int(q4.shape[2]), int(kt.shape[3])
             sc = scratch("scores", (b, h, sq, skv))
             key = (q4.shape, v4.shape, y4.stride())
@@ -120,19 +131,44 @@ class CpuAttention(CpuTactic):
                 scale = s.scale if s.scale is not None else float(q4.shape[-1]) ** -0.5
                 pair = prims[key] = (Product(lib, q4, kt, sc, scale), Product(lib, sc, v4, y4))
             m, kind, ms = _mask_args(mask, (b, h, sq, skv))
+            soft_args = (C.c_void_p(sc.data_ptr()), b, h, sq, skv, C.c_void_p(None if m is None else m.data_ptr()),
+                         kind, *ms, int(s.causal))
+            return (vs[0], vs[1].transpose(-1, -2), vs[2], q4, kt, v4, sc, y, y4, pair, soft_args, m)
+
+        def run(p: Any) -> Tensor:
+            q_src, kt_src, v_src, q4, kt, v4, sc, y, y4, pair, soft_args, _ = p
+            q4.copy_(q_src)
+            kt.copy_(kt_src)
+            v4.copy_(v_src)
             pair[0].run(q4, kt, sc)
-            if soft(C.c_void_p(sc.data_ptr()), b, h, sq, skv, C.c_void_p(None if m is None else m.data_ptr()), kind,
-                    *ms, int(s.causal), torch.get_num_threads()) != 0:
+            if soft(*soft_args, torch.get_num_threads()) != 0:
                 raise KilnError(f"'{node.name}': the attention softmax failed")
             pair[1].run(sc, v4, y4)
             return y
+
+        def k_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                        out: Tensor | None = None) -> Tensor:
+            p = prepare(q, k, v, mask, out)
+            if p is None:
+                y = reference(node, q, k, v, mask)
+                if out is None:
+                    return y  # type: ignore[return-value]
+                out.copy_(y)
+                return out
+            return run(p)
+
+        def bind(args: Any, out: Any) -> Any:
+            if not isinstance(out, Tensor) or len(args) < 3:
+                return None
+            p = prepare(args[0], args[1], args[2], args[3] if len(args) > 3 else None, out)
+            return None if p is None else (lambda: run(p))
 
         def release() -> None:
             for a, b in prims.values():
                 a.close()
                 b.close()
             prims.clear()
-        return Kernel(k_attention, release=release)
+        return Kernel(k_attention, release=release, out_format="contiguous", bind=bind)
 
 
 register_tactic(CpuAttention())

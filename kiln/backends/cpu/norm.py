@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kiln.backends.cpu.common import CpuTactic, const_float
 from kiln.backends.tactic import Built, Kernel, register_tactic
+from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.ops.registry import norm_axis
@@ -84,4 +85,63 @@ class CpuLayerNormTactic(CpuTactic):
         return Kernel(k_layernorm, prepacked=frozenset({1, 2}))
 
 
+class CLayerNormTactic(CpuLayerNormTactic):
+    """Float32 LayerNormalization over the last axis as one C call (``kiln_layernorm``, native/act.c: two passes
+    per row, float vector sums, as aten) writing into the runtime's arena slot, so it binds (Kernel.bind: one ctypes
+    call per inference, no torch dispatch) and the layers reading it bind too. A row layout it cannot address (a
+    non-contiguous input) runs aten's layer_norm into the destination."""
+
+    id = "cpu.layernorm_c"
+    torch_dispatch = False
+    writes_out = 1
+    strided_out = False
+    priority = 21
+
+    def accepts(self, node: Node) -> bool:
+        from kiln.backends.cpu.activation_c import library
+        x = node.inputs[0]
+        return (super().accepts(node) and x.type.dtype == DType.FLOAT32 and _axis(node) == (x.type.rank or 0) - 1
+                and library() is not None)
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        from kiln.backends.cpu.activation_c import library
+        ln = library().kiln_layernorm  # type: ignore[union-attr]
+        norm = self._norm(node)
+        w = _affine(node, 1, norm).float().contiguous()  # type: ignore[union-attr]
+        b_ = _affine(node, 2, norm) if node.input(2) is not None else None
+        b = None if b_ is None else b_.float().contiguous()
+        eps = float(node.attr("epsilon", 1e-5))
+        n = int(w.numel())
+        wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
+        threads = torch.get_num_threads
+
+        def rows(t: Tensor) -> bool:
+            return t.dtype is torch.float32 and t.dim() >= 1 and t.shape[-1] == n and t.is_contiguous()
+
+        def k_ln(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
+            y = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+            if not rows(x) or not rows(y) or y.shape != x.shape:
+                y.copy_(F.layer_norm(x, [n], w, b, eps))
+                return y
+            if ln(x.data_ptr(), y.data_ptr(), wp, bp, x.numel() // n, n, n, n, eps, threads()) != 0:
+                raise KilnError(f"'{node.name}': the LayerNorm kernel failed")
+            return y
+
+        def bind(args: Any, out: Any) -> Any:
+            x = args[0]
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not rows(x) or not rows(out) \
+                    or out.shape != x.shape:
+                return None
+            xp, yp, count = x.data_ptr(), out.data_ptr(), x.numel() // n
+
+            def bound() -> Tensor:
+                if ln(xp, yp, wp, bp, count, n, n, n, eps, threads()) != 0:
+                    raise KilnError(f"'{node.name}': the LayerNorm kernel failed")
+                return out
+            bound.tensors = (x, out, w, b)  # type: ignore[attr-defined]
+            return bound
+        return Kernel(k_ln, prepacked=frozenset({1, 2}), out_format="contiguous", bind=bind)
+
+
 register_tactic(CpuLayerNormTactic())
+register_tactic(CLayerNormTactic())

@@ -235,3 +235,44 @@ int kiln_softmax(float *s, long B, long H, long Sq, long Skv, const void *mask, 
     }
     return 0;
 }
+
+/* LayerNormalization over the last axis: rows of n floats at row strides ldx / ldy (elements), y = (x - mean) *
+ * rstd * w + b (b may be NULL), the mean and the biased variance in two passes over the row with float vector
+ * partial sums, rstd = 1 / sqrt(var + eps), as aten's layer_norm computes them. */
+int kiln_layernorm(const float *x, float *y, const float *w, const float *b, long rows, long n, long ldx, long ldy,
+                   float eps, int threads) {
+    if (rows < 0 || n <= 0 || ldx < n || ldy < n) return 1;
+    #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * ldx;
+        float *yr = y + r * ldy;
+        float buf[VLEN];
+        V acc = vset(0.0f);
+        long j = 0;
+        for (; j + VLEN <= n; j += VLEN) acc = vadd(acc, vload(xr + j));
+        vstore(buf, acc);
+        double s = 0.0;
+        for (int k = 0; k < VLEN; k++) s += buf[k];
+        for (; j < n; j++) s += xr[j];
+        float mean = (float)(s / (double)n);
+        V vm = vset(mean);
+        acc = vset(0.0f);
+        for (j = 0; j + VLEN <= n; j += VLEN) {
+            V d = vsub(vload(xr + j), vm);
+            acc = vfma(d, d, acc);
+        }
+        vstore(buf, acc);
+        double q = 0.0;
+        for (int k = 0; k < VLEN; k++) q += buf[k];
+        for (; j < n; j++) q += (double)(xr[j] - mean) * (double)(xr[j] - mean);
+        float rstd = (float)(1.0 / sqrt(q / (double)n + (double)eps));
+        V vr = vset(rstd);
+        for (j = 0; j + VLEN <= n; j += VLEN) {
+            V t = vmul(vmul(vsub(vload(xr + j), vm), vr), vload(w + j));
+            if (b) t = vadd(t, vload(b + j));
+            vstore(yr + j, t);
+        }
+        for (; j < n; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + (b ? b[j] : 0.0f);
+    }
+    return 0;
+}
