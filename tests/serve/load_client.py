@@ -1,9 +1,12 @@
 """Load generator for the serve tests, run as its own process: N concurrent tritonclient (aio) clients send
 binary-tensor infer requests drawn from a .npz of inputs and expected outputs, bounded in count and time.
 
-    python load_client.py URL MODEL CASES.npz --clients 32 --requests 640 --seconds 30 --timeout 20 [--after-failure 10]
+    python load_client.py URL MODEL CASES.npz --clients 32 --requests 640 --seconds 30 --timeout 20 \
+        [--after-fault 10 [--fault-mark FILE]]
 
---after-failure S stops issuing S seconds after the first failed request (a load that outlasts a fault, then ends).
+--after-fault S stops issuing S seconds after the fault: the first failed request, or the moment FILE appears
+(the test creates it once it has injected the fault; a server that hides the fault fails no request). A load that
+outlasts a fault, then ends; "ok_after_fault" counts right answers to requests issued after it.
 
 Prints one JSON line: ok, wrong (answered with wrong numbers), failed (by HTTP status), timeouts, elapsed, rps.
 """
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import sys
 import time
 
@@ -27,17 +31,16 @@ async def _main(args: argparse.Namespace) -> dict:
     counts: collections.Counter = collections.Counter()
     messages: dict[str, str] = {}
     latencies: list[float] = []
-    first_failure: list[float] = []
-    ok_after_failure = 0
+    fault: list[float] = []  # when the fault was seen: first failure or the mark file
+    ok_after_fault = 0
     issued = 0
     stop_at = time.monotonic() + args.seconds
     start = time.monotonic()
 
     async def client(k: int, c: "tc.InferenceServerClient") -> None:
-        nonlocal issued, ok_after_failure
+        nonlocal issued, ok_after_fault
         while issued < args.requests and time.monotonic() < stop_at and not (
-                first_failure and args.after_failure is not None
-                and time.monotonic() > first_failure[0] + args.after_failure):
+                fault and args.after_fault is not None and time.monotonic() > fault[0] + args.after_fault):
             i = issued % len(xs)
             issued += 1
             inp = tc.InferInput(args.input, list(xs[i].shape), "FP32")
@@ -49,8 +52,8 @@ async def _main(args: argparse.Namespace) -> dict:
                 ok = got is not None and got.shape == ys[i].shape and np.allclose(got, ys[i], rtol=1e-4, atol=1e-5)
                 counts["ok" if ok else "wrong"] += 1
                 latencies.append(time.monotonic() - t0)
-                if ok and first_failure and t0 > first_failure[0]:
-                    ok_after_failure += 1
+                if ok and fault and t0 > fault[0]:
+                    ok_after_fault += 1
                 continue
             except asyncio.TimeoutError:
                 counts["timeout"] += 1
@@ -59,15 +62,26 @@ async def _main(args: argparse.Namespace) -> dict:
                 messages.setdefault(str(e.status()), str(e.message())[:200])
             except Exception as e:  # connection reset and the like
                 counts[f"error_{type(e).__name__}"] += 1
-            first_failure.append(time.monotonic())
+            fault.append(time.monotonic())
+            fault.sort()
+
+    async def watch_mark() -> None:
+        while time.monotonic() < stop_at and not fault:
+            if os.path.exists(args.fault_mark):
+                fault.append(time.monotonic())
+                return
+            await asyncio.sleep(0.05)
 
     async with tc.InferenceServerClient(args.url, conn_limit=args.clients, conn_timeout=args.timeout) as c:
+        watcher = asyncio.ensure_future(watch_mark()) if args.fault_mark else None
         await asyncio.gather(*(client(k, c) for k in range(args.clients)))
+        if watcher is not None:
+            watcher.cancel()
     elapsed = time.monotonic() - start
     lat = sorted(latencies)
     return {"sent": issued, "ok": counts.pop("ok", 0), "wrong": counts.pop("wrong", 0),
             "timeouts": counts.pop("timeout", 0), "failed": dict(counts), "messages": messages,
-            "ok_after_failure": ok_after_failure, "elapsed_s": round(elapsed, 3),
+            "ok_after_fault": ok_after_fault, "elapsed_s": round(elapsed, 3),
             "rps": round(len(lat) / elapsed, 2) if elapsed else 0.0,
             "p50_ms": round(lat[len(lat) // 2] * 1e3, 2) if lat else None,
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2) if lat else None}
@@ -84,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=640)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--timeout", type=float, default=20.0)
-    ap.add_argument("--after-failure", type=float, default=None)
+    ap.add_argument("--after-fault", type=float, default=None)
+    ap.add_argument("--fault-mark", default=None)
     args = ap.parse_args(argv)
     print(json.dumps(asyncio.run(_main(args))), flush=True)
     return 0

@@ -157,11 +157,13 @@ def _cases(oracle, folder, n: int = 64) -> str:
 
 
 def _load(server, model: str, cases: str, requests: int, seconds: float, timeout: float = 30,
-          background: bool = False, after_failure: float | None = None):
+          background: bool = False, after_fault: float | None = None, fault_mark: str | None = None):
     args = [sys.executable, os.path.join(HERE, "load_client.py"), server.url, model, cases, "--clients", "32",
             "--requests", str(requests), "--seconds", str(seconds), "--timeout", str(timeout)]
-    if after_failure is not None:
-        args += ["--after-failure", str(after_failure)]
+    if after_fault is not None:
+        args += ["--after-fault", str(after_fault)]
+    if fault_mark is not None:
+        args += ["--fault-mark", fault_mark]
     if background:
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + timeout + 60)
@@ -213,10 +215,11 @@ def test_replica_killed_under_load(server, heavy, oracle):
         assert kill.stdout.readline().strip() == "ready"
         c = _client(server)
         before = c.get_inference_statistics("batched")["model_stats"][0]["inference_stats"]["success"]["count"]
-        # the load runs until 10 s after its first failure (at most 90 s): on a slow machine the kill can land
-        # after a fixed-length load has ended, and then no request is in flight to fail
+        # the load runs until 10 s after the kill (at most 90 s): on a slow machine the kill can land after a
+        # fixed-length load has ended, and then no request reaches the restarted replica
+        mark = os.path.join(heavy[2], "killed.mark")
         load = _load(server, "batched", cases, requests=100000, seconds=90, timeout=45, background=True,
-                     after_failure=10)
+                     after_fault=10, fault_mark=mark)
         end = time.monotonic() + 30
         while time.monotonic() < end:  # kill once the load's requests flow through the replica
             done = c.get_inference_statistics("batched")["model_stats"][0]["inference_stats"]["success"]["count"]
@@ -225,6 +228,7 @@ def test_replica_killed_under_load(server, heavy, oracle):
             time.sleep(0.1)
         out, err = kill.communicate("go\n", timeout=60)
         killed = time.monotonic()
+        open(mark, "w").close()
     finally:
         if kill.poll() is None:
             kill.kill()
@@ -234,12 +238,13 @@ def test_replica_killed_under_load(server, heavy, oracle):
     r = json.loads(out.strip().splitlines()[-1])
     failed = sum(r["failed"].values())
     print(f"\nreplica kill under load: {r['ok']} ok, {failed} failed {r['failed']}, {r['timeouts']} hung past 45 s, "
-          f"{r['ok_after_failure']} ok after the first failure; {r['messages']}")
+          f"{r['ok_after_fault']} ok after the kill; {r['messages']}")
     assert r["timeouts"] == 0 and r["wrong"] == 0, r
-    # in flight: a 5xx; a request the dead replica took and never answered: the proxy's 408 at --request-timeout + 5
-    assert failed >= 1 and all(k.startswith("status_5") or k == "status_408" for k in r["failed"]), r
+    # a request in flight on the dead replica fails with a 5xx, one it took and never answered with the proxy's
+    # 408 at --request-timeout + 5; none fails when Ray retries it elsewhere or the kill fell between batches
+    assert all(k.startswith("status_5") or k == "status_408" for k in r["failed"]), r
     assert r["ok"] + failed == r["sent"], r
-    assert r["ok_after_failure"] >= 1, r  # the restarted replica answered the requests sent after the kill
+    assert r["ok_after_fault"] >= 1, r  # requests sent after the kill were answered, and answered right
     x = np.random.default_rng().standard_normal((2, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(_infer(c, "batched", x).as_numpy("y"), oracle.execute({"x": x})["y"],
                                rtol=1e-5, atol=1e-5)
