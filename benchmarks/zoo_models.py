@@ -258,6 +258,40 @@ def _hf(kind: str) -> Callable[[], Any]:
         if kind == "gpt2":
             m = tf.GPT2Model(tf.GPT2Config())
             return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"], use_cache=False)
+        if kind == "roberta":
+            m = tf.RobertaModel(tf.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1))
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"])
+        if kind == "albert":  # albert-base sizes (the config's defaults are xxlarge)
+            m = tf.AlbertModel(tf.AlbertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072))
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask", "token_type_ids"],
+                                ["last_hidden_state", "pooler_output"])
+        if kind == "t5_encoder":  # t5-small: relative position buckets, RMS-style LayerNorm, no biases
+            m = tf.T5EncoderModel(tf.T5Config())
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"])
+        if kind == "llama":  # a small Llama: rotary positions, RMSNorm, SiLU-gated MLP, grouped-query attention
+            m = tf.LlamaModel(tf.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000))
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"], use_cache=False)
+        if kind == "mobilebert":  # bottlenecks, NoNorm (elementwise affine), no LayerNorm
+            m = tf.MobileBertModel(tf.MobileBertConfig())
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask", "token_type_ids"],
+                                ["last_hidden_state", "pooler_output"])
+        if kind == "deberta_v2":  # disentangled attention (relative position gathers), a small config
+            m = tf.DebertaV2Model(tf.DebertaV2Config(hidden_size=384, num_hidden_layers=4, num_attention_heads=6,
+                                                     intermediate_size=1536, vocab_size=32000,
+                                                     relative_attention=True, position_buckets=256,
+                                                     pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+                                                     position_biased_input=False))
+            return Outputs.wrap(m.eval(), ["input_ids", "attention_mask"], ["last_hidden_state"])
+        if kind == "wav2vec2":  # conv feature encoder with GroupNorm, positional conv, transformer
+            m = tf.Wav2Vec2Model(tf.Wav2Vec2Config())
+            return Outputs.wrap(m.eval(), ["input_values"], ["last_hidden_state"])
+        if kind == "clip_vision":  # ViT-B/32 with a pre-LayerNorm and quick-GELU
+            m = tf.CLIPVisionModel(tf.CLIPVisionConfig())
+            return Outputs.wrap(m.eval(), ["pixel_values"], ["last_hidden_state", "pooler_output"])
+        if kind == "segformer":  # MiT-b0 encoder + all-MLP decoder: efficient attention (spatial reduction)
+            m = tf.SegformerForSemanticSegmentation(tf.SegformerConfig())
+            return Outputs.wrap(m.eval(), ["pixel_values"], ["logits"])
         if kind == "whisper_encoder":
             m = tf.WhisperModel(tf.WhisperConfig()).encoder
             return Outputs.wrap(m.eval(), ["input_features"], ["last_hidden_state"])
@@ -372,6 +406,66 @@ def _bert_inputs(vocab: int, segments: bool = True) -> list[In]:
     return ins
 
 
+def _lively(build: Callable[[], Any]) -> Callable[[], Any]:
+    """build, with the initial weights of a library model made to carry the input to the output: a weight
+    matrix initialised to zeros (timm zero-initialises the heads of MLP-Mixer, ResMLP, Sequencer) is drawn from
+    N(0, 0.02), and where the outputs still do not depend on the input (torchvision's GoogLeNet: 22 layers of
+    std-0.01 weights), every conv and linear weight is redrawn He-normal. Seeded: the same weights every time."""
+    def made() -> Any:
+        import torch
+        net = build()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.dim() >= 2 and not p.any():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            x = torch.randn(2, 3, 224, 224, generator=gen)
+            try:
+                out = net(x)
+            except Exception:  # another input size: leave the weights as they are
+                return net
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = out["out"] if isinstance(out, dict) else out
+            if torch.equal(out[0], out[1]):
+                for mod in net.modules():
+                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                        fan_in = mod.weight[0].numel()
+                        mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+        return net
+    return made
+
+
+def adhoc(spec: str) -> ZooModel | None:
+    """A model named on the command line rather than registered: 'timm:ARCH' (any timm model, 224 x 224 unless
+    its default config says otherwise) or 'tv:NAME' (a torchvision classification or segmentation builder),
+    batch dynamic, the TorchScript exporter; 'timm-dynamo:ARCH' for torch's default exporter. None if the spec
+    is not of that form."""
+    kind, sep, arch = spec.partition(":")
+    if not sep or not arch:
+        return None
+    if kind in ("timm", "timm-dynamo"):
+        size = 224
+        try:
+            import_torchvision()  # timm imports torchvision
+            import timm
+            size = int(timm.get_pretrained_cfg_value(arch, "input_size")[-1] or 224)
+        except Exception:  # no timm, or no pretrained config for the name: the build reports it
+            pass
+        m = _timm_entry(spec, arch, f"{arch} (timm, named on the command line)", dynamo=kind == "timm-dynamo",
+                        size=size)
+        m.torch_module = _lively(_timm(arch))
+        m.make_onnx = _exported(m.torch_module, kind == "timm-dynamo")(m)
+        return m
+    if kind == "tv":
+        m = ZooModel(spec, "torchvision", "torch.onnx TorchScript", "conv",
+                     f"{arch} (torchvision, named on the command line)", [In("input", IMG)], dict(B), B_CHECKS,
+                     make_onnx=lambda p: None, torch_module=_lively(_tv(arch)), needs=("torchvision",),
+                     output_names=["logits"])
+        m.make_onnx = _exported(m.torch_module, False)(m)
+        return m
+    return None
+
+
 def registry() -> list[ZooModel]:
     ocr = "rapidocr_onnxruntime"
     vad = "silero_vad"
@@ -431,6 +525,27 @@ def registry() -> list[ZooModel]:
                     "the encoder fixes the length)",
                     [In("input_features", ("batch", 80, 3000))], ["last_hidden_state"],
                     dims={"batch": (1, 1, 4)}, checks=B_CHECKS),
+        _text_entry("roberta", "roberta", "RoBERTa-base (position ids from the padding mask: CumSum)",
+                    _bert_inputs(50265, segments=False), ["last_hidden_state"]),
+        _text_entry("albert", "albert", "ALBERT-base (factorised embeddings, one layer's weights shared by all)",
+                    _bert_inputs(30000), ["last_hidden_state", "pooler_output"]),
+        _text_entry("t5_encoder", "t5_encoder", "T5-small encoder (relative position buckets, RMS LayerNorm)",
+                    _bert_inputs(32128, segments=False), ["last_hidden_state"]),
+        _text_entry("llama_small", "llama", "Llama, 4 layers of 512 (rotary, RMSNorm, SwiGLU, GQA 8/4 heads), "
+                    "causal", _bert_inputs(32000, segments=False), ["last_hidden_state"]),
+        _text_entry("mobilebert", "mobilebert", "MobileBERT (bottlenecks, NoNorm)", _bert_inputs(30522),
+                    ["last_hidden_state", "pooler_output"]),
+        _text_entry("deberta_v2_small", "deberta_v2", "DeBERTa-v2, 4 layers of 384 (disentangled attention)",
+                    _bert_inputs(32000, segments=False), ["last_hidden_state"]),
+        _text_entry("wav2vec2", "wav2vec2", "wav2vec 2.0 base (conv feature encoder, GroupNorm, positional conv); "
+                    "raw 16 kHz audio", [In("input_values", ("batch", "samples"), "uniform")], ["last_hidden_state"],
+                    dims={"batch": (1, 1, 2), "samples": (8000, 16000, 32000)},
+                    checks=({"batch": 1, "samples": 16000}, {"batch": 2, "samples": 11025})),
+        _text_entry("clip_vision", "clip_vision", "CLIP ViT-B/32 vision tower (quick-GELU)",
+                    [In("pixel_values", IMG)], ["last_hidden_state", "pooler_output"], dims=dict(B), checks=B_CHECKS),
+        _text_entry("segformer_b0", "segformer", "SegFormer-B0 (MiT encoder: reduced-K/V attention, Mix-FFN "
+                    "depthwise conv; MLP decoder), 512 x 512", [In("pixel_values", ("batch", 3, 512, 512))],
+                    ["logits"], dims={"batch": (1, 1, 2)}, checks=({"batch": 1}, {"batch": 2})),
     ]
     det = ZooModel("ssdlite320_mobilenet_v3_large", "torchvision", "torch.onnx TorchScript", "detection",
                    "SSDlite320 MobileNetV3-Large (torchvision), with its transform (resize to 320) and "
