@@ -7,7 +7,10 @@ a symbol's value: code that would need one (`int(n)`, `if n > 7`) raises instead
 
 * an output dim whose expression is a constant is static for every value of the symbols (proven);
 * one that is exactly an input symbol keeps its name ("N" stays "N");
-* anything else (a derived expression such as `(L - 256)//128 + 1`, or a fresh unknown dim) is None.
+* a derived expression of named input dims only (`seq - 1`, `2*batch`, `(L - 256)//128 + 1`) is a
+  `DimExpr` (kiln.ir.dims), evaluated from the bound symbols at run time, and fed back in as the same
+  arithmetic on symbolic ints where a later op reads it (so `Pad(x[:, 1:])` is `seq` again);
+* anything involving a fresh unknown dim is None.
 
 Where torch assumes two dims equal to run the op (broadcasting two unknown dims, a Concat of [N, 16, H, W]
 and [N, 16, ?, ?]) it records a run-time assertion instead of a decision; dims involving such symbols
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from kiln.ir.dims import DimExpr, sym
 from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
 from kiln.ops.infer import _run, element_type
@@ -113,9 +118,10 @@ def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torc
         return None
     vals = tuple((k, str(t.dtype), tuple(t.shape), t.cpu().numpy().tobytes()) for k, t in tensors)
     attrs = tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if not isinstance(v, torch.Tensor)))
-    named = {d for t in types if t is not None and t.shape is not None for d in t.shape if isinstance(d, str)}
+    dims = [d for t in types if t is not None and t.shape is not None for d in t.shape]
     entries = tuple((i, tuple(e)) for i, e in values.items())
-    named |= {d for _, e in entries for d in e if isinstance(d, str)}
+    dims += [d for _, e in entries for d in e]
+    named = {d for d in dims if isinstance(d, str)} | {s for d in dims if isinstance(d, DimExpr) for s in d.symbols}
     bounds = tuple(sorted((d, r) for d, r in _BOUNDS.get().items() if d in named))
     return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds, entries)
 
@@ -132,7 +138,7 @@ def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
         if v is None or i >= len(consts) or consts[i] is not None or v.is_const:
             continue
         e = shape_entries(v)
-        if e is not None and not e[1] and all(isinstance(d, (int, str)) for d in e[0]):
+        if e is not None and not e[1] and all(isinstance(d, (int, str, DimExpr)) for d in e[0]):
             out[i] = list(e[0])  # type: ignore[arg-type]
     return out
 
@@ -183,6 +189,16 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
         names[s.node.expr] = name
         return s
 
+    def symint(d: Any) -> Any:
+        """An int, or the symbolic int of a named dim or of a derived one (built from its symbols' ints)."""
+        if isinstance(d, int):
+            return d
+        if isinstance(d, DimExpr):
+            return _to_symint(d.expr, symint)
+        if d not in named:
+            named[d] = fresh(d)
+        return named[d]
+
     try:
         fake = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
         with fake:
@@ -192,10 +208,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                     args.append(c)
                     continue
                 if i in values:  # dims from a shape chain: a list of ints and symbolic ints (registry.ints)
-                    for d in values[i]:
-                        if isinstance(d, str) and d not in named:
-                            named[d] = fresh(d)
-                    args.append([named[d] if isinstance(d, str) else d for d in values[i]])
+                    args.append([symint(d) for d in values[i]])
                     continue
                 if c is None and i in opdef.value_inputs and t is not None:
                     return None  # a shape-like input only known at run time
@@ -206,11 +219,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                             continue
                         return None
                     t = TensorType(DType.from_torch(c.dtype), tuple(c.shape))
-                dims = []
-                for d in t.shape:
-                    if isinstance(d, str) and d not in named:
-                        named[d] = fresh(d)
-                    dims.append(d if isinstance(d, int) else named[d] if isinstance(d, str) else fresh(None))
+                dims = [fresh(None) if d is None else symint(d) for d in t.shape]
                 args.append(torch.empty(dims, dtype=t.dtype.torch))  # type: ignore[union-attr]
         try:
             # outside the mode first: ops on fake inputs still run fake, while reading a value input (a
@@ -226,7 +235,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
         return None
     outs = list(out) if isinstance(out, tuple) else [out]
     tainted = _assumed_equal(env)
-    return [_type_of(o, names, tainted, env) for o in outs]
+    return [_type_of(o, names, tainted, env, _assumed_equal(env, 1)) for o in outs]
 
 
 def _tighten(e: Any, env: Any) -> Any:
@@ -256,21 +265,22 @@ def _sign(d: Any, env: Any) -> int:
     return 0
 
 
-def _assumed_equal(env: Any) -> set[Any]:
-    """Symbols of the run-time assertions torch made to equate two dims (instead of deciding)."""
+def _assumed_equal(env: Any, least: int = 2) -> set[Any]:
+    """Symbols of the run-time assertions torch made to equate two dims (instead of deciding), those with at least
+    `least` symbols; with 1, also `Eq(seq - 1 + 1, seq)`-like ones, which a derived dim must not rest on."""
     import sympy
     out: set[Any] = set()
     for asserts in getattr(env, "deferred_runtime_asserts", {}).values():
         for ra in asserts:
             e = ra.expr
-            if isinstance(e, sympy.Eq) and len(e.free_symbols) >= 2:
+            if isinstance(e, sympy.Eq) and len(e.free_symbols) >= least:
                 out |= e.free_symbols
     for s, r in getattr(env, "replacements", {}).items():  # a symbol torch learned equals an expression
         out |= {s} | set(getattr(r, "free_symbols", ()))
     return out
 
 
-def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) -> TensorType:
+def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any, asserted: set[Any]) -> TensorType:
     if not isinstance(o, torch.Tensor):
         return TensorType(None, None)
     dt = element_type(o)
@@ -284,9 +294,43 @@ def _type_of(o: Any, names: dict[Any, str | None], tainted: set[Any], env: Any) 
             dims.append(int(e))
         elif e.free_symbols & tainted:
             dims.append(None)
+        elif e in names:
+            dims.append(names[e])
+        elif not e.free_symbols & asserted and all(names.get(s) is not None for s in e.free_symbols):
+            # derived from named dims only, resting on no assumption
+            dims.append(DimExpr.make(e.xreplace({s: sym(names[s]) for s in e.free_symbols})))  # type: ignore[arg-type]
         else:
-            dims.append(names.get(e))
+            dims.append(None)
     return TensorType(dt, tuple(dims))
+
+
+def _to_symint(e: Any, leaf: Any) -> Any:
+    """A DimExpr's sympy tree as torch symbolic-int arithmetic; `leaf(name)` gives a named dim's symbolic int."""
+    kind = type(e).__name__
+    if e.is_Integer:
+        return int(e)
+    if e.is_Symbol:
+        return leaf(str(e))
+    args = [_to_symint(a, leaf) for a in e.args]
+    if kind == "Add":
+        out = args[0]
+        for a in args[1:]:
+            out = out + a
+        return out
+    if kind == "Mul":
+        out = args[0]
+        for a in args[1:]:
+            out = out * a
+        return out
+    if kind == "FloorDiv":
+        return args[0] // args[1]
+    if kind in ("Mod", "PythonMod"):
+        return args[0] % args[1]
+    if kind == "Min":
+        return functools.reduce(torch.sym_min, args)
+    if kind == "Max":
+        return functools.reduce(torch.sym_max, args)
+    raise ValueError(f"dim expression {e}: no symbolic form for {kind}")
 
 
 def _ranks_only(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],

@@ -16,7 +16,9 @@ from kiln.plan.schema import (DTYPES, KINDS, MAX_DIM, MAX_ITEMS, MAX_OPSET, MAX_
 
 
 def type_to_json(t: TensorType) -> dict[str, Any]:
-    return {"dtype": t.dtype.value if t.dtype else None, "shape": None if t.shape is None else list(t.shape)}
+    # a derived dim (kiln.ir.dims.DimExpr) is stored unknown: loading re-derives it
+    return {"dtype": t.dtype.value if t.dtype else None,
+            "shape": None if t.shape is None else [d if isinstance(d, (int, str)) else None for d in t.shape]}
 
 
 def type_from_json(d: Any, path: str = "type") -> TensorType:

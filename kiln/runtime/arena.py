@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from kiln.errors import KilnError
+from kiln.ir.dims import dim_resolvable, dim_size
 from kiln.ir.types import TensorType
 from kiln.plan.memory import ALIGN, Buffer, plan_memory
 
@@ -117,7 +118,7 @@ class ActivationArena:
         return out, alt, arena
 
     def _layout(self, dims: dict[str, int]) -> tuple[int, list[_Place]]:
-        shapes = {s: tuple(d if isinstance(d, int) else dims[d] for d in spec[0]) for s, spec in self.specs.items()}
+        shapes = {s: tuple(dim_size(d, dims) for d in spec[0]) for s, spec in self.specs.items()}
         bufs = []
         for s, (_, dtype, _, first) in self.specs.items():
             n = dtype.itemsize
@@ -150,4 +151,4 @@ def _limit() -> int:
 def resolvable(t: TensorType | None, symbols: set[str]) -> bool:
     """A type whose shape is known at run time once the graph inputs' symbols are bound."""
     return (t is not None and t.dtype is not None and t.shape is not None
-            and all(isinstance(d, int) or d in symbols for d in t.shape))
+            and all(dim_resolvable(d, symbols) for d in t.shape))

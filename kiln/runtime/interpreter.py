@@ -10,6 +10,7 @@ import torch
 
 from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
+from kiln.ir.dims import dim_size
 from kiln.ir.graph import Graph, Node, Value
 from kiln.plan.elision import Caps, place_all
 from kiln.runtime.arena import KEPT_PER_THREAD, ActivationArena, resolvable
@@ -36,7 +37,7 @@ class _Alloc:
         if self.parent is not None and env is not None:
             buf, axis, start, length = self.parent
             return env[buf].narrow(axis, start, length)
-        shape = [d if isinstance(d, int) else dims[d] for d in self.shape]
+        shape = [dim_size(d, dims) for d in self.shape]
         fmt = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
         return torch.empty(shape, dtype=self.dtype, device=device, memory_format=fmt)
 
@@ -388,7 +389,7 @@ class GraphFunction:
                     return None
                 if kind == "type":
                     shape, dtype = what
-                    return stand_in([d if isinstance(d, int) else dims[d] for d in shape], dtype)
+                    return stand_in([dim_size(d, dims) for d in shape], dtype)
                 x = inputs[what] if kind == "input" else outer[what]
                 return stand_in(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x
             for fn, srcs, outs in self._prologue:

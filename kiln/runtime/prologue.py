@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from kiln.ir.dims import dim_resolvable
 from kiln.ir.graph import Graph
 
 SHAPE_OPS = frozenset({"Shape", "Size"})
@@ -43,7 +44,7 @@ def shape_prologue(graph: Graph, symbols: set[str], skip: set[int] | frozenset[i
             x = n.input(0)
             t = x.type if x is not None else None
             take = (t is not None and t.shape is not None
-                    and all(isinstance(d, int) or d in symbols for d in t.shape))
+                    and all(dim_resolvable(d, symbols) for d in t.shape))
         else:
             ins = [v for v in n.inputs if v is not None]
             take = bool(ins) and all(v.is_const or id(v) in only for v in ins) and any(id(v) in only for v in ins)

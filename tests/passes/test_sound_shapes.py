@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.builder import Builder, BuilderConfig, OptimizationProfile
 from kiln.frontend.onnx import load_onnx
+from kiln.ir.dims import DimExpr
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
@@ -109,7 +110,9 @@ def test_derived_dims_from_reshape_and_concat() -> None:
     import torch
     x = Value("x", TensorType(F32, ("N", 3, "H", "W")))
     r = Node("Reshape", [x, Value("s", const=torch.tensor([0, -1]))], [Value("y")], name="r", opset=17)
-    assert infer_node(r)[0].shape == ("N", None)
+    n, hw = infer_node(r)[0].shape
+    assert n == "N" and isinstance(hw, DimExpr) and hw.symbols == {"H", "W"}
+    assert hw.evaluate({"N": 2, "H": 5, "W": 7}) == 105  # 3 * H * W, for every H and W
     cat = Node("Concat", [x, Value("z", TensorType(F32, ("N", 5, "H", "W")))], [Value("c")], {"axis": 1},
                name="cat", opset=17)
     assert infer_node(cat)[0].shape == ("N", 8, "H", "W")
@@ -134,8 +137,11 @@ def test_profile_ranges_bound_the_symbols() -> None:
                           Value("a", const=torch.tensor([1]))], [Value("y")], name="last", opset=13)
     head = Node("Slice", [x, Value("s", const=torch.tensor([0])), Value("e", const=torch.tensor([7])),
                           Value("a", const=torch.tensor([1]))], [Value("y")], name="head", opset=13)
-    assert infer_node(last)[0].shape == ("N", None, 64)  # L may be 0: then the slice is empty
-    assert infer_node(head)[0].shape == ("N", None, 64)  # min(7, L)
+    # unbounded, L may be 0 (then the slice is empty): derived dims, exact for every L
+    (n, d_last, c), (_, d_head, _) = infer_node(last)[0].shape, infer_node(head)[0].shape
+    assert (n, c) == ("N", 64) and isinstance(d_last, DimExpr) and isinstance(d_head, DimExpr)
+    for L in (0, 1, 5, 7, 300):
+        assert d_last.evaluate({"L": L}) == min(L, 1) and d_head.evaluate({"L": L}) == min(L, 7)
     bounds = profile_bounds([(("N", "L", 64), [((1, 8, 64), (4, 128, 64))]), (("N",), [((2,), (3,))])])
     assert bounds == {"N": (2, 3), "L": (8, 128)}
     with symbol_bounds(bounds):
@@ -276,7 +282,7 @@ def _shape_dim(x: Value, axis: int, tag: str) -> Value:
 
 def test_run_time_slice_end_from_a_shape_chain_keeps_the_symbol_where_the_profile_proves_it() -> None:
     """BERT's position ids: Slice(ids[1, 512], 0, x.size(1)) has x's sequence dim when seq <= 512 is proven
-    (the profile's range), and an unknown dim otherwise (min(seq, 512))."""
+    (the profile's range), and the derived dim min(seq, 512) otherwise."""
     import torch
     from kiln.ops.symbolic import symbol_bounds
     x = Value("x", TensorType(DType.INT64, ("B", "S")))
@@ -284,11 +290,15 @@ def test_run_time_slice_end_from_a_shape_chain_keeps_the_symbol_where_the_profil
     end = _shape_dim(x, 1, "seq")
     sl = Node("Slice", [ids, Value("s0", const=torch.tensor([0])), end, Value("a1", const=torch.tensor([1]))],
               [Value("pos")], name="pos", opset=13)
-    assert infer_node(sl)[0] == TensorType(DType.INT64, (1, None))
+    def dim() -> DimExpr:
+        (t,) = infer_node(sl)
+        assert t.dtype == DType.INT64 and t.shape[0] == 1 and isinstance(t.shape[1], DimExpr), t
+        return t.shape[1]
+    assert [dim().evaluate({"S": s}) for s in (1, 511, 512, 513, 4000)] == [1, 511, 512, 512, 512]
     with symbol_bounds({"S": (1, 512)}):
         assert infer_node(sl)[0] == TensorType(DType.INT64, (1, "S"))
     with symbol_bounds({"S": (1, 513)}):
-        assert infer_node(sl)[0] == TensorType(DType.INT64, (1, None))
+        assert dim().evaluate({"S": 513}) == 512
 
 
 def test_expand_to_a_guarded_shape_chain() -> None:
@@ -371,3 +381,60 @@ def test_a_loaded_plan_proves_profile_bounded_dims_as_the_build_did() -> None:
     got = engine.create_execution_context().execute({"ids": torch.from_numpy(ids)})["y"]
     want = run_oracle(model, {"ids": ids})[0]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+def _trigram_model(rng: np.random.Generator, e: int, hidden: int) -> "onnx.ModelProto":
+    """MobileBERT's embedding trigram: cat(pad(x[:, 1:], end), x, pad(x[:, :-1], start)) over [B, S, E], then a
+    [3E, H] projection and a per-head reshape to [B*heads, S, H/heads] and back (each a derived dim of B and S)."""
+    big = 2 ** 62
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits = [ints("one", [1]), ints("big", [big]), ints("minus1", [-1]), ints("zero", [0]), ints("ax1", [1]),
+             ints("pad_end", [0, 0, 0, 0, 1, 0]), ints("pad_start", [0, 1, 0, 0, 0, 0]),
+             ints("heads", [-1, hidden // 4, 0]), ints("back", [-1, hidden, 0]),
+             numpy_helper.from_array(rng.standard_normal((3 * e, hidden)).astype(np.float32) * 0.2, "w")]
+    nodes = [
+        helper.make_node("Slice", ["x", "one", "big", "ax1"], ["tail"]),       # S - 1
+        helper.make_node("Pad", ["tail", "pad_end"], ["a"]),                   # S again
+        helper.make_node("Slice", ["x", "zero", "minus1", "ax1"], ["head"]),   # S - 1
+        helper.make_node("Pad", ["head", "pad_start"], ["c"]),
+        helper.make_node("Concat", ["a", "x", "c"], ["t"], axis=2),
+        helper.make_node("MatMul", ["t", "w"], ["h"]),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),          # [B, H, S]
+        helper.make_node("Reshape", ["ht", "heads"], ["split"]),               # [4*B, H/4, S]
+        helper.make_node("Relu", ["split"], ["r"]),
+        helper.make_node("Reshape", ["r", "back"], ["rb"]),                    # [B, H, S]
+        helper.make_node("Transpose", ["rb"], ["merged"], perm=[0, 2, 1]),     # [B, S, H]
+        helper.make_node("Shape", ["merged"], ["shp"]),
+        helper.make_node("Gather", ["shp", "ax1"], ["s_len"], axis=0),
+        helper.make_node("Cast", ["s_len"], ["s_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["merged", "s_f"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "trigram", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", e])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_derived_dims_come_back_exact_and_run_at_every_shape() -> None:
+    """x[:, 1:] is S - 1 and padding it by one gives S again, proven; B*4 rows reshaped back give B: every layer
+    after them keeps its dims (tactics, arena slots), and the plan runs right at shapes it was not tuned at."""
+    rng = np.random.default_rng()
+    m = _trigram_model(rng, 16, 32)
+    g = load_onnx(m, Logger())
+    from kiln.ops.infer import infer_types
+    from kiln.ops.symbolic import symbol_bounds
+    with symbol_bounds({"B": (1, 4), "S": (2, 64)}):
+        infer_types(g, Logger())
+    types = {v.name: v.type.shape for v in g.values() if not v.is_const}
+    assert types["tail"][1] == DimExpr.make(types["tail"][1].expr) and types["tail"][1].symbols == {"S"}
+    assert types["a"] == ("B", "S", 16) and types["t"] == ("B", "S", 48) and types["h"] == ("B", "S", 32)
+    assert isinstance(types["split"][0], DimExpr) and types["merged"] == ("B", "S", 32), types
+    assert types["y"] == ("B", "S", 32)
+    prof = OptimizationProfile().set_shape("x", (1, 2, 16), (2, 9, 16), (4, 64, 16))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
+    assert all(s["op"] != "MatMul" or s["tactic"] != "ref" for s in plan.graph["steps"]), plan.graph["steps"]
+    ctx = Engine(plan).create_execution_context()
+    for b, s in ((2, 9), (1, 2), (3, int(rng.integers(3, 64))), (4, 64)):
+        x = rng.standard_normal((b, s, 16)).astype(np.float32)
+        got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
+        assert got.shape == want.shape == (b, s, 32)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -1,0 +1,89 @@
+"""Derived dimensions: a dim that is an integer expression of input symbols, such as `seq - 1` or `2*batch`.
+
+Type inference (kiln.ops.symbolic) runs ops on symbolic sizes; an output dim that comes out as an expression
+of the input symbols (a Slice [1:] of a sequence, a Flatten of [batch, seq], a stride-2 convolution's
+`(h - 1)//2 + 1`) is a `DimExpr`, proven for every value of its symbols. Arithmetic on it stays exact:
+`Pad(Slice(x)[1:])` is `seq` again, `Reshape(2*batch) -> //2` is `batch`. At run time the bound symbols give
+its value (`dim_size`), so the arena, the shape prologue and tactic shapes treat it like a symbol.
+
+Plans store a derived dim as unknown (null): loading re-derives it by the same inference, so the plan format
+carries no expressions to parse. The expressions are sympy trees of integer symbols with torch's FloorDiv /
+Mod / Min / Max (torch.utils._sympy.functions), the forms torch's symbolic shapes produce.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import sympy
+
+from kiln.errors import KilnError
+
+_ALLOWED = {"Add", "Mul", "Integer", "Symbol", "FloorDiv", "Mod", "PythonMod", "Min", "Max", "NegativeOne",
+            "One", "Zero"}
+
+
+class DimExpr:
+    """An integer expression of named input dims (sympy, integer symbols); equal when the expressions are."""
+
+    __slots__ = ("expr", "text", "symbols")
+
+    def __init__(self, expr: sympy.Expr) -> None:
+        self.expr = expr
+        self.text = str(expr)
+        self.symbols = frozenset(str(s) for s in expr.free_symbols)
+
+    @staticmethod
+    def make(expr: Any) -> "int | str | DimExpr | None":
+        """The dim for a sympy expression over symbols named as Kiln dims: an int, the symbol's name, a DimExpr,
+        or None where the expression uses a function Kiln does not evaluate."""
+        if expr.is_Integer:
+            return int(expr)
+        if expr.is_Symbol:
+            return str(expr)
+        if not expr.free_symbols or any(type(a).__name__ not in _ALLOWED for a in sympy.preorder_traversal(expr)):
+            return None
+        return DimExpr(expr)
+
+    def evaluate(self, dims: Mapping[str, int]) -> int:
+        try:
+            v = self.expr.xreplace({s: sympy.Integer(dims[str(s)]) for s in self.expr.free_symbols})
+        except KeyError as e:
+            raise KilnError(f"dim {self.text}: symbol {e} is not bound") from None
+        if not v.is_Integer:
+            raise KilnError(f"dim {self.text} does not evaluate to an integer at {dict(dims)}")
+        return int(v)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DimExpr) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(("DimExpr", self.text))
+
+    def __str__(self) -> str:
+        return self.text.replace(" ", "")
+
+    def __repr__(self) -> str:
+        return f"DimExpr({self.text})"
+
+
+def sym(name: str) -> sympy.Symbol:
+    """The sympy symbol standing for a named input dim."""
+    return sympy.Symbol(name, integer=True, nonnegative=True)
+
+
+def dim_size(d: Any, dims: Mapping[str, int]) -> int:
+    """A dim's size once the input symbols are bound (`dims`)."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, DimExpr):
+        return d.evaluate(dims)
+    return dims[d]
+
+
+def dim_resolvable(d: Any, symbols: Iterable[str] | set[str]) -> bool:
+    """Whether a dim's size is known once these symbols are bound."""
+    if isinstance(d, int):
+        return True
+    if isinstance(d, DimExpr):
+        return d.symbols <= set(symbols)
+    return d is not None and d in symbols
