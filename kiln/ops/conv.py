@@ -166,21 +166,66 @@ class WindowOp(OpDef):
         outs = infer_by_meta(self, node, [probe, *types[1:]], consts)
         strides = window_ints(node, "strides", nd, 1)
         fixed = node.op_type == "ConvTranspose" and node.attr("output_shape", None)
+        exact = None if fixed else _window_dims(node, types, consts, nd, list(x.shape[2:]))
         result = []
         for o in outs:
             if o.shape is None or len(o.shape) != nd + 2:
                 result.append(TensorType(o.dtype, None if o.shape is None else (None,) * len(o.shape)))
                 continue
             spatial: list[Dim] = []
-            for d, s, n in zip(o.shape[2:], strides, x.shape[2:]):
+            for k, (d, s, n) in enumerate(zip(o.shape[2:], strides, x.shape[2:])):
                 if fixed and isinstance(d, int):
                     spatial.append(d)
+                elif exact is not None and exact[k] is not None:
+                    spatial.append(exact[k])
                 elif s == 1 and d == _PROBE:
                     spatial.append(n)
                 else:
                     spatial.append(None)
             result.append(TensorType(o.dtype, tuple(o.shape[:2]) + tuple(spatial)))
         return result
+
+
+def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequence[Tensor | None], nd: int,
+                 sizes: list[Dim]) -> list[Dim] | None:
+    """Each spatial output dim of a convolution or pool as the definition's exact expression of its input dim:
+    floor((n + pads - dilation * (k - 1) - 1) / stride) + 1, or ceil(n / stride) for SAME padding (a derived dim,
+    kiln.ir.dims, where n is symbolic). None where the geometry is not read here: ConvTranspose, ceil_mode with a
+    stride, a kernel size not in the attributes or a static weight."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from kiln.ir.dims import DimExpr, sym
+    if node.op_type == "ConvTranspose":
+        return None
+    kernel = node.attr("kernel_shape", None)
+    if not kernel:
+        w = _WEIGHT_INPUT.get(node.op_type)
+        wt = types[w] if w is not None and w < len(types) else None
+        if wt is None or wt.shape is None or len(wt.shape) != nd + 2 or not all(isinstance(d, int) for d in wt.shape):
+            return None
+        kernel = list(wt.shape[2:])
+    kernel = check_window_ints(node, "kernel_shape", list(kernel), nd)
+    strides, dilations = strides_dilations(node, nd)
+    pads = window_ints(node, "pads", nd, 0)
+    auto = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    ceil = bool(node.attr("ceil_mode", 0))
+    out: list[Dim] = []
+    for i, n in enumerate(sizes):
+        if n is None:
+            out.append(None)
+            continue
+        e = sympy.Integer(n) if isinstance(n, int) else n.expr if isinstance(n, DimExpr) else sym(n)  # type: ignore
+        s, extent = strides[i], dilations[i] * (kernel[i] - 1) + 1
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(DimExpr.make(FloorDiv(e + s - 1, s)))
+            continue
+        if ceil and s != 1:
+            out.append(None)
+            continue
+        span = e - extent + (0 if auto == "VALID" else pads[i] + pads[i + nd])
+        out.append(DimExpr.make(FloorDiv(span, s) + 1))
+    return out
 
 
 def strides_dilations(node: Node, nd: int) -> tuple[list[int], list[int]]:

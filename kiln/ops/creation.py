@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
+from kiln.ir.dims import DimExpr
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.ir.types import TensorType
@@ -163,6 +164,11 @@ class ConstantOfShape(OpDef):
         dtype = DType.from_torch(value.dtype) if value is not None else DType.FLOAT32
         t = types[0]
         rank = t.shape[0] if t is not None and t.shape is not None and len(t.shape) == 1 else None
+        from kiln.ops.shape_values import shape_entries
+        e = shape_entries(node.input(0))
+        if e is not None and not e[1] and (rank is None or len(e[0]) == rank) \
+                and not any(isinstance(d, int) and d < 0 for d in e[0]):  # a shape chain's dims
+            return [TensorType(dtype, tuple(e[0]))]
         return [TensorType(dtype, (None,) * rank if isinstance(rank, int) else None)]
 
     def compute(self, node: Node, shape: Tensor) -> Tensor:
@@ -213,7 +219,7 @@ class Range(OpDef):
                 or delta.numel() != 1 or int(start.reshape(())) != 0 or int(delta.reshape(())) != 1:
             return None
         e = shape_entries(node.input(1))
-        return e[0][0] if e is not None and e[1] and len(e[0]) == 1 and isinstance(e[0][0], str) else None
+        return e[0][0] if e is not None and e[1] and len(e[0]) == 1 and isinstance(e[0][0], (str, DimExpr)) else None
 
     def compute(self, node: Node, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
         dtype, dev = start.dtype, start.device

@@ -287,6 +287,25 @@ def _nonempty(v: Any) -> bool:
     return shape is None or 0 not in shape
 
 
+def _scaled(d: Any, scale: float) -> Any:
+    """floor(d * scale) for a symbolic dim, as a derived dim (kiln.ir.dims) where the float32 scale is exactly a
+    fraction p/q with a small denominator (2.0, 0.5, 1.5): (d * p) // q; else unknown."""
+    import fractions
+
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from kiln.ir.dims import DimExpr, sym
+    if d is None or not scale > 0:
+        return None
+    f = fractions.Fraction(scale)
+    if f.denominator > 1024:
+        return None
+    e = d.expr if isinstance(d, DimExpr) else sym(d)
+    return DimExpr.make(FloorDiv(e * f.numerator, sympy.Integer(f.denominator)) if f.denominator > 1
+                        else e * f.numerator)
+
+
 @register
 class Resize(OpDef):
     op_type = "Resize"
@@ -307,6 +326,18 @@ class Resize(OpDef):
         if x is None or x.shape is None or all(isinstance(d, int) for d in x.shape):
             return infer_by_meta(self, node, types, consts)
         r = len(x.shape)
+        if node.opset >= 11 and len(node.inputs) > 3 and node.input(3) is not None and consts[3] is None \
+                and node.attr("keep_aspect_ratio_policy", "stretch") == "stretch":
+            from kiln.ops.shape_values import shape_entries
+            e = shape_entries(node.input(3))  # sizes a shape chain computes (Concat(Shape(x)[:2], [224, 224]))
+            try:
+                axes = [norm_axis(a, r) for a in node.attr("axes") or range(r)]
+            except Exception:
+                return [TensorType(x.dtype, (None,) * r)]
+            if e is not None and not e[1] and len(e[0]) == len(axes) \
+                    and not any(isinstance(d, int) and d < 0 for d in e[0]):
+                at = dict(zip(axes, e[0]))
+                return [TensorType(x.dtype, tuple(at.get(a, d) for a, d in enumerate(x.shape)))]
         probe = TensorType(x.dtype, tuple(d if isinstance(d, int) else 4099 for d in x.shape))
         (o,) = infer_by_meta(self, node, [probe, *types[1:]], consts)[:1]
         if o.shape is None or len(o.shape) != r:
@@ -330,7 +361,7 @@ class Resize(OpDef):
             elif sizes:
                 dims.append(None if coupled else o.shape[a])
             else:
-                dims.append(o.shape[a] if isinstance(d, int) else None)
+                dims.append(o.shape[a] if isinstance(d, int) else _scaled(d, scales[a]))
         return [TensorType(o.dtype, tuple(dims))]
 
     def compute(self, node: Node, x: Tensor, *rest: Tensor | None) -> Tensor:

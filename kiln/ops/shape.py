@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
+from kiln.ir.dims import DimExpr, sym
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
@@ -72,11 +73,13 @@ def _derived(have: list[int | str | None], other: list[int | str | None]) -> int
     ([batch, seq, 768] to [batch, seq, -1, 64]: 12), else None."""
     if any(d is None for d in have + other):
         return None
+    if any(isinstance(d, DimExpr) for d in have + other):
+        return _derived_expr(have, other)
     left = [d for d in have if isinstance(d, str)]
     for d in other:
         if isinstance(d, str):
             if d not in left:
-                return None
+                return _derived_expr(have, other)
             left.remove(d)
     n = math.prod(d for d in have if isinstance(d, int))
     m = math.prod(d for d in other if isinstance(d, int))
@@ -84,7 +87,22 @@ def _derived(have: list[int | str | None], other: list[int | str | None]) -> int
         return None
     if not left:
         return n // m
-    return left[0] if len(left) == 1 and n == m else None
+    return left[0] if len(left) == 1 and n == m else _derived_expr(have, other)
+
+
+def _derived_expr(have: list[Any], other: list[Any]) -> Any:
+    """_derived where derived dims take part: the quotient of the two products when it is a polynomial with
+    integer coefficients (exact for every value of the symbols), else None."""
+    import sympy
+
+    def expr(d: Any) -> Any:
+        return sympy.Integer(d) if isinstance(d, int) else d.expr if isinstance(d, DimExpr) else sym(d)
+    q = sympy.cancel(math.prod((expr(d) for d in have), start=sympy.Integer(1))
+                     / math.prod((expr(d) for d in other), start=sympy.Integer(1)))
+    num, den = sympy.fraction(q)
+    if den != 1 or not all(a.is_Integer for a in num.atoms(sympy.Rational)):
+        return None
+    return DimExpr.make(sympy.expand(num))
 
 
 @register

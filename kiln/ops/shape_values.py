@@ -10,11 +10,15 @@ so the plan loader's type re-inference can use it.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import sympy
 import torch
 
+from kiln.ir.dims import DimExpr
 from kiln.ir.graph import Node, Value, is_op
 
-Dim = int | str | None
+Dim = int | str | DimExpr | None
 
 
 def _ints(v: Value | None) -> list[int] | None:
@@ -59,8 +63,8 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
         if n is None or n[1] or len(n[0]) != 1 or not isinstance(n[0][0], int) or not isinstance(value, int):
             return None
         return [value] * n[0][0], False
-    if is_op(p, "Mul"):
-        return _mul_entries(p, depth)
+    if is_op(p, "Mul", "Add", "Sub", "Div"):
+        return _arith_entries(p, depth)
     if is_op(p, "Gather", "Slice", "Unsqueeze", "Concat", "Squeeze"):
         src = shape_entries(p.input(0), depth + 1)
         if src is None:
@@ -107,8 +111,10 @@ def _broadcast(e: list[Dim], n: int) -> list[Dim] | None:
     return e * n if len(e) == 1 else e if len(e) == n else None
 
 
-def _mul_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
-    """Elementwise product of two shape vectors: ints multiply, a symbol survives only a factor of 1."""
+def _arith_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
+    """Elementwise Mul / Add / Sub / Div of two shape vectors: ints compute, a symbol or a derived dim gives a
+    derived dim (kiln.ir.dims: `Shape(x)[0] * 64` is `64*batch`); Div only by a positive constant (dims are
+    never negative, so ONNX's truncating division is the floor); a result that could be negative is unknown."""
     a, b = shape_entries(p.input(0), depth + 1), shape_entries(p.input(1), depth + 1)
     if a is None or b is None:
         return None
@@ -118,13 +124,45 @@ def _mul_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
         return None
     out: list[Dim] = []
     for x, y in zip(ea, eb):
-        if isinstance(x, int) and isinstance(y, int):
-            out.append(x * y)
-        elif x == 1 or y == 1:
-            out.append(y if x == 1 else x)
-        else:
+        if x is None or y is None:
             return None
+        if isinstance(x, int) and isinstance(y, int):
+            if is_op(p, "Div") and y == 0:
+                return None
+            out.append(x * y if is_op(p, "Mul") else x + y if is_op(p, "Add") else x - y if is_op(p, "Sub")
+                       else int(x / y))  # ONNX integer Div truncates
+            continue
+        d = _derived(p, x, y)
+        if d is None:
+            return None
+        out.append(d)
     return out, a[1] and b[1]
+
+
+def _derived(p: Node, x: Dim, y: Dim) -> Dim:
+    """x op y with a symbolic side, as a dim (int, symbol, DimExpr) or None."""
+    from torch.utils._sympy.functions import FloorDiv
+
+    from kiln.ir.dims import DimExpr, sym
+
+    def expr(d: Dim) -> Any:
+        return sympy.Integer(d) if isinstance(d, int) else d.expr if isinstance(d, DimExpr) else sym(d)  # type: ignore
+    ex, ey = expr(x), expr(y)
+    if is_op(p, "Mul"):
+        if (isinstance(x, int) and x < 0) or (isinstance(y, int) and y < 0):
+            return None
+        e = ex * ey
+    elif is_op(p, "Add"):
+        if (isinstance(x, int) and x < 0) or (isinstance(y, int) and y < 0):
+            return None
+        e = ex + ey
+    elif is_op(p, "Sub"):
+        return None if not isinstance(y, int) or y > 0 else DimExpr.make(ex - ey)  # x - 0 or x + k
+    else:
+        if not isinstance(y, int) or y <= 0 or (isinstance(x, int) and x < 0):
+            return None
+        e = FloorDiv(ex, ey)
+    return DimExpr.make(e)
 
 
 def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
@@ -148,7 +186,7 @@ def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:
             return None
         if isinstance(d, int):
             out.append(x if d == k else y)
-        elif isinstance(d, str) and k < 0:
+        elif (isinstance(d, str) or isinstance(d, DimExpr)) and k < 0:  # dims are never negative
             out.append(y)
         else:
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from kiln.ir.dims import DimExpr
 from kiln.ir.graph import Graph, Node, Value
 from kiln.passes.base import Pass, PassContext
 from kiln.ops.shape_values import shape_entries
@@ -106,7 +107,8 @@ class SimplifyShapes(Pass):
         for j, d in enumerate(e[0]):
             if isinstance(d, int):
                 target.append(d)
-            elif d in bound and j < len(x.type.shape) and x.type.shape[j] == d:
+            elif (d in bound or isinstance(d, DimExpr) and d.symbols <= bound) and j < len(x.type.shape) \
+                    and x.type.shape[j] == d:
                 target.append(0)
             else:
                 return False

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.builder import Builder, BuilderConfig, OptimizationProfile
 from kiln.frontend.onnx import load_onnx
-from kiln.ir.dims import DimExpr
+from kiln.ir.dims import DimExpr, dim_size
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
@@ -51,7 +51,32 @@ def test_strided_frame_count_is_not_typed_static_from_samples() -> None:
     w = Value("w", const=__import__("torch").zeros(4, 1, 256))
     conv = Node("Conv", [x, w], [Value("f")], {"strides": [128]}, name="c", opset=17)
     (t,) = infer_node(conv)
-    assert t.dtype == F32 and t.shape == (1, 4, None), t
+    # 1025 and 1133 samples both give 7 frames: the dim is the definition's expression, never the constant 7
+    assert t.dtype == F32 and t.shape[:2] == (1, 4) and isinstance(t.shape[2], DimExpr), t
+    for n in (256, 383, 1025, 1133, 4096):
+        assert t.shape[2].evaluate({"L": n}) == (n - 256) // 128 + 1
+
+
+@pytest.mark.parametrize("op, attrs, kernel", [
+    ("Conv", {"strides": [2, 2], "pads": [1, 1, 1, 1]}, (3, 3)),
+    ("Conv", {"strides": [2, 3], "pads": [0, 1, 2, 0], "dilations": [2, 1]}, (3, 2)),
+    ("Conv", {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (3, 3)),
+    ("Conv", {"strides": [3, 1], "auto_pad": "VALID"}, (4, 1)),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, None),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, None),
+])
+def test_strided_window_dims_are_exact_expressions(op: str, attrs: dict, kernel: tuple | None) -> None:
+    """A strided convolution or pool over symbolic H, W: its output dims match torch at every size tried."""
+    import torch
+    x = Value("x", TensorType(F32, ("N", 4, "H", "W")))
+    ins = [x] if kernel is None else [x, Value("w", const=torch.randn(6, 4, *kernel))]
+    (t,) = infer_node(Node(op, ins, [Value("y")], attrs, name="p", opset=17))
+    rng = np.random.default_rng()
+    for h, w in [(7, 9), (16, 16), (33, 20)] + [tuple(int(v) for v in rng.integers(8, 70, 2))]:
+        want = infer_node(Node(op, [Value("x", TensorType(F32, (2, 4, h, w))), *ins[1:]], [Value("y")], attrs,
+                               name="p", opset=17))[0].shape
+        got = tuple(dim_size(d, {"H": h, "W": w}) for d in t.shape[2:])
+        assert got == want[2:], (h, w, t, want)
 
 
 def test_branch_on_a_dynamic_frame_count_is_kept_and_both_branches_run() -> None:
@@ -86,15 +111,22 @@ def test_non_positive_dim_value_imports_as_dynamic(dim: int) -> None:
 
 @pytest.mark.parametrize("op,attrs,want", [
     ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}, ("N", 8, "H", "W")),
-    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, ("N", 8, None, None)),
-    ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1]}, ("N", 8, None, None)),
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, ("N", 8, lambda h: h // 2, lambda h: h // 2)),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1]}, ("N", 8, lambda h: h - 2, lambda h: h - 2)),
     ("AveragePool", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER"}, ("N", 8, "H", "W")),
-    ("AveragePool", {"kernel_shape": [3, 1], "strides": [2, 1], "pads": [1, 0, 1, 0]}, ("N", 8, None, "W")),
+    ("AveragePool", {"kernel_shape": [3, 1], "strides": [2, 1], "pads": [1, 0, 1, 0]}, ("N", 8, lambda h: (h - 1) // 2 + 1, "W")),
 ])
 def test_window_ops_keep_a_spatial_symbol_only_where_proven(op: str, attrs: dict, want: tuple) -> None:
+    """Kept exactly where the window keeps the size; otherwise the definition's expression (a derived dim)."""
     x = Value("x", TensorType(F32, ("N", 8, "H", "W")))
     (t,) = infer_node(Node(op, [x], [Value("y")], attrs, name="p", opset=17))
-    assert t.shape == want and t.dtype == F32, t
+    assert t.dtype == F32 and len(t.shape) == 4, t
+    for d, w in zip(t.shape, want):
+        if isinstance(d, DimExpr):
+            for h in (5, 8, 13):  # the expression, evaluated where H and W are h
+                assert d.evaluate({"H": h, "W": h}) == w(h), (t, want)
+        else:
+            assert d == w, (t, want)
 
 
 def test_broadcast_against_an_unknown_dim_does_not_claim_the_symbol() -> None:
@@ -123,7 +155,12 @@ def test_resize_dims_follow_the_definition() -> None:
     x = Value("x", TensorType(F32, ("N", 8, "H", 10)))
     scales = Value("sc", const=torch.tensor([1.0, 1.0, 2.0, 2.0]))
     r = Node("Resize", [x, None, scales], [Value("y")], {"mode": "nearest"}, name="r", opset=13)
-    assert infer_node(r)[0].shape == ("N", 8, None, 20)
+    n, c, h, w = infer_node(r)[0].shape
+    assert (n, c, w) == ("N", 8, 20) and isinstance(h, DimExpr) and h.evaluate({"H": 13}) == 26  # floor(2 H)
+    half = Node("Resize", [x, None, Value("sc2", const=torch.tensor([1.0, 1.0, 0.5, 1.5]))], [Value("y")],
+                {"mode": "nearest"}, name="r2", opset=13)
+    _, _, h2, w2 = infer_node(half)[0].shape
+    assert [h2.evaluate({"H": k}) for k in (7, 8, 9)] == [3, 4, 4] and w2 == 15  # floor(H / 2), floor(1.5 * 10)
     sizes = Value("sz", const=torch.tensor([1, 8, 32, 32]))
     r = Node("Resize", [x, None, None, sizes], [Value("y")], {"mode": "nearest"}, name="r", opset=13)
     assert infer_node(r)[0].shape == (1, 8, 32, 32)
