@@ -231,6 +231,14 @@ def _tv_det(fn: str) -> Callable[[], Any]:
         import torch
         _seed()
         net = getattr(tv.models.detection, fn)(weights=None, weights_backbone=None).eval()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # torchvision's initialisation gives the same detections for any image: redraw
+            a, b = (net([torch.rand(3, 320, 320, generator=gen)])[0] for _ in range(2))
+            if torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"]):
+                for mod in net.modules():
+                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                        fan_in = mod.weight[0].numel()
+                        mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
 
         class Det(torch.nn.Module):  # one image [3,H,W] in; boxes, scores, labels out (torchvision's ONNX form)
             def __init__(self) -> None:
