@@ -20,7 +20,8 @@ from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColu
 from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
 from kiln.passes.quantize import FoldWeightDequantize
-from kiln.passes.recognise import RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm
+from kiln.passes.recognise import (RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm,
+                                   RecogniseRMSNorm)
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
@@ -43,11 +44,12 @@ def default_pipeline() -> list[Pass]:
         # loop bodies: work that reads only outer values and constants runs once, before the loop
         HoistLoopInvariants(),
         InferTypes(),  # shapes folded to constants now: symbolic dims and types reach more values
-        # exporters' decompositions back to single ops: GELU and HardSwish become gemm/conv epilogues, LayerNorm one
+        # exporters' decompositions back to single ops: GELU and HardSwish become gemm/conv epilogues, LayerNorm and RMSNorm one
         # kernel, a channel shuffle (Reshape / Transpose / Reshape) one copy into the channels-last layout
         RecogniseGelu(),
         RecogniseHardSwish(),
         RecogniseLayerNorm(),
+        RecogniseRMSNorm(),
         RecogniseChannelShuffle(),
         # scaled dot-product attention (MatMul / scale / mask / Softmax / MatMul, heads split and merged) -> one
         # Attention layer, before its MatMuls fuse into gemms and its mask Add into a pointwise program

@@ -372,6 +372,86 @@ class RecogniseLayerNorm(Pass):
         return nodes, ln
 
 
+RMSNORM_OPSET = 23        # the first ai.onnx opset with RMSNormalization
+
+
+class RecogniseRMSNorm(Pass):
+    """Pow(x, 2) (or x * x) / ReduceMean / Add(eps) / Sqrt, then x / sqrt, x * Reciprocal(sqrt) or x * (1 / sqrt)
+    (/ Mul by a constant over the normalized dims) -> one RMSNormalization (Llama, T5, Mistral, Qwen exports)."""
+
+    name = "rmsnorm recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        gone: set[int] = set()
+        for n in list(g.nodes):
+            if id(n) in gone or _reduce_axes(n) is None:
+                continue
+            m = self._match(g, n, uses)
+            if m is None:
+                continue
+            nodes, rms = m
+            gone |= {id(k) for k in nodes}
+            replace_nodes(g, nodes, [rms])
+            ctx.logger.verbose(f"Recognised RMSNorm {rms.name} (axis {rms.attr('axis')}) from {len(nodes)} nodes")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _match(g: Graph, var: Node, uses: Uses) -> tuple[list[Node], Node] | None:
+        sq = var.inputs[0].producer if var.inputs[0] is not None else None
+        if sq is None or uses.only(sq.outputs[0]) is not var or uses.is_output(sq.outputs[0]):
+            return None
+        if is_op(sq, "Pow") and _close(sq.inputs[1], 2.0):
+            x = sq.inputs[0]
+        elif is_op(sq, "Mul") and len(sq.inputs) == 2 and sq.inputs[0] is sq.inputs[1]:
+            x = sq.inputs[0]
+        else:
+            return None
+        axis = _trailing(_reduce_axes(var), x.type.rank if x is not None else None)
+        if x is None or axis is None or not runtime(x) or x.type.dtype is None or not x.type.dtype.is_float:
+            return None
+        add = _only(uses, var.outputs[0], "Add")
+        e = None if add is None else scalar(_operands(add, var.outputs[0]))
+        sqrt = None if add is None else _only(uses, add.outputs[0], "Sqrt")
+        if e is None or sqrt is None or not 0.0 <= e < 1.0:
+            return None
+        nodes = [sq, var, add, sqrt]
+        r = uses.only(sqrt.outputs[0])
+        if is_op(r, "Div") and list(r.inputs) == [x, sqrt.outputs[0]]:
+            nodes.append(r)
+            out = r.outputs[0]
+        else:
+            if is_op(r, "Reciprocal"):
+                inv = r
+            elif is_op(r, "Div") and r.inputs[1] is sqrt.outputs[0] and _close(r.inputs[0], 1.0):
+                inv = r
+            else:
+                return None
+            mul = _only(uses, inv.outputs[0], "Mul")
+            if mul is None or _operands(mul, inv.outputs[0]) is not x:
+                return None
+            nodes += [inv, mul]
+            out = mul.outputs[0]
+        if any(uses.is_output(k.outputs[0]) for k in nodes[:-1]):
+            return None
+        dt = x.type.dtype.torch
+        norm = x.type.shape[axis:] if x.type.shape is not None else None
+        if norm is None or not all(isinstance(k, int) for k in norm):
+            return None
+        gamma = torch.ones(norm, dtype=dt)  # type: ignore[arg-type]
+        m = _affine(out, axis, x, uses, "Mul")
+        if m is not None:
+            nodes.append(m[0])
+            gamma, out = m[1].to(dt), m[0].outputs[0]
+        name = g.unique_name(f"{var.name}_rmsnorm")
+        rms = Node("RMSNormalization", [x, g.constant(f"{name}_scale", gamma)], [out],
+                   {"axis": axis, "epsilon": float(e)}, name=name, opset=RMSNORM_OPSET)
+        return nodes, rms
+
+
 SHUFFLE_PERM = [0, 2, 1, 3, 4]
 _Dim = tuple[int | None, Dim]  # (index of the shuffle input's dim it is, or None; its size: int, symbol or None)
 

@@ -110,6 +110,23 @@ def test_layernorm_fp32_matches_reference(shape, axis, bias) -> None:
         _close(got, _layernorm64(node, x), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,axis", [((3, 7), -1), ((2, 5, 197), -1), ((2, 3000), -1), ((2, 4, 6, 9), -2)])
+def test_rmsnorm_matches_float64(dtype, shape, axis) -> None:
+    """RMSNormalization through the same kernel (RMS: no centring), every config, against the float64 formula."""
+    inner = shape[axis % len(shape):]
+    scale = _rand(*inner, seed=5, scale=0.5, shift=1.0).cpu().to(dtype)
+    node = Node("RMSNormalization", [_x("x", dtype, shape), Value("scale", const=scale)], [_x("y", dtype, shape)],
+                {"axis": axis, "epsilon": 1e-6}, name="rms", opset=23)
+    x = _rand(*shape, seed=7, scale=2.0, shift=0.5, dtype=dtype)
+    dims = list(range(axis % len(shape), len(shape)))
+    xd = x.double()
+    want = xd * torch.rsqrt((xd * xd).mean(dims, keepdim=True) + 1e-6) * scale.double().to(x.device)
+    t = get_tactic(LN)
+    for cfg in range(len(t.configs(node, CTX))):
+        _close(_kernel(LN, node, cfg)(x, None), want, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,axis", [((3, 7), -1), ((2, 3, 768), -1), ((2, 3000), -1), ((2, 4, 6, 9), -2)])
 def test_layernorm_half_types(dtype, shape, axis) -> None:

@@ -223,3 +223,53 @@ def test_hardswish_near_misses_are_left_alone() -> None:
         m = _model(head + form, {**w, **consts}, outs, [1, 8, 6, 6])
         steps = _check(m, rng.standard_normal((1, 8, 6, 6)).astype(np.float32) * 4)
         assert not any(s["attrs"].get("activation") in ("HardSwish", "HardSigmoid") for s in steps)
+
+
+def _rmsnorm(form: str, weighted: bool, opset: int = 17) -> tuple[list, dict[str, np.ndarray]]:
+    """The exporters' RMSNorm: mean(x^2) + eps -> sqrt, then x / sqrt, x * Reciprocal(sqrt) or x * (1 / sqrt)."""
+    sq = helper.make_node("Pow", ["x", "two"], ["sq"]) if form != "mul_div" else helper.make_node("Mul", ["x", "x"], ["sq"])
+    mean = (helper.make_node("ReduceMean", ["sq", "axes"], ["v"]) if opset >= 18 else
+            helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]))
+    out = "n" if weighted else "y"
+    nodes = [sq, mean, helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"])]
+    if form == "reciprocal":
+        nodes += [helper.make_node("Reciprocal", ["sd"], ["r"]), helper.make_node("Mul", ["x", "r"], [out])]
+    elif form == "one_over":
+        nodes += [helper.make_node("Div", ["one", "sd"], ["r"]), helper.make_node("Mul", ["r", "x"], [out])]
+    else:
+        nodes += [helper.make_node("Div", ["x", "sd"], [out])]
+    consts = {"two": _f(2.0), "eps": _f(1e-6), "one": _f(1.0), "axes": np.array([-1], np.int64)}
+    if weighted:
+        nodes.append(helper.make_node("Mul", ["g", "n"], ["y"]))
+    return nodes, consts
+
+
+@pytest.mark.parametrize("form", ["reciprocal", "one_over", "mul_div"])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_decomposed_rmsnorm_is_one_c_layer(form: str, weighted: bool, opset: int) -> None:
+    """Llama / T5 style RMSNorm becomes one RMSNormalization on the C kernel, and matches onnxruntime on the
+    decomposed model at two dynamic shapes."""
+    rng = np.random.default_rng()
+    nodes, consts = _rmsnorm(form, weighted, opset)
+    if weighted:
+        consts["g"] = (rng.standard_normal(H) * 0.5 + 1).astype(np.float32)
+    used = {i for n in nodes for i in n.input}
+    m = _model(nodes, {k: v for k, v in consts.items() if k in used}, ["y"], ["N", "S", H], opset=opset)
+    for shape in ((2, 9, H), (1, 4, H)):
+        x = (rng.standard_normal(shape) * 3 + 0.5).astype(np.float32)
+        steps = _check(m, x, dynamic=True)
+        assert [s["op"] for s in steps] == ["RMSNormalization"] and steps[0]["tactic"] == "cpu.rmsnorm_c", steps
+
+
+def test_rmsnorm_near_misses_are_left_alone() -> None:
+    rng = np.random.default_rng()
+    nodes, consts = _rmsnorm("reciprocal", False)
+    nodes[0] = helper.make_node("Pow", ["x", "four"], ["sq"])  # a fourth power: not a mean square
+    m = _model(nodes, {**consts, "four": _f(4.0)}, ["y"], [2, 5, H])
+    steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32), tol=1e-4)
+    assert "RMSNormalization" not in [s["op"] for s in steps]
+    nodes, consts = _rmsnorm("reciprocal", False)
+    m = _model(nodes, consts, ["y", "sd"], [2, 5, H])  # the root mean square is read outside
+    steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32))
+    assert "RMSNormalization" not in [s["op"] for s in steps]

@@ -28,7 +28,8 @@ PARALLEL_MIN = 16384
 
 
 def library() -> Any:
-    """native/act.c's library (kiln_act, kiln_softmax, kiln_layernorm), or None where no C compiler works."""
+    """native/act.c's library (kiln_act, kiln_softmax, kiln_layernorm, kiln_rmsnorm), or None where no C compiler
+    works."""
     lib = native.load("act")
     if lib is not None and not hasattr(lib, "_kiln_typed"):
         P, L, I = C.c_void_p, C.c_long, C.c_int
@@ -38,6 +39,8 @@ def library() -> Any:
         lib.kiln_softmax.restype = C.c_int
         lib.kiln_layernorm.argtypes = [P, P, P, P, L, L, L, L, C.c_float, I]
         lib.kiln_layernorm.restype = C.c_int
+        lib.kiln_rmsnorm.argtypes = [P, P, P, L, L, L, L, C.c_float, I]
+        lib.kiln_rmsnorm.restype = C.c_int
         lib._kiln_typed = True
     return lib
 

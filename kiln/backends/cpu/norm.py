@@ -115,33 +115,76 @@ class CLayerNormTactic(CpuLayerNormTactic):
         wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
         threads = torch.get_num_threads
 
-        def rows(t: Tensor) -> bool:
-            return t.dtype is torch.float32 and t.dim() >= 1 and t.shape[-1] == n and t.is_contiguous()
+        def run(xp: int, yp: int, count: int) -> int:
+            return ln(xp, yp, wp, bp, count, n, n, n, eps, threads())
+        return _row_kernel(node, n, run, lambda x: F.layer_norm(x, [n], w, b, eps), (w, b))
 
-        def k_ln(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
-            y = torch.empty(x.shape, dtype=x.dtype) if out is None else out
-            if not rows(x) or not rows(y) or y.shape != x.shape:
-                y.copy_(F.layer_norm(x, [n], w, b, eps))
-                return y
-            if ln(x.data_ptr(), y.data_ptr(), wp, bp, x.numel() // n, n, n, n, eps, threads()) != 0:
-                raise KilnError(f"'{node.name}': the LayerNorm kernel failed")
+
+def _row_kernel(node: Node, n: int, run: Any, fallback: Any, keep: tuple[Any, ...]) -> Kernel:
+    """A kernel normalising float32 rows of n with one C call `run(x_ptr, y_ptr, rows) -> status` into the
+    destination (the arena slot), bound where its input and output are the same tensors every call; `fallback(x)`
+    (torch) for a row layout the C loop cannot address (a non-contiguous input)."""
+
+    def rows(t: Tensor) -> bool:
+        return t.dtype is torch.float32 and t.dim() >= 1 and t.shape[-1] == n and t.is_contiguous()
+
+    def k_rows(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
+        y = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+        if not rows(x) or not rows(y) or y.shape != x.shape:
+            y.copy_(fallback(x))
             return y
+        if run(x.data_ptr(), y.data_ptr(), x.numel() // n) != 0:
+            raise KilnError(f"'{node.name}': the {node.op_type} kernel failed")
+        return y
 
-        def bind(args: Any, out: Any) -> Any:
-            x = args[0]
-            if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not rows(x) or not rows(out) \
-                    or out.shape != x.shape:
-                return None
-            xp, yp, count = x.data_ptr(), out.data_ptr(), x.numel() // n
+    def bind(args: Any, out: Any) -> Any:
+        x = args[0]
+        if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not rows(x) or not rows(out) \
+                or out.shape != x.shape:
+            return None
+        xp, yp, count = x.data_ptr(), out.data_ptr(), x.numel() // n
 
-            def bound() -> Tensor:
-                if ln(xp, yp, wp, bp, count, n, n, n, eps, threads()) != 0:
-                    raise KilnError(f"'{node.name}': the LayerNorm kernel failed")
-                return out
-            bound.tensors = (x, out, w, b)  # type: ignore[attr-defined]
-            return bound
-        return Kernel(k_ln, prepacked=frozenset({1, 2}), out_format="contiguous", bind=bind)
+        def bound() -> Tensor:
+            if run(xp, yp, count) != 0:
+                raise KilnError(f"'{node.name}': the {node.op_type} kernel failed")
+            return out
+        bound.tensors = (x, out, *keep)  # type: ignore[attr-defined]
+        return bound
+    return Kernel(k_rows, prepacked=frozenset({1, 2}), out_format="contiguous", bind=bind)
+
+
+class CRMSNormTactic(CLayerNormTactic):
+    """Float32 RMSNormalization over the last axis (exporters' Pow / ReduceMean / Add / Sqrt / Reciprocal / Mul,
+    recognised by passes/recognise.py) as one C call per inference (``kiln_rmsnorm``, native/act.c: one pass for
+    the sum of squares, one to scale), into the arena slot and bound like ``cpu.layernorm_c``."""
+
+    id = "cpu.rmsnorm_c"
+    ops = (("", "RMSNormalization"), ("ai.onnx", "RMSNormalization"))
+
+    def accepts(self, node: Node) -> bool:
+        from kiln.backends.cpu.activation_c import library
+        x = node.inputs[0]
+        if len(node.outputs) != 1 or x is None or x.type.dtype != DType.FLOAT32 or library() is None \
+                or int(node.attr("stash_type", 1)) != 1 or node.outputs[0].type.dtype != DType.FLOAT32:
+            return False
+        return _axis(node) == (x.type.rank or 0) - 1 and _affine(node, 1, self._norm(node)) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        from kiln.backends.cpu.activation_c import library
+        rms = library().kiln_rmsnorm  # type: ignore[union-attr]
+        w = _affine(node, 1, self._norm(node)).float().contiguous()  # type: ignore[union-attr]
+        eps = float(node.attr("epsilon", 1e-5))
+        n, wp = int(w.numel()), w.data_ptr()
+        threads = torch.get_num_threads
+
+        def run(xp: int, yp: int, count: int) -> int:
+            return rms(xp, yp, wp, count, n, n, n, eps, threads())
+
+        def fallback(x: Tensor) -> Tensor:
+            return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+        return _row_kernel(node, n, run, fallback, (w,))
 
 
 register_tactic(CpuLayerNormTactic())
 register_tactic(CLayerNormTactic())
+register_tactic(CRMSNormTactic())

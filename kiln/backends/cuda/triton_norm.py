@@ -78,6 +78,7 @@ def _layernorm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, D, R1, R2,
     sx0, sx1, sx2, sxd, sy0, sy1, sy2, syd, eps,
     HAS_BIAS: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < M
@@ -89,13 +90,32 @@ def _layernorm_kernel(
         mask = r_mask[:, None] & c_mask[None, :]
         c64 = cols.to(tl.int64)[None, :]
         x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
-        mean, d = _centred(x, mask, D)
+        if RMS:  # RMSNormalization: no centring, x / sqrt(mean(x^2) + eps)
+            d = x
+        else:
+            mean, d = _centred(x, mask, D)
         rstd = tl.rsqrt(tl.sum(d * d, axis=1) / D + eps)
         w = tl.load(w_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
         y = d * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + y_row + c64 * syd, y.to(y_ptr.dtype.element_ty), mask=mask)
+    elif RMS:
+        ss = tl.zeros([BLOCK_R], tl.float32)
+        for k in range(0, D, BLOCK_D):
+            c = k + cols
+            mask = r_mask[:, None] & (c < D)[None, :]
+            x = tl.load(x_ptr + x_row + c.to(tl.int64)[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(ss / D + eps)
+        for k in range(0, D, BLOCK_D):
+            c = k + cols
+            c_mask = c < D
+            mask = r_mask[:, None] & c_mask[None, :]
+            c64 = c.to(tl.int64)[None, :]
+            x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + y_row + c64 * syd, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         count = tl.zeros([BLOCK_R], tl.float32)
         mean = tl.zeros([BLOCK_R], tl.float32)
@@ -192,8 +212,9 @@ def _param_ok(p: Value | None, x: Value, inner: list[Any]) -> bool:
 
 
 def _spec(node: Node) -> tuple[int, list[Any]] | None:
-    """(normalized axis, normalized dims) of a LayerNormalization this tactic runs, else None."""
-    if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or node.opset < 17:
+    """(normalized axis, normalized dims) of a LayerNormalization (or RMSNormalization) this tactic runs, else None."""
+    if node.domain not in ("", "ai.onnx") or not (node.op_type == "LayerNormalization" and node.opset >= 17
+                                                  or node.op_type == "RMSNormalization" and node.opset >= 23):
         return None
     x, scale = node.input(0), node.input(1)
     if len(node.outputs) != 1 or x is None or scale is None or len(node.inputs) > 3:
@@ -212,7 +233,7 @@ def _spec(node: Node) -> tuple[int, list[Any]] | None:
 
 
 class TritonLayerNorm(Tactic):
-    """LayerNormalization (Y only) over trailing axes whose elements form one strided run."""
+    """LayerNormalization (Y only) or RMSNormalization over trailing axes whose elements form one strided run."""
 
     id = "cuda.triton_layernorm"
     devices = ("cuda",)
@@ -253,6 +274,7 @@ class TritonLayerNorm(Tactic):
                 params.append(v.const.to(x_dt).reshape(_strip(v.const.shape)).expand(inner)
                               .contiguous().reshape(-1).to(device))
         has_bias = node.input(2) is not None
+        rms = node.op_type == "RMSNormalization"
         eps = float(node.attr("epsilon", 1e-5))
         cfg = dict(config)
         br, bd, warps = int(cfg["BLOCK_R"]), int(cfg["BLOCK_D"]), int(cfg.get("num_warps", 4))
@@ -287,7 +309,8 @@ class TritonLayerNorm(Tactic):
                     b = b.reshape(-1) if b.is_contiguous() else b.contiguous().reshape(-1)
                 launch(_layernorm_kernel, (triton.cdiv(rows, br),),
                        [x, w, w if b is None else b, y, rows, d, *args, eps],
-                       dict(HAS_BIAS=b is not None, ONE_PASS=d <= bd, BLOCK_R=br, BLOCK_D=bd, num_warps=warps))
+                       dict(HAS_BIAS=b is not None, ONE_PASS=d <= bd, BLOCK_R=br, BLOCK_D=bd, num_warps=warps,
+                            RMS=rms))
             if out is not None and y is not out:
                 out.copy_(y)
                 return out

@@ -276,3 +276,31 @@ int kiln_layernorm(const float *x, float *y, const float *w, const float *b, lon
     }
     return 0;
 }
+
+/* RMSNorm over rows of n floats: y = x / sqrt(mean(x^2) + eps) * w; the sum of squares in float vector lanes,
+   reduced in double (as kiln_layernorm). */
+int kiln_rmsnorm(const float *x, float *y, const float *w, long rows, long n, long ldx, long ldy, float eps,
+                 int threads) {
+    if (rows < 0 || n <= 0 || ldx < n || ldy < n) return 1;
+    #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * ldx;
+        float *yr = y + r * ldy;
+        float buf[VLEN];
+        V acc = vset(0.0f);
+        long j = 0;
+        for (; j + VLEN <= n; j += VLEN) {
+            V v = vload(xr + j);
+            acc = vfma(v, v, acc);
+        }
+        vstore(buf, acc);
+        double q = 0.0;
+        for (int k = 0; k < VLEN; k++) q += buf[k];
+        for (; j < n; j++) q += (double)xr[j] * (double)xr[j];
+        float rstd = (float)(1.0 / sqrt(q / (double)n + (double)eps));
+        V vr = vset(rstd);
+        for (j = 0; j + VLEN <= n; j += VLEN) vstore(yr + j, vmul(vmul(vload(xr + j), vr), vload(w + j)));
+        for (; j < n; j++) yr[j] = xr[j] * rstd * w[j];
+    }
+    return 0;
+}
