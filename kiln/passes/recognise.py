@@ -294,10 +294,11 @@ def _affine(v: Value, axis: int, x: Value, uses: Uses, op: str) -> tuple[Node, T
     return n, full.contiguous()  # type: ignore[return-value]
 
 
-class RecogniseLayerNorm(Pass):
-    """ReduceMean / Sub / Pow / ReduceMean / Add / Sqrt / Div (/ Mul / Add) -> one LayerNormalization."""
+class _RecogniseNorm(Pass):
+    """A normalisation decomposed around a keepdims ReduceMean, matched from that ReduceMean (`_match`) and
+    replaced by one node."""
 
-    name = "layernorm recognition"
+    what = ""
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
@@ -309,13 +310,24 @@ class RecogniseLayerNorm(Pass):
             m = self._match(g, n, uses)
             if m is None:
                 continue
-            nodes, ln = m
+            nodes, norm = m
             gone |= {id(k) for k in nodes}
-            replace_nodes(g, nodes, [ln])
-            ctx.logger.verbose(f"Recognised LayerNorm {ln.name} (axis {ln.attr('axis')}) from {len(nodes)} nodes")
+            replace_nodes(g, nodes, [norm])
+            ctx.logger.verbose(f"Recognised {self.what} {norm.name} (axis {norm.attr('axis')}) from {len(nodes)} nodes")
             changed = True
             uses.refresh()
         return changed
+
+    @staticmethod
+    def _match(g: Graph, mean: Node, uses: Uses) -> tuple[list[Node], Node] | None:
+        raise NotImplementedError
+
+
+class RecogniseLayerNorm(_RecogniseNorm):
+    """ReduceMean / Sub / Pow / ReduceMean / Add / Sqrt / Div (/ Mul / Add) -> one LayerNormalization."""
+
+    name = "layernorm recognition"
+    what = "LayerNorm"
 
     @staticmethod
     def _match(g: Graph, mean: Node, uses: Uses) -> tuple[list[Node], Node] | None:
@@ -375,29 +387,12 @@ class RecogniseLayerNorm(Pass):
 RMSNORM_OPSET = 23        # the first ai.onnx opset with RMSNormalization
 
 
-class RecogniseRMSNorm(Pass):
+class RecogniseRMSNorm(_RecogniseNorm):
     """Pow(x, 2) (or x * x) / ReduceMean / Add(eps) / Sqrt, then x / sqrt, x * Reciprocal(sqrt) or x * (1 / sqrt)
     (/ Mul by a constant over the normalized dims) -> one RMSNormalization (Llama, T5, Mistral, Qwen exports)."""
 
     name = "rmsnorm recognition"
-
-    def run(self, g: Graph, ctx: PassContext) -> bool:
-        changed = False
-        uses = Uses(g)
-        gone: set[int] = set()
-        for n in list(g.nodes):
-            if id(n) in gone or _reduce_axes(n) is None:
-                continue
-            m = self._match(g, n, uses)
-            if m is None:
-                continue
-            nodes, rms = m
-            gone |= {id(k) for k in nodes}
-            replace_nodes(g, nodes, [rms])
-            ctx.logger.verbose(f"Recognised RMSNorm {rms.name} (axis {rms.attr('axis')}) from {len(nodes)} nodes")
-            changed = True
-            uses.refresh()
-        return changed
+    what = "RMSNorm"
 
     @staticmethod
     def _match(g: Graph, var: Node, uses: Uses) -> tuple[list[Node], Node] | None:
