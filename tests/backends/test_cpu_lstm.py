@@ -121,3 +121,45 @@ def test_lstm_bad_inputs_raise_kiln_errors() -> None:
         kern(torch.randn(5, 3, 7), None, None, None, None, torch.randn(1, 2, 6), torch.randn(1, 3, 6))  # h0 batch 2
     with pytest.raises(KilnError):
         kern(torch.randn(5, 3, 7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("states", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("t", [1, 6])
+def test_c_lstm_matches_onnxruntime(direction: str, states: bool, bias: bool, t: int) -> None:
+    """cpu.lstm_c (native/lstm.c), every output, one-step and multi-step sequences, fresh inputs per call."""
+    rng = np.random.default_rng()
+    model = _model(rng, direction, states, bias, t=t, b=int(rng.integers(1, 4)), size=9, hidden=16)
+    from kiln.frontend.onnx import load_onnx
+    (node,) = load_onnx(model, Logger(Severity.ERROR)).nodes
+    tac = get_tactic("cpu.lstm_c")
+    assert tac is not None and tac.supports(node, CPU) and not tac.torch_dispatch
+    kern = tac.make(node, {}, torch.device("cpu"))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for _ in range(2):
+        feeds = _feeds(model, rng)
+        args = [torch.from_numpy(feeds["X"]), None, None, None, None,
+                *((torch.from_numpy(feeds["h0"]), torch.from_numpy(feeds["c0"])) if states else ())]
+        got = kern(*args)
+        for g, w in zip(got, sess.run(None, feeds)):
+            assert tuple(g.shape) == w.shape
+            assert float(np.abs(g.numpy().astype(np.float64) - w).max() / max(float(np.abs(w).max()), 1e-30)) <= TOL
+
+
+def test_c_lstm_competes_with_the_fused_lstm_by_timing() -> None:
+    """At optimization level 3 the autotuner times cpu.lstm_c beside cpu.lstm and the reference; whichever
+    it picks, the plan matches onnxruntime."""
+    rng = np.random.default_rng()
+    model = _model(rng, "forward", True, True, t=1, b=1, size=128, hidden=64)
+    plan = Builder(Logger(Severity.ERROR)).build(model, BuilderConfig(optimization_level=3))
+    (step,) = [s for s in plan.graph["steps"] if s["op"] == "LSTM"]
+    assert step["tactic"] in ("cpu.lstm_c", "cpu.lstm", "ref")
+    tuned = plan.build["tuning"]
+    assert tuned, plan.build
+    engine = Engine(plan_from_bytes(plan_to_bytes(plan)))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _feeds(model, rng)
+    got, want = engine.create_execution_context().execute(feeds), sess.run(None, feeds)
+    for name, w in zip([o.name for o in model.graph.output], want):
+        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=1e-4, atol=1e-5)

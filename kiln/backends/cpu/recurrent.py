@@ -1,5 +1,6 @@
 """LSTM on the CPU as one call of torch's fused LSTM (``torch._VF.lstm``: the whole sequence in ATen's C++
-loop, oneDNN's RNN primitive where torch has it) instead of the reference's Python loop over time steps.
+loop, oneDNN's RNN primitive where torch has it) or of Kiln's own C loop (``cpu.lstm_c``, native/lstm.c: no torch
+dispatch, for one-step streaming calls) instead of the reference's Python loop over time steps.
 
 The common case only: float32, direction forward, reverse (the sequence flipped around the call) or
 bidirectional, the default activations (Sigmoid, Tanh, Tanh), no clip, no peepholes, no coupled
@@ -137,4 +138,84 @@ class CpuLstmTactic(CpuTactic):
         return Kernel(k_lstm, prepacked=present, out_format="contiguous")  # W, R, B live in the kernel (reordered)
 
 
+def _lstm_library() -> Any:
+    """native/lstm.c (kiln_lstm), typed, or None where no C compiler works."""
+    import ctypes as C
+
+    from kiln.backends.cpu import native
+    lib = native.load("lstm")
+    if lib is not None and not hasattr(lib, "_kiln_typed"):
+        P, L = C.c_void_p, C.c_long
+        lib.kiln_lstm.argtypes = [P, L, L, L, L, P, P, P, P, P, P, L, P, P, C.c_int]
+        lib.kiln_lstm.restype = C.c_int
+        lib._kiln_typed = True
+    return lib
+
+
+class CLstmTactic(CpuLstmTactic):
+    """The same LSTM layers as `cpu.lstm` (module doc), as one C call per direction (native/lstm.c: gate
+    products as axpys over prepacked W^T / R^T, then the cell update), without torch dispatch: for streaming
+    models that run one step per call, where dispatch is most of the time. Competes with `cpu.lstm` and the
+    reference by timing."""
+
+    id = "cpu.lstm_c"
+    torch_dispatch = False
+    priority = 9
+
+    def accepts(self, node: Node) -> bool:
+        return super().accepts(node) and _lstm_library() is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        lib = _lstm_library()
+        dirs = _directions(node)
+        w, r = node.inputs[1].const, node.inputs[2].const  # type: ignore[union-attr]
+        b_v = node.input(3)
+        if lib is None or dirs is None or w is None or r is None:
+            raise KilnError(f"'{node.name}': {self.id} needs constant W and R, a known direction and a C compiler")
+        hidden, size = int(r.shape[2]), int(w.shape[2])
+        wt = [w[d].float().t().contiguous() for d in range(dirs)]  # [I, 4H], ONNX gate order kept
+        rt = [r[d].float().t().contiguous() for d in range(dirs)]  # [H, 4H]
+        bias = ([(b_v.const[d, :4 * hidden] + b_v.const[d, 4 * hidden:]).float().contiguous() for d in range(dirs)]
+                if b_v is not None and b_v.const is not None else [None] * dirs)
+        reverse = (node.attr("direction", "forward") or "forward") == "reverse"
+        n_out = len(node.outputs)
+        lens_v = node.input(4)
+        ref = lookup(node.op_type, node.domain).compute
+        keep = (wt, rt, bias)
+
+        def k_lstm(x: Tensor, _w: Any = None, _r: Any = None, _b: Any = None, lens: Tensor | None = None,
+                   h0: Tensor | None = None, c0: Tensor | None = None, *rest: Any) -> Any:
+            if x.dim() != 3 or x.dtype is not torch.float32 or int(x.shape[2]) != size:
+                raise KilnError(f"'{node.name}' takes a float32 input [T, B, {size}], got {list(x.shape)} {x.dtype}")
+            steps, batch = int(x.shape[0]), int(x.shape[1])
+            if lens_v is not None:
+                lens_t = lens if lens is not None else lens_v.const
+                if lens_t is None or not bool((lens_t == steps).all()):  # a shorter sequence: the reference
+                    return ref(node, x, w, r, b_v.const if b_v is not None else None, lens_t, h0, c0)
+            states = []
+            for s in (h0, c0):
+                if s is not None and (tuple(s.shape) != (dirs, batch, hidden) or s.dtype is not torch.float32):
+                    raise KilnError(f"'{node.name}': an initial state must be float32 {[dirs, batch, hidden]}, got "
+                                    f"{list(s.shape)} {s.dtype}")
+                states.append(None if s is None else s.contiguous())
+            xc = x.contiguous()
+            y = torch.empty(steps, dirs, batch, hidden)
+            hn, cn = torch.empty(dirs, batch, hidden), torch.empty(dirs, batch, hidden)
+            for d in range(dirs):
+                h_in, c_in = (None if s is None else s[d] for s in states)
+                rc = lib.kiln_lstm(xc.data_ptr(), steps, batch, size, hidden, wt[d].data_ptr(), rt[d].data_ptr(),
+                                   None if bias[d] is None else bias[d].data_ptr(),
+                                   None if h_in is None else h_in.data_ptr(), None if c_in is None else c_in.data_ptr(),
+                                   y[0, d].data_ptr() if y is not None and steps else None, dirs * batch * hidden,
+                                   hn[d].data_ptr(), cn[d].data_ptr(), int(reverse or d == 1))
+                if rc != 0:
+                    raise KilnError(f"'{node.name}': the LSTM kernel failed ({rc})")
+            outs = (y, hn, cn)
+            return outs[0] if n_out == 1 else outs[:n_out]
+        k_lstm.keep = keep  # type: ignore[attr-defined]
+        present = frozenset(i for i in (1, 2, 3) if node.input(i) is not None)
+        return Kernel(k_lstm, prepacked=present, out_format="contiguous")
+
+
 register_tactic(CpuLstmTactic())
+register_tactic(CLstmTactic())
