@@ -4,9 +4,11 @@ binary-tensor infer requests drawn from a .npz of inputs and expected outputs, b
     python load_client.py URL MODEL CASES.npz --clients 32 --requests 640 --seconds 30 --timeout 20 \
         [--after-fault 10 [--fault-mark FILE]]
 
---after-fault S stops issuing S seconds after the fault: the first failed request, or the moment FILE appears
-(the test creates it once it has injected the fault; a server that hides the fault fails no request). A load that
-outlasts a fault, then ends; "ok_after_fault" counts right answers to requests issued after it.
+--after-fault S stops issuing S seconds after the fault (the first failed request, or the moment FILE appears: the
+test creates it once it has injected the fault; a server that hides the fault fails no request), and not before a
+request issued after the fault has an outcome (a server may hold requests while it replaces a replica). A load that
+outlasts a fault, then ends (or --seconds runs out); "ok_after_fault" counts right answers to requests issued after
+it.
 
 Prints one JSON line: ok, wrong (answered with wrong numbers), failed (by HTTP status), timeouts, elapsed, rps.
 """
@@ -33,34 +35,41 @@ async def _main(args: argparse.Namespace) -> dict:
     latencies: list[float] = []
     fault: list[float] = []  # when the fault was seen: first failure or the mark file
     ok_after_fault = 0
+    done_after_fault = 0  # requests issued after the fault that have an outcome (a server may hold them a while)
     issued = 0
     stop_at = time.monotonic() + args.seconds
     start = time.monotonic()
 
     async def client(k: int, c: "tc.InferenceServerClient") -> None:
-        nonlocal issued, ok_after_fault
+        nonlocal issued, ok_after_fault, done_after_fault
         while issued < args.requests and time.monotonic() < stop_at and not (
-                fault and args.after_fault is not None and time.monotonic() > fault[0] + args.after_fault):
+                fault and args.after_fault is not None and time.monotonic() > fault[0] + args.after_fault
+                and done_after_fault > 0):
             i = issued % len(xs)
             issued += 1
             inp = tc.InferInput(args.input, list(xs[i].shape), "FP32")
             inp.set_data_from_numpy(xs[i], binary_data=True)
             t0 = time.monotonic()
+            after = bool(fault) and t0 > fault[0]
             try:
                 r = await asyncio.wait_for(c.infer(args.model, [inp]), args.timeout)
                 got = r.as_numpy(args.output)
                 ok = got is not None and got.shape == ys[i].shape and np.allclose(got, ys[i], rtol=1e-4, atol=1e-5)
                 counts["ok" if ok else "wrong"] += 1
                 latencies.append(time.monotonic() - t0)
-                if ok and fault and t0 > fault[0]:
+                if ok and after:
                     ok_after_fault += 1
+                done_after_fault += after
                 continue
             except asyncio.TimeoutError:
                 counts["timeout"] += 1
+                done_after_fault += after
             except InferenceServerException as e:
+                done_after_fault += after
                 counts[f"status_{e.status()}"] += 1
                 messages.setdefault(str(e.status()), str(e.message())[:200])
             except Exception as e:  # connection reset and the like
+                done_after_fault += after
                 counts[f"error_{type(e).__name__}"] += 1
             fault.append(time.monotonic())
             fault.sort()
