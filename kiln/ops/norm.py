@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
 from kiln.ir.dtype import onnx_to_torch
 from kiln.ir.graph import Node
+from kiln.ops.attrs import Attr, read
 from kiln.ops.conv import require_float
-from kiln.ops.registry import OpDef, norm_axis, register
+from kiln.ops.registry import OpDef, norm_axis, register, require
 
 Tensor = torch.Tensor
 
@@ -156,6 +157,46 @@ class RMSNormalization(OpDef):
         xf = x.to(_stage_one(node, x))
         ms = (xf * xf).mean(list(range(axis, x.dim())), keepdim=True)
         return (xf / torch.sqrt(ms + eps)).to(x.dtype) * scale.to(x.dtype)
+
+
+@register
+class AddLayerNormalization(OpDef):
+    """A residual add and the normalization after it as one layer (domain "kiln", made by
+    kiln.passes.residual_norm)::
+
+        S = X + R                                   (in X's type, as the Add it replaces)
+        Y = LayerNormalization(S, Scale, B)         rms = 0, over the dims [axis, rank)
+        Y = RMSNormalization(S, Scale)              rms = 1 (no B)
+
+    Outputs Y and, when the sum is read elsewhere too (a pre-norm transformer's residual stream), S.
+    X and R have one shape; Scale and B broadcast over the normalized dims.
+    """
+
+    op_type = "AddLayerNormalization"
+    domain = "kiln"
+    arity = (3, 4)
+    out_arity = (1, 2)
+    attributes = {"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5), "rms": Attr("int", 0, choices=(0, 1))}
+
+    def compute(self, node: Node, x: Tensor, r: Tensor, scale: Tensor,
+                b: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+        require_float(node, x, r, scale, b)
+        require(x.dim() == r.dim() and all(a == b for a, b in zip(x.shape, r.shape)),
+                lambda: f"node '{node.name}': AddLayerNormalization adds R of shape {list(r.shape)} to X of shape "
+                        f"{list(x.shape)}")
+        s = x + r.to(x.dtype)
+        axis = norm_axis(int(read(node, "axis")), s.dim())
+        eps = float(read(node, "epsilon"))
+        axes = list(range(axis, s.dim()))
+        sf = s.to(_acc(s))
+        if int(read(node, "rms")):
+            y = (sf * torch.rsqrt((sf * sf).mean(axes, keepdim=True) + eps)).to(s.dtype) * scale.to(s.dtype)
+        else:
+            d = sf - sf.mean(axes, keepdim=True)
+            y = (d * torch.rsqrt((d * d).mean(axes, keepdim=True) + eps)).to(s.dtype) * scale.to(s.dtype)
+        if b is not None:
+            y = y + b.to(s.dtype)
+        return (y, s) if len(node.outputs) > 1 else y
 
 
 # ---- LRN / LpNormalization / MeanVarianceNormalization ----------------------------------------------

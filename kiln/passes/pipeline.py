@@ -22,6 +22,7 @@ from kiln.passes.pointwise import FusePointwise
 from kiln.passes.quantize import FoldWeightDequantize
 from kiln.passes.recognise import (RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm,
                                    RecogniseRMSNorm)
+from kiln.passes.residual_norm import FuseResidualNorm
 from kiln.passes.scale import FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
@@ -67,6 +68,7 @@ def default_pipeline() -> list[Pass]:
         FuseSiblingConvs(),
         FuseSiblingGemms(),  # Q, K, V projections of one input -> one gemm, column views
         SplitColumnsToViews(),  # a Split of the last axis -> Slice views (a packed projection's parts)
+        FuseResidualNorm(),  # CUDA: a residual add (gemm epilogue or Add) into the LayerNorm / RMSNorm after it
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
         NestConcats(),  # Concat(x0..x5) after Concat(x0..x4) reads it: DenseNet's block becomes one buffer

@@ -44,7 +44,7 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     "ReduceMean", "ReduceMax", "ReduceMin",
     # normalization whose statistics every kernel keeps in float32 (stash_type 1: the reference and
     # cuda.triton_layernorm compute mean and variance in float32 and round the result once)
-    "LayerNormalization",
+    "LayerNormalization", "RMSNormalization", "AddLayerNormalization",
     # squeeze-excite gates: the reference and cuda.triton_se_gate keep the mean, both products and the
     # activations in float32 and round the gate once (kiln.ops.squeeze_excite)
     "SEGate",
@@ -57,9 +57,10 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""
 
-CPU_FP32_OPS: frozenset[str] = frozenset({"SEGate", "ChannelShuffle"})
+CPU_FP32_OPS: frozenset[str] = frozenset({"SEGate", "ChannelShuffle", "RMSNormalization", "AddLayerNormalization"})
 """Ops of LOW_PRECISION_OPS that stay float32 on the CPU target: their fast CPU tactics are C kernels of
-float32 only (cpu.se_gate, cpu.channel_shuffle), so a bfloat16 layer would run the reference. Every other
+float32 only (cpu.se_gate, cpu.channel_shuffle, cpu.rmsnorm_c; AddLayerNormalization is made for the CUDA
+target only), so a bfloat16 layer would run the reference. Every other
 op there has a CPU tactic taking bfloat16 where its float32 layer has one (oneDNN's bf16 convolutions,
 inner products and pools; Pointwise programs as torch ops; LayerNormalization, Resize, Concat, Attention
 through aten) or runs the reference in float32 too (data movement)."""

@@ -127,6 +127,61 @@ def test_rmsnorm_matches_float64(dtype, shape, axis) -> None:
         _close(_kernel(LN, node, cfg)(x, None), want, dtype)
 
 
+def add_layernorm(dtype: torch.dtype, shape: tuple, axis: int, rms: bool, bias: bool, outputs: int,
+                  seed: int = 0) -> Node:
+    inner = shape[axis % len(shape):]
+    ins = [_x("x", dtype, shape), _x("r", dtype, shape),
+           Value("scale", const=_rand(*inner, seed=seed + 1, scale=0.5, shift=1.0).cpu().to(dtype))]
+    if bias:
+        ins.append(Value("bias", const=_rand(*inner, seed=seed + 2).cpu().to(dtype)))
+    outs = [_x("y", dtype, shape)] + ([_x("s", dtype, shape)] if outputs == 2 else [])
+    return Node("AddLayerNormalization", ins, outs, {"axis": axis, "epsilon": 1e-5, "rms": int(rms)},
+                name="addln", domain="kiln", opset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,axis", [((3, 7), -1), ((2, 5, 197), -1), ((2, 3000), -1), ((2, 4, 6, 9), -2)])
+@pytest.mark.parametrize("rms,bias", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_add_layernorm_matches_float64(dtype, shape, axis, rms, bias, outputs) -> None:
+    """AddLayerNormalization (kiln.passes.residual_norm): the residual added on load (rounded to X's type, as
+    the Add it replaces), LayerNorm or RMSNorm of the sum, the sum stored when asked; every config (one pass,
+    chunked) against the float64 formula on the rounded sum, and the op's reference within the same bound."""
+    node = add_layernorm(dtype, shape, axis, rms, bias, outputs, seed=len(shape))
+    x = _rand(*shape, seed=11, scale=2.0, shift=0.5, dtype=dtype)
+    r = _rand(*shape, seed=12, scale=1.5, dtype=dtype)
+    s = x + r  # X's type, as the op defines the sum
+    dims = list(range(axis % len(shape), len(shape)))
+    sd = s.double()
+    d = sd if rms else sd - sd.mean(dims, keepdim=True)
+    want = d * torch.rsqrt((d * d).mean(dims, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(x.device)
+    if bias:
+        want = want + node.inputs[3].const.double().to(x.device)
+    t = get_tactic(LN)
+    assert t.supports(node, CTX)
+    for cfg in range(len(t.configs(node, CTX))):
+        got = _kernel(LN, node, cfg)(x, r, None, None)
+        if outputs == 2:
+            got, got_sum = got
+            assert torch.equal(got_sum, s)
+        _close(got, want, dtype)
+    ref = _reference(node, x, r)
+    _close(ref[0] if outputs == 2 else ref, want, dtype)
+
+
+def test_add_layernorm_declines_mismatched_residual_layout() -> None:
+    """A residual whose strides differ from X's runs the op's reference (the kernel addresses both alike)."""
+    node = add_layernorm(torch.float32, (4, 6, 32), -1, False, True, 2)
+    x = _rand(4, 6, 32, seed=1)
+    r = _rand(4, 32, 6, seed=2).transpose(1, 2)
+    k = _kernel(LN, node)
+    y, s = k(x, r, None, None)
+    want_y, want_s = _reference(node, x, r)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(s, want_s)
+    assert k.fallback.reason is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,axis", [((3, 7), -1), ((2, 3, 768), -1), ((2, 3000), -1), ((2, 4, 6, 9), -2)])
 def test_layernorm_half_types(dtype, shape, axis) -> None:

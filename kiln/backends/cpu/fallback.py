@@ -55,10 +55,12 @@ class ReferenceFallback:
         while xs and xs[-1] is None:
             xs.pop()
         r = self.compute(node, *xs)
-        r = r[0] if isinstance(r, (tuple, list)) else r
-        if out is None:
-            return r
-        outs = out if isinstance(out, tuple) else (out,)
-        for o in outs:
-            o.copy_(r)
-        return outs[0]
+        rest: tuple[Any, ...] = ()
+        if isinstance(r, (tuple, list)):  # out= is the first output's; a layer of several returns them all
+            r, rest = r[0], tuple(r[1:len(node.outputs)])
+        if out is not None:
+            outs = out if isinstance(out, tuple) else (out,)
+            for o in outs:
+                o.copy_(r)
+            r = outs[0]
+        return (r, *rest) if rest else r

@@ -4,8 +4,8 @@
 |---------------------------|------------------------------------------|-------------------------------------------|
 | cuda.cudnn_conv           | Conv, FusedConv (2-D)                    | cuDNN conv; torch or one-pass Triton epi. |
 | cuda.cudnn_fused_conv     | FusedConv with Relu (optional residual)  | cuDNN conv+bias(+add)+ReLU in one call    |
-| cuda.conv1x1_gemm         | 1x1 stride-1 convs                       | cuBLASLt GEMM over the NHWC view          |
-| cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU) epilogue       |
+| cuda.conv1x1_gemm         | 1x1 stride-1 and patch (kernel = stride) | cuBLASLt GEMM over NHWC rows / patches    |
+| cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU/GELU) epilogue  |
 | cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |

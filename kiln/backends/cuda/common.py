@@ -27,6 +27,28 @@ def epilogue_of(node: Node) -> Epilogue:
     return Epilogue.of(node)
 
 
+def lt_gelu_ok(node: Node) -> bool:
+    """Whether cuBLASLt's bias + GELU epilogue (torch._addmm_activation, tanh form) computes this FusedGemm's or
+    FusedConv's epilogue: GELU, a constant bias, no residual. The erf form is accepted in FP16/BF16 only, where
+    the two differ by at most 4.7e-4 (at x = 2.70, GELU = 2.69), under half of the FP16 rounding step there
+    (1.95e-3): the trade reduced-precision builds already make for speed."""
+    if node.op_type not in ("FusedGemm", "FusedConv") or node.input(3) is not None or node.input(2) is None:
+        return False
+    act = epilogue_of(node).activation
+    w = node.input(1)
+    half = w is not None and w.type.dtype in (DType.FLOAT16, DType.BFLOAT16)
+    return act == "GeluTanh" or (act == "Gelu" and half)
+
+
+def addmm_act(b: Tensor, a: Tensor, w: Tensor, gelu: bool) -> Tensor:
+    """b + a @ w, then ReLU or GELU (tanh form), the activation fused into the GEMM by cuBLASLt on the GPU
+    (torch._addmm_activation; torch's CPU version of it uses the erf GELU, so elsewhere the same math is
+    spelled out)."""
+    if a.is_cuda or not gelu:
+        return torch._addmm_activation(b, a, w, use_gelu=gelu)
+    return torch.nn.functional.gelu(torch.addmm(b, a, w), approximate="tanh")
+
+
 def is_conv(node: Node) -> bool:
     return node.op_type in CONV_OPS and node.domain in ("", "ai.onnx", "kiln")
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.backends.cuda.common import (Epilogue, ConvGeometry, apply_epilogue_, channels_last, const_on, converting,
-                                       conv_geometry, conv_static_ok, epilogue_of, float_io, prepacked)
+from kiln.backends.cuda.common import (Epilogue, ConvGeometry, addmm_act, apply_epilogue_, channels_last, const_on,
+                                       converting, conv_geometry, conv_static_ok, epilogue_of, float_io, lt_gelu_ok,
+                                       prepacked)
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 
@@ -129,9 +130,11 @@ class CudnnFusedConv(Tactic):
 
 
 class Conv1x1Gemm(Tactic):
-    """A 1x1, stride-1, unpadded, ungrouped conv as one cuBLAS GEMM over the NHWC view.
+    """A conv over non-overlapping patches as one cuBLAS GEMM: 1x1 stride 1 over the NHWC view (no copy), or a
+    kernel equal to its stride (a ViT's patch embedding, 16x16 stride 16) over the patches gathered by one copy.
 
-    [N*H*W, C] @ [C, K] with the bias (and ReLU when it is the only epilogue) fused by cuBLASLt.
+    [N*Ho*Wo, C*kh*kw] @ [C*kh*kw, K] with the bias (and ReLU or GELU when it is the only epilogue) fused by
+    cuBLASLt; the result is the NHWC output, returned as its NCHW view. Unpadded, undilated, ungrouped only.
     """
 
     id = "cuda.conv1x1_gemm"
@@ -142,45 +145,58 @@ class Conv1x1Gemm(Tactic):
         if not conv_static_ok(node) or not float_io(node, cast_ok=True):
             return False
         geo = conv_geometry(node)
-        return (geo.kernel == (1, 1) and geo.strides == (1, 1) and geo.pads == (0, 0, 0, 0)
+        return (geo.strides == geo.kernel and geo.pads == (0, 0, 0, 0) and geo.dilations == (1, 1)
                 and geo.group == 1)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         ep = epilogue_of(node)
+        cfgs: list[dict[str, Any]] = []
+        if lt_gelu_ok(node):
+            cfgs.append({"epilogue": "lt_gelu"})
         if _triton_epilogue_helps(node) and not (ep.activation == "Relu" and node.input(3) is None):
-            return [{"epilogue": "triton"}, {}]
-        return [{}]
+            cfgs.append({"epilogue": "triton"})
+        return cfgs + [{}]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         ep = epilogue_of(node)
+        kh, kw = conv_geometry(node).kernel
         w = const_on(node, 1, device)
         k_out = int(w.shape[0])  # type: ignore[union-attr]
-        wt = w.reshape(k_out, -1).t().contiguous()  # type: ignore[union-attr]  [C, K]
+        wt = w.reshape(k_out, -1).t().contiguous()  # type: ignore[union-attr]  [C*kh*kw, K], (c, i, j) order
         b = const_on(node, 2, device)
-        relu_only = ep.activation == "Relu" and node.input(3) is None and b is not None
+        fused_act = b is not None and node.input(3) is None and (
+            ep.activation == "Relu" or (ep.activation in ("Gelu", "GeluTanh") and config.get("epilogue") == "lt_gelu"))
+
+        def rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+            """The patches of x as GEMM rows [N*Ho*Wo, C*kh*kw] (a view for 1x1) and (N, Ho, Wo)."""
+            if kh == kw == 1:
+                x = channels_last(x)
+                n, c, h, wd = x.shape
+                return x.permute(0, 2, 3, 1).reshape(n * h * wd, c), (n, h, wd)
+            n, c, h, wd = x.shape
+            ho, wo = h // kh, wd // kw
+            p = x[:, :, :ho * kh, :wo * kw].unflatten(3, (wo, kw)).unflatten(2, (ho, kh))  # N C Ho kh Wo kw
+            return p.permute(0, 2, 4, 1, 3, 5).reshape(n * ho * wo, c * kh * kw), (n, ho, wo)
+
         if config.get("epilogue") == "triton":
             from kiln.backends.cuda.triton_epilogue import OnePassEpilogue
             epi = OnePassEpilogue(ep)
 
             def kernel_epi(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
-                x = channels_last(x)
-                n, c, h, wd = x.shape
-                y2 = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), wt)
-                return epi(y2.view(n, h, wd, k_out).permute(0, 3, 1, 2), b, z)
+                a, (n, h, wd) = rows(x)
+                return epi(torch.mm(a, wt).view(n, h, wd, k_out).permute(0, 3, 1, 2), b, z)
             return prepacked(converting(kernel_epi, node), (1, 2))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None) -> Tensor:
-            x = channels_last(x)
-            n, c, h, wd = x.shape
-            a = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
-            if relu_only:
-                y2 = torch._addmm_activation(b, a, wt)
+            a, (n, h, wd) = rows(x)
+            if fused_act:
+                y2 = addmm_act(b, a, wt, gelu=ep.activation != "Relu")
             elif b is not None:
                 y2 = torch.addmm(b, a, wt)
             else:
                 y2 = torch.mm(a, wt)
             y = y2.view(n, h, wd, k_out).permute(0, 3, 1, 2)
-            if not relu_only:
+            if not fused_act:
                 y = apply_epilogue_(y, z, ep)
             return y
         return prepacked(converting(kernel, node), (1, 2))

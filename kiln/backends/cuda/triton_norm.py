@@ -34,6 +34,7 @@ over the outer dims, run-time scale or bias of another type or shape than the no
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -73,12 +74,21 @@ def _centred(x, mask, n):
     return mean + corr, tl.where(mask, d - corr[:, None], 0.0)
 
 
+@triton.jit
+def _load_row(x_ptr, r_ptr, offs, mask, HAS_RES: tl.constexpr):
+    """x (+ r, rounded to X's type as the Add it replaces) at offs, as float32."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _layernorm_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, D, R1, R2,
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, D, R1, R2,
     sx0, sx1, sx2, sxd, sy0, sy1, sy2, syd, eps,
     HAS_BIAS: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    RMS: tl.constexpr = False,
+    RMS: tl.constexpr = False, HAS_RES: tl.constexpr = False, STORE_SUM: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < M
@@ -89,7 +99,9 @@ def _layernorm_kernel(
         c_mask = cols < D
         mask = r_mask[:, None] & c_mask[None, :]
         c64 = cols.to(tl.int64)[None, :]
-        x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
+        if STORE_SUM:
+            tl.store(s_ptr + y_row + c64 * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
         if RMS:  # RMSNormalization: no centring, x / sqrt(mean(x^2) + eps)
             d = x
         else:
@@ -105,7 +117,9 @@ def _layernorm_kernel(
         for k in range(0, D, BLOCK_D):
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
-            x = tl.load(x_ptr + x_row + c.to(tl.int64)[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr, r_ptr, x_row + c.to(tl.int64)[None, :] * sxd, mask, HAS_RES)
+            if STORE_SUM:
+                tl.store(s_ptr + y_row + c.to(tl.int64)[None, :] * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
             ss += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(ss / D + eps)
         for k in range(0, D, BLOCK_D):
@@ -113,7 +127,7 @@ def _layernorm_kernel(
             c_mask = c < D
             mask = r_mask[:, None] & c_mask[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
             w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + y_row + c64 * syd, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -122,11 +136,13 @@ def _layernorm_kernel(
         m2 = tl.zeros([BLOCK_R], tl.float32)
         # statistics of x - (the row's first element): the mean then stays near the spread, so rounding
         # it to float32 costs nothing against the spread (a mean of 300 alone is only good to 2e-5)
-        shift = tl.load(x_ptr + x_row, mask=r_mask[:, None], other=0.0).to(tl.float32)
+        shift = _load_row(x_ptr, r_ptr, x_row, r_mask[:, None], HAS_RES)
         for k in range(0, D, BLOCK_D):
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
-            x = tl.load(x_ptr + x_row + c.to(tl.int64)[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr, r_ptr, x_row + c.to(tl.int64)[None, :] * sxd, mask, HAS_RES)
+            if STORE_SUM:
+                tl.store(s_ptr + y_row + c.to(tl.int64)[None, :] * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
             x = tl.where(mask, x - shift, 0.0)
             n_b = tl.minimum(D - k, BLOCK_D).to(tl.float32)
             mean_b, d = _centred(x, mask, n_b)
@@ -141,7 +157,7 @@ def _layernorm_kernel(
             c_mask = c < D
             mask = r_mask[:, None] & c_mask[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = tl.load(x_ptr + x_row + c64 * sxd, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
             w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
             y = ((x - shift) - mean[:, None]) * rstd[:, None] * w[None, :]
             if HAS_BIAS:
@@ -211,29 +227,53 @@ def _param_ok(p: Value | None, x: Value, inner: list[Any]) -> bool:
     return p.type.dtype == x.type.dtype and p.type.shape is not None and _strip(p.type.shape) == _strip(inner)
 
 
-def _spec(node: Node) -> tuple[int, list[Any]] | None:
-    """(normalized axis, normalized dims) of a LayerNormalization (or RMSNormalization) this tactic runs, else None."""
-    if node.domain not in ("", "ai.onnx") or not (node.op_type == "LayerNormalization" and node.opset >= 17
-                                                  or node.op_type == "RMSNormalization" and node.opset >= 23):
+@dataclass(frozen=True)
+class _Spec:
+    """What the kernel needs of a normalization node: the normalized axis and dims, where Scale and B sit among
+    the inputs, whether a residual R is added first (AddLayerNormalization) and its sum stored as a second
+    output, and whether it is the RMS form."""
+
+    axis: int
+    inner: list[Any]
+    params: tuple[int, int]
+    residual: bool
+    store_sum: bool
+    rms: bool
+
+
+def _spec(node: Node) -> _Spec | None:
+    """The _Spec of a LayerNormalization, RMSNormalization or kiln AddLayerNormalization this tactic runs, else None."""
+    onnx = node.domain in ("", "ai.onnx")
+    fused = node.domain == "kiln" and node.op_type == "AddLayerNormalization"
+    if not (fused or onnx and (node.op_type == "LayerNormalization" and node.opset >= 17
+                               or node.op_type == "RMSNormalization" and node.opset >= 23)):
         return None
-    x, scale = node.input(0), node.input(1)
-    if len(node.outputs) != 1 or x is None or scale is None or len(node.inputs) > 3:
+    k = 1 if fused else 0  # inputs before Scale: X (and R)
+    x, scale = node.input(0), node.input(k + 1)
+    if (len(node.outputs) > (2 if fused else 1) or x is None or scale is None or len(node.inputs) > k + 3
+            or any(o.type.dtype != x.type.dtype for o in node.outputs)):
         return None
     rank, dt = x.type.rank, x.type.dtype
-    if rank is None or rank < 1 or dt not in FLOAT_DTYPES or node.outputs[0].type.dtype != dt:
+    if rank is None or rank < 1 or dt not in FLOAT_DTYPES:
         return None
+    if fused:
+        r = node.input(1)
+        if r is None or r.type.dtype != dt or r.type.shape is None or len(r.type.shape) != rank:
+            return None
     axis = int(node.attr("axis", -1))
     if not -rank <= axis < rank or int(node.attr("stash_type", 1)) != 1:
         return None
     axis %= rank
     inner = list(x.type.shape[axis:])  # type: ignore[index]
-    if not (_param_ok(scale, x, inner) and _param_ok(node.input(2), x, inner)):
+    if not (_param_ok(scale, x, inner) and _param_ok(node.input(k + 2), x, inner)):
         return None
-    return axis, inner
+    rms = node.op_type == "RMSNormalization" or fused and int(node.attr("rms", 0)) == 1
+    return _Spec(axis, inner, (k + 1, k + 2), fused, len(node.outputs) == 2, rms)
 
 
 class TritonLayerNorm(Tactic):
-    """LayerNormalization (Y only) or RMSNormalization over trailing axes whose elements form one strided run."""
+    """LayerNormalization (Y only), RMSNormalization, or either after a residual add (kiln AddLayerNormalization,
+    Y and the sum), over trailing axes whose elements form one strided run."""
 
     id = "cuda.triton_layernorm"
     devices = ("cuda",)
@@ -248,7 +288,7 @@ class TritonLayerNorm(Tactic):
         chunked sweeps for rows above 1024 (the normalized dims are static: `_param_ok` requires it)."""
         spec = _spec(node)
         assert spec is not None, f"{self.id} does not support node {node.name}"
-        d = math.prod(spec[1])
+        d = math.prod(spec.inner)
         bd = _p2(max(d, 1))
         out: list[dict[str, Any]] = []
         if bd <= MAX_ONE_PASS:
@@ -263,36 +303,37 @@ class TritonLayerNorm(Tactic):
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         spec = _spec(node)
         assert spec is not None, f"{self.id} does not support node {node.name}"
-        axis, inner = spec
+        axis, inner, (si, bi) = spec.axis, spec.inner, spec.params
         x_dt = node.inputs[0].type.dtype.torch  # type: ignore[union-attr]
         params: list[Tensor | None] = []
-        for i in (1, 2):
+        for i in (si, bi):
             v = node.input(i)
             if v is None or v.const is None:
                 params.append(None)
             else:  # rounded to X's type first, as the reference does
                 params.append(v.const.to(x_dt).reshape(_strip(v.const.shape)).expand(inner)
                               .contiguous().reshape(-1).to(device))
-        has_bias = node.input(2) is not None
-        rms = node.op_type == "RMSNormalization"
+        has_bias = node.input(bi) is not None
         eps = float(node.attr("epsilon", 1e-5))
         cfg = dict(config)
         br, bd, warps = int(cfg["BLOCK_R"]), int(cfg["BLOCK_D"]), int(cfg.get("num_warps", 4))
         fb = ReferenceFallback(node)
 
-        def k_layernorm(x: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,
-                        out: Tensor | None = None) -> Tensor:
+        def k_layernorm(x: Tensor, *rest: Tensor | None, out: Tensor | None = None) -> Any:
+            r = rest[0] if spec.residual else None
+            scale, bias = (list(rest[si - 1:bi]) + [None, None])[:2]
             if out is not None:
                 check_out(out, tuple(x.shape), node)
             w = params[0] if params[0] is not None else scale
             b = (params[1] if params[1] is not None else bias) if has_bias else None
             rows = math.prod(x.shape[:axis])
             d = math.prod(x.shape[axis:])
-            key = (tuple(x.shape), x.stride())
+            key = (tuple(x.shape), x.stride(), None if r is None else r.stride())
             args = _row_layout(x, x, axis)
-            if args is None or w is None or w.numel() != d or (b is not None and b.numel() != d):
+            if (args is None or w is None or w.numel() != d or (b is not None and b.numel() != d)
+                    or (r is not None and (r.shape != x.shape or r.stride() != x.stride()))):
                 fb.declined.setdefault(key, "an input layout or size the Triton LayerNorm does not address")
-                return fb(key, [x, scale, bias][:len(node.inputs)], out)
+                return fb(key, [x, *rest][:len(node.inputs)], out)
             y = out
             if y is not None:
                 args = _row_layout(x, y, axis)
@@ -303,20 +344,27 @@ class TritonLayerNorm(Tactic):
                     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
                     args = _row_layout(x, y, axis)
                     assert args is not None
+            s = torch.empty_like(y) if spec.store_sum else None
+            if s is not None and s.stride() != y.stride():  # the sum takes y's strides: y a view of a larger buffer
+                y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                s = torch.empty_like(y)
+                args = _row_layout(x, y, axis)
+                assert args is not None
             if rows and d:
                 w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
                 if b is not None:
                     b = b.reshape(-1) if b.is_contiguous() else b.contiguous().reshape(-1)
                 launch(_layernorm_kernel, (triton.cdiv(rows, br),),
-                       [x, w, w if b is None else b, y, rows, d, *args, eps],
+                       [x, x if r is None else r, w, w if b is None else b, y, y if s is None else s, rows, d, *args,
+                        eps],
                        dict(HAS_BIAS=b is not None, ONE_PASS=d <= bd, BLOCK_R=br, BLOCK_D=bd, num_warps=warps,
-                            RMS=rms))
+                            RMS=spec.rms, HAS_RES=r is not None, STORE_SUM=s is not None))
             if out is not None and y is not out:
                 out.copy_(y)
-                return out
-            return y  # type: ignore[return-value]
-        return Kernel(k_layernorm, prepacked=frozenset(i for i in (1, 2) if params[i - 1] is not None), fallback=fb,
-                      out_format="like_input")
+                y = out
+            return y if s is None else (y, s)
+        return Kernel(k_layernorm, prepacked=frozenset(i for i, p in zip((si, bi), params) if p is not None),
+                      fallback=fb, out_format="like_input")
 
 
 register_tactic(TritonLayerNorm())
