@@ -11,7 +11,11 @@
    each timed with CUDA events from an idle GPU (so launch overhead counts), throughput = batch/latency;
 4. runs `kiln bench` on the same ResNet-50 plan files and batches in its own process (--no-transfers, its
    --export-json read back) and records its median beside this script's, flagging a disagreement over 10%;
-5. prints and writes a markdown table (Kiln/peer ratios, build and load times, arena vs naive memory).
+5. prints and writes a markdown table (Kiln/peer ratios, build and load times, arena vs naive memory);
+6. runs the transformers (--transformers: BERT-base seq 128 and ViT-B/16 at batch 1 and 32, GPT-2 seq 512 at
+   batch 8) through benchmarks/zoo.py, one child process each, with their peers (eager, eager + CUDA graph,
+   torch.compile) in the same run, and appends zoo.py's rows (layers, ref layers, FP16 error of Kiln and of
+   PyTorch FP16 eager against onnxruntime FP32, Kiln/peer ratios).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 
 RESULTS: list[dict[str, Any]] = []
 NOTES: list[str] = []
+TRANSFORMER_ROWS: list[str] = []
 T_START = time.perf_counter()
 
 
@@ -66,7 +71,8 @@ GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_tr
              "tests/backends/test_triton_attention.py", "tests/backends/test_triton_qconv.py",
              "tests/passes/test_quantize.py", "tests/models/test_int8_digits.py",
              "tests/backends/test_triton_qdq.py", "tests/test_detection_plugins.py", "tests/quant/test_speed.py",
-             "tests/backends/test_triton_epilogue.py", "tests/backends/test_cuda_fp8_gemm.py"]
+             "tests/backends/test_triton_epilogue.py", "tests/backends/test_cuda_fp8_gemm.py",
+             "tests/backends/test_cuda_gemm_paths.py", "tests/passes/test_residual_norm.py"]
 
 
 def run_tests(timeout: int) -> None:
@@ -166,6 +172,47 @@ def peers_for(net: torch.nn.Module, x16: torch.Tensor, compile_ok: bool) -> dict
     return res
 
 
+TRANSFORMERS = "bert_base:1,32@seq=128;vit_base_patch16_224:1,32;gpt2:8@seq=512"
+
+
+def run_transformers(spec: str, out_dir: str, deadline: float) -> list[str]:
+    """benchmarks/zoo.py on the CUDA target for each model:batches[@dim=N,...] of `spec` (a child process per
+    model and batch, so one failure or hang costs only its row); returns the markdown table rows."""
+    rows: list[str] = []
+    header: list[str] = []
+    for part in filter(None, spec.split(";")):
+        head, _, dims = part.partition("@")
+        model, _, batches = head.partition(":")
+        for b in filter(None, batches.split(",")):
+            left = deadline - time.perf_counter()
+            if left < 90:
+                NOTES.append(f"{model} b{b}: not run (time budget)")
+                continue
+            md = os.path.join(out_dir, f"zoo_{model}_b{b}.md")
+            cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "zoo.py"), "--device", "cuda", "--models", model,
+                   "--batch", b, "--out", md, "--timeout", str(int(left) - 30)]
+            for d in filter(None, dims.split(",")):
+                cmd += ["--dim", d]
+            log(f"transformers: {' '.join(cmd[1:])}")
+            try:
+                subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left - 10)
+                lines = open(md).read().splitlines() if os.path.exists(md) else []
+                table = [ln for ln in lines if ln.startswith("|")]
+                if table and not header:
+                    header = [table[0] + " run |", table[1] + "---|"]
+                got = [f"{ln} b{b}{('@' + dims) if dims else ''} |" for ln in table[2:]]
+                notes = [ln for ln in lines if ln.startswith("- ") and "error vs ORT" in ln]
+                rows += got
+                NOTES.extend(n[2:] for n in notes)
+                for ln in got:
+                    log("  " + ln[:400])
+                if not got:
+                    NOTES.append(f"{model} b{b}: zoo.py wrote no row")
+            except subprocess.TimeoutExpired:
+                NOTES.append(f"{model} b{b}: zoo.py timed out")
+    return header + rows if rows else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.md", help="markdown table output path")
@@ -177,6 +224,9 @@ def main() -> int:
     ap.add_argument("--batches", default="yolov4_tiny:1,32;resnet50:1,32,256",
                     help="the batches each model is built and timed at (model:batches;...)")
     ap.add_argument("--budget", type=float, default=540, help="seconds; torch.compile peers are skipped past 70%%")
+    ap.add_argument("--transformers", default=TRANSFORMERS,
+                    help="zoo models run through benchmarks/zoo.py after the CNNs: model:batches[@dim=N,...];... "
+                         "('none' for none)")
     ap.add_argument("--bench-models", default="resnet50",
                     help="models whose plans `kiln bench` also times, against this script's median; 'none' for none")
     args = ap.parse_args()
@@ -296,6 +346,8 @@ def main() -> int:
                 f.write(render(dev))
             torch.cuda.empty_cache()
         del net
+    if args.transformers != "none":
+        TRANSFORMER_ROWS.extend(run_transformers(args.transformers, out_dir, T_START + args.budget))
     table = render(dev)
     print(table)
     with open(args.out, "w") as f:
@@ -343,6 +395,9 @@ def render(dev: str) -> str:
             lines.append(f"- `kiln bench --no-transfers` {r['model']} b{r['batch']} (same plan file, own process"
                          f"{graphs}): median {r['bench']:.3f} ms over {r['bench_iterations']} iterations vs "
                          f"{r['kiln']:.3f} ms here, ratio {r['bench_ratio']:.3f}: {verdict}")
+    if TRANSFORMER_ROWS:
+        lines += ["", "Transformers (benchmarks/zoo.py --device cuda, one child process per row; the row's batch and "
+                  "dims after it):", ""] + TRANSFORMER_ROWS + [""]
     lines += [f"- {n}" for n in NOTES]
     lines.append(f"- total wall time {time.perf_counter() - T_START:.0f} s")
     return "\n".join(lines) + "\n"
