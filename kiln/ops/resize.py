@@ -11,6 +11,7 @@ import torch
 
 from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Node
+from kiln.ir.layout import dense
 from kiln.ir.types import TensorType
 from kiln.ops.registry import OpDef, norm_axis, register
 from kiln.ops.shape import _prod, as_bits, from_bits, optional_ints
@@ -245,7 +246,7 @@ def _torch_interp(x: Tensor, todo: list[int], scales: list[float], out_sizes: li
         kernel = {3: torch.ops.aten.upsample_linear1d, 4: torch.ops.aten.upsample_bilinear2d,
                   5: torch.ops.aten.upsample_trilinear3d}[x.dim()]
     factors = [scales[d] if d in todo else 1.0 for d in range(2, x.dim())]
-    return kernel(x, out_sizes[2:], p["ctm"] == "align_corners", *factors)
+    return kernel(dense(x), out_sizes[2:], p["ctm"] == "align_corners", *factors)
 
 
 def _resize_params(node: Node) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from kiln.backends.cpu.dnnl import (ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, FLOAT32, QUERY_IMPL_INFO,
                                     QUERY_WEIGHTS_MD, P, DnnlError, Library, Owned, data_type)
 from kiln.errors import KilnError
+from kiln.ir.layout import canonical
 
 
 class _Arg(C.Structure):
@@ -255,7 +256,7 @@ class ChannelsLast:
         if x.dim() != 4:
             return x.contiguous()
         if x.is_contiguous(memory_format=torch.channels_last):
-            return x
+            return canonical(x)  # oneDNN has only reference loops for other strides of the size-1 dims
         if x.dtype not in self.dtypes:
             raise KilnError(f"takes {' or '.join(map(str, self.dtypes))} tensors, got {x.dtype}")
         local = self.local
