@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         import onnx
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import zoo
-        m = {z.name: z for z in zoo.zoo_models.registry()}.get(args.model)
+        m = {z.name: z for z in zoo.zoo_models.registry()}.get(args.model) or zoo.zoo_models.adhoc(args.model)
         if m is None:
             ap.error(f"unknown model {args.model!r}")
         model = onnx.load(m.ensure(args.cache))

@@ -13,14 +13,15 @@ import torch
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def canonical(x: torch.Tensor) -> torch.Tensor:
+def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """x viewed with the canonical strides of the dense order it is in (plain, or channels-last for 4-D / 5-D);
-    x itself when its strides already are, or when it is dense in neither order."""
+    x itself when its strides already are, or when it is dense in neither order. A tensor dense in both orders
+    (size-1 spatial dims: [N, C, 1, 1]) gets the plain strides, or with `channels_last` the channels-last ones."""
     cl = _CL.get(x.dim())
-    for fmt in (torch.contiguous_format, cl):
+    for fmt in ((cl, torch.contiguous_format) if channels_last else (torch.contiguous_format, cl)):
         if fmt is None or not x.is_contiguous(memory_format=fmt):
             continue
-        want = torch.empty(x.shape, device="meta").contiguous(memory_format=fmt).stride()
+        want = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
         return x if x.stride() == want else x.as_strided(x.shape, want)
     return x
 

@@ -73,3 +73,5 @@ def test_onednn_layers_receive_canonical_strides() -> None:
     x = _tokens_as_image(16, 6, 7, seed=2)
     y = ChannelsLast(lib)(x)
     assert y.data_ptr() == x.data_ptr() and y.stride() == (16 * 42, 1, 16 * 7, 16) and torch.equal(y, x)
+    pooled = torch.randn(1, 64, 1, 1)  # a head conv after global pooling: dense in both orders
+    assert ChannelsLast(lib)(pooled).stride() == (64, 1, 64, 64) and canonical(pooled).stride() == (64, 1, 1, 1)

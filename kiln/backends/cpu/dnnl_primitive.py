@@ -256,7 +256,7 @@ class ChannelsLast:
         if x.dim() != 4:
             return x.contiguous()
         if x.is_contiguous(memory_format=torch.channels_last):
-            return canonical(x)  # oneDNN has only reference loops for other strides of the size-1 dims
+            return canonical(x, channels_last=True)  # oneDNN has only reference loops for other strides of size-1 dims
         if x.dtype not in self.dtypes:
             raise KilnError(f"takes {' or '.join(map(str, self.dtypes))} tensors, got {x.dtype}")
         local = self.local
