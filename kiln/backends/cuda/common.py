@@ -9,6 +9,7 @@ from kiln.backends.kernel import Kernel
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
+from kiln.ir.layout import canonical
 from kiln.ops.activations import TABLE as ACTIVATION_TABLE, Epilogue
 from kiln.ops.conv import ConvGeometry
 
@@ -154,10 +155,11 @@ def const_on(node: Node, i: int, device: torch.device, dtype: torch.dtype | None
 
 
 def channels_last(x: Tensor) -> Tensor:
-    """x in channels_last memory format (no copy when it already is)."""
+    """x in channels_last memory format with canonical strides (no copy when it already is channels-last: a
+    view with the strides cuDNN and cuBLAS take their fast paths for, kiln.ir.layout)."""
     if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
         return x.contiguous(memory_format=torch.channels_last)
-    return x
+    return canonical(x, channels_last=True) if x.dim() == 4 else x
 
 
 def apply_epilogue_(y: Tensor, z: Tensor | None, ep: Epilogue) -> Tensor:
