@@ -23,7 +23,7 @@ from kiln.passes.quantize import FoldWeightDequantize
 from kiln.passes.recognise import (RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm,
                                    RecogniseRMSNorm)
 from kiln.passes.residual_norm import FuseResidualNorm
-from kiln.passes.scale import FoldScale
+from kiln.passes.scale import CommuteAffineThroughRelu, FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
 from kiln.passes.squeeze_excite import FuseSqueezeExcite
@@ -59,6 +59,7 @@ def default_pipeline() -> list[Pass]:
         FoldBatchNorm(),
         BatchNormToScale(),
         FoldPad(),
+        CommuteAffineThroughRelu(),  # Relu(y) * s + t -> Clip(y * s + t, min=t): the affine then folds too
         FoldScale(),
         # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
