@@ -13,16 +13,31 @@ import torch
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """The strides torch gives a fresh tensor of `shape` in the plain or the channels-last order."""
+    order = [0, *range(2, len(shape)), 1] if channels_last else list(range(len(shape)))
+    out = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        out[d] = step
+        step *= max(int(shape[d]), 1)
+    return tuple(out)
+
+
 def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """x viewed with the canonical strides of the dense order it is in (plain, or channels-last for 4-D / 5-D);
     x itself when its strides already are, or when it is dense in neither order. A tensor dense in both orders
-    (size-1 spatial dims: [N, C, 1, 1]) gets the plain strides, or with `channels_last` the channels-last ones."""
+    (size-1 spatial dims: [N, C, 1, 1]) gets the plain strides, or with `channels_last` the channels-last ones.
+    Cheap when x already has them (it runs on every call of a layer): one stride comparison."""
     cl = _CL.get(x.dim())
-    for fmt in ((cl, torch.contiguous_format) if channels_last else (torch.contiguous_format, cl)):
-        if fmt is None or not x.is_contiguous(memory_format=fmt):
-            continue
-        want = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
-        return x if x.stride() == want else x.as_strided(x.shape, want)
+    formats = (True, False) if channels_last and cl is not None else (False, True) if cl is not None else (False,)
+    shape, have = tuple(x.shape), x.stride()
+    for is_cl in formats:
+        want = _strides(shape, is_cl)
+        if have == want:
+            return x
+        if x.is_contiguous(memory_format=cl if is_cl else torch.contiguous_format):
+            return x.as_strided(shape, want)
     return x
 
 
