@@ -17,6 +17,9 @@ projections (Reshape to [B, S, H, D], Transpose) and y is merged back (Transpose
 [B, S, H*Dv]), the node takes the projections and produces the merged output directly (Attention's 3-D
 form with q_num_heads / kv_num_heads): no head-split copy remains, the kernels address heads by strides.
 
+Grouped-query attention written with transformers' repeat_kv (K and V heads unsqueezed, expanded and reshaped
+to the Q head count) takes the K and V heads before the repeat: Attention repeats them itself (`_unrepeated`).
+
 Every intermediate must be read only inside the pattern and must not be a graph output. One difference is
 deliberate: a row whose scores are all -inf (every key masked) gives zeros, where the unfused graph without
 the NaN guard gives NaN - Attention's semantics, and what the guarded exports compute.
@@ -105,6 +108,35 @@ def _swapped_back(kt: Value) -> Value | None:
     same = all(_same(a, b) for a, b in ((s1[1], ks[2]), (s1[2], ks[3]), (s2[0], ks[0]), (s2[1], ks[1]),
                                         (s2[2], ks[3]), (s2[3], ks[2])))
     return k if same and runtime(k) else None
+
+
+def _unrepeated(v: Value) -> tuple[Value, int] | None:
+    """(x, r) where v [B, Hkv*r, S, D] = Reshape(Expand(x with a size-1 axis inserted at 2 -> [B, Hkv, r, S, D])):
+    transformers' repeat_kv for grouped-query attention, i.e. x's heads each repeated r times in a row (what
+    Attention does itself with fewer K/V heads than Q heads). Proven from the types alone: the Expand grows only
+    the inserted axis and the Reshape merges it into the heads, so the element order is repeat_interleave's."""
+    r = v.producer
+    if not is_op(r, "Reshape") or v.type.shape is None or len(v.type.shape) != 4:
+        return None
+    e = r.inputs[0]  # type: ignore[union-attr]
+    ep = e.producer
+    if not is_op(ep, "Expand") or e.type.shape is None or len(e.type.shape) != 5:
+        return None
+    u = ep.inputs[0]  # type: ignore[union-attr]
+    up = u.producer
+    if not is_op(up, "Unsqueeze", "Reshape") or u.type.shape is None or len(u.type.shape) != 5:
+        return None
+    x = up.inputs[0]  # type: ignore[union-attr]
+    xs, us, es, vs = x.type.shape, u.type.shape, e.type.shape, v.type.shape
+    if xs is None or len(xs) != 4 or not runtime(x) or us[2] != 1:
+        return None
+    rep, hkv = es[2], xs[1]
+    if not (isinstance(rep, int) and rep > 1 and isinstance(hkv, int) and vs[1] == hkv * rep):
+        return None
+    inserted = all(_same(a, b) for a, b in zip(us[:2] + us[3:], xs))
+    expanded = all(_same(a, b) for a, b in zip(es[:2] + es[3:], xs))
+    merged = _same(vs[0], xs[0]) and _same(vs[2], xs[2]) and _same(vs[3], xs[3])
+    return (x, rep) if inserted and expanded and merged else None
 
 
 def _heads(v: Value, transposed: bool) -> Heads | None:
@@ -288,6 +320,9 @@ class FuseAttention(Pass):
             src, perm = t.inputs[0], perm[:2] + [perm[3], perm[2]]  # type: ignore[union-attr]
         else:
             src, perm = kt, [0, 1, 3, 2]
+        rk, rv = (_unrepeated(src) if perm == [0, 1, 2, 3] else None), _unrepeated(v)
+        if rk is not None and rv is not None and rk[1] == rv[1]:  # grouped-query attention: K/V heads as they are
+            src, v = rk[0], rv[0]
         if perm == [0, 1, 2, 3]:
             k = src
         else:

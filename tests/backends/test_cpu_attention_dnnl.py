@@ -83,6 +83,23 @@ def test_4d_matches_float64(b: int, h: int, sq: int, skv: int, d: int, mask: str
     assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.parametrize("rep", [2, 4])
+@pytest.mark.parametrize("mask", [None, "keys", "bool"])
+def test_grouped_query_attention_matches_float64(rep: int, mask: str | None) -> None:
+    """Fewer K/V heads than Q heads (Llama's GQA): query head i reads K/V head i // rep, as Attention defines."""
+    g = torch.Generator().manual_seed(rep)
+    b, hkv, sq, d = 2, 2, 13, 16
+    q = torch.randn(b, hkv * rep, sq, d, generator=g)
+    k, v = torch.randn(b, hkv, sq, d, generator=g), torch.randn(b, hkv, sq, d, generator=g)
+    m = _mask(mask, b, hkv * rep, sq, sq, g)
+    node = _node(tuple(q.shape), tuple(k.shape), tuple(v.shape), m, is_causal=1 if mask is None else 0)
+    t = get_tactic(TID)
+    assert t.supports(node, CPU)  # type: ignore[union-attr]
+    got = t.make(node, {}, torch.device("cpu"))(q, k, v, m)  # type: ignore[union-attr]
+    want = _attention64(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), m, d ** -0.5, mask is None)
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_3d_form_reads_and_writes_head_views(scale: float | None) -> None:
     """Q, K, V as [B, S, H*D] slices of one fused QKV projection (strided), the output [B, Sq, H*Dv]."""
@@ -104,8 +121,8 @@ def test_declines_what_it_does_not_run() -> None:
     assert t is not None
     f16 = Node("Attention", [Value(n, _tt((1, 2, 4, 8), torch.float16)) for n in "qkv"],
                [Value("y", _tt((1, 2, 4, 8), torch.float16))], {"softmax_precision": 1}, name="a", opset=23)
-    gqa = _node((1, 4, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None)
-    assert not t.supports(f16, CPU) and not t.supports(gqa, CPU)
+    uneven = _node((1, 3, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None)  # 3 query heads over 2 K/V heads
+    assert not t.supports(f16, CPU) and not t.supports(uneven, CPU)
     assert not t.supports(_node((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None), TacticContext(torch.device("cuda")))
 
 

@@ -260,3 +260,32 @@ def test_dynamo_style_export_becomes_the_three_d_form() -> None:
     ops = [st["op"] for st in steps]
     assert ops.count("Attention") == 1 and "Transpose" not in ops, ops
     assert next(st for st in steps if st["op"] == "Attention")["attrs"]["q_num_heads"] == H
+
+
+def _repeat_kv(src: str, out: str, rep: int, heads: int) -> list:
+    """transformers' repeat_kv: x[:, :, None].expand(b, hkv, rep, s, d).reshape(b, hkv * rep, s, d)."""
+    return [helper.make_node("Unsqueeze", [src, f"{out}_ax"], [f"{out}_u"]),
+            helper.make_node("Expand", [f"{out}_u", f"{out}_to"], [f"{out}_e"]),
+            helper.make_node("Reshape", [f"{out}_e", f"{out}_shape"], [out])]
+
+
+def test_grouped_query_attention_reads_the_kv_heads_before_repeat_kv() -> None:
+    """Llama's grouped-query attention: K and V heads repeated by repeat_kv before the scores. The fused layer
+    takes the K/V heads as they are (Attention repeats them itself), so the two Expand copies disappear."""
+    rng = np.random.default_rng(8)
+    s, hkv, rep = 7, 2, 2
+    nodes = _repeat_kv("k", "kr", rep, hkv) + _repeat_kv("v", "vr", rep, hkv) + [
+        helper.make_node("Transpose", ["kr"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["sc"]), helper.make_node("Mul", ["sc", "c"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vr"], ["y"])]
+    consts = {"c": _f(D ** -0.5)}
+    for n in ("kr", "vr"):
+        consts.update({f"{n}_ax": _i64(2), f"{n}_to": _i64(1, 1, rep, 1, 1), f"{n}_shape": _i64(0, hkv * rep, -1, D)})
+    model = _model(nodes, consts, [("q", ["b", hkv * rep, s, D]), ("k", ["b", hkv, s, D]), ("v", ["b", hkv, s, D])],
+                   ["y"])
+    feeds = {"q": rng.standard_normal((2, hkv * rep, s, D)).astype(np.float32),
+             "k": rng.standard_normal((2, hkv, s, D)).astype(np.float32),
+             "v": rng.standard_normal((2, hkv, s, D)).astype(np.float32)}
+    shapes = {n: ((1, h, s, D), (2, h, s, D), (3, h, s, D)) for n, h in (("q", hkv * rep), ("k", hkv), ("v", hkv))}
+    steps = _check(model, feeds, shapes)
+    assert [st["op"] for st in steps] == ["Attention"], [st["op"] for st in steps]

@@ -6,8 +6,9 @@ or applied by strides, causal keys dropped, the polynomial exp), then out = P V 
 output view (the 3-D form's [B, Sq, H, Dv] head layout). oneDNN's brgemm matmul runs these products at ~190
 GFLOP/s on a 2-core AVX-512 EPYC where torch's batched matmul ran ~120, and the flash kernel of torch's SDPA
 (``attention.sdpa``) took 0.84 ms for DeiT-S's 6 x 197 x 64 heads. It competes with SDPA under the autotuner.
-Takes what `attention.spec` admits with as many key/value heads as query heads and float32 everything; other
-layers (and shapes the views reject) run the reference.
+Takes what `attention.spec` admits in float32, grouped-query attention too (K/V heads fewer than Q heads: each
+K/V head is repeated into its query heads' rows by the dense copy the products read anyway); other layers (and
+shapes the views reject) run the reference.
 """
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ class CpuAttention(CpuTactic):
         if q.type.dtype is None or q.type.dtype.torch != torch.float32:
             return False
         if s.rank3:
-            return s.q_heads == s.kv_heads
-        return q.type.shape is None or k.type.shape is None or q.type.shape[1] == k.type.shape[1] \
-            or not all(isinstance(d, int) for d in (q.type.shape[1], k.type.shape[1]))  # type: ignore[index]
+            return s.q_heads % s.kv_heads == 0
+        if q.type.shape is None or k.type.shape is None:
+            return True
+        hq, hk = q.type.shape[1], k.type.shape[1]  # type: ignore[index]
+        return not (isinstance(hq, int) and isinstance(hk, int)) or (hk > 0 and hq % hk == 0)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{}]
@@ -109,9 +112,9 @@ class CpuAttention(CpuTactic):
             write)."""
             vs = views(s, q, k, v)
             if vs is None or any(t.dtype != torch.float32 for t in (q, k, v)) or not mask_fits(mask, vs[0], vs[1]) \
-                    or vs[0].shape[1] != vs[1].shape[1] or (mask is not None and mask.dtype != torch.bool
-                                                             and not mask.dtype.is_floating_point):
+                    or (mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point):
                 return None
+            rep = int(vs[0].shape[1]) // int(vs[1].shape[1])  # grouped-query attention: K/V heads repeated on copy
             y, y4 = merged_output(s, vs[0], vs[2])
             if out is not None:
                 if out.shape != y.shape or out.dtype != y.dtype or not out.is_contiguous():
@@ -120,9 +123,11 @@ class CpuAttention(CpuTactic):
                 y4 = y.view(y4.shape[0], y4.shape[2], y4.shape[1], y4.shape[3]).transpose(1, 2) if s.rank3 else y
             # dense copies of the head views (a few us): oneDNN runs its brgemm kernel on dense operands and a
             # slower jit gemm on the strided views of a fused QKV projection
+            heads = int(vs[0].shape[1])
             q4 = scratch("q", tuple(vs[0].shape))
-            kt = scratch("kt", tuple(vs[1].transpose(-1, -2).shape))
-            v4 = scratch("v", tuple(vs[2].shape))
+            kt_shape = vs[1].transpose(-1, -2).shape
+            kt = scratch("kt", (kt_shape[0], heads, *kt_shape[2:]))
+            v4 = scratch("v", (vs[2].shape[0], heads, *vs[2].shape[2:]))
             b, h, sq, skv = int(q4.shape[0]), int(q4.shape[1]), int(q4.shape[2]), int(kt.shape[3])
             sc = scratch("scores", (b, h, sq, skv))
             key = (q4.shape, v4.shape, y4.stride())
@@ -133,13 +138,19 @@ class CpuAttention(CpuTactic):
             m, kind, ms = _mask_args(mask, (b, h, sq, skv))
             soft_args = (C.c_void_p(sc.data_ptr()), b, h, sq, skv, C.c_void_p(None if m is None else m.data_ptr()),
                          kind, *ms, int(s.causal))
-            return (vs[0], vs[1].transpose(-1, -2), vs[2], q4, kt, v4, sc, y, y4, pair, soft_args, m)
+            kt_src, v_src = vs[1].transpose(-1, -2), vs[2]
+            if rep > 1:  # each K/V head copied into its rep query heads' slots: the same one copy as without GQA
+                kt_src, v_src, kt_dst, v_dst = kt_src.unsqueeze(2), v_src.unsqueeze(2), kt.unflatten(1, (-1, rep)), \
+                    v4.unflatten(1, (-1, rep))
+            else:
+                kt_dst, v_dst = kt, v4
+            return (vs[0], kt_src, v_src, q4, kt_dst, v_dst, kt, v4, sc, y, y4, pair, soft_args, m)
 
         def run(p: Any) -> Tensor:
-            q_src, kt_src, v_src, q4, kt, v4, sc, y, y4, pair, soft_args, _ = p
+            q_src, kt_src, v_src, q4, kt_dst, v_dst, kt, v4, sc, y, y4, pair, soft_args, _ = p
             q4.copy_(q_src)
-            kt.copy_(kt_src)
-            v4.copy_(v_src)
+            kt_dst.copy_(kt_src)
+            v_dst.copy_(v_src)
             pair[0].run(q4, kt, sc)
             if soft(*soft_args, torch.get_num_threads()) != 0:
                 raise KilnError(f"'{node.name}': the attention softmax failed")
