@@ -25,12 +25,14 @@ _ALLOWED = {"Add", "Mul", "Integer", "Symbol", "FloorDiv", "Mod", "PythonMod", "
 class DimExpr:
     """An integer expression of named input dims (sympy, integer symbols); equal when the expressions are."""
 
-    __slots__ = ("expr", "text", "symbols")
+    __slots__ = ("expr", "text", "symbols", "_order", "_memo")
 
     def __init__(self, expr: sympy.Expr) -> None:
         self.expr = expr
         self.text = str(expr)
         self.symbols = frozenset(str(s) for s in expr.free_symbols)
+        self._order = tuple(sorted(expr.free_symbols, key=str))
+        self._memo: dict[tuple[int, ...], int] = {}  # bound symbols -> value: sympy runs once per input shape
 
     @staticmethod
     def make(expr: Any) -> "int | str | DimExpr | None":
@@ -46,11 +48,17 @@ class DimExpr:
 
     def evaluate(self, dims: Mapping[str, int]) -> int:
         try:
-            v = self.expr.xreplace({s: sympy.Integer(dims[str(s)]) for s in self.expr.free_symbols})
+            key = tuple(int(dims[str(s)]) for s in self._order)
         except KeyError as e:
             raise KilnError(f"dim {self.text}: symbol {e} is not bound") from None
+        got = self._memo.get(key)
+        if got is not None:
+            return got
+        v = self.expr.xreplace({s: sympy.Integer(k) for s, k in zip(self._order, key)})
         if not v.is_Integer:
             raise KilnError(f"dim {self.text} does not evaluate to an integer at {dict(dims)}")
+        if len(self._memo) < 64:
+            self._memo[key] = int(v)
         return int(v)
 
     def __eq__(self, other: object) -> bool:

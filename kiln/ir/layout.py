@@ -24,11 +24,8 @@ def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
     return tuple(out)
 
 
-def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """x viewed with the canonical strides of the dense order it is in (plain, or channels-last for 4-D / 5-D);
-    x itself when its strides already are, or when it is dense in neither order. A tensor dense in both orders
-    (size-1 spatial dims: [N, C, 1, 1]) gets the plain strides, or with `channels_last` the channels-last ones.
-    Cheap when x already has them (it runs on every call of a layer): one stride comparison."""
+def _recanonical(x: torch.Tensor, channels_last: bool) -> torch.Tensor | None:
+    """x, or a view of it with canonical strides, when x is dense in the plain or channels-last order; else None."""
     cl = _CL.get(x.dim())
     formats = (True, False) if channels_last and cl is not None else (False, True) if cl is not None else (False,)
     shape, have = tuple(x.shape), x.stride()
@@ -38,13 +35,22 @@ def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
             return x
         if x.is_contiguous(memory_format=cl if is_cl else torch.contiguous_format):
             return x.as_strided(shape, want)
-    return x
+    return None
+
+
+def canonical(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """x viewed with the canonical strides of the dense order it is in (plain, or channels-last for 4-D / 5-D);
+    x itself when its strides already are, or when it is dense in neither order. A tensor dense in both orders
+    (size-1 spatial dims: [N, C, 1, 1]) gets the plain strides, or with `channels_last` the channels-last ones.
+    Cheap when x already has them (it runs on every call of a layer): one stride comparison."""
+    y = _recanonical(x, channels_last)
+    return x if y is None else y
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
     """`canonical(x)`, or for a tensor dense in neither order a copy into the one its channel stride suggests."""
-    y = canonical(x)
-    if y is not x or x.is_contiguous() or (x.dim() in _CL and x.is_contiguous(memory_format=_CL[x.dim()])):
+    y = _recanonical(x, False)
+    if y is not None:
         return y
     cl = _CL.get(x.dim())
     return x.contiguous(memory_format=cl) if cl is not None and x.stride(1) == 1 else x.contiguous()

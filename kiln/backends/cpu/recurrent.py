@@ -107,27 +107,15 @@ class CpuLstmTactic(CpuTactic):
                        _reorder(b[d, :4 * hidden].float(), hidden), _reorder(b[d, 4 * hidden:].float(), hidden)]
         reverse = (node.attr("direction", "forward") or "forward") == "reverse"
         n_out = len(node.outputs)
-        lens_v = node.input(4)
-        ref = lookup(node.op_type, node.domain).compute
         lstm = torch._VF.lstm  # type: ignore[attr-defined]
 
         def k_lstm(x: Tensor, _w: Any = None, _r: Any = None, _b: Any = None, lens: Tensor | None = None,
                    h0: Tensor | None = None, c0: Tensor | None = None, *rest: Any) -> Any:
-            if x.dim() != 3 or x.dtype is not torch.float32 or int(x.shape[2]) != size:
-                raise KilnError(f"'{node.name}' takes a float32 input [T, B, {size}], got {list(x.shape)} {x.dtype}")
-            steps, batch = int(x.shape[0]), int(x.shape[1])
-            if lens_v is not None:
-                lens_t = lens if lens is not None else lens_v.const
-                if lens_t is None or not bool((lens_t == steps).all()):  # a shorter sequence: the reference
-                    return ref(node, x, w, r, b_v.const if b_v is not None else None, lens_t, h0, c0)
-            state = []
-            for s in (h0, c0):
-                if s is None:
-                    s = x.new_zeros(dirs, batch, hidden)
-                elif tuple(s.shape) != (dirs, batch, hidden) or s.dtype is not torch.float32:
-                    raise KilnError(f"'{node.name}': an initial state must be float32 {[dirs, batch, hidden]}, got "
-                                    f"{list(s.shape)} {s.dtype}")
-                state.append(s.contiguous())
+            entry = _entry(node, x, size, dirs, hidden, lens, h0, c0)
+            if entry is None:
+                return _reference_call(node, x, lens, h0, c0)
+            steps, batch, states = entry
+            state = [x.new_zeros(dirs, batch, hidden) if st is None else st for st in states]
             xs = x.flip(0) if reverse else x
             y, h, c = lstm(xs, state, params, True, 1, 0.0, False, dirs == 2, False)
             if reverse:
@@ -136,6 +124,35 @@ class CpuLstmTactic(CpuTactic):
             return outs[0] if n_out == 1 else outs[:n_out]
         present = frozenset(i for i in (1, 2, 3) if node.input(i) is not None)
         return Kernel(k_lstm, prepacked=present, out_format="contiguous")  # W, R, B live in the kernel (reordered)
+
+
+def _entry(node: Node, x: Tensor, size: int, dirs: int, hidden: int, lens: Tensor | None, h0: Tensor | None,
+           c0: Tensor | None) -> tuple[int, int, list[Tensor | None]] | None:
+    """What both LSTM kernels check on entry: (steps, batch, [h0, c0] made contiguous, None where absent), or None
+    when sequence_lens shortens a sequence (the caller runs the reference); KilnError for a wrong input or state."""
+    if x.dim() != 3 or x.dtype is not torch.float32 or int(x.shape[2]) != size:
+        raise KilnError(f"'{node.name}' takes a float32 input [T, B, {size}], got {list(x.shape)} {x.dtype}")
+    steps, batch = int(x.shape[0]), int(x.shape[1])
+    lens_v = node.input(4)
+    if lens_v is not None:
+        lens_t = lens if lens is not None else lens_v.const
+        if lens_t is None or not bool((lens_t == steps).all()):
+            return None
+    states: list[Tensor | None] = []
+    for st in (h0, c0):
+        if st is not None and (tuple(st.shape) != (dirs, batch, hidden) or st.dtype is not torch.float32):
+            raise KilnError(f"'{node.name}': an initial state must be float32 {[dirs, batch, hidden]}, got "
+                            f"{list(st.shape)} {st.dtype}")
+        states.append(None if st is None else st.contiguous())
+    return steps, batch, states
+
+
+def _reference_call(node: Node, x: Tensor, lens: Tensor | None, h0: Tensor | None, c0: Tensor | None) -> Any:
+    """The LSTM's reference on the kernel's inputs (its constants from the node): for shortened sequences."""
+    b_v, lens_v = node.input(3), node.input(4)
+    lens_t = lens if lens is not None else (None if lens_v is None else lens_v.const)
+    return lookup(node.op_type, node.domain).compute(node, x, node.inputs[1].const, node.inputs[2].const,
+                                                     None if b_v is None else b_v.const, lens_t, h0, c0)
 
 
 def _lstm_library() -> Any:
@@ -179,25 +196,14 @@ class CLstmTactic(CpuLstmTactic):
                 if b_v is not None and b_v.const is not None else [None] * dirs)
         reverse = (node.attr("direction", "forward") or "forward") == "reverse"
         n_out = len(node.outputs)
-        lens_v = node.input(4)
-        ref = lookup(node.op_type, node.domain).compute
         keep = (wt, rt, bias)
 
         def k_lstm(x: Tensor, _w: Any = None, _r: Any = None, _b: Any = None, lens: Tensor | None = None,
                    h0: Tensor | None = None, c0: Tensor | None = None, *rest: Any) -> Any:
-            if x.dim() != 3 or x.dtype is not torch.float32 or int(x.shape[2]) != size:
-                raise KilnError(f"'{node.name}' takes a float32 input [T, B, {size}], got {list(x.shape)} {x.dtype}")
-            steps, batch = int(x.shape[0]), int(x.shape[1])
-            if lens_v is not None:
-                lens_t = lens if lens is not None else lens_v.const
-                if lens_t is None or not bool((lens_t == steps).all()):  # a shorter sequence: the reference
-                    return ref(node, x, w, r, b_v.const if b_v is not None else None, lens_t, h0, c0)
-            states = []
-            for s in (h0, c0):
-                if s is not None and (tuple(s.shape) != (dirs, batch, hidden) or s.dtype is not torch.float32):
-                    raise KilnError(f"'{node.name}': an initial state must be float32 {[dirs, batch, hidden]}, got "
-                                    f"{list(s.shape)} {s.dtype}")
-                states.append(None if s is None else s.contiguous())
+            entry = _entry(node, x, size, dirs, hidden, lens, h0, c0)
+            if entry is None:
+                return _reference_call(node, x, lens, h0, c0)
+            steps, batch, states = entry
             xc = x.contiguous()
             y = torch.empty(steps, dirs, batch, hidden)
             hn, cn = torch.empty(dirs, batch, hidden), torch.empty(dirs, batch, hidden)

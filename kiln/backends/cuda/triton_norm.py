@@ -83,6 +83,15 @@ def _load_row(x_ptr, r_ptr, offs, mask, HAS_RES: tl.constexpr):
     return x.to(tl.float32)
 
 
+@triton.jit
+def _load_sum(x_ptr, r_ptr, s_ptr, x_offs, s_offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
+    """`_load_row`, the sum also stored at s_offs when the layer outputs it (first sweep over a row only)."""
+    x = _load_row(x_ptr, r_ptr, x_offs, mask, HAS_RES)
+    if STORE_SUM:
+        tl.store(s_ptr + s_offs, x.to(s_ptr.dtype.element_ty), mask=mask)
+    return x
+
+
 @triton.jit(do_not_specialize=["M"])
 def _layernorm_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, D, R1, R2,
@@ -99,9 +108,7 @@ def _layernorm_kernel(
         c_mask = cols < D
         mask = r_mask[:, None] & c_mask[None, :]
         c64 = cols.to(tl.int64)[None, :]
-        x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
-        if STORE_SUM:
-            tl.store(s_ptr + y_row + c64 * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
+        x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
         if RMS:  # RMSNormalization: no centring, x / sqrt(mean(x^2) + eps)
             d = x
         else:
@@ -117,9 +124,8 @@ def _layernorm_kernel(
         for k in range(0, D, BLOCK_D):
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
-            x = _load_row(x_ptr, r_ptr, x_row + c.to(tl.int64)[None, :] * sxd, mask, HAS_RES)
-            if STORE_SUM:
-                tl.store(s_ptr + y_row + c.to(tl.int64)[None, :] * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
+            c64 = c.to(tl.int64)[None, :]
+            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
             ss += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(ss / D + eps)
         for k in range(0, D, BLOCK_D):
@@ -140,9 +146,8 @@ def _layernorm_kernel(
         for k in range(0, D, BLOCK_D):
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
-            x = _load_row(x_ptr, r_ptr, x_row + c.to(tl.int64)[None, :] * sxd, mask, HAS_RES)
-            if STORE_SUM:
-                tl.store(s_ptr + y_row + c.to(tl.int64)[None, :] * syd, x.to(s_ptr.dtype.element_ty), mask=mask)
+            c64 = c.to(tl.int64)[None, :]
+            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
             x = tl.where(mask, x - shift, 0.0)
             n_b = tl.minimum(D - k, BLOCK_D).to(tl.float32)
             mean_b, d = _centred(x, mask, n_b)
@@ -321,7 +326,8 @@ class TritonLayerNorm(Tactic):
 
         def k_layernorm(x: Tensor, *rest: Tensor | None, out: Tensor | None = None) -> Any:
             r = rest[0] if spec.residual else None
-            scale, bias = (list(rest[si - 1:bi]) + [None, None])[:2]
+            scale = rest[si - 1] if len(rest) >= si else None
+            bias = rest[bi - 1] if len(rest) >= bi else None
             if out is not None:
                 check_out(out, tuple(x.shape), node)
             w = params[0] if params[0] is not None else scale

@@ -236,6 +236,15 @@ int kiln_softmax(float *s, long B, long H, long Sq, long Skv, const void *mask, 
     return 0;
 }
 
+/* The lanes of a float vector summed in double, lane 0 first. */
+static double lanes_sum(V acc) {
+    float buf[VLEN];
+    vstore(buf, acc);
+    double s = 0.0;
+    for (int k = 0; k < VLEN; k++) s += buf[k];
+    return s;
+}
+
 /* LayerNormalization over the last axis: rows of n floats at row strides ldx / ldy (elements), y = (x - mean) *
  * rstd * w + b (b may be NULL), the mean and the biased variance in two passes over the row with float vector
  * partial sums, rstd = 1 / sqrt(var + eps), as aten's layer_norm computes them. */
@@ -246,13 +255,10 @@ int kiln_layernorm(const float *x, float *y, const float *w, const float *b, lon
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * ldx;
         float *yr = y + r * ldy;
-        float buf[VLEN];
         V acc = vset(0.0f);
         long j = 0;
         for (; j + VLEN <= n; j += VLEN) acc = vadd(acc, vload(xr + j));
-        vstore(buf, acc);
-        double s = 0.0;
-        for (int k = 0; k < VLEN; k++) s += buf[k];
+        double s = lanes_sum(acc);
         for (; j < n; j++) s += xr[j];
         float mean = (float)(s / (double)n);
         V vm = vset(mean);
@@ -261,9 +267,7 @@ int kiln_layernorm(const float *x, float *y, const float *w, const float *b, lon
             V d = vsub(vload(xr + j), vm);
             acc = vfma(d, d, acc);
         }
-        vstore(buf, acc);
-        double q = 0.0;
-        for (int k = 0; k < VLEN; k++) q += buf[k];
+        double q = lanes_sum(acc);
         for (; j < n; j++) q += (double)(xr[j] - mean) * (double)(xr[j] - mean);
         float rstd = (float)(1.0 / sqrt(q / (double)n + (double)eps));
         V vr = vset(rstd);
@@ -286,16 +290,13 @@ int kiln_rmsnorm(const float *x, float *y, const float *w, long rows, long n, lo
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * ldx;
         float *yr = y + r * ldy;
-        float buf[VLEN];
         V acc = vset(0.0f);
         long j = 0;
         for (; j + VLEN <= n; j += VLEN) {
             V v = vload(xr + j);
             acc = vfma(v, v, acc);
         }
-        vstore(buf, acc);
-        double q = 0.0;
-        for (int k = 0; k < VLEN; k++) q += buf[k];
+        double q = lanes_sum(acc);
         for (; j < n; j++) q += (double)xr[j] * (double)xr[j];
         float rstd = (float)(1.0 / sqrt(q / (double)n + (double)eps));
         V vr = vset(rstd);
