@@ -191,12 +191,19 @@ def _batch_histogram(server, model: str) -> dict[str, float]:
 
 def test_load_32_clients_batching_doubles_throughput(server, heavy, oracle):
     cases = _cases(oracle, heavy[2])
-    single = _load(server, "single", cases, requests=200, seconds=12)
-    batched = _load(server, "batched", cases, requests=640, seconds=12)
-    print(f"\nload test, 32 clients: one request at a time {single['rps']} req/s (p50 {single['p50_ms']} ms), "
-          f"dynamic batching {batched['rps']} req/s (p50 {batched['p50_ms']} ms)")
-    for r in (single, batched):
+    # Three alternating rounds per mode, each mode judged by its best round: in CI the other pytest worker shares
+    # the 2 cores, and a burst of its work inside one long window once cut batching's throughput to 1.1x (it is
+    # 3.5x alone); alternating short windows gives both modes the same chances of a quiet machine.
+    rounds: dict[str, list[dict]] = {"single": [], "batched": []}
+    for _ in range(3):
+        rounds["single"].append(_load(server, "single", cases, requests=100, seconds=5))
+        rounds["batched"].append(_load(server, "batched", cases, requests=400, seconds=5))
+    for r in rounds["single"] + rounds["batched"]:
         assert r["sent"] > 0 and r["ok"] == r["sent"], r  # no request lost, failed, wrong or timed out
+    single, batched = (max(rounds[m], key=lambda r: r["rps"]) for m in ("single", "batched"))
+    print(f"\nload test, 32 clients, best of 3 rounds: one request at a time {single['rps']} req/s "
+          f"(p50 {single['p50_ms']} ms), dynamic batching {batched['rps']} req/s (p50 {batched['p50_ms']} ms); "
+          f"all rounds {[r['rps'] for r in rounds['single']]} vs {[r['rps'] for r in rounds['batched']]}")
     assert batched["rps"] >= 2 * single["rps"], (batched, single)
     stats = _client(server).get_inference_statistics("batched")["model_stats"][0]
     executes = stats["execution_count"]  # every execute of the replica so far, as its statistics count them
