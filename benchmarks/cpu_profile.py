@@ -1,6 +1,6 @@
 """Per-layer CPU profile: Kiln (runtime step hook) next to ONNX Runtime (its node profiler).
 
-    python benchmarks/cpu_profile.py [resnet50|yolov4_tiny|ZOO_MODEL] [--threads 2] [--runs 20] [--opt-level 0]
+    python benchmarks/cpu_profile.py [resnet50|yolov4_tiny|ZOO_MODEL] [--threads 2] [--runs 20] [--opt-level 3]
                                      [--layers] [--cache DIR]
 
 A ZOO_MODEL (benchmarks/zoo_models.py) is built with its optimization profile and run at batch 1 at the
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the zoo's ONNX cache (zoo models)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--opt-level", type=int, default=0)
+    ap.add_argument("--opt-level", type=int, default=3, help="3 (the builder's default and the zoo's): every candidate timed; 0: heuristic tactics")
     ap.add_argument("--layers", action="store_true", help="print every layer")
     args = ap.parse_args(argv)
     configure(threads=args.threads)
