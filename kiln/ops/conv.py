@@ -33,6 +33,7 @@ INT32_MAX = 2**31 - 1
 with int32, so a larger value can never describe a window they compute."""
 
 _PROBE = 1 << 21  # a spatial size every window fits in (MAX_WINDOW is 2**20): meta tensors only
+_BATCH_PROBE = 3  # a batch standing in for a symbolic one (window ops keep the batch: meta tensors only)
 MAX_WINDOW = 1 << 20
 """Largest kernel size, stride, dilation or pad (per spatial dim, after auto_pad) a window op computes with.
 Far above any real window (a 1-D pool of 2**20 taps spans a minute of 16 kHz audio), yet small enough that
@@ -159,6 +160,8 @@ class WindowOp(OpDef):
         floor((n + pads - extent) / stride) + 1 is never decided from sample sizes)."""
         from kiln.ops.infer import infer_by_meta
         x = types[0] if types else None
+        if x is not None and x.shape is not None and len(x.shape) >= 3 and not isinstance(x.shape[0], int):
+            return self._batch_probed(node, types, consts, x.shape[0])
         if x is None or x.shape is None or len(x.shape) < 3 or all(isinstance(d, int) for d in x.shape[2:]):
             return infer_by_meta(self, node, types, consts)
         nd = len(x.shape) - 2
@@ -184,6 +187,19 @@ class WindowOp(OpDef):
                     spatial.append(None)
             result.append(TensorType(o.dtype, tuple(o.shape[:2]) + tuple(spatial)))
         return result
+
+    def _batch_probed(self, node: Node, types: Sequence[TensorType | None], consts: Sequence[Tensor | None],
+                      batch: Dim) -> list[TensorType]:
+        """A window op maps each batch row to an output row: with a symbolic batch, the other dims come from
+        inference at a probe batch (every input whose dim 0 is that symbol probed alike) and the outputs keep the
+        symbol. (A symbolic run with the batch unknown fails on some geometries, asymmetric pads among them,
+        and then knew no dim at all.)"""
+        probed = [t if t is None or not t.shape or t.shape[0] != batch else
+                  TensorType(t.dtype, (_BATCH_PROBE,) + tuple(t.shape[1:])) for t in types]
+        outs = self.infer(node, probed, consts)
+        return [o if o.shape is None or not o.shape else
+                TensorType(o.dtype, ((batch,) if o.shape[0] == _BATCH_PROBE else (None,)) + tuple(o.shape[1:]))
+                for o in outs]
 
 
 def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequence[Tensor | None], nd: int,

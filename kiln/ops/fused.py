@@ -29,7 +29,7 @@ from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
 from kiln.ops.activations import EPILOGUE, TABLE, Epilogue, activate
 from kiln.ops.attrs import REQUIRED, Attr
-from kiln.ops.conv import (WINDOW, check_window_attrs, kernel_shape, require_float, spatial_rank,
+from kiln.ops.conv import (WINDOW, WindowOp, check_window_attrs, kernel_shape, require_float, spatial_rank,
                            strides_dilations, torch_pad, window_ints)
 from kiln.ops.linalg import symbolic_operands
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
@@ -68,7 +68,7 @@ class _FusedBase(OpDef):
 
 
 @register
-class FusedConv(_FusedBase):
+class FusedConv(_FusedBase, WindowOp):
     """Conv (explicit pads) + bias + optional residual Z + activation epilogue."""
 
     op_type = "FusedConv"

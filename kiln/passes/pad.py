@@ -1,16 +1,18 @@
-"""Pad folding: a constant-mode Pad of the spatial dims only, read by one Conv or pool, becomes its pads.
+"""Pad folding: a constant-mode Pad of the spatial dims only, read by Convs or pools only, becomes their pads.
 
 * Conv: the Pad value must be 0 (convolution pads with zeros).
 * AveragePool: value 0, and the pool must count padding (count_include_pad=1, or have no pads of its
   own so that it can be switched to count_include_pad=1); ceil_mode pools are left alone.
 * MaxPool: MaxPool pads with -inf, so the Pad value must be -inf; a zero Pad is also folded when
   the padded tensor is known to be >= 0 (it comes from Relu, Clip(min >= 0) or Sigmoid) and every
-  window still holds a real element (each pad smaller than the window). Never with an Indices output
-  or ceil_mode (which drops windows relative to the end of the unpadded input).
+  window still holds a real element (each pad smaller than the window). Never with an Indices output,
+  nor with ceil_mode (which drops windows relative to the end of the unpadded input) unless every stride
+  is 1, where no window reaches past the padded input and ceil_mode changes nothing (HGNetV2's stem pool).
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 from kiln.ir.graph import Graph, Node
 from kiln.ops.registry import ints
@@ -66,7 +68,8 @@ def _nonnegative(n: Node | None) -> bool:
 
 
 class FoldPad(Pass):
-    """Folds an explicit zero (or -inf for MaxPool) Pad into the Conv / pool that reads it."""
+    """Folds an explicit zero (or -inf for MaxPool) Pad into the Convs / pools that read it: every reader must
+    take it (each then reads the unpadded tensor with pads of its own), else none does."""
 
     name = "pad folding"
 
@@ -78,48 +81,56 @@ class FoldPad(Pass):
             if spec is None:
                 continue
             begins, ends, value = spec
-            c = uses.only(pad.outputs[0])
-            if c is None or c.input(0) is not pad.outputs[0] or len(begins) < 3 \
+            readers = uses.of(pad.outputs[0])
+            if not readers or uses.is_output(pad.outputs[0]) or len(begins) < 3 \
                     or any(begins[:2]) or any(ends[:2]) or min(begins + ends) < 0:
                 continue
-            if not self._accepts(c, begins[2:], ends[2:], value, pad):
+            commits = [self._fold(c, begins[2:], ends[2:], value, pad) if c.input(0) is pad.outputs[0]
+                       and sum(i is pad.outputs[0] for i in c.inputs) == 1 else None for c in readers]
+            if any(commit is None for commit in commits):
                 continue
-            nd = len(begins) - 2
-            old = list(c.attr("pads", None) or [0] * (2 * nd))
-            c.attrs["pads"] = [o + p for o, p in zip(old, begins[2:] + ends[2:])]
-            c.attrs["auto_pad"] = "NOTSET"
-            c.inputs[0] = pad.inputs[0]
+            for c, commit in zip(readers, commits):
+                commit()  # type: ignore[misc]
+                c.inputs[0] = pad.inputs[0]
+                ctx.logger.verbose(f"Fusing {pad.name} with {c.name}")
             remove_node(g, pad)
-            ctx.logger.verbose(f"Fusing {pad.name} with {c.name}")
             changed = True
             uses.refresh()
         return changed
 
     @staticmethod
-    def _accepts(c: Node, begins: list[int], ends: list[int], value: float, pad: Node) -> bool:
-        if (c.attr("auto_pad", "NOTSET") or "NOTSET") not in ("NOTSET", "VALID") or len(c.outputs) != 1:
-            return False
-        if c.attr("auto_pad") == "VALID":
-            c.attrs.pop("pads", None)
+    def _fold(c: Node, begins: list[int], ends: list[int], value: float, pad: Node) -> Callable[[], None] | None:
+        """How c takes the Pad's spatial pads as its own (a function changing its attributes), or None where it
+        cannot. Nothing changes until the function runs."""
+        auto = c.attr("auto_pad", "NOTSET") or "NOTSET"
+        if auto not in ("NOTSET", "VALID") or len(c.outputs) != 1:
+            return None
+        nd = len(begins)
+        old = [0] * (2 * nd) if auto == "VALID" else list(c.attr("pads", None) or [0] * (2 * nd))
+        total = [o + p for o, p in zip(old, begins + ends)]
+        extra: dict[str, Any] = {}
         if is_op(c, "Conv"):
-            return value == 0.0
-        if is_op(c, "AveragePool"):
+            if value != 0.0:
+                return None
+        elif is_op(c, "AveragePool"):
             if value != 0.0 or c.attr("ceil_mode", 0):
-                return False
+                return None
             if not c.attr("count_include_pad", 0):
-                if any(c.attr("pads", None) or []):
-                    return False
-                c.attrs["count_include_pad"] = 1
-            return True
-        if is_op(c, "MaxPool"):
+                if any(old):
+                    return None
+                extra["count_include_pad"] = 1
+        elif is_op(c, "MaxPool"):
             if c.attr("ceil_mode", 0):
-                return False
-            if value == -math.inf:
-                return True
+                if any(int(s) != 1 for s in (c.attr("strides", None) or [1] * nd)):
+                    return None
+                extra["ceil_mode"] = 0  # stride 1: every window ends inside the input, ceil and floor agree
             kernel = list(c.attr("kernel_shape", None) or [])
-            if value != 0.0 or len(kernel) != len(begins) or not _nonnegative(pad.inputs[0].producer):
-                return False
-            old = list(c.attr("pads", None) or [0] * (2 * len(kernel)))
-            total = [o + p for o, p in zip(old, begins + ends)]
-            return all(t < k for t, k in zip(total, kernel + kernel))
-        return False
+            if value != -math.inf and (value != 0.0 or len(kernel) != nd or not _nonnegative(pad.inputs[0].producer)
+                                       or not all(t < k for t, k in zip(total, kernel + kernel))):
+                return None
+        else:
+            return None
+
+        def commit() -> None:
+            c.attrs.update(extra, pads=total, auto_pad="NOTSET")
+        return commit

@@ -58,9 +58,9 @@ def default_pipeline() -> list[Pass]:
         # weight folding into convolutions / gemms, while they are still plain ONNX ops
         FoldBatchNorm(),
         BatchNormToScale(),
-        FoldPad(),
         CommuteAffineThroughRelu(),  # Relu(y) * s + t -> Clip(y * s + t, min=t): the affine then folds too
         FoldScale(),
+        FoldPad(),  # after the affine folds: a zero Pad of Clip(min >= 0) then folds into a MaxPool too
         # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
         HoistActivationAboveReshape(),  # GEMM -> Reshape -> activation: the activation first

@@ -128,3 +128,22 @@ def test_autotuner_skips_a_tactic_that_only_falls_back_and_o0_plans_still_run(mo
                              log.getvalue())
         got = Engine(plan).create_execution_context().execute({"x": x})["y"]
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("z_width,out_width", [(48, 24), (24, 40), (64, 40)])
+def test_conv_matmul_takes_residual_and_destination_of_other_row_strides(z_width: int, out_width: int) -> None:
+    """oneDNN's matmul refuses (reference loops only) a residual whose row stride differs from the destination's,
+    as when the residual or the destination is a channel slice of a Concat's buffer (HGNetV2's stage blocks): the
+    tactic then runs on dense copies instead of falling back to the reference."""
+    node, args = _conv_node(1, True)
+    kernel = get_tactic("cpu.conv_matmul").make(node, {}, torch.device("cpu"))
+    x = _rand(1, 16, 7, 9, seed=3).contiguous(memory_format=torch.channels_last)
+    z = _rand(1, z_width, 7, 9, seed=4).contiguous(memory_format=torch.channels_last)[:, :24]
+    want = lookup("FusedConv", "kiln").compute(node, x, args[1], args[2], z)
+    buf = torch.full((1, out_width, 7, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+    out = buf[:, out_width - 24:]
+    for _ in range(2):
+        got = kernel(x, None, None, z, out=out)
+        assert got is out and rel_err(out, want) <= TOL
+    assert kernel.fallback.reason is None
+    assert torch.isnan(buf[:, :out_width - 24]).all()  # nothing written outside the slice

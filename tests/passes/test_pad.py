@@ -74,3 +74,34 @@ def test_pad_not_folded(pads: list[int], value: float) -> None:
     g, _ = optimized(m)
     assert ops(g) == ["Pad", "FusedConv"]
     compare(m)
+
+
+def test_pad_read_by_a_conv_and_a_ceil_mode_pool() -> None:
+    """HGNetV2's stem: Relu -> Pad(0, 1, 0, 1) read by a 2x2 conv and a 2x2 stride-1 ceil_mode max pool. Both take
+    the pads (with stride 1, ceil_mode changes nothing) and the Pad goes."""
+    p, inits = pad_node("r", "p", [0, 0, 0, 0, 0, 0, 1, 1])
+    inits["w"] = RNG.standard_normal((5, 3, 2, 2)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), p,
+             helper.make_node("Conv", ["p", "w"], ["c"], name="conv1"),
+             helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2, 2], ceil_mode=1, name="pool1"),
+             helper.make_node("Concat", ["m", "c"], ["y"], axis=1)]
+    m = model(nodes, {"x": (1, 3, 9, 8)}, ["y"], inits)
+    g, log = optimized(m)
+    assert "Pad" not in ops(g)
+    assert "[kiln] [V] Fusing pad1 with conv1" in log and "[kiln] [V] Fusing pad1 with pool1" in log
+    compare(m)
+
+
+@pytest.mark.parametrize("second", ["strided_ceil_pool", "add"])
+def test_pad_kept_when_one_reader_cannot_take_it(second: str) -> None:
+    """Every reader must take the pads: a stride-2 ceil_mode pool (its last window depends on where the input
+    ends) or an Add keeps the Pad, and then the conv reads it too."""
+    p, inits = pad_node("r", "p", [0, 0, 0, 0, 0, 0, 1, 1])
+    inits["w"] = RNG.standard_normal((3, 3, 2, 2)).astype(np.float32)
+    other = helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1) \
+        if second == "strided_ceil_pool" else helper.make_node("Add", ["p", "p"], ["m"])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), p, helper.make_node("Conv", ["p", "w"], ["c"]), other]
+    m = model(nodes, {"x": (1, 3, 8, 9)}, ["c", "m"], inits)
+    g, _ = optimized(m)
+    assert "Pad" in ops(g)
+    compare(m)

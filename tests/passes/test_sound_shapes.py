@@ -129,6 +129,25 @@ def test_window_ops_keep_a_spatial_symbol_only_where_proven(op: str, attrs: dict
             assert d == w, (t, want)
 
 
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}),
+    ("Conv", {"pads": [0, 0, 1, 1]}),
+    ("FusedConv", {"pads": [0, 0, 1, 1], "activation": "Relu"}),
+])
+def test_window_ops_with_asymmetric_pads_keep_a_symbolic_batch(op: str, attrs: dict) -> None:
+    """Static spatial dims, asymmetric pads (HGNetV2's stem) and a symbolic batch: the batch symbol passes through
+    and every other dim is known (a symbolic run of such a geometry knew no dim, and a plan of it failed its own
+    load check)."""
+    x = Value("x", TensorType(F32, ("N", 8, 12, 10)))
+    ins = [x]
+    if op != "MaxPool":
+        w = np.random.default_rng().standard_normal((5, 8, 2, 2)).astype(np.float32)
+        import torch
+        ins.append(Value("w", TensorType(F32, (5, 8, 2, 2)), const=torch.from_numpy(w)))
+    (t,) = infer_node(Node(op, ins, [Value("y")], attrs, name="p", opset=17, domain="kiln" if op == "FusedConv" else ""))
+    assert t == TensorType(F32, ("N", 8 if op == "MaxPool" else 5, 12, 10)), t
+
+
 def test_broadcast_against_an_unknown_dim_does_not_claim_the_symbol() -> None:
     a = Value("a", TensorType(F32, ("N", 4)))
     b = Value("b", TensorType(F32, (None, 4)))  # could be 1 at run time: the output is then N, else b's

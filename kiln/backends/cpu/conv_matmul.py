@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight
-from kiln.backends.cpu.dnnl import FLOAT32, library, released, require_library
+from kiln.backends.cpu.dnnl import FLOAT32, DnnlError, library, released, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
 from kiln.backends.cpu.dnnl_float import MatMul
 from kiln.backends.cpu.dnnl_primitive import ChannelsLast
@@ -69,13 +69,15 @@ class MatMulConvTactic(CpuTactic):
         act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
         x_cl, z_cl = ChannelsLast(lib), ChannelsLast(lib)
         c_in = int(w.shape[1])
-        # per (input, destination, residual) shapes and strides: (primitive, output shape, reorder x, reorder z)
-        prims: dict[tuple[Any, ...], tuple[MatMul, tuple[int, ...], bool, bool]] = {}
+        # per (input, destination, residual) shapes and strides: (primitive, output shape, reorder x, reorder z,
+        # the dense destination it writes before the copy into the given one, if any)
+        prims: dict[tuple[Any, ...], tuple[MatMul, tuple[int, ...], bool, bool, Tensor | None]] = {}
         fb = ReferenceFallback(node)
 
         closed: list[bool] = []
 
-        def make(x: Tensor, y: Tensor | None, z: Tensor | None) -> tuple[MatMul, tuple[int, ...], bool, bool]:
+        def make(x: Tensor, y: Tensor | None, z: Tensor | None) -> tuple[MatMul, tuple[int, ...], bool, bool,
+                                                                        Tensor | None]:
             if closed:
                 raise released(node.name)
             if any(t is not None and t.dtype is not FLOAT32 for t in (x, y, z)):
@@ -94,10 +96,29 @@ class MatMulConvTactic(CpuTactic):
             if tuple(y.shape) != shape or ldy is None:
                 raise KilnError(f"'{node.name}' takes a destination of shape {list(shape)} with contiguous channels "
                                 f"and evenly spaced pixels, got {list(y.shape)} with strides {list(y.stride())}")
-            xm = x.as_strided((pixels, c_in), (ldx, 1)) if ldx else torch.empty(pixels, c_in)  # else reordered
-            zm = None if z is None else z.as_strided((pixels, k_out), (ldz, 1)) if ldz else torch.empty(pixels, k_out)
-            prim = MatMul(lib, xm, wm, y.as_strided((pixels, k_out), (ldy, 1)), bias, zm, act, alpha, beta, act_first)
-            return prim, shape, ldx is None, z is not None and ldz is None
+            def matmul(ldx: int | None, ldz: int | None, ldy: int | None) -> MatMul:
+                """The matmul over these row strides (None: a dense copy made at each call)."""
+                xm = x.as_strided((pixels, c_in), (ldx, 1)) if ldx else torch.empty(pixels, c_in)
+                zm = None if z is None else z.as_strided((pixels, k_out), (ldz, 1)) if ldz else \
+                    torch.empty(pixels, k_out)
+                ym = y.as_strided((pixels, k_out), (ldy, 1)) if ldy else torch.empty(pixels, k_out)
+                return MatMul(lib, xm, wm, ym, bias, zm, act, alpha, beta, act_first)
+            try:
+                prim, y_tmp = matmul(ldx, ldz, ldy), None
+            except DnnlError:
+                if ldx in (None, c_in) and ldz in (None, k_out) and ldy == k_out:
+                    raise
+                # oneDNN's fast matmul kernels take some leading dimensions only (its binary post-op refuses a
+                # residual whose row stride differs from the destination's): dense operands, copied at each call
+                # (a residual whose row stride differs from the destination's, measured); x is kept as it is
+                # where that suffices
+                try:
+                    prim = matmul(ldx, None, None)
+                except DnnlError:
+                    ldx = None
+                    prim = matmul(None, None, None)
+                ldz, y_tmp = None, torch.empty(shape, memory_format=torch.channels_last)
+            return prim, shape, ldx is None, z is not None and ldz is None, y_tmp
 
         def k_mm(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
                  out: Tensor | tuple[Tensor, ...] | None = None) -> Tensor:
@@ -111,15 +132,18 @@ class MatMulConvTactic(CpuTactic):
                 if entry is None:
                     return fb(key, (x, None, None, z), out)
                 prims[key] = entry
-            prim, shape, reorder_x, reorder_z = entry
+            prim, shape, reorder_x, reorder_z, y_tmp = entry
             if reorder_x:
                 x = x_cl(x)
             if y is None:
                 y = torch.empty(shape, memory_format=torch.channels_last)
+            dst = y if y_tmp is None else y_tmp
             if z is None:
-                prim.run(x, y)
+                prim.run(x, dst)
             else:
-                prim.run(x, y, z_cl(z) if reorder_z else z)  # the matmul reads the tensors' own addresses
+                prim.run(x, dst, z_cl(z) if reorder_z else z)  # the matmul reads the tensors' own addresses
+            if y_tmp is not None:
+                y.copy_(y_tmp)
             for extra in outs[1:]:
                 extra.copy_(y)
             return y
@@ -131,7 +155,7 @@ class MatMulConvTactic(CpuTactic):
             if not isinstance(y, Tensor) or not isinstance(x, Tensor):
                 return None
             entry = prims.get((x.shape, x.stride(), (y.shape, y.stride()), None if z is None else (z.shape, z.stride())))
-            if entry is None or entry[2] or entry[3]:  # a fallback ran, or an input was copied first
+            if entry is None or entry[2] or entry[3] or entry[4] is not None:  # a fallback ran, or a copy is made
                 return None
             call = entry[0].bind(x, y) if z is None else entry[0].bind(x, y, z)
             extra = outs[1:]
