@@ -118,7 +118,8 @@ def _device_target(device: str) -> dict[str, Any]:
                 "cuda": str(torch.version.cuda)}
     if dev.type != "cpu":
         raise BuildError(f"unsupported target device '{device}' (use cpu or cuda)")
-    return {"device": "cpu"}
+    from kiln.backends.cpu.features import cpu_model, vector_isa
+    return {"device": "cpu", "name": cpu_model(), "isa": vector_isa()}  # what its tactics were timed on
 
 
 class Builder:

@@ -160,6 +160,8 @@ HEADER_CASES = [
     ("target.device", "tpu", "target.device"),
     ("target.device", "cuda", "target.capability"),
     ("target.extra", "x", "target.extra"),
+    ("target.isa", "avx2 " * 100, "target.isa"),
+    ("target.name", 7, "target.name"),
     ("inputs.0.shape.2", -5, "inputs[0].shape[2]: expected an int >= 0 or a symbol name, got -5"),
     ("inputs.0.shape.2", True, "inputs[0].shape[2]"),
     ("inputs.0.shape.2", 1.5, "inputs[0].shape[2]"),

@@ -137,14 +137,14 @@ def _target(t: Any, fail: _Fail) -> None:
     dev = t.get("device")
     if dev not in ("cpu", "cuda"):
         raise fail("target.device", f"expected 'cpu' or 'cuda', got {show(dev)}")
-    known = {"device"} | ({"capability", "name", "cuda"} if dev == "cuda" else set())
+    if dev == "cuda" and not (isinstance(t.get("capability"), str) and _CAPABILITY.fullmatch(t["capability"])):
+        raise fail("target.capability", f"expected a compute capability 'N.M', got {show(t.get('capability'))}")
+    known = {"device"} | ({"capability", "name", "cuda"} if dev == "cuda" else {"name", "isa"})
     for k, v in t.items():
         if k not in known:
             raise fail(f"target.{key(k)}", f"unknown field for device '{dev}'")
         if not isinstance(v, str) or len(v) > 256:
             raise fail(f"target.{k}", f"expected a short string, got {show(v)}")
-    if dev == "cuda" and not _CAPABILITY.fullmatch(t.get("capability", "")):
-        raise fail("target.capability", f"expected a compute capability 'N.M', got {show(t.get('capability'))}")
 
 
 def _dtype(x: Any, path: str, fail: _Fail) -> None:

@@ -22,6 +22,7 @@ from kiln.ops.attrs import check_arity, validate_node
 from kiln.ops.registry import lookup
 from kiln.ir.dtype import DType, array_to_torch
 from kiln.ir.graph import Graph, Node
+from kiln.logger import Logger
 from kiln.plan.format import Plan, load_plan
 from kiln.plan.schema import check_weights, validate_header, verify_graph
 from kiln.plan.serialize import GraphReader
@@ -142,6 +143,7 @@ def _fits(x: torch.Tensor, t: Any) -> bool:
 def _check_target(plan: Plan, where: str) -> torch.device:
     dev = plan.target.get("device")
     if dev == "cpu":
+        _warn_other_cpu(plan, where)
         return torch.device("cpu")
     if dev == "cuda":
         if not torch.cuda.is_available():
@@ -154,6 +156,27 @@ def _check_target(plan: Plan, where: str) -> torch.device:
                                   f"this GPU is {have}; rebuild the plan on this GPU")
         return torch.device("cuda")
     raise PlanFormatError(f"{where}: plan has an unknown target {plan.target!r}")
+
+
+def _warn_other_cpu(plan: Plan, where: str) -> None:
+    """A CPU plan runs on any x86 (or Arm) CPU: oneDNN picks its kernels at run time and the C kernels compile
+    here. Its tactics were timed on the CPU it names, though: on another model or vector ISA, say so once."""
+    from kiln.backends.cpu.features import cpu_model, vector_isa
+    name, isa = plan.target.get("name"), plan.target.get("isa")
+    if name is None and isa is None:
+        return  # a plan from before CPU targets were recorded
+    here = (cpu_model(), vector_isa())
+    if (name, isa) == here or (where, name, isa) in _WARNED_CPU:
+        return
+    _WARNED_CPU.add((where, name, isa))
+    lost = sorted(set((isa or "").split()) - set(here[1].split()))
+    Logger().warning(f"{where}: plan was tuned on {name} ({isa or 'no vector ISA recorded'}); this CPU is {here[0]} "
+                     f"({here[1] or 'no vector ISA recorded'})"
+                     + (f", without {' '.join(lost)}" if lost else "")
+                     + ": its tactic choices were timed there; rebuild the plan here for the fastest ones")
+
+
+_WARNED_CPU: set[tuple[Any, ...]] = set()
 
 
 class Engine:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from typing import Any
 
 import torch
@@ -69,7 +68,8 @@ def environment(device: torch.device) -> dict[str, str]:
         except Exception:
             env["triton"] = "none"
     else:
-        env.update(cpu=platform.processor() or platform.machine(), threads=str(torch.get_num_threads()))
+        from kiln.backends.cpu.features import cpu_model, vector_isa
+        env.update(cpu=cpu_model(), isa=vector_isa(), threads=str(torch.get_num_threads()))
     _ENV_CACHE[key] = env
     return env
 

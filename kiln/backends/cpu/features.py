@@ -1,4 +1,8 @@
-"""What the host CPU computes natively in reduced precision: the one place that reads its feature flags.
+"""What the host CPU is and computes natively: the one place that reads /proc/cpuinfo.
+
+`cpu_model` and `vector_isa` name the machine a CPU build was tuned on: the timing cache keys its entries on
+them and a plan records them (a plan tuned on one x86 CPU runs on another, with a warning that its tactic
+choices were timed elsewhere).
 
 The builder asks `native_low_precision` before lowering a CPU build to float16/bfloat16
 (kiln.passes.precision): oneDNN's bfloat16 convolutions, inner products and pools have jit kernels only
@@ -9,6 +13,7 @@ never native.
 from __future__ import annotations
 
 import functools
+import platform
 
 from kiln.ir.dtype import DType
 
@@ -16,18 +21,48 @@ BF16_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16"})
 """/proc/cpuinfo flags of the instructions oneDNN's jit bfloat16 kernels run on."""
 
 
+VECTOR_FLAGS: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                                 "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd",
+                                 "sve")
+"""The vector extensions that decide which kernels oneDNN and the C compiler pick (x86 and Arm names)."""
+
+
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The host CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where it cannot be read)."""
+    out: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if out:
+                        break
+                    continue
+                out.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return out
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags as /proc/cpuinfo lists them (x86 "flags", Arm "Features"; empty where it
+    cannot be read)."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def cpu_model() -> str:
+    """The host CPU's model name ("AMD EPYC 9R14", "Intel(R) Xeon(R) Platinum 8488C"), else the platform's word."""
+    info = _cpuinfo()
+    name = info.get("model name") or info.get("Model name") or info.get("CPU part") or ""
+    return " ".join(name.split())[:200] or platform.processor() or platform.machine() or "unknown"
+
+
+def vector_isa() -> str:
+    """The host CPU's vector extensions among VECTOR_FLAGS, space-separated in that order ("" where unknown)."""
+    flags = cpu_flags()
+    return " ".join(f for f in VECTOR_FLAGS if f in flags)
 
 
 def native_low_precision(dtype: DType) -> bool:

@@ -72,6 +72,7 @@ import torch
 from kiln.backends.cpu import native
 from kiln.backends.cpu.common import CpuTactic
 from kiln.backends.cpu.fallback import ReferenceFallback
+from kiln.backends.cpu.features import cpu_flags
 from kiln.backends.cpu.pointwise_codegen import _B, _F, _SIMD_DECLS, MAX_DIMS, CProgram, analyse, generate_source
 from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import Built, register_tactic
@@ -110,7 +111,7 @@ def isa_flags() -> tuple[str, ...]:
     library targets the portable baseline plus that one widely shared level, never -march=native."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ()
-    flags = set(native._cpu_flags().split())
+    flags = cpu_flags()
     if not flags:
         cap = torch.backends.cpu.get_cpu_capability()
         return ("-mavx2", "-mfma") if cap in ("AVX2", "AVX512") else ()

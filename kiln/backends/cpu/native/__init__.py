@@ -21,22 +21,13 @@ import tempfile
 import threading
 from typing import Sequence
 
+from kiln.backends.cpu.features import cpu_flags
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 _LOADED: dict[str, ctypes.CDLL | None] = {}
 _ERRORS: dict[str, str] = {}
 _LOCK = threading.Lock()
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
 
 
 def _compile(name: str) -> ctypes.CDLL:
@@ -52,7 +43,7 @@ def _build(name: str, code: bytes, flags: Sequence[str]) -> str:
     cc = settings().cc
     if not cc:
         raise OSError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(code + cc.encode() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + cc.encode() + " ".join(flags).encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     cache = os.path.join(settings().cache_dir, "native")
     path = os.path.join(cache, f"{name}-{key}.so")
     if not os.path.exists(path):
