@@ -162,8 +162,9 @@ class WindowOp(OpDef):
         x = types[0] if types else None
         if x is not None and x.shape is not None and len(x.shape) >= 3 and not isinstance(x.shape[0], int):
             return self._batch_probed(node, types, consts, x.shape[0])
-        if x is None or x.shape is None or len(x.shape) < 3 or all(isinstance(d, int) for d in x.shape[2:]):
-            return infer_by_meta(self, node, types, consts)
+        if x is None or x.shape is None or len(x.shape) < 3 or all(isinstance(d, int) for d in x.shape[2:]) \
+                or any(c is None and t is not None for t, c in list(zip(types, consts))[1:]):
+            return infer_by_meta(self, node, types, consts)  # (a run-time input beside x: FusedConv's residual)
         nd = len(x.shape) - 2
         probe = TensorType(x.dtype, tuple(x.shape[:2]) + (_PROBE,) * nd)
         outs = infer_by_meta(self, node, [probe, *types[1:]], consts)

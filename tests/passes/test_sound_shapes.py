@@ -148,6 +148,18 @@ def test_window_ops_with_asymmetric_pads_keep_a_symbolic_batch(op: str, attrs: d
     assert t == TensorType(F32, ("N", 8 if op == "MaxPool" else 5, 12, 10)), t
 
 
+def test_fused_conv_with_a_residual_keeps_symbolic_batch_and_size() -> None:
+    """FusedConv(x, W, B, Z) over [N, 8, H, 10] with 3x3 same pads: [N, 5, H, 10], the residual typed alike."""
+    import torch
+    x = Value("x", TensorType(F32, ("N", 8, "H", 10)))
+    w = Value("w", TensorType(F32, (5, 8, 3, 3)), const=torch.randn(5, 8, 3, 3))
+    b = Value("b", TensorType(F32, (5,)), const=torch.randn(5))
+    z = Value("z", TensorType(F32, ("N", 5, "H", 10)))
+    (t,) = infer_node(Node("FusedConv", [x, w, b, z], [Value("y")], {"pads": [1, 1, 1, 1], "activation": "Relu"},
+                           name="c", opset=1, domain="kiln"))
+    assert t == TensorType(F32, ("N", 5, "H", 10)), t
+
+
 def test_broadcast_against_an_unknown_dim_does_not_claim_the_symbol() -> None:
     a = Value("a", TensorType(F32, ("N", 4)))
     b = Value("b", TensorType(F32, (None, 4)))  # could be 1 at run time: the output is then N, else b's
