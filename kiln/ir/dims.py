@@ -95,3 +95,42 @@ def dim_resolvable(d: Any, symbols: Iterable[str] | set[str]) -> bool:
     if isinstance(d, DimExpr):
         return d.symbols <= set(symbols)
     return d is not None and d in symbols
+
+
+def dim_upper_bound(d: Any, bounds: Mapping[str, tuple[int, int]]) -> int | None:
+    """The largest value a dim takes while each symbol stays in its (min, max) range, or None where that is not
+    proven: a symbol without a range, or an expression not provably non-decreasing in its symbols (built from
+    sums, positive multiples, products of factors non-negative at the ranges' minima, and floor divisions by a
+    positive constant), whose largest value is then the one at every symbol's max."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str):
+        r = bounds.get(d)
+        return None if r is None else int(r[1])
+    if not isinstance(d, DimExpr) or not d.symbols <= set(bounds):
+        return None
+    lo = {s: int(bounds[s][0]) for s in d.symbols}
+    hi = {s: int(bounds[s][1]) for s in d.symbols}
+
+    def at(e: sympy.Expr, point: Mapping[str, int]) -> int | None:
+        v = e.xreplace({s: sympy.Integer(point[str(s)]) for s in e.free_symbols})
+        return int(v) if v.is_Integer else None
+
+    def rising(e: sympy.Expr) -> bool:
+        if e.is_Integer or e.is_Symbol:
+            return True
+        name = type(e).__name__
+        if isinstance(e, sympy.Add):
+            return all(rising(a) for a in e.args)
+        if isinstance(e, sympy.Mul):
+            coeff = [a for a in e.args if a.is_Number]
+            factors = [a for a in e.args if not a.is_Number]
+            if any(c <= 0 for c in coeff):
+                return False
+            if len(factors) == 1:
+                return rising(factors[0])
+            return all(rising(f) and (at(f, lo) or 0) >= 0 and at(f, lo) is not None for f in factors)
+        if name == "FloorDiv":
+            return e.args[1].is_Integer and int(e.args[1]) > 0 and rising(e.args[0])
+        return False
+    return at(d.expr, hi) if rising(d.expr) else None

@@ -27,6 +27,16 @@ def _ints(v: Value | None) -> list[int] | None:
     return [int(i) for i in v.const.reshape(-1).tolist()]
 
 
+def _fits_int32(d: Dim) -> bool:
+    """Whether a dim's value provably fits int32 (Paddle's exports cast Shape outputs to int32 and back): a
+    static dim, or a symbol / derived dim whose largest value over the profiles' ranges does (the runtime
+    refuses inputs outside them)."""
+    from kiln.ir.dims import dim_upper_bound
+    from kiln.ops.symbolic import current_bounds
+    top = dim_upper_bound(d, current_bounds())
+    return top is not None and -(1 << 31) <= top < (1 << 31) and (not isinstance(d, int) or d >= -(1 << 31))
+
+
 def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | None:
     """(the dims v holds, whether v is a scalar) for an integer shape value, or None when unknown."""
     if v is None or depth > 16:
@@ -48,6 +58,9 @@ def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | N
         return _where_entries(p, depth)
     if is_op(p, "Cast") and int(p.attr("to", 0) or 0) == 7:  # to int64: dims keep their values
         return shape_entries(p.input(0), depth + 1)
+    if is_op(p, "Cast") and int(p.attr("to", 0) or 0) == 6:  # to int32: where every dim provably fits
+        src = shape_entries(p.input(0), depth + 1)
+        return src if src is not None and all(_fits_int32(d) for d in src[0]) else None
     if is_op(p, "Reshape"):  # a shape vector reshaped to [-1] or to its own length
         src, tgt = shape_entries(p.input(0), depth + 1), _ints(p.input(1))
         if src is None or src[1] or tgt not in ([-1], [len(src[0])]):

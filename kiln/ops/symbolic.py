@@ -69,6 +69,11 @@ def _quiet() -> Iterator[None]:
 _BOUNDS: contextvars.ContextVar[dict[str, tuple[int, int]]] = contextvars.ContextVar("kiln_symbol_bounds", default={})
 
 
+def current_bounds() -> dict[str, tuple[int, int]]:
+    """The (min, max) of each input symbol under the build's profiles (empty outside a build's passes)."""
+    return _BOUNDS.get()
+
+
 @contextlib.contextmanager
 def symbol_bounds(bounds: dict[str, tuple[int, int]]) -> Iterator[None]:
     """Inside: each named input symbol lies in [lo, hi] (the builder passes the optimization profiles'

@@ -156,24 +156,54 @@ def _heads(v: Value, transposed: bool) -> Heads | None:
         if not is_op(t, "Transpose") or list(t.attr("perm") or []) != [0, 1, 3, 2]:  # type: ignore[union-attr]
             return None
         return _heads(t.inputs[0], False)  # type: ignore[union-attr]
-    sq = t
-    if not is_op(sq, "Squeeze") or sq.input(1) is None or sq.inputs[1].const is None \
-            or sq.inputs[1].const.reshape(-1).tolist() != [0]:  # type: ignore[union-attr]
+    part = _packed_part(t)
+    if part is None:
         return None
-    sp = sq.inputs[0].producer  # type: ignore[union-attr]
-    if not is_op(sp, "Split") or int(sp.attr("axis", 0)) != 0:  # type: ignore[union-attr]
-        return None
-    u = _unpack(sp.inputs[0].producer, [2, 0, 3, 1, 4], 5)  # type: ignore[union-attr]
+    packed, i = part
+    u = _unpack(packed.producer, [2, 0, 3, 1, 4], 5)
     if u is None:
         return None
     x, y = u
     n, h, d = (int(k) for k in y.type.shape[2:])  # type: ignore[index, arg-type]
-    sizes = sp.input(1)  # type: ignore[union-attr]
-    if len(sp.outputs) != n or (sizes is not None and (sizes.const is None  # type: ignore[union-attr]
-                                                        or sizes.const.reshape(-1).tolist() != [1] * n)):
+    if not 0 <= i < n or (part_count(t) not in (None, n)):
         return None
-    i = next(k for k, o in enumerate(sp.outputs) if o is sq.inputs[0])  # type: ignore[union-attr]
     return x, i * h * d, (i + 1) * h * d, h, d
+
+
+def _packed_part(sq: Node | None) -> tuple[Value, int] | None:
+    """(p, i) where sq = Squeeze(axis 0) of part i of p along axis 0, taken by a Split into equal parts of one
+    (timm, torch.unbind) or by a Slice [i, i + 1) (Paddle's qkv[0], an opset-11 Squeeze with an axes attribute),
+    else None."""
+    if not is_op(sq, "Squeeze"):
+        return None
+    axes = sq.inputs[1].const.reshape(-1).tolist() if sq.input(1) is not None and sq.inputs[1].const is not None \
+        else (None if sq.input(1) is not None else list(sq.attr("axes", None) or []))  # type: ignore[union-attr]
+    if axes != [0]:
+        return None
+    part = sq.inputs[0]  # type: ignore[union-attr]
+    sp = part.producer
+    if is_op(sp, "Split") and int(sp.attr("axis", 0)) == 0:  # type: ignore[union-attr]
+        sizes = sp.input(1)  # type: ignore[union-attr]
+        if sizes is not None and (sizes.const is None or set(sizes.const.reshape(-1).tolist()) != {1}):
+            return None
+        return sp.inputs[0], next(k for k, o in enumerate(sp.outputs) if o is part)  # type: ignore[union-attr]
+    if is_op(sp, "Slice") and sp.opset >= 10:  # type: ignore[union-attr]
+        args = [sp.input(k) for k in range(1, 5)]  # type: ignore[union-attr]
+        if any(a is not None and a.const is None for a in args) or args[0] is None or args[1] is None:
+            return None
+        starts, ends = (a.const.reshape(-1).tolist() for a in args[:2])  # type: ignore[union-attr]
+        axes_s = args[2].const.reshape(-1).tolist() if args[2] is not None else [0]  # type: ignore[union-attr]
+        steps = args[3].const.reshape(-1).tolist() if args[3] is not None else [1]  # type: ignore[union-attr]
+        if len(starts) != 1 or axes_s != [0] or steps != [1] or starts[0] < 0 or ends[0] != starts[0] + 1:
+            return None
+        return sp.inputs[0], int(starts[0])  # type: ignore[union-attr]
+    return None
+
+
+def part_count(sq: Node | None) -> int | None:
+    """How many parts the Split feeding `sq`'s input makes (None for a Slice, which takes one part)."""
+    sp = sq.inputs[0].producer if sq is not None else None  # type: ignore[union-attr]
+    return len(sp.outputs) if is_op(sp, "Split") else None
 
 
 def _merged(y: Value, uses: Uses) -> tuple[list[Node], Value, list[Node]] | None:

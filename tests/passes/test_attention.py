@@ -157,6 +157,42 @@ def test_vit_packed_qkv_becomes_one_layer_over_column_views() -> None:
     assert {st["tactic"] for st in steps if st["op"] == "Slice"} == {"view.slice"}
 
 
+def test_paddle_packed_qkv_with_slices_and_an_int32_shape_round_trip() -> None:
+    """Paddle2ONNX's SVTR attention (PP-OCR's recogniser): the qkv Reshape target computed as
+    Concat([0], Cast(Slice(Cast(Shape(x), int32), 1, 2), int64), [3, H, D]), the parts taken by Slice [i, i + 1)
+    on axis 0 and an opset-11 Squeeze with an axes attribute, the scale a Mul on q. The int32 cast is proven
+    lossless from the profile's range of the sequence dim, so the heads are known and the attention fuses."""
+    rng = np.random.default_rng(5)
+    n, c = _proj(rng, "qkv", "x", 3 * E)
+    nodes = n + [helper.make_node("Shape", ["x"], ["shp"]), helper.make_node("Cast", ["shp"], ["shp32"], to=6),
+                 helper.make_node("Slice", ["shp32", "one", "two"], ["s32"]),
+                 helper.make_node("Cast", ["s32"], ["s64"], to=7),
+                 helper.make_node("Concat", ["zero", "s64", "hd"], ["split"], axis=0),
+                 helper.make_node("Reshape", ["qkv", "split"], ["r"]),
+                 helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 3, 1, 4])]
+    for i, name in enumerate("qkv"):
+        nodes += [helper.make_node("Slice", ["t", f"st{i}", f"en{i}", "zero"], [f"p{i}"]),
+                  helper.make_node("Squeeze", [f"p{i}"], [f"{name}0"], axes=[0])]
+        c.update({f"st{i}": _i64(i), f"en{i}": _i64(i + 1)})
+    nodes += [helper.make_node("Mul", ["q0", "scale"], ["qs"]),
+              helper.make_node("Transpose", ["k0"], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qs", "kt"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=3),
+              helper.make_node("MatMul", ["p", "v0"], ["o"]),
+              helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "merge"], ["y"])]
+    consts = {**c, "one": _i64(1), "two": _i64(2), "zero": _i64(0), "hd": _i64(3, H, D), "scale": _f(D ** -0.5),
+              "merge": _i64(0, 0, E)}
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", E])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    feeds = {"x": rng.standard_normal((2, 13, E)).astype(np.float32)}
+    steps = _check(model, feeds, {"x": ((1, 5, E), (2, 9, E), (4, 40, E))})
+    ops = [st["op"] for st in steps]
+    assert ops.count("Attention") == 1 and "Softmax" not in ops and "Transpose" not in ops, ops
+
+
 def test_four_d_inputs_with_a_causal_mask_constant() -> None:
     rng = np.random.default_rng(4)
     s = 6

@@ -507,3 +507,25 @@ def test_derived_dims_come_back_exact_and_run_at_every_shape() -> None:
         got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
         assert got.shape == want.shape == (b, s, 32)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_dim_upper_bound_only_where_proven() -> None:
+    """The largest value of a dim over the symbols' ranges: exact for a symbol and for an expression built to rise
+    with its symbols (a strided window's size, a product of sizes); None for a symbol without a range, a falling
+    or sign-changing expression - checked against every point of the ranges."""
+    import itertools
+
+    from torch.utils._sympy.functions import FloorDiv
+
+    from kiln.ir.dims import dim_upper_bound, sym
+    w, h = sym("w"), sym("h")
+    bounds = {"w": (160, 200), "h": (1, 9)}
+    rising = [DimExpr(FloorDiv(FloorDiv(w - 1, 16) - 2, 3) + 1), DimExpr((FloorDiv(w - 1, 4) + 1) * h),
+              DimExpr(3 * h + w)]
+    for e in rising:
+        top = max(e.evaluate({"w": a, "h": b}) for a, b in itertools.product(range(160, 201), range(1, 10)))
+        assert dim_upper_bound(e, bounds) == top, e
+    assert dim_upper_bound("w", bounds) == 200 and dim_upper_bound(7, bounds) == 7
+    assert dim_upper_bound("n", bounds) is None
+    for e in (DimExpr(200 - w), DimExpr((h - 5) * (h - 7)), DimExpr(FloorDiv(w, 2) * sym("n"))):
+        assert dim_upper_bound(e, bounds) is None, e
