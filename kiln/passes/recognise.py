@@ -27,7 +27,7 @@ import torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import Dim
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.rewrite import Uses, const, is_op, replace_nodes, runtime, scalar
+from kiln.passes.rewrite import Uses, const, is_op, remove_node, replace_nodes, runtime, scalar
 
 Tensor = torch.Tensor
 GELU_OPSET = 20           # the first ai.onnx opset with Gelu
@@ -502,9 +502,33 @@ class RecogniseChannelShuffle(Pass):
             replace_nodes(g, nodes, [node])
             ctx.logger.verbose(f"Recognised channel shuffle {node.name} ({groups} groups of {x.type.shape[1]} "  # type: ignore[index]
                                f"channels) from {', '.join(k.name for k in nodes)}")
+            cat = self._concat_of_groups(x, groups, uses)
+            if cat is not None and ctx.device == "cpu":
+                # the shuffle reads the Concat's inputs, one group each: the Concat's copy is gone
+                node.inputs = list(cat.inputs)
+                remove_node(g, cat)
+                ctx.logger.verbose(f"Channel shuffle {node.name} reads the {groups} inputs of {cat.name}")
             changed = True
             uses.refresh()
         return changed
+
+    @staticmethod
+    def _concat_of_groups(x: Value, groups: int, uses: Uses) -> Node | None:
+        """The Concat on the channel axis making x from `groups` run-time inputs of x.shape[1] / groups channels each
+        (ShuffleNet's two branches), where nothing else reads x; else None."""
+        cat = x.producer
+        if not is_op(cat, "Concat") or len(cat.inputs) != groups or uses.only(x) is None \
+                or uses.is_output(x):  # type: ignore[union-attr]
+            return None
+        axis = int(cat.attr("axis", 0))  # type: ignore[union-attr]
+        c = x.type.shape[1]  # type: ignore[index]
+        if axis not in (1, -3) or not all(runtime(v) and v.type.shape is not None and len(v.type.shape) == 4
+                                          and v.type.shape[1] == c // groups and v.type.dtype == x.type.dtype
+                                          for v in cat.inputs):  # type: ignore[union-attr]
+            return None
+        first = cat.inputs[0].type.shape  # type: ignore[union-attr]
+        same = all(v.type.shape == first for v in cat.inputs)  # type: ignore[union-attr]
+        return cat if same and all(isinstance(d, (int, str)) for d in first) else None  # type: ignore[union-attr]
 
     @staticmethod
     def _match(t: Node, uses: Uses) -> tuple[list[Node], Value, Value, int] | None:

@@ -21,6 +21,7 @@ from kiln.backends.tactic import Built, Kernel, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 from kiln.ops.attrs import read
+from kiln.ops.registry import lookup
 from kiln.ops.shuffle import shuffle_into
 
 Tensor = torch.Tensor
@@ -35,6 +36,9 @@ def _library() -> Any:
     if lib is not None and not hasattr(lib, "_kiln_typed"):
         lib.kiln_channel_shuffle_32.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _L, _L, _P, _L, _L, _L, _L, C.c_int]
         lib.kiln_channel_shuffle_32.restype = None
+        lib.kiln_channel_interleave2_32.argtypes = [_P, _L, _L, _L, _L, _P, _L, _L, _L, _L, _L, _L, _L, _L, _P, _L, _L,
+                                                    _L, _L, C.c_int]
+        lib.kiln_channel_interleave2_32.restype = None
         lib._kiln_typed = True
     return lib
 
@@ -49,7 +53,9 @@ class CpuChannelShuffleTactic(CpuTactic):
 
     def accepts(self, node: Node) -> bool:
         x = node.input(0)
-        return (x is not None and is_f32(x) and x.type.rank == 4 and len(node.outputs) == 1
+        if len(node.inputs) == 2 and not all(is_f32(v) and v.type.rank == 4 for v in node.inputs):
+            return False
+        return (x is not None and is_f32(x) and x.type.rank == 4 and len(node.outputs) == 1 and len(node.inputs) <= 2
                 and is_f32(node.outputs[0]) and _library() is not None)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
@@ -58,6 +64,8 @@ class CpuChannelShuffleTactic(CpuTactic):
             raise KilnError(f"cpu.channel_shuffle: no C compiler builds its kernel here "
                             f"({native.error('channel_shuffle')})")
         groups = int(read(node, "groups"))
+        if len(node.inputs) == 2:
+            return _interleave_kernel(node, lib.kiln_channel_interleave2_32)
         shuffle = lib.kiln_channel_shuffle_32
 
         def k_channel_shuffle(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -91,6 +99,46 @@ class CpuChannelShuffleTactic(CpuTactic):
             bound.kept = x  # type: ignore[attr-defined]  # the source the pointer points into stays alive
             return bound
         return Kernel(k_channel_shuffle, out_format="channels_last", bind=bind)
+
+
+def _interleave_kernel(node: Node, interleave: Any) -> Kernel:
+    """ChannelShuffle(a, b) (groups 2): y[:, 2i] = a[:, i], y[:, 2i + 1] = b[:, i] in one C pass."""
+    reference = lookup("ChannelShuffle", "kiln").compute
+
+    def args_for(a: Tensor, b: Tensor, out: Tensor) -> tuple[Any, ...] | None:
+        """The C call's arguments, or None where the reference must run (other shapes, devices, types)."""
+        if a.dim() != 4 or a.shape != b.shape or out.dim() != 4 or tuple(out.shape) != (
+                a.shape[0], 2 * a.shape[1], a.shape[2], a.shape[3]) or any(
+                t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b, out)) or a.numel() == 0:
+            return None
+        n, cg, h, w = a.shape
+        return (a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), n, cg, h, w, out.data_ptr(), *out.stride())
+
+    def k_interleave(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            out = torch.empty((a.shape[0], 2 * a.shape[1], *a.shape[2:]), dtype=a.dtype,
+                              memory_format=torch.channels_last) if a.dim() == 4 else None  # type: ignore[assignment]
+        fixed = None if out is None else args_for(a, b, out)
+        if fixed is None:
+            y = reference(node, a, b)
+            return y if out is None else out.copy_(y)
+        interleave(*fixed, torch.get_num_threads() if 2 * a.numel() >= PARALLEL_MIN else 1)
+        return out
+
+    def bind(args: Any, out: Any) -> Any:
+        if len(args) != 2 or not all(isinstance(t, Tensor) for t in (*args, out)):
+            return None
+        fixed = args_for(args[0], args[1], out)
+        if fixed is None:
+            return None
+        big = 2 * args[0].numel() >= PARALLEL_MIN
+
+        def bound() -> Tensor:
+            interleave(*fixed, torch.get_num_threads() if big else 1)
+            return out
+        bound.kept = tuple(args)  # type: ignore[attr-defined]  # the sources the pointers point into stay alive
+        return bound
+    return Kernel(k_interleave, out_format="channels_last", bind=bind)
 
 
 register_tactic(CpuChannelShuffleTactic())

@@ -30,7 +30,7 @@ class CudaChannelShuffleTactic(Tactic):
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         x = node.input(0)
         return (node.domain == "kiln" and node.op_type == "ChannelShuffle" and x is not None and x.type.rank == 4
-                and len(node.outputs) == 1)
+                and len(node.inputs) == 1 and len(node.outputs) == 1)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         groups = int(read(node, "groups"))
