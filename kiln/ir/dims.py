@@ -116,10 +116,13 @@ def dim_upper_bound(d: Any, bounds: Mapping[str, tuple[int, int]]) -> int | None
         v = e.xreplace({s: sympy.Integer(point[str(s)]) for s in e.free_symbols})
         return int(v) if v.is_Integer else None
 
+    def nonnegative_rising(f: sympy.Expr) -> bool:
+        low = at(f, lo)
+        return low is not None and low >= 0 and rising(f)
+
     def rising(e: sympy.Expr) -> bool:
         if e.is_Integer or e.is_Symbol:
             return True
-        name = type(e).__name__
         if isinstance(e, sympy.Add):
             return all(rising(a) for a in e.args)
         if isinstance(e, sympy.Mul):
@@ -129,8 +132,8 @@ def dim_upper_bound(d: Any, bounds: Mapping[str, tuple[int, int]]) -> int | None
                 return False
             if len(factors) == 1:
                 return rising(factors[0])
-            return all(rising(f) and (at(f, lo) or 0) >= 0 and at(f, lo) is not None for f in factors)
-        if name == "FloorDiv":
+            return all(nonnegative_rising(f) for f in factors)
+        if type(e).__name__ == "FloorDiv":
             return e.args[1].is_Integer and int(e.args[1]) > 0 and rising(e.args[0])
         return False
     return at(d.expr, hi) if rising(d.expr) else None

@@ -34,7 +34,7 @@ def _fits_int32(d: Dim) -> bool:
     from kiln.ir.dims import dim_upper_bound
     from kiln.ops.symbolic import current_bounds
     top = dim_upper_bound(d, current_bounds())
-    return top is not None and -(1 << 31) <= top < (1 << 31) and (not isinstance(d, int) or d >= -(1 << 31))
+    return top is not None and -(1 << 31) <= top < (1 << 31)
 
 
 def shape_entries(v: Value | None, depth: int = 0) -> tuple[list[Dim], bool] | None:

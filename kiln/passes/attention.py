@@ -159,21 +159,21 @@ def _heads(v: Value, transposed: bool) -> Heads | None:
     part = _packed_part(t)
     if part is None:
         return None
-    packed, i = part
+    packed, i, parts = part
     u = _unpack(packed.producer, [2, 0, 3, 1, 4], 5)
     if u is None:
         return None
     x, y = u
     n, h, d = (int(k) for k in y.type.shape[2:])  # type: ignore[index, arg-type]
-    if not 0 <= i < n or (part_count(t) not in (None, n)):
+    if not 0 <= i < n or parts not in (None, n):
         return None
     return x, i * h * d, (i + 1) * h * d, h, d
 
 
-def _packed_part(sq: Node | None) -> tuple[Value, int] | None:
-    """(p, i) where sq = Squeeze(axis 0) of part i of p along axis 0, taken by a Split into equal parts of one
-    (timm, torch.unbind) or by a Slice [i, i + 1) (Paddle's qkv[0], an opset-11 Squeeze with an axes attribute),
-    else None."""
+def _packed_part(sq: Node | None) -> tuple[Value, int, int | None] | None:
+    """(p, i, parts) where sq = Squeeze(axis 0) of part i of p along axis 0, taken by a Split into `parts` equal
+    parts of one (timm, torch.unbind) or by a Slice [i, i + 1) (Paddle's qkv[0], an opset-11 Squeeze with an axes
+    attribute; parts None), else None."""
     if not is_op(sq, "Squeeze"):
         return None
     axes = sq.inputs[1].const.reshape(-1).tolist() if sq.input(1) is not None and sq.inputs[1].const is not None \
@@ -186,7 +186,8 @@ def _packed_part(sq: Node | None) -> tuple[Value, int] | None:
         sizes = sp.input(1)  # type: ignore[union-attr]
         if sizes is not None and (sizes.const is None or set(sizes.const.reshape(-1).tolist()) != {1}):
             return None
-        return sp.inputs[0], next(k for k, o in enumerate(sp.outputs) if o is part)  # type: ignore[union-attr]
+        i = next(k for k, o in enumerate(sp.outputs) if o is part)  # type: ignore[union-attr]
+        return sp.inputs[0], i, len(sp.outputs)  # type: ignore[union-attr]
     if is_op(sp, "Slice") and sp.opset >= 10:  # type: ignore[union-attr]
         args = [sp.input(k) for k in range(1, 5)]  # type: ignore[union-attr]
         if any(a is not None and a.const is None for a in args) or args[0] is None or args[1] is None:
@@ -196,14 +197,8 @@ def _packed_part(sq: Node | None) -> tuple[Value, int] | None:
         steps = args[3].const.reshape(-1).tolist() if args[3] is not None else [1]  # type: ignore[union-attr]
         if len(starts) != 1 or axes_s != [0] or steps != [1] or starts[0] < 0 or ends[0] != starts[0] + 1:
             return None
-        return sp.inputs[0], int(starts[0])  # type: ignore[union-attr]
+        return sp.inputs[0], int(starts[0]), None  # type: ignore[union-attr]
     return None
-
-
-def part_count(sq: Node | None) -> int | None:
-    """How many parts the Split feeding `sq`'s input makes (None for a Slice, which takes one part)."""
-    sp = sq.inputs[0].producer if sq is not None else None  # type: ignore[union-attr]
-    return len(sp.outputs) if is_op(sp, "Split") else None
 
 
 def _merged(y: Value, uses: Uses) -> tuple[list[Node], Value, list[Node]] | None:

@@ -502,8 +502,8 @@ class RecogniseChannelShuffle(Pass):
             replace_nodes(g, nodes, [node])
             ctx.logger.verbose(f"Recognised channel shuffle {node.name} ({groups} groups of {x.type.shape[1]} "  # type: ignore[index]
                                f"channels) from {', '.join(k.name for k in nodes)}")
-            cat = self._concat_of_groups(x, groups, uses)
-            if cat is not None and ctx.device == "cpu":
+            cat = self._concat_of_groups(x, groups, uses) if ctx.device == "cpu" else None
+            if cat is not None:
                 # the shuffle reads the Concat's inputs, one group each: the Concat's copy is gone
                 node.inputs = list(cat.inputs)
                 remove_node(g, cat)

@@ -109,9 +109,8 @@ class MatMulConvTactic(CpuTactic):
                 if ldx in (None, c_in) and ldz in (None, k_out) and ldy == k_out:
                     raise
                 # oneDNN's fast matmul kernels take some leading dimensions only (its binary post-op refuses a
-                # residual whose row stride differs from the destination's): dense operands, copied at each call
-                # (a residual whose row stride differs from the destination's, measured); x is kept as it is
-                # where that suffices
+                # residual whose row stride differs from the destination's): dense operands, copied at each call;
+                # x kept as it is where that suffices
                 try:
                     prim = matmul(ldx, None, None)
                 except DnnlError:

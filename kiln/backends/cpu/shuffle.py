@@ -52,11 +52,9 @@ class CpuChannelShuffleTactic(CpuTactic):
     ops = (("kiln", "ChannelShuffle"),)
 
     def accepts(self, node: Node) -> bool:
-        x = node.input(0)
-        if len(node.inputs) == 2 and not all(is_f32(v) and v.type.rank == 4 for v in node.inputs):
-            return False
-        return (x is not None and is_f32(x) and x.type.rank == 4 and len(node.outputs) == 1 and len(node.inputs) <= 2
-                and is_f32(node.outputs[0]) and _library() is not None)
+        return (len(node.inputs) in (1, 2) and all(v is not None and is_f32(v) and v.type.rank == 4
+                                                     for v in node.inputs)
+                and len(node.outputs) == 1 and is_f32(node.outputs[0]) and _library() is not None)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = _library()
@@ -115,9 +113,9 @@ def _interleave_kernel(node: Node, interleave: Any) -> Kernel:
         return (a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), n, cg, h, w, out.data_ptr(), *out.stride())
 
     def k_interleave(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-        if out is None:
+        if out is None and a.dim() == 4:
             out = torch.empty((a.shape[0], 2 * a.shape[1], *a.shape[2:]), dtype=a.dtype,
-                              memory_format=torch.channels_last) if a.dim() == 4 else None  # type: ignore[assignment]
+                              memory_format=torch.channels_last)
         fixed = None if out is None else args_for(a, b, out)
         if fixed is None:
             y = reference(node, a, b)
