@@ -4,6 +4,9 @@
   Slice clamps starts and ends exactly like Python slices do (negative values count from the end,
   out-of-range values clamp), so the node becomes ``x[key]`` with ``key`` built once: a view, no
   kernel, on any device and element type.
+* ``view.gather``: a Gather whose indices are a constant scalar (``x.select(axis, i)``: BERT's pooler and
+  ViT's class token read row 0) or a constant run of consecutive indices of one sign (``x.narrow``); a
+  negative index counts from the end of the axis at run time, as the op's reference does.
 * ``concat.elide``: a Concat the optimizer marked ``kiln_elide`` (see kiln.passes.concat) whose
   inputs are all stored in place (kiln.plan.elision): their producers run tactics that write into a given
   output (``Tactic.writes_out``), or they are Concats laid out in place themselves, nested in this one's
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
+from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
 Tensor = torch.Tensor
@@ -92,6 +96,55 @@ class SliceView(Tactic):
         return Kernel(k_slice, prepacked=frozenset({1, 2, 3, 4}), bind=bind)  # parameters baked in
 
 
+def gather_key(node: Node) -> tuple[int, int, int | None] | None:
+    """(axis, first index, run length or None for a scalar index) of a Gather that is a view, else None."""
+    x, idx = node.input(0), node.input(1)
+    if x is None or idx is None or idx.const is None or x.type.rank is None or len(node.outputs) != 1:
+        return None
+    rank = x.type.rank
+    axis = int(node.attr("axis", 0))
+    if not -rank <= axis < rank or idx.const.dim() > 1 or idx.const.dtype not in (torch.int32, torch.int64):
+        return None
+    vals = [int(v) for v in idx.const.reshape(-1).tolist()]
+    if idx.const.dim() == 0:
+        return axis % rank, vals[0], None
+    if not vals or any(b != a + 1 for a, b in zip(vals, vals[1:])) or (vals[0] < 0) != (vals[-1] < 0):
+        return None
+    return axis % rank, vals[0], len(vals)
+
+
+class GatherView(Tactic):
+    """Gather by a constant scalar index or a constant run of consecutive indices, as a view (select / narrow)."""
+
+    id = "view.gather"
+    devices = ("cpu", "cuda")
+    priority = 50
+    is_view = True
+
+    def supports(self, node: Node, ctx: TacticContext) -> bool:
+        return node.op_type == "Gather" and node.domain in ("", "ai.onnx") and gather_key(node) is not None
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        axis, first, run = gather_key(node)  # type: ignore[misc]
+
+        def k_gather(x: Tensor, *_: Any) -> Tensor:
+            n = x.shape[axis]
+            start = first + n if first < 0 else first
+            if run is None:
+                if not 0 <= start < n:
+                    raise KilnError(f"node '{node.name}': Gather index {first} is out of range for size {n}")
+                return x.select(axis, start)
+            if not (0 <= start and start + run <= n):
+                raise KilnError(f"node '{node.name}': Gather indices {first}..{first + run - 1} are out of range "
+                                f"for size {n}")
+            return x.narrow(axis, start, run)
+
+        def bind(args: Any, out: Any) -> Any:
+            view = k_gather(args[0]) if out is None and isinstance(args[0], Tensor) else None
+            return None if view is None else (lambda: view)
+        return Kernel(k_gather, prepacked=frozenset({1}), bind=bind)
+
+
 def concat_axis(node: Node) -> int | None:
     """The Concat's axis normalized to [0, rank), or None when the rank is unknown."""
     rank = node.inputs[0].type.rank if node.inputs and node.inputs[0] is not None else None
@@ -155,5 +208,6 @@ class ConcatPartial(ConcatElide):
 
 
 register_tactic(SliceView())
+register_tactic(GatherView())
 register_tactic(ConcatElide())
 register_tactic(ConcatPartial())

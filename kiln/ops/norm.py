@@ -169,7 +169,8 @@ class AddLayerNormalization(OpDef):
         Y = RMSNormalization(S, Scale)              rms = 1 (no B)
 
     Outputs Y and, when the sum is read elsewhere too (a pre-norm transformer's residual stream), S.
-    X and R have one shape; Scale and B broadcast over the normalized dims.
+    R has X's rank and, in each dim, X's size or 1 (ViT's position embedding [1, S, D] added to every image);
+    Scale and B broadcast over the normalized dims.
     """
 
     op_type = "AddLayerNormalization"
@@ -181,9 +182,12 @@ class AddLayerNormalization(OpDef):
     def compute(self, node: Node, x: Tensor, r: Tensor, scale: Tensor,
                 b: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
         require_float(node, x, r, scale, b)
-        require(x.dim() == r.dim() and all(a == b for a, b in zip(x.shape, r.shape)),
-                lambda: f"node '{node.name}': AddLayerNormalization adds R of shape {list(r.shape)} to X of shape "
-                        f"{list(x.shape)}")
+        def bad() -> str:
+            return f"node '{node.name}': AddLayerNormalization adds R of shape {list(r.shape)} to X of shape {list(x.shape)}"
+        require(x.dim() == r.dim(), bad)
+        for dx, dr in zip(x.shape, r.shape):
+            if not (isinstance(dr, int) and dr == 1):
+                require(dx == dr, bad)
         s = x + r.to(x.dtype)
         axis = norm_axis(int(read(node, "axis")), s.dim())
         eps = float(read(node, "epsilon"))

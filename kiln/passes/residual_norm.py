@@ -9,6 +9,7 @@ reads it: one launch and one write and read of the activations fewer per sublaye
 
     FusedGemm(A, W, B, Z) [no activation] -> h -> LayerNormalization / RMSNormalization(h)
     Add(x, r) [two run-time tensors of one shape]            -> h -> LayerNormalization / RMSNormalization(h)
+    Add(x, C) [C a constant broadcasting to x's shape]       -> h -> ...   (ViT's position embedding)
         => (FusedGemm(A, W, B) -> g,) AddLayerNormalization(g | x, Z | r) -> y (, h where h is read elsewhere)
 
 The norm must be one the Triton kernel runs (cuda.triton_layernorm: Y only, stash_type float32, constant scale
@@ -51,7 +52,24 @@ def _sum_of(h: Value, uses: Uses) -> tuple[Node, Value, Value] | None:
         if runtime(a) and runtime(b) and a is not b and all(
                 v.type.dtype == h.type.dtype and same_shape(v.type, h.type) for v in (a, b)):
             return p, a, b
+        for x, r in ((a, b), (b, a)):
+            if runtime(x) and x.type.dtype == h.type.dtype and same_shape(x.type, h.type):
+                c = _outer_broadcast(r, h)
+                if c is not None:
+                    return p, x, c
     return None
+
+
+def _outer_broadcast(r: Value | None, h: Value) -> Value | None:
+    """A constant R of h's type that broadcasts to h's shape (ViT's position embedding [1, S, D] added to every
+    image), as a constant of h's rank (leading 1s added); None otherwise."""
+    c = const(r)
+    if c is None or r.type.dtype != h.type.dtype or h.type.shape is None or c.dim() > len(h.type.shape):  # type: ignore[union-attr]
+        return None
+    shape = [1] * (len(h.type.shape) - c.dim()) + list(c.shape)
+    if any(n != 1 and n != d for n, d in zip(shape, h.type.shape)):
+        return None
+    return r if c.dim() == len(shape) else Value(f"{r.name}_r{len(shape)}", const=c.reshape(shape))  # type: ignore[union-attr]
 
 
 class FuseResidualNorm(Pass):

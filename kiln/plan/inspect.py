@@ -24,7 +24,7 @@ from kiln.plan.header import PlanHeader, read_header
 SCHEMA = "kiln-inspect/1"
 # Tactics whose steps launch nothing (kiln.backends.views: Tactic.is_view / Tactic.elides); the registry
 # imports torch, so this table stands in for it here (tests/test_inspect.py holds it against the registry).
-NON_LAUNCHING = {"view.slice": "view", "concat.elide": "elided"}
+NON_LAUNCHING = {"view.slice": "view", "view.gather": "view", "concat.elide": "elided"}
 MAX_PROFILE_BYTES = 64 << 20
 _SUBGRAPH_DEPTH = 64
 

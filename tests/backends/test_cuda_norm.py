@@ -169,17 +169,43 @@ def test_add_layernorm_matches_float64(dtype, shape, axis, rms, bias, outputs) -
     _close(ref[0] if outputs == 2 else ref, want, dtype)
 
 
-def test_add_layernorm_declines_mismatched_residual_layout() -> None:
-    """A residual whose strides differ from X's runs the op's reference (the kernel addresses both alike)."""
-    node = add_layernorm(torch.float32, (4, 6, 32), -1, False, True, 2)
-    x = _rand(4, 6, 32, seed=1)
-    r = _rand(4, 32, 6, seed=2).transpose(1, 2)
+@pytest.mark.parametrize("r_shape,layout", [((4, 6, 32), "transposed"), ((1, 6, 32), "dense"), ((4, 1, 32), "dense"),
+                                            ((1, 6, 32), "transposed")])
+def test_add_layernorm_residual_with_own_strides_or_broadcast(r_shape, layout) -> None:
+    """A residual with other strides than X's (a transposed view) or broadcast over outer dims (ViT's position
+    embedding [1, S, D] for every image) is read in place, by its own strides: no fallback, the reference's result."""
+    node = add_layernorm(torch.float16, (4, 6, 32), -1, False, True, 2)
+    node.inputs[1] = _x("r", torch.float16, r_shape)
+    assert get_tactic(LN).supports(node, CTX)
+    x = _rand(4, 6, 32, seed=1, dtype=torch.float16)
+    r = _rand(*r_shape, seed=2, dtype=torch.float16)
+    if layout == "transposed":
+        r = _rand(r_shape[0], 32, r_shape[1], seed=2, dtype=torch.float16).transpose(1, 2)
+    k = _kernel(LN, node)
+    y, s = k(x, r, None, None)
+    assert torch.equal(s, x + r)  # X's type, as the op defines the sum
+    d = s.double() - s.double().mean(-1, keepdim=True)
+    want = (d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(x.device)
+            + node.inputs[3].const.double().to(x.device))
+    _close(y, want, torch.float16)
+    assert k.fallback.reason is None
+
+
+def test_add_layernorm_declines_residual_layouts_it_cannot_address() -> None:
+    """A residual whose normalized dims are not one strided run (permuted among themselves) runs the op's
+    reference; one that does not broadcast to X's shape is refused at build time."""
+    node = add_layernorm(torch.float32, (4, 6, 8), -2, False, True, 2)
+    x = _rand(4, 6, 8, seed=1)
+    r = _rand(4, 8, 6, seed=2).transpose(1, 2)
     k = _kernel(LN, node)
     y, s = k(x, r, None, None)
     want_y, want_s = _reference(node, x, r)
     torch.testing.assert_close(y, want_y)
     torch.testing.assert_close(s, want_s)
     assert k.fallback.reason is not None
+    bad = add_layernorm(torch.float32, (4, 6, 8), -1, False, True, 1)
+    bad.inputs[1] = _x("r", torch.float32, (4, 3, 8))
+    assert not get_tactic(LN).supports(bad, CTX)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -97,8 +97,8 @@ def test_pre_norm_residual_stream_keeps_the_sum(rms: bool) -> None:
 
 
 def test_cpu_target_and_near_misses_stay_unfused() -> None:
-    """The CPU target keeps the unfused form; on CUDA an activation after the residual, a broadcast add and a
-    norm with Mean/InvStdDev outputs are not residual norms."""
+    """The CPU target keeps the unfused form; on CUDA an activation after the residual, an add that broadcasts x
+    to a larger shape and a norm with Mean/InvStdDev outputs are not residual norms."""
     rng = np.random.default_rng(5)
     c = {"w": _w(rng, H, H), "vec": rng.standard_normal(H).astype(np.float32)}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "x"], ["h"]),
@@ -106,9 +106,28 @@ def test_cpu_target_and_near_misses_stay_unfused() -> None:
     model = _model(nodes, c, ["y"])
     assert "AddLayerNormalization" not in _ops(_optimized(model, device="cpu").nodes)
     assert "AddLayerNormalization" in _ops(_optimized(model).nodes)
-    nodes = [helper.make_node("Add", ["x", "vec"], ["h"]), _ln("ln", "h", "y", rng, c)]  # a constant, broadcast
+    c["wide"] = rng.standard_normal((2, 1, 5, H)).astype(np.float32)  # broadcasts x up: the sum is not x's shape
+    nodes = [helper.make_node("Add", ["x", "wide"], ["h"]), _ln("ln", "h", "y", rng, c)]
     assert "AddLayerNormalization" not in _ops(_check(_model(nodes, c, ["y"]), seed=6))
     nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Add", ["x", "t"], ["h"]),
              helper.make_node("LayerNormalization", ["h", "ln_g", "ln_b"], ["y", "mu", "rstd"], epsilon=1e-5)]
     c.update({"ln_g": np.ones(H, np.float32), "ln_b": np.zeros(H, np.float32)})
     assert "AddLayerNormalization" not in _ops(_check(_model(nodes, c, ["y", "mu", "rstd"]), seed=7))
+
+
+@pytest.mark.parametrize("const_shape", [(1, 5, H), (H,)])
+def test_constant_residual_broadcast_over_the_batch_fuses(const_shape) -> None:
+    """ViT's embedding: Concat(class token, patches) + a position embedding [1, S, D] (a constant for every image),
+    normalized for the first block and kept as its residual stream: one AddLayerNormalization reading the constant
+    (a lower-rank one gets leading 1s), its sum stored for the block's residual add."""
+    rng = np.random.default_rng(8)
+    c = {"pos": rng.standard_normal(const_shape).astype(np.float32), "w": _w(rng, H, H)}
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Add", ["t", "pos"], ["h"]),
+             _ln("ln", "h", "n", rng, c), helper.make_node("MatMul", ["n", "w"], ["m"]),
+             helper.make_node("Add", ["m", "h"], ["z"])]
+    nodes_after = _check(_model(nodes, c, ["z"]), seed=9)
+    fused = [n for n in nodes_after if n.op_type == "AddLayerNormalization"]
+    assert len(fused) == 1 and len(fused[0].outputs) == 2, _ops(nodes_after)
+    r = fused[0].inputs[1]
+    assert r.const is not None and tuple(r.const.shape) == (1,) * (3 - len(const_shape)) + const_shape
+    assert "Add" not in _ops(nodes_after)[:_ops(nodes_after).index("AddLayerNormalization")]

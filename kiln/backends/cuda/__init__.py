@@ -18,10 +18,12 @@
 | cuda.triton_qgemm         | QGemm                                    | int8 GEMM (or torch._int_mm), same epil.  |
 | cuda.triton_qdq           | QuantizeLinear, DequantizeLinear (8-bit) | one strided pass, NCHW float -> NHWC int8 |
 | cuda.fp8_gemm             | FP8 QGemm, 1x1 QConv (float8 e4m3, 8.9+) | torch._scaled_mm, torch epilogue          |
+| cuda.triton_gather        | Gather (any element type)                | one launch, negative indices in-kernel    |
 | cuda.channel_shuffle      | ChannelShuffle                           | one torch copy into the NHWC destination  |
 | cuda.triton_yolo_decode   | YoloDecode (kiln.plugins)                | one launch per head, any input strides    |
 | cuda.triton_batched_nms   | BatchedNMS (kiln.plugins)                | greedy NMS kernel, no host round trip     |
 | cuda.triton_nms           | NonMaxSuppression                        | the same greedy kernel per (batch, class) |
+| view.slice / view.gather  | constant Slice, Gather of a constant run | a view, no kernel (kiln.backends.views)   |
 | ref                       | everything else (pool, resize, concat..) | the op's torch reference on the GPU       |
 """
 from __future__ import annotations
@@ -42,6 +44,6 @@ HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
     from kiln.backends.cuda import (  # noqa: F401
-        triton_attention, triton_conv, triton_gemm, triton_norm, triton_pointwise, triton_pool, triton_qdq,
-        triton_qlayers, triton_reduce, triton_se)
+        triton_attention, triton_conv, triton_gather, triton_gemm, triton_norm, triton_pointwise, triton_pool,
+        triton_qdq, triton_qlayers, triton_reduce, triton_se)
     from kiln.backends.cuda import triton_detect  # noqa: F401  (YoloDecode, BatchedNMS, NonMaxSuppression)

@@ -21,10 +21,11 @@ the normalized dims; run-time ones must already have the normalized dims' shape.
 
 Addressing: the normalized dims must collapse into one run with a single element stride (contiguous
 rows, or rows strided by any constant, e.g. the last dim of a 4-D tensor held channels-last), and the
-outer dims into at most three (size, stride) runs shared by input and output, so slices and permuted
-views of the batch dims are read in place. Strides are checked per call on the host; any other input
-layout (the normalized dims permuted among themselves, more outer runs) runs the op's reference
-through the kernel's ``fallback``. The output is the given ``out=`` (one that the kernel cannot address
+outer dims into at most three (size, stride) runs shared by input, output and residual, so slices and
+permuted views of the batch dims are read in place, and a residual that broadcasts over outer dims (ViT's
+position embedding [1, S, D] added to every image) is read with stride 0 there. Strides are checked per call
+on the host; any other input layout (the normalized dims permuted among themselves, more outer runs) runs
+the op's reference through the kernel's ``fallback``. The output is the given ``out=`` (one that the kernel cannot address
 gets the result through a temporary and a copy) or allocated like the input (``empty_like``). No host
 sync, no other allocation: CUDA-graph capturable.
 
@@ -75,18 +76,18 @@ def _centred(x, mask, n):
 
 
 @triton.jit
-def _load_row(x_ptr, r_ptr, offs, mask, HAS_RES: tl.constexpr):
-    """x (+ r, rounded to X's type as the Add it replaces) at offs, as float32."""
+def _load_row(x_ptr, r_ptr, offs, r_offs, mask, HAS_RES: tl.constexpr):
+    """x at offs (+ r at r_offs, rounded to X's type as the Add it replaces), as float32."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + tl.load(r_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
     return x.to(tl.float32)
 
 
 @triton.jit
-def _load_sum(x_ptr, r_ptr, s_ptr, x_offs, s_offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
+def _load_sum(x_ptr, r_ptr, s_ptr, x_offs, r_offs, s_offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
     """`_load_row`, the sum also stored at s_offs when the layer outputs it (first sweep over a row only)."""
-    x = _load_row(x_ptr, r_ptr, x_offs, mask, HAS_RES)
+    x = _load_row(x_ptr, r_ptr, x_offs, r_offs, mask, HAS_RES)
     if STORE_SUM:
         tl.store(s_ptr + s_offs, x.to(s_ptr.dtype.element_ty), mask=mask)
     return x
@@ -95,7 +96,7 @@ def _load_sum(x_ptr, r_ptr, s_ptr, x_offs, s_offs, mask, HAS_RES: tl.constexpr, 
 @triton.jit(do_not_specialize=["M"])
 def _layernorm_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, D, R1, R2,
-    sx0, sx1, sx2, sxd, sy0, sy1, sy2, syd, eps,
+    sx0, sx1, sx2, sxd, sy0, sy1, sy2, syd, sr0, sr1, sr2, srd, eps,
     HAS_BIAS: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     RMS: tl.constexpr = False, HAS_RES: tl.constexpr = False, STORE_SUM: tl.constexpr = False,
 ):
@@ -103,12 +104,14 @@ def _layernorm_kernel(
     r_mask = rows < M
     x_row = _row_offsets(rows, R1, R2, sx0, sx1, sx2)[:, None]
     y_row = _row_offsets(rows, R1, R2, sy0, sy1, sy2)[:, None]
+    r_row = _row_offsets(rows, R1, R2, sr0, sr1, sr2)[:, None]
     cols = tl.arange(0, BLOCK_D)
     if ONE_PASS:
         c_mask = cols < D
         mask = r_mask[:, None] & c_mask[None, :]
         c64 = cols.to(tl.int64)[None, :]
-        x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
+        x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, r_row + c64 * srd, y_row + c64 * syd, mask,
+                          HAS_RES, STORE_SUM)
         if RMS:  # RMSNormalization: no centring, x / sqrt(mean(x^2) + eps)
             d = x
         else:
@@ -125,7 +128,8 @@ def _layernorm_kernel(
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
+            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, r_row + c64 * srd, y_row + c64 * syd, mask,
+                          HAS_RES, STORE_SUM)
             ss += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(ss / D + eps)
         for k in range(0, D, BLOCK_D):
@@ -133,7 +137,7 @@ def _layernorm_kernel(
             c_mask = c < D
             mask = r_mask[:, None] & c_mask[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
+            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, r_row + c64 * srd, mask, HAS_RES)
             w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + y_row + c64 * syd, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -142,12 +146,13 @@ def _layernorm_kernel(
         m2 = tl.zeros([BLOCK_R], tl.float32)
         # statistics of x - (the row's first element): the mean then stays near the spread, so rounding
         # it to float32 costs nothing against the spread (a mean of 300 alone is only good to 2e-5)
-        shift = _load_row(x_ptr, r_ptr, x_row, r_mask[:, None], HAS_RES)
+        shift = _load_row(x_ptr, r_ptr, x_row, r_row, r_mask[:, None], HAS_RES)
         for k in range(0, D, BLOCK_D):
             c = k + cols
             mask = r_mask[:, None] & (c < D)[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, y_row + c64 * syd, mask, HAS_RES, STORE_SUM)
+            x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, r_row + c64 * srd, y_row + c64 * syd, mask,
+                          HAS_RES, STORE_SUM)
             x = tl.where(mask, x - shift, 0.0)
             n_b = tl.minimum(D - k, BLOCK_D).to(tl.float32)
             mean_b, d = _centred(x, mask, n_b)
@@ -162,7 +167,7 @@ def _layernorm_kernel(
             c_mask = c < D
             mask = r_mask[:, None] & c_mask[None, :]
             c64 = c.to(tl.int64)[None, :]
-            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, mask, HAS_RES)
+            x = _load_row(x_ptr, r_ptr, x_row + c64 * sxd, r_row + c64 * srd, mask, HAS_RES)
             w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
             y = ((x - shift) - mean[:, None]) * rstd[:, None] * w[None, :]
             if HAS_BIAS:
@@ -192,18 +197,29 @@ def runs(shape: Sequence[int], *strides: Sequence[int]) -> list[tuple[int, ...]]
     return out
 
 
-def _row_layout(x: Tensor, y: Tensor, axis: int) -> list[int] | None:
-    """Kernel arguments R1, R2, x's three outer strides, x's element stride, y's three outer strides and
-    element stride; None when the normalized dims of x or y are not one run each, or the outer dims need
-    more than three runs common to both."""
-    inner_x = runs(x.shape[axis:], x.stride()[axis:])
-    inner_y = runs(y.shape[axis:], y.stride()[axis:])
-    outer = runs(x.shape[:axis], x.stride()[:axis], y.stride()[:axis])
-    if len(inner_x) > 1 or len(inner_y) > 1 or len(outer) > 3:
+def _row_layout(x: Tensor, y: Tensor, axis: int, r: Tensor | None = None) -> list[int] | None:
+    """Kernel arguments R1, R2, then the three outer strides and the element stride of x, of y and of the
+    residual r (x's own where there is none; r has x's shape, a broadcast one stride 0 in its broadcast dims);
+    None when the normalized dims of a tensor are not one run, or the outer dims need more than three runs
+    common to all."""
+    ts = (x, y, x if r is None else r)
+    inner = [runs(t.shape[axis:], t.stride()[axis:]) for t in ts]
+    outer = runs(x.shape[:axis], *(t.stride()[:axis] for t in ts))
+    if any(len(i) > 1 for i in inner) or len(outer) > 3:
         return None
-    o = [(1, 0, 0)] * (3 - len(outer)) + outer
-    return [o[1][0], o[2][0], o[0][1], o[1][1], o[2][1], inner_x[0][1] if inner_x else 1,
-            o[0][2], o[1][2], o[2][2], inner_y[0][1] if inner_y else 1]
+    o = [(1, 0, 0, 0)] * (3 - len(outer)) + outer
+    args = [o[1][0], o[2][0]]
+    for k, i in enumerate(inner):
+        args += [o[0][k + 1], o[1][k + 1], o[2][k + 1], i[0][1] if i else 1]
+    return args
+
+
+def _broadcast(r: Tensor, x: Tensor) -> Tensor | None:
+    """The residual as a view of x's shape (stride 0 where it broadcasts), or None when it does not have x's rank
+    and, in each dim, x's size or 1."""
+    if r.dim() != x.dim() or any(b not in (a, 1) for a, b in zip(x.shape, r.shape)):
+        return None
+    return r if r.shape == x.shape else r.expand(x.shape)
 
 
 def _strip(shape: Any) -> list[Any]:
@@ -264,6 +280,8 @@ def _spec(node: Node) -> _Spec | None:
     if fused:
         r = node.input(1)
         if r is None or r.type.dtype != dt or r.type.shape is None or len(r.type.shape) != rank:
+            return None
+        if any(b != 1 and b != a for a, b in zip(x.type.shape, r.type.shape)):  # type: ignore[arg-type]
             return None
     axis = int(node.attr("axis", -1))
     if not -rank <= axis < rank or int(node.attr("stash_type", 1)) != 1:
@@ -334,35 +352,35 @@ class TritonLayerNorm(Tactic):
             b = (params[1] if params[1] is not None else bias) if has_bias else None
             rows = math.prod(x.shape[:axis])
             d = math.prod(x.shape[axis:])
-            key = (tuple(x.shape), x.stride(), None if r is None else r.stride())
-            args = _row_layout(x, x, axis)
-            if (args is None or w is None or w.numel() != d or (b is not None and b.numel() != d)
-                    or (r is not None and (r.shape != x.shape or r.stride() != x.stride()))):
+            key = (tuple(x.shape), x.stride(), None if r is None else (tuple(r.shape), r.stride()))
+            rv = _broadcast(r, x) if r is not None else None
+            args = _row_layout(x, x, axis, rv) if r is None or rv is not None else None
+            if args is None or w is None or w.numel() != d or (b is not None and b.numel() != d):
                 fb.declined.setdefault(key, "an input layout or size the Triton LayerNorm does not address")
                 return fb(key, [x, *rest][:len(node.inputs)], out)
             y = out
             if y is not None:
-                args = _row_layout(x, y, axis)
+                args = _row_layout(x, y, axis, rv)
             if args is None or y is None:  # no destination, or one addressed otherwise: a tensor like x
                 y = torch.empty_like(x)
-                args = _row_layout(x, y, axis)
+                args = _row_layout(x, y, axis, rv)
                 if args is None:  # empty_like kept a layout of x that does not match it row by row
                     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                    args = _row_layout(x, y, axis)
+                    args = _row_layout(x, y, axis, rv)
                     assert args is not None
             s = torch.empty_like(y) if spec.store_sum else None
             if s is not None and s.stride() != y.stride():  # the sum takes y's strides: y a view of a larger buffer
                 y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
                 s = torch.empty_like(y)
-                args = _row_layout(x, y, axis)
+                args = _row_layout(x, y, axis, rv)
                 assert args is not None
             if rows and d:
                 w = w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1)
                 if b is not None:
                     b = b.reshape(-1) if b.is_contiguous() else b.contiguous().reshape(-1)
                 launch(_layernorm_kernel, (triton.cdiv(rows, br),),
-                       [x, x if r is None else r, w, w if b is None else b, y, y if s is None else s, rows, d, *args,
-                        eps],
+                       [x, x if rv is None else rv, w, w if b is None else b, y, y if s is None else s, rows, d,
+                        *args, eps],
                        dict(HAS_BIAS=b is not None, ONE_PASS=d <= bd, BLOCK_R=br, BLOCK_D=bd, num_warps=warps,
                             RMS=spec.rms, HAS_RES=r is not None, STORE_SUM=s is not None))
             if out is not None and y is not out:
