@@ -364,7 +364,8 @@ SAME_OP_TACTICS = {  # CPU tactics that may take an op (the loader re-checks `su
     "MatMul": ["cpu.linear_dnnl", "cpu.linear_onednn"], "Pointwise": ["cpu.pointwise"],
     "MaxPool": ["cpu.pool", "cpu.pool_dnnl"], "AveragePool": ["cpu.pool", "cpu.pool_dnnl"],
     "GlobalAveragePool": ["cpu.pool", "cpu.pool_dnnl"], "ReduceMean": ["cpu.pool", "cpu.pool_dnnl"],
-    "Resize": ["cpu.resize_nearest"], "Concat": ["concat.elide", "cpu.concat"], "Slice": ["view.slice"], "Gather": ["view.gather"],
+    "Resize": ["cpu.resize_nearest"], "Concat": ["concat.elide", "cpu.concat"], "Slice": ["view.slice"],
+    "Gather": ["view.gather"],
 }
 SAME_OP_TACTICS["FusedConv"] = SAME_OP_TACTICS["Conv"]
 
