@@ -32,9 +32,10 @@ def _want(y: torch.Tensor, b: torch.Tensor | None, z: torch.Tensor | None, ep: E
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [None, "after", "before"])
-def test_epilogue_matches_torch_ops_nhwc(act, residual):
-    g = torch.Generator().manual_seed(hash((act, residual)) % 2**31)
-    n, c, h, w = 2, 24, 5, 7
+@pytest.mark.parametrize("c", [24, 48])  # the flat walk (C % 16 != 0) and the row tiles
+def test_epilogue_matches_torch_ops_nhwc(act, residual, c):
+    g = torch.Generator().manual_seed(hash((act, residual, c)) % 2**31)
+    n, h, w = 2, 5, 7
     alpha, beta = PARAMS.get(act, (0.0, 0.0))
     ep = Epilogue(act, alpha, beta, residual == "before")
     y = (torch.randn(n, c, h, w, generator=g) * 3).to(DEV).contiguous(memory_format=torch.channels_last)
@@ -66,3 +67,30 @@ def test_epilogue_refuses_a_layout_it_cannot_address():
     y = torch.randn(1, 4, 3, 3, device=DEV)  # NCHW-contiguous with C > 1: the channel is not innermost
     with pytest.raises(ValueError, match="channels_last"):
         epilogue_(y, None, None, Epilogue("Relu"))
+
+
+@pytest.mark.parametrize("act", ["Mish", "LeakyRelu", "Sigmoid"])
+def test_epilogue_row_tiles_with_column_blocks_and_row_tail(act):
+    """C = 272 (a multiple of 16 above the 256-channel block: two column blocks, the second mostly masked) and
+    a row count that is not a multiple of the row tile, with bias and a residual, against float64."""
+    g = torch.Generator().manual_seed(11)
+    alpha, beta = PARAMS.get(act, (0.0, 0.0))
+    ep = Epilogue(act, alpha, beta, False)
+    y = (torch.randn(3, 272, 3, 5, generator=g) * 3).to(DEV).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(272, generator=g).to(DEV)
+    z = torch.randn(3, 272, 3, 5, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    want = _want(y, b, z, ep)
+    got = epilogue_(y.clone(memory_format=torch.channels_last), b, z, ep)
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err < 1e-5, (act, err)
+
+
+def test_mish_over_its_whole_range():
+    """Mish as x * n / (n + 2), n = e^x (e^x + 2), against float64 x * tanh(softplus(x)) from -100 to 100 (past 20
+    the value is x itself; far below 0 it underflows towards 0), absolute error relative to max(1, |mish|)."""
+    x = torch.cat([torch.linspace(-100.0, 100.0, 4000), torch.linspace(-25.0, 25.0, 3200)]).reshape(-1, 16)
+    got = epilogue_(x.clone().to(DEV), None, None, Epilogue("Mish")).cpu().double()
+    xd = x.double()
+    want = xd * torch.tanh(torch.nn.functional.softplus(xd))
+    err = ((got - want).abs() / want.abs().clamp(min=1.0)).max().item()
+    assert err < 2e-6, err

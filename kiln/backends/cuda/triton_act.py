@@ -21,6 +21,16 @@ def softplus_f32(x):
 
 
 @triton.jit
+def mish_f32(x):
+    """x * tanh(softplus(x)) as x * n / (n + 2) with n = e^x (e^x + 2) (tanh(log(1 + e^x)) written out): one
+    exp and one division where the composition takes two exps, a log and a reciprocal; x past 20 is its own
+    Mish in float32 (n / (n + 2) rounds to 1 there, and e^x squared would overflow further out)."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    n = e * (e + 2.0)
+    return tl.where(x > 20.0, x, x * n / (n + 2.0))
+
+
+@triton.jit
 def pow_f32(a, b):
     """a ** b for float32 blocks (negative bases with integral exponents keep their sign)."""
     b = b + tl.zeros_like(a)
@@ -54,7 +64,7 @@ def apply_act(x, act, alpha, beta):
     elif act == 8:
         x = tl.minimum(tl.maximum(alpha * x + beta, 0.0), 1.0)
     elif act == 9:
-        x = x * tanh_f32(softplus_f32(x))
+        x = mish_f32(x)
     elif act == 10:
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif act == 11:

@@ -8,8 +8,12 @@ bare product and one kernel reads it once, adds bias[c] (and the residual), appl
 float32, and writes it back in place.
 
 The output is addressed as a flat [M, C] array with the channel innermost (NHWC / channels_last, or a
-GEMM's [rows, C]); the residual must have that same layout. Activation, bias/residual presence and the
-order of add and activation are compile-time constants (one small variant per layer kind).
+GEMM's [rows, C]); the residual must have that same layout. Where C is a multiple of 16 (every row starts
+16-element aligned, so the row loads stay vectorized), a program takes a tile of rows x a block of channels and
+loads the bias block once; otherwise the array is walked flat and each element's channel is its offset modulo
+C (an integer division per element, which on the large maps of a detector costs as much as the memory traffic).
+Activation, bias/residual presence and the order of add and activation are compile-time constants (one small
+variant per layer kind).
 """
 from __future__ import annotations
 
@@ -50,6 +54,29 @@ def _epilogue_kernel(y_ptr, b_ptr, z_ptr, total, C, alpha, beta, HAS_BIAS: tl.co
     tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _epilogue_rows_kernel(y_ptr, b_ptr, z_ptr, M, C, alpha, beta, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
+                          ACT: tl.constexpr, ACT_BEFORE_ADD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    mask = (rows < M)[:, None] & c_mask[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = x + tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT_BEFORE_ADD:
+            x = apply_act(x, ACT, alpha, beta) + z
+        else:
+            x = apply_act(x + z, ACT, alpha, beta)
+    else:
+        x = apply_act(x, ACT, alpha, beta)
+    tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def channels_innermost(t: Tensor) -> bool:
     """True when t's elements are dense with the channel (dim 1 of a 4-D NCHW-shaped tensor, the last dim of a
     2-D one) varying fastest: the flat [M, C] view this module's kernel addresses."""
@@ -64,8 +91,7 @@ class OnePassEpilogue:
 
     def __init__(self, ep: Epilogue) -> None:
         self.alpha, self.beta = float(ep.alpha), float(ep.beta)
-        self.meta = {"ACT": ACT_CODES[ep.activation], "ACT_BEFORE_ADD": bool(ep.act_before_add), "BLOCK": BLOCK,
-                     "num_warps": 8}
+        self.meta = {"ACT": ACT_CODES[ep.activation], "ACT_BEFORE_ADD": bool(ep.act_before_add)}
 
     def __call__(self, y: Tensor, bias: Tensor | None, z: Tensor | None) -> Tensor:
         if not channels_innermost(y):
@@ -77,9 +103,17 @@ class OnePassEpilogue:
         total = y.numel()
         if total == 0:
             return y
-        launch(_epilogue_kernel, (triton.cdiv(total, BLOCK),),
-               [y, bias if bias is not None else y, z if z is not None else y, total, c, self.alpha, self.beta],
-               {**self.meta, "HAS_BIAS": bias is not None, "HAS_Z": z is not None, "WIDE": total > _INT32_LIMIT})
+        ptrs = [y, bias if bias is not None else y, z if z is not None else y]
+        flags = {**self.meta, "HAS_BIAS": bias is not None, "HAS_Z": z is not None, "num_warps": 8}
+        if c % 16 == 0:
+            bc = min(256, 1 << (c - 1).bit_length())
+            bm = BLOCK // bc
+            rows = total // c
+            launch(_epilogue_rows_kernel, (triton.cdiv(rows, bm), triton.cdiv(c, bc)),
+                   [*ptrs, rows, c, self.alpha, self.beta], {**flags, "BLOCK_M": bm, "BLOCK_C": bc})
+        else:
+            launch(_epilogue_kernel, (triton.cdiv(total, BLOCK),), [*ptrs, total, c, self.alpha, self.beta],
+                   {**flags, "BLOCK": BLOCK, "WIDE": total > _INT32_LIMIT})
         return y
 
 

@@ -307,16 +307,22 @@ class TritonLayerNorm(Tactic):
         return _spec(node) is not None
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
-        """One pass over the whole row (several short rows per program) where it fits MAX_ONE_PASS, and
-        chunked sweeps for rows above 1024 (the normalized dims are static: `_param_ok` requires it)."""
+        """One pass over the whole row where it fits MAX_ONE_PASS: a tile of 2048 elements (several short rows per
+        program), and for rows of 256 and more also one row per program (more programs where there are few rows)
+        and a 4096-element tile of rows (fewer, fuller programs where there are many); chunked sweeps for rows
+        above 1024 (the normalized dims are static: `_param_ok` requires it)."""
         spec = _spec(node)
         assert spec is not None, f"{self.id} does not support node {node.name}"
         d = math.prod(spec.inner)
         bd = _p2(max(d, 1))
         out: list[dict[str, Any]] = []
         if bd <= MAX_ONE_PASS:
-            br = max(1, 2048 // bd)
-            out.append({"BLOCK_R": br, "BLOCK_D": bd, "num_warps": min(16, max(1, br * bd // 256))})
+            tiles = {max(1, 2048 // bd): 16}
+            if bd >= 256:
+                tiles.setdefault(1, 16)
+                tiles.setdefault(max(1, 4096 // bd), 8)
+            for br, most_warps in tiles.items():
+                out.append({"BLOCK_R": br, "BLOCK_D": bd, "num_warps": min(most_warps, max(1, br * bd // 256))})
         if bd > 1024:
             out.append({"BLOCK_R": 1, "BLOCK_D": min(bd // 2, _CHUNK), "num_warps": 4})
         if bd > MAX_ONE_PASS:
