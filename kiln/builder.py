@@ -290,6 +290,9 @@ class Builder:
         # its totals line is a detail here (the build summary gives them); its progress counts on the display
         tuner = Autotuner(self.logger.demoted(), tctx, config.optimization_level, cache)
         chosen = tuner.choose(g, types[id(g)], types)
+        from kiln.runtime.prologue import shape_prologue
+        for i in shape_prologue(g, g.input_symbols()):  # they run on the host with their references, once per shape
+            chosen[id(g.nodes[i])] = ("ref", {})
         if config.timing_cache:
             cache.save(config.timing_cache)
         return chosen, dict(tuner.stats)
