@@ -89,11 +89,16 @@ class SliceView(Tactic):
 
         def k_slice(x: Tensor, *_: Any) -> Tensor:
             return x[key]
+        return view_kernel(k_slice, frozenset({1, 2, 3, 4}))  # parameters baked in
 
-        def bind(args: Any, out: Any) -> Any:  # the same view object at every call on the same tensor
-            view = args[0][key] if out is None and isinstance(args[0], Tensor) else None
-            return None if view is None else (lambda: view)
-        return Kernel(k_slice, prepacked=frozenset({1, 2, 3, 4}), bind=bind)  # parameters baked in
+
+def view_kernel(fn: Any, prepacked: frozenset[int]) -> Kernel:
+    """A view layer's kernel: fn(x) on its first input, the other inputs baked in (`prepacked`); bound (CPU
+    runtime), the same view object at every call on the same tensor."""
+    def bind(args: Any, out: Any) -> Any:
+        view = fn(args[0]) if out is None and isinstance(args[0], Tensor) else None
+        return None if view is None else (lambda: view)
+    return Kernel(fn, prepacked=prepacked, bind=bind)
 
 
 def gather_key(node: Node) -> tuple[int, int, int | None] | None:
@@ -138,11 +143,7 @@ class GatherView(Tactic):
                 raise KilnError(f"node '{node.name}': Gather indices {first}..{first + run - 1} are out of range "
                                 f"for size {n}")
             return x.narrow(axis, start, run)
-
-        def bind(args: Any, out: Any) -> Any:
-            view = k_gather(args[0]) if out is None and isinstance(args[0], Tensor) else None
-            return None if view is None else (lambda: view)
-        return Kernel(k_gather, prepacked=frozenset({1}), bind=bind)
+        return view_kernel(k_gather, frozenset({1}))
 
 
 def concat_axis(node: Node) -> int | None:

@@ -32,6 +32,21 @@ _INT32_LIMIT = 2**31 - BLOCK
 
 
 @triton.jit
+def _act_residual(x, z_ptr, offs, mask, alpha, beta, HAS_Z: tl.constexpr, ACT: tl.constexpr,
+                  ACT_BEFORE_ADD: tl.constexpr):
+    """The activation and the residual z (at offs), in the fused order, on a float32 block."""
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT_BEFORE_ADD:
+            x = apply_act(x, ACT, alpha, beta) + z
+        else:
+            x = apply_act(x + z, ACT, alpha, beta)
+    else:
+        x = apply_act(x, ACT, alpha, beta)
+    return x
+
+
+@triton.jit
 def _epilogue_kernel(y_ptr, b_ptr, z_ptr, total, C, alpha, beta, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
                      ACT: tl.constexpr, ACT_BEFORE_ADD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -43,14 +58,7 @@ def _epilogue_kernel(y_ptr, b_ptr, z_ptr, total, C, alpha, beta, HAS_BIAS: tl.co
     x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = x + tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT_BEFORE_ADD:
-            x = apply_act(x, ACT, alpha, beta) + z
-        else:
-            x = apply_act(x + z, ACT, alpha, beta)
-    else:
-        x = apply_act(x, ACT, alpha, beta)
+    x = _act_residual(x, z_ptr, offs, mask, alpha, beta, HAS_Z, ACT, ACT_BEFORE_ADD)
     tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,14 +74,7 @@ def _epilogue_rows_kernel(y_ptr, b_ptr, z_ptr, M, C, alpha, beta, HAS_BIAS: tl.c
     x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = x + tl.load(b_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT_BEFORE_ADD:
-            x = apply_act(x, ACT, alpha, beta) + z
-        else:
-            x = apply_act(x + z, ACT, alpha, beta)
-    else:
-        x = apply_act(x, ACT, alpha, beta)
+    x = _act_residual(x, z_ptr, offs, mask, alpha, beta, HAS_Z, ACT, ACT_BEFORE_ADD)
     tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
