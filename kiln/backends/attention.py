@@ -45,6 +45,14 @@ class AttentionSpec:
     has_mask: bool
 
 
+def _same_head_dims(node: Node, s: AttentionSpec) -> bool:
+    """Whether Q's and V's head dims are known equal (LeViT's V heads are wider than its Q/K heads)."""
+    q, v = node.inputs[0].type.shape, node.inputs[2].type.shape  # type: ignore[union-attr]
+    if q is None or v is None or not isinstance(q[-1], int) or not isinstance(v[-1], int):
+        return False
+    return q[-1] // (s.q_heads or 1) == v[-1] // (s.kv_heads or 1)
+
+
 def spec(node: Node) -> AttentionSpec | None:
     """The layer's AttentionSpec when fast kernels run it (module doc), else None."""
     if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
@@ -139,10 +147,11 @@ class SdpaAttention(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         s = spec(node)
         assert s is not None, f"{self.id} does not support node {node.name}"
+        flash = _same_head_dims(node, s)  # torch's flash kernels take one head dim for Q, K and V
         if ctx.device.type == "cuda":
-            names = ["auto", "efficient", "cudnn"] + ([] if s.has_mask else ["flash"])
+            names = ["auto", "efficient", "cudnn"] + (["flash"] if flash and not s.has_mask else [])
         else:
-            names = ["auto", "flash", "math"]
+            names = ["auto"] + (["flash"] if flash else []) + ["math"]
         return [{"backend": n} for n in names]
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
@@ -161,6 +170,8 @@ class SdpaAttention(Tactic):
             q4, k4, v4 = vs
             if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
+            if mask is not None and mask.dim() < 4:  # torch's fused backends take 2-D or 4-D masks: [H, S, S] -> 4-D
+                mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
             if k4.shape[1] != q4.shape[1]:
                 rep = q4.shape[1] // k4.shape[1]
                 k4, v4 = k4.repeat_interleave(rep, 1), v4.repeat_interleave(rep, 1)
