@@ -159,7 +159,9 @@ class SdpaAttention(Tactic):
         assert s is not None, f"{self.id} does not support node {node.name}"
         from kiln.ops.registry import lookup
         reference = lookup(node.op_type, node.domain).compute
-        backend = _backend(device.type, str(config.get("backend", "auto")))
+        name = str(config.get("backend", "auto"))
+        backend = _backend(device.type, name)
+        fused = name not in ("auto", "math")  # torch's fused kernels read rows of stride 1 only
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def k_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -168,6 +170,8 @@ class SdpaAttention(Tactic):
                     or q.dtype != k.dtype or q.dtype != v.dtype or (s.causal and mask is not None):
                 return reference(node, q, k, v, mask)  # type: ignore[return-value]
             q4, k4, v4 = vs
+            if fused:  # a head view whose last dim is strided (a packed qkv split head-major) is copied first
+                q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
             if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
             if mask is not None and mask.dim() < 4:  # torch's fused backends take 2-D or 4-D masks: [H, S, S] -> 4-D

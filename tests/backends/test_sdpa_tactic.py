@@ -38,3 +38,13 @@ def test_wider_value_heads_are_not_offered_flash() -> None:
     v = torch.randn(1, 4, 11, 16, generator=g)
     bias = torch.randn(4, 11, 11, generator=g)
     assert _run_all_configs(q, k, v, bias, 0.35) == ["auto", "math"]
+
+
+def test_heads_strided_in_their_last_dim_run_every_backend(recwarn) -> None:
+    """Q, K, V views whose last dim is not of stride 1 (a qkv packed head-major, as TinyViT and DaViT export it):
+    the fused backends get dense copies, so every config runs without torch declining (and warning)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 8, 19, generator=g).transpose(-1, -2) for _ in range(3))  # [B, H, S, D], D strided
+    assert q.stride(-1) != 1
+    assert "flash" in _run_all_configs(q, k, v, None, 0.3)
+    assert not [w for w in recwarn.list if "stride" in str(w.message) or "kernel not used" in str(w.message)]
