@@ -182,8 +182,10 @@ class AddLayerNormalization(OpDef):
     def compute(self, node: Node, x: Tensor, r: Tensor, scale: Tensor,
                 b: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
         require_float(node, x, r, scale, b)
+
         def bad() -> str:
-            return f"node '{node.name}': AddLayerNormalization adds R of shape {list(r.shape)} to X of shape {list(x.shape)}"
+            return (f"node '{node.name}': AddLayerNormalization adds R of shape {list(r.shape)} to X of shape "
+                    f"{list(x.shape)}")
         require(x.dim() == r.dim(), bad)
         for dx, dr in zip(x.shape, r.shape):
             if not (isinstance(dr, int) and dr == 1):

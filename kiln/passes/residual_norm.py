@@ -64,12 +64,12 @@ def _outer_broadcast(r: Value | None, h: Value) -> Value | None:
     """A constant R of h's type that broadcasts to h's shape (ViT's position embedding [1, S, D] added to every
     image), as a constant of h's rank (leading 1s added); None otherwise."""
     c = const(r)
-    if c is None or r.type.dtype != h.type.dtype or h.type.shape is None or c.dim() > len(h.type.shape):  # type: ignore[union-attr]
+    if r is None or c is None or r.type.dtype != h.type.dtype or h.type.shape is None or c.dim() > len(h.type.shape):
         return None
     shape = [1] * (len(h.type.shape) - c.dim()) + list(c.shape)
     if any(n != 1 and n != d for n, d in zip(shape, h.type.shape)):
         return None
-    return r if c.dim() == len(shape) else Value(f"{r.name}_r{len(shape)}", const=c.reshape(shape))  # type: ignore[union-attr]
+    return r if c.dim() == len(shape) else Value(f"{r.name}_r{len(shape)}", const=c.reshape(shape))
 
 
 class FuseResidualNorm(Pass):

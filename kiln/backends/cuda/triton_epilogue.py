@@ -24,6 +24,7 @@ import triton.language as tl
 from kiln.backends.cuda.common import ACT_CODES, Epilogue
 from kiln.backends.cuda.triton_act import apply_act
 from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.cuda.triton_pool import _p2
 
 Tensor = torch.Tensor
 
@@ -107,7 +108,7 @@ class OnePassEpilogue:
         ptrs = [y, bias if bias is not None else y, z if z is not None else y]
         flags = {**self.meta, "HAS_BIAS": bias is not None, "HAS_Z": z is not None, "num_warps": 8}
         if c % 16 == 0:
-            bc = min(256, 1 << (c - 1).bit_length())
+            bc = min(256, _p2(c))
             bm = BLOCK // bc
             rows = total // c
             launch(_epilogue_rows_kernel, (triton.cdiv(rows, bm), triton.cdiv(c, bc)),

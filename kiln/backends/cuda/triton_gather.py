@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import check_out
 from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.cuda.triton_pool import _p2
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
@@ -44,10 +45,6 @@ def _gather_kernel(x_ptr, i_ptr, y_ptr, R, M, N, INNER, BLOCK_R: tl.constexpr, B
         c_mask = cols < INNER
         v = tl.load(x_ptr + src[:, None] + cols[None, :], mask=ok[:, None] & c_mask[None, :], other=0)
         tl.store(y_ptr + dst[:, None] + cols[None, :], v, mask=r_mask[:, None] & c_mask[None, :])
-
-
-def _p2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def gather(x: Tensor, idx: Tensor, axis: int, out: Tensor | None = None) -> Tensor:

@@ -25,9 +25,9 @@ outer dims into at most three (size, stride) runs shared by input, output and re
 permuted views of the batch dims are read in place, and a residual that broadcasts over outer dims (ViT's
 position embedding [1, S, D] added to every image) is read with stride 0 there. Strides are checked per call
 on the host; any other input layout (the normalized dims permuted among themselves, more outer runs) runs
-the op's reference through the kernel's ``fallback``. The output is the given ``out=`` (one that the kernel cannot address
-gets the result through a temporary and a copy) or allocated like the input (``empty_like``). No host
-sync, no other allocation: CUDA-graph capturable.
+the op's reference through the kernel's ``fallback``. The output is the given ``out=`` (one that the kernel
+cannot address gets the result through a temporary and a copy) or allocated like the input (``empty_like``).
+No host sync, no other allocation: CUDA-graph capturable.
 
 Declined: the Mean / InvStdDev outputs, a stash_type other than float32, scale or bias that broadcast
 over the outer dims, run-time scale or bias of another type or shape than the normalized dims'.
@@ -111,7 +111,7 @@ def _layernorm_kernel(
         mask = r_mask[:, None] & c_mask[None, :]
         c64 = cols.to(tl.int64)[None, :]
         x = _load_sum(x_ptr, r_ptr, s_ptr, x_row + c64 * sxd, r_row + c64 * srd, y_row + c64 * syd, mask,
-                          HAS_RES, STORE_SUM)
+                      HAS_RES, STORE_SUM)
         if RMS:  # RMSNormalization: no centring, x / sqrt(mean(x^2) + eps)
             d = x
         else:
