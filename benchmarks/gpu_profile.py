@@ -96,7 +96,8 @@ def profile_model(m: Any, args: argparse.Namespace) -> None:
     from kiln.runtime.engine import Engine
     path = m.ensure(args.cache)
     plan = Builder(Logger(Severity.ERROR)).build(path, BuilderConfig(device="cuda", fp16=True,
-                                                                     profiles=[zoo.profile_for(m)]))
+                                                                     profiles=[zoo.profile_for(m)],
+                                                                     timing_cache=args.timing_cache))
     tactic = {s["name"]: s["tactic"] for s in plan.graph["steps"] if "name" in s}
     ctx = Engine(plan).create_execution_context()
     feeds = {k: torch.from_numpy(v).cuda() for k, v in m.feeds(m.point("opt"), seed=1).items()}
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--peer", action="store_true", help="also list torch.compile's kernels")
     ap.add_argument("--cache", default=os.environ.get("KILN_ZOO_CACHE", zoo.DEFAULT_CACHE))
+    ap.add_argument("--timing-cache", metavar="FILE", help="Kiln's timing cache, read before and written after each "
+                    "build")
     args = ap.parse_args(argv)
     for m in zoo.select(zoo.zoo_models.registry(), args.models, zoo.opt_points(args)):
         profile_model(m, args)

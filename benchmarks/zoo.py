@@ -348,7 +348,8 @@ def build(m: ZooModel, path: str, row: dict[str, Any], args: argparse.Namespace,
             bf16 = bool(getattr(args, "bf16", False)) and device == "cpu"
             plan = Builder(cap.logger()).build(path, BuilderConfig(device=device, fp16=fp16, bf16=bf16,
                                                                    profiles=[profile_for(m)],
-                                                                   optimization_level=args.opt_level))
+                                                                   optimization_level=args.opt_level,
+                                                                   timing_cache=args.timing_cache))
     except KilnError as e:
         row["build"] = f"FAIL {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         row["build_s"] = round(time.perf_counter() - t, 1)
@@ -881,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=os.environ.get("KILN_ZOO_CACHE", DEFAULT_CACHE),
                     help=f"folder of the exported/copied ONNX files (default {DEFAULT_CACHE})")
     ap.add_argument("--out", help="also write the results as markdown to this file")
+    ap.add_argument("--timing-cache", metavar="FILE", help="Kiln's timing cache: read before each build and "
+                    "written after it (a later run reuses the measurements instead of timing every tactic again)")
     ap.add_argument("--skip-latency", action="store_true", help="build and accuracy only")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--batch", type=int, default=None,

@@ -108,6 +108,22 @@ def test_split_is_deterministic_and_has_a_workspace() -> None:
     _close(got, _oracle(node, x), torch.float32)
 
 
+@pytest.mark.parametrize("tile", [1024, 4096])
+def test_two_phase_spreads_pixels_and_channels_deterministically(tile: int) -> None:
+    """Partial hidden vectors over (image x channel block, pixel chunk) programs (here up to 3 channel blocks
+    and dozens of chunks), added in order by the excite kernel: equal on repeat, float64-close."""
+    node = se_node(torch.float32, 300, 20, act1="SiLU", gate="Sigmoid", seed=11)
+    t = get_tactic(SE)
+    cfg = next(c for c in _configs(node) if c.get("two_phase") == tile)
+    assert t.workspace_bytes(node, cfg, (2, 300, 1, 1)) == 4 * 2 * (300 + 256) * 20  # type: ignore[union-attr]
+    kern = t.make(node, cfg, DEV)  # type: ignore[union-attr]
+    for layout in ("nhwc", "nchw"):
+        x = _layout(_rand(2, 300, 37, 29, seed=12).to(DEV), layout)
+        got = kern(x)
+        assert torch.equal(got, kern(x))
+        _close(got, _oracle(node, x), torch.float32)
+
+
 def test_other_channel_counts_run_the_reference_checks() -> None:
     node = se_node(torch.float32, 24, 6)
     kern = get_tactic(SE).make(node, _configs(node)[0], DEV)  # type: ignore[union-attr]

@@ -11,8 +11,14 @@ to the output's type, through the output's N and C strides (any ``out=``).
 One image's pixels in one program is slow for large maps (EfficientNet's first SE block pools a 112x112x32
 map), so the "split" configurations first run kiln.backends.cuda.triton_reduce's partial-sum kernel over
 (image x channel block, pixel chunk) programs into a float32 workspace of N x split x C, and the gate
-kernel then sums those `split` rows per channel, in order (deterministic, no atomics). The autotuner
-times both. Weights and biases are prepacked on the device in their own type and converted to float32 on
+kernel then sums those `split` rows per channel, in order (deterministic, no atomics). The "two_phase"
+configurations spread the products as well: one program per (image x channel block, pixel chunk) sums its
+pixels and multiplies its channels' slice of W1 by their partial mean, storing a partial hidden vector
+(float32, N x rows x R); then one program per (image, block of output channels) adds the rows in order,
+applies B1 and the reduce activation, and computes its gate block. Each program's loops are a few tiles
+long, where the one-program gate walks all of C serially (latency-bound: ~10 us for EfficientNet's
+1152-channel gate at batch 1, against ~3 us in two phases). The autotuner times all of them. Weights and
+biases are prepacked on the device in their own type and converted to float32 on
 load. Nothing is synced; the workspace is the only allocation besides the output: CUDA-graph capturable.
 Hidden sizes above MAX_R (no SE block has them) are declined; past 2**31 pixels the reference runs.
 """
@@ -28,7 +34,7 @@ from kiln.backends.cuda.common import ACT_CODES, FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_act import apply_act
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_pool import _p2, _strides
-from kiln.backends.cuda.triton_reduce import _spatial_sum_kernel, _tile, split_of
+from kiln.backends.cuda.triton_reduce import TARGET_PROGRAMS, _spatial_sum_kernel, _tile, split_of
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.attrs import read
@@ -92,6 +98,70 @@ def _se_gate_kernel(
         tl.store(y_ptr + n * syn + offs_o.to(tl.int64) * syc, g.to(y_ptr.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit(do_not_specialize=["P", "W", "PCHUNK", "SPLIT"])
+def _se_hidden_kernel(
+    x_ptr, w1_ptr, ws_ptr, C, P, W, R, CB, PCHUNK, SPLIT, inv_p,
+    sxn, sxc, sxh, sxw,
+    FLAT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Program (image x channel block, pixel chunk): the partial mean of its channels over pixels
+    [chunk * PCHUNK, + PCHUNK) times W1[:, block], a float32 partial hidden vector in workspace row
+    (image * CB + block) * SPLIT + chunk."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    nb = (pid // CB).to(tl.int64)
+    cb = pid % CB
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cs < C
+    x_base = x_ptr + nb * sxn + cs.to(tl.int64)[None, :] * sxc
+    p_lo = chunk * PCHUNK
+    p_hi = tl.minimum(P, p_lo + PCHUNK)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        if FLAT:
+            off = ps.to(tl.int64) * sxw
+        else:
+            off = (ps // W).to(tl.int64) * sxh + (ps % W).to(tl.int64) * sxw
+        v = tl.load(x_base + off[:, None], mask=(ps < p_hi)[:, None] & c_mask[None, :], other=0.0)
+        acc += v.to(tl.float32)
+    part = tl.sum(acc, axis=0) * inv_p
+    row = ws_ptr + ((nb * CB + cb) * SPLIT + chunk) * R
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        w1 = tl.load(w1_ptr + rs[:, None] * C + cs[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+        tl.store(row + rs, tl.sum(w1.to(tl.float32) * part[None, :], axis=1), mask=r_mask)
+
+
+@triton.jit(do_not_specialize=["ROWS"])
+def _se_excite_kernel(
+    ws_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, R, O, ROWS, syn, syc,
+    act1, alpha1, beta1, act2, alpha2, beta2,
+    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Program (image, output block): h = act1(sum of the image's ROWS partial hidden vectors, in order,
+    + B1), then act2(W2[block] @ h + B2)."""
+    n = tl.program_id(0).to(tl.int64)
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < R
+    base = ws_ptr + n * ROWS * R
+    acc = tl.zeros((BLOCK_J, BLOCK_R), tl.float32)
+    for j0 in range(0, ROWS, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        acc += tl.load(base + js.to(tl.int64)[:, None] * R + rs[None, :],
+                       mask=(js < ROWS)[:, None] & r_mask[None, :], other=0.0)
+    hidden = tl.sum(acc, axis=0) + tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
+    hidden = tl.where(r_mask, apply_act(hidden, act1, alpha1, beta1), 0.0)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < O
+    w2 = tl.load(w2_ptr + offs_o[:, None] * R + rs[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+    g = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
+    g += tl.load(b2_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)
+    g = apply_act(g, act2, alpha2, beta2)
+    tl.store(y_ptr + n * syn + offs_o.to(tl.int64) * syc, g.to(y_ptr.dtype.element_ty), mask=o_mask)
+
+
 # ---- host side ----------------------------------------------------------------------------------
 
 def _spec(node: Node) -> tuple[int, int, int] | None:
@@ -128,7 +198,8 @@ def _blocks(c: int, r: int) -> tuple[int, int, int]:
 
 
 class TritonSEGate(Tactic):
-    """SEGate: one gate kernel per image (optionally per output-channel chunk), after a split pixel sum or not."""
+    """SEGate: one gate kernel per image (optionally per output-channel chunk), after a split pixel sum or not;
+    or partial hidden vectors over (image x channel block, pixel chunk), then the gate per output block."""
 
     id = "cuda.triton_se_gate"
     devices = ("cuda",)
@@ -140,10 +211,12 @@ class TritonSEGate(Tactic):
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         """split 1: the partial-sum kernel first (where pixels are worth splitting); ochunk: output channels
-        per gate program (0: all of them)."""
+        per gate program (0: all of them); two_phase T: the partial-hidden and excite kernels, pixel tiles of
+        T elements."""
         spec = _spec(node)
         assert spec is not None, f"{self.id} does not support node {node.name}"
         out = [{"split": 0, "ochunk": 0, "num_warps": 4}]
+        out += [{"split": 0, "ochunk": 0, "two_phase": tile, "num_warps": 4} for tile in (1024, 4096)]
         if spec[2] > 2 * BLOCK_O:
             out.append({"split": 0, "ochunk": 2 * BLOCK_O, "num_warps": 4})
         if not _pooled(node):
@@ -153,11 +226,14 @@ class TritonSEGate(Tactic):
         return out
 
     def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
-        """The split configurations' float32 partial sums: at most N x 64 x C (triton_reduce.MAX_SPLIT)."""
+        """Float32 scratch: the split configurations' partial sums (at most N x 64 x C, triton_reduce.MAX_SPLIT),
+        the two-phase ones' partial hidden vectors."""
         spec = _spec(node)
-        if not config.get("split") or spec is None or not out_shape:
+        if spec is None or not out_shape:
             return 0
-        return 4 * int(out_shape[0]) * 64 * spec[0]
+        if config.get("two_phase"):  # rows per image: channel blocks x chunks <= C + TARGET_PROGRAMS (split_of)
+            return 4 * int(out_shape[0]) * (spec[0] + TARGET_PROGRAMS) * spec[1]
+        return 4 * int(out_shape[0]) * 64 * spec[0] if config.get("split") else 0
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         spec = _spec(node)
@@ -168,6 +244,7 @@ class TritonSEGate(Tactic):
                 float(read(node, "reduce_beta")), ACT_CODES[str(read(node, "gate_activation"))],
                 float(read(node, "gate_alpha")), float(read(node, "gate_beta")))
         split_ok, ochunk, warps = bool(config.get("split")), int(config.get("ochunk", 0)), int(config["num_warps"])
+        two_phase = int(config.get("two_phase", 0))
         br, bc, bo = _blocks(c_w, r)
         reference = lookup(node.op_type, node.domain).compute
 
@@ -182,9 +259,23 @@ class TritonSEGate(Tactic):
             y = out if out is not None else torch.empty((n, o, 1, 1), dtype=x.dtype, device=x.device)
             if not n:
                 return y
+            flat = h == 1 or x.stride(2) == w * x.stride(3)
+            if two_phase and p:  # (no pixels: the one-program gate's mean of nothing)
+                bp, bcs = _tile(x, two_phase)
+                split = split_of(n, c, p, bp, bcs)
+                chunk = triton.cdiv(triton.cdiv(p, split), bp) * bp
+                split, cb = triton.cdiv(p, chunk), triton.cdiv(c, bcs)
+                ws = torch.empty((n, cb * split, r), dtype=torch.float32, device=x.device)
+                launch(_se_hidden_kernel, (n * cb, split),
+                       [x, w1, ws, c, p, w, r, cb, chunk, split, 1.0 / p, *_strides(x)],
+                       dict(FLAT=flat, BLOCK_P=bp, BLOCK_C=bcs, BLOCK_R=max(1, min(br, TILE // bcs)), num_warps=warps))
+                launch(_se_excite_kernel, (n, triton.cdiv(o, bo)),
+                       [ws, b1, w2, b2, y, r, o, cb * split, y.stride(0), y.stride(1), *acts],
+                       dict(BLOCK_J=max(1, min(_p2(cb * split), TILE // br)), BLOCK_R=br, BLOCK_O=bo, num_warps=warps))
+                return y
             oc = ochunk if ochunk else o
             grid = (n, triton.cdiv(o, oc))
-            src, q, flat, strides = x, p, h == 1 or x.stride(2) == w * x.stride(3), _strides(x)
+            src, q, strides = x, p, _strides(x)
             if split_ok and p > 1:
                 bp, bcs = _tile(x, 2048)
                 split = split_of(n, c, p, bp, bcs)
