@@ -7,12 +7,13 @@
 | cuda.conv1x1_gemm         | 1x1 stride-1 and patch (kernel = stride) | cuBLASLt GEMM over NHWC rows / patches    |
 | cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU/GELU) epilogue  |
 | cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
+| cuda.triton_dwconv        | Conv, FusedConv (2-D, depthwise)         | NHWC direct conv per tap, fused epilogue  |
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
 | cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
 | cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows  |
 | cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
-| cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one program per image |
+| cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one or two phases     |
 | cuda.triton_attention     | Attention (4-D, no KV cache)             | flash attention, masks, causal, GQA       |
 | cuda.triton_qconv         | QConv (2-D, ungrouped)                   | int8 implicit-GEMM conv, requantizing epi.|
 | cuda.triton_qgemm         | QGemm                                    | int8 GEMM (or torch._int_mm), same epil.  |
@@ -44,6 +45,6 @@ HAVE_TRITON = _triton_available()
 
 if HAVE_TRITON:
     from kiln.backends.cuda import (  # noqa: F401
-        triton_attention, triton_conv, triton_gather, triton_gemm, triton_norm, triton_pointwise, triton_pool,
-        triton_qdq, triton_qlayers, triton_reduce, triton_se)
+        triton_attention, triton_conv, triton_dwconv, triton_gather, triton_gemm, triton_norm, triton_pointwise,
+        triton_pool, triton_qdq, triton_qlayers, triton_reduce, triton_se)
     from kiln.backends.cuda import triton_detect  # noqa: F401  (YoloDecode, BatchedNMS, NonMaxSuppression)
