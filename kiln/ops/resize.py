@@ -180,6 +180,13 @@ def resize(x: Tensor, out_sizes: list[int], scales: list[float], axes: list[int]
     if p["mode"] == "nearest":
         lin, masks = _nearest_plan(tuple(keys.items()), tuple(x.shape), x.device)
         lo = min(todo)
+        if lo == 2 and x.dim() == 4 and not masks and x.shape[1] > 1 \
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # channels-last: gather whole pixels (C contiguous values each) and stay channels-last, instead
+            # of copying to NCHW first and handing the next layer a tensor of the other layout
+            n, c, h, w = x.shape
+            pix = as_bits(x).permute(0, 2, 3, 1).reshape(n, h * w, c).index_select(1, lin.reshape(-1))
+            return from_bits(pix.reshape(n, lin.shape[0], lin.shape[1], c).permute(0, 3, 1, 2), dtype)
         flat = as_bits(x).reshape(_prod(x.shape[:lo]), _prod(x.shape[lo:]))
         y = flat.index_select(1, lin.reshape(-1)).reshape(list(x.shape[:lo]) + list(lin.shape))
         return from_bits(_extrapolate(y, masks, p["extrapolation_value"]) if masks else y, dtype)
