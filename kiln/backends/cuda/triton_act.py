@@ -86,6 +86,17 @@ def finish(acc, bias_ptr, offs_n, n_mask, z, has_bias, act, act_before_add, alph
 
 
 @triton.jit
+def conv_pixels(offs_m, OH, OW, SH, SW, PH, PW):
+    """Output pixel indices (flattened N*OH*OW) -> (image, out row, out col, first input row, first input col)."""
+    ohw = OH * OW
+    nb = offs_m // ohw
+    r = offs_m - nb * ohw
+    oh = r // OW
+    ow = r - oh * OW
+    return nb, oh, ow, oh * SH - PH, ow * SW - PW
+
+
+@triton.jit
 def tile_schedule(M, N, total_its, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                   SPLIT_K: tl.constexpr):
     """This program's output tile (grouped ordering for L2 reuse) and its split-K range of reduction steps."""

@@ -21,7 +21,7 @@ import triton.language as tl
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, conv_geometry, conv_static_ok,
                                        check_out, epilogue_of, float_io, nhwc_outs, out_list, prepacked, tf32_precision,
                                        write_out, Out)
-from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import conv_pixels, finish, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
@@ -53,13 +53,7 @@ def _conv2d_nhwc_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < K
-    ohw = OH * OW
-    nb = offs_m // ohw
-    r = offs_m - nb * ohw
-    oh = r // OW
-    ow = r - oh * OW
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
+    nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     x_row = nb * sxn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

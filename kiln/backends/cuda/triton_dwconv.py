@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, check_out, conv_geometry, conv_static_ok, epilogue_of,
                                        float_io, nhwc_outs, out_list, prepacked, write_out, Out)
-from kiln.backends.cuda.triton_act import finish
+from kiln.backends.cuda.triton_act import conv_pixels, finish
 from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
@@ -52,13 +52,7 @@ def _dwconv_nhwc_kernel(
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < M
     c_mask = cs < C
-    ohw = OH * OW
-    nb = offs_m // ohw
-    r = offs_m - nb * ohw
-    oh = r // OW
-    ow = r - oh * OW
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
+    nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     x_row = nb * sxn
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(KH):  # unrolled: every tap's loads can be in flight at once

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kiln.backends.cuda.common import ConvGeometry, Epilogue, Out, activate_, out_list
-from kiln.backends.cuda.triton_act import apply_act, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import apply_act, conv_pixels, split_k_gather, tile_schedule
 from kiln.backends.cuda.triton_conv import _nhwc_ok, _p2, split_configs, split_k_workspace
 from kiln.backends.cuda.triton_launch import launch
 from kiln.ops.qlayers import QUANT_OUT, QuantSpec
@@ -119,13 +119,7 @@ def _qconv2d_nhwc_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < K
-    ohw = OH * OW
-    nb = offs_m // ohw
-    r = offs_m - nb * ohw
-    oh = r // OW
-    ow = r - oh * OW
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
+    nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     x_row = nb * sxn
     a_rows = x_ptr + (x_row + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :]  # tap (0, 0), channels 0..BLOCK_K
     w_cols = w_ptr + (offs_n * KRED)[None, :] + offs_k[:, None]  # reduction index 0..BLOCK_K of each out channel

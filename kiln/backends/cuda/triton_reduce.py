@@ -40,6 +40,23 @@ MAX_SPLIT = 64
 """Most programs sharing one image's pixels (bounds the workspace to N x 64 x C float32)."""
 
 
+@triton.jit
+def pixel_sum(x_base, p_lo, p_hi, W, sxh, sxw, c_mask, FLAT: tl.constexpr, BLOCK_P: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """float32 sum over pixels [p_lo, p_hi) of a block of channels: x_base points at the image's channels
+    (a [1, BLOCK_C] row of pointers); pixel p is at (p // W) * sxh + (p % W) * sxw, or p * sxw when FLAT."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        if FLAT:
+            off = ps.to(tl.int64) * sxw
+        else:
+            off = (ps // W).to(tl.int64) * sxh + (ps % W).to(tl.int64) * sxw
+        v = tl.load(x_base + off[:, None], mask=(ps < p_hi)[:, None] & c_mask[None, :], other=0.0)
+        acc += v.to(tl.float32)
+    return tl.sum(acc, axis=0)
+
+
 @triton.jit(do_not_specialize=["P", "W", "PCHUNK"])
 def _spatial_sum_kernel(
     x_ptr, y_ptr, C, P, W, CB, PCHUNK,
@@ -54,18 +71,8 @@ def _spatial_sum_kernel(
     cs = (pid % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
     x_base = x_ptr + nb * sxn + cs.to(tl.int64)[None, :] * sxc
-    p_lo = split * PCHUNK
-    p_hi = tl.minimum(P, p_lo + PCHUNK)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        if FLAT:
-            off = ps.to(tl.int64) * sxw
-        else:
-            off = (ps // W).to(tl.int64) * sxh + (ps % W).to(tl.int64) * sxw
-        v = tl.load(x_base + off[:, None], mask=(ps < p_hi)[:, None] & c_mask[None, :], other=0.0)
-        acc += v.to(tl.float32)
-    total = tl.sum(acc, axis=0)
+    total = pixel_sum(x_base, split * PCHUNK, tl.minimum(P, split * PCHUNK + PCHUNK), W, sxh, sxw, c_mask,
+                      FLAT, BLOCK_P, BLOCK_C)
     y_off = nb * syn + split.to(tl.int64) * sy_split + cs.to(tl.int64) * syc
     if FINAL:
         tl.store(y_ptr + y_off, (total / P).to(y_ptr.dtype.element_ty), mask=c_mask)

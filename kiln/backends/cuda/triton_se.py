@@ -34,7 +34,7 @@ from kiln.backends.cuda.common import ACT_CODES, FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_act import apply_act
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_pool import _p2, _strides
-from kiln.backends.cuda.triton_reduce import TARGET_PROGRAMS, _spatial_sum_kernel, _tile, split_of
+from kiln.backends.cuda.triton_reduce import TARGET_PROGRAMS, _spatial_sum_kernel, _tile, pixel_sum, split_of
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.attrs import read
@@ -72,17 +72,8 @@ def _se_gate_kernel(
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_mask = cs < C
-        c_off = cs.to(tl.int64)[None, :] * sxc
-        acc = tl.zeros((BLOCK_Q, BLOCK_C), tl.float32)
-        for q0 in range(0, Q, BLOCK_Q):
-            qs = q0 + tl.arange(0, BLOCK_Q)
-            if FLAT:
-                off = qs.to(tl.int64) * sxw
-            else:
-                off = (qs // W).to(tl.int64) * sxh + (qs % W).to(tl.int64) * sxw
-            v = tl.load(x_base + off[:, None] + c_off, mask=(qs < Q)[:, None] & c_mask[None, :], other=0.0)
-            acc += v.to(tl.float32)
-        mean = tl.sum(acc, axis=0) / P
+        mean = pixel_sum(x_base + cs.to(tl.int64)[None, :] * sxc, 0, Q, W, sxh, sxw, c_mask, FLAT, BLOCK_Q,
+                         BLOCK_C) / P
         w1 = tl.load(w1_ptr + rs[:, None] * C + cs[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
         hidden += tl.sum(w1.to(tl.float32) * mean[None, :], axis=1)
     hidden += tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
@@ -114,18 +105,8 @@ def _se_hidden_kernel(
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
     x_base = x_ptr + nb * sxn + cs.to(tl.int64)[None, :] * sxc
-    p_lo = chunk * PCHUNK
-    p_hi = tl.minimum(P, p_lo + PCHUNK)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        if FLAT:
-            off = ps.to(tl.int64) * sxw
-        else:
-            off = (ps // W).to(tl.int64) * sxh + (ps % W).to(tl.int64) * sxw
-        v = tl.load(x_base + off[:, None], mask=(ps < p_hi)[:, None] & c_mask[None, :], other=0.0)
-        acc += v.to(tl.float32)
-    part = tl.sum(acc, axis=0) * inv_p
+    part = pixel_sum(x_base, chunk * PCHUNK, tl.minimum(P, chunk * PCHUNK + PCHUNK), W, sxh, sxw, c_mask,
+                     FLAT, BLOCK_P, BLOCK_C) * inv_p
     row = ws_ptr + ((nb * CB + cb) * SPLIT + chunk) * R
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
