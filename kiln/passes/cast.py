@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node
+from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, is_op, remove_node, take_output
 
@@ -54,4 +55,58 @@ class FoldCasts(Pass):
                 continue
             changed = True
             uses.refresh()
+        return changed
+
+
+INT_DTYPES = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)
+MOVE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice", "Expand", "Identity")
+"""Ops that move elements without reading their values (input 0 is the data): a Cast commutes with them."""
+
+
+def int_cast(n: Node) -> bool:
+    """A Cast of integers to bool or float32 (x != 0, or the nearest float32: exact from a float32 load of the
+    integer too), which the CUDA Pointwise kernels evaluate in a program."""
+    if not is_op(n, "Cast") or len(n.inputs) != 1 or n.inputs[0] is None or len(n.outputs) != 1:
+        return False
+    return n.inputs[0].type.dtype in INT_DTYPES and n.outputs[0].type.dtype in (DType.BOOL, DType.FLOAT32)
+
+
+class SinkIntCasts(Pass):
+    """Moves a Cast of integers to bool / float32 below the data-movement ops it feeds (Flatten, Reshape, Gather,
+    ...), so that it meets the elementwise op that reads it and joins its Pointwise program (the CUDA target:
+    BERT's int64 attention mask, cast to bool, gathered and reshaped before the mask's And / Where, was a layer
+    of its own). Moving the Cast does not change a value: the ops move elements without reading them."""
+
+    name = "cast sinking"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        if ctx.device != "cuda":
+            return False
+        changed = False
+        uses = Uses(g)
+        for c in list(g.nodes):
+            while int_cast(c):
+                y = c.outputs[0]
+                for r in uses.of(y):
+                    if is_op(r, "Shape", "Size"):  # they read the shape only: the Cast's input has it too
+                        r.inputs = [c.inputs[0] if v is y else v for v in r.inputs]
+                uses.refresh()
+                readers = uses.of(y)
+                if uses.is_output(y) or len(readers) != 1:
+                    break
+                m = readers[0]
+                if not is_op(m, *MOVE_OPS) or len(m.outputs) != 1 or m.inputs[0] is not y \
+                        or sum(v is y for v in m.inputs) != 1 or m.outputs[0].type.shape is None:
+                    break
+                x, z = c.inputs[0], m.outputs[0]
+                moved = g.new_value(f"{z.name}_{x.type.dtype.value}", TensorType(x.type.dtype, z.type.shape))
+                m.inputs[0] = x
+                take_output(m, z, moved)
+                c.inputs[0] = moved
+                take_output(c, y, z)
+                g.nodes.remove(c)
+                g.nodes.insert(g.nodes.index(m) + 1, c)
+                ctx.logger.verbose(f"Moving {c.name} below {m.name} ({m.op_type} of {x.type.dtype.value})")
+                changed = True
+                uses.refresh()
         return changed

@@ -7,6 +7,7 @@ from __future__ import annotations
 from kiln.passes.attention import FuseAttention
 from kiln.passes.base import Fixpoint, Pass
 from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
+from kiln.passes.cast import SinkIntCasts
 from kiln.passes.concat import MarkConcatElision, NestConcats
 from kiln.passes.conv_fusion import FuseConv
 from kiln.passes.cse import EliminateCommonSubexpressions
@@ -70,6 +71,7 @@ def default_pipeline() -> list[Pass]:
         FuseSiblingGemms(),  # Q, K, V projections of one input -> one gemm, column views
         SplitColumnsToViews(),  # a Split of the last axis -> Slice views (a packed projection's parts)
         FuseResidualNorm(),  # CUDA: a residual add (gemm epilogue or Add) into the LayerNorm / RMSNorm after it
+        SinkIntCasts(),  # CUDA: an integer -> bool / float32 Cast below Reshapes / Gathers, into the program after
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
         NestConcats(),  # Concat(x0..x5) after Concat(x0..x4) reads it: DenseNet's block becomes one buffer

@@ -14,6 +14,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ops.activations import FLT_MAX
 from kiln.ops.pointwise_program import OPS, PointwiseProgram
 from kiln.passes.base import Pass, PassContext
+from kiln.passes.cast import int_cast
 from kiln.passes.rewrite import Uses, is_op, replace_nodes, scalar
 
 MAX_GROUP = 48
@@ -30,10 +31,13 @@ def _quantized(n: Node) -> bool:
     return any(is_op(v.producer, "DequantizeLinear") for v in n.inputs if v is not None)
 
 
-def fusible(n: Node) -> bool:
-    """An elementwise ONNX node Pointwise can evaluate with opset-21 semantics."""
+def fusible(n: Node, int_casts: bool = False) -> bool:
+    """An elementwise ONNX node Pointwise can evaluate with opset-21 semantics (with `int_casts`, the CUDA target:
+    also a Cast of integers to bool / float32, kiln.passes.cast.int_cast)."""
     if not is_op(n, *OPS) or len(n.outputs) != 1 or n.opset < 7 or _quantized(n):
         return False
+    if int_casts and int_cast(n):
+        return n.inputs[0].kind == "tensor"  # type: ignore[union-attr]
     if n.subgraphs() or n.captures or not _typed(n.outputs[0]):
         return False
     if n.op_type == "Clip":
@@ -50,7 +54,7 @@ def _lone_binary(n: Node) -> bool:
     return len(acts) == 2 and n.outputs[0].type.dtype is not None and n.outputs[0].type.dtype.value != "bool"
 
 
-def _grow(root: Node, uses: Uses, taken: set[int]) -> list[Node]:
+def _grow(root: Node, uses: Uses, taken: set[int], int_casts: bool = False) -> list[Node]:
     """The group rooted at `root`: producers whose every output reader is already in the group."""
     group = [root]
     ids = {id(root)}
@@ -62,7 +66,7 @@ def _grow(root: Node, uses: Uses, taken: set[int]) -> list[Node]:
                 p = v.producer if v is not None else None
                 if v is None or p is None or id(p) in ids or id(p) in taken or id(p) not in uses.index:
                     continue
-                if uses.is_output(v) or not fusible(p) or not all(id(u) in ids for u in uses.of(v)):
+                if uses.is_output(v) or not fusible(p, int_casts) or not all(id(u) in ids for u in uses.of(v)):
                     continue
                 group.append(p)
                 ids.add(id(p))
@@ -115,10 +119,11 @@ class FusePointwise(Pass):
         uses = Uses(g)
         taken: set[int] = set()
         groups: list[list[Node]] = []
+        int_casts = ctx.device == "cuda"
         for root in reversed(g.nodes):
             if id(root) in taken or not fusible(root):
                 continue
-            group = _grow(root, uses, taken)
+            group = _grow(root, uses, taken, int_casts)
             taken.update(id(m) for m in group)
             if len(group) >= 2 or _lone_binary(group[0]):
                 groups.append(group)

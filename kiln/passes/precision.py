@@ -74,6 +74,11 @@ def low_precision_ops(device: str) -> frozenset[str]:
 FP32_POINTWISE_OPS: frozenset[str] = frozenset({"Exp", "Log", "Pow", "Reciprocal", "Cast", "Softmax"})
 """A Pointwise program using one of these stays float32."""
 
+def _casts_to_bool(ins: dict) -> bool:
+    """A program's Cast to bool: its result is the same in any float type (x != 0), so it needs no float32."""
+    return ins.get("op") == "Cast" and (ins.get("attrs") or {}).get("to") == DType.BOOL.onnx
+
+
 NEUTRAL_OPS: frozenset[str] = frozenset({"Cast", "Shape", "Size"})
 """Ops that read any element type as is: no Cast is inserted in front of them."""
 
@@ -138,7 +143,8 @@ class ReducedPrecision(Pass):
             return False
         if n.op_type == "Pointwise":
             prog = n.attr("program", None) or []
-            if any(ins.get("op") in FP32_POINTWISE_OPS for ins in prog) or len(n.attr("outputs", None) or [1]) != 1:
+            if any(ins.get("op") in FP32_POINTWISE_OPS and not _casts_to_bool(ins) for ins in prog) \
+                    or len(n.attr("outputs", None) or [1]) != 1:
                 return False
         cast_idx = self._cast_indices(n)
         if not cast_idx:

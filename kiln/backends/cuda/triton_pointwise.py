@@ -51,7 +51,12 @@ _LOGIC: dict[str, str] = {"And": "&", "Or": "|", "Xor": "^"}
 _NARY: dict[str, str] = {"Max": "tl.maximum", "Min": "tl.minimum", "Sum": "+", "Mean": "+"}
 SUPPORTED_OPS = (frozenset(_UNARY) | frozenset(_BINARY) | frozenset(_NARY) | frozenset(_COMPARE) | frozenset(_LOGIC)
                  | {"LeakyRelu", "Clip", "Where", "HardSigmoid", "Gelu", "Elu", "Selu", "Celu", "ThresholdedRelu",
-                    "Swish", "Not"}) & OPS
+                    "Swish", "Not", "Cast"}) & OPS
+_CAST_TO = {DType.BOOL.onnx: "({0} != 0.0)", DType.FLOAT32.onnx: "{0}",
+            DType.FLOAT16.onnx: "({0}).to(tl.float16).to(tl.float32)",
+            DType.BFLOAT16.onnx: "({0}).to(tl.bfloat16).to(tl.float32)"}
+"""Cast targets of a program (float args are float32 blocks; a narrower float rounds once and widens back)."""
+_INTS = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)
 
 
 def _lit(x: float) -> str:
@@ -129,12 +134,24 @@ def _expr(op: str, args: list[str], attrs: Mapping[str, Any]) -> str:
         return x
     if op == "Where":
         return f"tl.where({args[0]}, {args[1]}, {args[2]})"
+    if op == "Cast" and attrs.get("to") in _CAST_TO:
+        return _CAST_TO[attrs["to"]].format(args[0])
     raise ValueError(f"Pointwise op {op} has no Triton lowering")
+
+
+def _only_cast(prog: PointwiseProgram, k: int) -> bool:
+    """Input k is read only by Casts to bool / float32: exact from its float32 load (an integer loads as the
+    nearest float32, and only zero loads as zero)."""
+    readers = [ins for ins in prog.instrs if any(r.kind == "input" and r.index == k for r in ins.args)]
+    return bool(readers) and all(ins.op == "Cast" and ins.attrs.get("to") in (DType.BOOL.onnx, DType.FLOAT32.onnx)
+                                 for ins in readers) and all(r.kind != "input" or r.index != k for r in prog.outputs)
 
 
 def program_ok(prog: PointwiseProgram) -> bool:
     """Whether every instruction of a parsed program has a Triton lowering (and the result is a float)."""
     if len(prog.outputs) != 1 or any(ins.op not in SUPPORTED_OPS for ins in prog.instrs):
+        return False
+    if any(ins.op == "Cast" and ins.attrs.get("to") not in _CAST_TO for ins in prog.instrs):
         return False
     res = prog.outputs[0]
     return not (res.kind == "temp" and prog.instrs[res.index].op in BOOL_RESULT)
@@ -214,7 +231,7 @@ def generate_source(prog: PointwiseProgram, modes: list[str], bools: list[bool],
                 name = f"{name}.to(tl.float32)"
             args.append(name)
         lines.append(f"    t{j:d} = {_expr(op, args, ins.attrs)}")
-        kinds[f"t{j:d}"] = "b" if op in BOOL_RESULT else "f"
+        kinds[f"t{j:d}"] = "b" if op in BOOL_RESULT or (op == "Cast" and ins.attrs.get("to") == DType.BOOL.onnx) else "f"
     res = _var(prog.outputs[0])
     if kinds.get(res, "f") == "b":
         res = f"{res}.to(tl.float32)"
@@ -320,13 +337,17 @@ class TritonPointwise(Tactic):
             return False
         if node.outputs[0].type.dtype not in _FLOATS:
             return False
-        for v in node.inputs:
-            if v is None or v.kind != "tensor" or (v.type.dtype not in _FLOATS and v.type.dtype != DType.BOOL):
-                return False
         try:
             prog = PointwiseProgram.parse(node)
         except UnsupportedOpError:
             return False
+        for k, v in enumerate(node.inputs):
+            if v is None or v.kind != "tensor":
+                return False
+            if v.type.dtype in _INTS and not _only_cast(prog, k):
+                return False
+            if v.type.dtype not in _FLOATS + _INTS and v.type.dtype != DType.BOOL:
+                return False
         return program_ok(prog)
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
