@@ -170,14 +170,16 @@ class AddLayerNormalization(OpDef):
 
     Outputs Y and, when the sum is read elsewhere too (a pre-norm transformer's residual stream), S.
     R has X's rank and, in each dim, X's size or 1 (ViT's position embedding [1, S, D] added to every image);
-    Scale and B broadcast over the normalized dims.
+    Scale and B broadcast over the normalized dims. Optional ``out_dtype`` (float32 / float16 / bfloat16): Y is
+    stored in that type (a folded Cast: a float16 network's last norm writing its float32 graph output).
     """
 
     op_type = "AddLayerNormalization"
     domain = "kiln"
     arity = (3, 4)
     out_arity = (1, 2)
-    attributes = {"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5), "rms": Attr("int", 0, choices=(0, 1))}
+    attributes = {"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5), "rms": Attr("int", 0, choices=(0, 1)),
+                  "out_dtype": Attr("int", None, choices=(1, 10, 16))}
 
     def compute(self, node: Node, x: Tensor, r: Tensor, scale: Tensor,
                 b: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
@@ -202,6 +204,9 @@ class AddLayerNormalization(OpDef):
             y = (d * torch.rsqrt((d * d).mean(axes, keepdim=True) + eps)).to(s.dtype) * scale.to(s.dtype)
         if b is not None:
             y = y + b.to(s.dtype)
+        out = read(node, "out_dtype")
+        if out is not None:
+            y = y.to(onnx_to_torch(int(out)))
         return (y, s) if len(node.outputs) > 1 else y
 
 

@@ -12,7 +12,7 @@ pass for the CUDA target; the CPU tactics take float32 only.
 from __future__ import annotations
 
 from kiln.ir.dtype import DType
-from kiln.ir.graph import Graph, Node
+from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, is_op, remove_node, take_output
@@ -51,11 +51,71 @@ class FoldCasts(Pass):
                 p.attrs["out_dtype"] = y.type.dtype.onnx  # type: ignore[union-attr]
                 remove_node(g, c)
                 ctx.logger.verbose(f"Fusing {p.name} with {c.name} (convert on store)")  # type: ignore[union-attr]
+            elif _wide_norm(p, x, y, c, uses):
+                moved = _widen(g, x, y, c, uses)
+                take_output(p, x, y)  # type: ignore[arg-type]
+                p.attrs["out_dtype"] = y.type.dtype.onnx  # type: ignore[union-attr]
+                remove_node(g, c)
+                ctx.logger.verbose(f"Fusing {p.name} with {c.name} (stores {y.type.dtype.value}"  # type: ignore
+                                   + (f"; {', '.join(moved)} read it" if moved else "") + ")")
             else:
                 continue
             changed = True
             uses.refresh()
         return changed
+
+
+def _wide_readers(v: Value, uses: Uses, seen: list[Node]) -> bool:
+    """Every reader of `v` could read it in a wider float type: a FusedConv / FusedGemm's activation (converted
+    on load), or an op that moves elements (MOVE_OPS, as input 0) whose output's readers could too; not an output."""
+    if uses.is_output(v):
+        return False
+    for r in uses.of(v):
+        if _fused(r) and r.inputs[0] is v and sum(u is v for u in r.inputs) == 1:
+            continue
+        if not (is_op(r, *MOVE_OPS) and r.inputs[0] is v and len(r.outputs) == 1 and len(seen) < 16):
+            return False
+        seen.append(r)
+        if not _wide_readers(r.outputs[0], uses, seen):
+            return False
+    return True
+
+
+def _wide_norm(p: Node | None, x: Value, y: Value, c: Node, uses: Uses) -> bool:
+    """A Cast widening a kiln AddLayerNormalization's Y, whose other readers could read the wide Y instead: the
+    norm stores the wide type (out_dtype) and they read that (BERT's last norm: the float32 graph output, and
+    the pooler's row Gather -> FusedGemm)."""
+    if p is None or p.domain != "kiln" or p.op_type != "AddLayerNormalization" or p.outputs[0] is not x \
+            or p.attr("out_dtype") is not None or x.type.dtype is None or y.type.dtype is None \
+            or y.type.dtype.torch.itemsize <= x.type.dtype.torch.itemsize:
+        return False
+    rest = [r for r in uses.of(x) if r is not c]
+    if uses.is_output(x) or not rest:
+        return False
+    for r in rest:
+        if _fused(r) and r.inputs[0] is x and sum(u is x for u in r.inputs) == 1:
+            continue
+        if not (is_op(r, *MOVE_OPS) and r.inputs[0] is x and len(r.outputs) == 1
+                and _wide_readers(r.outputs[0], uses, [])):
+            return False
+    return True
+
+
+def _widen(g: Graph, x: Value, y: Value, c: Node, uses: Uses) -> list[str]:
+    """Point x's other readers at the wide y and retype the element-moving ops' outputs on the way."""
+    moved: list[str] = []
+    todo = [r for r in uses.of(x) if r is not c]
+    for r in todo:
+        r.inputs = [y if v is x else v for v in r.inputs]
+    while todo:
+        r = todo.pop()
+        if _fused(r):
+            continue
+        out = r.outputs[0]
+        out.type = TensorType(y.type.dtype, out.type.shape)
+        moved.append(r.name)
+        todo.extend(uses.of(out))
+    return moved
 
 
 INT_DTYPES = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)

@@ -169,6 +169,33 @@ def test_add_layernorm_matches_float64(dtype, shape, axis, rms, bias, outputs) -
     _close(ref[0] if outputs == 2 else ref, want, dtype)
 
 
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_add_layernorm_stores_a_wider_y(outputs: int) -> None:
+    """out_dtype float32 on a float16 norm (a folded Cast: BERT's last norm writing its float32 output): Y is stored
+    in float32 from the float32 statistics (closer to float64 than a float16 Y), the sum in float16."""
+    node = add_layernorm(torch.float16, (3, 96), -1, False, True, outputs, seed=5)
+    node.attrs["out_dtype"] = 1
+    node.outputs[0].type = TensorType(DType.FLOAT32, (3, 96))
+    x = _rand(3, 96, seed=21, scale=2.0, shift=0.5, dtype=torch.float16)
+    r = _rand(3, 96, seed=22, scale=1.5, dtype=torch.float16)
+    sd = (x + r).double()
+    d = sd - sd.mean(-1, keepdim=True)
+    want = d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(x.device) \
+        + node.inputs[3].const.double().to(x.device)
+    t = get_tactic(LN)
+    assert t.supports(node, CTX)
+    for cfg in range(len(t.configs(node, CTX))):
+        got = _kernel(LN, node, cfg)(x, r, None, None)
+        if outputs == 2:
+            got, got_sum = got
+            assert got_sum.dtype == torch.float16 and torch.equal(got_sum, x + r)
+        assert got.dtype == torch.float32
+        _close(got, want, torch.float32)
+    ref = _reference(node, x, r)  # the op computes Y in X's type, then widens it
+    ref = ref[0] if outputs == 2 else ref
+    assert ref.dtype == torch.float32 and (ref.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("r_shape,layout", [((4, 6, 32), "transposed"), ((1, 6, 32), "dense"), ((4, 1, 32), "dense"),
                                             ((1, 6, 32), "transposed")])
 def test_add_layernorm_residual_with_own_strides_or_broadcast(r_shape, layout) -> None:

@@ -271,8 +271,10 @@ def _spec(node: Node) -> _Spec | None:
         return None
     k = 1 if fused else 0  # inputs before Scale: X (and R)
     x, scale = node.input(0), node.input(k + 1)
+    wide = fused and node.attr("out_dtype") is not None  # Y in its own float type (a folded Cast), the sum in X's
     if (len(node.outputs) > (2 if fused else 1) or x is None or scale is None or len(node.inputs) > k + 3
-            or any(o.type.dtype != x.type.dtype for o in node.outputs)):
+            or any(o.type.dtype != x.type.dtype for o in node.outputs[1 if wide else 0:])
+            or node.outputs[0].type.dtype not in FLOAT_DTYPES):
         return None
     rank, dt = x.type.rank, x.type.dtype
     if rank is None or rank < 1 or dt not in FLOAT_DTYPES:
@@ -334,6 +336,7 @@ class TritonLayerNorm(Tactic):
         assert spec is not None, f"{self.id} does not support node {node.name}"
         axis, inner, (si, bi) = spec.axis, spec.inner, spec.params
         x_dt = node.inputs[0].type.dtype.torch  # type: ignore[union-attr]
+        y_dt = node.outputs[0].type.dtype.torch  # type: ignore[union-attr]
         params: list[Tensor | None] = []
         for i in (si, bi):
             v = node.input(i)
@@ -368,16 +371,16 @@ class TritonLayerNorm(Tactic):
             if y is not None:
                 args = _row_layout(x, y, axis, rv)
             if args is None or y is None:  # no destination, or one addressed otherwise: a tensor like x
-                y = torch.empty_like(x)
+                y = torch.empty_like(x, dtype=y_dt)
                 args = _row_layout(x, y, axis, rv)
                 if args is None:  # empty_like kept a layout of x that does not match it row by row
-                    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                    y = torch.empty(x.shape, dtype=y_dt, device=x.device)
                     args = _row_layout(x, y, axis, rv)
                     assert args is not None
-            s = torch.empty_like(y) if spec.store_sum else None
+            s = torch.empty_like(y, dtype=x.dtype) if spec.store_sum else None
             if s is not None and s.stride() != y.stride():  # the sum takes y's strides: y a view of a larger buffer
-                y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                s = torch.empty_like(y)
+                y = torch.empty(x.shape, dtype=y_dt, device=x.device)
+                s = torch.empty_like(y, dtype=x.dtype)
                 args = _row_layout(x, y, axis, rv)
                 assert args is not None
             if rows and d:

@@ -1,9 +1,14 @@
-"""An integer -> bool / float32 Cast moves below the data-movement ops it feeds and joins the elementwise program
-after them (kiln.passes.cast.SinkIntCasts, the CUDA target): BERT's attention mask, cast to bool, flattened,
-gathered and reshaped before its And / Where, was a Cast layer of its own.
+"""Cast layers a float16 transformer on CUDA no longer launches (BERT-base had two):
 
-The rewritten graph runs on the CPU through the ops' references against onnxruntime on the original model, on fresh
-random masks; the generated Triton kernel (under the interpreter without a GPU) against the Pointwise reference."""
+* an integer -> bool / float32 Cast moves below the data-movement ops it feeds and joins the elementwise program
+  after them (kiln.passes.cast.SinkIntCasts): BERT's attention mask, cast to bool, flattened, gathered and
+  reshaped before its And / Where;
+* the Cast widening the last norm's float16 Y to the float32 graph output folds into the norm (out_dtype), the
+  other readers of Y (a row Gather -> the pooler's FusedGemm) reading the float32 Y (kiln.passes.cast.FoldCasts).
+
+The rewritten graphs run on the CPU through the ops' references against onnxruntime on the original model, on
+fresh random inputs; the generated Triton kernel (under the interpreter without a GPU) against the Pointwise
+reference."""
 from __future__ import annotations
 
 import os
@@ -108,3 +113,50 @@ def test_triton_program_reads_integers_through_its_casts(to: int) -> None:
     bad = Node("Pointwise", list(pw.inputs), [pw.outputs[0]], {**pw.attrs, "program": prog,
                "outputs": [f"t{len(prog) - 1}"]}, name="bad", domain="kiln", opset=1)
     assert lone.type.dtype.value == "int64" and not t.supports(bad, TacticContext(dev, fp16=True))
+
+
+def _bert_tail():
+    """BERT's end: LayerNorm(x + x @ W + b) is the float32 output and, through a row Gather, the pooler's input."""
+    rng = np.random.default_rng(4)
+    h = 16
+    inits = [numpy_helper.from_array((rng.standard_normal((h, h)) / 4).astype(np.float32), "w"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(h)).astype(np.float32), "b"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(h)).astype(np.float32), "g"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(h)).astype(np.float32), "beta"),
+             numpy_helper.from_array((rng.standard_normal((h, h)) / 4).astype(np.float32), "wp"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(h)).astype(np.float32), "bp"),
+             numpy_helper.from_array(np.array(0, np.int64), "row")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["mb"]),
+             helper.make_node("Add", ["mb", "x"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "beta"], ["y"], epsilon=1e-5),
+             helper.make_node("Gather", ["y", "row"], ["first"], axis=1),
+             helper.make_node("Gemm", ["first", "wp", "bp"], ["p"]), helper.make_node("Tanh", ["p"], ["pooled"])]
+    g = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, h])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "pooled")], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_last_norm_stores_the_float32_output_its_pooler_reads_too() -> None:
+    """FP16 on CUDA: the Cast of the last norm's Y back to the float32 graph output folds into the norm
+    (out_dtype), and the row Gather -> FusedGemm that read the float16 Y read the float32 one (converted on
+    load): no Cast is left after the norm. Against onnxruntime FP32 within FP16 rounding."""
+    from kiln.builder import BuilderConfig, _lower_precision
+    from kiln.ir.dtype import DType
+    model = _bert_tail()
+    g = load_onnx(model, Logger())
+    ctx = PassContext(Logger(), device="cuda")
+    PassManager(default_pipeline(), subgraphs=True).run(g, ctx)
+    _lower_precision(g, DType.FLOAT16, BuilderConfig(fp16=True), "cuda", ctx)
+    casts = [n for n in g.nodes if n.op_type == "Cast"]
+    assert [c.inputs[0].name for c in casts] == ["x"], casts  # only the input's (it is also the norm's residual)
+    norm = next(n for n in g.nodes if n.op_type == "AddLayerNormalization")
+    assert norm.attr("out_dtype") == TensorProto.FLOAT and norm.outputs[0].type.dtype.value == "float32"
+    gather = next(n for n in g.nodes if n.op_type == "Gather")
+    assert gather.inputs[0] is norm.outputs[0] and gather.outputs[0].type.dtype.value == "float32"
+    for seed in (5, 6):
+        x = np.random.default_rng(seed).standard_normal((3, 5, 16)).astype(np.float32)
+        got = GraphFunction(g)([torch.from_numpy(x)])
+        for a, b in zip(got, run_oracle(model, {"x": x})):
+            a = np.asarray(a.float() if isinstance(a, torch.Tensor) else a)
+            assert a.dtype == np.float32
+            np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
