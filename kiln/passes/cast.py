@@ -82,15 +82,15 @@ def _wide_readers(v: Value, uses: Uses, seen: list[Node]) -> bool:
 
 
 def _wide_norm(p: Node | None, x: Value, y: Value, c: Node, uses: Uses) -> bool:
-    """A Cast widening a kiln AddLayerNormalization's Y, whose other readers could read the wide Y instead: the
-    norm stores the wide type (out_dtype) and they read that (BERT's last norm: the float32 graph output, and
-    the pooler's row Gather -> FusedGemm)."""
+    """A Cast widening a kiln AddLayerNormalization's Y, whose other readers (if any) could read the wide Y instead:
+    the norm stores the wide type (out_dtype) and they read that (GPT-2's last norm: the float32 graph output;
+    BERT's: that, and the pooler's row Gather -> FusedGemm)."""
     if p is None or p.domain != "kiln" or p.op_type != "AddLayerNormalization" or p.outputs[0] is not x \
             or p.attr("out_dtype") is not None or x.type.dtype is None or y.type.dtype is None \
             or y.type.dtype.torch.itemsize <= x.type.dtype.torch.itemsize:
         return False
     rest = [r for r in uses.of(x) if r is not c]
-    if uses.is_output(x) or not rest:
+    if uses.is_output(x):
         return False
     for r in rest:
         if _fused(r) and r.inputs[0] is x and sum(u is x for u in r.inputs) == 1:
