@@ -139,6 +139,14 @@ def add_layernorm(dtype: torch.dtype, shape: tuple, axis: int, rms: bool, bias: 
                 name="addln", domain="kiln", opset=1)
 
 
+def _norm64(node: Node, s: torch.Tensor, dims: list[int], rms: bool) -> torch.Tensor:
+    """AddLayerNormalization's Y in float64 from the (rounded) sum s: LayerNorm or RMSNorm over dims, Scale, B."""
+    sd = s.double()
+    d = sd if rms else sd - sd.mean(dims, keepdim=True)
+    want = d * torch.rsqrt((d * d).mean(dims, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(s.device)
+    return want + node.inputs[3].const.double().to(s.device) if len(node.inputs) > 3 else want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,axis", [((3, 7), -1), ((2, 5, 197), -1), ((2, 3000), -1), ((2, 4, 6, 9), -2)])
 @pytest.mark.parametrize("rms,bias", [(False, True), (False, False), (True, False)])
@@ -152,11 +160,7 @@ def test_add_layernorm_matches_float64(dtype, shape, axis, rms, bias, outputs) -
     r = _rand(*shape, seed=12, scale=1.5, dtype=dtype)
     s = x + r  # X's type, as the op defines the sum
     dims = list(range(axis % len(shape), len(shape)))
-    sd = s.double()
-    d = sd if rms else sd - sd.mean(dims, keepdim=True)
-    want = d * torch.rsqrt((d * d).mean(dims, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(x.device)
-    if bias:
-        want = want + node.inputs[3].const.double().to(x.device)
+    want = _norm64(node, s, dims, rms)
     t = get_tactic(LN)
     assert t.supports(node, CTX)
     for cfg in range(len(t.configs(node, CTX))):
@@ -178,10 +182,7 @@ def test_add_layernorm_stores_a_wider_y(outputs: int) -> None:
     node.outputs[0].type = TensorType(DType.FLOAT32, (3, 96))
     x = _rand(3, 96, seed=21, scale=2.0, shift=0.5, dtype=torch.float16)
     r = _rand(3, 96, seed=22, scale=1.5, dtype=torch.float16)
-    sd = (x + r).double()
-    d = sd - sd.mean(-1, keepdim=True)
-    want = d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-5) * node.inputs[2].const.double().to(x.device) \
-        + node.inputs[3].const.double().to(x.device)
+    want = _norm64(node, x + r, [1], rms=False)
     t = get_tactic(LN)
     assert t.supports(node, CTX)
     for cfg in range(len(t.configs(node, CTX))):
