@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 from kiln.errors import KilnError, UnsupportedOpError
+from kiln.ir.dtype import DType
 from kiln.ops.attrs import validate_attrs
 
 UNARY = frozenset({
@@ -55,6 +56,10 @@ OPS = UNARY | BINARY | VARIADIC | {"Where", "Clip"}
 """The closed vocabulary of Pointwise instructions (what kiln.passes.pointwise fuses)."""
 BOOL_RESULT = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not"})
 """Ops whose result is bool."""
+INT_INPUTS = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)
+"""Integer element types a program may read on CUDA, through Casts to INT_CAST_TARGETS only."""
+INT_CAST_TARGETS = (DType.BOOL, DType.FLOAT32)
+"""What such a Cast may make of an integer: x != 0, or its nearest float32 (both exact from a float32 load)."""
 
 MAX_INSTRS = 4096
 MAX_ARGS = 1024  # operands of one (variadic) instruction

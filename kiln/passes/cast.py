@@ -14,10 +14,13 @@ from __future__ import annotations
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.ops.pointwise_program import INT_CAST_TARGETS, INT_INPUTS
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.rewrite import Uses, is_op, remove_node, take_output
 
 _FLOATS = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
+MOVE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice", "Expand", "Identity")
+"""Ops that move elements without reading their values (input 0 is the data): a Cast commutes with them."""
 
 
 def _fused(n: Node | None) -> bool:
@@ -40,8 +43,7 @@ class FoldCasts(Pass):
                 continue
             readers = uses.of(y)
             p = x.producer
-            if (readers and not uses.is_output(y) and all(_fused(r) and r.inputs[0] is y and
-                                                         sum(v is y for v in r.inputs) == 1 for r in readers)):
+            if readers and not uses.is_output(y) and all(_reads_converting(r, y) for r in readers):
                 for r in readers:
                     r.inputs[0] = x
                 remove_node(g, c)
@@ -52,7 +54,7 @@ class FoldCasts(Pass):
                 remove_node(g, c)
                 ctx.logger.verbose(f"Fusing {p.name} with {c.name} (convert on store)")  # type: ignore[union-attr]
             elif _wide_norm(p, x, y, c, uses):
-                moved = _widen(g, x, y, c, uses)
+                moved = _widen(x, y, c, uses)
                 take_output(p, x, y)  # type: ignore[arg-type]
                 p.attrs["out_dtype"] = y.type.dtype.onnx  # type: ignore[union-attr]
                 remove_node(g, c)
@@ -65,18 +67,21 @@ class FoldCasts(Pass):
         return changed
 
 
-def _wide_readers(v: Value, uses: Uses, seen: list[Node]) -> bool:
-    """Every reader of `v` could read it in a wider float type: a FusedConv / FusedGemm's activation (converted
-    on load), or an op that moves elements (MOVE_OPS, as input 0) whose output's readers could too; not an output."""
-    if uses.is_output(v):
+def _reads_converting(r: Node, v: Value) -> bool:
+    """r is a FusedConv / FusedGemm reading v once, as its activation (a wider float type is converted on load)."""
+    return _fused(r) and r.inputs[0] is v and sum(u is v for u in r.inputs) == 1
+
+
+def _wide_readers(v: Value, uses: Uses, skip: Node | None = None, depth: int = 0) -> bool:
+    """Every reader of `v` but `skip` could read it in a wider float type: one reading it converted on load, or an
+    op that moves elements (MOVE_OPS, v as input 0) whose output's readers could too; v is not a graph output."""
+    if uses.is_output(v) or depth > 16:
         return False
     for r in uses.of(v):
-        if _fused(r) and r.inputs[0] is v and sum(u is v for u in r.inputs) == 1:
+        if r is skip or _reads_converting(r, v):
             continue
-        if not (is_op(r, *MOVE_OPS) and r.inputs[0] is v and len(r.outputs) == 1 and len(seen) < 16):
-            return False
-        seen.append(r)
-        if not _wide_readers(r.outputs[0], uses, seen):
+        if not (is_op(r, *MOVE_OPS) and r.inputs[0] is v and len(r.outputs) == 1
+                and _wide_readers(r.outputs[0], uses, None, depth + 1)):
             return False
     return True
 
@@ -89,19 +94,10 @@ def _wide_norm(p: Node | None, x: Value, y: Value, c: Node, uses: Uses) -> bool:
             or p.attr("out_dtype") is not None or x.type.dtype is None or y.type.dtype is None \
             or y.type.dtype.torch.itemsize <= x.type.dtype.torch.itemsize:
         return False
-    rest = [r for r in uses.of(x) if r is not c]
-    if uses.is_output(x):
-        return False
-    for r in rest:
-        if _fused(r) and r.inputs[0] is x and sum(u is x for u in r.inputs) == 1:
-            continue
-        if not (is_op(r, *MOVE_OPS) and r.inputs[0] is x and len(r.outputs) == 1
-                and _wide_readers(r.outputs[0], uses, [])):
-            return False
-    return True
+    return _wide_readers(x, uses, skip=c)
 
 
-def _widen(g: Graph, x: Value, y: Value, c: Node, uses: Uses) -> list[str]:
+def _widen(x: Value, y: Value, c: Node, uses: Uses) -> list[str]:
     """Point x's other readers at the wide y and retype the element-moving ops' outputs on the way."""
     moved: list[str] = []
     todo = [r for r in uses.of(x) if r is not c]
@@ -118,17 +114,12 @@ def _widen(g: Graph, x: Value, y: Value, c: Node, uses: Uses) -> list[str]:
     return moved
 
 
-INT_DTYPES = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)
-MOVE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice", "Expand", "Identity")
-"""Ops that move elements without reading their values (input 0 is the data): a Cast commutes with them."""
-
-
 def int_cast(n: Node) -> bool:
-    """A Cast of integers to bool or float32 (x != 0, or the nearest float32: exact from a float32 load of the
-    integer too), which the CUDA Pointwise kernels evaluate in a program."""
+    """A Cast of integers to bool or float32, which the CUDA Pointwise kernels evaluate in a program
+    (kiln.ops.pointwise_program.INT_INPUTS / INT_CAST_TARGETS)."""
     if not is_op(n, "Cast") or len(n.inputs) != 1 or n.inputs[0] is None or len(n.outputs) != 1:
         return False
-    return n.inputs[0].type.dtype in INT_DTYPES and n.outputs[0].type.dtype in (DType.BOOL, DType.FLOAT32)
+    return n.inputs[0].type.dtype in INT_INPUTS and n.outputs[0].type.dtype in INT_CAST_TARGETS
 
 
 class SinkIntCasts(Pass):
@@ -147,10 +138,11 @@ class SinkIntCasts(Pass):
         for c in list(g.nodes):
             while int_cast(c):
                 y = c.outputs[0]
-                for r in uses.of(y):
-                    if is_op(r, "Shape", "Size"):  # they read the shape only: the Cast's input has it too
-                        r.inputs = [c.inputs[0] if v is y else v for v in r.inputs]
-                uses.refresh()
+                shapes = [r for r in uses.of(y) if is_op(r, "Shape", "Size")]
+                for r in shapes:  # they read the shape only: the Cast's input has it too
+                    r.inputs = [c.inputs[0] if v is y else v for v in r.inputs]
+                if shapes:
+                    uses.refresh()
                 readers = uses.of(y)
                 if uses.is_output(y) or len(readers) != 1:
                     break

@@ -74,6 +74,7 @@ def low_precision_ops(device: str) -> frozenset[str]:
 FP32_POINTWISE_OPS: frozenset[str] = frozenset({"Exp", "Log", "Pow", "Reciprocal", "Cast", "Softmax"})
 """A Pointwise program using one of these stays float32."""
 
+
 def _casts_to_bool(ins: dict) -> bool:
     """A program's Cast to bool: its result is the same in any float type (x != 0), so it needs no float32."""
     return ins.get("op") == "Cast" and (ins.get("attrs") or {}).get("to") == DType.BOOL.onnx

@@ -193,6 +193,15 @@ def _nhwc_ok(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def nhwc_dests(out: Out, shape: tuple[int, ...], x: Tensor, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """The one or two destinations a conv kernel stores into: those given, else a new channels-last tensor of
+    `shape` in `out_dtype` (default x's); the second is the first when there is one only."""
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty(shape, device=x.device, dtype=out_dtype or x.dtype,
+                                         memory_format=torch.channels_last)
+    return y, outs[1] if len(outs) > 1 else y
+
+
 def conv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, geo: ConvGeometry, ep: Epilogue,
                 cfg: dict[str, Any], allow_tf32: bool = True, out: Out = None,
                 out_dtype: torch.dtype | None = None) -> Tensor:
@@ -203,10 +212,7 @@ def conv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, ge
     n, c, h, w = x.shape
     k = wp.shape[1]
     oh, ow = geo.out_hw(h, w)
-    outs = out_list(out)
-    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=out_dtype or x.dtype,
-                                         memory_format=torch.channels_last)
-    y2 = outs[1] if len(outs) > 1 else y
+    y, y2 = nhwc_dests(out, (n, k, oh, ow), x, out_dtype)
     if z is not None:
         z = _nhwc_ok(z)
     m = n * oh * ow

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, check_out, conv_geometry, conv_static_ok, epilogue_of,
-                                       float_io, nhwc_outs, out_list, prepacked, write_out, Out)
+                                       float_io, nhwc_outs, prepacked, write_out, Out)
 from kiln.backends.cuda.triton_act import conv_pixels, finish
-from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv
+from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv, nhwc_dests
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
@@ -85,10 +85,7 @@ def dwconv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, 
     x = _nhwc_ok(x)
     n, c, h, w = (int(d) for d in x.shape)
     oh, ow = geo.out_hw(h, w)
-    outs = out_list(out)
-    y = outs[0] if outs else torch.empty((n, c, oh, ow), device=x.device, dtype=out_dtype or x.dtype,
-                                         memory_format=torch.channels_last)
-    y2 = outs[1] if len(outs) > 1 else y
+    y, y2 = nhwc_dests(out, (n, c, oh, ow), x, out_dtype)
     if z is not None:
         z = _nhwc_ok(z)
     m = n * oh * ow

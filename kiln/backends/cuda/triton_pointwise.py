@@ -28,7 +28,7 @@ from kiln.errors import UnsupportedOpError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.ops.activations import TABLE as ACTIVATION_TABLE
-from kiln.ops.pointwise_program import BOOL_RESULT, OPS, PointwiseProgram, Ref
+from kiln.ops.pointwise_program import BOOL_RESULT, INT_CAST_TARGETS, INT_INPUTS, OPS, PointwiseProgram, Ref
 
 Tensor = torch.Tensor
 _I32 = 2**31 - 1
@@ -56,7 +56,7 @@ _CAST_TO = {DType.BOOL.onnx: "({0} != 0.0)", DType.FLOAT32.onnx: "{0}",
             DType.FLOAT16.onnx: "({0}).to(tl.float16).to(tl.float32)",
             DType.BFLOAT16.onnx: "({0}).to(tl.bfloat16).to(tl.float32)"}
 """Cast targets of a program (float args are float32 blocks; a narrower float rounds once and widens back)."""
-_INTS = (DType.INT8, DType.INT16, DType.INT32, DType.INT64, DType.UINT8)
+_INT_TARGETS = tuple(dt.onnx for dt in INT_CAST_TARGETS)
 
 
 def _lit(x: float) -> str:
@@ -139,12 +139,16 @@ def _expr(op: str, args: list[str], attrs: Mapping[str, Any]) -> str:
     raise ValueError(f"Pointwise op {op} has no Triton lowering")
 
 
+def _casts_to_bool(ins: Any) -> bool:
+    return ins.op == "Cast" and ins.attrs.get("to") == DType.BOOL.onnx
+
+
 def _only_cast(prog: PointwiseProgram, k: int) -> bool:
-    """Input k is read only by Casts to bool / float32: exact from its float32 load (an integer loads as the
+    """Input k is read only by Casts to INT_CAST_TARGETS: exact from its float32 load (an integer loads as the
     nearest float32, and only zero loads as zero)."""
     readers = [ins for ins in prog.instrs if any(r.kind == "input" and r.index == k for r in ins.args)]
-    return bool(readers) and all(ins.op == "Cast" and ins.attrs.get("to") in (DType.BOOL.onnx, DType.FLOAT32.onnx)
-                                 for ins in readers) and all(r.kind != "input" or r.index != k for r in prog.outputs)
+    return bool(readers) and all(ins.op == "Cast" and ins.attrs.get("to") in _INT_TARGETS for ins in readers) \
+        and all(r.kind != "input" or r.index != k for r in prog.outputs)
 
 
 def program_ok(prog: PointwiseProgram) -> bool:
@@ -231,7 +235,7 @@ def generate_source(prog: PointwiseProgram, modes: list[str], bools: list[bool],
                 name = f"{name}.to(tl.float32)"
             args.append(name)
         lines.append(f"    t{j:d} = {_expr(op, args, ins.attrs)}")
-        kinds[f"t{j:d}"] = "b" if op in BOOL_RESULT or (op == "Cast" and ins.attrs.get("to") == DType.BOOL.onnx) else "f"
+        kinds[f"t{j:d}"] = "b" if op in BOOL_RESULT or _casts_to_bool(ins) else "f"
     res = _var(prog.outputs[0])
     if kinds.get(res, "f") == "b":
         res = f"{res}.to(tl.float32)"
@@ -344,9 +348,9 @@ class TritonPointwise(Tactic):
         for k, v in enumerate(node.inputs):
             if v is None or v.kind != "tensor":
                 return False
-            if v.type.dtype in _INTS and not _only_cast(prog, k):
+            if v.type.dtype in INT_INPUTS and not _only_cast(prog, k):
                 return False
-            if v.type.dtype not in _FLOATS + _INTS and v.type.dtype != DType.BOOL:
+            if v.type.dtype not in _FLOATS + INT_INPUTS and v.type.dtype != DType.BOOL:
                 return False
         return program_ok(prog)
 

@@ -136,6 +136,16 @@ def split_of(n: int, c: int, p: int, bp: int, bc: int) -> int:
     return max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(p, bp)))
 
 
+def pixel_chunks(n: int, c: int, p: int, bp: int, bc: int) -> tuple[int, int]:
+    """(chunks, pixels per chunk) of one image's p pixels for split_of's program count, each chunk a whole
+    number of BLOCK_P tiles (so the chunk count can come out below split_of's)."""
+    split = split_of(n, c, p, bp, bc)
+    if split <= 1:
+        return 1, max(p, 1)
+    chunk = triton.cdiv(triton.cdiv(p, split), bp) * bp
+    return triton.cdiv(p, chunk), chunk
+
+
 class TritonGlobalAvgPool(Tactic):
     """GlobalAveragePool / spatial ReduceMean (keepdims) over any input strides, optionally split over pixels."""
 
@@ -178,9 +188,7 @@ class TritonGlobalAvgPool(Tactic):
             if not (n and c):
                 return y
             cb = triton.cdiv(c, bc)
-            split = split_of(n, c, p, bp, bc) if split_ok else 1
-            chunk = triton.cdiv(triton.cdiv(p, split), bp) * bp if split > 1 else max(p, 1)
-            split = triton.cdiv(p, chunk) if split > 1 else 1
+            split, chunk = pixel_chunks(n, c, p, bp, bc) if split_ok else (1, max(p, 1))
             flat = h == 1 or x.stride(2) == w * x.stride(3)
             consts = dict(FLAT=flat, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
             if split == 1:

@@ -34,7 +34,7 @@ from kiln.backends.cuda.common import ACT_CODES, FLOAT_DTYPES, check_out
 from kiln.backends.cuda.triton_act import apply_act
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_pool import _p2, _strides
-from kiln.backends.cuda.triton_reduce import TARGET_PROGRAMS, _spatial_sum_kernel, _tile, pixel_sum, split_of
+from kiln.backends.cuda.triton_reduce import TARGET_PROGRAMS, _spatial_sum_kernel, _tile, pixel_chunks, pixel_sum
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.attrs import read
@@ -49,6 +49,23 @@ TILE = 4096
 """Elements of a W1 tile (hidden x channel block) and of a pixel tile (pixels x channel block)."""
 BLOCK_O = 64
 """Most output channels per step of the second product (fewer where R is large: the W2 tile is BLOCK_O x R)."""
+
+
+@triton.jit
+def _hidden_act(hidden, b1_ptr, rs, r_mask, act1, alpha1, beta1):
+    """act1(h + B1) over the R hidden units (zero past R)."""
+    hidden += tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
+    return tl.where(r_mask, apply_act(hidden, act1, alpha1, beta1), 0.0)
+
+
+@triton.jit
+def _store_gate(hidden, rs, r_mask, offs_o, o_mask, w2_ptr, b2_ptr, y_ptr, n, R, syn, syc, act2, alpha2, beta2):
+    """G[n, offs_o] = act2(W2[offs_o] @ h + B2[offs_o]), rounded once to the output's type."""
+    w2 = tl.load(w2_ptr + offs_o[:, None] * R + rs[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+    g = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
+    g += tl.load(b2_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)
+    g = apply_act(g, act2, alpha2, beta2)
+    tl.store(y_ptr + n * syn + offs_o.to(tl.int64) * syc, g.to(y_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["Q", "W", "OCHUNK"])
@@ -76,17 +93,12 @@ def _se_gate_kernel(
                          BLOCK_C) / P
         w1 = tl.load(w1_ptr + rs[:, None] * C + cs[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
         hidden += tl.sum(w1.to(tl.float32) * mean[None, :], axis=1)
-    hidden += tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
-    hidden = tl.where(r_mask, apply_act(hidden, act1, alpha1, beta1), 0.0)
+    hidden = _hidden_act(hidden, b1_ptr, rs, r_mask, act1, alpha1, beta1)
     o_hi = tl.minimum(O, o_lo + OCHUNK)
     for o0 in range(o_lo, o_hi, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
-        o_mask = offs_o < o_hi
-        w2 = tl.load(w2_ptr + offs_o[:, None] * R + rs[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        g = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
-        g += tl.load(b2_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)
-        g = apply_act(g, act2, alpha2, beta2)
-        tl.store(y_ptr + n * syn + offs_o.to(tl.int64) * syc, g.to(y_ptr.dtype.element_ty), mask=o_mask)
+        _store_gate(hidden, rs, r_mask, offs_o, offs_o < o_hi, w2_ptr, b2_ptr, y_ptr, n, R, syn, syc,
+                    act2, alpha2, beta2)
 
 
 @triton.jit(do_not_specialize=["P", "W", "PCHUNK", "SPLIT"])
@@ -132,15 +144,9 @@ def _se_excite_kernel(
         js = j0 + tl.arange(0, BLOCK_J)
         acc += tl.load(base + js.to(tl.int64)[:, None] * R + rs[None, :],
                        mask=(js < ROWS)[:, None] & r_mask[None, :], other=0.0)
-    hidden = tl.sum(acc, axis=0) + tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
-    hidden = tl.where(r_mask, apply_act(hidden, act1, alpha1, beta1), 0.0)
+    hidden = _hidden_act(tl.sum(acc, axis=0), b1_ptr, rs, r_mask, act1, alpha1, beta1)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_mask = offs_o < O
-    w2 = tl.load(w2_ptr + offs_o[:, None] * R + rs[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-    g = tl.sum(w2.to(tl.float32) * hidden[None, :], axis=1)
-    g += tl.load(b2_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)
-    g = apply_act(g, act2, alpha2, beta2)
-    tl.store(y_ptr + n * syn + offs_o.to(tl.int64) * syc, g.to(y_ptr.dtype.element_ty), mask=o_mask)
+    _store_gate(hidden, rs, r_mask, offs_o, offs_o < O, w2_ptr, b2_ptr, y_ptr, n, R, syn, syc, act2, alpha2, beta2)
 
 
 # ---- host side ----------------------------------------------------------------------------------
@@ -243,9 +249,8 @@ class TritonSEGate(Tactic):
             flat = h == 1 or x.stride(2) == w * x.stride(3)
             if two_phase and p:  # (no pixels: the one-program gate's mean of nothing)
                 bp, bcs = _tile(x, two_phase)
-                split = split_of(n, c, p, bp, bcs)
-                chunk = triton.cdiv(triton.cdiv(p, split), bp) * bp
-                split, cb = triton.cdiv(p, chunk), triton.cdiv(c, bcs)
+                split, chunk = pixel_chunks(n, c, p, bp, bcs)
+                cb = triton.cdiv(c, bcs)
                 ws = torch.empty((n, cb * split, r), dtype=torch.float32, device=x.device)
                 launch(_se_hidden_kernel, (n * cb, split),
                        [x, w1, ws, c, p, w, r, cb, chunk, split, 1.0 / p, *_strides(x)],
@@ -259,9 +264,7 @@ class TritonSEGate(Tactic):
             src, q, strides = x, p, _strides(x)
             if split_ok and p > 1:
                 bp, bcs = _tile(x, 2048)
-                split = split_of(n, c, p, bp, bcs)
-                chunk = triton.cdiv(triton.cdiv(p, split), bp) * bp
-                split = triton.cdiv(p, chunk)
+                split, chunk = pixel_chunks(n, c, p, bp, bcs)
                 ws = torch.empty((n, split, c), dtype=torch.float32, device=x.device)
                 cb = triton.cdiv(c, bcs)
                 launch(_spatial_sum_kernel, (n * cb, split),
