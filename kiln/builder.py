@@ -205,6 +205,11 @@ class Builder:
             int8_report = None
             lowering = Int8Lowering() if self._speed_selection(g, config) else None
             quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
+            if device == "cpu" and (config.int8 or has_qdq(g)):
+                from kiln.backends.cpu.features import exact_int8
+                if not exact_int8():
+                    self.logger.warning("this x86 CPU has no VNNI (oneDNN's int8 kernels would saturate u8 x s8 "
+                                        "sums): INT8 layers run in float between their quantize / dequantize steps")
             if config.int8 or config.fp8 or has_qdq(g):  # integer / FP8 layers from Q/DQ nodes or calibrated ranges
                 # its progress and report lines are details here: the summary and `kiln build` give them
                 with progress.stage("calibrate" if config.calibration_data is not None else "quantize"):

@@ -93,3 +93,12 @@ def assert_close_to_scale(got: Any, want: Any, rtol: float = 1e-4, atol: float =
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale)
+
+
+def exact_int8_cpu() -> tuple[bool, str]:
+    """(whether the CPU target builds integer layers here, the skip reason for tests that need them): x86 CPUs
+    without VNNI get none (kiln.backends.cpu.features.exact_int8) and build those layers in float."""
+    from kiln.backends.cpu.features import exact_int8
+    return exact_int8(), ("this x86 CPU has no VNNI: oneDNN's u8 x s8 int8 kernels saturate here, so the CPU "
+                          "target builds these layers in float (tested by test_cpu_qlayers.py::"
+                          "test_int8_tactics_decline_without_vnni)")

@@ -22,8 +22,12 @@ from kiln.ir.graph import Node
 from kiln.ops.registry import lookup
 from tests.backends.test_cpu_tactics import CPU, make_node
 
-pytestmark = pytest.mark.skipif(library() is None,
-                                reason="the oneDNN library (pip install onednn-cpu-gomp) is not installed")
+from kiln.testing import exact_int8_cpu  # noqa: E402
+
+EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
+pytestmark = [pytest.mark.skipif(library() is None,
+                                 reason="the oneDNN library (pip install onednn-cpu-gomp) is not installed"),
+              pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)]
 
 S8, U8, F32, F16 = torch.int8, torch.uint8, torch.float32, torch.float16
 OUT_CODE = {S8: 3, U8: 2, F32: 1, F16: 10}

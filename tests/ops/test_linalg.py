@@ -110,7 +110,9 @@ def test_matmul_integer(ta: str, tb: str, zp: str, shapes: tuple[tuple[int, ...]
     elif zp == "per_column":
         consts = {"a_zp": np.array(rng.integers(info_a.min, info_a.max + 1), dtype=ta),
                   "b_zp": rng.integers(info_b.min, info_b.max + 1, sb[-1]).astype(tb)}
-    check_model(make_node_model("MatMulInteger", feeds, 1, opset=10, const_inputs=consts), feeds)
+    # the ONNX reference evaluator (exact integer numpy): onnxruntime's u8 x s8 kernel saturates 16-bit pair sums
+    # on x86 CPUs without VNNI (vpmaddubsw), so it is no oracle there
+    check_model(make_node_model("MatMulInteger", feeds, 1, opset=10, const_inputs=consts), feeds, oracle="reference")
 
 
 def test_matmul_integer_per_row() -> None:

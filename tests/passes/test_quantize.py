@@ -14,6 +14,10 @@ from kiln.errors import BuildError, KilnError
 from kiln.runtime import Engine
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the oracle")
+
+from kiln.testing import exact_int8_cpu  # noqa: E402
+
+needs_exact_int8 = pytest.mark.skipif(not exact_int8_cpu()[0], reason=exact_int8_cpu()[1])
 quant = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime's quantize_static writes the Q/DQ models")
 
 
@@ -78,6 +82,7 @@ def _output_scale(path: str) -> float:
     return float(init[q.input[1]])
 
 
+@needs_exact_int8
 def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str) -> None:
     plan = Builder().build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
     steps = plan.graph["steps"]
@@ -89,7 +94,12 @@ def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str)
     # pair between them kept): only the model input's Q and the output's DQ remain
     assert "Add" not in ops and "Pointwise" not in ops, ops
     assert ops.count("QuantizeLinear") + ops.count("DequantizeLinear") <= 2, ops
-    sess = ort.InferenceSession(qdq_model)
+    # onnxruntime with its graph optimizations off runs the model as written (DequantizeLinear -> float ops ->
+    # QuantizeLinear: the Q/DQ semantics in float32); optimized, it fuses integer kernels whose u8 x s8 products
+    # saturate 16-bit pair sums on x86 CPUs without VNNI (vpmaddubsw), so it is no oracle there
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(qdq_model, opts)
     ctx = Engine(plan).create_execution_context()
     step = _output_scale(qdq_model)
     rng = np.random.default_rng(7)
@@ -101,6 +111,31 @@ def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str)
         assert np.abs(want).max() > 10 * step  # a real output, not a saturated constant
 
 
+def test_int8_tactics_decline_without_vnni(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an x86 CPU without VNNI (simulated here) the int8 tactics decline every layer, the build says why in one
+    warning, and the INT8 build still computes the model (layers in float between their Q/DQ steps)."""
+    import io
+
+    import kiln.backends.cpu.features as features
+    from kiln.logger import Logger, Severity
+    monkeypatch.setattr(features, "exact_int8", lambda: False)
+    monkeypatch.setattr("kiln.backends.cpu.qlayers_dnnl.exact_int8", lambda: False)
+    path = str(tmp_path / "f.onnx")
+    _float_model(path)
+    log = io.StringIO()
+    plan = Builder(Logger(Severity.WARNING, log)).build(
+        path, BuilderConfig(device="cpu", int8=True, dynamic_ranges={"*": 8.0}, optimization_level=0))
+    ops = [s["op"] for s in plan.graph["steps"]]
+    assert "QConv" not in ops and "QGemm" not in ops, ops
+    assert "no VNNI" in log.getvalue()
+    x = np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(path).run(None, {"x": x})[0]
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < rel < 0.2, rel
+
+
+@needs_exact_int8
 def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
     path = str(tmp_path / "f.onnx")
     _float_model(path)
@@ -115,6 +150,7 @@ def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
     assert 0 < rel < 0.2, rel
 
 
+@needs_exact_int8
 def test_max_pool_between_layers_keeps_one_scale(tmp_path) -> None:
     """A max pool's output range wider than its input's (entropy calibration gives that): both sides take the
     wider scale, so the int8 data flows conv -> pool -> conv with no requantization between."""
@@ -163,6 +199,7 @@ def test_crafted_dynamic_ranges_file(tmp_path, content: str, msg: str) -> None:
     assert not out.exists()
 
 
+@needs_exact_int8
 def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")
@@ -187,6 +224,7 @@ def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureF
     assert "go with --int8" in capsys.readouterr().err
 
 
+@needs_exact_int8
 def test_cli_int8_report_and_budget(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")

@@ -26,6 +26,9 @@ VECTOR_FLAGS: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx
                                  "sve")
 """The vector extensions that decide which kernels oneDNN and the C compiler pick (x86 and Arm names)."""
 
+VNNI_FLAGS: frozenset[str] = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""/proc/cpuinfo flags of x86 int8 dot-product instructions that sum u8 x s8 products into int32 exactly."""
+
 
 @functools.lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
@@ -70,3 +73,12 @@ def native_low_precision(dtype: DType) -> bool:
     if dtype == DType.BFLOAT16:
         return bool(cpu_flags() & BF16_FLAGS)
     return False
+
+
+def exact_int8() -> bool:
+    """Whether oneDNN's int8 convolutions and matmuls are exact on this CPU. On x86 without VNNI they multiply
+    u8 x s8 with vpmaddubsw, whose 16-bit pair sums saturate (255 * 127 * 2 > 32767): results then differ from
+    the integer math by whole quantization steps. Other architectures: assumed exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    return bool(cpu_flags() & VNNI_FLAGS)

@@ -7,7 +7,8 @@ with the int8 weights already in its layout, the multipliers ``x_scale * w_scale
 the bias, and the residual add, activation and requantization as post-ops, so an inference is one
 ``dnnl_primitive_execute`` on VNNI int8 kernels. Where oneDNN offers only its reference loops for a shape
 the layer runs its op's reference compute (ReferenceFallback); float16 outputs and residuals have no int8
-kernel in oneDNN 3.2 on these CPUs, so the tactics decline those layers. Both decline every layer when the
+kernel in oneDNN 3.2 on these CPUs, so the tactics decline those layers; so do they on x86 CPUs without VNNI,
+where oneDNN's u8 x s8 products saturate 16-bit sums (kiln.backends.cpu.features.exact_int8). Both decline every layer when the
 oneDNN library is not installed; `release` (Engine.close) destroys the primitives and reorders.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kiln.backends.cpu.dnnl import library, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
 from kiln.backends.cpu.dnnl_int8 import QConvolution, QMatMul, Requant
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel, rows_kernel
+from kiln.backends.cpu.features import exact_int8
 from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -45,7 +47,7 @@ def _epilogue_ok(node: Node, n_out: int) -> bool:
     """The node's input, output, bias, residual, quantization and activation are what the int8 primitives
     take (see the module doc); n_out: the weight's output channels."""
     x, b, z = node.input(0), node.input(2), node.input(3)
-    if library() is None or x is None or x.type.dtype not in _RANGE or len(node.outputs) != 1:
+    if library() is None or not exact_int8() or x is None or x.type.dtype not in _RANGE or len(node.outputs) != 1:
         return False
     try:
         q = QuantSpec.of(node)
