@@ -9,6 +9,8 @@ The contract these definitions implement is shared with the CPU and CUDA backend
   another float type than W is converted to W's on load (both from folded Casts, kiln.passes.cast).
 * ``FusedGemm(A, W, B?, Z?)``: ``act(A @ W^T + B (+ Z))`` with W stored ``[N, K]`` (like nn.Linear) and
   A of any rank >= 2 (contraction over its last dim); same activation attributes.
+* ``FusedConvNorm(X, W, B?, Scale, NB?)``: a FusedConv without residual whose output is transposed to
+  ``[N, OH, OW, C]`` and layer-normalized over C (ConvNeXt's depthwise conv + LayerNorm).
 * ``Pointwise(*inputs)``: a small program of elementwise ONNX ops (numpy broadcasting), each evaluated
   with that op's own registered definition at opset 21.
 
@@ -97,6 +99,41 @@ class FusedConv(_FusedBase, WindowOp):
             padding = [0] * nd
         y = _CONV[nd](x, w, b, strides, padding, dilations, int(node.attr("group", 1)))
         return _epilogue(node, y, z)
+
+
+@register
+class FusedConvNorm(FusedConv):
+    """A depthwise-style conv (+ bias + activation) whose channels are then normalized per pixel, as one layer
+    (domain "kiln", made by kiln.passes.conv_norm on the CUDA target)::
+
+        Y = FusedConv(X, W, B)                        (no residual)
+        T = Transpose(Y, perm=[0, 2, 3, 1])           [N, OH, OW, C]
+        out = LayerNormalization(T, Scale, NB, axis=-1, epsilon)   statistics in float32
+
+    ConvNeXt's block opens with exactly this (7x7 depthwise conv, channels-last LayerNorm). The output is the
+    normalized tensor in [N, OH, OW, C] order; Scale and NB are [C]."""
+
+    op_type = "FusedConvNorm"
+    arity = (4, 5)  # X, W, B?, Scale, NB?
+    attributes = {**{k: EPILOGUE[k] for k in ("activation", "alpha", "beta")},
+                  **{k: WINDOW[k] for k in ("strides", "dilations", "pads", "kernel_shape")},
+                  "group": Attr("int", 1, min=1), "epsilon": Attr("float", 1e-5)}
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,  # type: ignore[override]
+                scale: Tensor | None = None, nb: Tensor | None = None) -> Tensor:
+        if scale is None:
+            raise UnsupportedOpError(f"node '{node.name}': FusedConvNorm needs a Scale input")
+        require_float(node, scale, nb)
+        y = super().compute(node, x, w, b)
+        if y.dim() != 4:
+            raise UnsupportedOpError(f"node '{node.name}': FusedConvNorm takes 2-D convolutions")
+        t = y.permute(0, 2, 3, 1)
+        stat = torch.float64 if t.dtype == torch.float64 else torch.float32
+        tf = t.to(stat)
+        d = tf - tf.mean(-1, keepdim=True)
+        inv_std = torch.rsqrt((d * d).mean(-1, keepdim=True) + float(node.attr("epsilon", 1e-5)))
+        out = (d * inv_std).to(t.dtype) * scale.to(t.dtype)
+        return out if nb is None else out + nb.to(t.dtype)
 
 
 @register

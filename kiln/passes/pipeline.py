@@ -10,6 +10,7 @@ from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
 from kiln.passes.cast import SinkIntCasts
 from kiln.passes.concat import MarkConcatElision, NestConcats
 from kiln.passes.conv_fusion import FuseConv
+from kiln.passes.conv_norm import FuseConvNorm
 from kiln.passes.cse import EliminateCommonSubexpressions
 from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.donate import DonateResidual
@@ -71,6 +72,7 @@ def default_pipeline() -> list[Pass]:
         FuseSiblingGemms(),  # Q, K, V projections of one input -> one gemm, column views
         SplitColumnsToViews(),  # a Split of the last axis -> Slice views (a packed projection's parts)
         FuseResidualNorm(),  # CUDA: a residual add (gemm epilogue or Add) into the LayerNorm / RMSNorm after it
+        FuseConvNorm(),  # CUDA: a depthwise conv and the channels-last LayerNorm after it -> one layer (ConvNeXt)
         SinkIntCasts(),  # CUDA: an integer -> bool / float32 Cast below Reshapes / Gathers, into the program after
         FusePointwise(),
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),

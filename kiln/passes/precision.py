@@ -45,6 +45,8 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
     # normalization whose statistics every kernel keeps in float32 (stash_type 1: the reference and
     # cuda.triton_layernorm compute mean and variance in float32 and round the result once)
     "LayerNormalization", "RMSNormalization", "AddLayerNormalization",
+    # a depthwise conv with its channel LayerNorm (CUDA only): float32 accumulation and statistics in the kernel
+    "FusedConvNorm",
     # squeeze-excite gates: the reference and cuda.triton_se_gate keep the mean, both products and the
     # activations in float32 and round the gate once (kiln.ops.squeeze_excite)
     "SEGate",

@@ -28,26 +28,33 @@ from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv, nhwc_dests
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
+from kiln.ops.registry import lookup
 
 Tensor = torch.Tensor
 _I32 = 2**31 - 1
-_RUNTIME = ["alpha", "beta", "has_bias", "has_z", "act", "act_before_add", "has_y2"]
+_RUNTIME = ["alpha", "beta", "has_bias", "has_z", "act", "act_before_add", "has_y2", "has_nb", "eps"]
+_MAX_NORM_C = 2048  # FusedConvNorm: one program holds all of a pixel's channels
 
 TILES: list[tuple[int, int, int]] = [(32, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 4), (128, 32, 4), (8, 128, 2),
-                                     (16, 64, 2)]
-"""(BLOCK_M pixels, BLOCK_C channels, num_warps) the autotuner times."""
+                                     (16, 64, 2), (8, 32, 4), (16, 32, 4), (8, 64, 4), (4, 128, 4)]
+"""(BLOCK_M pixels, BLOCK_C channels, num_warps) the autotuner times. The last four hold two to four elements per
+thread, so that all of a 7x7 kernel's 49 tap loads can be in flight at once (a small late-stage layer at batch 1
+has few programs, each waiting on its loads in turn when its tile is larger)."""
+NORM_TILES: list[tuple[int, int]] = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)]
+"""(BLOCK_M pixels, num_warps) for FusedConvNorm, whose channel block spans every channel."""
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW", "DH", "DW", *_RUNTIME])
 def _dwconv_nhwc_kernel(
-    x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, y2_ptr,
+    x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, g_ptr, nb_ptr,
     M, C, H, W, OH, OW,
     sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
     SH, SW, PH, PW, DH, DW,
-    alpha, beta, has_bias, has_z, act, act_before_add, has_y2,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NORM: tl.constexpr,
 ):
-    """Program (pixel tile, channel block): y = epilogue(sum over taps of x[pixel + tap] * w[tap])."""
+    """Program (pixel tile, channel block): y = epilogue(sum over taps of x[pixel + tap] * w[tap]); with NORM
+    (one block holds every channel) each pixel's channels are then layer-normalized: (y - mean) * rstd * g + nb."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < M
@@ -71,6 +78,13 @@ def _dwconv_nhwc_kernel(
         z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + cs[None, :], mask=y_mask,
                     other=0.0).to(tl.float32)
     acc = finish(acc, b_ptr, cs, c_mask, z, has_bias, act, act_before_add, alpha, beta)
+    if NORM:
+        mean = tl.sum(tl.where(c_mask[None, :], acc, 0.0), axis=1) / C
+        d = tl.where(c_mask[None, :], acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        acc = d * rstd[:, None] * tl.load(g_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        if has_nb != 0:
+            acc = acc + tl.load(nb_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + cs[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=y_mask)
     if has_y2 != 0:
@@ -79,13 +93,23 @@ def _dwconv_nhwc_kernel(
 
 
 def dwconv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, geo: ConvGeometry, ep: Epilogue,
-                  cfg: dict[str, Any], out: Out = None, out_dtype: torch.dtype | None = None) -> Tensor:
+                  cfg: dict[str, Any], out: Out = None, out_dtype: torch.dtype | None = None,
+                  norm: tuple[Tensor, Tensor | None, float] | None = None) -> Tensor:
     """x [N,C,H,W] (channel stride 1 after _nhwc_ok), wp [KH*KW, C] -> y [N,C,OH,OW] channels_last in
-    `out_dtype` (default x's), or stored into the one or two `out` tensors (channel stride 1)."""
+    `out_dtype` (default x's), or stored into the one or two `out` tensors (channel stride 1). With `norm`
+    (scale [C], bias [C] or None, epsilon) the result is the per-pixel LayerNorm over C, as [N,OH,OW,C]
+    (contiguous, or stored into `out` of that shape with element stride 1 in C)."""
     x = _nhwc_ok(x)
     n, c, h, w = (int(d) for d in x.shape)
     oh, ow = geo.out_hw(h, w)
-    y, y2 = nhwc_dests(out, (n, c, oh, ow), x, out_dtype)
+    if norm is None:
+        y, y2 = nhwc_dests(out, (n, c, oh, ow), x, out_dtype)
+        ys, y2s = (y.stride(0), y.stride(2), y.stride(3)), (y2.stride(0), y2.stride(2), y2.stride(3))
+    else:
+        y = out if isinstance(out, Tensor) else torch.empty((n, oh, ow, c), dtype=out_dtype or x.dtype,
+                                                             device=x.device)
+        y2, ys = y, (y.stride(0), y.stride(1), y.stride(2))
+        y2s = ys
     if z is not None:
         z = _nhwc_ok(z)
     m = n * oh * ow
@@ -93,20 +117,39 @@ def dwconv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, 
         return y
     bm, bc = int(cfg["BLOCK_M"]), int(cfg["BLOCK_C"])
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
+    g, nb, eps = norm if norm is not None else (y, None, 0.0)
     launch(_dwconv_nhwc_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)), [
-        x, wp, bias if bias is not None else y, z if z is not None else y, y, y2,
+        x, wp, bias if bias is not None else y, z if z is not None else y, y, y2, g, nb if nb is not None else y,
         m, c, h, w, oh, ow,
-        x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], y.stride(0), y.stride(2), y.stride(3),
-        y2.stride(0), y2.stride(2), y2.stride(3),
+        x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], *ys, *y2s,
         geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1], geo.dilations[0], geo.dilations[1],
         ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add),
-        int(y2 is not y)],
-        dict(KH=geo.kernel[0], KW=geo.kernel[1], BLOCK_M=bm, BLOCK_C=bc, num_warps=int(cfg.get("num_warps", 4))))
+        int(y2 is not y), int(nb is not None), float(eps)],
+        dict(KH=geo.kernel[0], KW=geo.kernel[1], BLOCK_M=bm, BLOCK_C=bc, NORM=norm is not None,
+             num_warps=int(cfg.get("num_warps", 4))))
     return y
 
 
+def _is_conv_norm(node: Node) -> bool:
+    return node.domain == "kiln" and node.op_type == "FusedConvNorm"
+
+
 def _depthwise(node: Node) -> bool:
-    """A 2-D conv with a constant [C, 1, KH, KW] weight and C groups (one filter per channel)."""
+    """A 2-D conv with a constant [C, 1, KH, KW] weight and C groups (one filter per channel); or a FusedConvNorm
+    of such a conv with constant [C] norm parameters and at most _MAX_NORM_C channels."""
+    if _is_conv_norm(node):
+        w = node.input(1)
+        if w is None or w.const is None or w.const.dim() != 4 or not float_io(node) or len(node.outputs) != 1:
+            return False
+        c = int(w.const.shape[0])
+        params = [node.input(i) for i in (2, 3, 4)]
+        if c > _MAX_NORM_C or node.input(3) is None or any(
+                v is not None and (v.const is None or tuple(v.const.shape) != (c,)) for v in params):
+            return False
+        x = node.input(0)
+        geo = ConvGeometry.of(node)
+        return (x is not None and x.type.rank in (None, 4) and geo is not None and len(geo.kernel) == 2
+                and int(w.const.shape[1]) == 1 and geo.group == c > 1)
     if not conv_static_ok(node) or not float_io(node, cast_ok=True):
         return False
     w = node.inputs[1].const  # type: ignore[union-attr]
@@ -115,7 +158,8 @@ def _depthwise(node: Node) -> bool:
 
 
 class TritonDepthwiseConv(Tactic):
-    """Depthwise conv in Triton, NHWC, bias/residual/activation/cast fused; several tiles."""
+    """Depthwise conv in Triton, NHWC, bias/residual/activation/cast fused; several tiles. Also FusedConvNorm:
+    one channel block spans every channel and the program normalizes its pixels before storing them NHWC."""
 
     id = "cuda.triton_dwconv"
     devices = ("cuda",)
@@ -127,6 +171,10 @@ class TritonDepthwiseConv(Tactic):
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         c = int(node.inputs[1].const.shape[0])  # type: ignore[union-attr]
+        if _is_conv_norm(node):
+            bc = max(16, triton.next_power_of_2(c))
+            return [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps} for bm, warps in NORM_TILES
+                    if bm * bc <= 32 * warps * 16]  # at most 16 accumulators per thread
         seen, out = set(), []
         for bm, bc, warps in TILES:
             bc = min(bc, max(16, triton.next_power_of_2(c)))
@@ -145,6 +193,8 @@ class TritonDepthwiseConv(Tactic):
         bias = None if b_in is None else b_in.const.to(device)  # type: ignore[union-attr]
         out_dtype = node.outputs[0].type.dtype.torch  # type: ignore[union-attr]
         del w
+        if _is_conv_norm(node):
+            return self._build_norm(node, config, device, geo, ep, wp, bias, out_dtype)
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None, out: Out = None) -> Tensor:
             oh, ow = geo.out_hw(x.shape[2], x.shape[3])
@@ -158,6 +208,31 @@ class TritonDepthwiseConv(Tactic):
                 return write_out(dwconv2d_nhwc(x, wp, bias, z, geo, ep, config, None, out_dtype), out)
             return dwconv2d_nhwc(x, wp, bias, z, geo, ep, config, out, out_dtype)
         return prepacked(kernel, (1, 2))
+
+    @staticmethod
+    def _build_norm(node: Node, config: dict[str, Any], device: torch.device, geo: ConvGeometry, ep: Epilogue,
+                    wp: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Built:
+        c = int(wp.shape[1])
+        scale = node.inputs[3].const.to(device)  # type: ignore[union-attr]
+        nb_in = node.input(4)
+        nb = None if nb_in is None else nb_in.const.to(device)  # type: ignore[union-attr]
+        eps = float(node.attr("epsilon", 1e-5))
+        fallback = lookup("FusedConvNorm", "kiln").bind(node)
+
+        def kernel(x: Tensor, _w: Any = None, _b: Any = None, _s: Any = None, _nb: Any = None,
+                   out: Out = None) -> Tensor:
+            oh, ow = geo.out_hw(x.shape[2], x.shape[3])
+            shape = (int(x.shape[0]), oh, ow, c)
+            if out is not None:
+                check_out(out, shape, node.name)
+            if x.dim() != 4 or int(x.shape[1]) != c or max(x.numel(), shape[0] * c * oh * ow) >= _I32:
+                w_nchw = wp.t().reshape(c, 1, *geo.kernel)  # the reference: its checks and messages
+                return write_out(fallback(x, w_nchw, bias, scale, nb).to(out_dtype), out)
+            direct = isinstance(out, Tensor) and out.stride(3) == 1
+            y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,
+                              norm=(scale, nb, eps))
+            return y if direct or out is None else write_out(y, out)
+        return prepacked(kernel, (1, 2, 3, 4))
 
 
 register_tactic(TritonDepthwiseConv())
