@@ -98,7 +98,10 @@ def assert_close_to_scale(got: Any, want: Any, rtol: float = 1e-4, atol: float =
 def exact_int8_cpu() -> tuple[bool, str]:
     """(whether the CPU target builds integer layers here, the skip reason for tests that need them): x86 CPUs
     without VNNI get none (kiln.backends.cpu.features.exact_int8) and build those layers in float."""
+    from kiln.backends.cpu.dnnl import library
     from kiln.backends.cpu.features import exact_int8
+    if library() is None:
+        return False, "the oneDNN library (pip install onednn-cpu-gomp) is not installed: no CPU int8 kernels"
     return exact_int8(), ("this x86 CPU has no VNNI: oneDNN's u8 x s8 int8 kernels saturate here, so the CPU "
                           "target builds these layers in float (tested by test_cpu_qlayers.py::"
                           "test_int8_tactics_decline_without_vnni)")

@@ -130,8 +130,10 @@ def test_fused_kernel_matches_float64(dtype, c, k, stride, act, bias, nb) -> Non
     assert t is not None and t.supports(node, CTX)
     want = _want(node, x)
     cfgs = t.configs(node, CTX)
-    assert cfgs and all(cfg["BLOCK_C"] >= c for cfg in cfgs)
-    for cfg in (cfgs[0], cfgs[-1]):
+    one = [cfg for cfg in cfgs if not cfg.get("split")]
+    two = [cfg for cfg in cfgs if cfg.get("split")]
+    assert one and two and all(cfg["BLOCK_C"] >= c for cfg in one)  # one launch: a block holds every channel
+    for cfg in (one[0], one[-1], two[0]):
         got = t.make(node, cfg, DEV)(x)
         assert got.dtype == dtype and tuple(got.shape) == tuple(want.shape) and got.is_contiguous()
         err = (got.double() - want).abs().max().item()
@@ -146,7 +148,11 @@ def test_fused_kernel_out_and_nchw_input() -> None:
     x = x.contiguous()
     want = _want(node, x)
     t = get_tactic("cuda.triton_dwconv")
-    kern = t.make(node, t.configs(node, CTX)[0], DEV)
+    for cfg in (t.configs(node, CTX)[0], t.configs(node, CTX)[-1]):  # one launch, two launches
+        _check_out_forms(t.make(node, cfg, DEV), x, want)
+
+
+def _check_out_forms(kern, x: torch.Tensor, want: torch.Tensor) -> None:
     dst = torch.full(tuple(want.shape), 7.0, dtype=torch.float16, device=DEV)
     got = kern(x, out=dst)
     assert got.data_ptr() == dst.data_ptr()

@@ -26,6 +26,7 @@ from kiln.backends.cuda.common import (ConvGeometry, Epilogue, check_out, conv_g
 from kiln.backends.cuda.triton_act import conv_pixels, finish
 from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv, nhwc_dests
 from kiln.backends.cuda.triton_launch import launch
+from kiln.backends.cuda.triton_norm import layernorm_rows
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.registry import lookup
@@ -42,6 +43,10 @@ thread, so that all of a 7x7 kernel's 49 tap loads can be in flight at once (a s
 has few programs, each waiting on its loads in turn when its tile is larger)."""
 NORM_TILES: list[tuple[int, int]] = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)]
 """(BLOCK_M pixels, num_warps) for FusedConvNorm, whose channel block spans every channel."""
+SPLIT_TILES: list[tuple[int, int, int]] = [(32, 64, 4), (64, 32, 4), (16, 128, 4), (8, 32, 4), (8, 128, 2)]
+"""Depthwise tiles of FusedConvNorm's two-launch form (conv into NHWC, then the row LayerNorm kernel), which the
+autotuner times against the one-launch tiles: a program holding every channel takes few pixels, and at large
+batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW", "DH", "DW", *_RUNTIME])
@@ -173,8 +178,12 @@ class TritonDepthwiseConv(Tactic):
         c = int(node.inputs[1].const.shape[0])  # type: ignore[union-attr]
         if _is_conv_norm(node):
             bc = max(16, triton.next_power_of_2(c))
-            return [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps} for bm, warps in NORM_TILES
-                    if bm * bc <= 32 * warps * 16]  # at most 16 accumulators per thread
+            one = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps} for bm, warps in NORM_TILES
+                   if bm * bc <= 32 * warps * 16]  # at most 16 accumulators per thread
+            norm_r = max(1, min(16, 2048 // bc))
+            two = [{"split": 1, "BLOCK_M": bm, "BLOCK_C": min(t, bc), "num_warps": warps, "NORM_R": norm_r,
+                    "NORM_WARPS": 4 if bc <= 256 else 8} for bm, t, warps in SPLIT_TILES]
+            return one + two
         seen, out = set(), []
         for bm, bc, warps in TILES:
             bc = min(bc, max(16, triton.next_power_of_2(c)))
@@ -218,6 +227,8 @@ class TritonDepthwiseConv(Tactic):
         nb = None if nb_in is None else nb_in.const.to(device)  # type: ignore[union-attr]
         eps = float(node.attr("epsilon", 1e-5))
         fallback = lookup("FusedConvNorm", "kiln").bind(node)
+        split = bool(config.get("split"))
+        norm_r, norm_warps = int(config.get("NORM_R", 1)), int(config.get("NORM_WARPS", 4))
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, _s: Any = None, _nb: Any = None,
                    out: Out = None) -> Tensor:
@@ -228,9 +239,16 @@ class TritonDepthwiseConv(Tactic):
             if x.dim() != 4 or int(x.shape[1]) != c or max(x.numel(), shape[0] * c * oh * ow) >= _I32:
                 w_nchw = wp.t().reshape(c, 1, *geo.kernel)  # the reference: its checks and messages
                 return write_out(fallback(x, w_nchw, bias, scale, nb).to(out_dtype), out)
-            direct = isinstance(out, Tensor) and out.stride(3) == 1
-            y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,
-                              norm=(scale, nb, eps))
+            if split:
+                t = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, None, out_dtype)  # [N, C, OH, OW] NHWC
+                direct = isinstance(out, Tensor) and out.is_contiguous()
+                y = out if direct else torch.empty(shape, dtype=out_dtype, device=x.device)
+                layernorm_rows(t.permute(0, 2, 3, 1).reshape(-1, c), scale, nb, y.view(-1, c), eps, norm_r,
+                               max(16, triton.next_power_of_2(c)), norm_warps)
+            else:
+                direct = isinstance(out, Tensor) and out.stride(3) == 1
+                y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,
+                                  norm=(scale, nb, eps))
             return y if direct or out is None else write_out(y, out)
         return prepacked(kernel, (1, 2, 3, 4))
 

@@ -177,6 +177,21 @@ def _layernorm_kernel(
 
 # ---- host side ----------------------------------------------------------------------------------
 
+def layernorm_rows(x: Tensor, w: Tensor, b: Tensor | None, y: Tensor, eps: float, block_r: int, block_d: int,
+                   num_warps: int) -> None:
+    """y[i] = LayerNorm(x[i]) * w + b over the rows of 2-D x and y (element stride 1 in a row): the kernel for
+    other layers that end in a row norm (cuda.triton_dwconv's FusedConvNorm in two launches)."""
+    m, d = int(x.shape[0]), int(x.shape[1])
+    if not m or not d:
+        return
+    launch(_layernorm_kernel, (triton.cdiv(m, block_r),),
+           [x, x, w, w if b is None else b, y, y, m, d, 1, 1, x.stride(0), 0, 0, 1, y.stride(0), 0, 0, 1, 0, 0, 0, 0,
+            eps],
+           dict(HAS_BIAS=b is not None, ONE_PASS=d <= block_d, BLOCK_R=block_r, BLOCK_D=block_d,
+                num_warps=num_warps))
+
+
+
 def _p2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
