@@ -175,7 +175,11 @@ def test_qlinear_conv(variant: str, xt: str, wt: str, per_channel: bool) -> None
     feeds = {"x": x, "w": w}
     model = make_node_model("QLinearConv", feeds, 1, attrs, opset=10, const_inputs=consts)
     model.graph.node[0].input[:] = ["x", "x_scale", "x_zp", "w", "w_scale", "w_zp", "y_scale", "y_zp", "B"]
-    (got,), (want,) = run_kiln(model, feeds), run_oracle(model, feeds)
+    # the ONNX reference evaluator (exact integer numpy) where onnxruntime multiplies u8 x s8: its kernel saturates
+    # 16-bit pair sums on x86 CPUs without VNNI (vpmaddubsw)
+    want = ReferenceEvaluator(model).run(None, feeds)[0] if (xt, wt) == ("uint8", "int8") else \
+        run_oracle(model, feeds)[0]
+    (got,) = run_kiln(model, feeds)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
 
