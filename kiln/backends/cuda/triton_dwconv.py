@@ -43,8 +43,8 @@ thread, so that all of a 7x7 kernel's 49 tap loads can be in flight at once (a s
 has few programs, each waiting on its loads in turn when its tile is larger)."""
 NORM_TILES: list[tuple[int, int]] = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)]
 """(BLOCK_M pixels, num_warps) for FusedConvNorm, whose channel block spans every channel."""
-SPLIT_TILES: list[tuple[int, int, int]] = [(32, 64, 4), (64, 32, 4), (16, 128, 4), (8, 32, 4), (8, 128, 2)]
-"""Depthwise tiles of FusedConvNorm's two-launch form (conv into NHWC, then the row LayerNorm kernel), which the
+SPLIT_TILES: list[tuple[int, int, int]] = TILES
+"""Depthwise tiles of FusedConvNorm's two-launch form (all of the plain conv's) (conv into NHWC, then the row LayerNorm kernel), which the
 autotuner times against the one-launch tiles: a program holding every channel takes few pixels, and at large
 batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
 
@@ -181,8 +181,12 @@ class TritonDepthwiseConv(Tactic):
             one = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps} for bm, warps in NORM_TILES
                    if bm * bc <= 32 * warps * 16]  # at most 16 accumulators per thread
             norm_r = max(1, min(16, 2048 // bc))
-            two = [{"split": 1, "BLOCK_M": bm, "BLOCK_C": min(t, bc), "num_warps": warps, "NORM_R": norm_r,
-                    "NORM_WARPS": 4 if bc <= 256 else 8} for bm, t, warps in SPLIT_TILES]
+            two: list[dict[str, Any]] = []
+            for bm, t, warps in SPLIT_TILES:
+                cfg = {"split": 1, "BLOCK_M": bm, "BLOCK_C": min(t, bc), "num_warps": warps, "NORM_R": norm_r,
+                       "NORM_WARPS": 4 if bc <= 256 else 8}
+                if cfg not in two:
+                    two.append(cfg)
             return one + two
         seen, out = set(), []
         for bm, bc, warps in TILES:
