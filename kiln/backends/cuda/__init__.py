@@ -7,7 +7,8 @@
 | cuda.conv1x1_gemm         | 1x1 stride-1 and patch (kernel = stride) | cuBLASLt GEMM over NHWC rows / patches    |
 | cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU/GELU) epilogue  |
 | cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
-| cuda.triton_dwconv        | Conv, FusedConv (2-D, depthwise)         | NHWC direct conv per tap, fused epilogue  |
+| cuda.triton_dwconv        | Conv, FusedConv (2-D, depthwise),        | NHWC direct conv per tap, fused epilogue  |
+|                           | FusedConvNorm                            | (+ channel LayerNorm: 1 or 2 launches)    |
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
 | cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
