@@ -44,9 +44,9 @@ has few programs, each waiting on its loads in turn when its tile is larger)."""
 NORM_TILES: list[tuple[int, int]] = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)]
 """(BLOCK_M pixels, num_warps) for FusedConvNorm, whose channel block spans every channel."""
 SPLIT_TILES: list[tuple[int, int, int]] = TILES
-"""Depthwise tiles of FusedConvNorm's two-launch form (all of the plain conv's) (conv into NHWC, then the row LayerNorm kernel), which the
-autotuner times against the one-launch tiles: a program holding every channel takes few pixels, and at large
-batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
+"""Depthwise tiles of FusedConvNorm's two-launch form (the conv into NHWC, then the row LayerNorm kernel): all of the
+plain conv's. The autotuner times them against the one-launch tiles: a program holding every channel takes few
+pixels, and at large batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW", "DH", "DW", *_RUNTIME])
