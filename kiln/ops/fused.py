@@ -34,6 +34,7 @@ from kiln.ops.attrs import REQUIRED, Attr
 from kiln.ops.conv import (WINDOW, WindowOp, check_window_attrs, kernel_shape, require_float, spatial_rank,
                            strides_dilations, torch_pad, window_ints)
 from kiln.ops.linalg import symbolic_operands
+from kiln.ops.norm import layer_norm
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
 from kiln.ops.registry import OpDef, lookup, register
 
@@ -129,11 +130,7 @@ class FusedConvNorm(FusedConv):
             raise UnsupportedOpError(f"node '{node.name}': FusedConvNorm takes 2-D convolutions")
         t = y.permute(0, 2, 3, 1)
         stat = torch.float64 if t.dtype == torch.float64 else torch.float32
-        tf = t.to(stat)
-        d = tf - tf.mean(-1, keepdim=True)
-        inv_std = torch.rsqrt((d * d).mean(-1, keepdim=True) + float(node.attr("epsilon", 1e-5)))
-        out = (d * inv_std).to(t.dtype) * scale.to(t.dtype)
-        return out if nb is None else out + nb.to(t.dtype)
+        return layer_norm(t, scale, nb, [-1], float(node.attr("epsilon", 1e-5)), stat)[0]
 
 
 @register

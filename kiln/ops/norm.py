@@ -36,6 +36,18 @@ def _stage_one(node: Node, x: Tensor) -> torch.dtype:
     return torch.promote_types(_stash(node), x.dtype) if x.dtype == torch.float64 else _stash(node)
 
 
+def layer_norm(x: Tensor, scale: Tensor, b: Tensor | None, axes: list[int], eps: float,
+               stat: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y, mean, inv_std) of a LayerNorm over `axes` with statistics in `stat`: the normalized value rounded to x's
+    type once, then scaled and shifted in x's type (LayerNormalization, AddLayerNormalization, FusedConvNorm)."""
+    xf = x.to(stat)
+    mean = xf.mean(axes, keepdim=True)
+    d = xf - mean
+    inv_std = torch.rsqrt((d * d).mean(axes, keepdim=True) + eps)
+    y = (d * inv_std).to(x.dtype) * scale.to(x.dtype)
+    return (y if b is None else y + b.to(x.dtype)), mean, inv_std
+
+
 def _per_channel(p: Tensor, rank: int, dt: torch.dtype) -> Tensor:
     """A (C,) parameter (or (C, *spatial) for the old spatial=0 form) shaped to broadcast over (N, C, ...)."""
     p = p.to(dt)
@@ -110,14 +122,7 @@ class LayerNormalization(OpDef):
         require_float(node, x, scale, b)
         axis = norm_axis(int(node.attr("axis", -1)), x.dim())
         eps = float(node.attr("epsilon", 1e-5))
-        xf = x.to(_stage_one(node, x))
-        axes = list(range(axis, x.dim()))
-        mean = xf.mean(axes, keepdim=True)
-        d = xf - mean
-        inv_std = torch.rsqrt((d * d).mean(axes, keepdim=True) + eps)
-        y = (d * inv_std).to(x.dtype) * scale.to(x.dtype)
-        if b is not None:
-            y = y + b.to(x.dtype)
+        y, mean, inv_std = layer_norm(x, scale, b, list(range(axis, x.dim())), eps, _stage_one(node, x))
         if len(node.outputs) <= 1:
             return y
         st = _stash(node)
@@ -196,14 +201,13 @@ class AddLayerNormalization(OpDef):
         axis = norm_axis(int(read(node, "axis")), s.dim())
         eps = float(read(node, "epsilon"))
         axes = list(range(axis, s.dim()))
-        sf = s.to(_acc(s))
         if int(read(node, "rms")):
+            sf = s.to(_acc(s))
             y = (sf * torch.rsqrt((sf * sf).mean(axes, keepdim=True) + eps)).to(s.dtype) * scale.to(s.dtype)
+            if b is not None:
+                y = y + b.to(s.dtype)
         else:
-            d = sf - sf.mean(axes, keepdim=True)
-            y = (d * torch.rsqrt((d * d).mean(axes, keepdim=True) + eps)).to(s.dtype) * scale.to(s.dtype)
-        if b is not None:
-            y = y + b.to(s.dtype)
+            y = layer_norm(s, scale, b, axes, eps, _acc(s))[0]
         out = read(node, "out_dtype")
         if out is not None:
             y = y.to(onnx_to_torch(int(out)))

@@ -15,7 +15,8 @@ datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn (the tes
 
 from kiln.testing import exact_int8_cpu  # noqa: E402
 
-needs_exact_int8 = pytest.mark.skipif(not exact_int8_cpu()[0], reason=exact_int8_cpu()[1])
+EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
+needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)
 
 
 class _Net(torch.nn.Module):
@@ -79,8 +80,8 @@ _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("calibrator", ["entropy", "minmax", "percentile", "mse"])
 def test_int8_ptq_keeps_top1(trained, calibrator: str, device: str, capsys: pytest.CaptureFixture) -> None:
-    if device == "cpu" and not exact_int8_cpu()[0]:
-        pytest.skip(exact_int8_cpu()[1])
+    if device == "cpu" and not EXACT_INT8:
+        pytest.skip(NO_EXACT_INT8)
     path, calib, held = trained
     fp32 = _run(Builder().build(path, BuilderConfig(device=device, profiles=_profile(), optimization_level=0)), held)
     batches = [{"x": calib[i:i + 32]} for i in range(0, len(calib), 32)]

@@ -23,7 +23,8 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the oracle")
 
 from kiln.testing import exact_int8_cpu  # noqa: E402
 
-needs_exact_int8 = pytest.mark.skipif(not exact_int8_cpu()[0], reason=exact_int8_cpu()[1])
+EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
+needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)
 
 
 # -- (a) the solver -------------------------------------------------------------------------------------------------

@@ -233,6 +233,8 @@ class TritonDepthwiseConv(Tactic):
         fallback = lookup("FusedConvNorm", "kiln").bind(node)
         split = bool(config.get("split"))
         norm_r, norm_warps = int(config.get("NORM_R", 1)), int(config.get("NORM_WARPS", 4))
+        norm_d = max(16, triton.next_power_of_2(c))
+        w_nchw = wp.t().reshape(c, 1, *geo.kernel)  # the reference's weight layout, for its fallback
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, _s: Any = None, _nb: Any = None,
                    out: Out = None) -> Tensor:
@@ -241,14 +243,13 @@ class TritonDepthwiseConv(Tactic):
             if out is not None:
                 check_out(out, shape, node.name)
             if x.dim() != 4 or int(x.shape[1]) != c or max(x.numel(), shape[0] * c * oh * ow) >= _I32:
-                w_nchw = wp.t().reshape(c, 1, *geo.kernel)  # the reference: its checks and messages
-                return write_out(fallback(x, w_nchw, bias, scale, nb).to(out_dtype), out)
+                return write_out(fallback(x, w_nchw, bias, scale, nb).to(out_dtype), out)  # its checks, messages
             if split:
                 t = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, None, out_dtype)  # [N, C, OH, OW] NHWC
                 direct = isinstance(out, Tensor) and out.is_contiguous()
                 y = out if direct else torch.empty(shape, dtype=out_dtype, device=x.device)
-                layernorm_rows(t.permute(0, 2, 3, 1).reshape(-1, c), scale, nb, y.view(-1, c), eps, norm_r,
-                               max(16, triton.next_power_of_2(c)), norm_warps)
+                layernorm_rows(t.permute(0, 2, 3, 1).reshape(-1, c), scale, nb, y.view(-1, c), eps, norm_r, norm_d,
+                               norm_warps)
             else:
                 direct = isinstance(out, Tensor) and out.stride(3) == 1
                 y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,
