@@ -304,6 +304,42 @@ def test_layernorm_channels_last_4d_and_out() -> None:
     assert kern.fallback.reason is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rms", [False, True])
+def test_layernorm_channels_first_column_form(dtype, rms) -> None:
+    """timm's LayerNorm2d as exported (NCHW -> Transpose [0,2,3,1] -> norm over C): the rows are adjacent in memory,
+    each row's elements H*W apart. The column-form configurations are offered and every configuration matches the
+    float64 formula in place, its output laid out like the input (Transpose back: NCHW again), and into out=."""
+    shape = (2, 5, 7, 24)  # [N, H, W, C]
+    if rms:
+        scale = _rand(24, seed=30, scale=0.5, shift=1.0).cpu().to(dtype)
+        node = Node("RMSNormalization", [_x("x", dtype, shape), Value("scale", const=scale)], [_x("y", dtype, shape)],
+                    {"axis": -1, "epsilon": 1e-6}, name="rms", opset=23)
+    else:
+        node = layernorm(dtype, shape, seed=31)
+    t = get_tactic(LN)
+    cfgs = t.configs(node, CTX)
+    assert sum(1 for c in cfgs if c.get("COLS")) == 2
+    x = _rand(2, 24, 5, 7, dtype=dtype, seed=32, scale=1.5, shift=0.3).permute(0, 2, 3, 1)
+    assert x.stride(3) == 35 and x.stride(2) == 1
+    if rms:
+        xd = x.double()
+        want64 = xd * torch.rsqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * scale.double().to(DEV)
+    else:
+        want64 = _layernorm64(node, x)
+    for cfg in range(len(cfgs)):
+        kern = t.make(node, cfgs[cfg], DEV)
+        got = kern(x, None, None)
+        _close(got, want64, dtype)
+        assert got.stride() == x.stride() and kern.fallback.reason is None
+        out = torch.empty(2, 24, 5, 7, dtype=dtype, device=DEV).permute(0, 2, 3, 1)
+        assert kern(x, None, None, out=out) is out
+        _close(out, want64, dtype)
+        dense = torch.empty(shape, dtype=dtype, device=DEV)  # a row-major destination from a column-major source
+        assert kern(x, None, None, out=dense) is dense
+        _close(dense, want64, dtype)
+
+
 def test_layernorm_runtime_scale_and_fp32_params() -> None:
     x_v = _x("x", torch.float32, ("N", 33))
     node = Node("LayerNormalization", [x_v, _x("s", torch.float32, (33,)), _x("b", torch.float32, (33,))],

@@ -27,6 +27,7 @@ from kiln.backends.cuda.triton_act import conv_pixels, finish
 from kiln.backends.cuda.triton_conv import _nhwc_ok, _torch_conv, nhwc_dests
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_norm import layernorm_rows
+from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
 from kiln.ops.registry import lookup
@@ -255,7 +256,7 @@ class TritonDepthwiseConv(Tactic):
                 y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,
                                   norm=(scale, nb, eps))
             return y if direct or out is None else write_out(y, out)
-        return prepacked(kernel, (1, 2, 3, 4))
+        return Kernel(kernel, prepacked=frozenset({1, 2, 3, 4}), out_format="contiguous")  # [N, OH, OW, C] rows
 
 
 register_tactic(TritonDepthwiseConv())
