@@ -194,7 +194,11 @@ class Epilogue:
 
     @classmethod
     def of(cls, node: Node) -> "Epilogue":
-        """The declared epilogue of a FusedConv / FusedGemm; none for any other node."""
+        """The declared epilogue of a FusedConv / FusedGemm / QConv / QGemm / FusedConvNorm; none for any other
+        node."""
+        if node.domain == "kiln" and node.op_type == "FusedConvNorm":  # an activation only: no residual, no cast
+            return cls(str(read(node, "activation") or ""), float(read(node, "alpha") or 0.0),
+                       float(read(node, "beta") or 0.0))
         if node.domain != "kiln" or node.op_type not in FUSED_OPS:
             return cls()
         out = read(node, "out_dtype")

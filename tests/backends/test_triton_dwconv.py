@@ -81,6 +81,30 @@ def test_dwconv_matches_float64(case: str, dtype: torch.dtype) -> None:
         _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("case,dtype", [("convnext_7x7", torch.float16), ("convnext_7x7", torch.float32),
+                                        ("effnet_3x3_silu", torch.float16), ("act_then_add", torch.float16)])
+def test_dwconv_row_reuse_tiles_match_float64(case: str, dtype: torch.dtype) -> None:
+    """The row-reuse kernel (an input row loaded once per column tap, added into up to four output rows): offered
+    where the row stride and dilation are 1, each of its tiles (output rows and columns not multiples of the tile,
+    a residual, an activation before it) against the float64 reference."""
+    node, x, z = _case(case, dtype, seed=7)
+    t = get_tactic(DW)
+    rows = [cfg for cfg in t.configs(node, CTX) if "TH" in cfg]
+    assert len(rows) >= 4 and {cfg["TH"] for cfg in rows} == {2, 4}
+    want = _want(node, x, z)
+    for cfg in rows:
+        got = t.make(node, cfg, DEV)(x, None, None, z)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        _close(got, want, dtype)
+
+
+def test_dwconv_row_reuse_not_offered_for_row_stride_or_dilation() -> None:
+    t = get_tactic(DW)
+    for case in ("mbv3_5x5_s2", "asym_pads_s2", "dilated_residual"):
+        node, _, _ = _case(case, torch.float16)
+        assert not any("TH" in cfg for cfg in t.configs(node, CTX)), case
+
+
 @pytest.mark.parametrize("layout", ["nchw", "slice"])
 def test_dwconv_input_layouts_and_out_slices(layout: str) -> None:
     """An NCHW input (made channels-last first) or a channel slice of a wider NHWC tensor; out= two channel

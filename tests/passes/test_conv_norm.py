@@ -33,8 +33,8 @@ C, H, W = 24, 9, 10
 
 
 def _block(rng: np.random.Generator, k: int = 7, perm: tuple[int, ...] = (0, 2, 3, 1), axis: int = -1,
-           extra_reader: bool = False, bias: bool = True):
-    """x -> depthwise conv k x k -> Transpose(perm) -> LayerNorm(axis) -> MatMul -> Transpose back -> + x."""
+           extra_reader: bool = False, bias: bool = True, act: str = ""):
+    """x -> depthwise conv k x k (-> act) -> Transpose(perm) -> LayerNorm(axis) -> MatMul -> Transpose back -> + x."""
     consts = {"w": (rng.standard_normal((C, 1, k, k)) / k).astype(np.float32),
               "g": (1 + 0.3 * rng.standard_normal(C)).astype(np.float32),
               "nb": (0.2 * rng.standard_normal(C)).astype(np.float32),
@@ -43,8 +43,11 @@ def _block(rng: np.random.Generator, k: int = 7, perm: tuple[int, ...] = (0, 2, 
     if bias:
         consts["b"] = rng.standard_normal(C).astype(np.float32)
         conv_in.append("b")
-    nodes = [helper.make_node("Conv", conv_in, ["y"], name="dw", group=C, kernel_shape=[k, k], pads=[k // 2] * 4),
-             helper.make_node("Transpose", ["y"], ["t"], name="to_nhwc", perm=list(perm)),
+    nodes = [helper.make_node("Conv", conv_in, ["y0" if act else "y"], name="dw", group=C, kernel_shape=[k, k],
+                              pads=[k // 2] * 4)]
+    if act:
+        nodes.append(helper.make_node(act, ["y0"], ["y"], name="act", **({"alpha": 0.2} if act == "LeakyRelu" else {})))
+    nodes += [helper.make_node("Transpose", ["y"], ["t"], name="to_nhwc", perm=list(perm)),
              helper.make_node("LayerNormalization", ["t", "g", "nb"], ["n"], name="norm", axis=axis, epsilon=1e-6),
              helper.make_node("MatMul", ["n", "fc"], ["m"], name="fc"),
              helper.make_node("Transpose", ["m"], ["mt"], name="to_nchw", perm=[int(np.argsort(perm)[i])
@@ -67,12 +70,13 @@ def _ops(g) -> list[str]:
     return [n.op_type for n in g.nodes]
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_convnext_block_fuses_and_matches_onnxruntime(bias: bool) -> None:
+@pytest.mark.parametrize("bias,act", [(True, ""), (False, ""), (True, "Relu"), (False, "LeakyRelu")])
+def test_convnext_block_fuses_and_matches_onnxruntime(bias: bool, act: str) -> None:
+    """The fused layer keeps the conv's activation (applied before the norm)."""
     rng = np.random.default_rng(7)
-    model = _block(rng, bias=bias)
+    model = _block(rng, bias=bias, act=act)
     g = _optimized(model)
-    assert "FusedConvNorm" in _ops(g) and "LayerNormalization" not in _ops(g), _ops(g)
+    assert "FusedConvNorm" in _ops(g) and "LayerNormalization" not in _ops(g) and act not in _ops(g), _ops(g)
     x = rng.standard_normal((2, C, H, W)).astype(np.float32)
     got = GraphFunction(g)([torch.from_numpy(x)])
     np.testing.assert_allclose(np.asarray(got[0]), run_oracle(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
@@ -133,7 +137,8 @@ def test_fused_kernel_matches_float64(dtype, c, k, stride, act, bias, nb) -> Non
     one = [cfg for cfg in cfgs if not cfg.get("split")]
     two = [cfg for cfg in cfgs if cfg.get("split")]
     assert one and two and all(cfg["BLOCK_C"] >= c for cfg in one)  # one launch: a block holds every channel
-    for cfg in (one[0], one[-1], two[0]):
+    assert any(cfg.get("cudnn") for cfg in two) == (not act)  # cuDNN's conv (no epilogue of its own): no activation
+    for cfg in (one[0], one[-1], two[0], two[-1]):
         got = t.make(node, cfg, DEV)(x)
         assert got.dtype == dtype and tuple(got.shape) == tuple(want.shape) and got.is_contiguous()
         err = (got.double() - want).abs().max().item()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -44,10 +45,38 @@ thread, so that all of a 7x7 kernel's 49 tap loads can be in flight at once (a s
 has few programs, each waiting on its loads in turn when its tile is larger)."""
 NORM_TILES: list[tuple[int, int]] = [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8)]
 """(BLOCK_M pixels, num_warps) for FusedConvNorm, whose channel block spans every channel."""
+ROW_TILES: list[tuple[int, int, int, int]] = [(4, 8, 64, 4), (4, 16, 32, 4), (4, 8, 32, 2), (2, 16, 64, 4),
+                                              (4, 16, 64, 4), (2, 8, 128, 4)]
+"""(TH output rows, TW output columns, BLOCK_C channels, num_warps) of the row-reuse kernel (_dwconv_rows_kernel),
+offered where the conv's row stride and dilation are 1."""
+ROW_NORM_TILES: list[tuple[int, int, int]] = [(2, 2, 4), (4, 2, 4), (2, 4, 4), (4, 4, 8), (4, 1, 4)]
+"""(TH, TW, num_warps) of the row-reuse kernel for FusedConvNorm's one launch (the channel block spans C)."""
 SPLIT_TILES: list[tuple[int, int, int]] = TILES
 """Depthwise tiles of FusedConvNorm's two-launch form (the conv into NHWC, then the row LayerNorm kernel): all of the
 plain conv's. The autotuner times them against the one-launch tiles: a program holding every channel takes few
 pixels, and at large batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
+
+
+@triton.jit
+def _finish_store(acc, m_mask, cs, c_mask, z_ptr, z_off, y_ptr, y_off, y2_ptr, y2_off, b_ptr, g_ptr, nb_ptr, C,
+                  alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM: tl.constexpr):
+    """The epilogue of a (pixels x channels) accumulator tile: bias, residual Z and activation in the fused order,
+    with NORM the per-pixel LayerNorm over C (the tile holds every channel), then the store (and the second one)."""
+    y_mask = m_mask[:, None] & c_mask[None, :]
+    z = tl.zeros_like(acc)
+    if has_z != 0:
+        z = tl.load(z_ptr + z_off[:, None] + cs[None, :], mask=y_mask, other=0.0).to(tl.float32)
+    acc = finish(acc, b_ptr, cs, c_mask, z, has_bias, act, act_before_add, alpha, beta)
+    if NORM:
+        mean = tl.sum(tl.where(c_mask[None, :], acc, 0.0), axis=1) / C
+        d = tl.where(c_mask[None, :], acc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        acc = d * rstd[:, None] * tl.load(g_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        if has_nb != 0:
+            acc = acc + tl.load(nb_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + y_off[:, None] + cs[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2 != 0:
+        tl.store(y2_ptr + y2_off[:, None] + cs[None, :], acc.to(y2_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW", "DH", "DW", *_RUNTIME])
@@ -78,24 +107,94 @@ def _dwconv_nhwc_kernel(
                          mask=ok[:, None] & c_mask[None, :], other=0.0)
             wv = tl.load(w_ptr + (kh * KW + kw) * C + cs, mask=c_mask, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    y_mask = m_mask[:, None] & c_mask[None, :]
-    z = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    if has_z != 0:
-        z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + cs[None, :], mask=y_mask,
-                    other=0.0).to(tl.float32)
-    acc = finish(acc, b_ptr, cs, c_mask, z, has_bias, act, act_before_add, alpha, beta)
-    if NORM:
-        mean = tl.sum(tl.where(c_mask[None, :], acc, 0.0), axis=1) / C
-        d = tl.where(c_mask[None, :], acc - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        acc = d * rstd[:, None] * tl.load(g_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        if has_nb != 0:
-            acc = acc + tl.load(nb_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + cs[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=y_mask)
-    if has_y2 != 0:
-        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + cs[None, :], acc.to(y2_ptr.dtype.element_ty),
-                 mask=y_mask)
+    _finish_store(acc, m_mask, cs, c_mask, z_ptr, nb * szn + oh * szh + ow * szw, y_ptr, nb * syn + oh * syh + ow * syw,
+                  y2_ptr, nb * s2n + oh * s2h + ow * s2w, b_ptr, g_ptr, nb_ptr, C,
+                  alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
+
+
+@triton.jit
+def _tap(acc, xv, w_ptr, tap, C, cs, c_mask):
+    return acc + xv * tl.load(w_ptr + tap * C + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _row_out(acc, t, nb, oh0, ow, w_ok, cs, c_mask, z_ptr, y_ptr, y2_ptr, b_ptr, g_ptr, nb_ptr, C, OH,
+             szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+             alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM: tl.constexpr):
+    oh = oh0 + t + tl.zeros_like(ow)
+    _finish_store(acc, w_ok & (oh < OH), cs, c_mask, z_ptr, nb * szn + oh * szh + ow * szw,
+                  y_ptr, nb * syn + oh * syh + ow * syw, y2_ptr, nb * s2n + oh * s2h + ow * s2w,
+                  b_ptr, g_ptr, nb_ptr, C, alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "SW", "PH", "PW", "DW", *_RUNTIME])
+def _dwconv_rows_kernel(
+    x_ptr, w_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, g_ptr, nb_ptr,
+    C, H, W, OH, OW,
+    sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+    SW, PH, PW, DW,
+    alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps,
+    KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """Row stride and dilation 1: program (image, TH output rows x TW output columns, channel block). Each of the
+    TH + KH - 1 input rows it reads is loaded once per column tap and added into every output row it feeds (up to
+    four accumulators, tap kh = input row - output row, resolved at compile time), so the loads per output fall
+    from KH * KW to about (TH + KH - 1) * KW / TH."""
+    pid = tl.program_id(0)
+    n_w = tl.cdiv(OW, TW)
+    n_h = tl.cdiv(OH, TH)
+    owb = pid % n_w
+    rest = pid // n_w
+    oh0 = (rest % n_h) * TH
+    nb = rest // n_h
+    ow = owb * TW + tl.arange(0, TW)
+    w_ok = ow < OW
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cs < C
+    iw0 = ow * SW - PW
+    x_img = nb * sxn
+    acc0 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
+    acc3 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
+    for r in tl.static_range(TH + KH - 1):
+        ih = oh0 - PH + r + tl.zeros_like(ow)  # a vector: the interpreter cannot mask by scalar & vector bools
+        row_ok = w_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * DW
+            ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(x_ptr + (x_img + ih * sxh + iw * sxw)[:, None] + cs[None, :],
+                         mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            if r < KH:
+                acc0 = _tap(acc0, xv, w_ptr, r * KW + kw, C, cs, c_mask)
+            if TH > 1:
+                if r >= 1:
+                    if r - 1 < KH:
+                        acc1 = _tap(acc1, xv, w_ptr, (r - 1) * KW + kw, C, cs, c_mask)
+            if TH > 2:
+                if r >= 2:
+                    if r - 2 < KH:
+                        acc2 = _tap(acc2, xv, w_ptr, (r - 2) * KW + kw, C, cs, c_mask)
+            if TH > 3:
+                if r >= 3:
+                    if r - 3 < KH:
+                        acc3 = _tap(acc3, xv, w_ptr, (r - 3) * KW + kw, C, cs, c_mask)
+    _row_out(acc0, 0, nb, oh0, ow, w_ok, cs, c_mask, z_ptr, y_ptr, y2_ptr, b_ptr, g_ptr, nb_ptr, C, OH,
+             szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+             alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
+    if TH > 1:
+        _row_out(acc1, 1, nb, oh0, ow, w_ok, cs, c_mask, z_ptr, y_ptr, y2_ptr, b_ptr, g_ptr, nb_ptr, C, OH,
+                 szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+                 alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
+    if TH > 2:
+        _row_out(acc2, 2, nb, oh0, ow, w_ok, cs, c_mask, z_ptr, y_ptr, y2_ptr, b_ptr, g_ptr, nb_ptr, C, OH,
+                 szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+                 alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
+    if TH > 3:
+        _row_out(acc3, 3, nb, oh0, ow, w_ok, cs, c_mask, z_ptr, y_ptr, y2_ptr, b_ptr, g_ptr, nb_ptr, C, OH,
+                 szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+                 alpha, beta, has_bias, has_z, act, act_before_add, has_y2, has_nb, eps, NORM)
 
 
 def dwconv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, geo: ConvGeometry, ep: Epilogue,
@@ -121,19 +220,42 @@ def dwconv2d_nhwc(x: Tensor, wp: Tensor, bias: Tensor | None, z: Tensor | None, 
     m = n * oh * ow
     if not m or not c:
         return y
-    bm, bc = int(cfg["BLOCK_M"]), int(cfg["BLOCK_C"])
+    bc = int(cfg["BLOCK_C"])
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
     g, nb, eps = norm if norm is not None else (y, None, 0.0)
-    launch(_dwconv_nhwc_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)), [
-        x, wp, bias if bias is not None else y, z if z is not None else y, y, y2, g, nb if nb is not None else y,
-        m, c, h, w, oh, ow,
-        x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], *ys, *y2s,
-        geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1], geo.dilations[0], geo.dilations[1],
-        ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add),
-        int(y2 is not y), int(nb is not None), float(eps)],
-        dict(KH=geo.kernel[0], KW=geo.kernel[1], BLOCK_M=bm, BLOCK_C=bc, NORM=norm is not None,
-             num_warps=int(cfg.get("num_warps", 4))))
+    ptrs = [x, wp, bias if bias is not None else y, z if z is not None else y, y, y2, g, nb if nb is not None else y]
+    strides = [x.stride(0), x.stride(2), x.stride(3), zs[0], zs[1], zs[2], *ys, *y2s]
+    tail = [ep.alpha, ep.beta, int(bias is not None), int(z is not None), ep.code, int(ep.act_before_add),
+            int(y2 is not y), int(nb is not None), float(eps)]
+    common = dict(KH=geo.kernel[0], KW=geo.kernel[1], BLOCK_C=bc, NORM=norm is not None,
+                  num_warps=int(cfg.get("num_warps", 4)))
+    if "TH" in cfg and rows_ok(geo):
+        th, tw = int(cfg["TH"]), int(cfg["TW"])
+        launch(_dwconv_rows_kernel, (n * triton.cdiv(oh, th) * triton.cdiv(ow, tw), triton.cdiv(c, bc)),
+               [*ptrs, c, h, w, oh, ow, *strides, geo.strides[1], geo.pads[0], geo.pads[1], geo.dilations[1], *tail],
+               dict(common, TH=th, TW=tw))
+        return y
+    bm = int(cfg["BLOCK_M"]) if "BLOCK_M" in cfg else int(cfg["TH"]) * int(cfg["TW"])
+    launch(_dwconv_nhwc_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+           [*ptrs, m, c, h, w, oh, ow, *strides,
+            geo.strides[0], geo.strides[1], geo.pads[0], geo.pads[1], geo.dilations[0], geo.dilations[1], *tail],
+           dict(common, BLOCK_M=bm))
     return y
+
+
+def rows_ok(geo: ConvGeometry) -> bool:
+    """The row-reuse kernel's geometry: row stride and row dilation 1, at most four output rows per program."""
+    return geo.strides[0] == 1 and geo.dilations[0] == 1
+
+
+def _cudnn_dwconv(x: Tensor, w: Tensor, geo: ConvGeometry) -> Tensor:
+    """torch's (cuDNN's) depthwise conv without bias, channels-last in and out, in the weight's type."""
+    x = x.to(w.dtype).contiguous(memory_format=torch.channels_last)
+    padding: Any = [geo.pads[0], geo.pads[1]]
+    if not geo.symmetric:
+        t, l, bo, r = geo.pads
+        x, padding = F.pad(x, [l, r, t, bo]), [0, 0]
+    return F.conv2d(x, w, None, list(geo.strides), padding, list(geo.dilations), geo.group)
 
 
 def _is_conv_norm(node: Node) -> bool:
@@ -177,24 +299,38 @@ class TritonDepthwiseConv(Tactic):
 
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         c = int(node.inputs[1].const.shape[0])  # type: ignore[union-attr]
+        rows = rows_ok(ConvGeometry.of(node) if _is_conv_norm(node) else conv_geometry(node))
         if _is_conv_norm(node):
             bc = max(16, triton.next_power_of_2(c))
             one = [{"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps} for bm, warps in NORM_TILES
                    if bm * bc <= 32 * warps * 16]  # at most 16 accumulators per thread
             norm_r = max(1, min(16, 2048 // bc))
+            if rows:
+                one += [{"TH": th, "TW": tw, "BLOCK_C": bc, "num_warps": warps} for th, tw, warps in ROW_NORM_TILES
+                        if th * tw * bc <= 32 * warps * 16]
             two: list[dict[str, Any]] = []
-            for bm, t, warps in SPLIT_TILES:
-                cfg = {"split": 1, "BLOCK_M": bm, "BLOCK_C": min(t, bc), "num_warps": warps, "NORM_R": norm_r,
-                       "NORM_WARPS": 4 if bc <= 256 else 8}
+            if not epilogue_of(node).activation:  # cuDNN's depthwise conv, the bias added by the norm kernel
+                two.append({"split": 1, "cudnn": 1, "NORM_R": norm_r, "NORM_WARPS": 4 if bc <= 256 else 8})
+            for cfg in self._plain(c, rows):
+                cfg = {"split": 1, **cfg, "NORM_R": norm_r, "NORM_WARPS": 4 if bc <= 256 else 8}
                 if cfg not in two:
                     two.append(cfg)
             return one + two
-        seen, out = set(), []
+        return self._plain(c, rows)
+
+    @staticmethod
+    def _plain(c: int, rows: bool) -> list[dict[str, Any]]:
+        """The plain depthwise conv's tiles for C channels (the row-reuse ones where the geometry allows)."""
+        cap = max(16, triton.next_power_of_2(c))
+        out: list[dict[str, Any]] = []
         for bm, bc, warps in TILES:
-            bc = min(bc, max(16, triton.next_power_of_2(c)))
-            if (bm, bc) not in seen:
-                seen.add((bm, bc))
-                out.append({"BLOCK_M": bm, "BLOCK_C": bc, "num_warps": warps})
+            cfg = {"BLOCK_M": bm, "BLOCK_C": min(bc, cap), "num_warps": warps}
+            if cfg not in out:
+                out.append(cfg)
+        for th, tw, bc, warps in ROW_TILES if rows else ():
+            cfg = {"TH": th, "TW": tw, "BLOCK_C": min(bc, cap), "num_warps": warps}
+            if cfg not in out:
+                out.append(cfg)
         return out
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
@@ -236,6 +372,8 @@ class TritonDepthwiseConv(Tactic):
         norm_r, norm_warps = int(config.get("NORM_R", 1)), int(config.get("NORM_WARPS", 4))
         norm_d = max(16, triton.next_power_of_2(c))
         w_nchw = wp.t().reshape(c, 1, *geo.kernel)  # the reference's weight layout, for its fallback
+        cudnn = bool(config.get("cudnn"))
+        w_cl = w_nchw.contiguous(memory_format=torch.channels_last) if cudnn else None
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, _s: Any = None, _nb: Any = None,
                    out: Out = None) -> Tensor:
@@ -246,11 +384,14 @@ class TritonDepthwiseConv(Tactic):
             if x.dim() != 4 or int(x.shape[1]) != c or max(x.numel(), shape[0] * c * oh * ow) >= _I32:
                 return write_out(fallback(x, w_nchw, bias, scale, nb).to(out_dtype), out)  # its checks, messages
             if split:
-                t = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, None, out_dtype)  # [N, C, OH, OW] NHWC
+                if cudnn:
+                    t = _cudnn_dwconv(x, w_cl, geo)
+                else:
+                    t = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, None, out_dtype)  # [N, C, OH, OW] NHWC
                 direct = isinstance(out, Tensor) and out.is_contiguous()
                 y = out if direct else torch.empty(shape, dtype=out_dtype, device=x.device)
                 layernorm_rows(t.permute(0, 2, 3, 1).reshape(-1, c), scale, nb, y.view(-1, c), eps, norm_r, norm_d,
-                               norm_warps)
+                               norm_warps, add=bias if cudnn else None)
             else:
                 direct = isinstance(out, Tensor) and out.stride(3) == 1
                 y = dwconv2d_nhwc(x, wp, bias, None, geo, ep, config, out if direct else None, out_dtype,

@@ -218,17 +218,18 @@ def _layernorm_cols_kernel(
 # ---- host side ----------------------------------------------------------------------------------
 
 def layernorm_rows(x: Tensor, w: Tensor, b: Tensor | None, y: Tensor, eps: float, block_r: int, block_d: int,
-                   num_warps: int) -> None:
-    """y[i] = LayerNorm(x[i]) * w + b over the rows of 2-D x and y (element stride 1 in a row): the kernel for
-    other layers that end in a row norm (cuda.triton_dwconv's FusedConvNorm in two launches)."""
+                   num_warps: int, add: Tensor | None = None) -> None:
+    """y[i] = LayerNorm(x[i] (+ add, a [D] vector, the sum rounded to x's type)) * w + b over the rows of 2-D x and y
+    (element stride 1 in a row): the kernel for other layers that end in a row norm (cuda.triton_dwconv's
+    FusedConvNorm in two launches; `add` the conv bias that cuDNN's form leaves out)."""
     m, d = int(x.shape[0]), int(x.shape[1])
     if not m or not d:
         return
     launch(_layernorm_kernel, (triton.cdiv(m, block_r),),
-           [x, x, w, w if b is None else b, y, y, m, d, 1, 1, x.stride(0), 0, 0, 1, y.stride(0), 0, 0, 1, 0, 0, 0, 0,
-            eps],
+           [x, x if add is None else add, w, w if b is None else b, y, y, m, d, 1, 1, x.stride(0), 0, 0, 1,
+            y.stride(0), 0, 0, 1, 0, 0, 0, 1, eps],
            dict(HAS_BIAS=b is not None, ONE_PASS=d <= block_d, BLOCK_R=block_r, BLOCK_D=block_d,
-                num_warps=num_warps))
+                num_warps=num_warps, HAS_RES=add is not None))
 
 
 
