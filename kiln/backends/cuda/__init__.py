@@ -7,12 +7,15 @@
 | cuda.conv1x1_gemm         | 1x1 stride-1 and patch (kernel = stride) | cuBLASLt GEMM over NHWC rows / patches    |
 | cuda.cublas_gemm          | FusedGemm, MatMul by a constant          | cuBLASLt with bias (+ReLU/GELU) epilogue  |
 | cuda.triton_conv          | Conv, FusedConv (2-D, ungrouped)         | implicit-GEMM conv, fused epilogue        |
-| cuda.triton_dwconv        | Conv, FusedConv (2-D, depthwise),        | NHWC direct conv per tap, fused epilogue  |
-|                           | FusedConvNorm                            | (+ channel LayerNorm: 1 or 2 launches)    |
+| cuda.triton_dwconv        | Conv, FusedConv (2-D, depthwise),        | NHWC direct conv per tap (pixel runs or   |
+|                           | FusedConvNorm                            | row-reuse tiles), fused epilogue (+ channel|
+|                           |                                          | LayerNorm: 1 launch, or 2 with Triton or  |
+|                           |                                          | cuDNN conv first)                         |
 | cuda.triton_gemm          | FusedGemm, MatMul by a constant, 1x1 conv| Triton GEMM, fused epilogue               |
 | cuda.triton_pointwise     | Pointwise                                | generated one-pass kernel                 |
 | cuda.triton_maxpool/resize| MaxPool, nearest Resize/Upsample (2-D)   | NHWC tiles, any strides, writes into out= |
-| cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows  |
+| cuda.triton_layernorm     | LayerNormalization (Y only)              | row tiles, fp32 statistics, strided rows; |
+|                           |                                          | column tiles for channels-first rows      |
 | cuda.triton_global_avgpool| GlobalAveragePool, ReduceMean over H, W  | NHWC tiles, any strides, split over pixels|
 | cuda.triton_se_gate       | SEGate (squeeze-excite gate)             | pool + two matvecs, one or two phases     |
 | cuda.triton_attention     | Attention (4-D, no KV cache)             | flash attention, masks, causal, GQA       |
