@@ -6,6 +6,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
 from kiln.backends.tactic import Tactic, TacticContext, get_tactic, register_tactic
@@ -210,3 +211,53 @@ def test_a_burst_while_timing_a_native_kernel_does_not_hand_the_layer_to_torch(m
         helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), BuilderConfig())
     assert _tactics(plan)["tune_me_burst"][0] == "test.fast", log.getvalue()
     assert "led native test.fast" in log.getvalue() and "retimed: 0.0101 vs 0.0100 ms" in log.getvalue()
+
+
+class _StrideProbe(Tactic):
+    """Records the strides of the X it is timed with (LayerNormalization nodes named 'probe_ln' only)."""
+
+    id, priority, devices = "test.stride_probe", 1, ("cpu",)
+    seen: list[tuple[int, ...]] = []
+
+    def supports(self, node, ctx: TacticContext) -> bool:
+        return node.op_type == "LayerNormalization" and node.name == "probe_ln"
+
+    def build(self, node, config, device):
+        compute = lookup("LayerNormalization").compute
+
+        def kernel(x, *rest):
+            _StrideProbe.seen.append(tuple(x.stride()))
+            return compute(node, x, *rest)
+        return kernel
+
+
+if get_tactic(_StrideProbe.id) is None:
+    register_tactic(_StrideProbe())
+
+
+@pytest.mark.parametrize("chain", ["convnext", "vit"])
+def test_a_transposed_activation_is_timed_as_the_runtime_view(chain: str):
+    """Layout ops that only the reference runs are torch views at run time, and their readers are timed on such
+    views: timm's channels-last norm (Conv -> Transpose [0,2,3,1] -> LayerNorm) reads [N, H, W, C] rows of stride 1,
+    and so does ViT's token norm after Conv -> Reshape [N, C, H*W] -> Transpose [0,2,1] - not a fresh tensor laid
+    out channels-last over the norm input's own dims (H fastest), nor a dense [N, C, H*W] transposed (C strided)."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], rng.standard_normal(8 * 27).astype(np.float32))
+    s = helper.make_tensor("s", TensorProto.FLOAT, [8], (1 + rng.standard_normal(8)).astype(np.float32))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 8, 30])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    if chain == "convnext":
+        nodes.append(helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]))
+        out_shape = [1, 5, 6, 8]
+    else:
+        nodes += [helper.make_node("Reshape", ["c", "shape"], ["r"], name="tokens"),
+                  helper.make_node("Transpose", ["r"], ["t"], name="to_rows", perm=[0, 2, 1])]
+        out_shape = [1, 30, 8]
+    nodes.append(helper.make_node("LayerNormalization", ["t", "s"], ["y"], name="probe_ln", axis=-1))
+    g = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], [w, s, shape])
+    _StrideProbe.seen.clear()
+    Builder(Logger(Severity.ERROR)).build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                                          BuilderConfig())
+    assert _StrideProbe.seen, "the probe tactic was not timed"
+    assert all(st[-1] == 1 and st[-2] == 8 for st in _StrideProbe.seen), _StrideProbe.seen

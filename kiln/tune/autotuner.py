@@ -24,6 +24,7 @@ from kiln.backends.views import concat_axis, concat_kernel
 from kiln.errors import BuildError
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
+from kiln.ops.registry import lookup
 from kiln.passes.base import bodies as _bodies
 from kiln.plan.elision import Caps, ConcatPlacer
 from kiln.logger import Logger, Progress
@@ -178,6 +179,10 @@ class Timer:
             events[i + 1].record()
         torch.cuda.synchronize()
         return statistics.median(events[i].elapsed_time(events[i + 1]) for i in range(runs))
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+"""Ops whose reference returns a view of its input where torch can (a copy otherwise, as at run time)."""
 
 
 class Autotuner:
@@ -573,7 +578,6 @@ class Autotuner:
 
     def _inputs(self, n: Node, types: Mapping[str, TensorType]) -> list[Any] | None:
         """Random activations at the opt shape (NHWC for 4-D on CUDA) and the real constants."""
-        from kiln.ops.registry import lookup
         try:
             host = set(lookup(n.op_type, n.domain).value_inputs)
         except Exception:
@@ -614,17 +618,34 @@ class Autotuner:
             x = torch.zeros(shape, device=self.device, dtype=dt)
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
-    def _view_of(self, v: Value, types: Mapping[str, TensorType]) -> torch.Tensor | None:
-        """A value that a zero-copy view tactic produces is timed as that view (same strides as at run time)."""
+    def _view_of(self, v: Value, types: Mapping[str, TensorType], depth: int = 0) -> torch.Tensor | None:
+        """A value that a zero-copy view tactic produces is timed as that view (same strides as at run time); so is
+        the output of a layout op (Transpose, Reshape, Flatten, Squeeze, Unsqueeze) that only the reference runs:
+        torch's view of its input where one exists, as at run time, over its own input's timed form (a chain of
+        them - ViT's Conv -> Flatten -> Transpose - is followed back to the first real layer). Timed as a fresh
+        channels-last tensor instead, ConvNeXt's [N, H, W, C] norm input had H as its fastest dim."""
         p = v.producer
-        if p is None or len(p.outputs) != 1 or not p.inputs or p.inputs[0] is None or p.inputs[0].is_const:
+        if p is None or len(p.outputs) != 1 or not p.inputs or p.inputs[0] is None or p.inputs[0].is_const \
+                or depth > 8:
             return None
-        views = [t for t in candidate_tactics(p, self.tctx) if t.is_view]
-        base = self._random(types.get(p.inputs[0].name, p.inputs[0].type)) if views else None
+        cands = candidate_tactics(p, self.tctx)
+        views = [t for t in cands if t.is_view]
+        layout = (not views and p.domain in ("", "ai.onnx") and p.op_type in _LAYOUT_OPS
+                  and all(t.id == "ref" for t in cands) and all(c is None or c.is_const for c in p.inputs[1:]))
+        if not (views or layout):
+            return None
+        src = p.inputs[0]
+        base = self._view_of(src, types, depth + 1) if layout else None
+        if base is None:
+            base = self._random(types.get(src.name, src.type))
         if base is None:
             return None
+        consts = [None if c is None else c.const for c in p.inputs[1:]]
         try:
-            x = views[0].make(p, {}, self.device)(base, *[None if c is None else c.const for c in p.inputs[1:]])
+            if views:
+                x = views[0].make(p, {}, self.device)(base, *consts)
+            else:
+                x = lookup(p.op_type, p.domain).compute(p, base, *consts)
         except Exception:
             return None
         want = types.get(v.name, v.type)

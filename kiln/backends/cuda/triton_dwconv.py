@@ -154,6 +154,7 @@ def _dwconv_rows_kernel(
     c_mask = cs < C
     iw0 = ow * SW - PW
     x_img = nb * sxn
+    # Triton has no array of tensors: four named accumulators, those past TH compiled out by the constexpr guards
     acc0 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
     acc1 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
     acc2 = tl.zeros((TW, BLOCK_C), dtype=tl.float32)
