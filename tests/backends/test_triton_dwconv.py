@@ -87,11 +87,13 @@ def test_dwconv_row_reuse_tiles_match_float64(case: str, dtype: torch.dtype) -> 
     """The row-reuse kernel (an input row loaded once per column tap, added into up to four output rows): offered
     where the row stride and dilation are 1, each of its tiles (output rows and columns not multiples of the tile,
     a residual, an activation before it) against the float64 reference."""
-    node, x, z = _case(case, dtype, seed=7)
+    node, x, z = _case(case, dtype, n=1, seed=7)
     t = get_tactic(DW)
     rows = [cfg for cfg in t.configs(node, CTX) if "TH" in cfg]
     assert len(rows) >= 4 and {cfg["TH"] for cfg in rows} == {2, 4}
     want = _want(node, x, z)
+    if dtype == torch.float32:  # the interpreter is slow on 7x7 taps: float32 through one tile of each height
+        rows = [next(cfg for cfg in rows if cfg["TH"] == th) for th in (2, 4)]
     for cfg in rows:
         got = t.make(node, cfg, DEV)(x, None, None, z)
         assert got.is_contiguous(memory_format=torch.channels_last)
