@@ -51,10 +51,6 @@ ROW_TILES: list[tuple[int, int, int, int]] = [(4, 8, 64, 4), (4, 16, 32, 4), (4,
 offered where the conv's row stride and dilation are 1."""
 ROW_NORM_TILES: list[tuple[int, int, int]] = [(2, 2, 4), (4, 2, 4), (2, 4, 4), (4, 4, 8), (4, 1, 4)]
 """(TH, TW, num_warps) of the row-reuse kernel for FusedConvNorm's one launch (the channel block spans C)."""
-SPLIT_TILES: list[tuple[int, int, int]] = TILES
-"""Depthwise tiles of FusedConvNorm's two-launch form (the conv into NHWC, then the row LayerNorm kernel): all of the
-plain conv's. The autotuner times them against the one-launch tiles: a program holding every channel takes few
-pixels, and at large batches the conv's wider pixel tiles can win back more than the extra write and read cost."""
 
 
 @triton.jit
@@ -321,7 +317,10 @@ class TritonDepthwiseConv(Tactic):
 
     @staticmethod
     def _plain(c: int, rows: bool) -> list[dict[str, Any]]:
-        """The plain depthwise conv's tiles for C channels (the row-reuse ones where the geometry allows)."""
+        """The plain depthwise conv's tiles for C channels (the row-reuse ones where the geometry allows); also the
+        first half of FusedConvNorm's two-launch form, timed against the one-launch tiles: a program holding every
+        channel takes few pixels, and at large batches wider pixel tiles win back more than the extra write and read
+        cost (ConvNeXt-T at batch 32 takes two launches in every block)."""
         cap = max(16, triton.next_power_of_2(c))
         out: list[dict[str, Any]] = []
         for bm, bc, warps in TILES:
