@@ -1,7 +1,7 @@
 """Per-layer CPU profile: Kiln (runtime step hook) next to ONNX Runtime (its node profiler).
 
     python benchmarks/cpu_profile.py [resnet50|yolov4_tiny|ZOO_MODEL] [--threads 2] [--runs 20] [--opt-level 3]
-                                     [--layers] [--cache DIR]
+                                     [--layers] [--cache DIR] [--batch N] [--dim NAME=N]
 
 A ZOO_MODEL (benchmarks/zoo_models.py) is built with its optimization profile and run at batch 1 at the
 profile's opt point, from the zoo's ONNX cache.
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--opt-level", type=int, default=3, help="3 (the builder's default and the zoo's): every candidate timed; 0: heuristic tactics")
     ap.add_argument("--layers", action="store_true", help="print every layer")
+    ap.add_argument("--batch", type=int, default=None, help="a zoo model's opt batch (as zoo.py's --batch)")
+    ap.add_argument("--dim", action="append", metavar="NAME=N", help="a zoo model's opt point for NAME (as zoo.py's --dim)")
     args = ap.parse_args(argv)
     configure(threads=args.threads)
     profile = None
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         m = {z.name: z for z in zoo.zoo_models.registry()}.get(args.model) or zoo.zoo_models.adhoc(args.model)
         if m is None:
             ap.error(f"unknown model {args.model!r}")
+        m = zoo.at_opt(m, zoo.opt_points(args))
         model = onnx.load(m.ensure(args.cache))
         profile = zoo.profile_for(m)
         feeds = m.feeds(m.point("opt"), seed=1)
