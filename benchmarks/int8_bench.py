@@ -4,7 +4,8 @@
     python benchmarks/int8_bench.py --device cpu --batch 1 [--bf16]    # CPU: FP32 vs INT8 (vs BF16), ORT FP32, ORT on a
                                                                        # Q/DQ model (OpenVINO FP32 / BF16 with --bf16)
 
-The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights). INT8 ranges come from entropy
+The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights) or, with `--model yolov4_tiny`,
+its YOLOv4-tiny. INT8 ranges come from entropy
 calibration over `--calib-batches` batches of seeded random images (speed does not depend on the ranges; the
 error columns say how far each plan is from the FP32 reference on fresh inputs). On the CPU, onnxruntime runs the
 same network quantized by its own quantize_static (Q/DQ, per-channel int8 weights, int8 activations), and Kiln
@@ -98,31 +99,41 @@ def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", choices=["resnet50", "yolov4_tiny"], default="resnet50",
+                    help="a network of examples.zoo (seeded weights)")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
     ap.add_argument("--opt-level", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="CPU: also Kiln BF16 and OpenVINO FP32 / BF16")
+    ap.add_argument("--int8-layers", choices=["speed", "all"], default=None,
+                    help="all: every layer with an integer kernel INT8; speed: only where measured faster (the "
+                    "builder's default at optimization level >= 2)")
+    ap.add_argument("--fp8", action="store_true", help="CUDA: also Kiln FP8 (e4m3 GEMM-shaped layers) + FP16")
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--timing-cache", metavar="FILE", help="Kiln's timing cache: read before each build and written "
+                    "after it (a later run reuses the measurements)")
     ap.add_argument("--profile", action="store_true", help="CUDA: per-layer spans (by op, by tactic, slowest "
                     "layers with their configs) and torch.profiler's kernels for each Kiln plan")
     args = ap.parse_args()
-    from examples.zoo import resnet50
+    import importlib
+    net = importlib.import_module(f"examples.zoo.{args.model}")
     from kiln.builder import Builder, BuilderConfig
     from kiln.logger import Logger, Severity
     from kiln.runtime import Engine
     import onnxruntime as ort
 
     cuda = args.device == "cuda"
+    by_speed = None if args.int8_layers is None else args.int8_layers == "speed"
     batch = args.batch or (256 if cuda else 1)
     torch.set_num_threads(args.threads if not cuda else torch.get_num_threads())
     tmp = tempfile.mkdtemp()
-    fpath = resnet50.save_onnx(os.path.join(tmp, "resnet50.onnx"), 0, batch)
+    fpath = net.save_onnx(os.path.join(tmp, f"{args.model}.onnx"), 0, batch)
     rng = np.random.default_rng(0)
-    calib = [{"input": rng.standard_normal((batch, *resnet50.INPUT_SHAPE)).astype(np.float32)}
+    calib = [{"input": rng.standard_normal((batch, *net.INPUT_SHAPE)).astype(np.float32)}
              for _ in range(args.calib_batches)]
-    x = rng.standard_normal((batch, *resnet50.INPUT_SHAPE)).astype(np.float32)
+    x = rng.standard_normal((batch, *net.INPUT_SHAPE)).astype(np.float32)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads if not cuda else 0
     ref = ort.InferenceSession(fpath, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0][:8]
@@ -132,7 +143,8 @@ def main() -> int:
 
     def kiln_row(label: str, path: str, **cfg: Any) -> None:
         t0 = time.perf_counter()
-        plan = Builder(logger).build(path, BuilderConfig(device=args.device, optimization_level=args.opt_level, **cfg))
+        plan = Builder(logger).build(path, BuilderConfig(device=args.device, optimization_level=args.opt_level,
+                                                        timing_cache=args.timing_cache, **cfg))
         build_s = time.perf_counter() - t0
         ops = [s["op"] for s in plan.graph["steps"]]
         ctx = Engine(plan).create_execution_context()
@@ -149,10 +161,12 @@ def main() -> int:
 
     if cuda:
         kiln_row("Kiln FP16", fpath, fp16=True)
-        kiln_row("Kiln INT8 + FP16", fpath, fp16=True, int8=True, calibration_data=calib)
+        kiln_row("Kiln INT8 + FP16", fpath, fp16=True, int8=True, calibration_data=calib, int8_by_speed=by_speed)
+        if args.fp8:
+            kiln_row("Kiln FP8 + FP16", fpath, fp16=True, fp8=True, calibration_data=calib)
     else:
         kiln_row("Kiln FP32", fpath)
-        kiln_row("Kiln INT8", fpath, int8=True, calibration_data=calib)
+        kiln_row("Kiln INT8", fpath, int8=True, calibration_data=calib, int8_by_speed=by_speed)
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         class Reader(CalibrationDataReader):
@@ -180,8 +194,8 @@ def main() -> int:
     dev = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {args.threads} threads"
     lines = [f"Command: `python benchmarks/int8_bench.py {' '.join(sys.argv[1:])}`",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {dev}; torch {torch.__version__}, "
-             f"onnxruntime {ort.__version__}. ResNet-50, batch {batch}, median of {args.runs}.", "",
-             "| engine | ms | img/s | speed vs first row | rel. error vs ORT FP32 | integer layers | build s |",
+             f"onnxruntime {ort.__version__}. {args.model}, batch {batch}, median of {args.runs}.", "",
+             "| engine | ms | img/s | speed vs first row | rel. error vs ORT FP32 | integer (or FP8) layers | build s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['engine']} | {r['ms']:.3f} | {r['img_s']:.0f} | {base / r['ms']:.2f}x | {r['err']:.2e} | "

@@ -576,3 +576,37 @@ def test_qconv_linear_rows_bit_exact(idx: int) -> None:
 
 def want_dtype(want: np.ndarray) -> torch.dtype:
     return {v: k for k, v in NP.items()}[want.dtype.type]
+
+
+TAPS_CASES = [(EVEN_CASES[0][0], 0), (EVEN_CASES[1][0], -37), (EVEN_CASES[2][0], 141), (CONV_CASES[4], None),
+              (CONV_CASES[6], None), (CONV_CASES[1], None)]
+
+
+@pytest.mark.parametrize("idx", range(len(TAPS_CASES)))
+def test_qconv_taps_bit_exact(idx: int) -> None:
+    """Config TAPS (geometry, channels and epilogue compiled in; a pipelined tap loop): exact
+    with padding by a zero or a non-zero zero point, strides, dilations, asymmetric pads, a channel tail
+    (C not a multiple of the channel block), uint8 input, integer and float residuals, from a channel slice of a
+    wider tensor and into two channel-sliced destinations. It leads the configs of a KxK layer of >= 32 channels."""
+    from kiln.backends.cuda.triton_qconv import taps_configs
+    case, x_zp = TAPS_CASES[idx]
+    node, x, z, want = _conv_case(case, 120 + idx, x_zp=x_zp)
+    n, c, h, w = x.shape
+    k = want.shape[1]
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx())
+    n_taps = len(taps_configs(k, c))
+    assert all(cf.get("TAPS") for cf in cfgs[:n_taps]) == (c >= 32)
+    assert not any(cf.get("TAPS") for cf in cfgs[n_taps if c >= 32 else 0:])
+    wide = torch.zeros((n, c + 5, h, w), dtype=x.dtype, device=DEV).contiguous(memory_format=torch.channels_last)
+    wide[:, 3:3 + c] = x
+    for bk in (32, 64):
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": bk, "GROUP_M": 4, "TAPS": True}
+        for what, xin in (("dense", x), ("channel slice", wide[:, 3:3 + c])):
+            _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")
+        big = torch.zeros((n, k + 6, *want.shape[2:]), dtype=want_dtype(want), device=DEV).contiguous(
+            memory_format=torch.channels_last)
+        big2 = torch.zeros_like(big)
+        _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
+        _assert_exact(big[:, 2:2 + k], want, f"first destination {cfg}")
+        _assert_exact(big2[:, 4:4 + k], want, f"second destination {cfg}")
+        assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"

@@ -233,6 +233,70 @@ def _qconv_rows_kernel(
         tl.store(y2_ptr + (rows * sy2)[:, None] + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
 
 
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
+def _qconv_taps_kernel(
+    x_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr,
+    M, H, W, OH, OW, sxn, sxh, sxw, szn, szh, szw, syn, syh, syw, s2n, s2h, s2w,
+    x_pad, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, alpha, beta,
+    has_bias: tl.constexpr, has_z: tl.constexpr, act: tl.constexpr, act_before_add: tl.constexpr,
+    a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a: tl.constexpr, has_y2: tl.constexpr,
+    C: tl.constexpr, K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    X_U8: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PAD_ZERO: tl.constexpr,
+):
+    """A KxK QConv (config TAPS) with the geometry, channel counts and epilogue switches compile-time constants
+    (one compiled variant per layer shape, as _qconv_rows_kernel is for 1x1): the reduction walks (tap, channel
+    block) pairs in a loop of constant trip count that the compiler pipelines (fully unrolled taps were 1.2-1.9x
+    slower on the H200). Same arithmetic as _qconv2d_nhwc_kernel, bit for bit."""
+    tile, pid_m, pid_n, _, _ = tile_schedule(M, K, 1, BLOCK_M, BLOCK_N, GROUP_M, 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < K
+    nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
+    a_rows = x_ptr + (nb * sxn + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :]
+    w_cols = w_ptr + (offs_n * (KH * KW * C))[None, :] + offs_k[:, None]
+    if PAD_ZERO:
+        pad = 0
+    else:
+        pad = x_pad
+    CB: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for it in range(KH * KW * CB):
+        tap = it // CB
+        c0 = (it % CB) * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_ptrs = a_rows + (kh * DH * sxh + kw * DW * sxw + c0)
+        b_ptrs = w_cols + (tap * C + c0)
+        if C % BLOCK_K == 0:
+            a = tl.load(a_ptrs, mask=inside[:, None], other=pad)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
+        else:
+            c_ok = (c0 + offs_k) < C
+            a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=pad)
+            b = tl.load(b_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if has_z:
+        z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + offs_n[None, :], mask=y_mask, other=0)
+        z = (z.to(tl.float32) - z_zp) * z_scale
+    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                    QUANT)
+    tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
+             v.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2:
+        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + offs_n[None, :],
+                 v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+
+
 @triton.jit(do_not_specialize=["M", *_RUNTIME])
 def _qgemm_kernel(
     a_ptr, w_ptr, corr_ptr, m_ptr, b_ptr, z_ptr, y_ptr, y2_ptr, ws_ptr, cnt_ptr,
@@ -433,6 +497,8 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
         y = _qconv_rows(x, wk, qe, z, cfg, out)
         if y is not None:
             return y
+    if cfg.get("TAPS") and int(cfg.get("SPLIT_K", 1)) == 1:
+        return _qconv_taps(x, wk, qe, z, geo, cfg, out)
     mode = _qconv_mode(x, geo, qe, cfg)
     if mode["ROWS"] and x.stride(3) != c:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -501,15 +567,46 @@ def _qconv_rows(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, cfg:
     sx, sy, sy2 = strides[:3]
     sz = strides[3] if z is not None else 0
     m = n * h * w
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     sc = qe.scalars(z)
-    launch(_qconv_rows_kernel, (triton.cdiv(m, bm) * triton.cdiv(k, bn),), [
+    launch(_qconv_rows_kernel, (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]),), [
         x, wk, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y, y2,
-        m, sx, sz, sy, sy2, *sc[:9]], dict(
-        has_bias=sc[9], has_z=sc[10], act=sc[11], act_before_add=sc[12], a_inv_scale=sc[13], a_scale=sc[14],
-        a_zp=sc[15], a_lo=sc[16], a_hi=sc[17], has_a=sc[18], has_y2=int(y2 is not y), C=c, K=k,
-        X_U8=qe.x_u8, QUANT=qe.quant, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
+        m, sx, sz, sy, sy2, *sc[:9]], _const_kwargs(qe, sc, cfg, y2 is not y, C=c, K=k))
+    return y
+
+
+def _const_kwargs(qe: QuantEpilogue, sc: list[Any], cfg: dict[str, Any], has_y2: bool, **shape: int) -> dict[str, Any]:
+    """The compile-time arguments of the specialized kernels (LINEAR, TAPS): the epilogue's switches from
+    `qe.scalars` (sc), the tile, and the layer's shape constants."""
+    return dict(has_bias=sc[9], has_z=sc[10], act=sc[11], act_before_add=sc[12], a_inv_scale=sc[13],
+                a_scale=sc[14], a_zp=sc[15], a_lo=sc[16], a_hi=sc[17], has_a=sc[18], has_y2=int(has_y2), **shape,
+                X_U8=qe.x_u8, QUANT=qe.quant, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8), num_warps=cfg.get("num_warps", 4),
+                num_stages=cfg.get("num_stages", 3))
+
+
+def _qconv_taps(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo: ConvGeometry,
+                cfg: dict[str, Any], out: Out) -> Tensor:
+    """Config TAPS (any ungrouped 2-D conv, the tap-major weight of pack_qconv_weight) through
+    _qconv_taps_kernel: geometry, channels and epilogue switches compiled in."""
+    n, c, h, w = x.shape
+    k = wk.shape[0]
+    oh, ow = geo.out_hw(h, w)
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=qe.out_dtype,
+                                         memory_format=torch.channels_last)
+    y2 = outs[1] if len(outs) > 1 else y
+    if z is not None:
+        z = _nhwc_ok(z)
+    zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
+    m = n * oh * ow
+    sc = qe.scalars(z)
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
+    launch(_qconv_taps_kernel, (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]),), [
+        x, wk, qe.corr, qe.m, qe.bias if qe.bias is not None else qe.m, z if z is not None else y, y, y2,
+        m, h, w, oh, ow, x.stride(0), x.stride(2), x.stride(3), *zs, y.stride(0), y.stride(2), y.stride(3),
+        y2.stride(0), y2.stride(2), y2.stride(3), *sc[:9]],
+        _const_kwargs(qe, sc, cfg, y2 is not y, C=c, K=k, KH=kh, KW=kw, SH=sh, SW=sw, PH=geo.pads[0],
+                      PW=geo.pads[1], DH=dh, DW=dw, PAD_ZERO=qe.x_pad == 0 or not any(geo.pads)))
     return y
 
 
@@ -582,6 +679,30 @@ def linear_configs(k_out: int, c: int) -> list[dict[str, Any]]:
     for bm, bn, bk, warps, stages in LINEAR_TILES:
         cfg = {"BLOCK_M": bm, "BLOCK_N": min(bn, max(32, _p2(k_out))), "BLOCK_K": min(bk, max(32, _p2(c))),
                "GROUP_M": 8, "num_warps": warps, "num_stages": stages, "LINEAR": True}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of config TAPS (KxK convs with the geometry compiled in), in
+# the order of their wins on ResNet-50's 3x3 layers at batch 256 on the H200 (benchmarks/qconv_sweep.py, 2026-12-04:
+# 1.3-1.6x faster than the general kernel's best tile on every shape): 64x128 for 128-512 channels, 128x64 for 64,
+# 128x256 with two warpgroups for 256.
+TAPS_TILES: list[tuple[int, int, int, int, int]] = [
+    (64, 128, 128, 4, 4),
+    (128, 64, 64, 4, 4),
+    (128, 256, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+]
+
+
+def taps_configs(k_out: int, c: int) -> list[dict[str, Any]]:
+    """Config TAPS tiles for a KxK conv of c -> k_out channels, narrowed to the problem (N and the channel block
+    no wider than the next power of two of k_out and c, at least 32), duplicates dropped."""
+    out: list[dict[str, Any]] = []
+    for bm, bn, bk, warps, stages in TAPS_TILES:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": min(bn, max(32, _p2(k_out))), "BLOCK_K": min(bk, max(32, _p2(c))),
+               "GROUP_M": 8, "num_warps": warps, "num_stages": stages, "TAPS": True}
         if cfg not in out:
             out.append(cfg)
     return out

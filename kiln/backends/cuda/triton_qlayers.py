@@ -25,7 +25,7 @@ from kiln.backends.cuda.triton_conv import split_k_bytes
 from kiln.backends.cuda.triton_gemm import _out_rows, _rows
 from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, pointwise_geometry, linear_configs,
                                              pack_qconv_weight, qconv2d_nhwc, qgemm, qgemm_int_mm, qtile_configs,
-                                             rows_ok)
+                                             rows_ok, taps_configs)
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -125,6 +125,9 @@ class TritonQConv(Tactic):
         geo = ConvGeometry.of(node)
         if geo is not None and pointwise_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles first
             cfgs = linear_configs(k_out, c) + cfgs
+        elif c >= 32:  # the geometry compiled in: the TAPS kernel's tiles first (fewer at lower levels)
+            level = int(ctx.extra.get("opt_level", 3))
+            cfgs = taps_configs(k_out, c)[:{0: 2, 1: 2, 2: 3}.get(level, None)] + cfgs
         return cfgs
 
     def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
