@@ -565,13 +565,7 @@ def test_qconv_linear_rows_bit_exact(idx: int) -> None:
     for cfg in small:
         for what, xin in (("dense", x), ("channel slice", xs), ("uneven rows", xu)):
             _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")
-        big = torch.zeros((n, k + 6, h, w), dtype=want_dtype(want), device=DEV).contiguous(
-            memory_format=torch.channels_last)
-        big2 = torch.zeros_like(big)
-        _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
-        _assert_exact(big[:, 2:2 + k], want, f"first destination {cfg}")
-        _assert_exact(big2[:, 4:4 + k], want, f"second destination {cfg}")
-        assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"
+        _check_two_destinations(node, x, z, want, cfg)
 
 
 def want_dtype(want: np.ndarray) -> torch.dtype:
@@ -603,10 +597,16 @@ def test_qconv_taps_bit_exact(idx: int) -> None:
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": bk, "GROUP_M": 4, "TAPS": True}
         for what, xin in (("dense", x), ("channel slice", wide[:, 3:3 + c])):
             _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")
-        big = torch.zeros((n, k + 6, *want.shape[2:]), dtype=want_dtype(want), device=DEV).contiguous(
-            memory_format=torch.channels_last)
-        big2 = torch.zeros_like(big)
-        _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
-        _assert_exact(big[:, 2:2 + k], want, f"first destination {cfg}")
-        _assert_exact(big2[:, 4:4 + k], want, f"second destination {cfg}")
-        assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"
+        _check_two_destinations(node, x, z, want, cfg)
+
+
+def _check_two_destinations(node: Node, x: torch.Tensor, z, want: np.ndarray, cfg: dict) -> None:
+    """The conv written into channel slices of two wider tensors: exact in both, nothing outside the slice."""
+    n, k = want.shape[:2]
+    big = torch.zeros((n, k + 6, *want.shape[2:]), dtype=want_dtype(want), device=DEV).contiguous(
+        memory_format=torch.channels_last)
+    big2 = torch.zeros_like(big)
+    _run("cuda.triton_qconv", node, [x, None, None, z], cfg, out=(big[:, 2:2 + k], big2[:, 4:4 + k]))
+    _assert_exact(big[:, 2:2 + k], want, f"first destination {cfg}")
+    _assert_exact(big2[:, 4:4 + k], want, f"second destination {cfg}")
+    assert not big[:, :2].any() and not big[:, 2 + k:].any(), "wrote outside its channel slice"

@@ -504,10 +504,7 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
         x = x.contiguous(memory_format=torch.channels_last)
     k = wk.shape[0]
     oh, ow = geo.out_hw(h, w)
-    outs = out_list(out)
-    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=qe.out_dtype,
-                                         memory_format=torch.channels_last)
-    y2 = outs[1] if len(outs) > 1 else y
+    y, y2 = _destinations(x, (n, k, oh, ow), qe, out)
     if z is not None:
         z = _nhwc_ok(z)
     m = n * oh * ow
@@ -531,6 +528,14 @@ def qconv2d_nhwc(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo
         *qe.scalars(z), int(y2 is not y)],
         {**_kwargs(qe, cfg, split), **mode})
     return y
+
+
+def _destinations(x: Tensor, shape: tuple[int, int, int, int], qe: QuantEpilogue, out: Out) -> tuple[Tensor, Tensor]:
+    """(y, y2) of a conv launch: the one or two `out` tensors, or a new channels-last output (y2 is y when there
+    is no second destination)."""
+    outs = out_list(out)
+    y = outs[0] if outs else torch.empty(shape, device=x.device, dtype=qe.out_dtype, memory_format=torch.channels_last)
+    return y, (outs[1] if len(outs) > 1 else y)
 
 
 def pointwise_geometry(geo: ConvGeometry) -> bool:
@@ -557,10 +562,7 @@ def _qconv_rows(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, cfg:
     pixels are not evenly spaced rows (the caller then runs the general kernel with the same tile)."""
     n, c, h, w = x.shape
     k = wk.shape[0]
-    outs = out_list(out)
-    y = outs[0] if outs else torch.empty((n, k, h, w), device=x.device, dtype=qe.out_dtype,
-                                         memory_format=torch.channels_last)
-    y2 = outs[1] if len(outs) > 1 else y
+    y, y2 = _destinations(x, (n, k, h, w), qe, out)
     strides = [row_stride(t) for t in (x, y, y2, *([z] if z is not None else []))]
     if any(r is None for r in strides):
         return None
@@ -591,10 +593,7 @@ def _qconv_taps(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo:
     n, c, h, w = x.shape
     k = wk.shape[0]
     oh, ow = geo.out_hw(h, w)
-    outs = out_list(out)
-    y = outs[0] if outs else torch.empty((n, k, oh, ow), device=x.device, dtype=qe.out_dtype,
-                                         memory_format=torch.channels_last)
-    y2 = outs[1] if len(outs) > 1 else y
+    y, y2 = _destinations(x, (n, k, oh, ow), qe, out)
     if z is not None:
         z = _nhwc_ok(z)
     zs = (z.stride(0), z.stride(2), z.stride(3)) if z is not None else (0, 0, 0)
