@@ -141,7 +141,7 @@ def select_shapes(spec: str | None) -> list[tuple[int, ConvShape]]:
 def cfg_label(cfg: dict[str, Any]) -> str:
     """A config in one short cell: MxNxK, warps, stages and its walk / split."""
     s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg.get('num_warps', 4)} s{cfg.get('num_stages', 3)}"
-    for key in ("ROWS", "FLAT", "LINEAR", "TAPS", "UNROLL"):
+    for key in ("ROWS", "FLAT", "LINEAR", "TAPS", "S2D"):
         if cfg.get(key):
             s += f" {key}"
     if int(cfg.get("SPLIT_K", 1)) > 1:

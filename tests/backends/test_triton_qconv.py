@@ -25,6 +25,7 @@ from kiln.ir.dtype import DType  # noqa: E402
 from kiln.ir.graph import Node, Value  # noqa: E402
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.ops.registry import lookup  # noqa: E402
+from kiln.ops.conv import ConvGeometry  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CODES = {torch.int8: 3, torch.uint8: 2, torch.float32: 1, torch.float16: 10}
@@ -364,7 +365,8 @@ def test_qconv_rows_stem_bit_exact(idx: int) -> None:
     node, x, z, want = _conv_case(case, 70 + idx, x_zp=x_zp)
     cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx(2))
     rows = [c for c in cfgs if c.get("ROWS")]
-    assert rows and cfgs[0].get("ROWS"), "stems try window rows first"
+    strided = case[6] != (1, 1)
+    assert rows and cfgs[0].get("S2D" if strided else "ROWS"), "stems try space-to-depth (strided), then window rows"
     for cfg in rows[:2] + [{**rows[0], "BLOCK_M": 32, "SPLIT_K": 3}]:
         _assert_exact(_run("cuda.triton_qconv", node, [x, None, None, z], cfg), want, f"case {idx} {cfg}")
     c = case[1]
@@ -373,6 +375,64 @@ def test_qconv_rows_stem_bit_exact(idx: int) -> None:
     wide[:, 2:2 + c] = x
     _assert_exact(_run("cuda.triton_qconv", node, [wide[:, 2:2 + c], None, None, z], rows[0]), want,
                   "ROWS on a channel slice (read through a dense copy)")
+
+
+S2D_CASES = [
+    # the ResNet stem (7x7 / 2, pad 3) zero point 0 and -9 with asymmetric pads and an int8 residual (STEM_CASES),
+    # YOLO's 3x3 / 2 stem on uint8 with odd sizes, a 5x5 / 3 over 3 channels (27 -> 32: no channel tail) into
+    # float16 with a float residual, an 8x8 / 4 over one channel, and a 2x2 / 2 without padding
+    (STEM_CASES[0][0], 0),
+    (STEM_CASES[1][0], -9),
+    ((2, 3, 13, 10, 24, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), torch.uint8, torch.uint8, True, None, "Relu", 0), 117),
+    ((1, 3, 17, 14, 12, (5, 5), (3, 3), (2, 1, 0, 2), (1, 1), torch.int8, torch.float16, True, torch.float32, "Clip",
+      1), 5),
+    ((1, 1, 19, 21, 8, (8, 8), (4, 4), (3, 2, 3, 2), (1, 1), torch.uint8, torch.int8, False, None, "", 0), 200),
+    ((2, 4, 8, 6, 16, (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), torch.int8, torch.int8, True, torch.uint8, "Relu", 0),
+     None),
+]
+
+
+@pytest.mark.parametrize("idx", range(len(S2D_CASES)))
+def test_qconv_s2d_bit_exact(idx: int) -> None:
+    """Config S2D (a strided conv over few channels as a stride-1 conv over its space-to-depth image, through the
+    TAPS kernel): exact against the int64 oracle for every window, zero point, padding and epilogue, from a channel
+    slice and into two destinations."""
+    from kiln.backends.cuda.triton_qstem import S2DPlan
+    case, x_zp = S2D_CASES[idx]
+    node, x, z, want = _conv_case(case, 90 + idx, x_zp=x_zp)
+    cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx(2))
+    s2d = [c for c in cfgs if c.get("S2D")]
+    assert s2d and cfgs[0].get("S2D"), "strided stems try space-to-depth first"
+    plan = S2DPlan.of(case[1], ConvGeometry.of(node))
+    assert plan is not None and plan.row % 4 == 0
+    n, c, h, w = x.shape
+    wide = torch.zeros((n, c + 5, h, w), dtype=x.dtype, device=DEV).contiguous(memory_format=torch.channels_last)
+    wide[:, 3:3 + c] = x
+    for cfg in (s2d[0], {**s2d[0], "BLOCK_M": 32, "BLOCK_N": 16}):
+        for what, xin in (("dense", x), ("channel slice", wide[:, 3:3 + c]), ("NCHW", x.contiguous())):
+            _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")
+    _check_two_destinations(node, x, z, want, {**s2d[0], "BLOCK_M": 32, "BLOCK_N": 16})
+
+
+def test_s2d_plan_geometry_and_refusals() -> None:
+    """The plan of ResNet-50's stem (a 4x4 conv over 12 -> 16 channels, begin pad 2) and of YOLO's (2x2, pad 1);
+    no plan for stride 1, unequal strides, dilation, groups or too many channels."""
+    from kiln.backends.cuda.triton_qstem import S2DPlan
+
+    def geo(k, s, p, d=(1, 1), g=1):
+        return ConvGeometry(s, p, d, g, k)
+    stem = S2DPlan.of(3, geo((7, 7), (2, 2), (3, 3, 3, 3)))
+    assert stem is not None and (stem.kh2, stem.kw2, stem.cp, stem.ph2, stem.pw2, stem.row) == (4, 4, 16, 2, 2, 64)
+    yolo = S2DPlan.of(3, geo((3, 3), (2, 2), (1, 1, 1, 1)))
+    assert yolo is not None and (yolo.kh2, yolo.kw2, yolo.ph2, yolo.row) == (2, 2, 1, 32)
+    assert S2DPlan.of(3, geo((3, 3), (1, 1), (1, 1, 1, 1))) is None
+    assert S2DPlan.of(3, geo((3, 3), (2, 1), (1, 1, 1, 1))) is None
+    assert S2DPlan.of(3, geo((3, 3), (2, 2), (1, 1, 1, 1), (2, 2))) is None
+    assert S2DPlan.of(4, geo((3, 3), (2, 2), (1, 1, 1, 1), g=2)) is None
+    assert S2DPlan.of(16, geo((3, 3), (2, 2), (1, 1, 1, 1))) is None
+    node, _, _, _ = _conv_case(CONV_CASES[0], 1)  # stride 1: a config S2D is refused at build
+    with pytest.raises(KilnError, match="S2D"):
+        get_tactic("cuda.triton_qconv").make(node, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "S2D": True}, DEV)
 
 
 def test_qconv_rows_refused_where_it_does_not_fit() -> None:
@@ -538,16 +598,21 @@ def test_qgemm_a_scale_bit_exact(idx: int) -> None:
 
 LINEAR_CASES = [CONV_CASES[2], EVEN_CASES[3][0],
                 (3, 48, 5, 3, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), torch.int8, torch.int8, False, torch.uint8,
-                 "Clip", 0)]
+                 "Clip", 0),
+                CONV_CASES[5],  # stride 2 (a ResNet downsample): input pixels by strides
+                (2, 40, 9, 7, 24, (1, 1), (2, 3), (0, 0, 0, 0), (1, 1), torch.uint8, torch.int8, True, torch.float16,
+                 "Relu", 0)]
 
 
 @pytest.mark.parametrize("idx", range(len(LINEAR_CASES)))
 def test_qconv_linear_rows_bit_exact(idx: int) -> None:
-    """Config LINEAR (a 1x1 conv as a GEMM over pixel rows): exact on dense NHWC input, on a channel slice of a
+    """Config LINEAR (an unpadded 1x1 conv, any stride, as a GEMM over pixel rows): exact on dense NHWC input, on a channel slice of a
     wider tensor (row stride > C) and into two channel-sliced destinations; on an input whose pixels are not
-    evenly spaced rows it runs the general kernel, still exact. It leads the configs of a 1x1 layer."""
+    evenly spaced rows (they jump between images) it reads them by pixel strides, still exact. It leads the
+    configs of a 1x1 layer."""
     from kiln.backends.cuda.triton_qconv import linear_configs, row_stride
     node, x, z, want = _conv_case(LINEAR_CASES[idx], 80 + idx, x_zp=23 if idx == 1 else None)
+    z = None if z is None else z.contiguous(memory_format=torch.channels_last)  # pixel rows, as the runtime's
     n, c, h, w = x.shape
     k = want.shape[1]
     cfgs = get_tactic("cuda.triton_qconv").configs(node, _ctx())
@@ -562,6 +627,7 @@ def test_qconv_linear_rows_bit_exact(idx: int) -> None:
     uneven[:, :, :h] = x
     xu = uneven[:, :, :h]  # pixel rows jump at each image: not one row stride
     assert n == 1 or row_stride(xu) is None
+    assert z is None or row_stride(z) is not None
     for cfg in small:
         for what, xin in (("dense", x), ("channel slice", xs), ("uneven rows", xu)):
             _assert_exact(_run("cuda.triton_qconv", node, [xin, None, None, z], cfg), want, f"{what} {cfg}")

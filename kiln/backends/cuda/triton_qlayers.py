@@ -9,8 +9,8 @@ requantizes the layer's own result before it is added), and store int8/uint8
 (depthwise included) are declined: they stay on the reference path. QGemm has a second config family,
 ``int_mm``: torch._int_mm (cuBLASLt int8) and the epilogue in torch, offered on CUDA for M > 16 with K and N
 multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Convs with few input channels
-(a network's stem) try configs ROWS (contiguous window rows; its own weight packing) and FLAT before the
-tile configs; they stay integer layers (the autotuner times them like any other). Tensors past int32
+(a network's stem) try configs S2D (strided: a stride-1 conv over the space-to-depth image, triton_qstem), ROWS
+(contiguous window rows; its own weight packing) and FLAT before the tile configs; they stay integer layers (the autotuner times them like any other). Tensors past int32
 indexing run the op's reference implementation (the kernel's fallback).
 """
 from __future__ import annotations
@@ -23,9 +23,10 @@ from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.cuda.common import check_out, conv_geometry, nhwc_outs, out_list, write_out, Out
 from kiln.backends.cuda.triton_conv import split_k_bytes
 from kiln.backends.cuda.triton_gemm import _out_rows, _rows
-from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, pointwise_geometry, linear_configs,
+from kiln.backends.cuda.triton_qconv import (QUANT_RANGES, QuantEpilogue, linear_geometry, linear_configs,
                                              pack_qconv_weight, qconv2d_nhwc, qgemm, qgemm_int_mm, qtile_configs,
                                              rows_ok, taps_configs)
+from kiln.backends.cuda.triton_qstem import S2DPlan, qconv_s2d, s2d_configs
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -120,10 +121,13 @@ class TritonQConv(Tactic):
         k_out, c, kh, kw = (int(d) for d in node.inputs[1].const.shape)  # type: ignore[union-attr]
         m = _static_rows(node, k_out)
         cfgs = qtile_configs(m, k_out, c, int(ctx.extra.get("opt_level", 3)), c * kh * kw)
+        geo = ConvGeometry.of(node)
         if c < 32 and kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
             cfgs = _stem_configs(node, k_out, c, kw) + cfgs
-        geo = ConvGeometry.of(node)
-        if geo is not None and pointwise_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles first
+            plan = S2DPlan.of(c, geo) if geo is not None else None
+            if plan is not None:  # strided: as a stride-1 conv over the space-to-depth image first
+                cfgs = s2d_configs(k_out, plan) + cfgs
+        if geo is not None and linear_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles first
             cfgs = linear_configs(k_out, c) + cfgs
         elif c >= 32:  # the geometry compiled in: the TAPS kernel's tiles first (fewer at lower levels)
             level = int(ctx.extra.get("opt_level", 3))
@@ -141,23 +145,33 @@ class TritonQConv(Tactic):
         k_out = int(w.shape[0])
         if config.get("ROWS") and not rows_ok(int(w.shape[1]), geo.kernel, geo.dilations, int(config["BLOCK_K"])):
             raise KilnError(f"'{node.name}' (QConv): config ROWS needs an undilated kernel row within BLOCK_K")
-        wk = pack_qconv_weight(w, config)  # K-major: [K_out, (kh, kw, c)]
+        plan = S2DPlan.of(int(w.shape[1]), geo) if config.get("S2D") else None
+        if config.get("S2D") and plan is None:
+            raise KilnError(f"'{node.name}' (QConv): config S2D needs equal strides >= 2, no dilation and few "
+                            "input channels")
+        wk = plan.pack_weight(w) if plan is not None else pack_qconv_weight(w, config)  # K-major
         del w
         qe = quant_epilogue(node, wk, device)
         fb = ReferenceFallback(node)
+
+        def run(x: Tensor, z: Tensor | None, out: Out) -> Tensor:
+            if plan is not None:
+                return qconv_s2d(x, wk, qe, z, geo, plan, config, out)
+            return qconv2d_nhwc(x, wk, qe, z, geo, config, out)
 
         def kernel(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None, out: Out = None) -> Tensor:
             _check_x(x, qe, node)
             oh, ow = geo.out_hw(x.shape[2], x.shape[3])
             if out is not None:
                 check_out(out, (x.shape[0], k_out, oh, ow), node)
-            if max(x.numel(), x.shape[0] * k_out * oh * ow) >= _I32:
+            staged = plan.numel(x.shape[0], oh, ow) if plan is not None else 0
+            if max(x.numel(), x.shape[0] * k_out * oh * ow, staged) >= _I32:
                 key = (tuple(x.shape), x.dtype)
                 fb.declined.setdefault(key, "tensors past int32 indexing")
                 return fb(key, [x, None, None, z], out)
             if not nhwc_outs(out):
-                return write_out(qconv2d_nhwc(x, wk, qe, z, geo, config), out)
-            return qconv2d_nhwc(x, wk, qe, z, geo, config, out)
+                return write_out(run(x, z, None), out)
+            return run(x, z, out)
         return Kernel(kernel, prepacked=frozenset({1, 2}), fallback=fb)
 
 
