@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -405,16 +405,35 @@ class Autotuner:
         """The time (ms) of one layer's fastest candidate at the opt shape, timed as `choose` times it (from the
         timing cache where known, into it otherwise) even where it has one candidate only; 0 for a view, None
         where it cannot be timed. The layer need not sit in a graph (a probe of a layer the build may make)."""
-        cands = candidate_tactics(n, self.tctx)
-        if not cands:
+        choices = self._layer_choices(n, types)
+        if choices is None:
             return None
-        if any(t.is_view for t in cands):
+        if not choices:
             return 0.0
-        choices = self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)], types)
         self.best_ms.pop(n.name, None)
         with self._flags():
             self._tune(n, choices, types)
         return self.best_ms.get(n.name)
+
+    def precompile_layers(self, layers: Sequence[tuple[Node, Mapping[str, TensorType]]]) -> None:
+        """Compile the Triton kernels that `time_layer` will time for these layers in one parallel batch, as
+        `choose` does for a graph's (a build that times many probe layers one by one: INT8 by speed)."""
+        tunable = []
+        for n, types in layers:
+            choices = self._layer_choices(n, types)
+            if choices:
+                tunable.append((n, choices, types))
+        with self._flags():
+            self._precompile(tunable)
+
+    def _layer_choices(self, n: Node, types: Mapping[str, TensorType]) -> list[Choice] | None:
+        """time_layer's candidates: None where no tactic runs the layer, [] for a view."""
+        cands = candidate_tactics(n, self.tctx)
+        if not cands:
+            return None
+        if any(t.is_view for t in cands):
+            return []
+        return self._within_workspace(n, [(t, cfg) for t in cands for cfg in t.configs(n, self.tctx)], types)
 
     def _within_workspace(self, n: Node, choices: list[Choice], types: Mapping[str, TensorType]) -> list[Choice]:
         """Candidates whose scratch memory at the opt shape fits BuilderConfig.workspace_bytes (all when unset;

@@ -1,5 +1,5 @@
 """Tactics of the integer layers (kiln.ops.qlayers): ``cuda.triton_qconv`` (QConv) and ``cuda.triton_qgemm``
-(QGemm), on the Triton INT8 kernels of kiln.backends.cuda.triton_qconv.
+(QGemm), on the Triton INT8 kernels of kiln.backends.cuda.triton_qkernels (launched by triton_qconv).
 
 Both take int8 or uint8 activations (the input's declared type; a run-time tensor of the other type is an
 error), an int8 constant weight with per-tensor or per-output-channel scales, an optional float bias and an
@@ -8,10 +8,12 @@ requantizes the layer's own result before it is added), and store int8/uint8
 (requantized by ``y_scale``/``y_zero_point``) or float16/float32 (``out_dtype``). Grouped convolutions
 (depthwise included) are declined: they stay on the reference path. QGemm has a second config family,
 ``int_mm``: torch._int_mm (cuBLASLt int8) and the epilogue in torch, offered on CUDA for M > 16 with K and N
-multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Convs with few input channels
-(a network's stem) try configs S2D (strided: a stride-1 conv over the space-to-depth image, triton_qstem), ROWS
-(contiguous window rows; its own weight packing) and FLAT before the tile configs; they stay integer layers (the autotuner times them like any other). Tensors past int32
-indexing run the op's reference implementation (the kernel's fallback).
+multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Unpadded 1x1 convs (any stride) lead
+with config LINEAR, KxK convs of >= 32 channels with TAPS; convs with few input channels (a network's stem) with S2D where strided (a
+stride-1 conv over the space-to-depth image, triton_qstem), then ROWS (contiguous window rows; its own weight
+packing) and FLAT; then the general kernel's tiles, except at optimization levels <= 2 for a large layer (>=
+_LARGE_M output pixels), offered its specialized configs alone. Every config is an integer layer the autotuner
+times like any other. Tensors past int32 indexing run the op's reference implementation (the kernel's fallback).
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ from kiln.ops.qlayers import QuantSpec
 
 Tensor = torch.Tensor
 _I32 = 2**31 - 1
+_LARGE_M = 16384
+"""Output pixels from which a conv's specialized configs (LINEAR, TAPS, S2D) fill the GPU with their tiles (128-row
+tiles on 132 multiprocessors); below it, at small batches, the general kernel's narrower and split-K tiles compete."""
 
 _X_TYPES = (DType.INT8, DType.UINT8)
 _Z_TYPES = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.INT8, DType.UINT8)
@@ -120,19 +125,21 @@ class TritonQConv(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         k_out, c, kh, kw = (int(d) for d in node.inputs[1].const.shape)  # type: ignore[union-attr]
         m = _static_rows(node, k_out)
-        cfgs = qtile_configs(m, k_out, c, int(ctx.extra.get("opt_level", 3)), c * kh * kw)
+        level = int(ctx.extra.get("opt_level", 3))
+        general = qtile_configs(m, k_out, c, level, c * kh * kw)
         geo = ConvGeometry.of(node)
-        if c < 32 and kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
-            cfgs = _stem_configs(node, k_out, c, kw) + cfgs
+        special: list[dict[str, Any]] = []
+        if geo is not None and linear_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles
+            special = linear_configs(k_out, c)
+        elif c >= 32:  # the geometry compiled in: the TAPS kernel's tiles (fewer at lower levels)
+            special = taps_configs(k_out, c)[:{0: 2, 1: 2, 2: 3}.get(level, None)]
+        elif kh * kw > 1:  # a stem conv: most of each per-tap channel block would be padding
             plan = S2DPlan.of(c, geo) if geo is not None else None
-            if plan is not None:  # strided: as a stride-1 conv over the space-to-depth image first
-                cfgs = s2d_configs(k_out, plan) + cfgs
-        if geo is not None and linear_geometry(geo):  # a GEMM over pixel rows: the LINEAR kernel's tiles first
-            cfgs = linear_configs(k_out, c) + cfgs
-        elif c >= 32:  # the geometry compiled in: the TAPS kernel's tiles first (fewer at lower levels)
-            level = int(ctx.extra.get("opt_level", 3))
-            cfgs = taps_configs(k_out, c)[:{0: 2, 1: 2, 2: 3}.get(level, None)] + cfgs
-        return cfgs
+            special = s2d_configs(k_out, plan) if plan is not None else []  # strided: over the space-to-depth image
+            general = _stem_configs(node, k_out, c, kw) + general
+        if special and level <= 2 and m is not None and m >= _LARGE_M:
+            return special  # faster than the general kernel on every large layer measured: fewer kernels to compile
+        return special + general
 
     def workspace_bytes(self, node: Node, config: dict[str, Any], out_shape: tuple[int, ...] | None = None) -> int:
         if out_shape is None or len(out_shape) != 4:
