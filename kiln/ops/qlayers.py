@@ -33,6 +33,8 @@ sibling op: that would repeat the shape rule, the epilogue and every pass's hand
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Sequence
 import torch
@@ -160,7 +162,7 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
     n = acc.shape[channel_dim]
     shape = [1] * acc.dim()
     shape[channel_dim] = n
-    v = acc.to(torch.float32) * q.multipliers(n).to(acc.device).reshape(shape)
+    v = acc.to(torch.float32) * _on_device(tuple(q.multipliers(n).tolist()), acc.device).reshape(shape)
     if b is not None:
         v = v + b.to(acc.device).reshape(shape)
     r = None
@@ -185,6 +187,13 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
     return _round_to(v, q.y_scale, q.y_zero_point, lo, hi).to(q.out_torch)
 
 
+@functools.lru_cache(maxsize=1024)
+def _on_device(values: float | tuple[float, ...], device: torch.device) -> Tensor:
+    """A float32 constant on `device`, made once and shared read-only: a copy from the host cannot run while a
+    CUDA graph is captured, and the runtime's warm-up runs before the capture make it first."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def quantize_fp8(v: Tensor, scale: float) -> Tensor:
     """float8_e4m3fn(v / scale) as ONNX's QuantizeLinear computes it in float32: round to nearest even, saturated
     to +-448 (saturate=1, the default), NaN kept."""
@@ -193,7 +202,7 @@ def quantize_fp8(v: Tensor, scale: float) -> Tensor:
 
 def _round_to(v: Tensor, scale: float, zero_point: int, lo: int, hi: int) -> Tensor:
     """round_half_even(v * float32(1 / scale)) + zero_point, saturated (float32 holding integers)."""
-    inv = torch.tensor(1.0 / scale, dtype=torch.float32, device=v.device)
+    inv = _on_device(1.0 / scale, v.device)
     return (torch.round(v * inv) + zero_point).clamp(lo, hi)
 
 

@@ -88,3 +88,27 @@ def test_implicit_fp8_on_cuda(tmp_path) -> None:
     got = Engine(plan).create_execution_context().execute({"x": x})["y"]
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert 1e-3 < rel < 0.15, rel
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[1]], ids=["qconv-fp8-residual", "qgemm-fp8-residual"])
+def test_reference_layer_is_captured_in_a_cuda_graph(case: dict[str, Any]) -> None:
+    """The reference QConv / QGemm (what runs a layer no fast kernel takes, as the FP8 residual convs of ResNet-50
+    fall back) makes its device constants once, so a plan holding it can be captured: the replay of the captured
+    graph equals the eager result. Before, its per-channel multipliers and 1 / y_scale were copied from the host
+    on every call, which a capture refuses."""
+    from kiln.ops.registry import lookup
+    node, args, _ = _case(seed=5, **case)
+    op = lookup(node.op_type)
+    dev = [a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
+    eager = op.compute(node, *dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the runtime's warm-up run before a capture
+        op.compute(node, *dev)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op.compute(node, *dev)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.float(), eager.float())
