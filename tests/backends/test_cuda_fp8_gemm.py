@@ -98,7 +98,7 @@ def test_reference_layer_is_captured_in_a_cuda_graph(case: dict[str, Any]) -> No
     on every call, which a capture refuses."""
     from kiln.ops.registry import lookup
     node, args, _ = _case(seed=5, **case)
-    op = lookup(node.op_type)
+    op = lookup(node.op_type, "kiln")
     dev = [a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
     eager = op.compute(node, *dev)
     side = torch.cuda.Stream()
