@@ -94,7 +94,11 @@ def _rel_err(got: Any, want: Any) -> float:
     if torch.isnan(g).any() and not torch.isnan(w).any():
         return float("inf")
     scale = float(w.abs().max()) if w.numel() else 0.0
-    return float((g - w).abs().max() / max(scale, 1e-30)) if w.numel() else 0.0
+    diff = (g - w).abs()
+    if want.dtype.itemsize == 1:  # a float8 output: one rounding step (up to 1/8 of the value) is a correct
+        info = torch.finfo(want.dtype)  # kernel's other summation order flipping a rounding, not an error
+        diff = (diff - info.eps * torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(info.tiny))))).clamp_min(0)
+    return float(diff.max() / max(scale, 1e-30)) if w.numel() else 0.0
 
 
 class Timer:
