@@ -21,6 +21,7 @@ from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph
 from kiln.ir.types import TensorType
 from kiln.logger import BuildProgress, Logger
+from kiln.ops.qlayers import fp8_layer, quant_layer
 from kiln.ops.symbolic import profile_bounds, symbol_bounds
 from kiln.passes.base import PassContext, PassManager, bodies as _bodies
 from kiln.passes.cast import FoldCasts
@@ -298,9 +299,29 @@ class Builder:
         from kiln.runtime.prologue import shape_prologue
         for i in shape_prologue(g, g.input_symbols()):  # they run on the host with their references, once per shape
             chosen[id(g.nodes[i])] = ("ref", {})
+        self._warn_slow_quant_layers(g, chosen, tctx)
         if config.timing_cache:
             cache.save(config.timing_cache)
         return chosen, dict(tuner.stats)
+
+    def _warn_slow_quant_layers(self, g: Graph, chosen: dict[int, tuple[str, dict[str, Any]]],
+                                tctx: TacticContext) -> None:
+        """A warning naming the INT8 / FP8 layers that no fast kernel took (they run on the exact, slow reference);
+        not for INT8 on a CPU without VNNI, which the build has warned about already."""
+        slow = [n for sub in g.all_graphs() for n in sub.nodes
+                if quant_layer(n) and chosen.get(id(n), ("ref", {}))[0] == "ref"]
+        if not slow:
+            return
+        kind = "FP8" if any(fp8_layer(n) for n in slow) else "INT8"
+        if kind == "INT8" and tctx.device.type == "cpu":
+            from kiln.backends.cpu.features import exact_int8
+            if not exact_int8():
+                return
+        names = [n.name for n in slow]
+        self.logger.warning(f"{len(slow)} {kind} layer(s) have no fast kernel here and run on the reference "
+                            f"implementation (exact but slow): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                            "; --verbose says why each kernel was skipped, --layer-precisions NAME:fp16 keeps a "
+                            "layer in float")
 
     def _plan_memory(self, g: Graph, types: dict[str, TensorType], aliases: dict[str, list[str]],
                      label: str = "") -> dict[str, Any]:

@@ -325,3 +325,24 @@ def test_implicit_fp8_without_fp8_kernels_stays_float_and_says_so(tmp_path, monk
     assert ops.count("FusedGemm") == 2 and ops.count("FusedConv") == 2, ops
     assert not {"QGemm", "QConv", "QuantizeLinear", "DequantizeLinear"} & set(ops), ops
     assert "FP8: 3 gemm/1x1 conv layer(s) got no FP8 kernel on cpu and stay float" in capsys.readouterr().err
+
+
+def test_an_fp8_layer_no_fast_kernel_takes_is_named_in_a_warning(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP8 layer that ends on the reference tactic (its FP8 kernel failed when timed, as a wrong result does)
+    runs exact but slowly: the build says so, naming it, instead of leaving a plan many times slower than its float twin without a word."""
+    import io
+
+    from kiln.backends.cpu.fp8_gemm import CpuFp8Gemm
+    from kiln.logger import Logger, Severity
+    path, _ = _gemm_model(str(tmp_path / "g.onnx"), "Gemm", True)
+    log = io.StringIO()
+    Builder(Logger(Severity.WARNING, log)).build(path, BuilderConfig(device="cpu", optimization_level=0))
+    assert "no fast kernel" not in log.getvalue()
+    def broken(self, node, config, device):  # noqa: ANN001, ANN202 - as the autotuner's check rejects a wrong kernel
+        raise RuntimeError("this kernel is broken")
+    monkeypatch.setattr(CpuFp8Gemm, "build", broken)
+    plan = Builder(Logger(Severity.WARNING, log)).build(path, BuilderConfig(device="cpu", optimization_level=1))
+    step = next(s for s in plan.graph["steps"] if s["op"] == "QGemm")
+    assert step["tactic"] == "ref"
+    assert f"1 FP8 layer(s) have no fast kernel here and run on the reference implementation (exact but slow): " \
+           f"{step['name']}" in log.getvalue(), log.getvalue()
