@@ -89,6 +89,32 @@ def _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_z
     return v
 
 
+@triton.jit
+def _tap_operands(it, a_rows, w_cols, ih0, iw0, m_mask, n_mask, offs_k, pad, H, W, sxh, sxw, C, KW, DH, DW, CB,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Reduction step `it` of the per-tap walk, (tap, channel block) = divmod(it, CB): the activation block (`pad`
+    where the tap falls outside the image) and the weight block. Shared by the general kernel (geometry at run
+    time) and config TAPS (the geometry's constants specialize this body, as they do the caller's).
+    EVEN_K: C % BLOCK_K == 0, no channel tail to mask."""
+    tap = it // CB
+    c0 = (it - tap * CB) * BLOCK_K
+    kh = tap // KW
+    kw = tap - kh * KW
+    ih = ih0 + kh * DH
+    iw = iw0 + kw * DW
+    inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    a_ptrs = a_rows + (kh * DH * sxh + kw * DW * sxw + c0)
+    b_ptrs = w_cols + (tap * C + c0)
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=inside[:, None], other=pad)
+        b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
+    else:
+        c_ok = (c0 + offs_k) < C
+        a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=pad)
+        b = tl.load(b_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0)
+    return a, b
+
+
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "CB", "ITS",
                                *_RUNTIME])
 def qconv2d_nhwc_kernel(
@@ -141,22 +167,8 @@ def qconv2d_nhwc_kernel(
             a = tl.load(a_rows + it * DH * sxh, mask=row_ok[:, None] & col_ok, other=pad)
             b = tl.load(w_cols + it * BLOCK_K, mask=n_mask[None, :], other=0)
         else:
-            tap = it // CB
-            c0 = (it - tap * CB) * BLOCK_K
-            kh = tap // KW
-            kw = tap - kh * KW
-            ih = ih0 + kh * DH
-            iw = iw0 + kw * DW
-            inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = a_rows + (kh * DH * sxh + kw * DW * sxw + c0)
-            b_ptrs = w_cols + (tap * C + c0)
-            if EVEN_K:  # C % BLOCK_K == 0: no channel tail to mask
-                a = tl.load(a_ptrs, mask=inside[:, None], other=pad)
-                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
-            else:
-                c_mask = (c0 + offs_k) < C
-                a = tl.load(a_ptrs, mask=inside[:, None] & c_mask[None, :], other=pad)
-                b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0)
+            a, b = _tap_operands(it, a_rows, w_cols, ih0, iw0, m_mask, n_mask, offs_k, pad, H, W, sxh, sxw, C, KW, DH,
+                                 DW, CB, BLOCK_K, EVEN_K)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
 
     y_mask = m_mask[:, None] & n_mask[None, :]
@@ -262,22 +274,8 @@ def qconv_taps_kernel(
     CB: tl.constexpr = (C + BLOCK_K - 1) // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for it in range(KH * KW * CB):
-        tap = it // CB
-        c0 = (it % CB) * BLOCK_K
-        kh = tap // KW
-        kw = tap % KW
-        ih = ih0 + kh * DH
-        iw = iw0 + kw * DW
-        inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_ptrs = a_rows + (kh * DH * sxh + kw * DW * sxw + c0)
-        b_ptrs = w_cols + (tap * C + c0)
-        if C % BLOCK_K == 0:
-            a = tl.load(a_ptrs, mask=inside[:, None], other=pad)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0)
-        else:
-            c_ok = (c0 + offs_k) < C
-            a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=pad)
-            b = tl.load(b_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0)
+        a, b = _tap_operands(it, a_rows, w_cols, ih0, iw0, m_mask, n_mask, offs_k, pad, H, W, sxh, sxw, C, KW, DH, DW,
+                             CB, BLOCK_K, C % BLOCK_K == 0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
     y_mask = m_mask[:, None] & n_mask[None, :]
     z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
