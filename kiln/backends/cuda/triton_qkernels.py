@@ -90,6 +90,25 @@ def _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_z
 
 
 @triton.jit
+def _finish(acc, y_mask, z_off, y_off, y2_off, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr, b_ptr,
+            z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT: tl.constexpr):
+    """Every int8 kernel's end: the residual (dequantized) read at its rows' offsets z_off, _q_epilogue, and the
+    store at y_off (and at y2_off into a second destination: a value written into two elided Concats). The
+    switches are run-time values in the general kernels and constants in the specialized ones."""
+    z = tl.zeros(acc.shape, dtype=tl.float32)
+    if has_z != 0:
+        z = tl.load(z_ptr + z_off[:, None] + offs_n[None, :], mask=y_mask, other=0)
+        z = (z.to(tl.float32) - z_zp) * z_scale
+    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
+                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
+                    QUANT)
+    tl.store(y_ptr + y_off[:, None] + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if has_y2 != 0:
+        tl.store(y2_ptr + y2_off[:, None] + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def _tap_operands(it, a_rows, w_cols, ih0, iw0, m_mask, n_mask, offs_k, pad, H, W, sxh, sxw, C, KW, DH, DW, CB,
                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """Reduction step `it` of the per-tap walk, (tap, channel block) = divmod(it, CB): the activation block (`pad`
@@ -174,18 +193,9 @@ def qconv2d_nhwc_kernel(
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, K, SPLIT_K)
-    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if has_z != 0:
-        z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + offs_n[None, :], mask=y_mask, other=0)
-        z = (z.to(tl.float32) - z_zp) * z_scale
-    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
-                    QUANT)
-    tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
-             v.to(y_ptr.dtype.element_ty), mask=y_mask)
-    if has_y2 != 0:  # a second destination (a value written into two elided Concats)
-        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + offs_n[None, :],
-                 v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw, nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
+            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
 
 
 @triton.jit(do_not_specialize=["M", "OH", "OW"])
@@ -230,16 +240,9 @@ def qconv_rows_kernel(
                         other=0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
     y_mask = m_mask[:, None] & n_mask[None, :]
-    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if has_z:
-        z = tl.load(z_ptr + (rows * sz)[:, None] + offs_n[None, :], mask=y_mask, other=0)
-        z = (z.to(tl.float32) - z_zp) * z_scale
-    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
-                    QUANT)
-    tl.store(y_ptr + (rows * sy)[:, None] + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
-    if has_y2:
-        tl.store(y2_ptr + (rows * sy2)[:, None] + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+    _finish(acc, y_mask, rows * sz, rows * sy, rows * sy2, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
+            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
@@ -278,18 +281,9 @@ def qconv_taps_kernel(
                              CB, BLOCK_K, C % BLOCK_K == 0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
     y_mask = m_mask[:, None] & n_mask[None, :]
-    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if has_z:
-        z = tl.load(z_ptr + (nb * szn + oh * szh + ow * szw)[:, None] + offs_n[None, :], mask=y_mask, other=0)
-        z = (z.to(tl.float32) - z_zp) * z_scale
-    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
-                    QUANT)
-    tl.store(y_ptr + (nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :],
-             v.to(y_ptr.dtype.element_ty), mask=y_mask)
-    if has_y2:
-        tl.store(y2_ptr + (nb * s2n + oh * s2h + ow * s2w)[:, None] + offs_n[None, :],
-                 v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw, nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
+            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
 
 
 @triton.jit(do_not_specialize=["M", *_RUNTIME])
@@ -325,13 +319,6 @@ def qgemm_kernel(
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, N, SPLIT_K)
-    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if has_z != 0:
-        z = tl.load(z_ptr + offs_m[:, None] * szm + offs_n[None, :], mask=y_mask, other=0)
-        z = (z.to(tl.float32) - z_zp) * z_scale
-    v = _q_epilogue(acc, z, corr_ptr, m_ptr, b_ptr, offs_n, n_mask, y_inv_scale, y_zp, q_lo, q_hi,
-                    has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a,
-                    QUANT)
-    tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :], v.to(y_ptr.dtype.element_ty), mask=y_mask)
-    if has_y2 != 0:
-        tl.store(y2_ptr + offs_m[:, None] * sym2 + offs_n[None, :], v.to(y2_ptr.dtype.element_ty), mask=y_mask)
+    _finish(acc, y_mask, offs_m * szm, offs_m * sym, offs_m * sym2, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
+            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
