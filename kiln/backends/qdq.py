@@ -13,6 +13,9 @@ from kiln.ops.registry import norm_axis
 INT_RANGES = {DType.INT8: (-128.0, 127.0), DType.UINT8: (0.0, 255.0)}
 """The 8-bit integer sides the kernels take, with their saturation ranges."""
 
+FP8_RANGES = {DType.FLOAT8E4M3FN: (-448.0, 448.0)}
+"""The float8 sides a kernel may take (qdq_spec(fp8=True)), with their saturation ranges."""
+
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -23,11 +26,12 @@ def _param(v: Value | None) -> torch.Tensor | None:
     return v.const.reshape(-1)
 
 
-def qdq_spec(node: Node, floats: tuple[DType, ...]) -> dict[str, Any] | None:
-    """What a kernel needs of a QuantizeLinear / DequantizeLinear it can take, else None: an 8-bit integer side,
-    a float side among `floats`, a constant positive finite scale (float32/float16/bfloat16) and a zero point of
-    the integer type, per tensor or per channel of axis 1 (C known). Keys: quant, scale, zp (or None), per_c,
-    int, float (DTypes), work (the reference's work type for a quantize: promote(float side, scale))."""
+def qdq_spec(node: Node, floats: tuple[DType, ...], fp8: bool = False) -> dict[str, Any] | None:
+    """What a kernel needs of a QuantizeLinear / DequantizeLinear it can take, else None: an 8-bit integer side
+    (or, with `fp8`, a float8 e4m3 side, saturating), a float side among `floats`, a constant positive finite
+    scale (float32/float16/bfloat16) and a zero point of the 8-bit type, per tensor or per channel of axis 1 (C
+    known). Keys: quant, scale, zp (or None), per_c, int, float (DTypes), work (the reference's work type for a
+    quantize: promote(float side, scale)), range (the 8-bit side's saturation limits), fp8."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
         return None
     if len(node.outputs) != 1 or int(node.attr("block_size", 0) or 0) or node.attr("precision"):
@@ -37,8 +41,11 @@ def qdq_spec(node: Node, floats: tuple[DType, ...]) -> dict[str, Any] | None:
         return None
     quant = node.op_type == "QuantizeLinear"
     int_t, float_t = (y.type.dtype, x.type.dtype) if quant else (x.type.dtype, y.type.dtype)
-    if int_t not in INT_RANGES or float_t not in floats:
+    ranges = {**INT_RANGES, **FP8_RANGES} if fp8 else INT_RANGES
+    if int_t not in ranges or float_t not in floats:
         return None
+    if int_t in FP8_RANGES and quant and not int(node.attr("saturate", 1)):
+        return None  # overflow to NaN instead of +-448
     s = _param(node.input(1))
     if s is None or s.dtype not in _SCALE_DTYPES or not bool(torch.isfinite(s).all() and (s > 0).all()):
         return None
@@ -56,7 +63,8 @@ def qdq_spec(node: Node, floats: tuple[DType, ...]) -> dict[str, Any] | None:
         if axis != 1 or not isinstance(c, int) or c != s.numel():
             return None
     return {"quant": quant, "scale": s, "zp": z, "per_c": per_c, "int": int_t, "float": float_t,
-            "work": torch.promote_types(float_t.torch, s.dtype) if quant else torch.float32}
+            "work": torch.promote_types(float_t.torch, s.dtype) if quant else torch.float32,
+            "range": ranges[int_t], "fp8": int_t in FP8_RANGES}
 
 
 def ncp(t: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:

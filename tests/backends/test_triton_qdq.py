@@ -105,5 +105,42 @@ def test_other_ranks_and_refusals() -> None:
     blocked.attrs["block_size"] = 2
     blocked.opset = 21
     assert not t.supports(blocked, CTX)
-    f8 = _node("QuantizeLinear", torch.float32, torch.float8_e4m3fn, (4, 4), torch.tensor(0.1), None)
+    f8 = _node("QuantizeLinear", torch.float32, torch.float8_e4m3fn, (4, 4), torch.tensor(0.1),
+               torch.zeros((), dtype=torch.float8_e4m3fn))
+    assert t.supports(f8, CTX)
+    f8.attrs["saturate"] = 0  # overflow to NaN: not this kernel's
+    f8.opset = 19
     assert not t.supports(f8, CTX)
+
+
+def _same_float8(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal values, NaN where the reference has NaN. Under the Triton interpreter (no GPU) NaN is not compared:
+    its float8 conversion stores NaN as 384 (the compiled kernel's conversion keeps it, checked on the GPU)."""
+    g, w = got.cpu().float(), want.float()
+    assert got.dtype == want.dtype == torch.float8_e4m3fn
+    if DEV.type != "cuda":
+        g, w = g[~torch.isnan(w)], w[~torch.isnan(w)]
+    assert torch.equal(torch.isnan(g), torch.isnan(w)) and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0)), \
+        f"{int((g.nan_to_num(0.0) != w.nan_to_num(0.0)).sum())} of {g.numel()} differ"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "slice"])
+@pytest.mark.parametrize("float_t", [torch.float32, torch.float16])
+def test_float8_quantize_and_dequantize_exact(layout, float_t) -> None:
+    """float8 e4m3 boundaries (an FP8 plan's): the quotient rounded to nearest even, saturated to +-448 (inf too),
+    NaN kept, per tensor and per channel, a non-zero zero point; and back to float. Bit-equal to the reference."""
+    f8 = torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 7, 9, generator=g) * 30 * torch.exp2(torch.randint(-12, 3, (2, 5, 7, 9), generator=g))
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), 1e6, -1e6, 0.0])
+    x = _layout(x.to(float_t), layout).to(DEV)
+    per_c = torch.rand(5, generator=g) * 0.1 + 0.01
+    for scale, zp in ((torch.tensor(0.05), torch.zeros((), dtype=f8)), (per_c, torch.zeros(5, dtype=f8)),
+                      (torch.tensor(0.05), torch.tensor(1.5).to(f8))):
+        node = _node("QuantizeLinear", float_t, f8, ("N", 5, "H", "W"), scale, zp)
+        q = _run(node, x)
+        _same_float8(q, _reference(node, x))
+        dq = _node("DequantizeLinear", f8, float_t, ("N", 5, "H", "W"), scale.to(float_t), zp)
+        back, want = _run(dq, q).cpu(), _reference(dq, q)
+        assert torch.equal(torch.isnan(back), torch.isnan(want)) and torch.equal(back.nan_to_num(0.0), want.nan_to_num(0.0))
+        assert bool((q.cpu().float().abs() == 448).any()), "some values saturate"

@@ -1,5 +1,6 @@
-"""QuantizeLinear / DequantizeLinear on CUDA (tactic ``cuda.triton_qdq``): 8-bit, per-tensor or per-channel (axis 1)
-constant scales and zero points, as one pass that also lays the data out for its reader.
+"""QuantizeLinear / DequantizeLinear on CUDA (tactic ``cuda.triton_qdq``): int8, uint8 or float8 e4m3 (saturating),
+per-tensor or per-channel (axis 1) constant scales and zero points, as one pass that also lays the data out for its
+reader.
 
 An INT8 plan's boundaries are these ops: the network input quantized for the first integer layer, a dequantize
 before a float layer. Each is one memory-bound pass; the kernel tiles a 4-D tensor as (channels x pixels) of one
@@ -10,7 +11,7 @@ Arithmetic follows the reference (kiln.ops.quantize) exactly: QuantizeLinear div
 rounding (div_rn, not the fast division), and where the reference works in float16/bfloat16 (input and scale both
 of that type) the quotient is rounded to it — float32 division then rounding to a type of at most 11 bits is the
 correctly rounded division in that type (24 >= 2 * 11 + 2); then round half to even, add the zero point and
-saturate. DequantizeLinear subtracts the zero point in int32, multiplies by the scale in float32 and converts to
+saturate (float8: add the zero point, saturate to +-448 keeping NaN, and round to nearest even in the store). DequantizeLinear subtracts the zero point in int32, multiplies by the scale in float32 and converts to
 the output type.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from kiln.backends.cuda.common import FLOAT_DTYPES
 from kiln.backends.cuda.triton_launch import launch
-from kiln.backends.qdq import INT_RANGES, ncp
+from kiln.backends.qdq import ncp
 from kiln.backends.qdq import qdq_spec as shared_spec
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.graph import Node
@@ -34,18 +35,30 @@ _MAX_GRID = 65535
 
 
 @triton.jit
+def _round_e4m3(v):
+    """v (finite within +-448, or NaN) rounded half to even to float8 e4m3's grid in float32: a step of
+    2**(exponent - 3), 2**-9 below the normal range; multiplying by powers of two is exact, and the rounding is
+    the 1.5 * 2**23 one. Done here rather than by the float8 conversion so that the Triton interpreter, whose
+    conversion does not carry a rounding into the exponent, computes what the GPU does."""
+    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # biased exponent, at least 127 - 6
+    step = ((e - 3) << 23).to(tl.float32, bitcast=True)
+    inv = ((257 - e) << 23).to(tl.float32, bitcast=True)  # 1 / step: 2**(3 - (e - 127)) biased
+    return ((v * inv + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
 def _qdq_kernel(x_ptr, s_ptr, z_ptr, y_ptr, C, P, sxn, sxc, sxp, syn, syc, syp, lo, hi,
                 QUANT: tl.constexpr, PER_C: tl.constexpr, HAS_Z: tl.constexpr, WORK: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                FP8: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     n = tl.program_id(2).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c_ok = cs < C
     mask = c_ok[:, None] & (ps < P)[None, :]
-    x = tl.load(x_ptr + n * sxn + cs.to(tl.int64)[:, None] * sxc + ps[None, :] * sxp, mask=mask, other=0)
+    x = tl.load(x_ptr + n * sxn + cs.to(tl.int64)[:, None] * sxc + ps[None, :] * sxp, mask=mask, other=0.0)
     if PER_C:
         s = tl.load(s_ptr + cs, mask=c_ok, other=1.0).to(tl.float32)[:, None]
-        z = tl.load(z_ptr + cs, mask=c_ok, other=0).to(tl.float32)[:, None] if HAS_Z else 0.0
+        z = tl.load(z_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[:, None] if HAS_Z else 0.0
     else:
         s = tl.load(s_ptr).to(tl.float32)
         z = tl.load(z_ptr).to(tl.float32) if HAS_Z else 0.0
@@ -55,9 +68,13 @@ def _qdq_kernel(x_ptr, s_ptr, z_ptr, y_ptr, C, P, sxn, sxc, sxp, syn, syc, syp, 
             v = v.to(tl.float16).to(tl.float32)
         elif WORK == 2:
             v = v.to(tl.bfloat16).to(tl.float32)
-        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)  # +-2**22: saturates below either way
-        v = (v + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even
-        v = tl.minimum(tl.maximum(v + z, lo), hi)
+        if FP8:  # + zero point, saturated to +-448 with NaN kept, rounded to e4m3's grid here (the store is exact)
+            v = v + z
+            v = _round_e4m3(tl.where(v != v, v, tl.minimum(tl.maximum(v, lo), hi)))
+        else:
+            v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)  # +-2**22: saturates below either way
+            v = (v + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even
+            v = tl.minimum(tl.maximum(v + z, lo), hi)
     else:
         v = (x.to(tl.float32) - z) * s  # |x - z| <= 255: exact in float32, one rounding in the product
     tl.store(y_ptr + n * syn + cs.to(tl.int64)[:, None] * syc + ps[None, :] * syp, v.to(y_ptr.dtype.element_ty),
@@ -65,8 +82,9 @@ def _qdq_kernel(x_ptr, s_ptr, z_ptr, y_ptr, C, P, sxn, sxc, sxp, syn, syc, syp, 
 
 
 def qdq_spec(node: Node) -> dict[str, Any] | None:
-    """kiln.backends.qdq.qdq_spec for this kernel: a float32, float16 or bfloat16 float side."""
-    return shared_spec(node, FLOAT_DTYPES)
+    """kiln.backends.qdq.qdq_spec for this kernel: a float32, float16 or bfloat16 float side; int8, uint8 or
+    float8 e4m3."""
+    return shared_spec(node, FLOAT_DTYPES, fp8=True)
 
 
 def _as_ncp(t: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
@@ -106,12 +124,12 @@ class TritonQDQ(Tactic):
         quant: bool = spec["quant"]
         s = spec["scale"].to(device)
         z = spec["zp"].to(device) if spec["zp"] is not None else s
-        lo, hi = INT_RANGES[spec["int"]]
+        lo, hi = spec["range"]
         out_t = (spec["int"] if quant else spec["float"]).torch
         s_work = spec["scale"].dtype
         bc, bp, warps = int(config["BLOCK_C"]), int(config["BLOCK_P"]), int(config.get("num_warps", 4))
-        consts = dict(QUANT=quant, PER_C=spec["per_c"], HAS_Z=spec["zp"] is not None, BLOCK_C=bc, BLOCK_P=bp,
-                      num_warps=warps)
+        consts = dict(QUANT=quant, PER_C=spec["per_c"], HAS_Z=spec["zp"] is not None, FP8=spec["fp8"], BLOCK_C=bc,
+                      BLOCK_P=bp, num_warps=warps)
 
         def kernel(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             work = _WORK.get(x.dtype, 0) if quant and s_work == x.dtype else 0
