@@ -95,8 +95,10 @@ def test_other_ranks_and_refusals() -> None:
     scale = torch.tensor(0.05)
     node = _node("QuantizeLinear", torch.float32, torch.int8, (7, 33), scale, torch.tensor(1, dtype=torch.int8))
     x = _near_ties((7, 33), scale, torch.float32, seed=5).to(DEV)
-    got = _run(node, x)
-    assert got.is_contiguous() and torch.equal(got.cpu(), _reference(node, x))
+    for cfg in (0, 1):  # [N, C] (a classifier's features): tiles along C only
+        assert get_tactic("cuda.triton_qdq").configs(node, CTX)[cfg]["BLOCK_P"] == 1
+        got = _run(node, x, cfg)
+        assert got.is_contiguous() and torch.equal(got.cpu(), _reference(node, x))
     t = get_tactic("cuda.triton_qdq")
     assert not t.supports(_node("QuantizeLinear", torch.float32, torch.int8, (4, 4), torch.tensor(-1.0), None), CTX)
     assert not t.supports(_node("QuantizeLinear", torch.float32, torch.int8, (4, 4), torch.tensor(0.1),

@@ -114,6 +114,10 @@ class TritonQDQ(Tactic):
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         shape = node.inputs[0].type.shape  # type: ignore[union-attr]
         c = shape[1] if shape is not None and len(shape) >= 2 else 1
+        if shape is not None and len(shape) == 2 and isinstance(c, int) and c > 1:  # [N, C]: one pixel per channel
+            wide = min(4096, 1 << (c - 1).bit_length())  # tiles along C only (a pixel tile would be all mask)
+            return [{"BLOCK_C": min(1024, wide), "BLOCK_P": 1, "num_warps": 4},
+                    {"BLOCK_C": wide, "BLOCK_P": 1, "num_warps": 8}]
         bc = min(64, 1 << max(0, (int(c) - 1).bit_length())) if isinstance(c, int) and c > 0 else 32
         return [{"BLOCK_C": bc, "BLOCK_P": max(64, 4096 // bc), "num_warps": 4},
                 {"BLOCK_C": bc, "BLOCK_P": max(64, 8192 // bc), "num_warps": 8}]
