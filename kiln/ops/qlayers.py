@@ -162,7 +162,7 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
     n = acc.shape[channel_dim]
     shape = [1] * acc.dim()
     shape[channel_dim] = n
-    v = acc.to(torch.float32) * _on_device(tuple(q.multipliers(n).tolist()), acc.device).reshape(shape)
+    v = acc.to(torch.float32) * _multipliers_on(q, n, acc.device).reshape(shape)
     if b is not None:
         v = v + b.to(acc.device).reshape(shape)
     r = None
@@ -187,11 +187,18 @@ def requantize(node: Node, acc: Tensor, q: QuantSpec, b: Tensor | None, z: Tenso
     return _round_to(v, q.y_scale, q.y_zero_point, lo, hi).to(q.out_torch)
 
 
+# Device constants made once and shared read-only: a copy from the host cannot run while a CUDA graph is
+# captured, and the runtime's warm-up runs before the capture make them first.
 @functools.lru_cache(maxsize=1024)
-def _on_device(values: float | tuple[float, ...], device: torch.device) -> Tensor:
-    """A float32 constant on `device`, made once and shared read-only: a copy from the host cannot run while a
-    CUDA graph is captured, and the runtime's warm-up runs before the capture make it first."""
-    return torch.tensor(values, dtype=torch.float32, device=device)
+def _multipliers_on(q: QuantSpec, n: int, device: torch.device) -> Tensor:
+    """q.multipliers(n) on `device`."""
+    return q.multipliers(n).to(device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _on_device(value: float, device: torch.device) -> Tensor:
+    """A float32 scalar on `device`."""
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def quantize_fp8(v: Tensor, scale: float) -> Tensor:

@@ -117,6 +117,14 @@ def tile_schedule(M, N, total_its, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile's row and column indices, the reduction lanes, and which rows / columns fall inside M x N."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M, offs_n < N
+
+
+@triton.jit
 def split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, N, SPLIT_K: tl.constexpr):
     """Split-K reduction in one launch: each of a tile's SPLIT_K programs adds its partial sum into a
     zeroed float32 workspace [M, N] and bumps the tile's counter; the program that arrives last reads

@@ -21,7 +21,7 @@ import triton.language as tl
 from kiln.backends.cuda.common import (ConvGeometry, Epilogue, apply_epilogue_, conv_geometry, conv_static_ok,
                                        check_out, epilogue_of, float_io, nhwc_outs, out_list, prepacked, tf32_precision,
                                        write_out, Out)
-from kiln.backends.cuda.triton_act import conv_pixels, finish, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import conv_pixels, finish, split_k_gather, tile_offsets, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
 from kiln.ir.dtype import DType
@@ -48,11 +48,7 @@ def _conv2d_nhwc_kernel(
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, ITS, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < K
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, BLOCK_K)
     nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     x_row = nb * sxn
 

@@ -15,7 +15,7 @@ from kiln.backends.cuda.common import (Epilogue, channels_last, check_out, conv_
                                        float_io, nhwc_outs, out_list, prepacked, tf32_precision, write_out,
                                        Out)
 from kiln.backends.cuda.cublas_gemm import gemm_static_ok, packed_weight
-from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import finish, split_k_gather, tile_offsets, tile_schedule
 from kiln.backends.cuda.triton_launch import launch
 from kiln.backends.cuda.triton_conv import split_k_bytes, split_k_workspace, tile_configs
 from kiln.backends.tactic import Built, Kernel, Tactic, TacticContext, register_tactic
@@ -36,11 +36,7 @@ def _gemm_kernel(
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, N, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(it_lo * BLOCK_K, it_hi * BLOCK_K, BLOCK_K):
         ks = k0 + offs_k

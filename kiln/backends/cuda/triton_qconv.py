@@ -354,12 +354,17 @@ LINEAR_TILES: list[tuple[int, int, int, int, int]] = [
 
 
 def linear_configs(k_out: int, c: int) -> list[dict[str, Any]]:
-    """Config LINEAR tiles for a 1x1 conv of c -> k_out channels, each narrowed to the problem (N and the
-    reduction step no wider than the next power of two of k_out and c, at least 32), duplicates dropped."""
+    """Config LINEAR tiles for a 1x1 conv of c -> k_out channels (`_narrowed`)."""
+    return _narrowed(LINEAR_TILES, k_out, c, "LINEAR")
+
+
+def _narrowed(tiles: list[tuple[int, int, int, int, int]], k_out: int, c: int, flag: str) -> list[dict[str, Any]]:
+    """A specialized config (`flag`) per tile, narrowed to the problem (N and the reduction step no wider than the
+    next power of two of k_out and c, at least 32), duplicates dropped."""
     out: list[dict[str, Any]] = []
-    for bm, bn, bk, warps, stages in LINEAR_TILES:
+    for bm, bn, bk, warps, stages in tiles:
         cfg = {"BLOCK_M": bm, "BLOCK_N": min(bn, max(32, _p2(k_out))), "BLOCK_K": min(bk, max(32, _p2(c))),
-               "GROUP_M": 8, "num_warps": warps, "num_stages": stages, "LINEAR": True}
+               "GROUP_M": 8, "num_warps": warps, "num_stages": stages, flag: True}
         if cfg not in out:
             out.append(cfg)
     return out
@@ -378,15 +383,8 @@ TAPS_TILES: list[tuple[int, int, int, int, int]] = [
 
 
 def taps_configs(k_out: int, c: int) -> list[dict[str, Any]]:
-    """Config TAPS tiles for a KxK conv of c -> k_out channels, narrowed to the problem (N and the channel block
-    no wider than the next power of two of k_out and c, at least 32), duplicates dropped."""
-    out: list[dict[str, Any]] = []
-    for bm, bn, bk, warps, stages in TAPS_TILES:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": min(bn, max(32, _p2(k_out))), "BLOCK_K": min(bk, max(32, _p2(c))),
-               "GROUP_M": 8, "num_warps": warps, "num_stages": stages, "TAPS": True}
-        if cfg not in out:
-            out.append(cfg)
-    return out
+    """Config TAPS tiles for a KxK conv of c -> k_out channels (`_narrowed`: the channel block no wider than c)."""
+    return _narrowed(TAPS_TILES, k_out, c, "TAPS")
 
 
 def qtile_configs(m: int | None, n: int, k: int | None, level: int, k_red: int | None = None) -> list[dict[str, Any]]:

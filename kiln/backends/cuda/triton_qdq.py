@@ -11,8 +11,9 @@ Arithmetic follows the reference (kiln.ops.quantize) exactly: QuantizeLinear div
 rounding (div_rn, not the fast division), and where the reference works in float16/bfloat16 (input and scale both
 of that type) the quotient is rounded to it — float32 division then rounding to a type of at most 11 bits is the
 correctly rounded division in that type (24 >= 2 * 11 + 2); then round half to even, add the zero point and
-saturate (float8: add the zero point, saturate to +-448 keeping NaN, and round to nearest even in the store). DequantizeLinear subtracts the zero point in int32, multiplies by the scale in float32 and converts to
-the output type.
+saturate (float8: add the zero point, saturate to +-448 keeping NaN, round half to even onto e4m3's grid, so
+that the float8 store is exact). DequantizeLinear subtracts the zero point in int32 (float8: in float32, exact),
+multiplies by the scale in float32 and converts to the output type.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kiln.backends.cuda.triton_act import apply_act, conv_pixels, split_k_gather, tile_schedule
+from kiln.backends.cuda.triton_act import apply_act, conv_pixels, split_k_gather, tile_offsets, tile_schedule
 
 ROUND_LIMIT = 4194304.0
 """2**22: |v| below it rounds exactly by adding and subtracting 1.5 * 2**23 (the kernels' _round_sat)."""
@@ -149,11 +149,7 @@ def qconv2d_nhwc_kernel(
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, ITS, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < K
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, BLOCK_K)
     nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     x_row = nb * sxn
     a_rows = x_ptr + (x_row + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :]  # tap (0, 0), channels 0..BLOCK_K
@@ -193,9 +189,10 @@ def qconv2d_nhwc_kernel(
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, K, SPLIT_K)
-    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw, nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
-            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
-            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
+    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw,
+            nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr, b_ptr, z_zp,
+            z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale,
+            a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
 
 
 @triton.jit(do_not_specialize=["M", "OH", "OW"])
@@ -216,11 +213,7 @@ def qconv_rows_kernel(
     whose rows jump between images) at n * sxn + oh * sxh + ow * sxw with the conv's strides folded into those.
     Same arithmetic as qconv2d_nhwc_kernel, bit for bit."""
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, K, 1, BLOCK_M, BLOCK_N, GROUP_M, 1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < K
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = offs_m  # the wrapper keeps every tensor under 2**31 elements
     if X_PIXELS:
         nb, oh, ow, _, _ = conv_pixels(offs_m, OH, OW, 1, 1, 0, 0)
@@ -262,11 +255,7 @@ def qconv_taps_kernel(
     block) pairs in a loop of constant trip count that the compiler pipelines (fully unrolled taps were 1.2-1.9x
     slower on the H200). Same arithmetic as qconv2d_nhwc_kernel, bit for bit."""
     tile, pid_m, pid_n, _, _ = tile_schedule(M, K, 1, BLOCK_M, BLOCK_N, GROUP_M, 1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < K
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, BLOCK_K)
     nb, oh, ow, ih0, iw0 = conv_pixels(offs_m, OH, OW, SH, SW, PH, PW)
     a_rows = x_ptr + (nb * sxn + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :]
     w_cols = w_ptr + (offs_n * (KH * KW * C))[None, :] + offs_k[:, None]
@@ -281,9 +270,10 @@ def qconv_taps_kernel(
                              CB, BLOCK_K, C % BLOCK_K == 0)
         acc = tl.dot(_to_s8(a, X_U8), b, acc, out_dtype=tl.int32)
     y_mask = m_mask[:, None] & n_mask[None, :]
-    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw, nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
-            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
-            a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
+    _finish(acc, y_mask, nb * szn + oh * szh + ow * szw, nb * syn + oh * syh + ow * syw,
+            nb * s2n + oh * s2h + ow * s2w, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr, b_ptr, z_zp,
+            z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta, a_inv_scale, a_scale,
+            a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)
 
 
 @triton.jit(do_not_specialize=["M", *_RUNTIME])
@@ -297,11 +287,7 @@ def qgemm_kernel(
 ):
     tile, pid_m, pid_n, it_lo, it_hi = tile_schedule(M, N, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, offs_k, m_mask, n_mask = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak
     b_ptrs = w_ptr + offs_n[None, :] * K + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -319,6 +305,6 @@ def qgemm_kernel(
     y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         acc, y_mask = split_k_gather(acc, ws_ptr, cnt_ptr, tile, offs_m, offs_n, y_mask, N, SPLIT_K)
-    _finish(acc, y_mask, offs_m * szm, offs_m * sym, offs_m * sym2, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr, m_ptr,
-            b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
+    _finish(acc, y_mask, offs_m * szm, offs_m * sym, offs_m * sym2, offs_n, n_mask, z_ptr, y_ptr, y2_ptr, corr_ptr,
+            m_ptr, b_ptr, z_zp, z_scale, y_inv_scale, y_zp, q_lo, q_hi, has_bias, act, act_before_add, alpha, beta,
             a_inv_scale, a_scale, a_zp, a_lo, a_hi, has_a, has_z, has_y2, QUANT)

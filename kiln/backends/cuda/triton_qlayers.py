@@ -9,10 +9,10 @@ requantizes the layer's own result before it is added), and store int8/uint8
 (depthwise included) are declined: they stay on the reference path. QGemm has a second config family,
 ``int_mm``: torch._int_mm (cuBLASLt int8) and the epilogue in torch, offered on CUDA for M > 16 with K and N
 multiples of 8 (level >= 2), for the autotuner to weigh on large shapes. Unpadded 1x1 convs (any stride) lead
-with config LINEAR, KxK convs of >= 32 channels with TAPS; convs with few input channels (a network's stem) with S2D where strided (a
-stride-1 conv over the space-to-depth image, triton_qstem), then ROWS (contiguous window rows; its own weight
-packing) and FLAT; then the general kernel's tiles, except at optimization levels <= 2 for a large layer (>=
-_LARGE_M output pixels), offered its specialized configs alone. Every config is an integer layer the autotuner
+with config LINEAR, KxK convs of >= 32 channels with TAPS; convs with few input channels (a network's stem)
+with S2D where strided (a stride-1 conv over the space-to-depth image, triton_qstem), then ROWS (contiguous
+window rows; its own weight packing) and FLAT; then the general kernel's tiles, except at optimization levels
+<= 2 for a large layer (>= _LARGE_M output pixels), offered its specialized configs alone. Every config is an integer layer the autotuner
 times like any other. Tensors past int32 indexing run the op's reference implementation (the kernel's fallback).
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class TritonQConv(Tactic):
         if config.get("ROWS") and not rows_ok(int(w.shape[1]), geo.kernel, geo.dilations, int(config["BLOCK_K"])):
             raise KilnError(f"'{node.name}' (QConv): config ROWS needs an undilated kernel row within BLOCK_K")
         plan = S2DPlan.of(int(w.shape[1]), geo) if config.get("S2D") else None
-        if config.get("S2D") and plan is None:
+        if plan is None and config.get("S2D"):
             raise KilnError(f"'{node.name}' (QConv): config S2D needs equal strides >= 2, no dilation and few "
                             "input channels")
         wk = plan.pack_weight(w) if plan is not None else pack_qconv_weight(w, config)  # K-major

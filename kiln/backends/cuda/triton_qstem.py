@@ -18,6 +18,7 @@ weight is zero: bit-exact, the zero-point correction unchanged.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +73,9 @@ class S2DPlan:
         """Bytes of one X2 window row: the channel count of the TAPS launch."""
         return self.kw2 * self.cp
 
+    @functools.cached_property
     def geometry(self) -> ConvGeometry:
-        """The TAPS launch's geometry: KH2 x 1, stride 1, no padding (X2 is padded in memory)."""
+        """The TAPS launch's geometry: KH2 x 1, stride 1, no padding (X2 is padded in memory); made once."""
         return ConvGeometry((1, 1), (0, 0, 0, 0), (1, 1), 1, (self.kh2, 1))
 
     def pack_weight(self, w: Tensor) -> Tensor:
@@ -151,4 +153,4 @@ def qconv_s2d(x: Tensor, wk: Tensor, qe: QuantEpilogue, z: Tensor | None, geo: C
     its window rows with the weight of `plan.pack_weight` -> as qconv2d_nhwc."""
     oh, ow = geo.out_hw(x.shape[2], x.shape[3])
     x2 = plan.image(x, oh, ow, qe.x_pad)
-    return qconv_taps(plan.window_rows(x2, ow), wk, qe, z, plan.geometry(), cfg, out)
+    return qconv_taps(plan.window_rows(x2, ow), wk, qe, z, plan.geometry, cfg, out)
