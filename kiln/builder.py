@@ -208,9 +208,13 @@ class Builder:
             quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
             if device == "cpu" and (config.int8 or has_qdq(g)):
                 from kiln.backends.cpu.features import exact_int8
-                if not exact_int8():
-                    self.logger.warning("this x86 CPU has no VNNI (oneDNN's int8 kernels would saturate u8 x s8 "
-                                        "sums): INT8 layers run in float between their quantize / dequantize steps")
+                if not exact_int8() and has_qdq(g):
+                    self.logger.warning("this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for "
+                                        "uint8 inputs and weights within +-64, so the model's other Q/DQ layers run "
+                                        "in float between their quantize / dequantize steps")
+                elif not exact_int8():
+                    self.logger.info("INT8 on a CPU without VNNI: uint8 activations (zero point 128) and weights "
+                                     "within +-64 (7 bits), which oneDNN's AVX2 int8 kernels compute exactly")
             if config.int8 or config.fp8 or has_qdq(g):  # integer / FP8 layers from Q/DQ nodes or calibrated ranges
                 # its progress and report lines are details here: the summary and `kiln build` give them
                 with progress.stage("calibrate" if config.calibration_data is not None else "quantize"):
@@ -299,24 +303,18 @@ class Builder:
         from kiln.runtime.prologue import shape_prologue
         for i in shape_prologue(g, g.input_symbols()):  # they run on the host with their references, once per shape
             chosen[id(g.nodes[i])] = ("ref", {})
-        self._warn_slow_quant_layers(g, chosen, tctx)
+        self._warn_slow_quant_layers(g, chosen)
         if config.timing_cache:
             cache.save(config.timing_cache)
         return chosen, dict(tuner.stats)
 
-    def _warn_slow_quant_layers(self, g: Graph, chosen: dict[int, tuple[str, dict[str, Any]]],
-                                tctx: TacticContext) -> None:
-        """A warning naming the INT8 / FP8 layers that no fast kernel took (they run on the exact, slow reference);
-        not for INT8 on a CPU without VNNI, which the build has warned about already."""
+    def _warn_slow_quant_layers(self, g: Graph, chosen: dict[int, tuple[str, dict[str, Any]]]) -> None:
+        """A warning naming the INT8 / FP8 layers that no fast kernel took (they run on the exact, slow reference)."""
         slow = [n for sub in g.all_graphs() for n in sub.nodes
                 if quant_layer(n) and chosen.get(id(n), ("ref", {}))[0] == "ref"]
         if not slow:
             return
         kind = "FP8" if any(fp8_layer(n) for n in slow) else "INT8"
-        if kind == "INT8" and tctx.device.type == "cpu":
-            from kiln.backends.cpu.features import exact_int8
-            if not exact_int8():
-                return
         names = [n.name for n in slow]
         self.logger.warning(f"{len(slow)} {kind} layer(s) have no fast kernel here and run on the reference "
                             f"implementation (exact but slow): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"

@@ -96,12 +96,22 @@ def assert_close_to_scale(got: Any, want: Any, rtol: float = 1e-4, atol: float =
 
 
 def exact_int8_cpu() -> tuple[bool, str]:
-    """(whether the CPU target builds integer layers here, the skip reason for tests that need them): x86 CPUs
-    without VNNI get none (kiln.backends.cpu.features.exact_int8) and build those layers in float."""
-    from kiln.backends.cpu.dnnl import library
+    """(whether the CPU target builds every int8 layer on integer kernels here, the skip reason for tests that need
+    that): x86 CPUs without VNNI compute exactly only uint8 inputs times weights within +-64
+    (kiln.backends.cpu.features.exact_int8_layer), so a Q/DQ model's other layers build in float there."""
     from kiln.backends.cpu.features import exact_int8
+    ok, why = calibrated_int8_cpu()
+    if not ok:
+        return ok, why
+    return exact_int8(), ("this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs "
+                          "and weights within +-64, so a Q/DQ model's full-range layers build in float (tested by "
+                          "test_quantize.py::test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights)")
+
+
+def calibrated_int8_cpu() -> tuple[bool, str]:
+    """(whether the CPU target builds Kiln's own calibrated INT8 on integer kernels here, the skip reason): wherever
+    the oneDNN library is installed (on x86 without VNNI with uint8 activations and 7-bit weights)."""
+    from kiln.backends.cpu.dnnl import library
     if library() is None:
         return False, "the oneDNN library (pip install onednn-cpu-gomp) is not installed: no CPU int8 kernels"
-    return exact_int8(), ("this x86 CPU has no VNNI: oneDNN's u8 x s8 int8 kernels saturate here, so the CPU "
-                          "target builds these layers in float (tested by test_cpu_qlayers.py::"
-                          "test_int8_tactics_decline_without_vnni)")
+    return True, ""

@@ -26,7 +26,7 @@ from kiln.errors import PlanFormatError
 from kiln.logger import Logger, Severity
 from kiln.plan.format import load_plan, save_plan
 from kiln.plan.formats import layout_of, make_record, parse_record
-from kiln.testing import exact_int8_cpu
+from kiln.testing import calibrated_int8_cpu
 from kiln.runtime.engine import Engine
 
 SHORT = {torch.float32: "fp32", torch.int8: "int8", torch.uint8: "uint8", torch.int64: "int64"}
@@ -197,17 +197,19 @@ def test_recorded_formats_are_what_the_kernels_produce(built, capsys):
         assert rows["cat"]["formats"] == {"host": False, "inputs": ["fp32 NHWC view"] * 2, "outputs": ["fp32 NHWC"]}
         assert rows["half"]["formats"]["outputs"] == ["fp32 NHWC view"]  # a channel slice of the pool's NHWC output
     if name == "int8":
-        ok, why = exact_int8_cpu()
+        ok, why = calibrated_int8_cpu()
         if not ok:
             pytest.skip(why)
         qconv = [n for n, s in rows.items() if s["op"] == "QConv"]
         assert qconv and all(rows[n]["formats"]["outputs"][0].split()[1] == "NHWC" for n in qconv)
         quant = [n for n, s in rows.items() if s["op"] == "QuantizeLinear"]
         # the quantized graph input: cpu.qdq_c writes it channels-last, the reference in the input's NCHW
-        want = "int8 NHWC" if tactic[quant[0]] == "cpu.qdq_c" else "int8 NCHW"
+        from kiln.backends.cpu.features import int8_activation_zero_point
+        q8 = "uint8" if int8_activation_zero_point("cpu") else "int8"  # uint8 where the CPU has no VNNI
+        want = f"{q8} NHWC" if tactic[quant[0]] == "cpu.qdq_c" else f"{q8} NCHW"
         assert rows[quant[0]]["formats"]["outputs"] == [want]
         assert rows[qconv[0]]["formats"]["inputs"] == [want]
-        assert "int8 NHWC" in {f for n in qconv for f in rows[n]["formats"]["outputs"]}
+        assert f"{q8} NHWC" in {f for n in qconv for f in rows[n]["formats"]["outputs"]}
 
 
 def test_text_and_report_show_the_formats(built, capsys, tmp_path):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.backends.cpu.features import int8_activation_zero_point, int8_weight_max
 from kiln.backends.fp8 import gemm_shaped
 from kiln.backends.tactic import TacticContext, candidate_tactics
 from kiln.ir.dtype import DType
@@ -116,12 +117,13 @@ class FoldWeightDequantize(Pass):
         return changed
 
 
-def quantize_weight(v: Value, channels: int) -> tuple[Tensor, list[float]]:
+def quantize_weight(v: Value, channels: int, qmax: int = 127) -> tuple[Tensor, list[float]]:
     """int8 weights [channels, ...] (symmetric, zero point 0) and their scales (one, or one per output channel).
 
     A constant folded from the model's own DequantizeLinear (Value.quant, per tensor or along axis 0) keeps its
     scales. Otherwise a weight lying exactly on one per-tensor grid amax/127 (a per-tensor quantized weight the
-    float passes moved, e.g. transposed) keeps that grid; any other gets per-channel scales amax_k / 127."""
+    float passes moved, e.g. transposed) keeps that grid; any other gets per-channel scales amax_k / qmax (the
+    target's `int8_weight_max`)."""
     w = v.const.float()  # type: ignore[union-attr]
     scales = _remembered(v, channels, DType.INT8)
     if scales is not None:
@@ -133,8 +135,8 @@ def quantize_weight(v: Value, channels: int) -> tuple[Tensor, list[float]]:
         if float((torch.round(w / s_t) * s_t - w).abs().max()) <= 1e-6 * amax_t:
             return torch.round(w / s_t).clamp(-127, 127).to(torch.int8), [s_t]
     amax = w.reshape(channels, -1).abs().amax(dim=1).double()
-    scales_t = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    wq = torch.round(w.double() / scales_t.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127)
+    scales_t = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    wq = torch.round(w.double() / scales_t.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-qmax, qmax)
     return wq.to(torch.int8), [float(s) for s in scales_t]
 
 
@@ -206,7 +208,8 @@ class FuseQuantizedLayers(Pass):
         fp8 = xp.dtype == FP8  # an FP8 layer: float8 weights, float8 or float residual
         wv = n.inputs[1]
         channels = int(wv.const.shape[0])  # type: ignore[union-attr]
-        wq, w_scales = (quantize_weight_fp8 if fp8 else quantize_weight)(wv, channels)
+        wq, w_scales = quantize_weight_fp8(wv, channels) if fp8 else \
+            quantize_weight(wv, channels, int8_weight_max(ctx.device))
         b = const(n.input(2))
         attrs = {k: v for k, v in n.attrs.items() if k != "out_dtype"}
         attrs.update(x_scale=xp.scale, x_zero_point=xp.zero_point, w_scales=w_scales)
@@ -418,6 +421,7 @@ class InsertQuantization(Pass):
                     amax[id(u)] = a
                     targets[id(u)] = u
         inserted = 0
+        shifted = None if self.fp8 else int8_activation_zero_point(ctx.device)
         for v in targets.values():
             a = amax.get(id(v), self.ranges.get(v.name))
             if a is None or not (math.isfinite(a) and a > 0) or v.type.dtype != DType.FLOAT32:
@@ -425,19 +429,25 @@ class InsertQuantization(Pass):
             readers = [r for r in uses.of(v) if (id(r) in layers and _reads_as_data(r, v))
                        or (is_op(r, *COMMUTING_OPS) and id(r.outputs[0]) in amax)]
             if readers:
-                self._insert(g, v, a / (FP8_MAX if self.fp8 else 127.0), readers, self.fp8)
+                self._insert(g, v, a / (FP8_MAX if self.fp8 else 127.0), readers, self.fp8, shifted)
                 inserted += 1
         if inserted:
             restore_order(g)
-            ctx.logger.verbose(f"Inserted {'float8' if self.fp8 else 'int8'} Q/DQ pairs on {inserted} tensors from "
-                               f"their ranges")
+            what = "float8" if self.fp8 else "int8" if shifted is None else f"uint8 (zero point {shifted})"
+            ctx.logger.verbose(f"Inserted {what} Q/DQ pairs on {inserted} tensors from their ranges")
         return inserted > 0
 
     @staticmethod
-    def _insert(g: Graph, v: Value, scale: float, readers: list[Node], fp8: bool = False) -> None:
+    def _insert(g: Graph, v: Value, scale: float, readers: list[Node], fp8: bool = False,
+                shifted: int | None = None) -> None:
+        """A Q/DQ pair on v for `readers`: float8, int8 (zero point 0), or uint8 with zero point `shifted`."""
         s = g.constant(v.name + "_scale", torch.tensor(scale, dtype=torch.float32))
-        zp = g.constant(v.name + "_zero_point", torch.zeros((), dtype=FP8 if fp8 else torch.int8))
-        vq = Value(g.unique_name(v.name + "_q"), TensorType(DType.FLOAT8E4M3FN if fp8 else DType.INT8, v.type.shape))
+        if shifted is not None:
+            zp, qt = g.constant(v.name + "_zero_point", torch.tensor(shifted, dtype=torch.uint8)), DType.UINT8
+        else:
+            zp = g.constant(v.name + "_zero_point", torch.zeros((), dtype=FP8 if fp8 else torch.int8))
+            qt = DType.FLOAT8E4M3FN if fp8 else DType.INT8
+        vq = Value(g.unique_name(v.name + "_q"), TensorType(qt, v.type.shape))
         vd = Value(g.unique_name(v.name + "_dq"), v.type)
         opset = 21 if fp8 else 13
         qn = Node("QuantizeLinear", [v, s, zp], [vq], {}, name=g.unique_name(v.name + "_quantize"), opset=opset)

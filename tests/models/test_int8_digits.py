@@ -13,10 +13,10 @@ from kiln.runtime import Engine
 
 datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn (the test extra) ships the digits data set")
 
-from kiln.testing import exact_int8_cpu  # noqa: E402
+from kiln.testing import calibrated_int8_cpu  # noqa: E402
 
-EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
-needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)
+CALIBRATED_INT8, NO_CALIBRATED_INT8 = calibrated_int8_cpu()
+needs_int8 = pytest.mark.skipif(not CALIBRATED_INT8, reason=NO_CALIBRATED_INT8)
 
 
 class _Net(torch.nn.Module):
@@ -80,8 +80,8 @@ _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("calibrator", ["entropy", "minmax", "percentile", "mse"])
 def test_int8_ptq_keeps_top1(trained, calibrator: str, device: str, capsys: pytest.CaptureFixture) -> None:
-    if device == "cpu" and not EXACT_INT8:
-        pytest.skip(NO_EXACT_INT8)
+    if device == "cpu" and not CALIBRATED_INT8:
+        pytest.skip(NO_CALIBRATED_INT8)
     path, calib, held = trained
     fp32 = _run(Builder().build(path, BuilderConfig(device=device, profiles=_profile(), optimization_level=0)), held)
     batches = [{"x": calib[i:i + 32]} for i in range(0, len(calib), 32)]
@@ -100,7 +100,7 @@ def test_int8_ptq_keeps_top1(trained, calibrator: str, device: str, capsys: pyte
     assert 0 < rel < 0.3  # integer math really ran (not the float plan)
 
 
-@needs_exact_int8
+@needs_int8
 def test_int8_report_and_accuracy_budget(trained) -> None:
     path, calib, _ = trained
     batches = [{"x": calib[i:i + 40]} for i in range(0, 280, 40)]
@@ -123,7 +123,7 @@ def test_int8_report_and_accuracy_budget(trained) -> None:
     assert all(n in [s["name"] for s in plan2.graph["steps"] if s["op"] in ("FusedConv", "FusedGemm")] for n in kept)
 
 
-@needs_exact_int8
+@needs_int8
 def test_layer_precision_keeps_a_layer_float(trained) -> None:
     path, calib, _ = trained
     first = "/c1/Conv"

@@ -15,10 +15,12 @@ from kiln.runtime import Engine
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the oracle")
 
-from kiln.testing import exact_int8_cpu  # noqa: E402
+from kiln.testing import calibrated_int8_cpu, exact_int8_cpu  # noqa: E402
 
 EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
 needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)
+CALIBRATED_INT8, NO_CALIBRATED_INT8 = calibrated_int8_cpu()
+needs_int8 = pytest.mark.skipif(not CALIBRATED_INT8, reason=NO_CALIBRATED_INT8)
 quant = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime's quantize_static writes the Q/DQ models")
 
 
@@ -112,19 +114,38 @@ def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str)
         assert np.abs(want).max() > 10 * step  # a real output, not a saturated constant
 
 
-def test_int8_tactics_decline_without_vnni(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an x86 CPU without VNNI (simulated here) the int8 tactics decline every layer, the build says why in one
-    warning, and the INT8 build still computes the model (layers in float between their Q/DQ steps)."""
+def test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights(tmp_path, qdq_model: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an x86 CPU without VNNI (simulated here; real on AVX2-only CPUs) oneDNN's int8 kernels are exact only for
+    uint8 inputs and weights within +-64. Kiln's calibrated INT8 quantizes so (uint8 activations with zero point
+    128, 7-bit per-channel weights) and builds every layer on an integer kernel; a Q/DQ model's full-range layers
+    stay float between their Q/DQ steps, and the build says why in one warning."""
     import io
 
     import kiln.backends.cpu.features as features
     from kiln.logger import Logger, Severity
+    if not CALIBRATED_INT8:
+        pytest.skip(NO_CALIBRATED_INT8)
     monkeypatch.setattr(features, "exact_int8", lambda: False)
-    monkeypatch.setattr("kiln.backends.cpu.qlayers_dnnl.exact_int8", lambda: False)
     path = str(tmp_path / "f.onnx")
     _float_model(path)
     log = io.StringIO()
-    ops = _ranged_int8_build_close_to_float(path, Builder(Logger(Severity.WARNING, log)), seed=5)
+    builder = Builder(Logger(Severity.WARNING, log))
+    ops = _ranged_int8_build_close_to_float(path, builder, seed=5)
+    assert ops.count("QConv") == 4 and ops.count("QGemm") == 1, ops
+    plan = builder.build(path, BuilderConfig(device="cpu", int8=True, dynamic_ranges={"*": 8.0},
+                                             optimization_level=0))
+    layers = [s for s in plan.graph["steps"] if s["op"] in ("QConv", "QGemm")]
+    assert all(s["tactic"] in ("cpu.qconv_dnnl", "cpu.qgemm_dnnl") for s in layers), layers
+    for s in layers:
+        assert plan.graph["values"][s["inputs"][0]]["type"]["dtype"] == "uint8"
+        assert s["attrs"]["x_zero_point"] == 128
+        w = plan.weights[plan.graph["values"][s["inputs"][1]]["const"]]
+        assert w.dtype == torch.int8 and int(w.abs().max()) == 64  # each channel's largest weight on +-64
+    assert "no VNNI" not in log.getvalue()
+    # a Q/DQ model's own full-range int8 weights: those layers stay float, with one warning
+    plan = builder.build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
+    ops = [s["op"] for s in plan.graph["steps"]]
     assert "QConv" not in ops and "QGemm" not in ops, ops
     assert "no VNNI" in log.getvalue()
 
@@ -142,7 +163,7 @@ def _ranged_int8_build_close_to_float(path: str, builder: Builder, seed: int) ->
     return [s["op"] for s in plan.graph["steps"]]
 
 
-@needs_exact_int8
+@needs_int8
 def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
     path = str(tmp_path / "f.onnx")
     _float_model(path)
@@ -150,7 +171,7 @@ def test_dynamic_ranges_build_integer_layers(tmp_path) -> None:
     assert ops.count("QConv") == 4 and ops.count("QGemm") == 1, ops
 
 
-@needs_exact_int8
+@needs_int8
 def test_max_pool_between_layers_keeps_one_scale(tmp_path) -> None:
     """A max pool's output range wider than its input's (entropy calibration gives that): both sides take the
     wider scale, so the int8 data flows conv -> pool -> conv with no requantization between."""
@@ -199,7 +220,7 @@ def test_crafted_dynamic_ranges_file(tmp_path, content: str, msg: str) -> None:
     assert not out.exists()
 
 
-@needs_exact_int8
+@needs_int8
 def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")
@@ -224,7 +245,7 @@ def test_cli_int8_calibration_folder_and_cache(tmp_path, capsys: pytest.CaptureF
     assert "go with --int8" in capsys.readouterr().err
 
 
-@needs_exact_int8
+@needs_int8
 def test_cli_int8_report_and_budget(tmp_path, capsys: pytest.CaptureFixture) -> None:
     from kiln.cli.main import main
     path = str(tmp_path / "f.onnx")

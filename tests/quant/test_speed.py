@@ -21,10 +21,10 @@ from kiln.runtime import Engine
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the oracle")
 
-from kiln.testing import exact_int8_cpu  # noqa: E402
+from kiln.testing import calibrated_int8_cpu  # noqa: E402
 
-EXACT_INT8, NO_EXACT_INT8 = exact_int8_cpu()
-needs_exact_int8 = pytest.mark.skipif(not EXACT_INT8, reason=NO_EXACT_INT8)
+CALIBRATED_INT8, NO_CALIBRATED_INT8 = calibrated_int8_cpu()
+needs_int8 = pytest.mark.skipif(not CALIBRATED_INT8, reason=NO_CALIBRATED_INT8)
 
 
 # -- (a) the solver -------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _fake_times(int8: dict[str, float], float_: dict[str, float], float_out_extr
 
 
 # -- (b) one slow integer layer ---------------------------------------------------------------------------------------
-@needs_exact_int8
+@needs_int8
 def test_the_layer_slow_in_int8_alone_stays_float(residual: str, monkeypatch: pytest.MonkeyPatch) -> None:
     names = ["/c1/", "/c2/", "/c3/", "/c4/", "/fc/"]
     int8 = {n: (1000.0 if n == "/c2/" else 0.01) for n in names}
@@ -185,7 +185,7 @@ def test_the_layer_slow_in_int8_alone_stays_float(residual: str, monkeypatch: py
 
 
 # -- (c) reformats against an isolated layer's saving ---------------------------------------------------------------
-@needs_exact_int8
+@needs_int8
 @pytest.mark.parametrize("reformat", [1.0, 0.03, 0.001])
 def test_isolated_layer_weighs_its_saving_against_the_reformats(chain: str, reformat: float,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +209,7 @@ def test_isolated_layer_weighs_its_saving_against_the_reformats(chain: str, refo
 
 
 # -- (d) --int8-layers all --------------------------------------------------------------------------------------------
-@needs_exact_int8
+@needs_int8
 def test_int8_layers_all_keeps_every_eligible_layer_int8(residual: str, tmp_path,  # noqa: ANN001 - tmp_path
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
@@ -237,7 +237,7 @@ def test_int8_layers_all_keeps_every_eligible_layer_int8(residual: str, tmp_path
 
 
 # -- (e) real timings -------------------------------------------------------------------------------------------------
-@needs_exact_int8
+@needs_int8
 def test_real_timings_build_runs_and_records_its_choice(residual: str) -> None:
     plan = Builder().build(residual, _config(_SHAPE["_Residual"]))
     layers = _layers(plan)
@@ -254,7 +254,7 @@ def test_real_timings_build_runs_and_records_its_choice(residual: str) -> None:
 
 
 # -- (f) the model's boundaries are the lowering's --------------------------------------------------------------------
-@needs_exact_int8
+@needs_int8
 def test_groups_predict_the_lowerings_reformats(residual: str) -> None:
     """For every labelling of the five layers, the quantizes and float-writing integer layers the cost model counts
     (kiln.quant.speed.groups) are those the lowering really makes."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import platform
 
+import torch
+
 from kiln.ir.dtype import DType
 
 BF16_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16"})
@@ -76,9 +78,35 @@ def native_low_precision(dtype: DType) -> bool:
 
 
 def exact_int8() -> bool:
-    """Whether oneDNN's int8 convolutions and matmuls are exact on this CPU. On x86 without VNNI they multiply
-    u8 x s8 with vpmaddubsw, whose 16-bit pair sums saturate (255 * 127 * 2 > 32767): results then differ from
-    the integer math by whole quantization steps. Other architectures: assumed exact."""
+    """Whether oneDNN's int8 convolutions and matmuls are exact on this CPU for every int8 layer. On x86 without
+    VNNI they multiply u8 x s8 with vpmaddubsw, whose 16-bit pair sums saturate (255 * 127 * 2 > 32767), and an
+    int8 (signed) input makes oneDNN halve the weights: results then differ from the integer math by whole
+    quantization steps (`exact_int8_layer` says which layers are exact there). Other architectures: assumed exact."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
     return bool(cpu_flags() & VNNI_FLAGS)
+
+
+NO_VNNI_WEIGHT_MAX = 64
+"""Without VNNI, weights within +-64 keep oneDNN's u8 x s8 pair sums inside int16 (255 * 64 * 2 = 32640)."""
+
+
+def exact_int8_layer(x_dtype: DType | None, w: torch.Tensor) -> bool:
+    """Whether oneDNN computes an int8 layer with this input type and int8 weight exactly here: always where
+    `exact_int8`; on x86 without VNNI for a uint8 input and weights within +-NO_VNNI_WEIGHT_MAX (Kiln's own
+    calibrated INT8 quantizes so there: `int8_activation_zero_point`, `int8_weight_max`)."""
+    if exact_int8():
+        return True
+    return x_dtype == DType.UINT8 and int(w.to(torch.int16).abs().max()) <= NO_VNNI_WEIGHT_MAX
+
+
+def int8_weight_max(device: str) -> int:
+    """The largest int8 weight magnitude Kiln's calibrated INT8 uses on `device` (127, or NO_VNNI_WEIGHT_MAX on
+    a CPU without VNNI: one bit of weight resolution for exact integer kernels)."""
+    return NO_VNNI_WEIGHT_MAX if device == "cpu" and not exact_int8() else 127
+
+
+def int8_activation_zero_point(device: str) -> int | None:
+    """None: Kiln's calibrated INT8 quantizes activations symmetric int8 (zero point 0); 128: uint8 with zero point
+    128 instead, on a CPU without VNNI (the same grid: values -128..127 steps, stored shifted by 128)."""
+    return 128 if device == "cpu" and not exact_int8() else None

@@ -5,11 +5,12 @@ so int8 activations flow NHWC from one integer layer to the next. ``cpu.qgemm_dn
 product (``QMatMul``) over the input's rows (leading dims flattened). Both keep per input shape a primitive
 with the int8 weights already in its layout, the multipliers ``x_scale * w_scales[k]``, the zero points,
 the bias, and the residual add, activation and requantization as post-ops, so an inference is one
-``dnnl_primitive_execute`` on VNNI int8 kernels. Where oneDNN offers only its reference loops for a shape
-the layer runs its op's reference compute (ReferenceFallback); float16 outputs and residuals have no int8
-kernel in oneDNN 3.2 on these CPUs, so the tactics decline those layers; so do they on x86 CPUs without VNNI,
-where oneDNN's u8 x s8 products saturate 16-bit sums (kiln.backends.cpu.features.exact_int8). Both decline every layer when the
-oneDNN library is not installed; `release` (Engine.close) destroys the primitives and reorders.
+``dnnl_primitive_execute`` on its int8 kernels (VNNI, AMX, or AVX2's vpmaddubsw). Where oneDNN offers only its
+reference loops for a shape the layer runs its op's reference compute (ReferenceFallback); float16 outputs and
+residuals have no int8 kernel in oneDNN 3.2 on these CPUs, so the tactics decline those layers; so do they, on x86
+CPUs without VNNI, the layers oneDNN would not compute exactly there: an int8 input or a weight beyond +-64
+(kiln.backends.cpu.features.exact_int8_layer). Both decline every layer when the oneDNN library is not
+installed; `release` (Engine.close) destroys the primitives and reorders.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from kiln.backends.cpu.dnnl import library, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
 from kiln.backends.cpu.dnnl_int8 import QConvolution, QMatMul, Requant
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel, rows_kernel
-from kiln.backends.cpu.features import exact_int8
+from kiln.backends.cpu.features import exact_int8_layer
 from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -43,11 +44,14 @@ def _positive(v: float) -> bool:
     return math.isfinite(v) and v > 0.0
 
 
-def _epilogue_ok(node: Node, n_out: int) -> bool:
+def _epilogue_ok(node: Node, w: Tensor) -> bool:
     """The node's input, output, bias, residual, quantization and activation are what the int8 primitives
-    take (see the module doc); n_out: the weight's output channels."""
+    take, and oneDNN computes them exactly on this CPU (see the module doc); w: the int8 weight."""
     x, b, z = node.input(0), node.input(2), node.input(3)
-    if library() is None or not exact_int8() or x is None or x.type.dtype not in _RANGE or len(node.outputs) != 1:
+    n_out = int(w.shape[0])
+    if library() is None or x is None or x.type.dtype not in _RANGE or len(node.outputs) != 1:
+        return False
+    if not exact_int8_layer(x.type.dtype, w):
         return False
     try:
         q = QuantSpec.of(node)
@@ -132,7 +136,7 @@ class DnnlQConvTactic(CpuTactic):
             return False
         if min(strides + dilations) < 1 or (ks != [0, 0] and ks != [int(s) for s in w.shape[2:]]):
             return False
-        return _epilogue_ok(node, k)
+        return _epilogue_ok(node, w)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
@@ -173,7 +177,7 @@ class DnnlQGemmTactic(CpuTactic):
         k_in = a.type.shape[-1]  # type: ignore[union-attr,index]
         if isinstance(k_in, int) and k_in != int(w.shape[1]):
             return False
-        return _epilogue_ok(node, int(w.shape[0]))
+        return _epilogue_ok(node, w)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
