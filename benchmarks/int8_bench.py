@@ -4,9 +4,10 @@
     python benchmarks/int8_bench.py --device cpu --batch 1 [--bf16]    # CPU: FP32 vs INT8 (vs BF16), ORT FP32, ORT on a
                                                                        # Q/DQ model (OpenVINO FP32 / BF16 with --bf16)
 
-The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights) or, with `--model yolov4_tiny`,
-its YOLOv4-tiny. INT8 ranges come from entropy
-calibration over `--calib-batches` batches of seeded random images (speed does not depend on the ranges; the
+The model is the repository's ResNet-50 (examples.zoo.resnet50, seeded weights), with `--model yolov4_tiny` its
+YOLOv4-tiny, or with `--model zoo:NAME` a model of benchmarks/zoo_models.py (a transformer such as
+`zoo:bert_base`, built for one shape: `--batch` and `--seq`; the GEMM-heavy case of FP8). INT8 ranges come from
+entropy calibration over `--calib-batches` batches of seeded random inputs (speed does not depend on the ranges; the
 error columns say how far each plan is from the FP32 reference on fresh inputs). On the CPU, onnxruntime runs the
 same network quantized by its own quantize_static (Q/DQ, per-channel int8 weights, int8 activations), and Kiln
 builds that Q/DQ model too. Prints a markdown table; writes it only with --out.
@@ -57,7 +58,7 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
-def openvino_rows(path: str, x: np.ndarray, ref: np.ndarray, batch: int, args: argparse.Namespace,
+def openvino_rows(path: str, x: dict[str, np.ndarray], ref: np.ndarray, batch: int, args: argparse.Namespace,
                   rows: list[dict[str, Any]]) -> None:
     """OpenVINO FP32 and BF16 (its inference precision hint) on the same model, when OpenVINO is installed."""
     try:
@@ -73,9 +74,43 @@ def openvino_rows(path: str, x: np.ndarray, ref: np.ndarray, batch: int, args: a
             print(f"{label}: not run ({type(e).__name__})")
             continue
         req = cm.create_infer_request()
-        ms = timed(lambda: req.infer({0: x}), lambda: None, args.runs)
-        y = np.asarray(req.infer({0: x})[cm.output(0)], dtype=np.float32)[:8]
+        ms = timed(lambda: req.infer(x), lambda: None, args.runs)
+        y = np.asarray(req.infer(x)[cm.output(0)], dtype=np.float32)[:8]
         rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
+
+
+class Model:
+    """The network under test: its ONNX file, seeded input feeds of one shape, and the build profile."""
+
+    def __init__(self, name: str, batch: int, seq: int, tmp: str) -> None:
+        self.profiles: list[Any] = []
+        if name.startswith("zoo:"):
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from zoo_models import registry
+            from kiln.builder import OptimizationProfile
+            found = [m for m in registry() if m.name == name[4:]]
+            if not found:
+                raise SystemExit(f"no zoo model '{name[4:]}' in benchmarks/zoo_models.py")
+            m = found[0]
+            self.path = m.ensure(os.path.join(tmp, "zoo"))
+            self.dims = {d: (batch if d == "batch" else seq if d == "seq" else r[1]) for d, r in m.dims.items()}
+            self._feeds = m.feeds
+            prof = OptimizationProfile()
+            for i in m.inputs:
+                if i.shape:
+                    shape = i.concrete(self.dims)
+                    prof.set_shape(i.name, shape, shape, shape)
+            self.profiles = [prof]
+        else:
+            import importlib
+            net = importlib.import_module(f"examples.zoo.{name}")
+            self.path = net.save_onnx(os.path.join(tmp, f"{name}.onnx"), 0, batch)
+            self.dims = {}
+            self._feeds = lambda _dims, seed: {"input": np.random.default_rng(seed).standard_normal(
+                (batch, *net.INPUT_SHAPE)).astype(np.float32)}
+
+    def feeds(self, seed: int) -> dict[str, np.ndarray]:
+        return self._feeds(self.dims, seed)
 
 
 def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: int = 25) -> None:
@@ -84,7 +119,7 @@ def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: i
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu_profile import grouped, kernel_table, step_spans
     steps = {s["name"]: s for s in plan.graph["steps"]}
-    med, _ = step_spans(ctx, lambda: ctx.execute_async({"input": xin}), runs)
+    med, _ = step_spans(ctx, lambda: ctx.execute_async(xin), runs)
     print(f"\n{label}: step spans (no graph) {sum(med.values()):.3f} ms over {len(med)} steps")
     for key, what in ((lambda n: steps.get(n, {}).get("op", "?"), "op"),
                       (lambda n: steps.get(n, {}).get("tactic", "?"), "tactic")):
@@ -93,15 +128,16 @@ def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: i
         s = steps.get(n, {})
         shapes = [plan.graph["values"].get(o, {}).get("type", {}).get("shape") for o in s.get("outputs", [])]
         print(f"  {v:7.3f} ms  {s.get('op')} {n} {s.get('tactic')} {s.get('config')} -> {shapes}")
-    kernel_table(lambda: ctx.execute_async({"input": xin}), top, f"{label} kernels")
+    kernel_table(lambda: ctx.execute_async(xin), top, f"{label} kernels")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", choices=["resnet50", "yolov4_tiny"], default="resnet50",
-                    help="a network of examples.zoo (seeded weights)")
+    ap.add_argument("--model", default="resnet50", help="resnet50 | yolov4_tiny (examples.zoo, seeded weights) | "
+                    "zoo:NAME (benchmarks/zoo_models.py, e.g. zoo:bert_base)")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=128, help="zoo transformers: the sequence length")
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
@@ -117,8 +153,6 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="CUDA: per-layer spans (by op, by tactic, slowest "
                     "layers with their configs) and torch.profiler's kernels for each Kiln plan")
     args = ap.parse_args()
-    import importlib
-    net = importlib.import_module(f"examples.zoo.{args.model}")
     from kiln.builder import Builder, BuilderConfig
     from kiln.logger import Logger, Severity
     from kiln.runtime import Engine
@@ -129,14 +163,13 @@ def main() -> int:
     batch = args.batch or (256 if cuda else 1)
     torch.set_num_threads(args.threads if not cuda else torch.get_num_threads())
     tmp = tempfile.mkdtemp()
-    fpath = net.save_onnx(os.path.join(tmp, f"{args.model}.onnx"), 0, batch)
-    rng = np.random.default_rng(0)
-    calib = [{"input": rng.standard_normal((batch, *net.INPUT_SHAPE)).astype(np.float32)}
-             for _ in range(args.calib_batches)]
-    x = rng.standard_normal((batch, *net.INPUT_SHAPE)).astype(np.float32)
+    model = Model(args.model, batch, args.seq, tmp)
+    fpath = model.path
+    calib = [model.feeds(1 + i) for i in range(args.calib_batches)]
+    x = model.feeds(0)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads if not cuda else 0
-    ref = ort.InferenceSession(fpath, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0][:8]
+    ref = ort.InferenceSession(fpath, so, providers=["CPUExecutionProvider"]).run(None, x)[0][:8]
     logger = Logger(Severity.INFO)
     rows: list[dict[str, Any]] = []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -144,14 +177,15 @@ def main() -> int:
     def kiln_row(label: str, path: str, **cfg: Any) -> None:
         t0 = time.perf_counter()
         plan = Builder(logger).build(path, BuilderConfig(device=args.device, optimization_level=args.opt_level,
-                                                        timing_cache=args.timing_cache, **cfg))
+                                                        timing_cache=args.timing_cache,
+                                                        profiles=model.profiles, **cfg))
         build_s = time.perf_counter() - t0
         ops = [s["op"] for s in plan.graph["steps"]]
         ctx = Engine(plan).create_execution_context()
-        xin = torch.from_numpy(x).cuda() if cuda else x
-        run = (lambda: ctx.execute_async({"input": xin})) if cuda else (lambda: ctx.execute({"input": xin}))
+        xin = {k: torch.from_numpy(v).cuda() for k, v in x.items()} if cuda else x
+        run = (lambda: ctx.execute_async(xin)) if cuda else (lambda: ctx.execute(xin))
         ms = timed(run, sync, args.runs)
-        out = ctx.execute({"input": x})
+        out = ctx.execute(x)
         y = np.asarray(list(out.values())[0], dtype=np.float32)[:8]
         rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref), "build_s": build_s,
                      "int_layers": ops.count("QConv") + ops.count("QGemm"), "layers": plan.build.get("layers")})
@@ -171,21 +205,28 @@ def main() -> int:
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self.it = iter([{"input": c["input"][:1]} for c in calib for _ in range(1)])
+                self.it = iter([{k: v[:1] for k, v in c.items()} for c in calib])
 
             def get_next(self) -> Any:
                 return next(self.it, None)
         from onnxruntime.quantization.shape_inference import quant_pre_process
-        prepped = os.path.join(tmp, "resnet50_prepped.onnx")  # BN folded into the convs, as ORT recommends
-        quant_pre_process(fpath, prepped)
-        qpath = os.path.join(tmp, "resnet50_qdq.onnx")
+        prepped = os.path.join(tmp, "prepped.onnx")  # BN folded into the convs, as ORT recommends
+        here = os.getcwd()
+        os.chdir(tmp)  # ORT's shape inference leaves its scratch files in the working directory
+        try:
+            quant_pre_process(fpath, prepped)
+        except Exception:  # noqa: BLE001 - its symbolic inference gives up on some transformers: ONNX's alone then
+            quant_pre_process(fpath, prepped, skip_symbolic_shape=True)
+        finally:
+            os.chdir(here)
+        qpath = os.path.join(tmp, "qdq.onnx")
         quantize_static(prepped, qpath, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, per_channel=True)
         kiln_row("Kiln on ORT's Q/DQ model", qpath)
         for label, path in (("ORT FP32", fpath), ("ORT on its Q/DQ model", qpath)):
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            ms = timed(lambda: sess.run(None, {"input": x}), sync, args.runs)
-            y = sess.run(None, {"input": x})[0][:8]
+            ms = timed(lambda: sess.run(None, x), sync, args.runs)
+            y = sess.run(None, x)[0][:8]
             rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref)})
         if args.bf16:
             kiln_row("Kiln BF16", fpath, bf16=True)
