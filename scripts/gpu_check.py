@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -80,23 +81,35 @@ GPU_TESTS = ["tests/backends/test_cuda_backend.py", "tests/backends/test_cuda_tr
 
 def run_tests(timeout: int) -> None:
     log("GPU tests: " + ", ".join(GPU_TESTS))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider", *GPU_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider", "--durations=10",
+           *GPU_TESTS]
+    env = dict(os.environ)
     try:
-        import xdist  # noqa: F401  (pytest-xdist: the tests in parallel, so that they fit one call)
-        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+        import xdist  # pytest-xdist: the tests in parallel, so that they fit one call
+        workers = min(16, os.cpu_count() or 1)
+        cmd += ["-n", str(workers)]
+        if tuple(int(p) for p in xdist.__version__.split(".")[:2]) >= (3, 2):
+            cmd += ["--dist", "worksteal"]  # idle workers take queued tests: the long ones do not end in one queue
+        # one CPU thread per worker's torch: 16 workers x all cores each made the digits CNN's training take 199 s
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     except ImportError:
         pass
+    t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         out = (r.stdout + r.stderr).strip().splitlines()
         fails = [ln for ln in out if ln.startswith(("FAILED", "ERROR"))]
-        summary = out[-1] if out else "no output"
+        ends = [ln for ln in r.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+        summary = ends[-1].strip("= ") if ends else f"exit {r.returncode}, no summary line"
         for ln in fails[:20]:
             log("  " + ln[:300])
         if r.returncode != 0:
             for ln in out[-60:]:
                 log("  " + ln[:300])
-        log(f"  tests: {summary}")
+        slow = [ln for ln in out if re.match(r"\d+\.\d+s (call|setup|teardown) ", ln)][:5]  # --durations
+        for ln in slow:
+            log("  slow: " + ln[:200])
+        log(f"  tests: {summary} ({time.perf_counter() - t0:.0f} s)")
         NOTES.append(f"GPU tests: {summary}")
     except subprocess.TimeoutExpired:
         log(f"  tests: timed out after {timeout} s")
@@ -220,7 +233,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.md", help="markdown table output path")
     ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--test-timeout", type=int, default=240)
+    ap.add_argument("--test-timeout", type=int, default=300)
     ap.add_argument("--compile-batches", default="resnet50:1,32,256;yolov4_tiny:1,32",
                     help="which (model:batches) get a torch.compile peer (time-box); 'none' for none")
     ap.add_argument("--models", default="yolov4_tiny,resnet50", help="comma-separated subset to build and time")
