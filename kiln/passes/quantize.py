@@ -384,6 +384,59 @@ class PropagateQuantization(Pass):
         return True
 
 
+class FloatQuantizeDequantize(Pass):
+    """A QuantizeLinear whose 8-bit result only DequantizeLinear nodes of its own parameters read (the layers around
+    it stayed float: no exact integer kernel on the target, or a precision constraint) -> the elementwise ops
+    computing the pair in float32, (clip(round(x / s) + zp, lo, hi) - zp) * s, the same float32 operations in the
+    same order (bit-equal); kiln.passes.pointwise then makes them one pass with the elementwise ops around, instead
+    of two passes with an 8-bit tensor between."""
+
+    name = "float Q/DQ pairs"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        uses = Uses(g)
+        done = 0
+        for q in [n for n in g.nodes if is_op(n, "QuantizeLinear")]:
+            p, x, y = qparams(q), q.inputs[0], q.outputs[0]
+            readers = uses.of(y)
+            if p is None or x.type.dtype != DType.FLOAT32 or uses.is_output(y) or not readers:
+                continue
+            if not all(is_op(r, "DequantizeLinear") and qparams(r) == p and r.outputs[0].type.dtype == DType.FLOAT32
+                       for r in readers) or sum(uses.is_output(r.outputs[0]) for r in readers) > 1:
+                continue
+            first = next((r for r in readers if uses.is_output(r.outputs[0])), readers[0])
+            out = first.outputs[0]  # the float ops write the DQ's own value: a graph output keeps its name
+            remove_node(g, first)
+            self._float_pair(g, q, p, out)
+            for r in readers:
+                if r is not first:
+                    g.replace_uses(r.outputs[0], out)
+            done += 1
+        if done:
+            restore_order(g)
+            ctx.logger.verbose(f"{done} Q/DQ pair(s) around float layers computed in float (one elementwise pass "
+                               "each)")
+        return done > 0
+
+    @staticmethod
+    def _float_pair(g: Graph, q: Node, p: QParams, result: Value) -> None:
+        """The float ops of the pair before q, the last writing `result`."""
+        x = q.inputs[0]
+        lo, hi = (-128, 127) if p.dtype == torch.int8 else (0, 255)
+
+        def c(tag: str, v: float) -> Value:
+            return g.constant(f"{q.name}_{tag}", torch.tensor(v, dtype=torch.float32))
+        scale, zp = c("scale", p.scale), c("zero_point", float(p.zero_point))
+        steps = [("Div", [scale]), ("Round", []), ("Add", [zp]), ("Clip", [c("lo", lo), c("hi", hi)]), ("Sub", [zp]),
+                 ("Mul", [scale])]
+        v, at = x, g.nodes.index(q)
+        for i, (op, args) in enumerate(steps):
+            out = result if i == len(steps) - 1 else \
+                Value(g.unique_name(f"{q.name}_{op.lower()}"), TensorType(DType.FLOAT32, x.type.shape))
+            g.nodes.insert(at, Node(op, [v, *args], [out], {}, name=g.unique_name(f"{q.name}_{op.lower()}"), opset=13))
+            v, at = out, at + 1
+
+
 class InsertQuantization(Pass):
     """Implicit INT8: symmetric int8 Q/DQ pairs of calibrated ranges around the conv/gemm layers (module doc).
 

@@ -17,8 +17,9 @@ from kiln.ops.qlayers import fp8_layer
 from kiln.passes.base import Fixpoint, PassContext, PassManager
 from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.rewrite import is_op
-from kiln.passes.quantize import (FuseQuantizedLayers, FuseQuantizedResidual, InsertQuantization,
-                                  PropagateQuantization, calibration_targets, has_qdq)
+from kiln.passes.pointwise import FusePointwise
+from kiln.passes.quantize import (FloatQuantizeDequantize, FuseQuantizedLayers, FuseQuantizedResidual,
+                                  InsertQuantization, PropagateQuantization, calibration_targets, has_qdq)
 from kiln.quant.cache import read_cache, write_cache
 from kiln.quant.report import ReferenceRun, as_batches, clone_graph, compare
 
@@ -119,6 +120,8 @@ def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: Pa
         if left:
             ctx.logger.warning(f"FP8: {len(left)} gemm/1x1 conv layer(s) got no FP8 kernel on {ctx.device} and stay "
                                f"float (e.g. '{left[0]}')")
+    # pairs left around float layers: one float pass each, fused with the elementwise ops around them
+    PassManager([FloatQuantizeDequantize(), DeadCodeElimination(), FusePointwise(), DeadCodeElimination()]).run(g, ctx)
 
 
 def _unquantize_float_layers(g: Graph) -> list[str]:

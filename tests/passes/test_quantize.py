@@ -3,6 +3,7 @@ dynamic ranges; bad INT8 input gets one clear error."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnx
@@ -148,6 +149,67 @@ def test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights(tmp_path, qdq_
     ops = [s["op"] for s in plan.graph["steps"]]
     assert "QConv" not in ops and "QGemm" not in ops, ops
     assert "no VNNI" in log.getvalue()
+
+
+def test_qdq_pairs_around_float_layers_run_as_one_float_pass(qdq_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the layers of a Q/DQ model stay float (here: a CPU without VNNI, simulated, and the model's full-range
+    weights), each Q -> DQ pair becomes the float ops computing it (kiln.passes.quantize.FloatQuantizeDequantize),
+    fused with the elementwise ops around into Pointwise passes: no Q layer feeding a DQ layer is left, and the
+    result is still the Q/DQ model's (onnxruntime running it as written) within one output quantization step. A pair
+    with an op between (Q -> MaxPool or Flatten on the 8-bit values -> DQ) stays."""
+    import kiln.backends.cpu.features as features
+    monkeypatch.setattr(features, "exact_int8", lambda: False)
+    plan = Builder().build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
+    steps = plan.graph["steps"]
+    ops = [s["op"] for s in steps]
+    assert not {"QConv", "QGemm"} & set(ops) and "Pointwise" in ops, ops
+    # no pair left: only 8-bit data an op moves (a max pool, a flatten) still has its Q and DQ
+    from kiln.passes.quantize import COMMUTING_OPS
+    for q in (s for s in steps if s["op"] == "QuantizeLinear"):
+        readers = [s["op"] for s in steps if q["outputs"][0] in s["inputs"]]
+        assert readers and set(readers) <= COMMUTING_OPS, (q["name"], readers)
+    assert ops.count("QuantizeLinear") < ops.count("Pointwise"), ops
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(qdq_model, opts)
+    ctx = Engine(plan).create_execution_context()
+    step = _output_scale(qdq_model)
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        want = sess.run(None, {"x": x})[0]
+        got = ctx.execute({"x": x})["y"]
+        assert np.abs(got - want).max() <= step * 1.001, (np.abs(got - want).max(), step)
+        assert np.abs(want).max() > 10 * step
+
+
+@pytest.mark.parametrize("dtype, zp", [(np.int8, 0), (np.int8, -7), (np.uint8, 128), (np.uint8, 3)])
+def test_float_qdq_pair_is_bit_equal_to_the_pair(tmp_path, dtype: Any, zp: int) -> None:
+    """Q -> DQ -> Relu with no layer between (so the pair stays float on every target): the build computes it in
+    float, bit-equal to the ONNX reference evaluator's QuantizeLinear / DequantizeLinear on random values, exact
+    rounding ties (half to even) and values far past the 8-bit range."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    scale = np.float32(0.0371)
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, dtype), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), helper.make_node("Relu", ["d"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])  # the evaluator's lowest Q/DQ
+    path = str(tmp_path / "qdq.onnx")
+    onnx.save(model, path)
+    plan = Builder().build(path, BuilderConfig(device="cpu", optimization_level=0))
+    ops = [s["op"] for s in plan.graph["steps"]]
+    assert ops == ["Pointwise"], ops  # the pair and the Relu: one pass
+    rng = np.random.default_rng(abs(zp) + 1)
+    x = (rng.standard_normal((4, 64)) * 4).astype(np.float32)
+    x[0, :32] = (np.arange(-16, 16) + np.float32(0.5)) * scale  # ties (up to x / s's own float32 rounding)
+    x[1, :8] = [1e3, -1e3, 300 * scale, -300 * scale, 0.0, -0.0, 1e-30, -1e-30]
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    assert len(np.unique(want)) > 20  # a real quantization grid, not a saturated constant
 
 
 def _ranged_int8_build_close_to_float(path: str, builder: Builder, seed: int) -> list[str]:
