@@ -58,10 +58,16 @@ class Report:
 
 
 def clone_graph(g: Graph) -> Graph:
-    """An independent copy (nodes, values, constants)."""
+    """An independent copy (nodes, values, constants). Nodes are copied in graph order first, so that each copy
+    finds its inputs' producers already copied: a plain deepcopy follows producer links from the last node back to
+    the first, one recursion level per node, and overflows Python's stack on a deep graph (BERT-base: ~900)."""
+    memo: dict[int, object] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the name counter's copy
-        return copy.deepcopy(g)
+        for sub in g.all_graphs():
+            for n in sub.nodes:
+                copy.deepcopy(n, memo)
+        return copy.deepcopy(g, memo)
 
 
 def _dequantized(n: Node, t: torch.Tensor) -> torch.Tensor:

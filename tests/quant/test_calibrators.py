@@ -451,3 +451,24 @@ def test_entropy_skips_exact_zeros():
     assert cal.amax()["img"] == pytest.approx(min((kl_oracle_bin(h.counts) + 0.5) * h.width, float(nz.max())),
                                               rel=1e-12)
     assert cal.amax()["img"] > 0.9
+
+
+def test_clone_graph_of_a_deep_graph() -> None:
+    """The INT8 report and speed selection copy the float graph (kiln.quant.report.clone_graph): a chain of 5000
+    nodes (BERT-base has ~900) copies without exhausting Python's recursion limit, into an independent graph."""
+    from kiln.ir.dtype import DType
+    from kiln.ir.graph import Graph, Node, Value
+    from kiln.ir.types import TensorType
+    from kiln.quant.report import clone_graph
+    g = Graph("deep")
+    v = Value("x", TensorType(DType.FLOAT32, (4,)))
+    g.inputs.append(v)
+    for i in range(5000):
+        out = Value(f"v{i}", TensorType(DType.FLOAT32, (4,)))
+        g.nodes.append(Node("Relu", [v], [out], {}, name=f"relu{i}"))
+        v = out
+    g.outputs.append(v)
+    c = clone_graph(g)
+    assert len(c.nodes) == 5000 and c.outputs[0].name == "v4999" and c.outputs[0] is not g.outputs[0]
+    assert c.nodes[-1].inputs[0] is c.nodes[-2].outputs[0] and c.nodes[0].inputs[0] is c.inputs[0]
+    assert all(a is not b for a, b in zip(c.nodes, g.nodes))
