@@ -62,6 +62,11 @@ class Tactic:
     def supports(self, node: Node, ctx: TacticContext) -> bool:
         raise NotImplementedError
 
+    def why_not(self, node: Node, ctx: TacticContext) -> str | None:
+        """Where `supports` declines a layer for a reason of this machine (not of the layer), that reason: a plan
+        loader says it beside the refusal (a plan built elsewhere)."""
+        return None
+
     def configs(self, node: Node, ctx: TacticContext) -> list[dict[str, Any]]:
         return [{}]
 

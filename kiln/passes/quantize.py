@@ -385,15 +385,19 @@ class PropagateQuantization(Pass):
 
 
 class FloatQuantizeDequantize(Pass):
-    """A QuantizeLinear whose 8-bit result only DequantizeLinear nodes of its own parameters read (the layers around
-    it stayed float: no exact integer kernel on the target, or a precision constraint) -> the elementwise ops
-    computing the pair in float32, (clip(round(x / s) + zp, lo, hi) - zp) * s, the same float32 operations in the
-    same order (bit-equal); kiln.passes.pointwise then makes them one pass with the elementwise ops around, instead
-    of two passes with an 8-bit tensor between."""
+    """A QuantizeLinear whose 8-bit result only DequantizeLinear nodes of its own parameters read, directly or
+    through one op that commutes with them (a max pool, a flatten: the layers around stayed float, with no exact
+    integer kernel on the target or by a precision constraint) -> the elementwise ops computing the pair in float32,
+    (clip(round(x / s) + zp, lo, hi) - zp) * s, the same float32 operations in the same order (bit-equal), and the
+    commuting op on their float result; kiln.passes.pointwise then makes them one pass with the elementwise ops
+    around, instead of two passes with an 8-bit tensor between. CPU only: the CUDA Pointwise kernels divide with
+    Triton's fast division, which can round x / s differently from the Q/DQ kernels' IEEE one."""
 
     name = "float Q/DQ pairs"
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
+        if ctx.device != "cpu":
+            return False
         uses = Uses(g)
         done = 0
         for q in [n for n in g.nodes if is_op(n, "QuantizeLinear")]:
@@ -401,22 +405,55 @@ class FloatQuantizeDequantize(Pass):
             readers = uses.of(y)
             if p is None or x.type.dtype != DType.FLOAT32 or uses.is_output(y) or not readers:
                 continue
-            if not all(is_op(r, "DequantizeLinear") and qparams(r) == p and r.outputs[0].type.dtype == DType.FLOAT32
-                       for r in readers) or sum(uses.is_output(r.outputs[0]) for r in readers) > 1:
+            direct = [r for r in readers if self._dq_of(r, p)]
+            moved = [r for r in readers if r not in direct and self._moves(r, y, p, uses)]
+            if len(direct) + len(moved) != len(readers) or sum(uses.is_output(r.outputs[0]) for r in direct) > 1:
                 continue
-            first = next((r for r in readers if uses.is_output(r.outputs[0])), readers[0])
-            out = first.outputs[0]  # the float ops write the DQ's own value: a graph output keeps its name
-            remove_node(g, first)
+            first = next((r for r in direct if uses.is_output(r.outputs[0])), direct[0] if direct else None)
+            if first is not None:
+                out = first.outputs[0]  # the float ops write the DQ's own value: a graph output keeps its name
+                remove_node(g, first)
+            else:
+                out = Value(g.unique_name(y.name + "_float"), TensorType(DType.FLOAT32, x.type.shape))
             self._float_pair(g, q, p, out)
-            for r in readers:
+            for r in direct:
                 if r is not first:
                     g.replace_uses(r.outputs[0], out)
+            for op in moved:  # the op now moves the float values, writing its DQ's value (a graph output's name)
+                op.inputs[0] = out
+                dqs = uses.of(op.outputs[0])
+                keep = next((d for d in dqs if uses.is_output(d.outputs[0])), dqs[0])
+                op.outputs = [keep.outputs[0]]
+                keep.outputs[0].producer = op
+                remove_node(g, keep)
+                for d in dqs:
+                    if d is not keep:
+                        g.replace_uses(d.outputs[0], op.outputs[0])
             done += 1
+            uses.refresh()
         if done:
             restore_order(g)
             ctx.logger.verbose(f"{done} Q/DQ pair(s) around float layers computed in float (one elementwise pass "
                                "each)")
         return done > 0
+
+    @staticmethod
+    def _dq_of(n: Node, p: QParams) -> bool:
+        return is_op(n, "DequantizeLinear") and qparams(n) == p and n.outputs[0].type.dtype == DType.FLOAT32
+
+    def _moves(self, op: Node, y: Value, p: QParams, uses: Uses) -> bool:
+        """op commutes with the pair (COMMUTING_OPS, on y as its data, constant other inputs) and only DQs of the
+        pair's parameters read its one output, at most one of them a graph output."""
+        if not is_op(op, *COMMUTING_OPS) or len(op.outputs) != 1 or op.inputs[0] is not y:
+            return False
+        if any(v is y or (v is not None and not v.is_const) for v in op.inputs[1:]):
+            return False
+        if op.op_type == "Resize" and (op.attr("mode", "nearest") or "nearest") != "nearest":
+            return False
+        v = op.outputs[0]
+        dqs = uses.of(v)
+        return bool(dqs) and not uses.is_output(v) and all(self._dq_of(d, p) for d in dqs) and \
+            sum(uses.is_output(d.outputs[0]) for d in dqs) <= 1
 
     @staticmethod
     def _float_pair(g: Graph, q: Node, p: QParams, result: Value) -> None:

@@ -215,7 +215,7 @@ def quantize_graph(g: Graph, config: Any, ctx: PassContext,
     log.info(f"{what} from {source}: {ints} integer conv/gemm layers{some_fp8}, {floats} stay float, {qdq} "
              f"quantize/dequantize layers at float boundaries")
     _say_fp8(g, fp8s, ctx)
-    if ints + fp8s == 0:
+    if ints + fp8s == 0 and floats:  # (a model of Q/DQ nodes alone has no layer to make integer)
         log.warning(f"{what}: no conv/gemm layer got an integer or FP8 kernel on {ctx.device} (ranges missing or "
                     f"no such tactic): the plan computes in float")
     return report

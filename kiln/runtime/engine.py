@@ -48,7 +48,12 @@ def _load_kernel(node: Node, tid: str, cfg: dict[str, Any], tctx: TacticContext,
     except Exception as e:
         raise PlanFormatError(f"{at}: tactic '{tid}' cannot check the layer ({type(e).__name__}: {_line(e)})") from None
     if not ok:
-        raise PlanFormatError(f"{at}: tactic '{tid}' does not support this layer on {tctx.device.type}")
+        try:
+            why = t.why_not(node, tctx) if tctx.device.type in t.devices else None
+        except Exception:  # noqa: BLE001 - only a hint: the refusal stands either way
+            why = None
+        raise PlanFormatError(f"{at}: tactic '{tid}' does not support this layer on {tctx.device.type}"
+                              + (f" ({why}; rebuild the plan on this machine)" if why else ""))
     if not ok_cfg:
         raise PlanFormatError(f"{at}: tactic '{tid}' has no config {cfg!r} for this layer")
     try:

@@ -110,6 +110,17 @@ def _layer(node: Node) -> tuple[Tensor, Tensor | None, Requant, str, float, floa
     return w, b, _requant(q, int(w.shape[0])), act, alpha, beta, act_first, x_t, q.out_torch, z_t
 
 
+def _why_inexact(node: Node) -> str | None:
+    """The reason a layer the int8 primitives take elsewhere is declined on this CPU (no VNNI), else None."""
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or w.const is None or w.const.dtype != torch.int8 or library() is None:
+        return None
+    if exact_int8_layer(x.type.dtype, w.const):
+        return None
+    return ("this CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs and weights within "
+            "+-64")
+
+
 class DnnlQConvTactic(CpuTactic):
     """2-D QConv as a cached oneDNN int8 convolution on channels-last tensors (see module doc)."""
 
@@ -137,6 +148,9 @@ class DnnlQConvTactic(CpuTactic):
         if min(strides + dilations) < 1 or (ks != [0, 0] and ks != [int(s) for s in w.shape[2:]]):
             return False
         return _epilogue_ok(node, w)
+
+    def why_not(self, node: Node, ctx: Any) -> str | None:
+        return _why_inexact(node)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
@@ -178,6 +192,9 @@ class DnnlQGemmTactic(CpuTactic):
         if isinstance(k_in, int) and k_in != int(w.shape[1]):
             return False
         return _epilogue_ok(node, w)
+
+    def why_not(self, node: Node, ctx: Any) -> str | None:
+        return _why_inexact(node)
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)
