@@ -98,15 +98,20 @@ def test_qdq_model_builds_to_integer_layers_matching_onnxruntime(qdq_model: str)
     # pair between them kept): only the model input's Q and the output's DQ remain
     assert "Add" not in ops and "Pointwise" not in ops, ops
     assert ops.count("QuantizeLinear") + ops.count("DequantizeLinear") <= 2, ops
-    # onnxruntime with its graph optimizations off runs the model as written (DequantizeLinear -> float ops ->
-    # QuantizeLinear: the Q/DQ semantics in float32); optimized, it fuses integer kernels whose u8 x s8 products
-    # saturate 16-bit pair sums on x86 CPUs without VNNI (vpmaddubsw), so it is no oracle there
+    _matches_the_qdq_model(plan, qdq_model, seed=7)
+
+
+def _matches_the_qdq_model(plan: Any, qdq_model: str, seed: int) -> None:
+    """The plan's output within one output quantization step of onnxruntime running the Q/DQ model as written (graph
+    optimizations off: DequantizeLinear -> float ops -> QuantizeLinear, the Q/DQ semantics in float32; optimized,
+    it fuses integer kernels whose u8 x s8 products saturate 16-bit pair sums on x86 CPUs without VNNI
+    (vpmaddubsw), so it is no oracle there), on fresh random inputs."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(qdq_model, opts)
     ctx = Engine(plan).create_execution_context()
     step = _output_scale(qdq_model)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     for _ in range(4):
         x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
         want = sess.run(None, {"x": x})[0]
@@ -194,18 +199,7 @@ def test_qdq_pairs_around_float_layers_run_as_one_float_pass(qdq_model: str, mon
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops, ops  # the max pool, flatten on floats
     assert "MaxPool" in ops and all(plan.graph["values"][v]["type"]["dtype"] == "float32"
                                     for s in steps for v in s["outputs"])
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(qdq_model, opts)
-    ctx = Engine(plan).create_execution_context()
-    step = _output_scale(qdq_model)
-    rng = np.random.default_rng(8)
-    for _ in range(4):
-        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-        want = sess.run(None, {"x": x})[0]
-        got = ctx.execute({"x": x})["y"]
-        assert np.abs(got - want).max() <= step * 1.001, (np.abs(got - want).max(), step)
-        assert np.abs(want).max() > 10 * step
+    _matches_the_qdq_model(plan, qdq_model, seed=8)
 
 
 @pytest.mark.parametrize("dtype, zp", [(np.int8, 0), (np.int8, -7), (np.uint8, 128), (np.uint8, 3)])
