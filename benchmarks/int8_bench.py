@@ -10,7 +10,8 @@ YOLOv4-tiny, or with `--model zoo:NAME` a model of benchmarks/zoo_models.py (a t
 entropy calibration over `--calib-batches` batches of seeded random inputs (speed does not depend on the ranges; the
 error columns say how far each plan is from the FP32 reference on fresh inputs). On the CPU, onnxruntime runs the
 same network quantized by its own quantize_static (Q/DQ, per-channel int8 weights, int8 activations), and Kiln
-builds that Q/DQ model too. Prints a markdown table; writes it only with --out.
+builds that Q/DQ model too; on a CPU without VNNI also the one ORT advises there (reduce_range: 7-bit weights,
+uint8 activations). Prints a markdown table; writes it only with --out.
 """
 from __future__ import annotations
 
@@ -223,7 +224,15 @@ def main() -> int:
         quantize_static(prepped, qpath, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, per_channel=True)
         kiln_row("Kiln on ORT's Q/DQ model", qpath)
-        for label, path in (("ORT FP32", fpath), ("ORT on its Q/DQ model", qpath)):
+        ort_rows = [("ORT FP32", fpath), ("ORT on its Q/DQ model", qpath)]
+        from kiln.backends.cpu.features import exact_int8
+        if not exact_int8():  # ORT's advice for CPUs without VNNI: 7-bit weights, uint8 activations
+            rpath = os.path.join(tmp, "qdq_reduce_range.onnx")
+            quantize_static(prepped, rpath, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+            kiln_row("Kiln on ORT's reduce-range Q/DQ model", rpath)
+            ort_rows.append(("ORT on its reduce-range Q/DQ model", rpath))
+        for label, path in ort_rows:
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             ms = timed(lambda: sess.run(None, x), sync, args.runs)
             y = sess.run(None, x)[0][:8]

@@ -206,13 +206,9 @@ class Builder:
             int8_report = None
             lowering = Int8Lowering() if self._speed_selection(g, config) else None
             quiet_ctx = PassContext(self.logger.demoted(), device=device, options=ctx.options)
-            if device == "cpu" and (config.int8 or has_qdq(g)):
+            if device == "cpu" and config.int8 and not has_qdq(g):
                 from kiln.backends.cpu.features import exact_int8
-                if not exact_int8() and has_qdq(g):
-                    self.logger.warning("this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for "
-                                        "uint8 inputs and weights within +-64, so the model's other Q/DQ layers run "
-                                        "in float between their quantize / dequantize steps")
-                elif not exact_int8():
+                if not exact_int8():
                     self.logger.info("INT8 on a CPU without VNNI: uint8 activations (zero point 128) and weights "
                                      "within +-64 (7 bits), which oneDNN's AVX2 int8 kernels compute exactly")
             if config.int8 or config.fp8 or has_qdq(g):  # integer / FP8 layers from Q/DQ nodes or calibrated ranges

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.backends.cpu.features import int8_activation_zero_point, int8_weight_max
+from kiln.backends.cpu.features import exact_int8_layer, int8_activation_zero_point, int8_weight_max
 from kiln.backends.fp8 import gemm_shaped
 from kiln.backends.tactic import TacticContext, candidate_tactics
 from kiln.ir.dtype import DType
@@ -189,6 +189,7 @@ class FuseQuantizedLayers(Pass):
 
     def __init__(self, exclude: set[str] | frozenset[str] = frozenset()) -> None:
         self.exclude = set(exclude)  # layers a precision constraint keeps float
+        self.declined: list[str] = []  # CPU layers between Q/DQ nodes oneDNN would not compute exactly here
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
@@ -239,6 +240,8 @@ class FuseQuantizedLayers(Pass):
         if not has_integer_kernel(probe, ctx.device):
             ctx.logger.verbose(f"Keeping {n.name} in float between its Q/DQ nodes: no {what} kernel on "
                                f"{ctx.device} for it")
+            if not fp8 and ctx.device == "cpu" and not exact_int8_layer(dq.inputs[0].type.dtype, wq):  # type: ignore[union-attr]
+                self.declined.append(n.name)
             return False
         fused = Node(kind, inputs, [out], attrs, name=n.name, domain="kiln", opset=1)
         replace_nodes(g, [n] + ([q] if qp is not None else []), [fused])  # type: ignore[list-item]

@@ -112,8 +112,14 @@ def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: Pa
     float8 flow between them."""
     if ranges is not None:
         PassManager([InsertQuantization(ranges, exclude, fp8)]).run(g, ctx)
-    PassManager([FuseQuantizedLayers(exclude), FuseQuantizedResidual(), Fixpoint("Q/DQ", [PropagateQuantization(),
+    fuse = FuseQuantizedLayers(exclude)
+    PassManager([fuse, FuseQuantizedResidual(), Fixpoint("Q/DQ", [PropagateQuantization(),
                                                                   DeadCodeElimination()])]).run(g, ctx)
+    if fuse.declined:
+        ctx.logger.warning(f"this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs and "
+                           f"weights within +-64, so {len(fuse.declined)} conv/gemm layer(s) of the model run in "
+                           f"float between their Q/DQ nodes (e.g. '{fuse.declined[0]}'); onnxruntime's quantize_static "
+                           "with reduce_range=True and uint8 activations writes layers that fit")
     if ranges is not None and fp8:
         left = _unquantize_float_layers(g)
         DeadCodeElimination().run(g, ctx)

@@ -178,6 +178,32 @@ def test_a_plan_with_full_range_int8_layers_is_refused_without_vnni_saying_why(t
         Engine(load_plan(out))
 
 
+def test_reduce_range_qdq_model_builds_integer_layers_without_vnni(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's quantize_static with reduce_range=True (7-bit weights) and uint8 activations - what its docs
+    advise for CPUs without VNNI - writes layers oneDNN computes exactly there: on such a CPU (simulated) every
+    conv/gemm builds integer, with no VNNI warning, matching onnxruntime within one output step."""
+    import io
+
+    import kiln.backends.cpu.features as features
+    from kiln.logger import Logger, Severity
+    if not CALIBRATED_INT8:
+        pytest.skip(NO_CALIBRATED_INT8)
+    _float_model(str(tmp_path / "f.onnx"))
+    path = str(tmp_path / "q.onnx")
+    quant.quantize_static(str(tmp_path / "f.onnx"), path, _Reader(1), quant_format=quant.QuantFormat.QDQ,
+                          activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
+                          per_channel=True, reduce_range=True)
+    monkeypatch.setattr(features, "exact_int8", lambda: False)
+    log = io.StringIO()
+    plan = Builder(Logger(Severity.WARNING, log)).build(path, BuilderConfig(device="cpu", optimization_level=0))
+    steps = plan.graph["steps"]
+    ops = [s["op"] for s in steps]
+    assert ops.count("QConv") == 4 and ops.count("QGemm") == 1, ops
+    assert all(s["tactic"] != "ref" for s in steps if s["op"] in ("QConv", "QGemm"))
+    assert "VNNI" not in log.getvalue(), log.getvalue()
+    _matches_the_qdq_model(plan, path, seed=9)
+
+
 def test_qdq_pairs_around_float_layers_run_as_one_float_pass(qdq_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the layers of a Q/DQ model stay float (here: a CPU without VNNI, simulated, and the model's full-range
     weights), each Q -> DQ pair becomes the float ops computing it (kiln.passes.quantize.FloatQuantizeDequantize),
@@ -192,7 +218,8 @@ def test_qdq_pairs_around_float_layers_run_as_one_float_pass(qdq_model: str, mon
     monkeypatch.setattr(features, "exact_int8", lambda: False)
     log = io.StringIO()
     plan = Builder(Logger(Severity.WARNING, log)).build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
-    assert "no conv/gemm layer got an integer" in log.getvalue()  # its conv layers stayed float: said
+    assert "no conv/gemm layer got an integer" in log.getvalue()  # its conv layers stayed float: said, and why
+    assert "no VNNI" in log.getvalue() and "5 conv/gemm layer(s)" in log.getvalue(), log.getvalue()
     steps = plan.graph["steps"]
     ops = [s["op"] for s in steps]
     assert not {"QConv", "QGemm"} & set(ops) and "Pointwise" in ops, ops
