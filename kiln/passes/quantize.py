@@ -515,6 +515,7 @@ class InsertQuantization(Pass):
                     targets[id(u)] = u
         inserted = 0
         shifted = None if self.fp8 else int8_activation_zero_point(ctx.device)
+        never_negative = {id(v) for v in targets.values() if _non_negative(v)}  # before any pair rewires a reader
         for v in targets.values():
             a = amax.get(id(v), self.ranges.get(v.name))
             if a is None or not (math.isfinite(a) and a > 0) or v.type.dtype != DType.FLOAT32:
@@ -522,18 +523,23 @@ class InsertQuantization(Pass):
             readers = [r for r in uses.of(v) if (id(r) in layers and _reads_as_data(r, v))
                        or (is_op(r, *COMMUTING_OPS) and id(r.outputs[0]) in amax)]
             if readers:
-                self._insert(g, v, a / (FP8_MAX if self.fp8 else 127.0), readers, self.fp8, shifted)
+                # uint8 storage: a tensor never negative (a ReLU's) takes zero point 0, the same values as int8's
+                # 0..127 with no zero-point correction in the integer kernels (oneDNN's AVX2 3x3 convs: ~20 % faster)
+                zp = None if shifted is None else 0 if id(v) in never_negative else shifted
+                self._insert(g, v, a / (FP8_MAX if self.fp8 else 127.0), readers, self.fp8, zp)
                 inserted += 1
         if inserted:
             restore_order(g)
-            what = "float8" if self.fp8 else "int8" if shifted is None else f"uint8 (zero point {shifted})"
+            what = "float8" if self.fp8 else "int8" if shifted is None else \
+                f"uint8 (zero point {shifted}, 0 where never negative)"
             ctx.logger.verbose(f"Inserted {what} Q/DQ pairs on {inserted} tensors from their ranges")
         return inserted > 0
 
     @staticmethod
     def _insert(g: Graph, v: Value, scale: float, readers: list[Node], fp8: bool = False,
                 shifted: int | None = None) -> None:
-        """A Q/DQ pair on v for `readers`: float8, int8 (zero point 0), or uint8 with zero point `shifted`."""
+        """A Q/DQ pair on v for `readers`: float8, int8 (zero point 0), or uint8 with zero point `shifted` (128, or 0
+        for a tensor never negative)."""
         s = g.constant(v.name + "_scale", torch.tensor(scale, dtype=torch.float32))
         if shifted is not None:
             zp, qt = g.constant(v.name + "_zero_point", torch.tensor(shifted, dtype=torch.uint8)), DType.UINT8
@@ -550,6 +556,22 @@ class InsertQuantization(Pass):
         for r in readers:
             r.inputs = [vd if (x is v and i in ((0, 3) if r.domain == "kiln" else (0,))) else x
                         for i, x in enumerate(r.inputs)]
+
+
+def _non_negative(v: Value, depth: int = 8) -> bool:
+    """v is >= 0 by construction: a Relu's output, a conv/gemm layer's whose last step is a fused Relu, or what an
+    op moving values (a max pool, a reshape, ...) makes of such a tensor."""
+    n = v.producer
+    if n is None or depth == 0:
+        return False
+    if is_op(n, "Relu"):
+        return True
+    if n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm"):
+        residual_after = n.input(3) is not None and bool(int(n.attr("act_before_add", 0) or 0))
+        return str(n.attr("activation", "") or "") == "Relu" and not residual_after
+    if is_op(n, *COMMUTING_OPS) and n.inputs and n.inputs[0] is not None:
+        return _non_negative(n.inputs[0], depth - 1)
+    return False
 
 
 def _int8_chain(y: Value, uses: Uses, layers: set[int]) -> list[Value] | None:

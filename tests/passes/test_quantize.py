@@ -124,7 +124,7 @@ def test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights(tmp_path, qdq_
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """On an x86 CPU without VNNI (simulated here; real on AVX2-only CPUs) oneDNN's int8 kernels are exact only for
     uint8 inputs and weights within +-64. Kiln's calibrated INT8 quantizes so (uint8 activations with zero point
-    128, 7-bit per-channel weights) and builds every layer on an integer kernel; a Q/DQ model's full-range layers
+    128, or 0 where never negative; 7-bit per-channel weights) and builds every layer on an integer kernel; a Q/DQ model's full-range layers
     stay float between their Q/DQ steps, and the build says why in one warning."""
     import io
 
@@ -145,9 +145,10 @@ def test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights(tmp_path, qdq_
     assert all(s["tactic"] in ("cpu.qconv_dnnl", "cpu.qgemm_dnnl") for s in layers), layers
     for s in layers:
         assert plan.graph["values"][s["inputs"][0]]["type"]["dtype"] == "uint8"
-        assert s["attrs"]["x_zero_point"] == 128
         w = plan.weights[plan.graph["values"][s["inputs"][1]]["const"]]
         assert w.dtype == torch.int8 and int(w.abs().max()) == 64  # each channel's largest weight on +-64
+    # zero point 128 for the model input, 0 for the ReLU outputs (the same int8 grid, no zero-point correction)
+    assert [s["attrs"]["x_zero_point"] for s in layers] == [128, 0, 0, 0, 0], layers
     assert "no VNNI" not in log.getvalue()
     # a Q/DQ model's own full-range int8 weights: those layers stay float, with one warning
     plan = builder.build(qdq_model, BuilderConfig(device="cpu", optimization_level=0))
