@@ -48,6 +48,14 @@ COMMUTING_OPS = frozenset({"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Sq
 parameters): they only select, move or take the maximum of elements (Resize only in nearest mode)."""
 
 
+def moves_8bit_data(n: Node) -> bool:
+    """n only moves its first input's values (a COMMUTING_OPS op with one output, its data a run-time tensor, its
+    other inputs constant; Resize only in nearest mode): it commutes with a per-tensor Q/DQ pair."""
+    return (is_op(n, *COMMUTING_OPS) and len(n.outputs) == 1 and bool(n.inputs) and n.inputs[0] is not None
+            and not n.inputs[0].is_const and all(x is None or x.is_const for x in n.inputs[1:])
+            and (n.op_type != "Resize" or (n.attr("mode", "nearest") or "nearest") == "nearest"))
+
+
 @dataclass(frozen=True)
 class QParams:
     """The per-tensor parameters of a QuantizeLinear / DequantizeLinear of 8-bit integers."""
@@ -370,9 +378,7 @@ class PropagateQuantization(Pass):
     def _commute(g: Graph, op: Node, uses: Uses, ctx: PassContext) -> bool:
         dq = op.inputs[0].producer if op.inputs and op.inputs[0] is not None else None
         p = qparams(dq) if is_op(dq, "DequantizeLinear") else None
-        if p is None or len(op.outputs) != 1 or any(v is not None and not v.is_const for v in op.inputs[1:]):
-            return False
-        if op.op_type == "Resize" and (op.attr("mode", "nearest") or "nearest") != "nearest":
+        if p is None or not moves_8bit_data(op):
             return False
         out = op.outputs[0]
         shape = out.type.shape
@@ -445,13 +451,9 @@ class FloatQuantizeDequantize(Pass):
         return is_op(n, "DequantizeLinear") and qparams(n) == p and n.outputs[0].type.dtype == DType.FLOAT32
 
     def _moves(self, op: Node, y: Value, p: QParams, uses: Uses) -> bool:
-        """op commutes with the pair (COMMUTING_OPS, on y as its data, constant other inputs) and only DQs of the
-        pair's parameters read its one output, at most one of them a graph output."""
-        if not is_op(op, *COMMUTING_OPS) or len(op.outputs) != 1 or op.inputs[0] is not y:
-            return False
-        if any(v is y or (v is not None and not v.is_const) for v in op.inputs[1:]):
-            return False
-        if op.op_type == "Resize" and (op.attr("mode", "nearest") or "nearest") != "nearest":
+        """op moves y's 8-bit values (`moves_8bit_data`) and only DQs of the pair's parameters read its one output, at
+        most one of them a graph output."""
+        if not moves_8bit_data(op) or op.inputs[0] is not y:
             return False
         v = op.outputs[0]
         dqs = uses.of(v)
@@ -587,9 +589,7 @@ def _int8_chain(y: Value, uses: Uses, layers: set[int]) -> list[Value] | None:
         for r in readers:
             if id(r) in layers and _reads_as_data(r, v):
                 continue
-            if is_op(r, *COMMUTING_OPS) and len(r.outputs) == 1 and r.inputs[0] is v and \
-                    all(x is None or x.is_const for x in r.inputs[1:]) and \
-                    (r.op_type != "Resize" or (r.attr("mode", "nearest") or "nearest") == "nearest"):
+            if moves_8bit_data(r) and r.inputs[0] is v:
                 chain.append(r.outputs[0])
                 todo.append(r.outputs[0])
                 continue

@@ -43,7 +43,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.logger import Logger
 from kiln.ops.qlayers import FLOAT, QuantSpec, quant_layer
-from kiln.passes.quantize import COMMUTING_OPS
+from kiln.passes.quantize import moves_8bit_data
 from kiln.passes.rewrite import Uses, is_op
 
 _SCALE = 1_000_000  # costs (ms) become integer capacities of 1e-6 ms: the cut is exact on them
@@ -232,18 +232,13 @@ class Group:
     blocked: bool = False  # something else reads a value of the group (a float op, a graph output)
 
 
-def _mover(n: Node) -> bool:
-    """An op that moves int8 data unchanged when the group is int8 (the lowering's own conditions)."""
-    return (is_op(n, *COMMUTING_OPS) and len(n.outputs) == 1 and bool(n.inputs) and n.inputs[0] is not None
-            and not n.inputs[0].is_const and all(x is None or x.is_const for x in n.inputs[1:])
-            and (n.op_type != "Resize" or (n.attr("mode", "nearest") or "nearest") == "nearest"))
 
 
 def groups(pre: Graph, candidates: set[str]) -> list[Group]:
     """The groups of the float graph `pre` that touch a candidate layer (as producer or reader)."""
     uses = Uses(pre)
     roots: list[Value] = [v for v in pre.inputs if not v.is_const]
-    roots += [o for n in pre.nodes if not _mover(n) for o in n.outputs]
+    roots += [o for n in pre.nodes if not moves_8bit_data(n) for o in n.outputs]
     out = []
     for root in roots:
         p = root.producer
@@ -256,7 +251,7 @@ def groups(pre: Graph, candidates: set[str]) -> list[Group]:
                 if r.name in candidates and all(i in (0, 3) for i, x in enumerate(r.inputs) if x is u):
                     if r.name not in grp.readers.setdefault(u.name, []):
                         grp.readers[u.name].append(r.name)
-                elif _mover(r) and r.inputs[0] is u and sum(x is u for x in r.all_inputs) == 1:
+                elif moves_8bit_data(r) and r.inputs[0] is u and sum(x is u for x in r.all_inputs) == 1:
                     grp.movers.append(r.name)
                     todo.append(r.outputs[0])
                 else:
