@@ -212,6 +212,7 @@ class Outputs:
 def _timm(arch: str) -> Callable[[], Any]:
     def build() -> Any:
         _seed()
+        import_torchvision()  # timm imports torchvision, which needs the stand-in NMS ops beside a CPU-only torch
         import timm
         return timm.create_model(arch, pretrained=False).eval()
     return build
