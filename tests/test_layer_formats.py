@@ -82,8 +82,30 @@ def _views(rng):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _gated(rng):
+    """A gated block on [N, H, W, C] rows (MambaOut's): a GEMM, a Split of its last axis into column views, a depthwise
+    conv on one part (Transposes to NCHW and back), a Concat of the last axis, Sigmoid(g) * the Concat, a GEMM."""
+    def f(*s):
+        return rng.standard_normal(s).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in [("w1", f(16, 64)), ("b1", f(64)), ("wd", f(16, 1, 3, 3)),
+                                                         ("w2", f(32, 16))]]
+    inits.append(helper.make_tensor("parts", TensorProto.INT64, [3], [32, 16, 16]))
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "w1"], ["m1"], name="fc1"), mk("Add", ["m1", "b1"], ["h"], name="fc1_bias"),
+             mk("Split", ["h", "parts"], ["g", "i", "c"], axis=-1, name="split"),
+             mk("Transpose", ["c"], ["cn"], perm=[0, 3, 1, 2], name="to_nchw"),
+             mk("Conv", ["cn", "wd"], ["cd"], group=16, pads=[1, 1, 1, 1], name="dwconv"),
+             mk("Transpose", ["cd"], ["cr"], perm=[0, 2, 3, 1], name="to_rows"),
+             mk("Concat", ["i", "cr"], ["cat"], axis=-1, name="cat"), mk("Sigmoid", ["g"], ["sg"], name="sig"),
+             mk("Mul", ["sg", "cat"], ["gated"], name="gate"), mk("MatMul", ["gated", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 16])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
 PLANS = {
     "cnn": (_cnn, dict(optimization_level=1)),
+    "gated": (_gated, dict(optimization_level=1)),
     "views": (_views, dict(optimization_level=1, profiles=[
         OptimizationProfile().set_shape("x", (1, 3, 8, 8), (3, 3, 8, 8), (4, 3, 8, 8))])),
     "int8": (_cnn, dict(optimization_level=0, int8=True, int8_by_speed=False, dynamic_ranges={"*": 4.0})),
@@ -185,6 +207,11 @@ def test_recorded_formats_are_what_the_kernels_produce(built, capsys):
         assert tactic["half"] == "view.slice" and rows["half"]["formats"]["outputs"][0].endswith(" view")
         assert rows["flatten"]["formats"]["outputs"] == ["fp32 row-major"]
         assert {"xshape", "batch", "range", "cast", "unsq"} <= {n for n, r in rows.items() if r["formats"]["host"]}
+    if name == "gated":  # rows in, rows out: the Pointwise and the Concat take their inputs' row-major form
+        gate = next(n for n, r in rows.items() if r["op"] == "Pointwise")
+        assert rows[gate]["formats"]["inputs"][0] == "fp32 NCHW view"  # the Split's column view g: 4-D rows
+        assert rows[gate]["formats"]["outputs"] == ["fp32 NCHW"]  # rows (4-D contiguous), not a channels-last scatter
+        assert rows["cat"]["formats"]["outputs"] == ["fp32 NCHW"]
     if library() is None:
         return  # what follows is about oneDNN's kernels (and the elision their 1x1 convolutions allow)
     dnnl_convs = [n for n, t in tactic.items() if t in ("cpu.conv_dnnl", "cpu.conv_onednn", "cpu.conv_winograd")]
@@ -350,3 +377,16 @@ def test_records_round_trip():
                       ([], ["fp32 NHWC"])]:
         assert parse_record(make_record(ins, outs)) == (ins, outs)
     assert parse_record("host") is None
+
+
+def test_gated_rows_block_matches_onnxruntime():
+    """The gated block's values, with its Pointwise and Concat written as rows, against onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng()
+    model = _gated(rng)
+    engine = Engine(Builder(Logger(Severity.ERROR)).build(model, BuilderConfig(device="cpu", optimization_level=1)))
+    x = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = engine.create_execution_context().execute({"x": x})["y"]
+    got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from kiln.backends.kernel import Kernel
+from kiln.backends.strides import channels_innermost
 from kiln.errors import KilnError
 from kiln.ir.dims import dim_size
 from kiln.ir.graph import Graph, Node, Value
@@ -515,7 +516,7 @@ class GraphFunction:
                     o = dest = placed[st.place]
                     if st.follow >= 0 and st.place in rows:
                         a = args[st.follow]
-                        if isinstance(a, torch.Tensor) and a.is_contiguous():
+                        if isinstance(a, torch.Tensor) and not channels_innermost(a):
                             o = dest = rows[st.place]
                     r = st.fn(*args, out=o)
                 elif not st.out:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from kiln.backends.strides import channels_innermost
 from kiln.backends.tactic import Tactic, TacticContext, candidate_tactics, get_tactic
 from kiln.backends.views import concat_axis, concat_kernel
 from kiln.errors import BuildError
@@ -555,7 +556,7 @@ class Autotuner:
             fmt = kern.out_format
             if fmt == "like_input":
                 first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4), None)
-                fmt = "contiguous" if first is not None and first.is_contiguous() else "channels_last"
+                fmt = "contiguous" if first is not None and not channels_innermost(first) else "channels_last"
             dest = torch.empty(out.shape, dtype=out.dtype, memory_format=torch.channels_last
                                if fmt == "channels_last" else torch.contiguous_format)
         else:

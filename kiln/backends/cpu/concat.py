@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from kiln.backends.kernel import Kernel
 from kiln.backends.tactic import Built, Tactic, TacticContext, register_tactic
 from kiln.backends.views import cat_into, concat_axis
 from kiln.ir.graph import Node
@@ -33,7 +34,9 @@ class CpuConcatTactic(Tactic):
 
         def k_cat(*xs: Tensor, out: Tensor | None = None) -> Tensor:
             return cat_into(xs, axis, out)
-        return k_cat
+        # the output slot takes the first input's form: channels-last beside convs, rows in a gated block's
+        # [N, H, W, C] tensors (a channels-last slot there turns every row of the copy into a scatter)
+        return Kernel(k_cat, out_format="like_input")
 
 
 register_tactic(CpuConcatTactic())
