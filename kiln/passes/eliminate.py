@@ -1,7 +1,9 @@
 """No-op elimination: Identity, inference Dropout, Cast to the same type, reshapes to the same shape, ...
 
 Each eliminated node's readers read its input instead (a graph output keeps its name: see
-kiln.passes.rewrite.bypass).
+kiln.passes.rewrite.bypass). An Expand read by broadcasting elementwise ops that broadcast as far anyway (the
+exporters' ``x / norm.clamp_min(eps).expand_as(x)`` of F.normalize) is no-op for those readers: they read its
+input, and the copy the Expand made is gone.
 """
 from __future__ import annotations
 
@@ -59,6 +61,38 @@ def _no_op_source(n: Node, uses: Uses) -> Value | None:
     return None
 
 
+_BROADCASTING = {"Add": 7, "Sub": 7, "Mul": 7, "Div": 7, "Pow": 7, "Mod": 10, "And": 7, "Or": 7, "Xor": 7,
+                 "Equal": 7, "Greater": 7, "Less": 7, "GreaterOrEqual": 12, "LessOrEqual": 12, "Max": 8, "Min": 8,
+                 "Sum": 8, "Mean": 8, "Where": 9, "BitShift": 11}
+"""Elementwise ops with multidirectional (numpy) broadcasting, from the opset where they have it."""
+
+
+def _expand_is_broadcast(e: Node, reader: Node, k: int) -> bool:
+    """Whether `reader`, reading Expand `e`'s output as its input `k`, computes the same if it reads e's input: it
+    broadcasts multidirectionally and another of its inputs already has e's output shape, so broadcasting e's
+    input (which broadcasts to that shape: Expand's own rule) reaches the same shape and the same values.
+    Proven from the types alone (shapes fully known, symbols equal by name)."""
+    if not is_op(reader, *_BROADCASTING) or reader.opset < _BROADCASTING[reader.op_type] or reader.subgraphs():
+        return False
+    out = e.outputs[0]
+    return any(j != k and v is not None and v is not out and same_shape(v.type, out.type)
+               for j, v in enumerate(reader.inputs))
+
+
+def _absorb_expand(g: Graph, e: Node, uses: Uses) -> bool:
+    """Readers of Expand `e` that broadcast as far anyway read its input instead; True if any did."""
+    x, out = e.input(0), e.outputs[0]
+    if x is None or x.kind != "tensor" or len(e.outputs) != 1:
+        return False
+    changed = False
+    for r in list(dict.fromkeys(uses.of(out))):
+        ks = [k for k, v in enumerate(r.inputs) if v is out]
+        if len(ks) == 1 and _expand_is_broadcast(e, r, ks[0]):
+            r.inputs = [x if v is out else v for v in r.inputs]
+            changed = True
+    return changed
+
+
 class EliminateNoOps(Pass):
     """Removes Identity, inference Dropout, no-op Cast/CastLike, same-shape reshapes, identity transposes."""
 
@@ -68,6 +102,10 @@ class EliminateNoOps(Pass):
         changed = False
         uses = Uses(g)
         for n in list(g.nodes):
+            if is_op(n, "Expand") and _absorb_expand(g, n, uses):
+                ctx.logger.verbose(f"Expand {n.name}: its broadcasting readers read its input")
+                changed = True
+                uses.refresh()
             src = _no_op_source(n, uses)
             if src is None or len([o for o in n.outputs[1:] if uses.of(o) or uses.is_output(o)]):
                 continue
