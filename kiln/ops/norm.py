@@ -137,7 +137,7 @@ class GroupNormalization(OpDef):
     def compute(self, node: Node, x: Tensor, scale: Tensor, b: Tensor) -> Tensor:
         require_float(node, x, scale, b)
         groups = int(node.attr("num_groups"))
-        n, c = int(x.shape[0]), int(x.shape[1])
+        n, c = x.shape[0], int(x.shape[1])  # n stays symbolic in type inference (a dynamic batch)
         if groups <= 0 or c % groups:
             raise UnsupportedOpError(f"node '{node.name}': {c} channels do not split into {groups} groups")
         eps = float(node.attr("epsilon", 1e-5))
@@ -228,7 +228,7 @@ class LRN(OpDef):
         bias = float(node.attr("bias", 1.0))
         dt = _acc(x)
         xf = x.to(dt)
-        n, c = int(x.shape[0]), int(x.shape[1])
+        n, c = x.shape[0], int(x.shape[1])  # n stays symbolic in type inference (a dynamic batch)
         sq = (xf * xf).reshape(n, c, -1).transpose(1, 2)  # (N, S, C)
         sq = F.pad(sq, [(size - 1) // 2, size // 2])
         total = sq.unfold(2, size, 1).sum(-1).transpose(1, 2).reshape(x.shape)

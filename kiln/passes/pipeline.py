@@ -23,7 +23,7 @@ from kiln.passes.pad import FoldPad
 from kiln.passes.pointwise import FusePointwise
 from kiln.passes.quantize import FoldWeightDequantize
 from kiln.passes.recognise import (RecogniseChannelShuffle, RecogniseGelu, RecogniseHardSwish, RecogniseLayerNorm,
-                                   RecogniseRMSNorm)
+                                   RecogniseGroupNorm, RecogniseRMSNorm)
 from kiln.passes.residual_norm import FuseResidualNorm
 from kiln.passes.scale import CommuteAffineThroughRelu, FoldScale
 from kiln.passes.shape_inference import InferTypes
@@ -53,6 +53,7 @@ def default_pipeline() -> list[Pass]:
         RecogniseHardSwish(),
         RecogniseLayerNorm(),
         RecogniseRMSNorm(),
+        RecogniseGroupNorm(),
         RecogniseChannelShuffle(),
         # scaled dot-product attention (MatMul / scale / mask / Softmax / MatMul, heads split and merged) -> one
         # Attention layer, before its MatMuls fuse into gemms and its mask Add into a pointwise program

@@ -13,6 +13,9 @@ as one ChannelShuffle it is one copy in the channels-last layout (kiln.ops.shuff
     HardSigmoid: Clip(x + 3, 0, 6) / 6                     (the same without the product: HardSigmoid(1/6, 1/2))
     LayerNorm:  d = x - ReduceMean(x); y = d / Sqrt(ReduceMean(d^2) + eps) [* gamma] [+ beta]
                 over trailing axes, d^2 as Pow(d, 2) or d * d; gamma/beta constants over the normalized dims
+    GroupNorm:  Reshape(x [N, C, ...] -> [N, G, -1]) / InstanceNormalization(s [G], b [G]) / Reshape back to
+                x's shape [* gamma] [+ beta]   (gamma/beta per-channel constants; PyTorch's GroupNorm as the
+                TorchScript exporter writes it)
 
 Every constant must equal the formula's (to its dtype's precision), every intermediate must be read
 only inside the pattern and must not be a graph output, so the rewrite computes exactly what the
@@ -27,13 +30,14 @@ import torch
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import Dim
 from kiln.passes.base import Pass, PassContext
-from kiln.passes.rewrite import Uses, const, is_op, remove_node, replace_nodes, runtime, scalar
+from kiln.passes.rewrite import Uses, const, is_op, per_channel, remove_node, replace_nodes, runtime, same_shape, scalar
 
 Tensor = torch.Tensor
 GELU_OPSET = 20           # the first ai.onnx opset with Gelu
 HARDSWISH_OPSET = 14      # the first ai.onnx opset with HardSwish
 HARDSIGMOID_OPSET = 6
 LAYERNORM_OPSET = 17      # the first ai.onnx opset with LayerNormalization
+GROUPNORM_OPSET = 21      # the first ai.onnx opset whose GroupNormalization takes per-channel scale and bias
 
 
 def _close(v: Value | None, want: float) -> bool:
@@ -445,6 +449,85 @@ class RecogniseRMSNorm(_RecogniseNorm):
         rms = Node("RMSNormalization", [x, g.constant(f"{name}_scale", gamma)], [out],
                    {"axis": axis, "epsilon": float(e)}, name=name, opset=RMSNORM_OPSET)
         return nodes, rms
+
+
+class RecogniseGroupNorm(Pass):
+    """Reshape to [N, G, -1] / InstanceNormalization / Reshape back (/ per-channel Mul / Add) -> one
+    GroupNormalization: three layers and two copies (a channels-last input reshaped to rows) become one
+    normalization read in the input's own layout. Instance normalization of the [N, G, C/G * spatial] view is
+    group normalization of x by definition; the instance scale and bias (per group) and the affine after it
+    (per channel) fold into one per-channel scale and bias."""
+
+    name = "groupnorm recognition"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for n in list(g.nodes):
+            if not is_op(n, "InstanceNormalization") or n not in g.nodes:
+                continue
+            m = self._match(g, n, uses)
+            if m is None:
+                continue
+            nodes, norm = m
+            replace_nodes(g, nodes, [norm])
+            ctx.logger.verbose(f"Recognised GroupNorm {norm.name} ({norm.attr('num_groups')} groups) "
+                               f"from {len(nodes)} nodes: {', '.join(k.name for k in nodes)}")
+            changed = True
+            uses.refresh()
+        return changed
+
+    @staticmethod
+    def _match(g: Graph, inst: Node, uses: Uses) -> tuple[list[Node], Node] | None:
+        r1 = inst.inputs[0].producer if inst.inputs and inst.inputs[0] is not None else None
+        if not is_op(r1, "Reshape") or uses.only(r1.outputs[0]) is not inst or len(inst.outputs) != 1:
+            return None
+        x = r1.inputs[0]
+        shape = x.type.shape if x is not None else None
+        if x is None or not runtime(x) or shape is None or len(shape) < 3 or not isinstance(shape[1], int) \
+                or x.type.dtype is None or not x.type.dtype.is_float:
+            return None
+        target = _reshape_target(r1)
+        if target is None or len(target[0]) != 3:
+            return None
+        (t0, groups, rest), allowzero = target
+        channels = int(shape[1])
+        if rest != -1 or groups <= 0 or channels % groups or not (
+                (t0 == 0 and not allowzero) or (isinstance(shape[0], int) and t0 == shape[0])):
+            return None
+        s, b = const(inst.input(1)), const(inst.input(2))
+        if s is None or b is None or tuple(s.shape) != (groups,) or tuple(b.shape) != (groups,) \
+                or not s.dtype.is_floating_point or not b.dtype.is_floating_point:
+            return None
+        r2 = uses.only(inst.outputs[0])
+        if not is_op(r2, "Reshape") or not same_shape(r2.outputs[0].type, x.type):
+            return None
+        nodes = [r1, inst, r2]
+        out = r2.outputs[0]
+        per = channels // groups
+        scale = s.double().repeat_interleave(per)
+        bias = b.double().repeat_interleave(per)
+        for op in ("Mul", "Add"):
+            n = _only(uses, out, op)
+            c = None if n is None else const(_operands(n, out))
+            v = None if c is None or not c.dtype.is_floating_point else per_channel(c, len(shape), channels)
+            if v is None:
+                continue
+            if op == "Mul":
+                scale, bias = scale * v.double(), bias * v.double()
+            else:
+                bias = bias + v.double()
+            nodes.append(n)  # type: ignore[arg-type]
+            out = n.outputs[0]  # type: ignore[union-attr]
+        if any(uses.is_output(k.outputs[0]) for k in nodes[:-1]):
+            return None
+        dt = x.type.dtype.torch
+        name = g.unique_name(f"{inst.name}_groupnorm")
+        norm = Node("GroupNormalization", [x, g.constant(f"{name}_scale", scale.to(dt)),
+                                           g.constant(f"{name}_bias", bias.to(dt))], [out],
+                    {"num_groups": groups, "epsilon": float(inst.attr("epsilon", 1e-5))}, name=name,
+                    opset=GROUPNORM_OPSET)
+        return nodes, norm
 
 
 SHUFFLE_PERM = [0, 2, 1, 3, 4]

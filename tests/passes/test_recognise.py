@@ -273,3 +273,79 @@ def test_rmsnorm_near_misses_are_left_alone() -> None:
     m = _model(nodes, consts, ["y", "sd"], [2, 5, H])  # the root mean square is read outside
     steps = _check(m, rng.standard_normal((2, 5, H)).astype(np.float32))
     assert "RMSNormalization" not in [s["op"] for s in steps]
+
+
+def _groupnorm(groups: int, affine: bool, rng: np.random.Generator, c: int = 8,
+               target0: int = 0) -> tuple[list, dict[str, np.ndarray]]:
+    """PyTorch's GroupNorm as the TorchScript exporter writes it: Reshape to [N, G, -1], InstanceNormalization with a
+    per-group scale and bias (ones and zeros there; random here), Reshape back to Shape(x), per-channel Mul / Add."""
+    nodes = [helper.make_node("Reshape", ["x", "t"], ["r"]),
+             helper.make_node("InstanceNormalization", ["r", "s", "b"], ["i"], epsilon=1e-5),
+             helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Reshape", ["i", "sx"], ["y" if not affine else "r2"])]
+    consts = {"t": np.array([target0, groups, -1], np.int64),
+              "s": (rng.standard_normal(groups) + 1).astype(np.float32), "b": rng.standard_normal(groups).astype(np.float32)}
+    if affine:
+        nodes += [helper.make_node("Mul", ["r2", "g"], ["m"]), helper.make_node("Add", ["m", "be"], ["y"])]
+        consts |= {"g": rng.standard_normal((c, 1, 1)).astype(np.float32),
+                   "be": rng.standard_normal((c, 1, 1)).astype(np.float32)}
+    return nodes, consts
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+@pytest.mark.parametrize("affine", [True, False])
+def test_exported_groupnorm_is_one_layer(groups: int, affine: bool) -> None:
+    rng = np.random.default_rng()
+    nodes, consts = _groupnorm(groups, affine, rng)
+    m = _model(nodes, consts, ["y"], ["N", 8, 5, 6])
+    x = (rng.standard_normal((3, 8, 5, 6)) * 3 + 1).astype(np.float32)
+    steps = _check(m, x, dynamic=True, tol=1e-5)
+    assert [s["op"] for s in steps] == ["GroupNormalization"] and steps[0]["tactic"] == "cpu.groupnorm"
+
+
+def test_groupnorm_near_misses_are_left_alone() -> None:
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 8, 5, 6)).astype(np.float32)
+    nodes, consts = _groupnorm(2, True, rng)
+    m = _model(nodes, consts, ["y", "i"], [2, 8, 5, 6])  # the instance norm's output is read outside the pattern
+    assert "GroupNormalization" not in [s["op"] for s in _check(m, x, tol=1e-5)]
+    nodes, consts = _groupnorm(2, False, rng)
+    nodes[3] = helper.make_node("Reshape", ["i", "back"], ["y"])  # back to [N, C, 30], not x's shape
+    m = _model(nodes, consts | {"back": np.array([0, 8, -1], np.int64)}, ["y"], [2, 8, 5, 6])
+    assert "GroupNormalization" not in [s["op"] for s in _check(m, x, tol=1e-5)]
+
+
+@pytest.mark.parametrize("case", ["group21", "group18", "instance3d", "instance_channels_last"])
+def test_cpu_groupnorm_matches_onnxruntime(case: str) -> None:
+    """cpu.groupnorm (aten's group_norm) on GroupNormalization of opset 21 (per-channel scale) and 18 (per-group),
+    and InstanceNormalization on rank 3 and on a conv's channels-last output, against the oracle."""
+    rng = np.random.default_rng()
+    c, opset, shape = 12, 21, [2, 12, 7, 9]
+    consts = {"s": rng.standard_normal(c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32)}
+    if case.startswith("group"):
+        opset = int(case[-2:])
+        k = 3 if opset == 18 else c
+        consts = {"s": rng.standard_normal(k).astype(np.float32), "b": rng.standard_normal(k).astype(np.float32)}
+        nodes = [helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3, epsilon=1e-5)]
+    elif case == "instance3d":
+        shape = [3, 12, 40]
+        nodes = [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-5)]
+    else:
+        consts["w"] = (rng.standard_normal((c, c, 3, 3)) / 6).astype(np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+                 helper.make_node("InstanceNormalization", ["a", "s", "b"], ["y"], epsilon=1e-5)]
+    m = _model(nodes, consts, ["y"], shape, opset=opset)
+    steps = _check(m, (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32), tol=1e-5)
+    assert steps[-1]["tactic"] == "cpu.groupnorm"
+
+
+def test_groupnorm_keeps_a_dynamic_batch_in_its_type() -> None:
+    """GroupNormalization's output type keeps a symbolic batch (its reference once forced the batch to an int, so
+    type inference lost every dim): the pool after it keeps its fast tactic and the plan loads."""
+    rng = np.random.default_rng()
+    nodes, consts = _groupnorm(4, True, rng)
+    nodes.append(helper.make_node("AveragePool", ["y"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                  count_include_pad=0))
+    m = _model(nodes, consts, ["p"], ["N", 8, 5, 6])
+    steps = _check(m, rng.standard_normal((2, 8, 5, 6)).astype(np.float32), dynamic=True, tol=1e-5)
+    assert [s["op"] for s in steps] == ["GroupNormalization", "AveragePool"] and steps[1]["tactic"] != "ref"

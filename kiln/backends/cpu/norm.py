@@ -185,6 +185,59 @@ class CRMSNormTactic(CLayerNormTactic):
         return _row_kernel(node, n, run, fallback, (w,))
 
 
+class CpuGroupNormTactic(CpuTactic):
+    """GroupNormalization and InstanceNormalization (float32 or bfloat16, constant scale and bias) via aten's
+    group_norm: one fused pass for the statistics and one to normalise, reading NCHW or channels-last input in
+    place (an instance norm is a group norm with one channel per group). Statistics in float32, as the
+    reference's stash type 1. Opset 18's per-group scale and bias are spread to the channels once, at build."""
+
+    id = "cpu.groupnorm"
+
+    torch_dispatch = True
+    ops = (("", "GroupNormalization"), ("ai.onnx", "GroupNormalization"),
+           ("", "InstanceNormalization"), ("ai.onnx", "InstanceNormalization"))
+    priority = 20
+
+    @staticmethod
+    def _groups(node: Node) -> tuple[int, int] | None:
+        """(groups, channels) where both are known and the channels split into the groups."""
+        shape = node.inputs[0].type.shape
+        if shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+            return None
+        c = int(shape[1])
+        g = c if node.op_type == "InstanceNormalization" else int(node.attr("num_groups", 0))
+        return (g, c) if g > 0 and c % g == 0 else None
+
+    @staticmethod
+    def _affine(node: Node, i: int, groups: int, channels: int) -> Tensor | None:
+        c = const_float(node.input(i), bf16=True)
+        if c is None or c.dim() != 1:
+            return None
+        if c.numel() == groups and groups != channels:  # opset 18: one value per group
+            return c.repeat_interleave(channels // groups).contiguous()
+        return c.contiguous() if c.numel() == channels else None
+
+    def accepts(self, node: Node) -> bool:
+        x = node.inputs[0]
+        if len(node.outputs) != 1 or x is None or int(node.attr("stash_type", 1)) != 1 or len(node.inputs) != 3:
+            return False
+        if x.type.dtype not in (DType.FLOAT32, DType.BFLOAT16) or node.outputs[0].type.dtype != x.type.dtype:
+            return False
+        gc = self._groups(node)
+        return gc is not None and all(self._affine(node, i, *gc) is not None for i in (1, 2))
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        groups, channels = self._groups(node)  # type: ignore[misc]
+        w, b = (self._affine(node, i, groups, channels) for i in (1, 2))
+        eps = float(node.attr("epsilon", 1e-5))
+        group_norm = F.group_norm
+
+        def k_groupnorm(x: Tensor, *_: Any) -> Tensor:
+            return group_norm(x, groups, w, b, eps)
+        return Kernel(k_groupnorm, prepacked=frozenset({1, 2}))
+
+
 register_tactic(CpuLayerNormTactic())
+register_tactic(CpuGroupNormTactic())
 register_tactic(CLayerNormTactic())
 register_tactic(CRMSNormTactic())
