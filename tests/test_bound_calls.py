@@ -206,3 +206,34 @@ def test_gemms_over_token_rows_are_bound() -> None:
     kinds = [(st.node.op_type, st.kernel.bind is not None, b is not None) for st, b in zip(steps, entry[1])]
     gemms = [k for k in kinds if k[0] == "FusedGemm"]  # the first reads the input, the last writes the output
     assert len(gemms) == 4 and all(bound for _, _, bound in gemms[1:3]), kinds
+
+
+def test_a_conv_reading_a_channel_slice_of_a_concat_is_bound() -> None:
+    """GhostNet's module: a 1x1 primary conv, a depthwise 'cheap' conv on its output, Concat of both, then a
+    conv. The primary writes its part of the Concat's channels-last buffer, so the cheap conv reads a strided
+    channel slice: its call copies that slice into a dense buffer and is repeated bound like any other layer.
+    Checked against onnxruntime on fresh inputs at every call (the bound copy must read each call's data)."""
+    rng = np.random.default_rng()
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    inits = {"w0": w(C, 8, 3, 3), "wp": w(C, C, 1, 1), "bp": w(C, 1)[:, 0], "wc": w(C, 1, 3, 3),
+             "bc": w(C, 1)[:, 0], "wo": w(8, 2 * C, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["t"], pads=[1, 1, 1, 1]),  # reads the network's input
+             helper.make_node("Conv", ["t", "wp", "bp"], ["p0"]), helper.make_node("Relu", ["p0"], ["p"]),
+             helper.make_node("Conv", ["p", "wc", "bc"], ["c0"], group=C, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["c"]), helper.make_node("Concat", ["p", "c"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "wo"], ["y"])]
+    g = helper.make_graph(nodes, "ghost", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 14, 14])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    engine = Engine(Builder(Logger(Severity.ERROR)).build(model, BuilderConfig(optimization_level=0)))
+    steps = engine.function.steps
+    cheap = next(k for k, st in enumerate(steps) if st.node.op_type == "FusedConv" and st.node.attr("group", 1) == C)
+    if steps[cheap].node.inputs[0] is not steps[cheap - 1].node.outputs[0] or not steps[cheap - 1].out:
+        pytest.skip("the primary conv's tactic does not write into the Concat here (no oneDNN)")
+    ctx = engine.create_execution_context()
+    for _ in range(3):
+        x = rng.standard_normal((1, 8, 14, 14)).astype(np.float32)
+        assert_close_to_scale(ctx.execute({"x": x})["y"], run_oracle(model, {"x": x})[0])
+    (entry,) = engine.function._bound.calls.values()
+    assert steps[cheap].kernel.bind is not None and entry[1][cheap] is not None

@@ -494,6 +494,8 @@ class GraphFunction:
         binds, record, stable = self._bound_calls(dims, arena, placed, rows)
         for k, (st, bound) in enumerate(zip(self.steps, binds)):
             if bound is not None:  # this step's call on these arena views, repeated as bound at its first run
+                for a in st.allocs:  # in-place Concat buffers it starts: arena views (else it was not bound)
+                    env[a.slot] = placed[a.slot]
                 try:
                     if hook is None:
                         r = bound()
@@ -530,7 +532,8 @@ class GraphFunction:
                     hook(st.node, time.perf_counter() - t0, r)
             except Exception as e:
                 raise _step_error(st.node, e) from (None if isinstance(e, KilnError) else e)
-            if record is not None and st.kernel.bind is not None and st.single and not st.allocs \
+            if record is not None and st.kernel.bind is not None and st.single \
+                    and all(a.slot in placed for a in st.allocs) \
                     and all(a is None or id(a) in stable for a in args) \
                     and all(id(env[buf]) in stable for buf, *_ in st.out):  # type: ignore[operator]
                 r = _bind_step(st, args, dest, r, record, k, stable)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from kiln.backends.cpu.dnnl import FLOAT32, released
 from kiln.backends.cpu.dnnl_primitive import ChannelsLast, Primitive
 from kiln.backends.cpu.fallback import ReferenceFallback
 from kiln.backends.kernel import Kernel
+from kiln.backends.strides import channels_innermost
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
 
@@ -37,9 +38,24 @@ def channels_last_kernel(node: Node, lib: Any, make: Make, x_types: tuple[torch.
 
     def bind(args: Any, out: Any) -> Any:
         x, z = args[0], (args[3] if len(args) > 3 else None)
-        if not _dense(x) or (z is not None and not _dense(z)):  # the call copied it to channels-last first
+        if z is not None and not _dense(z):  # the call copied it to channels-last first
             return None
-        return run.bind(x, z, out)  # type: ignore[attr-defined]
+        if _dense(x):
+            return run.bind(x, z, out)  # type: ignore[attr-defined]
+        if not isinstance(x, Tensor) or not channels_innermost(x):
+            return None
+        # a channel slice of a wider NHWC buffer (a GhostNet cheap conv reading the primary conv's part of an
+        # elided Concat): the bound call copies it into a dense buffer of its own, then runs as on dense input
+        dense = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
+        call = run.bind(dense, z, out)  # type: ignore[attr-defined]
+        if call is None:
+            return None
+        copy = dense.copy_
+
+        def bound() -> Any:
+            copy(x)
+            return call()
+        return bound
 
     def release() -> None:
         run.close()  # type: ignore[attr-defined]
