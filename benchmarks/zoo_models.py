@@ -515,6 +515,17 @@ def registry() -> list[ZooModel]:
         _timm_entry("convnext_tiny", "convnext_tiny", "ConvNeXt-T (timm): 7x7 depthwise, LayerNorm, GELU"),
         _timm_entry("regnety_016", "regnety_016", "RegNetY-1.6GF (timm): grouped convs, SE"),
         _timm_entry("densenet121", "densenet121", "DenseNet-121 (timm): concatenations"),
+        # found by sweeping timm (session 12): each exposed a class of slow path, fixed, kept here to stay fixed
+        _timm_entry("ghostnet_100", "ghostnet_100", "GhostNet-1.0 (timm): cheap depthwise convs on a channel slice "
+                    "of their Concat"),
+        _timm_entry("mambaout_femto", "mambaout_femto", "MambaOut-Femto (timm): gated blocks on [N, H, W, C] rows "
+                    "(Split of the last axis, depthwise conv, Concat, GELU gate)"),
+        _timm_entry("poolformer_s12", "poolformer_s12", "PoolFormer-S12 (timm): GroupNorm exported as "
+                    "Reshape / InstanceNormalization / Reshape, average-pool token mixer"),
+        _timm_entry("xcit_nano_12_p16_224", "xcit_nano_12_p16_224", "XCiT-Nano (timm): cross-covariance attention "
+                    "(F.normalize's ReduceL2 / Clip / Expand / Div), local patch interaction", family="transformer"),
+        _timm_entry("levit_128s", "levit_128s", "LeViT-128S (timm): attention with learned biases, BatchNorm on "
+                    "tokens, hard-swish", family="transformer"),
         _timm_entry("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16 (timm)", family="transformer"),
         _timm_entry("vit_small_patch16_224", "vit_small_patch16_224", "ViT-S/16 (timm)", family="transformer"),
         _timm_entry("deit_small_patch16_224", "deit_small_patch16_224", "DeiT-S/16 (timm)", family="transformer"),
