@@ -299,17 +299,25 @@ def _affine(v: Value, axis: int, x: Value, uses: Uses, op: str) -> tuple[Node, T
 
 
 class _RecogniseNorm(Pass):
-    """A normalisation decomposed around a keepdims ReduceMean, matched from that ReduceMean (`_match`) and
-    replaced by one node."""
+    """A normalisation decomposed around an anchor node (by default a keepdims ReduceMean), matched from that node
+    (`_match`) and replaced by one node."""
 
     what = ""
+
+    @staticmethod
+    def _anchor(n: Node) -> bool:
+        return _reduce_axes(n) is not None
+
+    @staticmethod
+    def _detail(norm: Node) -> str:
+        return f"axis {norm.attr('axis')}"
 
     def run(self, g: Graph, ctx: PassContext) -> bool:
         changed = False
         uses = Uses(g)
         gone: set[int] = set()  # ids of nodes an earlier rewrite replaced
         for n in list(g.nodes):
-            if id(n) in gone or _reduce_axes(n) is None:
+            if id(n) in gone or not self._anchor(n):
                 continue
             m = self._match(g, n, uses)
             if m is None:
@@ -317,7 +325,8 @@ class _RecogniseNorm(Pass):
             nodes, norm = m
             gone |= {id(k) for k in nodes}
             replace_nodes(g, nodes, [norm])
-            ctx.logger.verbose(f"Recognised {self.what} {norm.name} (axis {norm.attr('axis')}) from {len(nodes)} nodes")
+            ctx.logger.verbose(f"Recognised {self.what} {norm.name} ({self._detail(norm)}) from {len(nodes)} nodes: "
+                               f"{', '.join(k.name for k in nodes)}")
             changed = True
             uses.refresh()
         return changed
@@ -451,7 +460,7 @@ class RecogniseRMSNorm(_RecogniseNorm):
         return nodes, rms
 
 
-class RecogniseGroupNorm(Pass):
+class RecogniseGroupNorm(_RecogniseNorm):
     """Reshape to [N, G, -1] / InstanceNormalization / Reshape back (/ per-channel Mul / Add) -> one
     GroupNormalization: three layers and two copies (a channels-last input reshaped to rows) become one
     normalization read in the input's own layout. Instance normalization of the [N, G, C/G * spatial] view is
@@ -459,23 +468,15 @@ class RecogniseGroupNorm(Pass):
     (per channel) fold into one per-channel scale and bias."""
 
     name = "groupnorm recognition"
+    what = "GroupNorm"
 
-    def run(self, g: Graph, ctx: PassContext) -> bool:
-        changed = False
-        uses = Uses(g)
-        for n in list(g.nodes):
-            if not is_op(n, "InstanceNormalization") or n not in g.nodes:
-                continue
-            m = self._match(g, n, uses)
-            if m is None:
-                continue
-            nodes, norm = m
-            replace_nodes(g, nodes, [norm])
-            ctx.logger.verbose(f"Recognised GroupNorm {norm.name} ({norm.attr('num_groups')} groups) "
-                               f"from {len(nodes)} nodes: {', '.join(k.name for k in nodes)}")
-            changed = True
-            uses.refresh()
-        return changed
+    @staticmethod
+    def _anchor(n: Node) -> bool:
+        return is_op(n, "InstanceNormalization")
+
+    @staticmethod
+    def _detail(norm: Node) -> str:
+        return f"{norm.attr('num_groups')} groups"
 
     @staticmethod
     def _match(g: Graph, inst: Node, uses: Uses) -> tuple[list[Node], Node] | None:
