@@ -28,6 +28,7 @@ from kiln.passes.residual_norm import FuseResidualNorm
 from kiln.passes.scale import CommuteAffineThroughRelu, FoldScale
 from kiln.passes.shape_inference import InferTypes
 from kiln.passes.shapes import SimplifyShapes
+from kiln.passes.summed_convs import MergeSummedConvs
 from kiln.passes.squeeze_excite import FuseSqueezeExcite
 
 
@@ -64,6 +65,9 @@ def default_pipeline() -> list[Pass]:
         CommuteAffineThroughRelu(),  # Relu(y) * s + t -> Clip(y * s + t, min=t): the affine then folds too
         FoldScale(),
         FoldPad(),  # after the affine folds: a zero Pad of Clip(min >= 0) then folds into a MaxPool too
+        # Add of convolutions of one input (RepVGG / MobileOne branches) -> one convolution; a constant added to the
+        # sum then folds into its bias
+        Fixpoint("summed convs", [MergeSummedConvs(), FoldScale()]),
         # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
         HoistActivationAboveReshape(),  # GEMM -> Reshape -> activation: the activation first

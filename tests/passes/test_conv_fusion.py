@@ -88,12 +88,13 @@ def test_relu_then_residual_add() -> None:
 
 
 def test_both_add_operands_convs() -> None:
-    """Projection shortcut: the later conv takes the Add; the earlier conv's output is Z."""
+    """Projection shortcut: the later conv takes the Add; the earlier conv's output is Z. (The two convs read
+    different tensors: two convs of one input summed are one convolution, kiln.passes.summed_convs.)"""
     nodes = [helper.make_node("Conv", ["x", "w2", "b"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
-             conv("x", "c", "conv_b"),  # (other weights: two equal convs would be computed once)
+             conv("x2", "c", "conv_b"),
              helper.make_node("Add", ["a", "c"], ["s"], name="add1"),
              helper.make_node("Relu", ["s"], ["y"], name="relu1")]
-    m = model(nodes, {"x": (1, 4, 5, 5)}, ["y"], {"w": W, "w2": W[::-1].copy(), "b": B})
+    m = model(nodes, {"x": (1, 4, 5, 5), "x2": (1, 4, 5, 5)}, ["y"], {"w": W, "w2": W[::-1].copy(), "b": B})
     g, _ = optimized(m)
     assert ops(g) == ["FusedConv", "FusedConv"] and g.nodes[1].name == "conv_b"
     compare(m)
