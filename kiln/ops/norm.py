@@ -228,7 +228,7 @@ class LRN(OpDef):
         bias = float(node.attr("bias", 1.0))
         dt = _acc(x)
         xf = x.to(dt)
-        n, c = x.shape[0], int(x.shape[1])  # n stays symbolic in type inference (a dynamic batch)
+        n, c = int(x.shape[0]), int(x.shape[1])
         sq = (xf * xf).reshape(n, c, -1).transpose(1, 2)  # (N, S, C)
         sq = F.pad(sq, [(size - 1) // 2, size // 2])
         total = sq.unfold(2, size, 1).sum(-1).transpose(1, 2).reshape(x.shape)
