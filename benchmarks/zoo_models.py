@@ -222,7 +222,10 @@ def _tv(fn: str, **kw: Any) -> Callable[[], Any]:
     def build() -> Any:
         tv = import_torchvision()
         _seed()
-        return getattr(tv.models, fn)(weights=None, **kw).eval()
+        import torchvision.models.segmentation as seg  # segmentation builders live in their own module
+        make = getattr(tv.models, fn, None) or getattr(seg, fn)
+        extra = {"weights_backbone": None} if make.__module__.startswith("torchvision.models.segmentation") else {}
+        return make(weights=None, **extra, **kw).eval()  # (segmentation: no download of the backbone's weights)
     return build
 
 
