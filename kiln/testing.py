@@ -99,12 +99,11 @@ def exact_int8_cpu() -> tuple[bool, str]:
     """(whether the CPU target builds every int8 layer on integer kernels here, the skip reason for tests that need
     that): x86 CPUs without VNNI compute exactly only uint8 inputs times weights within +-64
     (kiln.backends.cpu.features.exact_int8_layer), so a Q/DQ model's other layers build in float there."""
-    from kiln.backends.cpu.features import exact_int8
+    from kiln.backends.cpu.features import NO_VNNI_INT8, exact_int8
     ok, why = calibrated_int8_cpu()
     if not ok:
         return ok, why
-    return exact_int8(), ("this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs "
-                          "and weights within +-64, so a Q/DQ model's full-range layers build in float (tested by "
+    return exact_int8(), (f"{NO_VNNI_INT8}, so a Q/DQ model's full-range layers build in float (tested by "
                           "test_quantize.py::test_int8_without_vnni_builds_uint8_layers_with_7_bit_weights)")
 
 

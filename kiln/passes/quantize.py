@@ -571,8 +571,8 @@ def _non_negative(v: Value, depth: int = 8) -> bool:
     if n.domain == "kiln" and n.op_type in ("FusedConv", "FusedGemm"):
         residual_after = n.input(3) is not None and bool(int(n.attr("act_before_add", 0) or 0))
         return str(n.attr("activation", "") or "") == "Relu" and not residual_after
-    if is_op(n, *COMMUTING_OPS) and n.inputs and n.inputs[0] is not None:
-        return _non_negative(n.inputs[0], depth - 1)
+    if moves_8bit_data(n):  # (not a cubic Resize: its taps can undershoot below zero)
+        return _non_negative(n.inputs[0], depth - 1)  # type: ignore[arg-type]
     return False
 
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node, Value
+from kiln.ops.conv import auto_pad_mode, kernel_shape, strides_dilations, window_ints
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.batchnorm import bn_affine
 from kiln.passes.rewrite import Uses, const, is_float_weight, is_op, per_channel, replace_nodes
@@ -44,15 +46,19 @@ class Branch:
 
 
 def _conv_branch(n: Node | None) -> Branch | None:
-    if not is_op(n, "Conv") or len(n.outputs) != 1 or (n.attr("auto_pad", "NOTSET") or "NOTSET") != "NOTSET":
+    if not is_op(n, "Conv") or len(n.outputs) != 1 or auto_pad_mode(n) != "NOTSET":  # type: ignore[arg-type]
         return None
-    w, b = const(n.input(1)), const(n.input(2))
-    if w is None or not is_float_weight(w) or w.dim() < 3 or (n.input(2) is not None and b is None):
+    w, b = const(n.input(1)), const(n.input(2))  # type: ignore[union-attr]
+    if w is None or not is_float_weight(w) or w.dim() < 3 or (n.input(2) is not None and b is None):  # type: ignore[union-attr]
         return None
     rank = w.dim() - 2
-    return Branch(n, n.inputs[0], w, b, tuple(int(s) for s in (n.attr("strides") or [1] * rank)),
-                  tuple(int(d) for d in (n.attr("dilations") or [1] * rank)),
-                  [int(p) for p in (n.attr("pads") or [0] * (2 * rank))], int(n.attr("group", 1)))
+    try:  # the op's own attribute checks; a malformed conv is left for its validation to report
+        kernel_shape(n, w)  # type: ignore[arg-type]
+        strides, dilations = strides_dilations(n, rank)  # type: ignore[arg-type]
+        pads = window_ints(n, "pads", rank, 0)  # type: ignore[arg-type]
+    except KilnError:
+        return None
+    return Branch(n, n.inputs[0], w, b, tuple(strides), tuple(dilations), pads, int(n.attr("group", 1)))  # type: ignore[arg-type,union-attr]
 
 
 def _affine_of(n: Node | None, channels: int, rank: int, uses: Uses) -> tuple[Value, Tensor, Tensor, tuple[Node, ...]] | None:

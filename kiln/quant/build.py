@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.backends.cpu.features import NO_VNNI_INT8
 from kiln.errors import BuildError
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Graph, Node
@@ -116,8 +117,7 @@ def _lower(g: Graph, ranges: dict[str, float] | None, exclude: set[str], ctx: Pa
     PassManager([fuse, FuseQuantizedResidual(), Fixpoint("Q/DQ", [PropagateQuantization(),
                                                                   DeadCodeElimination()])]).run(g, ctx)
     if fuse.declined:
-        ctx.logger.warning(f"this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs and "
-                           f"weights within +-64, so {len(fuse.declined)} conv/gemm layer(s) of the model run in "
+        ctx.logger.warning(f"{NO_VNNI_INT8}, so {len(fuse.declined)} conv/gemm layer(s) of the model run in "
                            f"float between their Q/DQ nodes (e.g. '{fuse.declined[0]}'); onnxruntime's quantize_static "
                            "with reduce_range=True and uint8 activations writes layers that fit")
     if ranges is not None and fp8:

@@ -232,8 +232,6 @@ class Group:
     blocked: bool = False  # something else reads a value of the group (a float op, a graph output)
 
 
-
-
 def groups(pre: Graph, candidates: set[str]) -> list[Group]:
     """The groups of the float graph `pre` that touch a candidate layer (as producer or reader)."""
     uses = Uses(pre)

@@ -91,6 +91,11 @@ NO_VNNI_WEIGHT_MAX = 64
 """Without VNNI, weights within +-64 keep oneDNN's u8 x s8 pair sums inside int16 (255 * 64 * 2 = 32640)."""
 
 
+NO_VNNI_INT8 = (f"this x86 CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs and weights "
+                f"within +-{NO_VNNI_WEIGHT_MAX}")
+"""The rule `exact_int8_layer` applies, as warnings, refusals and test skips state it."""
+
+
 def exact_int8_layer(x_dtype: DType | None, w: torch.Tensor) -> bool:
     """Whether oneDNN computes an int8 layer with this input type and int8 weight exactly here: always where
     `exact_int8`; on x86 without VNNI for a uint8 input and weights within +-NO_VNNI_WEIGHT_MAX (Kiln's own

@@ -24,7 +24,7 @@ from kiln.backends.cpu.dnnl import library, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
 from kiln.backends.cpu.dnnl_int8 import QConvolution, QMatMul, Requant
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel, rows_kernel
-from kiln.backends.cpu.features import exact_int8_layer
+from kiln.backends.cpu.features import NO_VNNI_INT8, exact_int8_layer
 from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.dtype import DType
@@ -117,8 +117,7 @@ def _why_inexact(node: Node) -> str | None:
         return None
     if exact_int8_layer(x.type.dtype, w.const):
         return None
-    return ("this CPU has no VNNI: oneDNN's int8 kernels are exact here only for uint8 inputs and weights within "
-            "+-64")
+    return NO_VNNI_INT8
 
 
 class DnnlQConvTactic(CpuTactic):
