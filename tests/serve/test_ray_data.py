@@ -29,8 +29,10 @@ def plan(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    c.add_node(num_cpus=2)
+    # 3 logical CPUs a node: an actor asking 2 fits once per node (so two actors must spread over both nodes,
+    # whatever Ray's placement prefers), and 1 is left on each for Ray Data's read and map tasks
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    c.add_node(num_cpus=3)
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="ERROR")
     ctx = ray.data.DataContext.get_current()
@@ -65,7 +67,8 @@ def test_map_batches_two_nodes_equals_execute_loop(cluster, plan, data, tmp_path
     import kiln.ray
     x, y = data
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    written = kiln.ray.map_batches(plan, _with_ids(x), output=str(tmp_path / "pq"), format="parquet", concurrency=2)
+    written = kiln.ray.map_batches(plan, _with_ids(x), output=str(tmp_path / "pq"), format="parquet", concurrency=2,
+                                   num_cpus=2)  # one actor per node (see `cluster`): SPREAD is only a preference
     import pyarrow.parquet as pq
     files = sorted(glob.glob(os.path.join(written[0], "*.parquet")))
     assert files
