@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.cpu.dnnl import library
+from kiln.backends.tactic import get_tactic
 from kiln.builder import Builder, BuilderConfig, OptimizationProfile
 from kiln.cli.main import main
 from kiln.errors import PlanFormatError
@@ -218,10 +219,18 @@ def test_recorded_formats_are_what_the_kernels_produce(built, capsys):
     for n in dnnl_convs:  # oneDNN's convolutions write channels-last, whatever they read
         assert rows[n]["formats"]["outputs"] == ["fp32 NHWC"]
     if name == "views":
-        assert tactic["cat"] == "concat.elide"
-        for n in ("conv_a", "conv_b"):  # each writes its channel slice of the Concat's channels-last buffer
+        # the autotuner may time a convolution that cannot write a slice as faster even with the copy it leaves to
+        # the Concat (on a loaded machine it does): the Concat is then laid out in place for the others only
+        in_place = [n for n in ("conv_a", "conv_b") if (t := get_tactic(tactic[n])) and t.writes_out and t.strided_out]
+        if in_place:
+            assert tactic["cat"] == ("concat.elide" if len(in_place) == 2 else "concat.partial")
+        else:
+            assert tactic["cat"] not in ("concat.elide", "concat.partial")
+        for n in in_place:  # each writes its channel slice of the Concat's channels-last buffer
             assert rows[n]["formats"]["outputs"] == ["fp32 NHWC view"]
-        assert rows["cat"]["formats"] == {"host": False, "inputs": ["fp32 NHWC view"] * 2, "outputs": ["fp32 NHWC"]}
+        if len(in_place) == 2:
+            assert rows["cat"]["formats"] == {"host": False, "inputs": ["fp32 NHWC view"] * 2,
+                                              "outputs": ["fp32 NHWC"]}
         assert rows["half"]["formats"]["outputs"] == ["fp32 NHWC view"]  # a channel slice of the pool's NHWC output
     if name == "int8":
         ok, why = calibrated_int8_cpu()
