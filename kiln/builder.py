@@ -202,6 +202,9 @@ class Builder:
         _pin_fixed_dims(g, bounds)
         with symbol_bounds(bounds):  # the runtime refuses inputs outside the profiles: inference may use them
             with progress.stage("optimize"):
+                # the import typed the graph without the ranges: a dim they pin to one value is static from the
+                # first fold on (a frame count that is 1 for every accepted length decides its exporter's If)
+                infer_types(g, self.logger)
                 PassManager(default_pipeline(), subgraphs=True).run(g, ctx)  # If / Loop / Scan bodies too
             int8_report = None
             lowering = Int8Lowering() if self._speed_selection(g, config) else None

@@ -12,12 +12,17 @@ Mod / Min / Max (torch.utils._sympy.functions), the forms torch's symbolic shape
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Iterable, Mapping
 
 import sympy
 
 from kiln.errors import KilnError
 
+# each input symbol's (min, max) under the build's (or a loaded plan's) profiles, which the runtime enforces on
+# every call; set by kiln.ops.symbolic.symbol_bounds, read by inference
+SYMBOL_BOUNDS: contextvars.ContextVar[dict[str, tuple[int, int]]] = contextvars.ContextVar("kiln_symbol_bounds",
+                                                                                           default={})
 _ALLOWED = {"Add", "Mul", "Integer", "Symbol", "FloorDiv", "Mod", "PythonMod", "Min", "Max", "NegativeOne",
             "One", "Zero"}
 
@@ -44,7 +49,8 @@ class DimExpr:
             return str(expr)
         if not expr.free_symbols or any(type(a).__name__ not in _ALLOWED for a in sympy.preorder_traversal(expr)):
             return None
-        return DimExpr(expr)
+        one = _single_value(expr)
+        return DimExpr(expr) if one is None else one
 
     def evaluate(self, dims: Mapping[str, int]) -> int:
         try:
@@ -95,6 +101,24 @@ def dim_resolvable(d: Any, symbols: Iterable[str] | set[str]) -> bool:
     if isinstance(d, DimExpr):
         return d.symbols <= set(symbols)
     return d is not None and d in symbols
+
+
+def _single_value(expr: sympy.Expr) -> int | None:
+    """The one value `expr` takes while every symbol stays in its profile range, where interval arithmetic proves
+    there is only one (a frame count (L - 192)//512 + 1 with L in [576, 703] is 1 for every accepted input); else
+    None. Outside a build or a plan load no symbol has a range and nothing collapses."""
+    bounds = SYMBOL_BOUNDS.get()
+    if not bounds or not {str(s) for s in expr.free_symbols} <= set(bounds):
+        return None
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+    try:
+        r = bound_sympy(expr, {s: ValueRanges(int(bounds[str(s)][0]), int(bounds[str(s)][1]))
+                               for s in expr.free_symbols})
+    except Exception:  # an expression the interval arithmetic does not cover stays derived
+        return None
+    if r.lower == r.upper and getattr(r.lower, "is_Integer", False):
+        return int(r.lower)
+    return None
 
 
 def dim_upper_bound(d: Any, bounds: Mapping[str, tuple[int, int]]) -> int | None:

@@ -24,7 +24,6 @@ passes re-infer the whole graph many times.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 from collections import Counter, OrderedDict
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from kiln.ir.dims import DimExpr, sym
+from kiln.ir.dims import SYMBOL_BOUNDS, DimExpr, sym
 from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
 from kiln.ops.infer import _run, element_type
@@ -66,7 +65,7 @@ def _quiet() -> Iterator[None]:
             lg.disabled = o
 
 
-_BOUNDS: contextvars.ContextVar[dict[str, tuple[int, int]]] = contextvars.ContextVar("kiln_symbol_bounds", default={})
+_BOUNDS = SYMBOL_BOUNDS  # the symbols' profile ranges (kiln.ir.dims: derived dims collapse under them too)
 
 
 def current_bounds() -> dict[str, tuple[int, int]]:

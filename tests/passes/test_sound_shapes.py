@@ -93,6 +93,30 @@ def test_branch_on_a_dynamic_frame_count_is_kept_and_both_branches_run() -> None
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_frame_count_one_value_across_the_profile_is_static() -> None:
+    """(L - 256)//128 + 1 over L in [256, 383] is 1 for every input the plan accepts: static, so the exporter's
+    one-frame check folds and no If is left; one sample past the profile would give two frames."""
+    from kiln.ops.symbolic import symbol_bounds
+    x = Value("x", TensorType(F32, (1, 1, "L")))
+    conv = Node("Conv", [x, Value("w", const=__import__("torch").zeros(4, 1, 256))], [Value("f")],
+                {"strides": [128]}, name="c", opset=17)
+    with symbol_bounds({"L": (256, 383)}):
+        assert infer_node(conv)[0].shape == (1, 4, 1)
+    with symbol_bounds({"L": (256, 384)}):  # 384 samples: two frames; the dim stays the expression
+        assert isinstance(infer_node(conv)[0].shape[2], DimExpr)
+    rng = np.random.default_rng()
+    m = _stft_gate(rng)
+    prof = OptimizationProfile().set_shape("x", (1, 256), (1, 300), (1, 383))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
+    assert not any(s["op"] == "If" for s in plan.graph["steps"]), [s["op"] for s in plan.graph["steps"]]
+    ctx = Engine(plan).create_execution_context()
+    for length in (256, 383, int(rng.integers(257, 383))):
+        x = rng.standard_normal((1, length)).astype(np.float32)
+        got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
+        assert got.shape == want.shape, (length, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("dim", [-1, 0])
 def test_non_positive_dim_value_imports_as_dynamic(dim: int) -> None:
     vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])
