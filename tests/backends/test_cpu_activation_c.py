@@ -94,8 +94,7 @@ def test_other_instruction_sets_compute_the_same(flags: list[str]) -> None:
     """The plain-C and AVX2 paths of native/act.c, compiled here on purpose (-march=native picks one of the three)."""
     if os.uname().machine not in ("x86_64", "AMD64"):
         pytest.skip("the x86 instruction-set flags only apply on x86-64")
-    with open(os.path.join(os.path.dirname(native.__file__), "act.c")) as f:
-        code = f.read()
+    code = native.source("act").decode()  # vec.h expanded
     lib = native.compile_source("act_isa_test", code, [*flags, "-fopenmp", "-shared", "-fPIC", "-std=c99"])
     if "avx2" in flags[1:2] and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")

@@ -30,11 +30,28 @@ _ERRORS: dict[str, str] = {}
 _LOCK = threading.Lock()
 
 
-def _compile(name: str) -> ctypes.CDLL:
-    src = os.path.join(_HERE, f"{name}.c")
-    with open(src, "rb") as f:
+_INCLUDE = re.compile(rb'^#include "([a-z][a-z0-9_]*\.[ch])"[ \t]*$', re.M)
+
+
+def source(name: str) -> bytes:
+    """`<name>.c` with each ``#include "x.h"`` (or ``"x.c"``: one kernel built twice, with another macro) of this
+    folder replaced by that file's text, expanded likewise (once per file), so the compiled code, and with it
+    the cache key, covers them too."""
+    with open(os.path.join(_HERE, f"{name}.c"), "rb") as f:
         code = f.read()
-    return ctypes.CDLL(_build(name, code, _FLAGS))
+    seen: set[bytes] = set()
+
+    def expand(m: re.Match[bytes]) -> bytes:
+        if m.group(1) in seen:
+            return b""
+        seen.add(m.group(1))
+        with open(os.path.join(_HERE, m.group(1).decode()), "rb") as h:
+            return _INCLUDE.sub(expand, h.read())
+    return _INCLUDE.sub(expand, code)
+
+
+def _compile(name: str) -> ctypes.CDLL:
+    return ctypes.CDLL(_build(name, source(name), _FLAGS))
 
 
 def _build(name: str, code: bytes, flags: Sequence[str]) -> str:
