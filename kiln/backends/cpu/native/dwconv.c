@@ -6,7 +6,8 @@
  * channel slice of a wider buffer (a Concat's part, read or written in place) is as good as a dense image.
  * Vectors run along the channels (a masked load and store at a row's channel tail never touch a neighbour's
  * channels); each step holds OWB output pixels of one channel vector in registers, so a tap's weights load
- * once for OWB outputs. Pixels whose window leaves the image take the per-tap bounds checks; the others none.
+ * once for OWB outputs. Blocks whose windows leave the image (the row's first one holds just the pixels that
+ * start left of it) take per-tap bounds checks; the others none.
  * Rows (n, oh) are shared among `threads` OpenMP threads.
  *
  * Activations by Kiln's codes (kiln.ops.activations: never renumbered); code 5 (Tanh) is not offered.
@@ -54,14 +55,14 @@ ALWAYS void finish(const struct kiln_dw *p, V acc, float *y, const float *z, int
     if (full) vstore(y, acc); else vstorem(y, acc, m);
 }
 
-/* one output row (n, oh) for the channel vector at c0 */
-ALWAYS void row_block(const struct kiln_dw *p, const float *x, long H, long W, long sxh, long sxw,
-                      float *y, long syw, const float *z, long szw, long oh, long OW, long c0, int full, M m) {
-    const long KH = p->KH, KW = p->KW, sw = p->sw, dw = p->dw, Cp = p->Cp;
+/* cnt <= OWB pixels of output row (n, oh) from ow on, for the channel vector at c0 */
+ALWAYS void block(const struct kiln_dw *p, const float *x, long H, long W, long sxh, long sxw,
+                  float *y, long syw, const float *z, long szw, long oh, long ow, long cnt, long c0, int full, M m,
+                  const long KH, const long KW) {
+    const long sw = p->sw, dw = p->dw, Cp = p->Cp;
     const float *wc = p->w + c0;
     const V bias = vload(p->b + c0);
-    for (long ow = 0; ow < OW; ow += OWB) {
-        const long cnt = OW - ow < OWB ? OW - ow : OWB;  /* the row's last block may hold fewer pixels */
+    {
         V a0 = bias, a1 = bias, a2 = bias, a3 = bias;
         const long iw0 = ow * sw - p->pw;
         const int inside = cnt == OWB && iw0 >= 0 && (ow + OWB - 1) * sw - p->pw + (KW - 1) * dw < W;
@@ -86,18 +87,20 @@ ALWAYS void row_block(const struct kiln_dw *p, const float *x, long H, long W, l
                         a3 = vfma(vloadm(xp + 3 * sw * sxw, m), wv, a3);
                     }
                 }
-            } else {
-                for (long kw = 0; kw < KW; kw++) {
-                    const V wv = vload(wr + kw * Cp);
-                    const long iw = iw0 + kw * dw;
-#define TAP(j, a)                                                                   \
-                    if ((j) < cnt && iw + (j) * sw >= 0 && iw + (j) * sw < W) {     \
-                        const float *xp = xr + (iw + (j) * sw) * sxw;               \
-                        a = vfma(full ? vload(xp) : vloadm(xp, m), wv, a);          \
-                    }
-                    TAP(0, a0) TAP(1, a1) TAP(2, a2) TAP(3, a3)
-#undef TAP
+            } else {  /* each pixel over the taps inside the image: kw in [lo, hi) */
+#define EDGE(j, a)                                                                         \
+                if ((j) < cnt) {                                                           \
+                    const long b = iw0 + (j) * sw;                                         \
+                    const long lo = b < 0 ? (-b + dw - 1) / dw : 0;                        \
+                    long hi = (W - b + dw - 1) / dw;                                       \
+                    if (hi > KW) hi = KW;                                                  \
+                    for (long kw = lo; kw < hi; kw++) {                                    \
+                        const float *xp = xr + (b + kw * dw) * sxw;                        \
+                        a = vfma(full ? vload(xp) : vloadm(xp, m), vload(wr + kw * Cp), a); \
+                    }                                                                      \
                 }
+                EDGE(0, a0) EDGE(1, a1) EDGE(2, a2) EDGE(3, a3)
+#undef EDGE
             }
         }
         float *yp = y + ow * syw + c0;
@@ -121,11 +124,27 @@ int kiln_dwconv_f32(const struct kiln_dw *p, const float *x, long N, long H, lon
         const float *xn = x + n * sxn;
         float *yr = y + n * syn + oh * syh;
         const float *zr = z ? z + n * szn + oh * szh : 0;
-        long c0 = 0;
-        for (; c0 + VLEN <= C; c0 += VLEN)
-            row_block(p, xn, H, W, sxh, sxw, yr, syw, zr, szw, oh, OW, c0, 1, vmask(VLEN));
-        if (c0 < C)
-            row_block(p, xn, H, W, sxh, sxw, yr, syw, zr, szw, oh, OW, c0, 0, vmask(C - c0));
+        /* pixel blocks outside, channel vectors inside: consecutive vectors read consecutive cache lines of the
+         * same pixels. The pixels whose window starts left of the image form the first block on their own, so
+         * the blocks after it are inside the image (no checks) up to the right border; the last may be shorter.
+         * The common window sizes are constants here, so the compiler unrolls their tap loops. */
+        const long lead = (p->pw + p->sw - 1) / p->sw;
+#define ROW(KH_, KW_)                                                                                  \
+        for (long ow = 0, cnt; ow < OW; ow += cnt) {                                                   \
+            cnt = ow < lead ? lead - ow : OWB;                                                         \
+            if (cnt > OWB) cnt = OWB;                                                                  \
+            if (cnt > OW - ow) cnt = OW - ow;                                                          \
+            long c0 = 0;                                                                               \
+            for (; c0 + VLEN <= C; c0 += VLEN)                                                         \
+                block(p, xn, H, W, sxh, sxw, yr, syw, zr, szw, oh, ow, cnt, c0, 1, vmask(VLEN), KH_, KW_); \
+            if (c0 < C)                                                                                \
+                block(p, xn, H, W, sxh, sxw, yr, syw, zr, szw, oh, ow, cnt, c0, 0, vmask(C - c0), KH_, KW_); \
+        }
+        if (p->KH == 3 && p->KW == 3) ROW(3, 3)
+        else if (p->KH == 5 && p->KW == 5) ROW(5, 5)
+        else if (p->KH == 7 && p->KW == 7) ROW(7, 7)
+        else ROW(p->KH, p->KW)
+#undef ROW
     }
     return 0;
 }
