@@ -12,8 +12,8 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.types import TensorType
 from kiln.passes.base import Pass, PassContext
 from kiln.passes.epilogue import Match, absorb, extend_fused, fused_inputs, match_activation
-from kiln.passes.rewrite import (Uses, cast_like, const, is_float_weight, is_op, per_channel, replace_nodes,
-                                 restore_order, same_shape)
+from kiln.passes.rewrite import (Uses, bypass, cast_like, const, is_float_weight, is_op, onnx_opset, per_channel,
+                                 replace_nodes, restore_order, same_shape)
 from kiln.passes.weight_quant import transposed
 
 Tensor = torch.Tensor
@@ -108,6 +108,68 @@ class FuseGemm(Pass):
             ctx.logger.verbose(f"Converting {n.name} to FusedGemm")
         return True
 
+
+
+class FoldRowAffineIntoGemm(Pass):
+    """MatMul (constant W) -> Reshape / Flatten keeping the last dim -> Mul / Add by a constant over that dim
+    =>  the Mul folded into W's columns, the Add moved above the Reshape (FuseGemm then takes it as the bias).
+
+    A per-column affine commutes with any reshape that keeps the columns. LeViT's Linear + BatchNorm1d normalizes
+    x.flatten(0, 1) and reshapes back: after BatchNormToScale a Mul and an Add per column behind a Flatten, where
+    neither the scale folding nor the bias fusion could see them (45 Pointwise layers of LeViT-128S)."""
+
+    name = "row affine folding"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        uses = Uses(g)
+        for r in list(g.nodes):
+            while r in g.nodes and self._fold_one(g, r, uses, ctx):
+                changed = True
+                uses.refresh()
+        if changed:
+            restore_order(g)
+        return changed
+
+    @staticmethod
+    def _fold_one(g: Graph, r: Node, uses: Uses, ctx: PassContext) -> bool:
+        if not is_op(r, "Reshape", "Flatten") or len(r.outputs) != 1 or not r.inputs or r.inputs[0] is None:
+            return False
+        x, out = r.inputs[0], r.outputs[0]
+        p = x.producer
+        # other readers of the product may only read its shape (LeViT's reshape_as(x): Shape(x)), as its values
+        # change when the Mul folds into W
+        if p is None or not is_op(p, "MatMul") or uses.is_output(x) \
+                or any(u is not r and not is_op(u, "Shape", "Size") for u in uses.of(x)) \
+                or _gemm_parts(g, p) is None or x.type.shape is None or out.type.shape is None:
+            return False
+        cols = x.type.shape[-1]
+        if not isinstance(cols, int) or out.type.shape[-1] != cols or uses.is_output(out):
+            return False
+        n = uses.only(out)
+        if n is None or not is_op(n, "Mul", "Add") or len(n.inputs) != 2 or n.opset < 7:
+            return False
+        other = n.inputs[1] if n.inputs[0] is out else n.inputs[0]
+        c, w = const(other), const(p.input(1))
+        if c is None or w is None or c.dtype != w.dtype or not is_float_weight(c) \
+                or (n.inputs[0] is not out and n.inputs[1] is not out):
+            return False
+        vec = per_channel(c, len(out.type.shape), cols, axis=len(out.type.shape) - 1)
+        if vec is None:
+            return False
+        if is_op(n, "Mul"):  # W [K, N]: column j times vec[j]
+            p.inputs[1] = g.constant(f"{p.name}_w_scaled", cast_like(w.double() * vec.double(), w))
+        else:
+            biased = g.new_value(f"{x.name}_biased", x.type)
+            add = Node("Add", [x, g.constant(f"{n.name}_cols", vec)], [biased], {}, name=g.unique_name(n.name),
+                       opset=onnx_opset(n))
+            g.nodes.insert(g.nodes.index(r), add)
+            for u in uses.of(x):  # the shape readers too, so that the product has one reader, the bias Add
+                u.inputs = [biased if v is x else v for v in u.inputs]
+        if not bypass(g, n, out, n.outputs[0]):
+            raise AssertionError(f"{n.name}: a checked single reader could not be bypassed")
+        ctx.logger.verbose(f"Folding {n.name} ({n.op_type} by a column constant) above {r.name} into {p.name}")
+        return True
 
 
 class HoistActivationAboveReshape(Pass):

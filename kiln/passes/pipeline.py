@@ -16,7 +16,7 @@ from kiln.passes.dce import DeadCodeElimination
 from kiln.passes.donate import DonateResidual
 from kiln.passes.eliminate import EliminateNoOps
 from kiln.passes.fold import FoldConstants
-from kiln.passes.gemm_fusion import FuseGemm, HoistActivationAboveReshape
+from kiln.passes.gemm_fusion import FoldRowAffineIntoGemm, FuseGemm, HoistActivationAboveReshape
 from kiln.passes.hoist import HoistLoopInvariants
 from kiln.passes.horizontal import FuseSiblingConvs, FuseSiblingGemms, SplitColumnsToViews
 from kiln.passes.pad import FoldPad
@@ -70,6 +70,7 @@ def default_pipeline() -> list[Pass]:
         Fixpoint("summed convs", [MergeSummedConvs(), FoldScale()]),
         # layer fusion: conv / gemm epilogues, squeeze-excite gates, sibling 1x1 convs, leftover elementwise chains
         FuseConv(),
+        FoldRowAffineIntoGemm(),  # GEMM -> Reshape -> per-column Mul / Add (LeViT's BatchNorm1d): into the GEMM
         HoistActivationAboveReshape(),  # GEMM -> Reshape -> activation: the activation first
         FuseGemm(),
         FuseSqueezeExcite(),  # pool + the two 1x1 convs of a squeeze-excite gate -> one SEGate
