@@ -223,3 +223,28 @@ def test_other_instruction_sets_compute_the_same(flags: list[str]) -> None:
                                  zc.stride(3), 2)
         assert rc == 0
         _check(y, _oracle(x, w, b, case, ("SiLU", 0.0, 0.0), z, 0))
+
+
+def test_untrusted_layers_and_tensors_are_refused() -> None:
+    """What a crafted plan could hand the kernel: attributes and biases `accepts` refuses, and tensors the kernel
+    refuses with a KilnError before any native call (other channels, a destination of another shape or dtype)."""
+    from kiln.errors import KilnError
+    case = CASES[0]
+    x, w, b, _ = _inputs(case, 2)
+    for bad in ({"strides": [0, 1]}, {"dilations": [0, 1]}, {"pads": [-1, 0, 0, 0]}, {"group": 4},
+                {"kernel_shape": [5, 3]}):
+        node = _node(case, x, w, b, None, ("Relu", 0.0, 0.0), 0)
+        node.attrs.update(bad)
+        assert not TACTIC.supports(node, CPU), bad
+    assert not TACTIC.supports(_node(case, x, w, torch.randn(3), None, ("Relu", 0.0, 0.0), 0), CPU)
+    kern = TACTIC.make(_node(case, x, w, b, None, ("Relu", 0.0, 0.0), 0), {"vec": 512}, torch.device("cpu"))
+    xc = x.contiguous(memory_format=torch.channels_last)
+    want = kern(xc)
+    with pytest.raises(KilnError, match="channels"):
+        kern(torch.randn(2, 9, 12, 13).contiguous(memory_format=torch.channels_last))
+    for bad in (torch.empty(2, 8, 12, 12), torch.empty(2, 8, 12, 13, dtype=torch.float64)):
+        with pytest.raises(KilnError, match="destination"):
+            kern(xc, out=bad)
+        with pytest.raises(KilnError, match="destination"):
+            kern(x.double(), out=bad)  # the reference's result is checked too
+    torch.testing.assert_close(kern(xc), want, rtol=0, atol=0)

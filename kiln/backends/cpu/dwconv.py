@@ -81,6 +81,14 @@ def _depthwise_weight(node: Node) -> Tensor | None:
     return w
 
 
+def _check_out(out: Any, shape: tuple[int, ...]) -> None:
+    """A destination must be a float32 CPU tensor of the layer's output shape (any strides)."""
+    if out is not None and (not isinstance(out, Tensor) or out.dtype != torch.float32 or not out.is_cpu
+                            or tuple(out.shape) != shape):
+        got = f"{out.dtype} {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise KilnError(f"a depthwise convolution writes a float32 {list(shape)} destination, got {got}")
+
+
 class CpuDepthwiseConvTactic(CpuTactic):
     """Depthwise 2-D float32 Conv / FusedConv on channels-last views, epilogue fused (see module doc)."""
 
@@ -137,7 +145,9 @@ class CpuDepthwiseConvTactic(CpuTactic):
         def plan(x: Any, z: Any, out: Any) -> tuple[tuple[Any, ...], Tensor, Tensor | None] | None:
             """(the C call's arguments but threads, the output written, a dense destination to copy to out)
             or None where the reference must run."""
-            if not isinstance(x, Tensor) or x.dtype != f32 or not x.is_cpu or x.dim() != 4 or x.shape[1] != c \
+            if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != c:
+                raise KilnError(f"'{node.name}': the input has {x.shape[1]} channels, the depthwise weights {c}")
+            if not isinstance(x, Tensor) or x.dtype != f32 or not x.is_cpu or x.dim() != 4 \
                     or not channels_innermost(x) or min(x.shape[2:]) < 1:
                 return None
             n, _, h, wd = x.shape
@@ -145,6 +155,7 @@ class CpuDepthwiseConvTactic(CpuTactic):
             if oh < 1 or ow < 1:
                 return None
             shape = (int(n), c, oh, ow)
+            _check_out(out, shape)
             if z is not None and (not isinstance(z, Tensor) or z.dtype != f32 or tuple(z.shape) != shape
                                   or not channels_innermost(z)):
                 return None
@@ -168,6 +179,7 @@ class CpuDepthwiseConvTactic(CpuTactic):
                 y = reference(node, x, consts[1], consts[2], *([] if z is None else [z]))
                 if out is None:
                     return y
+                _check_out(out, tuple(y.shape))
                 out.copy_(y)
                 return out
             args, y, copy_to = planned
