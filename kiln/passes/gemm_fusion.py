@@ -172,8 +172,21 @@ class FoldRowAffineIntoGemm(Pass):
         return True
 
 
+def _gemm_output(x: Value) -> bool:
+    """x is a Gemm / MatMul's output, or a constant bias added to one (FuseGemm takes both, as FoldRowAffineIntoGemm
+    leaves them)."""
+    p = x.producer
+    if is_op(p, "Gemm", "MatMul"):
+        return True
+    if not is_op(p, "Add") or len(p.inputs) != 2:  # type: ignore[union-attr]
+        return False
+    a, b = p.inputs  # type: ignore[union-attr]
+    return any(v is not None and is_op(v.producer, "MatMul") and o is not None and o.is_const
+               for v, o in ((a, b), (b, a)))
+
+
 class HoistActivationAboveReshape(Pass):
-    """Gemm / MatMul -> Reshape -> activation  =>  Gemm / MatMul -> activation -> Reshape.
+    """Gemm / MatMul (+ a constant bias Add) -> Reshape(s) -> activation  =>  ... -> activation -> Reshape(s).
 
     An elementwise activation commutes with a Reshape; exporters that flatten rows for a 2-D Gemm (GPT-2's
     Conv1D: view, addmm, view) put the reshape between the GEMM and its activation, where the epilogue fusion
@@ -187,8 +200,16 @@ class HoistActivationAboveReshape(Pass):
         for r in list(g.nodes):
             if not is_op(r, "Reshape") or len(r.outputs) != 1:
                 continue
-            x, out = r.inputs[0], r.outputs[0]
-            if not is_op(x.producer, "Gemm", "MatMul") or uses.only(x) is not r or x.type.shape is None:
+            out = r.outputs[0]
+            first, x = r, r.inputs[0]  # back through a chain of reshapes to the product (LeViT: Flatten, Reshape)
+            while x is not None and not _gemm_output(x) and is_op(x.producer, "Reshape", "Flatten") \
+                    and uses.only(x) is first and not uses.is_output(x):
+                first, x = x.producer, x.producer.inputs[0]  # type: ignore[union-attr]
+            if x is None:
+                continue
+            shape_readers = [u for u in uses.of(x) if u is not first]  # LeViT's reshape_as: Shape(x)
+            if not _gemm_output(x) or uses.is_output(x) or x.type.shape is None \
+                    or any(not is_op(u, "Shape", "Size") for u in shape_readers):
                 continue
             m = match_activation(out, uses)
             if m is None or any(uses.is_output(o) for n in m[3] for o in n.outputs if o is not m[4]):
@@ -203,7 +224,10 @@ class HoistActivationAboveReshape(Pass):
             last = y.producer
             last.outputs = [flat if v is y else v for v in last.outputs]  # type: ignore[union-attr]
             flat.producer = last
-            r.inputs[0], y.producer, r.outputs, y.type = flat, r, [y], y_type
+            first.inputs[0] = flat
+            y.producer, r.outputs, y.type = r, [y], y_type
+            for u in shape_readers:  # the activation's output has x's shape: the product keeps one reader
+                u.inputs = [flat if v is x else v for v in u.inputs]
             ctx.logger.verbose(f"Moved {m[0]} {last.name} above {r.name} (into the GEMM's epilogue)")  # type: ignore[union-attr]
             changed = True
             uses.refresh()

@@ -59,3 +59,31 @@ def test_only_a_column_constant_folds(shape: tuple[int, ...]) -> None:
     folded = any("Folding" in line and "above" in line for line in log)
     assert folded == (shape == (1, 1)), log
     compare(m, seed=int(rng.integers(1 << 30)))
+
+
+def test_levit_mlp_activation_joins_the_first_gemm() -> None:
+    """LinearNorm -> HardSwish -> LinearNorm (LeViT's MLP): once the norm folds, the activation stands behind a
+    Flatten / Reshape chain of the biased product, is moved above it and becomes the first GEMM's epilogue."""
+    rng = np.random.default_rng()
+
+    def lin_norm(tag: str, x: str, k: int, n: int) -> tuple[list[object], dict[str, np.ndarray]]:
+        inits = {f"{tag}w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
+                 f"{tag}g": rng.uniform(0.5, 1.5, n).astype(np.float32),
+                 f"{tag}b": rng.standard_normal(n).astype(np.float32),
+                 f"{tag}m": rng.standard_normal(n).astype(np.float32),
+                 f"{tag}v": rng.uniform(0.5, 2.0, n).astype(np.float32)}
+        nodes = [helper.make_node("MatMul", [x, f"{tag}w"], [f"{tag}p"]),
+                 helper.make_node("Flatten", [f"{tag}p"], [f"{tag}f"], axis=2),
+                 helper.make_node("Shape", [f"{tag}p"], [f"{tag}s"]),
+                 helper.make_node("BatchNormalization", [f"{tag}f", *(f"{tag}{c}" for c in "gbmv")], [f"{tag}n"],
+                                  epsilon=1e-5),
+                 helper.make_node("Reshape", [f"{tag}n", f"{tag}s"], [f"{tag}y"])]
+        return nodes, inits
+    n1, i1 = lin_norm("a", "x", K, N)
+    n2, i2 = lin_norm("b", "h", N, K)
+    nodes = n1 + [helper.make_node("HardSwish", ["ay"], ["h"])] + n2
+    m = model(nodes, {"x": (B, T, K)}, ["by"], {**i1, **i2})
+    g, log = optimized(m)
+    assert ops(g).count("FusedGemm") == 2 and "HardSwish" not in ops(g) and "Pointwise" not in ops(g), ops(g)
+    assert any(line.startswith("[kiln] [V] Moved HardSwish") for line in log), log
+    compare(m, seed=int(rng.integers(1 << 30)))
