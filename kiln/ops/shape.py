@@ -339,7 +339,7 @@ class Trilu(OpDef):
 
 # ---- Pad / CenterCropPad ---------------------------------------------------------------------------
 
-def _pad_index(dim: int, begin: int, end: int, mode: str, device: torch.device) -> Tensor:
+def pad_index(dim: int, begin: int, end: int, mode: str, device: torch.device) -> Tensor:
     i = torch.arange(-begin, dim + end, device=device)
     if mode == "edge" or (mode == "reflect" and dim == 1):
         return i.clamp(0, dim - 1)
@@ -373,7 +373,7 @@ def pad_tensor(x: Tensor, begins: list[int], ends: list[int], mode: str, value: 
     y = as_bits(x)
     for axis, (b, e) in enumerate(zip(begins, ends)):
         if b or e:
-            y = y.index_select(axis, _pad_index(y.shape[axis], b, e, mode, y.device))
+            y = y.index_select(axis, pad_index(y.shape[axis], b, e, mode, y.device))
     return from_bits(y, x.dtype)
 
 
@@ -400,18 +400,27 @@ class Pad(OpDef):
 
     def compute(self, node: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None,
                 axes: Tensor | None = None) -> Tensor:
-        r = x.dim()
-        if node.opset < 11:
-            raw = list(node.attr("paddings" if node.opset < 2 else "pads", []))
-            fill: Any = node.attr("value", 0.0)
-        else:
-            raw = ints(pads)
-            fill = value if value is not None and value.numel() else None
-        ax = [norm_axis(a, r) for a in ints(axes)] if axes is not None and node.opset >= 18 else list(range(r))
-        begins, ends = [0] * r, [0] * r
-        for i, a in enumerate(ax):
-            begins[a], ends[a] = raw[i], raw[len(ax) + i]
+        begins, ends, fill = pad_amounts(node, x.dim(), pads, value, axes)
         return pad_tensor(x, begins, ends, node.attr("mode", "constant"), fill)
+
+
+def pad_amounts(node: Node, rank: int, pads: Tensor | None, value: Tensor | None,
+                axes: Tensor | None) -> tuple[list[int], list[int], Any]:
+    """A Pad's (begins, ends, fill) per axis of a rank-`rank` input, from its attributes (opset < 11) or its pads /
+    constant_value / axes inputs; fill is None, a float or a 0-d tensor."""
+    if node.opset < 11:
+        raw = list(node.attr("paddings" if node.opset < 2 else "pads", []))
+        fill: Any = node.attr("value", 0.0)
+    else:
+        raw = ints(pads)
+        fill = value if value is not None and value.numel() else None
+    ax = [norm_axis(a, rank) for a in ints(axes)] if axes is not None and node.opset >= 18 else list(range(rank))
+    if len(raw) != 2 * len(ax):
+        raise ValueError(f"node '{node.name}': Pad has {len(raw)} pads for {len(ax)} axes")
+    begins, ends = [0] * rank, [0] * rank
+    for i, a in enumerate(ax):
+        begins[a], ends[a] = raw[i], raw[len(ax) + i]
+    return begins, ends, fill
 
 
 @register
