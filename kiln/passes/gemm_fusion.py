@@ -137,17 +137,16 @@ class FoldRowAffineIntoGemm(Pass):
             return False
         x, out = r.inputs[0], r.outputs[0]
         p = x.producer
-        # other readers of the product may only read its shape (LeViT's reshape_as(x): Shape(x)), as its values
-        # change when the Mul folds into W
-        if p is None or not is_op(p, "MatMul") or uses.is_output(x) \
-                or any(u is not r and not is_op(u, "Shape", "Size") for u in uses.of(x)) \
+        # other readers of the product may only read its shape, as its values change when the Mul folds into W
+        if p is None or not is_op(p, "MatMul") or uses.is_output(x) or not _only_shape_read(x, r, uses) \
                 or _gemm_parts(g, p) is None or x.type.shape is None or out.type.shape is None:
             return False
         cols = x.type.shape[-1]
         if not isinstance(cols, int) or out.type.shape[-1] != cols or uses.is_output(out):
             return False
         n = uses.only(out)
-        if n is None or not is_op(n, "Mul", "Add") or len(n.inputs) != 2 or n.opset < 7:
+        if n is None or not is_op(n, "Mul", "Add") or len(n.inputs) != 2 or n.opset < 7 \
+                or n.outputs[0].kind != out.kind:  # (then the bypass below cannot fail: out is no graph output)
             return False
         other = n.inputs[1] if n.inputs[0] is out else n.inputs[0]
         c, w = const(other), const(p.input(1))
@@ -166,10 +165,14 @@ class FoldRowAffineIntoGemm(Pass):
             g.nodes.insert(g.nodes.index(r), add)
             for u in uses.of(x):  # the shape readers too, so that the product has one reader, the bias Add
                 u.inputs = [biased if v is x else v for v in u.inputs]
-        if not bypass(g, n, out, n.outputs[0]):
-            raise AssertionError(f"{n.name}: a checked single reader could not be bypassed")
+        bypass(g, n, out, n.outputs[0])
         ctx.logger.verbose(f"Folding {n.name} ({n.op_type} by a column constant) above {r.name} into {p.name}")
         return True
+
+
+def _only_shape_read(x: Value, reader: Node, uses: Uses) -> bool:
+    """Every reader of x but `reader` reads only its shape (LeViT's reshape_as(x): Shape(x))."""
+    return all(u is reader or is_op(u, "Shape", "Size") for u in uses.of(x))
 
 
 def _gemm_output(x: Value) -> bool:
@@ -207,10 +210,9 @@ class HoistActivationAboveReshape(Pass):
                 first, x = x.producer, x.producer.inputs[0]  # type: ignore[union-attr]
             if x is None:
                 continue
-            shape_readers = [u for u in uses.of(x) if u is not first]  # LeViT's reshape_as: Shape(x)
-            if not _gemm_output(x) or uses.is_output(x) or x.type.shape is None \
-                    or any(not is_op(u, "Shape", "Size") for u in shape_readers):
+            if not _gemm_output(x) or uses.is_output(x) or x.type.shape is None or not _only_shape_read(x, first, uses):
                 continue
+            shape_readers = [u for u in uses.of(x) if u is not first]
             m = match_activation(out, uses)
             if m is None or any(uses.is_output(o) for n in m[3] for o in n.outputs if o is not m[4]):
                 continue

@@ -50,7 +50,7 @@ class _Params(C.Structure):
 
 
 class _Call(C.Structure):
-    """struct kiln_dw_call of native/dwconv.c: a bound call's arguments, packed once."""
+    """struct kiln_dw_call of native/dwconv.c: one call's arguments (a bound call's packed once)."""
 
     _fields_ = [("p", _P), ("x", _P)] + [(n, _L) for n in ("N", "H", "W", "sxn", "sxh", "sxw")] + [("y", _P)] + \
         [(n, _L) for n in ("OH", "OW", "syn", "syh", "syw")] + [("z", _P)] + \
@@ -61,8 +61,6 @@ def _library(vec: int) -> Any:
     name = "dwconv256" if vec == 256 else "dwconv"
     lib = native.load(name)
     if lib is not None and not hasattr(lib, "_kiln_typed"):
-        lib.kiln_dwconv_f32.argtypes = [_P, _P, _L, _L, _L, _L, _L, _L, _P, _L, _L, _L, _L, _L, _P, _L, _L, _L, _I]
-        lib.kiln_dwconv_f32.restype = C.c_int
         lib.kiln_dwconv_f32_call.argtypes = [_P]
         lib.kiln_dwconv_f32_call.restype = C.c_int
         lib._kiln_typed = True
@@ -127,7 +125,7 @@ class CpuDepthwiseConvTactic(CpuTactic):
         act_first = node.op_type == "FusedConv" and bool(int(node.attr("act_before_add", 0) or 0))
         reference = lookup(node.op_type, node.domain).compute
         consts = [None if v is None else v.const for v in node.inputs]
-        f32, call = torch.float32, lib.kiln_dwconv_f32
+        f32, call = torch.float32, lib.kiln_dwconv_f32_call
         made: dict[tuple[int, int], tuple[Any, int, int]] = {}  # input (H, W) -> (params, OH, OW)
 
         def geometry(h: int, wd: int) -> tuple[Any, int, int]:
@@ -142,9 +140,9 @@ class CpuDepthwiseConvTactic(CpuTactic):
                 got = made[(h, wd)] = (p, oh, ow)
             return got
 
-        def plan(x: Any, z: Any, out: Any) -> tuple[tuple[Any, ...], Tensor, Tensor | None] | None:
-            """(the C call's arguments but threads, the output written, a dense destination to copy to out)
-            or None where the reference must run."""
+        def plan(x: Any, z: Any, out: Any) -> tuple[_Call, Tensor, Tensor | None] | None:
+            """(the C call's packed arguments, the output it writes, a destination to copy that output to) or None
+            where the reference must run."""
             if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != c:
                 raise KilnError(f"'{node.name}': the input has {x.shape[1]} channels, the depthwise weights {c}")
             if not isinstance(x, Tensor) or x.dtype != f32 or not x.is_cpu or x.dim() != 4 \
@@ -159,17 +157,16 @@ class CpuDepthwiseConvTactic(CpuTactic):
             if z is not None and (not isinstance(z, Tensor) or z.dtype != f32 or tuple(z.shape) != shape
                                   or not channels_innermost(z)):
                 return None
-            direct = isinstance(out, Tensor) and out.dtype == f32 and tuple(out.shape) == shape \
-                and channels_innermost(out)
+            direct = out is not None and channels_innermost(out)  # _check_out: a float32 tensor of this shape
             y = out if direct else torch.empty(shape, dtype=f32, memory_format=torch.channels_last)
-            zs = (0, 0, 0, 0) if z is None else (z.data_ptr(), z.stride(0), z.stride(2), z.stride(3))
-            args = (C.addressof(p), x.data_ptr(), int(n), int(h), int(wd), x.stride(0), x.stride(2), x.stride(3),
-                    y.data_ptr(), oh, ow, y.stride(0), y.stride(2), y.stride(3), *zs)
-            big = int(n) * oh * ow * c * kh * kw >= PARALLEL_MIN
-            return args + (big,), y, (None if direct or out is None else out)
+            zs = (None, 0, 0, 0) if z is None else (z.data_ptr(), z.stride(0), z.stride(2), z.stride(3))
+            threads = torch.get_num_threads() if int(n) * oh * ow * c * kh * kw >= PARALLEL_MIN else 1
+            packed = _Call(C.addressof(p), x.data_ptr(), int(n), int(h), int(wd), x.stride(0), x.stride(2),
+                           x.stride(3), y.data_ptr(), oh, ow, y.stride(0), y.stride(2), y.stride(3), *zs, threads)
+            return packed, y, (None if direct else out)
 
-        def run(args: tuple[Any, ...]) -> None:
-            if call(*args[:-1], torch.get_num_threads() if args[-1] else 1) != 0:
+        def run(packed: _Call) -> None:
+            if call(C.addressof(packed)) != 0:
                 raise KilnError(f"'{node.name}': the depthwise kernel refused its arguments")
 
         def k_dwconv(x: Tensor, _w: Any = None, _b: Any = None, z: Tensor | None = None,
@@ -182,8 +179,8 @@ class CpuDepthwiseConvTactic(CpuTactic):
                 _check_out(out, tuple(y.shape))
                 out.copy_(y)
                 return out
-            args, y, copy_to = planned
-            run(args)
+            packed, y, copy_to = planned
+            run(packed)
             if copy_to is not None:
                 copy_to.copy_(y)
                 return copy_to
@@ -194,13 +191,10 @@ class CpuDepthwiseConvTactic(CpuTactic):
             planned = plan(x, z, out)
             if planned is None or planned[2] is not None or out is None:
                 return None  # the reference ran, or the result was copied into out
-            fixed, y, _ = planned
-            packed = _Call(*fixed[:-1], torch.get_num_threads() if fixed[-1] else 1)
-            ptr, call_packed = C.addressof(packed), lib.kiln_dwconv_f32_call
+            packed, y, _ = planned
 
             def bound() -> Tensor:
-                if call_packed(ptr) != 0:
-                    raise KilnError(f"'{node.name}': the depthwise kernel refused its arguments")
+                run(packed)
                 return y
             bound.kept = (x, z, y, made, taps, bias, packed)  # type: ignore[attr-defined]  # what pointers point into
             return bound

@@ -80,22 +80,34 @@ class CpuPadTactic(CpuTactic):
                 made[shape] = got_
             return got_
 
+        def gather_into(x: Tensor, out: Tensor | None) -> tuple[Tensor, int, Tensor] | None:
+            """(x's cropped view, the padded axis, its indices) where one gather writes straight into `out`
+            (one padded axis, a contiguous destination of the result's shape and dtype), else None."""
+            if mode == "constant" or out is None or not out.is_contiguous() or out.dtype != x.dtype:
+                return None
+            view = x[crop]
+            steps = indices(tuple(view.shape))
+            if len(steps) != 1:
+                return None
+            a, idx = steps[0]
+            want = list(view.shape)
+            want[a] = idx.numel()
+            return (view, a, idx) if list(out.shape) == want else None
+
         def k_pad(x: Tensor, *_: Any, out: Tensor | None = None) -> Tensor:
             if x.dim() != len(begins):
                 raise KilnError(f"'{node.name}': Pad of a rank-{len(begins)} input got rank {x.dim()}")
+            direct = gather_into(x, out)
+            if direct is not None:
+                view, a, idx = direct
+                return torch.index_select(view, a, idx, out=out)  # straight into the destination
             if mode == "constant":
                 if x.dtype not in _FLOATS:
                     raise KilnError(f"'{node.name}': constant Pad of {x.dtype} on cpu.pad")
                 y = F.pad(x, flat, value=value)
             else:
                 y = x[crop]
-                steps = indices(tuple(y.shape))
-                for k, (a, idx) in enumerate(steps):
-                    last = k == len(steps) - 1
-                    if last and out is not None and out.is_contiguous() and out.dtype == y.dtype \
-                            and out.shape[a] == idx.numel() and out.dim() == y.dim() \
-                            and all(o == d for i, (o, d) in enumerate(zip(out.shape, y.shape)) if i != a):
-                        return torch.index_select(y, a, idx, out=out)  # straight into the destination
+                for a, idx in indices(tuple(y.shape)):
                     y = torch.index_select(y, a, idx)
             if out is None:
                 return y
@@ -104,7 +116,19 @@ class CpuPadTactic(CpuTactic):
                                 f"{out.dtype} {list(out.shape)}")
             out.copy_(y)
             return out
-        return Kernel(k_pad, writes_out=1, prepacked=frozenset({1, 2, 3}), out_format="like_input")
+
+        def bind(args: Any, out: Any) -> Any:
+            """The runtime's repeated call on the same tensors: the view and indices fixed, one aten call left."""
+            x = args[0]
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor) or x.dim() != len(begins):
+                return None
+            direct = gather_into(x, out)
+            if direct is None:
+                return None
+            view, a, idx = direct
+            select = torch.index_select
+            return lambda: select(view, a, idx, out=out)
+        return Kernel(k_pad, writes_out=1, prepacked=frozenset({1, 2, 3}), out_format="like_input", bind=bind)
 
 
 register_tactic(CpuPadTactic())

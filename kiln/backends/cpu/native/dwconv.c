@@ -149,7 +149,7 @@ int kiln_dwconv_f32(const struct kiln_dw *p, const float *x, long N, long H, lon
     return 0;
 }
 
-struct kiln_dw_call {  /* one call's arguments, packed once where the runtime repeats a call on fixed tensors */
+struct kiln_dw_call {  /* one call's arguments in one struct (a bound call packs them once): one ctypes argument */
     const struct kiln_dw *p;
     const float *x;
     long N, H, W, sxn, sxh, sxw;
