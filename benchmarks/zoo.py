@@ -766,7 +766,12 @@ def at_opt(m: ZooModel, opts: dict[str, int]) -> ZooModel:
     for name, val in opts.items():
         if val and name in dims:
             lo, _, hi = dims[name]
-            dims[name] = (min(lo, val), val, max(hi, val))
+            dims[name] = zoo_models.around(val) if hi == 0 else (min(lo, val), val, max(hi, val))
+    unset = [d for d, r in dims.items() if r[2] == 0]
+    if unset:
+        raise SystemExit(f"{m.name}: give the profile of dim(s) {', '.join(unset)} (@DIM=MIN/OPT/MAX or --dim)")
+    if m.source == "file":  # its checks follow the profile
+        return dataclasses.replace(m, dims=dims, checks=zoo_models.file_checks(dims))
     return dataclasses.replace(m, dims=dims)
 
 
@@ -837,7 +842,7 @@ def configure(args: argparse.Namespace) -> None:
 
 def child(m: ZooModel, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """One model in a child process (a crash or hang is one row); its output goes straight to ours."""
-    fd, res = tempfile.mkstemp(suffix=".json", prefix=f"zoo_{m.name}_")
+    fd, res = tempfile.mkstemp(suffix=".json", prefix=f"zoo_{m.name.replace(os.sep, '_')}_")
     os.close(fd)
     cmd = [sys.executable, os.path.abspath(__file__), *strip(argv), "--models", m.name, "--worker", "--result", res]
     t = time.perf_counter()

@@ -99,7 +99,7 @@ class ZooModel:
         return {i.name: i.make(dims, rng) for i in self.inputs}
 
     def path(self, cache: str) -> str:
-        return os.path.join(cache, f"{self.name}.onnx")
+        return os.path.join(cache, f"{self.name.replace(os.sep, '_')}.onnx")
 
     def ensure(self, cache: str) -> str:
         """The cached ONNX file, made first if absent."""
@@ -450,8 +450,8 @@ def _lively(build: Callable[[], Any]) -> Callable[[], Any]:
 def adhoc(spec: str) -> ZooModel | None:
     """A model named on the command line rather than registered: 'timm:ARCH' (any timm model, 224 x 224 unless
     its default config says otherwise) or 'tv:NAME' (a torchvision classification or segmentation builder),
-    batch dynamic, the TorchScript exporter; 'timm-dynamo:ARCH' for torch's default exporter. None if the spec
-    is not of that form."""
+    batch dynamic, the TorchScript exporter; 'timm-dynamo:ARCH' for torch's default exporter; 'onnx:PATH' for an
+    ONNX file as it is (see _file_entry). None if the spec is not of that form."""
     kind, sep, arch = spec.partition(":")
     if not sep or not arch:
         return None
@@ -468,6 +468,8 @@ def adhoc(spec: str) -> ZooModel | None:
         m.torch_module = _lively(_timm(arch))
         m.make_onnx = _exported(m.torch_module, kind == "timm-dynamo")(m)
         return m
+    if kind == "onnx":
+        return _file_entry(spec, arch)
     if kind == "tv":
         m = ZooModel(spec, "torchvision", "torch.onnx TorchScript", "conv",
                      f"{arch} (torchvision, named on the command line)", [In("input", IMG)], dict(B), B_CHECKS,
@@ -476,6 +478,60 @@ def adhoc(spec: str) -> ZooModel | None:
         m.make_onnx = _exported(m.torch_module, False)(m)
         return m
     return None
+
+
+def _file_entry(spec: str, rest: str) -> ZooModel:
+    """'onnx:PATH[@DIM=MIN/OPT/MAX...]': an ONNX file from anywhere, its float inputs filled N(0, 1). Each
+    symbolic dim of its inputs takes the profile named after '@'; one not named is a batch (1/1/4) when it leads
+    an input of rank >= 2, else an error naming it (zoo.py's --dim NAME=N sets an opt point, and the profile
+    around it keeps N's power-of-two factor up to 32, so strided models stay whole). The checks are the opt
+    point and, per dim, the min (or the max where the min is the opt)."""
+    import onnx
+    path, *ranges = rest.split("@")
+    given: dict[str, tuple[int, int, int]] = {}
+    for r in ranges:
+        name, _, vals = r.partition("=")
+        nums = vals.split("/")
+        if len(nums) != 3 or not all(n.isdigit() for n in nums):
+            raise SystemExit(f"'{spec}': a profile is DIM=MIN/OPT/MAX, got '{r}'")
+        given[name] = (int(nums[0]), int(nums[1]), int(nums[2]))
+    graph = onnx.load(path, load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    inputs: list[In] = []
+    dims: dict[str, tuple[int, int, int]] = {}
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            raise SystemExit(f"'{spec}': input '{vi.name}' is not float; name a registered model for it")
+        shape: list[int | str] = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+                continue
+            name = d.dim_param or f"{vi.name}_{k}"
+            if name not in given and name not in dims:
+                if k == 0 and len(tt.shape.dim) >= 2:
+                    dims[name] = (1, 1, 4)
+                else:
+                    dims[name] = (0, 0, 0)  # opt from --dim (at_opt widens), checked below
+            shape.append(name)
+        inputs.append(In(vi.name, tuple(shape), dtype="float32"))
+    dims.update(given)
+    return ZooModel(spec, "file", "as written", "conv", f"{path} (an ONNX file named on the command line)",
+                    inputs, dims, file_checks(dims), make_onnx=lambda p: shutil.copyfile(path, p),
+                    output_names=[o.name for o in graph.output])
+
+
+def file_checks(dims: dict[str, tuple[int, int, int]]) -> tuple[Dims, Dims]:
+    return ({d: r[1] for d, r in dims.items()}, {d: r[2] if r[0] == r[1] else r[0] for d, r in dims.items()})
+
+
+def around(opt: int) -> tuple[int, int, int]:
+    """A profile around opt that keeps its power-of-two factor (up to 32): 320 -> 224..640."""
+    step = min(opt & -opt, 32)
+    return (max(step, opt * 3 // 4 // step * step), opt, opt * 2)
 
 
 def registry() -> list[ZooModel]:

@@ -165,6 +165,7 @@ class Builder:
             notes: dict[str, Any] = {}
             low, int8_report, relower = self._optimize(g, config, target["device"], progress, notes)
             self.logger.verbose(f"After graph optimization: {len(g.nodes)} layers")
+            _check_guards(g, config.profiles, self.logger)
             with progress.stage("autotune", "layers"):
                 tuning_profiles = config.profiles or _tuning_profile(g, self.logger)
                 if not config.profiles and tuning_profiles:
@@ -413,6 +414,30 @@ def _pin_fixed_dims(g: Graph, bounds: dict[str, tuple[int, int]]) -> None:
             if shape is not None and any(isinstance(d, str) and d in fixed for d in shape):
                 v.type = TensorType(v.type.dtype, tuple(fixed.get(d, d) if isinstance(d, str) else d
                                                         for d in shape))
+
+
+def _check_guards(g: Graph, profiles: list[OptimizationProfile], logger: Logger) -> None:
+    """The dim equalities the plan's types rest on (kiln.ir.dims.DimGuard; the runtime checks them per input
+    shape) at each profile's points: a ProfileError where the opt point breaks one (the model cannot run there,
+    so nothing can be tuned), a warning where min or max does (the runtime will refuse such shapes)."""
+    guards = [gd for n in g.nodes for gd in n.guards]
+    for gd in guards:
+        logger.verbose(f"shape guard: layer '{gd.node}' needs {gd.lhs} == {gd.rhs} (not proven over the profile: "
+                       "checked for each new input shape)")
+    if not guards:
+        return
+    for k, prof in enumerate(profiles):
+        for which, idx in (("opt", 1), ("min", 0), ("max", 2)):
+            dims = {d: int(prof.shapes[v.name][idx][j]) for v in g.inputs if v.name in prof.shapes
+                    for j, d in enumerate(v.type.shape or ()) if isinstance(d, str)}
+            bad = next((gd for gd in guards if (gd.lhs_symbols | gd.rhs_symbols) <= set(dims)
+                        and not gd.holds(dims)), None)
+            if bad is None:
+                continue
+            if which == "opt":
+                raise ProfileError(f"profile {k}: the model cannot run at its opt shapes: {bad.failure(dims)}")
+            logger.warning(f"profile {k}: the model cannot run at its {which} shapes ({bad.failure(dims)}); "
+                           "such inputs are refused at run time")
 
 
 def _fmt(s: Any) -> str:

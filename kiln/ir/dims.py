@@ -12,8 +12,9 @@ Mod / Min / Max (torch.utils._sympy.functions), the forms torch's symbolic shape
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import sympy
 
@@ -161,3 +162,69 @@ def dim_upper_bound(d: Any, bounds: Mapping[str, tuple[int, int]]) -> int | None
             return e.args[1].is_Integer and int(e.args[1]) > 0 and rising(e.args[0])
         return False
     return at(d.expr, hi) if rising(d.expr) else None
+
+
+class DimGuard:
+    """An equality of two dims that an op needs and inference could not prove: torch's shape functions assert
+    it to run a Concat of [N, 256, 2*((h - 1)//32) + 2, ...] and [N, 128, (h - 1)//16 + 1, ...] (equal when h is
+    a multiple of 32, not for every h in the profile). The output types rest on it; the runtime checks it once
+    per input shape (kiln.runtime.interpreter) and refuses a shape where it fails, as the op itself would."""
+
+    __slots__ = ("lhs", "rhs", "node")
+
+    def __init__(self, lhs: Any, rhs: Any, node: str = "") -> None:
+        self.lhs, self.rhs, self.node = lhs, rhs, node
+
+    def holds(self, dims: Mapping[str, int]) -> bool:
+        return dim_size(self.lhs, dims) == dim_size(self.rhs, dims)
+
+    def failure(self, dims: Mapping[str, int]) -> str:
+        """One line naming the layer, the equality and the two sizes at `dims`."""
+        used = sorted(self.lhs_symbols | self.rhs_symbols)
+        at = ", ".join(f"{s}={dims[s]}" for s in used if s in dims)
+        return (f"layer '{self.node}' needs {self.lhs} == {self.rhs}, which is "
+                f"{dim_size(self.lhs, dims)} vs {dim_size(self.rhs, dims)} at {at}")
+
+    @property
+    def lhs_symbols(self) -> frozenset[str]:
+        return _symbols_of(self.lhs)
+
+    @property
+    def rhs_symbols(self) -> frozenset[str]:
+        return _symbols_of(self.rhs)
+
+    def with_node(self, node: str) -> "DimGuard":
+        return DimGuard(self.lhs, self.rhs, node)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DimGuard) and (self.lhs, self.rhs) == (other.lhs, other.rhs)
+
+    def __hash__(self) -> int:
+        return hash(("DimGuard", self.lhs, self.rhs))
+
+    def __repr__(self) -> str:
+        return f"DimGuard({self.lhs} == {self.rhs})"
+
+
+def _symbols_of(d: Any) -> frozenset[str]:
+    if isinstance(d, DimExpr):
+        return d.symbols
+    return frozenset([d]) if isinstance(d, str) else frozenset()
+
+
+# the guards the type inference of one node rests on, collected by kiln.ops.infer.infer_node; None: inference may
+# rest on none (a dim it cannot prove is unknown)
+GUARDS_OUT: contextvars.ContextVar[list[DimGuard] | None] = contextvars.ContextVar("kiln_dim_guards", default=None)
+# False while a subgraph body is inferred: a body's types start from its declared input types, the exporter's
+# word (a loop-carried [2, 8] fed [3, 8]), so an equality resting on them is no fact about the model's inputs
+GUARDS_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_guards_allowed", default=True)
+
+
+@contextlib.contextmanager
+def body_inference() -> Iterator[None]:
+    """Inside: types are inferred without dim guards (a subgraph body's; see GUARDS_ALLOWED)."""
+    token = GUARDS_ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        GUARDS_ALLOWED.reset(token)

@@ -40,9 +40,10 @@ def is_op(n: "Node | None", *ops: str) -> bool:
 
 
 class Node:
-    """One operator application. `captures` are outer-scope values read by its subgraphs."""
+    """One operator application. `captures` are outer-scope values read by its subgraphs. `guards`: the dim
+    equalities its output types rest on (kiln.ir.dims.DimGuard), set by type inference and checked at run time."""
 
-    __slots__ = ("op_type", "domain", "name", "inputs", "outputs", "attrs", "opset", "captures")
+    __slots__ = ("op_type", "domain", "name", "inputs", "outputs", "attrs", "opset", "captures", "guards")
 
     def __init__(self, op_type: str, inputs: list[Value | None], outputs: list[Value],
                  attrs: dict[str, Any] | None = None, name: str = "", domain: str = "",
@@ -55,6 +56,7 @@ class Node:
         self.attrs = dict(attrs or {})
         self.opset = opset
         self.captures: list[Value] = []
+        self.guards: tuple[Any, ...] = ()
         for o in self.outputs:
             o.producer = self
 

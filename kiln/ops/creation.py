@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from kiln.errors import UnsupportedDTypeError, UnsupportedOpError
-from kiln.ir.dims import DimExpr
+from kiln.ir.dims import SYMBOL_BOUNDS, DimExpr, dim_upper_bound
 from kiln.ir.dtype import DType
 from kiln.ir.graph import Node
 from kiln.ir.types import TensorType
@@ -211,15 +211,31 @@ class Range(OpDef):
         return [TensorType(t.dtype if t is not None else None, (self._length(node, consts),))]
 
     @staticmethod
-    def _length(node: Node, consts: Sequence[Tensor | None]) -> int | str | None:
-        """Range(0, n, 1) over an integer n that a shape chain holds has exactly n elements: n's dim symbol."""
+    def _length(node: Node, consts: Sequence[Tensor | None]) -> int | str | DimExpr | None:
+        """Range(0, n, 1) over an integer n that a shape chain holds has exactly n elements: n's dim. So has the
+        float form exporters write for coordinate grids, Range(0.0, Cast(n), 1.0), where every n the profile
+        allows is exact in that float type (n <= 2**24 in float32)."""
         from kiln.ops.shape_values import shape_entries
-        start, delta = consts[0], consts[2]
-        if start is None or delta is None or start.dtype.is_floating_point or start.numel() != 1 \
-                or delta.numel() != 1 or int(start.reshape(())) != 0 or int(delta.reshape(())) != 1:
+        start, delta, limit = consts[0], consts[2], node.input(1)
+        if start is None or delta is None or limit is None or start.numel() != 1 or delta.numel() != 1 \
+                or float(start.reshape(())) != 0 or float(delta.reshape(())) != 1:
             return None
-        e = shape_entries(node.input(1))
-        return e[0][0] if e is not None and e[1] and len(e[0]) == 1 and isinstance(e[0][0], (str, DimExpr)) else None
+        exact = None
+        if start.dtype.is_floating_point:
+            cast = limit.producer
+            exact = {torch.float32: 1 << 24, torch.float64: 1 << 53}.get(start.dtype)
+            if exact is None or cast is None or cast.op_type != "Cast" or cast.input(0) is None:
+                return None
+            limit = cast.input(0)
+        e = shape_entries(limit)
+        if e is None or not e[1] or len(e[0]) != 1 or not isinstance(e[0][0], (str, DimExpr)):
+            return None
+        n = e[0][0]
+        if exact is not None:
+            top = dim_upper_bound(n, SYMBOL_BOUNDS.get())
+            if top is None or top > exact:
+                return None
+        return n
 
     def compute(self, node: Node, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
         dtype, dev = start.dtype, start.device

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from kiln.ir.dims import GUARDS_ALLOWED, GUARDS_OUT, DimGuard, body_inference
 from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
 
@@ -144,27 +145,42 @@ def merge_types(inferred: TensorType, declared: TensorType) -> TensorType:
 
 def infer_node(n: "Node", logger: "Logger | None" = None) -> list[TensorType]:
     """Output types of one node from its inputs' current types (unknown types where inference fails)."""
+    return infer_node_guarded(n, logger)[0]
+
+
+def infer_node_guarded(n: "Node", logger: "Logger | None" = None
+                       ) -> tuple[list[TensorType], tuple[DimGuard, ...]]:
+    """infer_node's types and the dim equalities they rest on (kiln.ir.dims.DimGuard), which whoever sets the
+    types as the graph's (infer_types, the plan loader's prove_types) records as `n.guards`."""
     from kiln.ops.registry import lookup
     types = [None if v is None else v.type for v in n.inputs]
     consts = [None if v is None else v.const for v in n.inputs]
+    guards: list[DimGuard] | None = [] if GUARDS_ALLOWED.get() else None
+    token = GUARDS_OUT.set(guards)
     try:
         out = lookup(n.op_type, n.domain).infer(n, types, consts)
     except Exception as e:  # inference must never be fatal; execution reports real errors
         if logger:
             logger.verbose(f"shape inference skipped for {n.name} ({n.op_type}): {e}")
         out = [TensorType(None, None)] * len(n.outputs)
+        guards = None
+    finally:
+        GUARDS_OUT.reset(token)
     if out and out[0].shape is None and n.op_type == "Reshape" and n.domain in ("", "ai.onnx"):
         out = [_reshape_to_shape_of(n) or out[0]] + list(out[1:])
     out = list(out)[:len(n.outputs)]
-    return out + [TensorType(None, None)] * (len(n.outputs) - len(out))
+    return (out + [TensorType(None, None)] * (len(n.outputs) - len(out)),
+            tuple(dict.fromkeys(g.with_node(n.name) for g in guards or ())))
 
 
 def infer_types(g: "Graph", logger: "Logger | None" = None) -> None:
     """Set every node output's type from its inputs' types, keeping declared info where inference is blind."""
     for n in g.nodes:
         for sg in n.subgraphs():  # first: an If's output types are what its branches' outputs have now
-            infer_types(sg, logger)
-        for v, t in zip(n.outputs, infer_node(n, logger)):
+            with body_inference():
+                infer_types(sg, logger)
+        types, n.guards = infer_node_guarded(n, logger)
+        for v, t in zip(n.outputs, types):
             v.type = merge_types(t, v.type)
 
 

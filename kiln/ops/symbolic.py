@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from kiln.ir.dims import SYMBOL_BOUNDS, DimExpr, sym
+from kiln.ir.dims import GUARDS_OUT, SYMBOL_BOUNDS, DimExpr, DimGuard, sym
 from kiln.ir.dtype import DType
 from kiln.ir.types import TensorType
 from kiln.ops.infer import _run, element_type
@@ -127,7 +127,8 @@ def _key(node: "Node", types: Sequence[TensorType | None], consts: Sequence[torc
     dims += [d for _, e in entries for d in e]
     named = {d for d in dims if isinstance(d, str)} | {s for d in dims if isinstance(d, DimExpr) for s in d.symbols}
     bounds = tuple(sorted((d, r) for d, r in _BOUNDS.get().items() if d in named))
-    return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds, entries)
+    return (node.op_type, node.domain, node.opset, attrs, tuple(types), vals, bounds, entries,
+            GUARDS_OUT.get() is not None)
 
 
 def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
@@ -149,33 +150,45 @@ def _value_entries(node: "Node", consts: Sequence[torch.Tensor | None],
 
 def infer_symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                    consts: Sequence[torch.Tensor | None]) -> list[TensorType]:
-    """Output types of `node` whose inputs have dynamic dims (see the module docstring)."""
+    """Output types of `node` whose inputs have dynamic dims (see the module docstring). The dim equalities they
+    rest on go to the collector kiln.ops.infer.infer_node sets (GUARDS_OUT)."""
     values = _value_entries(node, consts, opdef.value_inputs)
     key = None if any(node.subgraphs()) else _key(node, types, consts, opdef.value_inputs, values)
     if key is None:
-        return _run_or_fallback(opdef, node, types, consts, values)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
+        out, guards = _run_or_fallback(opdef, node, types, consts, values)
     else:
-        _CACHE[key] = _run_or_fallback(opdef, node, types, consts, values)
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return list(_CACHE[key])
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+        else:
+            _CACHE[key] = _run_or_fallback(opdef, node, types, consts, values)
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        out, guards = _CACHE[key]
+    sink = GUARDS_OUT.get()
+    if guards and sink is not None:
+        sink.extend(guards)
+    return list(out)
 
 
 def _run_or_fallback(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
-                     consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]) -> list[TensorType]:
+                     consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]
+                     ) -> tuple[list[TensorType], list[DimGuard]]:
+    guards: list[DimGuard] = []
     with _quiet():
-        out = _symbolic(opdef, node, types, consts, values)
-        if out is None:
+        got = _symbolic(opdef, node, types, consts, values)
+        if got is None:
             out = _ranks_only(opdef, node, types, consts)
+        else:
+            out, guards = got
     out = out[:len(node.outputs)]
-    return out + [TensorType(None, None)] * (len(node.outputs) - len(out))
+    return out + [TensorType(None, None)] * (len(node.outputs) - len(out)), guards
 
 
 def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
-              consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]) -> list[TensorType] | None:
-    """One run on fake tensors; `values`: the run-time value inputs a shape chain holds (`_value_entries`)."""
+              consts: Sequence[torch.Tensor | None], values: dict[int, list[int | str]]
+              ) -> tuple[list[TensorType], list[DimGuard]] | None:
+    """One run on fake tensors: the output types and the guards they rest on (`_guards`); `values`: the run-time
+    value inputs a shape chain holds (`_value_entries`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -184,6 +197,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
     named: dict[str, Any] = {}
 
     bounds = _BOUNDS.get()
+    in_dims: list[Any] = []  # the sympy expressions of the tensor inputs' symbolic dims
 
     def fresh(name: str | None) -> Any:
         s = env.create_unbacked_symint()
@@ -224,6 +238,7 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
                         return None
                     t = TensorType(DType.from_torch(c.dtype), tuple(c.shape))
                 dims = [fresh(None) if d is None else symint(d) for d in t.shape]
+                in_dims.extend(d.node.expr for d in dims if isinstance(d, torch.SymInt))
                 args.append(torch.empty(dims, dtype=t.dtype.torch))  # type: ignore[union-attr]
         try:
             # outside the mode first: ops on fake inputs still run fake, while reading a value input (a
@@ -238,8 +253,42 @@ def _symbolic(opdef: "OpDef", node: "Node", types: Sequence[TensorType | None],
         LAST_ERROR[node.op_type] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
         return None
     outs = list(out) if isinstance(out, tuple) else [out]
-    tainted = _assumed_equal(env)
-    return [_type_of(o, names, tainted, env, _assumed_equal(env, 1)) for o in outs]
+    guards, exact = _guards(env, names, in_dims) if GUARDS_OUT.get() is not None else ([], set())
+    tainted = _assumed_equal(env, skip=exact)
+    return [_type_of(o, names, tainted, env, _assumed_equal(env, 1, skip=exact)) for o in outs], guards
+
+
+def _guards(env: Any, names: dict[Any, str | None], in_dims: list[Any]) -> tuple[list[DimGuard], set[Any]]:
+    """The equalities torch asserted to run the op that can stand as run-time guards (DimGuard), and those
+    assertions. One qualifies when its symbols are all named input dims and every input dim built on them is at
+    least 2 over the profile: then no dim it equates can broadcast as a 1, so the op really needs the equality
+    (torch assumes it for a broadcast of unknown sizes, which is exact only there)."""
+    import sympy
+    guards: list[DimGuard] = []
+    exact: set[Any] = set()
+    for asserts in getattr(env, "deferred_runtime_asserts", {}).values():
+        for ra in asserts:
+            e = ra.expr
+            if not isinstance(e, sympy.Eq) or ra in exact or not e.free_symbols:
+                continue
+            if any(names.get(s) is None for s in e.free_symbols):
+                continue
+            if any(d.free_symbols & e.free_symbols and _lower(d, env) < 2 for d in in_dims):
+                continue
+            kiln_syms = {s: sym(names[s]) for s in e.free_symbols}  # type: ignore[arg-type]
+            lhs, rhs = (DimExpr.make(_tighten(x, env).xreplace(kiln_syms)) for x in (e.lhs, e.rhs))
+            if lhs is None or rhs is None or (isinstance(lhs, int) and isinstance(rhs, int)):
+                continue  # an expression Kiln does not evaluate; or two sizes, unequal: the op cannot run
+            guards.append(DimGuard(lhs, rhs))
+            exact.add(ra)
+    return guards, exact
+
+
+def _lower(d: Any, env: Any) -> Any:
+    try:
+        return env.bound_sympy(d).lower
+    except Exception:
+        return 0
 
 
 def _tighten(e: Any, env: Any) -> Any:
@@ -269,13 +318,16 @@ def _sign(d: Any, env: Any) -> int:
     return 0
 
 
-def _assumed_equal(env: Any, least: int = 2) -> set[Any]:
+def _assumed_equal(env: Any, least: int = 2, skip: set[Any] = frozenset()) -> set[Any]:  # type: ignore[assignment]
     """Symbols of the run-time assertions torch made to equate two dims (instead of deciding), those with at least
-    `least` symbols; with 1, also `Eq(seq - 1 + 1, seq)`-like ones, which a derived dim must not rest on."""
+    `least` symbols; with 1, also `Eq(seq - 1 + 1, seq)`-like ones, which a derived dim must not rest on. The
+    assertions in `skip` are run-time guards (`_guards`): nothing resting on them is tainted."""
     import sympy
     out: set[Any] = set()
     for asserts in getattr(env, "deferred_runtime_asserts", {}).values():
         for ra in asserts:
+            if ra in skip:
+                continue
             e = ra.expr
             if isinstance(e, sympy.Eq) and len(e.free_symbols) >= least:
                 out |= e.free_symbols

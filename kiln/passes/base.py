@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from kiln.errors import BuildError, KilnError
+from kiln.ir.dims import body_inference
 from kiln.ir.graph import Graph, Node, Value
 from kiln.logger import Logger
 
@@ -100,7 +101,7 @@ class PassManager:
                 continue
             for key, sub in subs:
                 label = f"{where}/{n.name}.{key}" if where else f"{n.name}.{key}"
-                with standalone(sub):
+                with standalone(sub), body_inference():
                     changed |= self._apply(p, sub, ctx, label)
                     changed |= self._apply_bodies(p, sub, ctx, label)
                 _keep_captures_intact(sub)

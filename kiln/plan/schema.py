@@ -355,10 +355,11 @@ def prove_types(g: Graph, where: str = "plan", _depth: int = 0) -> set[str]:
 
     Returns the names of values that kept header information inference could not confirm.
     """
-    from kiln.ops.infer import infer_node, merge_types
+    from kiln.ir.dims import body_inference
+    from kiln.ops.infer import infer_node_guarded, merge_types
     weak: set[str] = set()
     for n in g.nodes:
-        inferred = infer_node(n)
+        inferred, n.guards = infer_node_guarded(n)
         for v, t in zip(n.outputs, inferred):
             _compare(v, t, n, where)
             merged = merge_types(t, v.type)
@@ -366,7 +367,8 @@ def prove_types(g: Graph, where: str = "plan", _depth: int = 0) -> set[str]:
                 weak.add(v.name)
             v.type = merged
         for sg in n.subgraphs():
-            weak |= prove_types(sg, where, _depth + 1)
+            with body_inference():
+                weak |= prove_types(sg, where, _depth + 1)
     return weak
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kiln.backends.kernel import Kernel
 from kiln.backends.strides import channels_innermost
-from kiln.errors import KilnError
+from kiln.errors import InputError, KilnError
 from kiln.ir.dims import dim_size
 from kiln.ir.graph import Graph, Node, Value
 from kiln.plan.elision import Caps, place_all
@@ -251,7 +251,10 @@ class GraphFunction:
                         if st.kernel.out_format == "like_input":
                             st.follow = next((j for j, v in enumerate(st.node.inputs) if v is not None
                                               and not v.is_const and v.type.rank == 4), -1)
-        bind = bool(allocs or self.arena or self._prologue)  # the symbols each call binds are read
+        # dim equalities the types rest on (a body's types rest on none: kiln.ir.dims.GUARDS_ALLOWED)
+        self._guards = [] if nested else [g for n in graph.nodes for g in n.guards]
+        self._guards_held: set[tuple[int, ...]] = set()  # the bound dims they were checked at
+        bind = bool(allocs or self.arena or self._prologue or self._guards)  # the symbols each call binds are read
         self._symbols = [[(k, d) for k, d in enumerate(v.type.shape or ()) if isinstance(d, str)]
                          for v in graph.inputs] if bind else None
         # symbols of captured values, bound at each call too (an If branch has no inputs: its dims are its captures')
@@ -403,6 +406,18 @@ class GraphFunction:
             return entry
         return self._prologue_cache.get(key, compute)
 
+    def _check_guards(self, dims: dict[str, int]) -> None:
+        """Every dim equality the plan's types rest on holds at these bound dims (checked once per binding);
+        else InputError naming the layer that needs it."""
+        key = tuple(dims.values())  # the symbols bind in one order every call
+        if key in self._guards_held:
+            return
+        for g in self._guards:
+            if not g.holds(dims):
+                raise InputError(f"the input shapes do not fit the model: {g.failure(dims)}")
+        if len(self._guards_held) < 256:
+            self._guards_held.add(key)
+
     def _runtime_node(self, n: Node) -> Node:
         subs = {k: v for k, v in n.attrs.items()
                 if isinstance(v, Graph) or (isinstance(v, list) and v and isinstance(v[0], Graph))}
@@ -411,6 +426,7 @@ class GraphFunction:
         rn = Node(n.op_type, n.inputs, [], dict(n.attrs), name=n.name, domain=n.domain, opset=n.opset)
         rn.outputs = n.outputs  # not re-parented: the runtime node is a view of n
         rn.captures = n.captures
+        rn.guards = n.guards
         def compile(g: Graph) -> GraphFunction:  # a body runs the same factory's kernels (the plan's tactics)
             return GraphFunction(g, self.device, self.factory, self.typed, nested=True)
         for k, v in subs.items():
@@ -452,7 +468,7 @@ class GraphFunction:
         """This subgraph compiled on the reference kernels (once), for inputs its tactics were not chosen for."""
         if self._reference is None:
             warnings.warn(f"kiln: subgraph '{self.graph.name}': {why}; running it on the reference kernels")
-            self._reference = GraphFunction(self.graph, self.device)
+            self._reference = GraphFunction(self.graph, self.device, nested=True)
         return self._reference
 
     @property
@@ -487,6 +503,8 @@ class GraphFunction:
             if isinstance(x, torch.Tensor) and x.dim() > syms[-1][0]:
                 for k, d in syms:
                     dims.setdefault(d, int(x.shape[k]))
+        if self._guards:
+            self._check_guards(dims)
         if self._prologue:
             for s_, v in self._prologue_values(inputs, outer or {}, dims):
                 env[s_] = v

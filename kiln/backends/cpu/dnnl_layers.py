@@ -94,8 +94,11 @@ class DnnlPoolTactic(CpuTactic):
                 or ints_at_least(node.attr("pads", None) or [0, 0, 0, 0], 4, 0) is None):
             return False
         hint = shape_hint(x)  # type: ignore[arg-type]
+        if hint is None:  # dynamic spatial sizes: a geometry oneDNN expresses at every size
+            return (all(int(d) == 1 for d in node.attr("dilations", None) or [1, 1])
+                    and (node.op_type == "MaxPool" or not int(node.attr("ceil_mode", 0) or 0)))
         try:
-            return hint is not None and _pool_geometry(node, tuple(hint)) is not None
+            return _pool_geometry(node, tuple(hint)) is not None
         except Exception:
             return False
 
