@@ -207,13 +207,14 @@ def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequenc
                  sizes: list[Dim]) -> list[Dim] | None:
     """Each spatial output dim of a convolution or pool as the definition's exact expression of its input dim:
     floor((n + pads - dilation * (k - 1) - 1) / stride) + 1, or ceil(n / stride) for SAME padding (a derived dim,
-    kiln.ir.dims, where n is symbolic). None where the geometry is not read here: ConvTranspose, ceil_mode with a
-    stride, a kernel size not in the attributes or a static weight."""
+    kiln.ir.dims, where n is symbolic); for ConvTranspose stride * (n - 1) + output_padding + extent - pads (n * stride
+    for SAME). None where the geometry is not read here: a ConvTranspose's output_shape, ceil_mode with a stride, a
+    kernel size not in the attributes or a static weight."""
     import sympy
     from torch.utils._sympy.functions import FloorDiv
 
     from kiln.ir.dims import DimExpr, sym
-    if node.op_type == "ConvTranspose":
+    if node.op_type == "ConvTranspose" and node.attr("output_shape", None):
         return None
     kernel = node.attr("kernel_shape", None)
     if not kernel:
@@ -234,6 +235,13 @@ def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequenc
             continue
         e = sympy.Integer(n) if isinstance(n, int) else n.expr if isinstance(n, DimExpr) else sym(n)  # type: ignore
         s, extent = strides[i], dilations[i] * (kernel[i] - 1) + 1
+        if node.op_type == "ConvTranspose":  # conv_transpose_geometry's output size, as an expression of n
+            if auto in ("SAME_UPPER", "SAME_LOWER"):
+                out.append(DimExpr.make(e * s))
+                continue
+            cut = 0 if auto == "VALID" else pads[i] + pads[i + nd]
+            out.append(DimExpr.make(s * (e - 1) + window_ints(node, "output_padding", nd, 0)[i] + extent - cut))
+            continue
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             out.append(DimExpr.make(FloorDiv(e + s - 1, s)))
             continue
@@ -312,8 +320,8 @@ class ConvGeometry:
            kernel: Sequence[int] | None = None) -> "ConvGeometry | None":
         """The geometry of a Conv / FusedConv. `kernel`: the kernel sizes (default: those of the constant
         weight, input 1); `sizes`: the input's spatial sizes (default: its static shape), needed only by
-        auto_pad SAME_UPPER/SAME_LOWER. None where it cannot be known: no constant weight, SAME without
-        sizes, an unknown auto_pad, attribute lengths or an input rank that disagree with the kernel's, a
+        auto_pad SAME_UPPER/SAME_LOWER with a stride above 1. None where it cannot be known: no constant weight,
+        strided SAME without sizes, an unknown auto_pad, attribute lengths or an input rank that disagree with the kernel's, a
         kernel_shape that disagrees with the weight, negative pads."""
         if kernel is None:
             w = node.input(1)
@@ -332,6 +340,8 @@ class ConvGeometry:
             shape = x.type.shape
             if sizes is None and shape is not None and all(isinstance(d, int) for d in shape[2:]):
                 sizes = [int(d) for d in shape[2:]]  # type: ignore[arg-type]
+            if sizes is None and all(s == 1 for s in strides):
+                sizes = [1] * nd  # at stride 1 the pads total extent - 1 whatever the size
             if sizes is None:
                 return None
             pads = same_pads(mode, [int(n) for n in sizes], ks, strides, dilations)

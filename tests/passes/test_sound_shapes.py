@@ -64,12 +64,19 @@ def test_strided_frame_count_is_not_typed_static_from_samples() -> None:
     ("Conv", {"strides": [3, 1], "auto_pad": "VALID"}, (4, 1)),
     ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, None),
     ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, None),
+    ("ConvTranspose", {"strides": [2, 2]}, (2, 2)),
+    ("ConvTranspose", {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "dilations": [1, 2]},
+     (3, 3)),
+    ("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (3, 3)),
+    ("ConvTranspose", {"strides": [3, 1], "auto_pad": "VALID"}, (4, 1)),
 ])
 def test_strided_window_dims_are_exact_expressions(op: str, attrs: dict, kernel: tuple | None) -> None:
-    """A strided convolution or pool over symbolic H, W: its output dims match torch at every size tried."""
+    """A strided convolution, transposed convolution or pool over symbolic H, W: its output dims match torch at
+    every size tried."""
     import torch
     x = Value("x", TensorType(F32, ("N", 4, "H", "W")))
-    ins = [x] if kernel is None else [x, Value("w", const=torch.randn(6, 4, *kernel))]
+    w_shape = (4, 6) if op == "ConvTranspose" else (6, 4)  # [C_in, C_out] there, [C_out, C_in] for Conv
+    ins = [x] if kernel is None else [x, Value("w", const=torch.randn(*w_shape, *kernel))]
     (t,) = infer_node(Node(op, ins, [Value("y")], attrs, name="p", opset=17))
     rng = np.random.default_rng()
     for h, w in [(7, 9), (16, 16), (33, 20)] + [tuple(int(v) for v in rng.integers(8, 70, 2))]:

@@ -47,10 +47,8 @@ class DnnlConv1dTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if library() is None or float_conv_weight(node, ("", *ELTWISE), rank=3, bf16=True) is None:
-            return False
-        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
+        # the geometry (SAME pads too) is resolved per input shape
+        return library() is not None and float_conv_weight(node, ("", *ELTWISE), rank=3, bf16=True) is not None
 
     def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
         lib = require_library(node, self.id)

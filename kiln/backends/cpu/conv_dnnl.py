@@ -1,4 +1,5 @@
-"""Conv / FusedConv on oneDNN's own primitives (kiln.backends.cpu.dnnl): one primitive per input shape.
+"""Conv / FusedConv, and ConvTranspose, on oneDNN's own primitives (kiln.backends.cpu.dnnl): one primitive per input
+shape.
 
 Competes with ``cpu.conv_onednn`` (torch's oneDNN ops) under the autotuner. The kernel keeps, per input
 shape and strides, a convolution primitive with the weights already in its layout, the bias, and the
@@ -13,6 +14,11 @@ primitive's bfloat16 layout, a float32 bias, a bfloat16 or float32 output and re
 float32 and applies the post-ops in float32 before the one rounding on store. Where the CPU has no BF16
 instructions oneDNN offers only its reference loops, which `_finish` refuses: the layer then runs its reference
 implementation, with a warning.
+
+``cpu.deconv_dnnl``: 2-D float32 ConvTranspose as oneDNN's deconvolution (weights reordered once from ONNX's
+[C, K/g, kh, kw]; any stride, dilation, groups, pads and output_padding, output_shape or SAME resolved per input
+shape by the reference's geometry, kiln.ops.conv.conv_transpose_geometry). A geometry oneDNN cannot express
+runs the reference for that shape.
 """
 from __future__ import annotations
 
@@ -21,15 +27,16 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.activation_c import ActivatedPrimitive, c_activation_configs, split_epilogue
-from kiln.backends.cpu.common import CpuTactic, act_attrs, float_conv_weight, layer_dtypes
+from kiln.backends.cpu.common import CpuTactic, act_attrs, const_float, float_bias, float_conv_weight, is_f32, layer_dtypes
 from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import library, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
-from kiln.backends.cpu.dnnl_float import Convolution
+from kiln.backends.cpu.dnnl_float import Convolution, Deconvolution, deconv_weight
 from kiln.backends.cpu.dnnl_kernels import channels_last_kernel
 from kiln.backends.tactic import Built, register_tactic
 from kiln.errors import KilnError
 from kiln.ir.graph import Node
+from kiln.ops.conv import conv_transpose_geometry, strides_dilations
 
 Tensor = torch.Tensor
 
@@ -44,10 +51,8 @@ class DnnlConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if library() is None or float_conv_weight(node, ("", *ELTWISE), bf16=True) is None:
-            return False
-        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
+        # the geometry (SAME pads too) is resolved per input shape
+        return library() is not None and float_conv_weight(node, ("", *ELTWISE), bf16=True) is not None
 
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         return c_activation_configs(node)
@@ -81,4 +86,48 @@ class DnnlConvTactic(CpuTactic):
         return channels_last_kernel(node, lib, make, (x_dt,), (z_dt,), y_dt)
 
 
+class DnnlDeconvTactic(CpuTactic):
+    """2-D float32 ConvTranspose with a constant weight (and bias) as a cached oneDNN deconvolution (module doc)."""
+
+    id = "cpu.deconv_dnnl"
+    priority = 12
+    ops = (("", "ConvTranspose"), ("ai.onnx", "ConvTranspose"))
+
+    def accepts(self, node: Node) -> bool:
+        x, y = node.input(0), node.outputs[0] if len(node.outputs) == 1 else None
+        w = const_float(node.input(1), False)
+        if library() is None or y is None or not is_f32(x) or not is_f32(y) or x.type.rank != 4:  # type: ignore[union-attr]
+            return False
+        if w is None or w.dim() != 4 or w.numel() == 0:
+            return False
+        group = int(node.attr("group", 1) or 1)
+        c = x.type.shape[1]  # type: ignore[union-attr,index]
+        return (group >= 1 and int(w.shape[0]) % group == 0 and (not isinstance(c, int) or c == int(w.shape[0]))
+                and float_bias(node.input(2), int(w.shape[1]) * group))
+
+    def build(self, node: Node, config: dict[str, Any], device: torch.device) -> Built:
+        lib = require_library(node, self.id)
+        w = node.inputs[1].const.float()  # type: ignore[union-attr]
+        b_v = node.input(2)
+        b = None if b_v is None else b_v.const.float().contiguous()  # type: ignore[union-attr]
+        group = int(node.attr("group", 1) or 1)
+        kernel = [int(k) for k in w.shape[2:]]
+        strides, dilations = strides_dilations(node, 2)
+        w_dnnl = deconv_weight(w, group)
+        k_out = int(w.shape[1]) * group
+
+        def make(x: Tensor, _z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
+            sizes = [int(n) for n in x.shape[2:]]
+            begin, out = conv_transpose_geometry(node, sizes, kernel, strides, dilations)
+            full = [s * (n - 1) + (k - 1) * d + 1 for n, k, s, d in zip(sizes, kernel, strides, dilations)]
+            end = [f - bg - o for f, bg, o in zip(full, begin, out)]  # negative: output_padding's extra rows
+            if min(begin) < 0 or min(out) < 1:
+                raise ValueError(f"no oneDNN deconvolution for this geometry at input shape {list(x.shape)}")
+            shape = (int(x.shape[0]), k_out, *out)
+            y0 = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+            return Deconvolution(lib, x, w_dnnl, b, y0, strides, dilations, begin, end, group), shape
+        return channels_last_kernel(node, lib, make, (torch.float32,), (torch.float32,), torch.float32)
+
+
 register_tactic(DnnlConvTactic())
+register_tactic(DnnlDeconvTactic())

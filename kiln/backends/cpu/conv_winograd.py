@@ -145,10 +145,7 @@ class WinogradConvTactic(CpuTactic):
             return False
         if any(int(d) != 1 for d in node.attr("dilations", None) or [1, 1]):
             return False
-        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        if mode not in ("NOTSET", "VALID") and not node.inputs[0].type.is_static:  # type: ignore[union-attr]
-            return False
-        return _kernels() is not None
+        return _kernels() is not None  # the geometry (SAME pads too) is resolved per input shape
 
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         return [{"tile": t} for t in _tiles(node)]

@@ -14,7 +14,8 @@ rest of the oneDNN family builds on it:
 - ``dnnl_primitive``: ``Primitive``, the base of every primitive (per-call argument sets, the dtype check,
   weights reordered once), and ``Reorder`` / ``ChannelsLast`` (layout copies);
 - ``dnnl_epilogue``: the fused epilogue as post-ops (bias, residual add, activation, requantization);
-- ``dnnl_float``: float32 / bfloat16 ``Convolution``, ``InnerProduct``, ``MatMul`` and ``Pooling``;
+- ``dnnl_float``: float32 / bfloat16 ``Convolution``, ``Deconvolution``, ``InnerProduct``, ``MatMul`` and
+  ``Pooling``;
 - ``dnnl_int8``: the integer ``QConvolution`` and ``QMatMul``;
 - ``dnnl_kernels``: the kernel shells the tactics share (``shape_cached``: one primitive per input shape);
 - ``fallback``: ``ReferenceFallback``, the op's reference for shapes a fast path declines.
@@ -49,7 +50,7 @@ DATA_TYPES: dict[torch.dtype, int] = {torch.float32: F32, torch.float16: F16, to
                                       torch.int32: S32, torch.int8: S8, torch.uint8: U8}
 """torch dtype -> oneDNN data type of the tensors primitives here read and write."""
 CPU_ENGINE, IN_ORDER = 1, 1
-FORWARD_INFERENCE, CONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0x1FFF0
+FORWARD_INFERENCE, CONVOLUTION_DIRECT, DECONVOLUTION_DIRECT, BINARY_ADD = 96, 1, 0xA, 0x1FFF0
 POOLING_MAX, POOLING_AVG_INCLUDE_PAD, POOLING_AVG_EXCLUDE_PAD = 0x1FF, 0x2FF, 0x3FF
 QUERY_IMPL_INFO, QUERY_WEIGHTS_MD, QUERY_SCRATCHPAD_MD = 8, 131, 136
 ARG_SRC, ARG_SRC_1, ARG_DST, ARG_WEIGHTS, ARG_BIAS, ARG_SCRATCHPAD = 1, 2, 17, 33, 41, 80
@@ -83,6 +84,7 @@ _SIGNATURES: dict[str, list[Any]] = {  # argument types: pointers must never go 
     "dnnl_primitive_create": [_PP, P],
     "dnnl_primitive_execute": [P, P, _I, P],
     "dnnl_convolution_forward_primitive_desc_create": [_PP, P, _I, _I, P, P, P, P, _DIMS, _DIMS, _DIMS, _DIMS, P],
+    "dnnl_deconvolution_forward_primitive_desc_create": [_PP, P, _I, _I, P, P, P, P, _DIMS, _DIMS, _DIMS, _DIMS, P],
     "dnnl_pooling_forward_primitive_desc_create": [_PP, P, _I, _I, P, P, _DIMS, _DIMS, _DIMS, _DIMS, _DIMS, P],
     "dnnl_inner_product_forward_primitive_desc_create": [_PP, P, _I, P, P, P, P, P],
     "dnnl_matmul_primitive_desc_create": [_PP, P, P, P, P, P, P],

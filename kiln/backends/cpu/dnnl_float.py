@@ -1,4 +1,5 @@
-"""oneDNN's float primitives: ``Convolution``, ``InnerProduct``, ``MatMul`` and ``Pooling``, one per fixed shape.
+"""oneDNN's float primitives: ``Convolution``, ``Deconvolution`` (ONNX ConvTranspose), ``InnerProduct``, ``MatMul``
+and ``Pooling``, one per fixed shape.
 
 bfloat16 layers (a bf16 build on a CPU with BF16 instructions): ``Convolution`` and ``InnerProduct`` take a
 bfloat16 source with bfloat16 weights (reordered once from the float32 values of the constant into the
@@ -12,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from kiln.backends.cpu.dnnl import (ARG_DST, ARG_SRC, BF16, CONVOLUTION_DIRECT, F32, FLOAT32, FORWARD_INFERENCE,
-                                    POOLING_MAX, Dims, Library, data_type)
+from kiln.backends.cpu.dnnl import (ARG_DST, ARG_SRC, BF16, CONVOLUTION_DIRECT, DECONVOLUTION_DIRECT, F32, FLOAT32,
+                                    FORWARD_INFERENCE, POOLING_MAX, Dims, Library, data_type)
 from kiln.backends.cpu.dnnl_epilogue import bias_md, post_ops
 from kiln.backends.cpu.dnnl_primitive import Primitive
 from kiln.errors import KilnError
@@ -69,6 +70,45 @@ class Convolution(Primitive):
                         b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l),
                         Dims(*pad_r), attr)
             self._finish_layer(tmp, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
+        finally:
+            tmp.close()
+
+
+def deconv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """An ONNX ConvTranspose weight [C, K/g, kh, kw] as oneDNN's deconvolution weight: [K, C, kh, kw], or
+    [g, K/g, C/g, kh, kw] when grouped (the same taps, output channels first; no flip)."""
+    c, kg, kh, kw = (int(s) for s in w.shape)
+    if groups < 1 or c % groups:
+        raise KilnError(f"a transposed convolution of {groups} group(s) cannot take weights {list(w.shape)}")
+    g = w.reshape(groups, c // groups, kg, kh, kw).transpose(1, 2)
+    return (g.reshape(kg, c, kh, kw) if groups == 1 else g).contiguous()
+
+
+class Deconvolution(Primitive):
+    """One oneDNN deconvolution (ONNX ConvTranspose) for fixed shapes: `w` already in oneDNN's order
+    (`deconv_weight`); pads crop the full output (`pad_r` negative where output_padding grows it); the bias and
+    activation as in Convolution. `run(x, y)`."""
+
+    def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int], pad_r: Sequence[int],
+                 groups: int, act: str = "", alpha: float = 0.0, beta: float = 0.0) -> None:
+        tmp = self._begin(lib)
+        try:
+            k = int(w.shape[0] if groups == 1 else w.shape[0] * w.shape[1])
+            c = int(w.shape[1] if groups == 1 else w.shape[0] * w.shape[2])
+            if x.dim() != 4 or int(x.shape[1]) != c or y.dim() != 4 or int(y.shape[1]) != k:
+                raise KilnError(f"a transposed convolution with weights {list(w.shape)} ({groups} group(s)) cannot "
+                                f"read {list(x.shape)} into {list(y.shape)}")
+            dtypes, w_dt = _layer_dtypes(x, y, None)
+            src_md = lib.md(tmp, x.shape, x.stride(), data_type(x))
+            dst_md = lib.md(tmp, y.shape, y.stride(), data_type(y))
+            b_md = bias_md(lib, tmp, b, k, [k], [1])
+            attr, z_arg, z_md = post_ops(lib, tmp, act, alpha, beta, None, False)
+            pd = lib.pd(tmp, "deconvolution descriptor", lib.dll.dnnl_deconvolution_forward_primitive_desc_create,
+                        lib.engine, FORWARD_INFERENCE, DECONVOLUTION_DIRECT, src_md,
+                        lib.md(tmp, list(w.shape), None, w_dt), b_md, dst_md, Dims(*strides),
+                        Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr)
+            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
         finally:
             tmp.close()
 

@@ -97,10 +97,8 @@ class CpuDepthwiseConvTactic(CpuTactic):
     ops = (("", "Conv"), ("ai.onnx", "Conv"), ("kiln", "FusedConv"))
 
     def accepts(self, node: Node) -> bool:
-        if _depthwise_weight(node) is None or _library(512) is None:
-            return False
-        mode = node.attr("auto_pad", "NOTSET") or "NOTSET"
-        return mode in ("NOTSET", "VALID") or node.inputs[0].type.is_static  # type: ignore[union-attr]
+        # the geometry (SAME pads too) is resolved per input shape
+        return _depthwise_weight(node) is not None and _library(512) is not None
 
     def configs(self, node: Node, ctx: Any) -> list[dict[str, Any]]:
         if "avx512f" in cpu_flags() and _library(256) is not None:
