@@ -238,12 +238,18 @@ def onnx_nodes(path: str) -> tuple[int, int]:
 
 
 def plan_stats(plan: Any) -> dict[str, Any]:
+    """Layer counts of a plan; "on ref" leaves out the shape layers the runtime computes on the host once per input
+    shape (kiln.runtime.prologue), which run no kernel per inference ("host")."""
     from kiln.backends.tactic import is_layer
+    from kiln.runtime.engine import check_plan
+    from kiln.runtime.prologue import shape_prologue
+    graph = check_plan(plan, "plan")[0]
+    host = {graph.nodes[i].name for i in shape_prologue(graph, graph.input_symbols())}
     steps = plan.graph["steps"]
     layers = [s for s in steps if is_layer(s["tactic"])]
-    ref = Counter(s["op"] for s in layers if s["tactic"] == "ref")
+    ref = Counter(s["op"] for s in layers if s["tactic"] == "ref" and s["name"] not in host)
     return {"layers": len(layers), "views": plan.build.get("views", 0), "elided": plan.build.get("elided", 0),
-            "ref": sum(ref.values()), "ref_ops": dict(ref.most_common()),
+            "ref": sum(ref.values()), "ref_ops": dict(ref.most_common()), "host": len(host),
             "tactics": dict(Counter(s["tactic"] for s in layers).most_common())}
 
 
@@ -673,7 +679,9 @@ def render(rows: list[dict[str, Any]], mach: dict[str, str], args: argparse.Name
                        f"| {_ms(r.get('eager_ms'))} | {_ms(r.get('graph_ms'))} | {_ms(r.get('compile_ms'))} "
                        f"| {f'{rg:.2f}' if rg else '-'} | {f'{rc:.2f}' if rc else '-'} | {r.get('build_s', '-')} |")
         if r.get("ref_ops"):
-            notes.append(f"- {r['model']}: on ref: " + ", ".join(f"{op} {n}" for op, n in r["ref_ops"].items()))
+            notes.append(f"- {r['model']}: on ref: " + ", ".join(f"{op} {n}" for op, n in r["ref_ops"].items())
+                         + (f" (and {r['host']} shape layers on the host, once per input shape)" if r.get("host")
+                            else ""))
         for a in acc:
             if isinstance(a.get("err"), str) or (isinstance(a.get("err"), float) and a["err"] > tol):
                 per = a.get("per_output") or {}

@@ -202,6 +202,47 @@ def test_mark_all_names_the_corrupted_layer(tmp_path, capsys, corrupt, index: in
     assert f"{n} values from {n} layers: {n} compared ({passed} matched)" in out, out
 
 
+def _topk_gather(path: str, rng: np.random.Generator) -> None:
+    """x [N, 16] -> TopK(4) indices -> Gather of a table: a wrong index changes only integer intermediates
+    until the Gather reads another row (a detector's pre-NMS top-k feeding its box gather)."""
+    table = rng.standard_normal((16, 6)).astype(np.float32)
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=1),
+             helper.make_node("Gather", ["t", "i"], ["y"], name="gather", axis=0)]
+    g = helper.make_graph(nodes, "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([4], np.int64), "k"), numpy_helper.from_array(table, "t")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_mark_all_compares_integer_intermediates_exactly(tmp_path, capsys, monkeypatch) -> None:
+    """The first divergence is the layer whose indices went wrong, not the Gather that read the wrong rows."""
+    seed = _seed()
+    model = str(tmp_path / "topk.onnx")
+    _topk_gather(model, np.random.default_rng(seed))
+    args = [model, "--device", "cpu", "--opt-level", "0", "--shapes", "x:2x16", "--seed", str(seed), "--mark-all"]
+    rc, out, _ = _compare(capsys, *args)
+    assert rc == 0 and "no divergence" in out and "3 values from 2 layers: 3 compared (3 matched)" in out, out
+    real = engine_mod.Engine
+
+    class WrongIndex(real):  # type: ignore[misc, valid-type]
+        def __init__(self, plan, where: str = "plan") -> None:  # noqa: ANN001
+            super().__init__(plan, where)
+            st = self.function.steps[0]
+            fn = st.fn
+
+            def wrong(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+                v, i = fn(*a, **kw)
+                i = i.clone()
+                i[0, 0] = (i[0, 0] + 1) % 16
+                return v, i
+            st.fn = wrong
+    monkeypatch.setattr(engine_mod, "Engine", WrongIndex)
+    rc, out, _ = _compare(capsys, *args)
+    assert rc == 1, out
+    assert re.search(r"first divergence: layer 'topk' \(TopK, tactic [\w.]+\), value 'i': .*1 of 8 elements "
+                     r"outside rtol 0, atol 0", out), out
+
+
 def test_mark_all_skips_quantized_values(tmp_path, capsys, corrupt) -> None:
     model = str(tmp_path / "cnn.onnx")
     _cnn(model, np.random.default_rng(_seed()))

@@ -502,7 +502,7 @@ def _mark_all(capture: Any, plan: Any, ref: dict[str, Any], ref_outs: dict[str, 
                                        shape=list(cv.shape) if cv.shape is not None else None))
             continue
         t = cv.tensor
-        got = (t if t.dtype in (torch.float16, torch.float32, torch.float64) else t.float()).numpy()
+        got = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # integers and bools stay, to compare exactly
         shape = list(got.shape)
         want = both.get(cv.name)
         if not isinstance(want, np.ndarray):
@@ -512,7 +512,9 @@ def _mark_all(capture: Any, plan: Any, ref: dict[str, Any], ref_outs: dict[str, 
                                        diff=Diff(cv.name, str(got.dtype), shape, default,
                                                  problem=f"shape {shape} vs {_REF} {list(want.shape)}")))
         else:
-            d = compare_arrays(cv.name, got, want, tols.get(cv.name, default), check_dtype=False)
+            tol, exact = _tolerance_of(cv.name, want, tols, default)
+            d = compare_arrays(cv.name, got, want, tol, check_dtype=False)
+            d.exact = exact
             items.append(_Intermediate(cv.layer, cv.op, tactic, cv.name, "compared", d, shape))
     return items
 

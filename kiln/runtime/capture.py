@@ -25,7 +25,7 @@ class CapturedValue:
     name:       the value's name (for a layer fused from several ONNX nodes: its last node's output)
     tensor:     a CPU copy of the value, or None when it was skipped
     shape:      the value's shape (None when it is not a tensor)
-    skipped:    why it was not kept: "quantized" (int8/uint8), "not float" or "not a tensor"; None when kept
+    skipped:    why it was not kept: "quantized" (int8/uint8), "not float" (complex) or "not a tensor"; None when kept
     """
 
     layer: str
@@ -37,10 +37,11 @@ class CapturedValue:
 
 
 class StepCapture:
-    """A step hook keeping a CPU copy of every floating-point step output, by value name, in step order.
+    """A step hook keeping a CPU copy of every step output (float, and the integers and bools of shapes, indices and
+    masks, which compare exactly), by value name, in step order.
 
-    Integer values are recorded as skipped: int8/uint8 ones (quantized activations, whose scale lives in
-    the layer) as "quantized", the rest (shapes, indices, masks) as "not float".
+    int8/uint8 values (quantized activations, whose scale lives in the layer) are recorded as skipped ("quantized");
+    so are complex ones ("not float").
     """
 
     def __init__(self) -> None:
@@ -57,7 +58,7 @@ class StepCapture:
             shape = tuple(r.shape)
             if r.dtype in _QUANTIZED:
                 self.values.append(CapturedValue(node.name, node.op_type, v.name, None, shape, "quantized"))
-            elif not r.dtype.is_floating_point:
+            elif r.is_complex():
                 self.values.append(CapturedValue(node.name, node.op_type, v.name, None, shape, "not float"))
             else:
                 copy = r.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
