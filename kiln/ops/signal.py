@@ -75,8 +75,11 @@ class STFT(OpDef):
 
     def compute(self, node: Node, signal: Tensor, frame_step: Tensor, window: Tensor | None = None,
                 frame_length: Tensor | None = None) -> Tensor:
+        if signal.dim() == 2:  # [batch, length]: a real signal, as onnxruntime reads it (exporters write it so)
+            signal = signal.unsqueeze(-1)
         if signal.dim() != 3:
-            raise UnsupportedOpError(f"node '{node.name}': STFT needs a [batch, length, 1|2] signal")
+            raise UnsupportedOpError(f"node '{node.name}': STFT needs a [batch, length] or [batch, length, 1|2] "
+                                     "signal")
         step = ints(frame_step)[0]
         if frame_length is not None:
             flen = ints(frame_length)[0]

@@ -96,3 +96,20 @@ def test_mel_weight_matrix(bins: int, length: int, rate: int, lo: float, hi: flo
               "lo": np.array(lo, np.float32), "hi": np.array(hi, np.float32)}
     model = make_node_model("MelWeightMatrix", {}, 1, {"output_datatype": dtype}, opset=17, const_inputs=consts)
     check_model(model, {}, rtol=1e-6, atol=1e-6, oracle="reference")
+
+
+@pytest.mark.parametrize("onesided", [0, 1])
+def test_stft_of_a_rank_2_real_signal(onesided: int) -> None:
+    """[batch, length] without the trailing 1: onnxruntime reads it as a real signal and exporters write it so
+    (onnx-asr's OnnxScript log-mel preprocessors); the ONNX reference evaluator refuses it, so the oracle is
+    onnxruntime, checked against numpy's FFT of the hann-windowed frames."""
+    import onnxruntime as ort
+    x = np.random.default_rng().standard_normal((2, 50)).astype(np.float32)
+    w = (np.hanning(17)[:-1]).astype(np.float32)
+    consts = {"step": np.array(6, dtype=np.int64), "window": w}
+    model = make_node_model("STFT", {"x": x}, 1, {"onesided": onesided}, opset=17, const_inputs=consts)
+    check_model(model, {"x": x}, rtol=1e-4, atol=1e-4, oracle="onnxruntime")
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    frames = np.stack([x[:, i:i + 16] for i in range(0, 50 - 16 + 1, 6)], 1).astype(np.float64) * w
+    want = np.fft.fft(frames, axis=-1)[..., : 9 if onesided else 16]
+    np.testing.assert_allclose(got, np.stack([want.real, want.imag], -1), rtol=1e-4, atol=1e-4)
