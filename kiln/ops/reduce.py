@@ -45,7 +45,7 @@ def _from_ordered(y: Tensor, dtype: torch.dtype) -> Tensor:
     return y.to(dtype)
 
 
-def _reduce_axes(node: Node, x: Tensor, axes_in: Tensor | None) -> list[int]:
+def reduce_axes(node: Node, x: Tensor, axes_in: Tensor | None) -> list[int]:
     """Normalized axes to reduce; [] means 'no reduction' (noop_with_empty_axes)."""
     if node.opset >= _AXES_INPUT_FROM.get(node.op_type, 18):
         axes = ints(axes_in)
@@ -160,7 +160,7 @@ class Reduce(OpDef):
             raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} does not support {x.dtype}")
         if (x.dtype == torch.bool or x.dtype in _FLOAT8) and node.op_type not in ("ReduceMax", "ReduceMin"):
             raise UnsupportedDTypeError(f"node '{node.name}': {node.op_type} does not support {x.dtype} input")
-        dims = _reduce_axes(node, x, axes)
+        dims = reduce_axes(node, x, axes)
         if not dims:
             return _no_reduce(node.op_type, x)
         return _reduce(node.op_type, x, dims, bool(node.attr("keepdims", 1)))

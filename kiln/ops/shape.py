@@ -393,10 +393,30 @@ class Pad(OpDef):
         (the others index with an arange over the padded length)."""
         from kiln.ops.infer import infer_by_meta
         if node.attr("mode", "constant") == "constant":
-            return infer_by_meta(self, node, types, consts)
-        plain = Node("Pad", node.inputs, [Value(v.name) for v in node.outputs],
-                     {**node.attrs, "mode": "constant"}, name=node.name, opset=node.opset)
-        return infer_by_meta(self, plain, types, consts)
+            out = infer_by_meta(self, node, types, consts)
+        else:
+            plain = Node("Pad", node.inputs, [Value(v.name) for v in node.outputs],
+                         {**node.attrs, "mode": "constant"}, name=node.name, opset=node.opset)
+            out = infer_by_meta(self, plain, types, consts)
+        x = types[0] if types else None
+        if out and out[0].shape is None and x is not None and x.shape is not None:
+            # amounts known only at run time: the rank is x's, and so is each dim no amount touches
+            out = [TensorType(out[0].dtype or x.dtype, self._untouched(node, x.shape))] + list(out[1:])
+        return out
+
+    @staticmethod
+    def _untouched(node: Node, shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        """x's dims where the pads a shape chain holds are 0 at both ends of that axis; None elsewhere."""
+        from kiln.ops.shape_values import shape_entries
+        dims: list[Any] = [None] * len(shape)
+        e = shape_entries(node.input(1)) if node.opset >= 11 and node.input(1) is not None else None
+        axes_v = node.input(3) if node.opset >= 18 else None
+        if e is None or e[1] or len(e[0]) != 2 * len(shape) or axes_v is not None:
+            return tuple(dims)
+        for k, d in enumerate(shape):
+            if e[0][k] == 0 and e[0][len(shape) + k] == 0:
+                dims[k] = d
+        return tuple(dims)
 
     def compute(self, node: Node, x: Tensor, pads: Tensor | None = None, value: Tensor | None = None,
                 axes: Tensor | None = None) -> Tensor:

@@ -170,12 +170,30 @@ def _derived(p: Node, x: Dim, y: Dim) -> Dim:
             return None
         e = ex + ey
     elif is_op(p, "Sub"):
-        return None if not isinstance(y, int) or y > 0 else DimExpr.make(ex - ey)  # x - 0 or x + k
+        if isinstance(y, int) and y <= 0:
+            return DimExpr.make(ex - ey)  # x - 0 or x + k
+        e = ex - ey  # a dim only where the profile proves it never negative: `480000 - N` for N <= 64000
+        return DimExpr.make(e) if _least(e) >= 0 else None
     else:
         if not isinstance(y, int) or y <= 0 or (isinstance(x, int) and x < 0):
             return None
         e = FloorDiv(ex, ey)
     return DimExpr.make(e)
+
+
+def _least(e: Any) -> Any:
+    """The smallest value of an integer expression over the symbols' profile ranges (kiln.ir.dims.SYMBOL_BOUNDS),
+    or -1 where a symbol has no range or interval arithmetic cannot bound it."""
+    from kiln.ir.dims import SYMBOL_BOUNDS
+    bounds = SYMBOL_BOUNDS.get()
+    if not all(str(s) in bounds for s in e.free_symbols):
+        return -1
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+    try:
+        r = bound_sympy(e, {s: ValueRanges(*bounds[str(s)]) for s in e.free_symbols})
+    except Exception:
+        return -1
+    return r.lower if getattr(r.lower, "is_Integer", False) else -1
 
 
 def _where_entries(p: Node, depth: int) -> tuple[list[Dim], bool] | None:

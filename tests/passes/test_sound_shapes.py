@@ -560,3 +560,46 @@ def test_dim_upper_bound_only_where_proven() -> None:
     assert dim_upper_bound("n", bounds) is None
     for e in (DimExpr(200 - w), DimExpr((h - 5) * (h - 7)), DimExpr(FloorDiv(w, 2) * sym("n"))):
         assert dim_upper_bound(e, bounds) is None, e
+
+
+def _pad_to(total: int) -> object:
+    """Whisper's front end: x [B, N] padded at the end to `total` samples, the amount from its own shape
+    (Pad(x, [0, 0, 0, total - N] as (total - Shape(x)[1]) * [0, 0, 0, 1])), then a stride-4 framing conv."""
+    c = {"tot": np.array([total], np.int64), "sel": np.array([0, 0, 0, 1], np.int64), "ax": np.array([1], np.int64),
+         "w": (np.random.default_rng(0).standard_normal((3, 1, 8)) * 0.3).astype(np.float32)}
+    nodes = [helper.make_node("Shape", ["x"], ["n"], start=1, end=2), helper.make_node("Sub", ["tot", "n"], ["d"]),
+             helper.make_node("Mul", ["d", "sel"], ["pads"]), helper.make_node("Pad", ["x", "pads"], ["p"]),
+             helper.make_node("Unsqueeze", ["p", "ax"], ["p3"]),
+             helper.make_node("Conv", ["p3", "w"], ["y"], strides=[4])]
+    g = helper.make_graph(nodes, "pad_to", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pad_to_a_fixed_length_is_static_where_the_profile_keeps_the_amount_non_negative() -> None:
+    """`total - N` is a pad amount only where the profile proves it >= 0 (N <= total; here N < total, as the Pad's
+    own shape function must also know whether it pads at all); then the padded length is `total` for every
+    accepted input, and the conv after it is static. Past that (N may exceed total) the amount could be a crop,
+    and nothing is claimed."""
+    rng = np.random.default_rng()
+    m = _pad_to(96)
+    g = load_onnx(m)
+    from kiln.ops.infer import infer_types
+    from kiln.ops.symbolic import symbol_bounds
+    with symbol_bounds({"B": (1, 4), "N": (8, 95)}):
+        infer_types(g)
+    assert g.outputs[0].type.shape == ("B", 3, 23), g.outputs[0].type
+    g = load_onnx(m)
+    with symbol_bounds({"B": (1, 4), "N": (8, 97)}):
+        infer_types(g)
+    assert g.outputs[0].type.shape[2] is None, g.outputs[0].type
+    prof = OptimizationProfile().set_shape("x", (1, 8), (1, 50), (4, 95))
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[prof]))
+    assert plan.graph["values"]["y"]["type"]["shape"] == ["B", 3, 23]
+    ctx = Engine(plan).create_execution_context()
+    for shape in [(1, 8), (4, 95), (2, int(rng.integers(9, 95)))]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
+        assert got.shape == want.shape == (shape[0], 3, 23)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
