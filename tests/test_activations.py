@@ -72,7 +72,14 @@ def test_conv_geometry() -> None:
     assert geo.symmetric_pads == [0, 1] and geo.extra_pad == [0, 0, 0, 1]
     assert geo.without_extra().pads == (0, 1, 0, 1) and geo.padded_shape([1, 4, 10, 9]) == [1, 4, 11, 9]
     assert geo.attrs() == {"strides": [2, 2], "pads": [0, 1, 1, 1], "dilations": [1, 1], "group": 1}
-    assert ConvGeometry.of(_conv((1, 4, "h", "w"), auto_pad="SAME_LOWER")) is None  # needs the input size
+    # strided SAME needs the input size; at stride 1 the pads total extent - 1 whatever it is
+    assert ConvGeometry.of(_conv((1, 4, "h", "w"), auto_pad="SAME_LOWER", strides=[2, 2])) is None
+    for h in (1, 7, 10):
+        fixed = ConvGeometry.of(_conv((1, 4, h, h + 1), auto_pad="SAME_LOWER"))
+        assert fixed is not None and ConvGeometry.of(_conv((1, 4, "h", "w"), auto_pad="SAME_LOWER")) == fixed
+    two = Node("Conv", [Value("x", TensorType(None, (1, 4, "h", "w"))), Value("w", const=torch.zeros(8, 4, 2, 2))],
+               [Value("y")], {"auto_pad": "SAME_LOWER"}, name="c")
+    assert ConvGeometry.of(two).pads == (1, 1, 0, 0)  # type: ignore[union-attr]  # an odd total: more at the start
     same = ConvGeometry.of(_conv((1, 4, "h", "w"), auto_pad="SAME_LOWER"), sizes=[10, 9])
     assert same is not None and same.pads == (1, 1, 1, 1)
     assert ConvGeometry.of(_conv(None, auto_pad="VALID")).pads == (0, 0, 0, 0)  # type: ignore[union-attr]
