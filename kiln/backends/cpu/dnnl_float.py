@@ -54,24 +54,30 @@ class Convolution(Primitive):
     activation are post-ops in the node's order. `run(x, y[, z])` is safe to call from several threads.
     """
 
+    _KIND = ("convolution descriptor", "dnnl_convolution_forward_primitive_desc_create", CONVOLUTION_DIRECT)
+
     def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  z: torch.Tensor | None, strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int],
                  pad_r: Sequence[int], groups: int, act: str, alpha: float, beta: float, act_first: bool) -> None:
         tmp = self._begin(lib)
         try:
-            k, w_shape = conv_weight_shape(x, w, groups)
+            k, w_shape = self._weight_shape(x, w, y, groups)
             dtypes, w_dt = _layer_dtypes(x, y, z)
             src_md = lib.md(tmp, x.shape, x.stride(), data_type(x))
             dst_md = lib.md(tmp, y.shape, y.stride(), data_type(y))
             b_md = bias_md(lib, tmp, b, k, [k], [1])
             attr, z_arg, z_md = post_ops(lib, tmp, act, alpha, beta, z, act_first)
-            pd = lib.pd(tmp, "convolution descriptor", lib.dll.dnnl_convolution_forward_primitive_desc_create,
-                        lib.engine, FORWARD_INFERENCE, CONVOLUTION_DIRECT, src_md, lib.md(tmp, w_shape, None, w_dt),
-                        b_md, dst_md, Dims(*strides), Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l),
-                        Dims(*pad_r), attr)
+            what, create, algorithm = self._KIND
+            pd = lib.pd(tmp, what, getattr(lib.dll, create), lib.engine, FORWARD_INFERENCE, algorithm, src_md,
+                        lib.md(tmp, w_shape, None, w_dt), b_md, dst_md, Dims(*strides),
+                        Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr)
             self._finish_layer(tmp, pd, w, w_shape, b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
         finally:
             tmp.close()
+
+    @staticmethod
+    def _weight_shape(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, groups: int) -> tuple[int, list[int]]:
+        return conv_weight_shape(x, w, groups)
 
 
 def deconv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -84,33 +90,26 @@ def deconv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
     return (g.reshape(kg, c, kh, kw) if groups == 1 else g).contiguous()
 
 
-class Deconvolution(Primitive):
+class Deconvolution(Convolution):
     """One oneDNN deconvolution (ONNX ConvTranspose) for fixed shapes: `w` already in oneDNN's order
     (`deconv_weight`); pads crop the full output (`pad_r` negative where output_padding grows it); the bias and
-    activation as in Convolution. `run(x, y)`."""
+    activation as in Convolution, no residual. `run(x, y)`."""
+
+    _KIND = ("deconvolution descriptor", "dnnl_deconvolution_forward_primitive_desc_create", DECONVOLUTION_DIRECT)
 
     def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int], pad_r: Sequence[int],
                  groups: int, act: str = "", alpha: float = 0.0, beta: float = 0.0) -> None:
-        tmp = self._begin(lib)
-        try:
-            k = int(w.shape[0] if groups == 1 else w.shape[0] * w.shape[1])
-            c = int(w.shape[1] if groups == 1 else w.shape[0] * w.shape[2])
-            if x.dim() != 4 or int(x.shape[1]) != c or y.dim() != 4 or int(y.shape[1]) != k:
-                raise KilnError(f"a transposed convolution with weights {list(w.shape)} ({groups} group(s)) cannot "
-                                f"read {list(x.shape)} into {list(y.shape)}")
-            dtypes, w_dt = _layer_dtypes(x, y, None)
-            src_md = lib.md(tmp, x.shape, x.stride(), data_type(x))
-            dst_md = lib.md(tmp, y.shape, y.stride(), data_type(y))
-            b_md = bias_md(lib, tmp, b, k, [k], [1])
-            attr, z_arg, z_md = post_ops(lib, tmp, act, alpha, beta, None, False)
-            pd = lib.pd(tmp, "deconvolution descriptor", lib.dll.dnnl_deconvolution_forward_primitive_desc_create,
-                        lib.engine, FORWARD_INFERENCE, DECONVOLUTION_DIRECT, src_md,
-                        lib.md(tmp, list(w.shape), None, w_dt), b_md, dst_md, Dims(*strides),
-                        Dims(*[dd - 1 for dd in dilations]), Dims(*pad_l), Dims(*pad_r), attr)
-            self._finish_layer(tmp, pd, w, list(w.shape), b, b_md, src_md, dst_md, z_arg, z_md, dtypes)
-        finally:
-            tmp.close()
+        super().__init__(lib, x, w, b, y, None, strides, dilations, pad_l, pad_r, groups, act, alpha, beta, False)
+
+    @staticmethod
+    def _weight_shape(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, groups: int) -> tuple[int, list[int]]:
+        k = int(w.shape[0] if groups == 1 else w.shape[0] * w.shape[1])
+        c = int(w.shape[1] if groups == 1 else w.shape[0] * w.shape[2])
+        if x.dim() != 4 or int(x.shape[1]) != c or y.dim() != 4 or int(y.shape[1]) != k:
+            raise KilnError(f"a transposed convolution with weights {list(w.shape)} ({groups} group(s)) cannot "
+                            f"read {list(x.shape)} into {list(y.shape)}")
+        return k, list(w.shape)
 
 
 class Pooling(Primitive):
