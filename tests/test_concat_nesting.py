@@ -334,3 +334,52 @@ def test_cpu_build_lays_dense_blocks_out_in_place_and_round_trips(tmp_path) -> N
             u, v = np.asarray(u), np.asarray(v)
             np.testing.assert_array_equal(u, v, err_msg=k)
             assert np.linalg.norm(u - w) <= 1e-4 * np.linalg.norm(w), k
+
+
+def _c2f(rng: np.random.Generator, axis: int = 1, split_sizes: list[int] | None = None, order: str = "ab") -> Any:
+    """YOLOv8's C2f block: y = conv1x1(x); a, b = Split(y); m = conv3x3(b); Concat(a, b, m) [or another order of the
+    halves]; conv1x1. `split_sizes`: an uneven split (input), else two equal halves by num_outputs."""
+    mk = helper.make_node
+    c = {"w1": (rng.standard_normal((8, 4, 1, 1)) * 0.4).astype(np.float32),
+         "w2": (rng.standard_normal((4, 4 if split_sizes is None else split_sizes[1], 3, 3)) * 0.2).astype(np.float32),
+         "w3": (rng.standard_normal((6, 12, 1, 1)) * 0.3).astype(np.float32)}
+    split_in = ["y"]
+    if split_sizes is not None:
+        c["ss"] = np.array(split_sizes, np.int64)
+        split_in.append("ss")
+    halves = {"ab": ["a", "b"], "ba": ["b", "a"]}[order]
+    nodes = [mk("Conv", ["x", "w1"], ["y"], name="cv1"),
+             mk("Split", split_in, ["a", "b"], name="split", axis=axis,
+                **({} if split_sizes is not None else {"num_outputs": 2})),
+             mk("Conv", ["b", "w2"], ["m"], name="m0", pads=[1, 1, 1, 1]),
+             mk("Concat", [*halves, "m"], ["cat"], name="cat", axis=1),
+             mk("Conv", ["cat", "w3"], ["out"], name="cv2")]
+    g = helper.make_graph(nodes, "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 12])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("case", ["halves", "uneven", "swapped"])
+def test_concat_of_a_whole_split_reads_its_input(case: str) -> None:
+    """C2f's Concat(Split(y)[0], Split(y)[1], m) reads y whole (JoinSplitRuns); swapped halves are not y's order and
+    stay. The plan matches onnxruntime either way."""
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.runtime.engine import Engine
+    rng = np.random.default_rng()
+    m = _c2f(rng, split_sizes=[3, 5] if case == "uneven" else None, order="ba" if case == "swapped" else "ab")
+    g = load_onnx(m)
+    PassManager(default_pipeline()).run(g, PassContext(Logger(Severity.ERROR), device="cpu"))
+    cat = next(n for n in g.nodes if n.op_type == "Concat")
+    joined = [v.name for v in cat.inputs]
+    if case == "swapped":
+        assert joined[:2] == ["b", "a"], joined
+    else:
+        assert joined == ["y", "m"], joined  # the first conv's output whole, then the bottleneck's
+        assert any(n.op_type == "Split" for n in g.nodes)  # still there for the bottleneck's half
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu"))
+    ctx = Engine(plan).create_execution_context()
+    for n in (1, 3):
+        x = rng.standard_normal((n, 4, 10, 12)).astype(np.float32)
+        got, want = np.asarray(ctx.execute({"x": x})["out"]), run_oracle(m, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,10 @@
-"""Concat nesting and elision marking: the runtime lays marked Concats out in place (kiln.plan.elision).
+"""Concat rewrites and elision marking: the runtime lays marked Concats out in place (kiln.plan.elision).
+
+``JoinSplitRuns``: a Concat that reads every output of one Split, in order, on the Split's axis reads the Split's
+input instead (the pieces are its consecutive slices, so their concatenation is that input). YOLOv8's C2f and
+YOLO11's C3k2 blocks split a 1x1 convolution's output in two and concatenate both halves again with the
+bottlenecks' outputs; read whole, the convolution's output is one part that the convolution can write into the
+Concat's buffer (as with any producer), and the halves the bottlenecks read are views of it.
 
 ``NestConcats``: a Concat whose inputs contain, as one contiguous run, all the inputs of an earlier Concat on the
 same axis reads that Concat's output instead of the run (the longest such run). DenseNet concatenates every
@@ -28,6 +34,40 @@ from kiln.passes.rewrite import Uses, is_op
 
 MAX_HOMES = 2
 """Elided Concats one value may be written into (the widest ``Tactic.writes_out``)."""
+
+
+class JoinSplitRuns(Pass):
+    """Concat(.., Split(y)[0], .., Split(y)[n-1], ..) on the Split's axis -> Concat(.., y, ..) (module doc)."""
+
+    name = "split-concat joining"
+
+    def run(self, g: Graph, ctx: PassContext) -> bool:
+        changed = False
+        for n in g.nodes:
+            axis = _axis(n)
+            if axis is None:
+                continue
+            k = 0
+            while k < len(n.inputs):
+                s = n.inputs[k].producer  # type: ignore[union-attr]
+                outs = s.outputs if s is not None and is_op(s, "Split") else []
+                y = s.input(0) if outs else None
+                if (y is not None and len(outs) >= 2 and n.inputs[k:k + len(outs)] == outs and _split_axis(s) == axis
+                        and y.type.dtype == n.outputs[0].type.dtype):
+                    n.inputs = [*n.inputs[:k], y, *n.inputs[k + len(outs):]]
+                    ctx.logger.verbose(f"Joining {s.name}'s {len(outs)} outputs in {n.name}: it reads "
+                                       f"'{y.name}' whole")
+                    changed = True
+                k += 1
+        return changed
+
+
+def _split_axis(n: Node) -> int | None:
+    """A Split's axis in [0, rank) (None where the input's rank is unknown)."""
+    x = n.input(0)
+    rank = x.type.rank if x is not None else None
+    axis = int(n.attr("axis", 0))
+    return axis % rank if rank and -rank <= axis < rank else None
 
 
 class NestConcats(Pass):

@@ -8,7 +8,7 @@ from kiln.passes.attention import FuseAttention
 from kiln.passes.base import Fixpoint, Pass
 from kiln.passes.batchnorm import BatchNormToScale, FoldBatchNorm
 from kiln.passes.cast import SinkIntCasts
-from kiln.passes.concat import MarkConcatElision, NestConcats
+from kiln.passes.concat import JoinSplitRuns, MarkConcatElision, NestConcats
 from kiln.passes.conv_fusion import FuseConv
 from kiln.passes.conv_norm import FuseConvNorm
 from kiln.passes.cse import EliminateCommonSubexpressions
@@ -81,6 +81,7 @@ def default_pipeline() -> list[Pass]:
         FuseConvNorm(),  # CUDA: a depthwise conv and the channels-last LayerNorm after it -> one layer (ConvNeXt)
         SinkIntCasts(),  # CUDA: an integer -> bool / float32 Cast below Reshapes / Gathers, into the program after
         FusePointwise(),
+        JoinSplitRuns(),  # Concat(Split(y)..) reads y whole: YOLO's C2f / C3k2 halves stay views of one buffer
         Fixpoint("cleanup", [EliminateNoOps(), DeadCodeElimination()]),
         NestConcats(),  # Concat(x0..x5) after Concat(x0..x4) reads it: DenseNet's block becomes one buffer
         MarkConcatElision(),
