@@ -145,6 +145,26 @@ def shipped_file(package: str, rel: str) -> str | None:
     return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
 
+def _ultralytics(arch: str) -> Callable[[str], None]:
+    """An ultralytics model built from its yaml (random weights, seeded), exported by ultralytics' own exporter (in
+    a scratch folder: it writes next to the working directory) with dynamic batch and image size."""
+    def make(dst: str) -> None:
+        import tempfile
+        import_torchvision()  # ultralytics imports torchvision
+        import torch
+        from ultralytics import YOLO
+        torch.manual_seed(0)
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)
+            try:
+                out = YOLO(arch).export(format="onnx", dynamic=True, simplify=False, imgsz=320, opset=17)
+                shutil.move(os.path.join(tmp, str(out)), dst)
+            finally:
+                os.chdir(here)
+    return make
+
+
 # ---------------------------------------------------------------- torch exports
 
 
@@ -624,6 +644,13 @@ def registry() -> list[ZooModel]:
                  "onnx-asr's shipped preprocessor; 16 kHz audio and its lengths",
                  _asr_inputs(), dict(ASR), ASR_CHECKS, _shipped("onnx_asr", "preprocessors/data/kaldi.onnx"),
                  needs=("onnx_asr",)),
+        ZooModel("yolo11n", "ultralytics", "ultralytics export (torch.onnx TorchScript, opset 17)", "detection",
+                 "YOLO11n built from ultralytics' yolo11n.yaml (seeded random weights): C3k2 blocks, C2PSA attention, "
+                 "SPPF, the decoded head; exported by ultralytics' own ONNX exporter with dynamic batch and size",
+                 [In("images", ("batch", 3, "height", "width"), "unit")],
+                 {"batch": (1, 1, 4), "height": (224, 320, 640), "width": (224, 320, 640)},
+                 ({"batch": 1, "height": 320, "width": 320}, {"batch": 2, "height": 480, "width": 256}),
+                 _ultralytics("yolo11n.yaml"), needs=("ultralytics",)),
         _timm_entry("resnet50", "resnet50", "ResNet-50 (timm)"),
         _timm_entry("resnet50_dynamo", "resnet50", "ResNet-50 (timm), torch's default (dynamo) exporter", True),
         _timm_entry("efficientnet_b0", "efficientnet_b0", "EfficientNet-B0 (timm): depthwise convs, SiLU, SE"),
