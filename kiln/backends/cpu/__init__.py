@@ -10,6 +10,7 @@ from kiln.backends.cpu import se  # noqa: F401  (cpu.se_gate: squeeze-excite gat
 from kiln.backends.cpu import dwconv  # noqa: F401  (cpu.dwconv_c: depthwise convolutions on channels-last views in C)
 from kiln.backends.cpu import pad  # noqa: F401  (cpu.pad: Pad with constant amounts, gather indices cached per shape)
 from kiln.backends.cpu import reduce  # noqa: F401  (cpu.reduce_short: reductions over one short axis, slice by slice)
+from kiln.backends.cpu import signal  # noqa: F401  (cpu.stft: STFT of a real signal as a float32 real FFT)
 from kiln.backends.cpu import shuffle  # noqa: F401  (cpu.channel_shuffle: channel shuffles in C)
 from kiln.backends.cpu import conv1d  # noqa: F401  (cpu.conv1d_dnnl: 1-D convolutions on oneDNN)
 from kiln.backends.cpu import recurrent  # noqa: F401  (cpu.lstm: LSTM as torch's fused LSTM)
