@@ -158,3 +158,35 @@ def test_float_range_over_a_cast_size_has_that_length_where_every_size_is_exact(
     with symbol_bounds({"L": (1, top)}):
         infer_types(kg)
     assert kg.outputs[0].type.shape == (("L",) if known else (None,)), kg.outputs[0].type
+
+
+def test_fpn_add_of_an_upsampled_level_is_guarded_and_matches() -> None:
+    """A feature pyramid that adds (not concatenates) the upsampled deeper level to the lateral one (RetinaNet,
+    FCOS): the broadcast of two dims that are both >= 2 over the profile needs them equal, so the Add is guarded
+    and its output keeps its dims; the plan matches onnxruntime where they agree and refuses where they do not."""
+    rng = np.random.default_rng()
+    c = {"w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
+         "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+         "scales": np.array([1, 1, 2, 2], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["b", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Add", ["up", "a"], ["s"]),
+             helper.make_node("GlobalAveragePool", ["s"], ["y"])]
+    g = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in c.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    kg = load_onnx(m)
+    with symbol_bounds({"N": (1, 2), "H": (32, 128), "W": (32, 128)}):
+        infer_types(kg)
+    add = next(n for n in kg.nodes if n.op_type == "Add")
+    assert len(add.guards) == 2 and all(isinstance(d, DimExpr) for d in add.outputs[0].type.shape[2:]), add.guards
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", profiles=[_profile()]))
+    ctx = Engine(plan).create_execution_context()
+    for shape in [(1, 4, 64, 64), (2, 4, 96, 40)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0],
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"layer '[^']+' needs .*H.* at H=66"):  # the Add, fused or not
+        ctx.execute({"x": rng.standard_normal((1, 4, 66, 64)).astype(np.float32)})
