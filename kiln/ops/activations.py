@@ -167,7 +167,7 @@ def from_onnx(n: Node) -> tuple[str, float, float] | None:
 
 # ---- the epilogue of a fused layer ----------------------------------------------------------------
 
-FUSED_OPS = ("FusedConv", "FusedGemm", "QConv", "QGemm")
+FUSED_OPS = ("FusedConv", "FusedConvTranspose", "FusedGemm", "QConv", "QGemm")
 
 EPILOGUE: dict[str, Attr] = {
     "activation": Attr("str", "", choices=tuple(TABLE)),
@@ -194,8 +194,8 @@ class Epilogue:
 
     @classmethod
     def of(cls, node: Node) -> "Epilogue":
-        """The declared epilogue of a FusedConv / FusedGemm / QConv / QGemm / FusedConvNorm; none for any other
-        node."""
+        """The declared epilogue of a FusedConv / FusedConvTranspose / FusedGemm / QConv / QGemm / FusedConvNorm;
+        none for any other node."""
         if node.domain == "kiln" and node.op_type == "FusedConvNorm":  # an activation only: no residual, no cast
             return cls(str(read(node, "activation") or ""), float(read(node, "alpha") or 0.0),
                        float(read(node, "beta") or 0.0))

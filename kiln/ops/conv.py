@@ -113,7 +113,8 @@ def window_ints(node: Node, name: str, nd: int, default: int) -> list[int]:
     return check_window_ints(node, name, v, count)
 
 
-_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "FusedConv": 1, "DeformConv": 1, "ConvInteger": 1, "QLinearConv": 3}
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "FusedConvTranspose": 1, "FusedConv": 1, "DeformConv": 1,
+                 "ConvInteger": 1, "QLinearConv": 3}
 
 
 def check_window_attrs(node: Node) -> None:
@@ -169,7 +170,7 @@ class WindowOp(OpDef):
         probe = TensorType(x.dtype, tuple(x.shape[:2]) + (_PROBE,) * nd)
         outs = infer_by_meta(self, node, [probe, *types[1:]], consts)
         strides = window_ints(node, "strides", nd, 1)
-        fixed = node.op_type == "ConvTranspose" and node.attr("output_shape", None)
+        fixed = node.op_type in TRANSPOSED and node.attr("output_shape", None)
         exact = None if fixed else _window_dims(node, types, consts, nd, list(x.shape[2:]))
         result = []
         for o in outs:
@@ -214,7 +215,7 @@ def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequenc
     from torch.utils._sympy.functions import FloorDiv
 
     from kiln.ir.dims import DimExpr, sym
-    if node.op_type == "ConvTranspose" and node.attr("output_shape", None):
+    if node.op_type in TRANSPOSED and node.attr("output_shape", None):
         return None
     kernel = node.attr("kernel_shape", None)
     if not kernel:
@@ -235,7 +236,7 @@ def _window_dims(node: Node, types: Sequence[TensorType | None], consts: Sequenc
             continue
         e = sympy.Integer(n) if isinstance(n, int) else n.expr if isinstance(n, DimExpr) else sym(n)  # type: ignore
         s, extent = strides[i], dilations[i] * (kernel[i] - 1) + 1
-        if node.op_type == "ConvTranspose":  # conv_transpose_geometry's output size, as an expression of n
+        if node.op_type in TRANSPOSED:  # conv_transpose_geometry's output size, as an expression of n
             if auto in ("SAME_UPPER", "SAME_LOWER"):
                 out.append(DimExpr.make(e * s))
                 continue
@@ -474,11 +475,17 @@ def conv_transpose_geometry(node: Node, sizes: Sequence[int], kernel: Sequence[i
     return begin, out
 
 
+CONV_TRANSPOSE_ATTRS = {**WINDOW, "group": Attr("int", 1, min=1),
+                        "output_padding": Attr("ints", None, min=0, max=INT32_MAX),
+                        "output_shape": Attr("ints", None, min=0)}
+"""ConvTranspose's attributes (kiln.ops.fused.FusedConvTranspose carries them unchanged)."""
+TRANSPOSED = ("ConvTranspose", "FusedConvTranspose")
+
+
 @register
 class ConvTranspose(WindowOp):
     op_type = "ConvTranspose"
-    attributes = {**WINDOW, "group": Attr("int", 1, min=1), "output_padding": Attr("ints", None, min=0, max=INT32_MAX),
-                  "output_shape": Attr("ints", None, min=0)}
+    attributes = CONV_TRANSPOSE_ATTRS
 
     def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         require_float(node, x, w, b)

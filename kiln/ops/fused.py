@@ -31,8 +31,8 @@ from kiln.ir.graph import Node, Value
 from kiln.ir.types import TensorType
 from kiln.ops.activations import EPILOGUE, TABLE, Epilogue, activate
 from kiln.ops.attrs import REQUIRED, Attr
-from kiln.ops.conv import (WINDOW, WindowOp, check_window_attrs, kernel_shape, require_float, spatial_rank,
-                           strides_dilations, torch_pad, window_ints)
+from kiln.ops.conv import (CONV_TRANSPOSE_ATTRS, WINDOW, WindowOp, check_window_attrs, kernel_shape, require_float,
+                           spatial_rank, strides_dilations, torch_pad, window_ints)
 from kiln.ops.linalg import symbolic_operands
 from kiln.ops.norm import layer_norm
 from kiln.ops.pointwise_program import PointwiseProgram, Ref, program_opset
@@ -100,6 +100,25 @@ class FusedConv(_FusedBase, WindowOp):
             padding = [0] * nd
         y = _CONV[nd](x, w, b, strides, padding, dilations, int(node.attr("group", 1)))
         return _epilogue(node, y, z)
+
+
+@register
+class FusedConvTranspose(_FusedBase, WindowOp):
+    """ConvTranspose (its own attributes: pads or auto_pad, output_padding, output_shape) + bias + optional residual
+    Z + activation epilogue: the upsampling of a segmentation or text-detection decoder with the ReLU after it."""
+
+    op_type = "FusedConvTranspose"
+    arity = (2, 4)  # X, W, B?, Z?
+    out_arity = (1, 1)
+    attributes = {**EPILOGUE, **CONV_TRANSPOSE_ATTRS}
+
+    def check(self, node: Node) -> None:
+        super().check(node)
+        check_window_attrs(node)
+
+    def compute(self, node: Node, x: Tensor, w: Tensor, b: Tensor | None = None,
+                z: Tensor | None = None) -> Tensor:
+        return _epilogue(node, lookup("ConvTranspose", "").compute(node, x, w, b), z)
 
 
 @register

@@ -1,4 +1,5 @@
-"""Conv fusion: Conv (+ bias) + activation + residual Add -> one FusedConv.
+"""Conv fusion: Conv (+ bias) + activation + residual Add -> one FusedConv; ConvTranspose likewise -> one
+FusedConvTranspose (only where it absorbs something: a bare ConvTranspose stays the ONNX op).
 
 Every Conv with constant float weights becomes a FusedConv (auto_pad resolved into explicit pads),
 absorbing the activation that follows it (Relu, LeakyRelu, Clip, Sigmoid, Tanh, HardSigmoid,
@@ -37,7 +38,9 @@ class FuseConv(Pass):
         for conv in reversed(list(g.nodes)):
             if is_op(conv, "Conv"):
                 changed |= self._convert(g, conv, uses, ctx)
-            elif conv.domain == "kiln" and conv.op_type == "FusedConv":
+            elif is_op(conv, "ConvTranspose"):
+                changed |= self._convert_transposed(g, conv, uses, ctx)
+            elif conv.domain == "kiln" and conv.op_type in ("FusedConv", "FusedConvTranspose"):
                 changed |= self._extend(g, conv, uses, ctx)
             else:
                 continue
@@ -59,6 +62,21 @@ class FuseConv(Pass):
             ctx.logger.verbose(f"Fusing {conv.name} with {n.name}")
         if not ep.nodes:
             ctx.logger.verbose(f"Converting {conv.name} to FusedConv")
+        return True
+
+    def _convert_transposed(self, g: Graph, conv: Node, uses: Uses, ctx: PassContext) -> bool:
+        w, b = const(conv.input(1)), const(conv.input(2))
+        if not is_float_weight(w) or (conv.input(2) is not None and b is None) or len(conv.outputs) != 1:
+            return False
+        ep = absorb(Match(conv.outputs[0]), uses)
+        if not ep.nodes:
+            return False
+        inputs = fused_inputs(conv.inputs[0], conv.inputs[1], conv.input(2), ep.z)
+        fused = Node("FusedConvTranspose", inputs, [ep.out], {**conv.attrs, **ep.attrs()}, name=conv.name,
+                     domain="kiln", opset=1)
+        replace_nodes(g, [conv] + ep.nodes, [fused])
+        for n in ep.nodes:
+            ctx.logger.verbose(f"Fusing {conv.name} with {n.name}")
         return True
 
     def _extend(self, g: Graph, fc: Node, uses: Uses, ctx: PassContext) -> bool:

@@ -31,7 +31,7 @@ from kiln.passes.base import Pass, PassContext
 
 LOW_PRECISION_OPS: frozenset[str] = frozenset({
     # compute layers
-    "Conv", "ConvTranspose", "FusedConv", "FusedGemm", "Gemm", "MatMul", "Pointwise",
+    "Conv", "ConvTranspose", "FusedConv", "FusedConvTranspose", "FusedGemm", "Gemm", "MatMul", "Pointwise",
     # elementwise and activations
     "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Sum", "Mean", "Where", "Relu", "LeakyRelu",
     "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu", "Celu", "Gelu", "Mish",

@@ -89,3 +89,38 @@ def test_deconv_declines() -> None:
                  [Value("y", TensorType(DType.FLOAT32, (1, 4, 16)))], {}, name="d", opset=17)
     for n in (runtime_w, wrong_c, bad_bias, one_d):
         assert not t.accepts(n), n
+
+
+@pytest.mark.parametrize("tail", ["relu", "sigmoid", "residual_relu", "relu_residual", "hardswish", "gelu"])
+def test_fused_deconv_epilogue_matches_onnxruntime(tail: str) -> None:
+    """ConvTranspose + bias + activation (+ residual) becomes one FusedConvTranspose layer (the PP-OCR detector's
+    upsampling + ReLU), run on oneDNN with the bias, residual and activation as post-ops."""
+    rng = np.random.default_rng()
+    wt = (rng.standard_normal((6, 4, 2, 2)) * 0.4).astype(np.float32)
+    inits = [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["u"], name="up", strides=[2, 2])]
+    residual = "residual" in tail  # fused only where its shape is provably the output's: static H, W then
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 5, 7] if residual else ["N", 6, "H", "W"])]
+    act = {"relu": "Relu", "sigmoid": "Sigmoid", "residual_relu": "Relu", "relu_residual": "Relu",
+           "hardswish": "HardSwish", "gelu": "Gelu"}[tail]
+    if tail == "residual_relu":
+        ins.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 10, 14]))
+        nodes += [helper.make_node("Add", ["u", "r"], ["s"]), helper.make_node(act, ["s"], ["y"])]
+    elif tail == "relu_residual":
+        ins.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 10, 14]))
+        nodes += [helper.make_node(act, ["u"], ["a"]), helper.make_node("Add", ["a", "r"], ["y"])]
+    else:
+        nodes.append(helper.make_node(act, ["u"], ["y"]))
+    g = helper.make_graph(nodes, "fused_up", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20 if act == "Gelu" else 17)])
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", optimization_level=0))
+    steps = plan.graph["steps"]
+    assert [s["op"] for s in steps] == ["FusedConvTranspose"], [(s["op"], s["tactic"]) for s in steps]
+    assert steps[0]["tactic"] == "cpu.deconv_dnnl", steps  # every fusable activation is a oneDNN post-op
+    ctx = Engine(plan).create_execution_context()
+    for n, h, w in [(1, 5, 7), (2, 5, 7) if residual else (2, 8, 3)]:
+        feeds = {"x": rng.standard_normal((n, 6, h, w)).astype(np.float32)}
+        if residual:
+            feeds["r"] = rng.standard_normal((n, 4, 2 * h, 2 * w)).astype(np.float32)
+        got, want = np.asarray(ctx.execute(feeds)["y"]), run_oracle(m, feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

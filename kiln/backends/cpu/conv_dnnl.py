@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from kiln.backends.cpu.activation_c import ActivatedPrimitive, c_activation_configs, split_epilogue
-from kiln.backends.cpu.common import CpuTactic, act_attrs, const_float, float_bias, float_conv_weight, is_f32, layer_dtypes
+from kiln.backends.cpu.common import (CpuTactic, act_attrs, const_float, float_bias, float_conv_weight, is_f32,
+                                      layer_dtypes)
 from kiln.backends.cpu.conv import conv_geometry
 from kiln.backends.cpu.dnnl import library, require_library
 from kiln.backends.cpu.dnnl_epilogue import ELTWISE
@@ -87,11 +88,12 @@ class DnnlConvTactic(CpuTactic):
 
 
 class DnnlDeconvTactic(CpuTactic):
-    """2-D float32 ConvTranspose with a constant weight (and bias) as a cached oneDNN deconvolution (module doc)."""
+    """2-D float32 ConvTranspose / FusedConvTranspose with a constant weight (and bias) as a cached oneDNN
+    deconvolution, the residual add and an activation oneDNN computes as post-ops (module doc)."""
 
     id = "cpu.deconv_dnnl"
     priority = 12
-    ops = (("", "ConvTranspose"), ("ai.onnx", "ConvTranspose"))
+    ops = (("", "ConvTranspose"), ("ai.onnx", "ConvTranspose"), ("kiln", "FusedConvTranspose"))
 
     def accepts(self, node: Node) -> bool:
         x, y = node.input(0), node.outputs[0] if len(node.outputs) == 1 else None
@@ -100,6 +102,11 @@ class DnnlDeconvTactic(CpuTactic):
             return False
         if w is None or w.dim() != 4 or w.numel() == 0:
             return False
+        if node.domain == "kiln":
+            z = node.input(3)
+            if act_attrs(node)[0] not in ("", *ELTWISE) or node.attr("out_dtype") is not None \
+                    or (z is not None and (not is_f32(z) or z.type.rank != 4)):
+                return False
         group = int(node.attr("group", 1) or 1)
         c = x.type.shape[1]  # type: ignore[union-attr,index]
         return (group >= 1 and int(w.shape[0]) % group == 0 and (not isinstance(c, int) or c == int(w.shape[0]))
@@ -115,8 +122,11 @@ class DnnlDeconvTactic(CpuTactic):
         strides, dilations = strides_dilations(node, 2)
         w_dnnl = deconv_weight(w, group)
         k_out = int(w.shape[1]) * group
+        fused = node.domain == "kiln"
+        act, alpha, beta = act_attrs(node) if fused else ("", 0.0, 0.0)
+        act_first = fused and bool(int(node.attr("act_before_add", 0) or 0))
 
-        def make(x: Tensor, _z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
+        def make(x: Tensor, z: Tensor | None) -> tuple[Any, tuple[int, ...]]:
             sizes = [int(n) for n in x.shape[2:]]
             begin, out = conv_transpose_geometry(node, sizes, kernel, strides, dilations)
             full = [s * (n - 1) + (k - 1) * d + 1 for n, k, s, d in zip(sizes, kernel, strides, dilations)]
@@ -124,8 +134,11 @@ class DnnlDeconvTactic(CpuTactic):
             if min(begin) < 0 or min(out) < 1:
                 raise ValueError(f"no oneDNN deconvolution for this geometry at input shape {list(x.shape)}")
             shape = (int(x.shape[0]), k_out, *out)
+            if z is not None and tuple(z.shape) != shape:
+                raise KilnError(f"'{node.name}' adds a residual of shape {list(shape)}, got {list(z.shape)}")
             y0 = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
-            return Deconvolution(lib, x, w_dnnl, b, y0, strides, dilations, begin, end, group), shape
+            return Deconvolution(lib, x, w_dnnl, b, y0, strides, dilations, begin, end, group, act, alpha, beta,
+                                 z, act_first), shape
         return channels_last_kernel(node, lib, make, (torch.float32,), (torch.float32,), torch.float32)
 
 

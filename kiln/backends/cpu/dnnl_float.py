@@ -92,15 +92,16 @@ def deconv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 class Deconvolution(Convolution):
     """One oneDNN deconvolution (ONNX ConvTranspose) for fixed shapes: `w` already in oneDNN's order
-    (`deconv_weight`); pads crop the full output (`pad_r` negative where output_padding grows it); the bias and
-    activation as in Convolution, no residual. `run(x, y)`."""
+    (`deconv_weight`); pads crop the full output (`pad_r` negative where output_padding grows it); the bias, the
+    residual and the activation as in Convolution. `run(x, y[, z])`."""
 
     _KIND = ("deconvolution descriptor", "dnnl_deconvolution_forward_primitive_desc_create", DECONVOLUTION_DIRECT)
 
     def __init__(self, lib: Library, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
                  strides: Sequence[int], dilations: Sequence[int], pad_l: Sequence[int], pad_r: Sequence[int],
-                 groups: int, act: str = "", alpha: float = 0.0, beta: float = 0.0) -> None:
-        super().__init__(lib, x, w, b, y, None, strides, dilations, pad_l, pad_r, groups, act, alpha, beta, False)
+                 groups: int, act: str = "", alpha: float = 0.0, beta: float = 0.0, z: torch.Tensor | None = None,
+                 act_first: bool = False) -> None:
+        super().__init__(lib, x, w, b, y, z, strides, dilations, pad_l, pad_r, groups, act, alpha, beta, act_first)
 
     @staticmethod
     def _weight_shape(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, groups: int) -> tuple[int, list[int]]:
