@@ -182,13 +182,18 @@ def test_detect_plan_matches_oracle(built, cfg, conf, iou, max_det, size, seed):
     assert det.output_names == ["num_detections", "det_boxes", "det_scores", "det_classes"]
     assert det.input_names == ["input", "letterbox"]
     _, _, h, w = raw.plan.inputs[0]["shape"]
-    canvas, lb = yp.letterbox(drawn_image(*size, seed), h, w)
-    x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255
-    maps = raw.create_execution_context().execute({"input": x})
+    # The raw maps differ in the last bits from one CPU's kernels to another's, so whether a drawn picture puts
+    # a decision within MARGIN of its threshold depends on the machine: draw until one is clear of all of them.
+    for draw in range(8):
+        canvas, lb = yp.letterbox(drawn_image(*size, seed + 1000 * draw), h, w)
+        x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255
+        maps = raw.create_execution_context().execute({"input": x})
+        boxes, scores = oracle_decode(maps, cfg, lb)
+        keep, classes, margin = oracle_nms(boxes, scores, conf, iou, max_det)
+        if margin > MARGIN:
+            break
+    assert margin > MARGIN, f"8 drawn cases each have a decision within {MARGIN:.0e} of its threshold"
     got = det.create_execution_context().execute({"input": x, "letterbox": lb[None]})
-    boxes, scores = oracle_decode(maps, cfg, lb)
-    keep, classes, margin = oracle_nms(boxes, scores, conf, iou, max_det)
-    assert margin > MARGIN, f"the drawn case has a decision within {margin:.2g} of its threshold: pick another seed"
     n = int(got["num_detections"][0, 0])
     print(f"{os.path.basename(cfg)}: {int((scores > conf).sum())} candidates, {n} detections (max {max_det})")
     assert n == len(keep) > 0
