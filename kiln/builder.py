@@ -74,6 +74,8 @@ class BuilderConfig:
     False runs every layer with an integer kernel INT8. A Q/DQ model keeps its own placement. fp8 (instead of
     int8): the GEMM-shaped layers (gemms, 1x1 convs) in float8 e4m3 from the same ranges (scales amax / 448), where
     the target has an FP8 kernel (a GPU of compute capability 8.9+; the CPU computes them in float32, with a warning).
+    flush_denormals: a CPU plan runs (and its tactics are timed) with float denormals flushed to zero (FTZ/DAZ),
+    as kiln.backends.cpu.fpmode explains; False keeps IEEE gradual underflow.
     optimization_level: 0 = heuristic tactics, no timing; 3+ = time every candidate. timing_cache: a JSON file read
     before and merged back after tuning.
     """
@@ -83,6 +85,7 @@ class BuilderConfig:
     fp16: bool = False
     bf16: bool = False
     tf32: bool = True
+    flush_denormals: bool = True
     int8: bool = False
     workspace_bytes: int | None = None
     optimization_level: int = 3
@@ -171,7 +174,9 @@ class Builder:
                 if not config.profiles and tuning_profiles:
                     notes["tuned_at"] = {n: "x".join(map(str, s[1])) for n, s in tuning_profiles[0].shapes.items()}
                 fp16, bf16 = low == DType.FLOAT16, low == DType.BFLOAT16  # what the plan runs, not what was asked
+                flush = config.flush_denormals and _can_flush(device, self.logger)
                 tctx = TacticContext(torch.device(device), fp16=fp16, bf16=bf16, tf32=config.tf32,
+                                     flush_denormals=flush,
                                      workspace_bytes=config.workspace_bytes,
                                      extra={"opt_level": config.optimization_level})
                 cache = TimingCache.load(config.timing_cache) if config.timing_cache else TimingCache()
@@ -181,6 +186,7 @@ class Builder:
                 tactics, tuning = self._choose_tactics(g, tctx, all_types, config, cache)
             with progress.stage("plan"):
                 build = {"fp16": fp16, "bf16": bf16, "tf32": config.tf32, "int8": config.int8,
+                         "flush_denormals": flush,
                          "optimization_level": config.optimization_level, "torch": torch.__version__,
                          "tuning": tuning, **notes, **(int8_report or {}),
                          **layer_records(origin, g, tactics, all_types[id(g)], device)}
@@ -414,6 +420,20 @@ def _pin_fixed_dims(g: Graph, bounds: dict[str, tuple[int, int]]) -> None:
             if shape is not None and any(isinstance(d, str) and d in fixed for d in shape):
                 v.type = TensorType(v.type.dtype, tuple(fixed.get(d, d) if isinstance(d, str) else d
                                                         for d in shape))
+
+
+def _can_flush(device: str, logger: Logger) -> bool:
+    """Whether a plan for `device` runs with denormals flushed to zero as asked (CPU plans only: GPU kernels set
+    their own denormal modes); a warning where this machine cannot (kiln.backends.cpu.fpmode)."""
+    if torch.device(device).type != "cpu":
+        return False
+    from kiln.backends.cpu import fpmode
+    if not fpmode.available():
+        logger.warning("denormals cannot be flushed here (no C compiler, or a CPU without a flush mode): "
+                       "the plan keeps IEEE denormals, which can run far slower on x86")
+        return False
+    logger.verbose("Denormals flushed to zero (FTZ/DAZ) while the plan runs and while its tactics are timed")
+    return True
 
 
 def _check_guards(g: Graph, profiles: list[OptimizationProfile], logger: Logger) -> None:

@@ -20,6 +20,7 @@ class TacticContext:
     fp16: bool = False
     bf16: bool = False
     tf32: bool = True
+    flush_denormals: bool = False
     workspace_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -122,7 +122,9 @@ def _build_flag_given(args: argparse.Namespace) -> str | None:
     add_detect_options(scratch)
     for dest, default in vars(scratch.parse_args([])).items():
         if dest != "shapes" and getattr(args, dest) != default:
-            return "--no-tf32" if dest == "tf32" else "--" + dest.replace("_", "-")
+            if dest in ("tf32", "flush_denormals"):
+                return "--no-" + dest.replace("_", "-")
+            return "--" + dest.replace("_", "-")
     return None
 
 

@@ -20,6 +20,8 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tf32", dest="tf32", action="store_true", default=True)
     p.add_argument("--no-tf32", dest="tf32", action="store_false")
+    p.add_argument("--no-flush-denormals", dest="flush_denormals", action="store_false",
+                   help="CPU: keep IEEE denormals (by default the plan runs with them flushed to zero, FTZ/DAZ)")
     p.add_argument("--workspace", type=int, help="workspace limit in MiB")
     p.add_argument("--timing-cache", help="JSON timing cache: read before tuning, merged back after")
     p.add_argument("--opt-level", type=int, default=3, help="0: heuristic tactics, no timing; 3+: time every candidate")
@@ -68,8 +70,8 @@ def builder_config(args: argparse.Namespace) -> Any:
     if args.opt_level < 0:
         raise KilnError(f"--opt-level must be >= 0, got {args.opt_level}")
     return BuilderConfig(device=args.device or "auto", profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
-                         tf32=args.tf32, workspace_bytes=args.workspace and args.workspace << 20,
-                         timing_cache=args.timing_cache, optimization_level=args.opt_level, **_int8_options(args))
+                         tf32=args.tf32, flush_denormals=args.flush_denormals,
+                         workspace_bytes=args.workspace and args.workspace << 20, timing_cache=args.timing_cache, optimization_level=args.opt_level, **_int8_options(args))
 
 
 def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:

@@ -297,7 +297,7 @@ def _build_info(c: _Check, b: dict[str, Any]) -> dict[str, Any]:
     def num(k: str) -> float | None:
         v = b.get(k)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-    flags = {k: b[k] for k in ("fp16", "bf16", "int8", "tf32") if isinstance(b.get(k), bool)}
+    flags = {k: b[k] for k in ("fp16", "bf16", "int8", "tf32", "flush_denormals") if isinstance(b.get(k), bool)}
     out: dict[str, Any] = {"seconds": num("build_seconds"), "optimization_level": num("optimization_level"),
                            "precision_flags": flags, "torch": b.get("torch") if isinstance(b.get("torch"), str) else None}
     for k in ("stage_seconds", "tuned_at", "precision_fallback", "int8_report"):
@@ -552,7 +552,7 @@ def _counts(d: dict[str, int]) -> str:
 
 def _flags(b: dict[str, Any]) -> str:
     f = b.get("precision_flags") or {}
-    on = [k for k in ("fp16", "bf16", "int8", "tf32") if f.get(k)]
+    on = [k for k in ("fp16", "bf16", "int8", "tf32", "flush_denormals") if f.get(k)]
     text = f" (build flags: {', '.join(on) if on else 'none'})"
     if isinstance(b.get("precision_fallback"), str):
         text += f"; {_safe(b['precision_fallback'])}"

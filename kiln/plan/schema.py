@@ -39,7 +39,7 @@ DTYPES = frozenset(d.value for d in DType)
 _HEADER_KEYS = {"target", "inputs", "outputs", "profiles", "graph", "memory", "build", "kiln_version", "format_version"}
 _REQUIRED_KEYS = ("target", "inputs", "outputs", "profiles", "graph")
 _SPEC_KEYS = {"name", "dtype", "shape", "kind"}
-_BUILD_BOOLS = ("fp16", "bf16", "tf32", "int8")
+_BUILD_BOOLS = ("fp16", "bf16", "tf32", "int8", "flush_denormals")
 _BUILD_INTS = ("optimization_level", "layers", "views", "elided")
 _CAPABILITY = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
 

@@ -28,7 +28,7 @@ from kiln.plan.schema import check_weights, validate_header, verify_graph
 from kiln.plan.serialize import GraphReader
 from kiln.plugins.registry import check_graph_records
 from kiln.runtime.cuda_graph import CapturedGraph, capturable
-from kiln.runtime.flags import cuda_flags
+from kiln.runtime.flags import cpu_flags, cuda_flags
 from kiln.runtime.interpreter import GraphFunction
 
 
@@ -240,6 +240,7 @@ class Engine:
         self._symbolic = [(name, dims) for name, dims in self._symbolic if dims]
         self.output_names = [d["name"] for d in plan.outputs]
         self.tf32 = plan.build.get("tf32", True) is not False
+        self.flush_denormals = plan.build.get("flush_denormals") is True and self.device.type == "cpu"
         self.graph_capturable, self.graph_reason = capturable(self.graph, self.function.prologue_nodes) \
             if self.device.type == "cuda" else (False, "")
 
@@ -344,7 +345,8 @@ class ExecutionContext:
                 outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
         else:
             _begin(self.profiler)
-            outs = self.engine.function(args, hook=self.profiler)
+            with cpu_flags(self.engine.flush_denormals):
+                outs = self.engine.function(args, hook=self.profiler)
         return {n: _to_numpy(o) if numpy_io else o for n, o in zip(self.engine.output_names, outs)}
 
     def execute_async(self, inputs: Mapping[str, Any] | Sequence[Any],

@@ -1,4 +1,5 @@
-"""torch backend switches a plan runs under (TF32, cuDNN autotuning), set around execution and restored."""
+"""Switches a plan runs under (TF32, cuDNN autotuning on CUDA; denormal flushing on the CPU), set around execution
+and restored."""
 from __future__ import annotations
 
 import contextlib
@@ -20,3 +21,12 @@ def cuda_flags(tf32: bool, benchmark: bool = True) -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
         torch.backends.cudnn.benchmark = b
+
+
+def cpu_flags(flush_denormals: bool) -> contextlib.AbstractContextManager[None]:
+    """Denormals flushed to zero in this thread and its OpenMP team as the plan was built with
+    (kiln.backends.cpu.fpmode)."""
+    if not flush_denormals:
+        return contextlib.nullcontext()
+    from kiln.backends.cpu.fpmode import flushed_denormals
+    return flushed_denormals()

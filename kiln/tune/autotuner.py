@@ -597,8 +597,8 @@ class Autotuner:
         if self.device.type == "cuda":
             from kiln.runtime.flags import cuda_flags
             return cuda_flags(self.tctx.tf32)
-        import contextlib
-        return contextlib.nullcontext()
+        from kiln.runtime.flags import cpu_flags
+        return cpu_flags(self.tctx.flush_denormals)
 
     def _inputs(self, n: Node, types: Mapping[str, TensorType]) -> list[Any] | None:
         """Random activations at the opt shape (NHWC for 4-D on CUDA) and the real constants."""
