@@ -1,7 +1,7 @@
 """Per-layer CPU profile: Kiln (runtime step hook) next to ONNX Runtime (its node profiler).
 
     python benchmarks/cpu_profile.py [resnet50|yolov4_tiny|ZOO_MODEL] [--threads 2] [--runs 20] [--opt-level 3]
-                                     [--layers] [--cache DIR] [--batch N] [--dim NAME=N]
+                                     [--layers] [--bf16] [--cache DIR] [--batch N] [--dim NAME=N]
 
 A ZOO_MODEL (benchmarks/zoo_models.py) is built with its optimization profile and run at batch 1 at the
 profile's opt point, from the zoo's ONNX cache.
@@ -47,9 +47,9 @@ def _base(name: str) -> str:
 
 
 def kiln_profile(model, feeds: dict[str, np.ndarray], runs: int, level: int,
-                 profile=None) -> tuple[list[float], dict[str, tuple[str, float]]]:
+                 profile=None, bf16: bool = False) -> tuple[list[float], dict[str, tuple[str, float]]]:
     """(wall ms per run, layer name -> (op type, median ms)) for a Kiln engine."""
-    config = BuilderConfig(optimization_level=level, profiles=[] if profile is None else [profile])
+    config = BuilderConfig(optimization_level=level, profiles=[] if profile is None else [profile], bf16=bf16)
     engine = Engine(Builder(Logger(Severity.WARNING)).build(model, config))
     TACTICS.update({s["name"]: s["tactic"] for s in engine.plan.graph["steps"] if "name" in s})
     ctx = engine.create_execution_context()
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--opt-level", type=int, default=3, help="3 (the builder's default and the zoo's): every candidate timed; 0: heuristic tactics")
     ap.add_argument("--layers", action="store_true", help="print every layer")
+    ap.add_argument("--bf16", action="store_true", help="Kiln in BF16 (ORT stays FP32)")
     ap.add_argument("--batch", type=int, default=None, help="a zoo model's opt batch (as zoo.py's --batch)")
     ap.add_argument("--dim", action="append", metavar="NAME=N", help="a zoo model's opt point for NAME (as zoo.py's --dim)")
     args = ap.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         model = onnx.load(m.ensure(args.cache))
         profile = zoo.profile_for(m)
         feeds = m.feeds(m.point("opt"), seed=1)
-    k_wall, k_layers = kiln_profile(model, feeds, args.runs, args.opt_level, profile)
+    k_wall, k_layers = kiln_profile(model, feeds, args.runs, args.opt_level, profile, args.bf16)
     o_wall, o_layers = ort_profile(model, feeds, args.runs, args.threads)
     k_sum, o_sum = sum(ms for _, ms in k_layers.values()), sum(ms for _, ms in o_layers.values())
     print(f"{args.model}: Kiln wall {statistics.median(k_wall):.2f} ms (layers {k_sum:.2f} ms), "

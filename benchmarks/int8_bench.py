@@ -132,6 +132,27 @@ def layer_spans(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 5, top: i
     kernel_table(lambda: ctx.execute_async(xin), top, f"{label} kernels")
 
 
+def cpu_layer_times(plan: Any, ctx: Any, xin: Any, label: str, runs: int = 10, top: int = 15) -> None:
+    """Per-layer CPU times (the runtime's step hook, median of `runs`): by op, by tactic, the slowest layers."""
+    per: dict[str, list[float]] = {}
+    ctx.profiler = lambda node, seconds, _result=None: per.setdefault(node.name, []).append(seconds * 1e3)
+    for _ in range(runs):
+        ctx.execute(xin)
+    ctx.profiler = None
+    med = {n: statistics.median(v) for n, v in per.items()}
+    steps = {s["name"]: s for s in plan.graph["steps"] if "name" in s}
+    print(f"\n{label}: layers {sum(med.values()):.3f} ms over {len(med)} layers")
+    for what in ("op", "tactic"):
+        tot: dict[str, float] = {}
+        for n, ms in med.items():
+            k = str(steps.get(n, {}).get(what, "?"))
+            tot[k] = tot.get(k, 0.0) + ms
+        print(f"  by {what}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in sorted(tot.items(), key=lambda kv: -kv[1])))
+    for n, ms in sorted(med.items(), key=lambda kv: -kv[1])[:top]:
+        s = steps.get(n, {})
+        print(f"  {ms:7.3f} ms  {s.get('op')} {n} {s.get('tactic')}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,8 +172,9 @@ def main() -> int:
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--timing-cache", metavar="FILE", help="Kiln's timing cache: read before each build and written "
                     "after it (a later run reuses the measurements)")
-    ap.add_argument("--profile", action="store_true", help="CUDA: per-layer spans (by op, by tactic, slowest "
-                    "layers with their configs) and torch.profiler's kernels for each Kiln plan")
+    ap.add_argument("--profile", action="store_true", help="per-layer times of each Kiln plan (CUDA: spans by op, "
+                    "by tactic, slowest layers with their configs and torch.profiler's kernels; CPU: the runtime's "
+                    "step hook)")
     args = ap.parse_args()
     from kiln.builder import Builder, BuilderConfig
     from kiln.logger import Logger, Severity
@@ -191,8 +213,8 @@ def main() -> int:
         rows.append({"engine": label, "ms": ms, "img_s": batch / ms * 1e3, "err": rel(y, ref), "build_s": build_s,
                      "int_layers": ops.count("QConv") + ops.count("QGemm"), "layers": plan.build.get("layers")})
         logger.info(f"{label}: {ms:.3f} ms")
-        if cuda and args.profile:
-            layer_spans(plan, ctx, xin, label)
+        if args.profile:
+            (layer_spans if cuda else cpu_layer_times)(plan, ctx, xin, label)
 
     if cuda:
         kiln_row("Kiln FP16", fpath, fp16=True)
