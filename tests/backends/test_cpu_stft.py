@@ -55,9 +55,9 @@ def test_stft_matches_onnxruntime_and_float64(rank: int, window: str, onesided: 
         got, want = np.asarray(ctx.execute({"x": x})["y"]), run_oracle(m, {"x": x})[0]
         assert got.shape == want.shape, (got.shape, want.shape)
         scale = np.abs(want).max()
-        # onnxruntime's own float32 STFT drifts by ~3e-5 of the peak on 400-sample frames: the float64 FFT below
-        # is the tight oracle
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+        # onnxruntime's own float32 STFT drifts by ~3e-5 of the peak on 400-sample frames, at times 1.2e-4 (CI on
+        # a Xeon: one element of 19200): the float64 FFT below is the tight oracle
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-4 * scale)
         sig = x.reshape(b, n).astype(np.float64)
         frames = np.stack([sig[:, i:i + flen] for i in range(0, n - flen + 1, step)], 1)
         spec = np.fft.fft(frames * (1.0 if win is None else win.astype(np.float64)), axis=-1)
