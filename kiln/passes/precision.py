@@ -59,10 +59,11 @@ LOW_PRECISION_OPS: frozenset[str] = frozenset({
 """Ops that run in float16/bfloat16. Sums, other normalizations with statistics, softmax, exp/log/pow and
 everything else stay float32 (they accumulate or overflow)."""
 
-CPU_FP32_OPS: frozenset[str] = frozenset({"SEGate", "ChannelShuffle", "RMSNormalization", "AddLayerNormalization"})
+CPU_FP32_OPS: frozenset[str] = frozenset({"ChannelShuffle", "RMSNormalization", "AddLayerNormalization"})
 """Ops of LOW_PRECISION_OPS that stay float32 on the CPU target: their fast CPU tactics are C kernels of
-float32 only (cpu.se_gate, cpu.channel_shuffle, cpu.rmsnorm_c; AddLayerNormalization is made for the CUDA
-target only), so a bfloat16 layer would run the reference. Every other
+float32 only (cpu.channel_shuffle, cpu.rmsnorm_c; AddLayerNormalization is made for the CUDA target only), so
+a bfloat16 layer would run the reference (SEGate has cpu.se_gate_bf16: a bfloat16 map's mean, then the
+float32 kernel). Every other
 op there has a CPU tactic taking bfloat16 where its float32 layer has one (oneDNN's bf16 convolutions,
 inner products and pools; Pointwise programs as torch ops; LayerNormalization, Resize, Concat, Attention
 through aten) or runs the reference in float32 too (data movement)."""

@@ -61,7 +61,7 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "nhwc":
         return x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
-    big = torch.randn(n, c + 5, h, w).contiguous(memory_format=torch.channels_last)
+    big = torch.randn(n, c + 5, h, w, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
     big[:, 3:3 + c] = x
     return big[:, 3:3 + c]
 
@@ -209,3 +209,67 @@ def test_activations_far_out(act1, gate) -> None:
     want = _oracle(node, x)
     assert (want < 1e-6).any() and (want > 1 - 1e-6).any() and ((want > 0.01) & (want < 0.99)).any()
     _check(kern(x.contiguous(memory_format=torch.channels_last)), want)
+
+
+# ---- cpu.se_gate_bf16: a bfloat16 map (CPU BF16 builds) ----------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "slice"])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("c,r,h,w,n,act1,gate", [
+    (72, 24, 7, 5, 3, "SiLU", "Sigmoid"),
+    (96, 4, 9, 11, 1, "Relu", "HardSigmoid"),
+    (32, 8, 56, 56, 2, "SiLU", "Sigmoid"),
+])
+def test_bf16_map_matches_float64_rounded_once(layout, w_dtype, c, r, h, w, n, act1, gate) -> None:
+    node = se_node(torch.bfloat16, c, r, act1=act1, gate=gate, seed=c, w_dtype=w_dtype)
+    t = get_tactic("cpu.se_gate_bf16")
+    assert t is not None and t.supports(node, CTX) and not get_tactic(TID).supports(node, CTX)
+    kern = t.make(node, {}, CPU)
+    x = _layout((torch.randn(n, c, h, w) + 0.3).bfloat16(), layout)
+    got = kern(x)
+    assert got.dtype == torch.bfloat16 and tuple(got.shape) == (n, c, 1, 1)
+    want = _oracle(node, x)  # float64 on the same bfloat16 values and weights, not rounded
+    # the gate is rounded to bfloat16 once: within half a bfloat16 step (at most 2**-8 relative) of the formula,
+    # plus the float32 mean's own rounding
+    err = ((got.double() - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+    assert err <= 2.0 ** -8 + 1e-5, err
+    out = torch.empty((n, c, 1, 1), dtype=torch.bfloat16)
+    assert kern(x, out=out) is out and torch.equal(out, got)
+
+
+def test_bf16_build_keeps_the_gate_in_bfloat16() -> None:
+    """A CPU BF16 build lowers an SE block's gate too: no Cast layers around it, the gate on cpu.se_gate_bf16."""
+    from kiln.backends.cpu.features import native_low_precision
+    if not native_low_precision(DType.BFLOAT16):
+        pytest.skip("this CPU has no BF16 instructions: a --bf16 CPU build is FP32 here")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.builder import Builder, BuilderConfig
+    from kiln.logger import Logger
+    from kiln.runtime.engine import Engine
+    from kiln.testing import run_oracle
+    rng = np.random.default_rng()
+    c, r = 32, 8
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * k).astype(np.float32), name) for name, s, k in (
+        ("wc", (c, 3, 3, 3), 0.3), ("w1", (r, c, 1, 1), c ** -0.5), ("b1", (r,), 1.0), ("w2", (c, r, 1, 1), r ** -0.5),
+        ("b2", (c,), 1.0))]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["f"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["f"], ["a"]),
+             helper.make_node("GlobalAveragePool", ["a"], ["m"]),
+             helper.make_node("Conv", ["m", "w1", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("Conv", ["hr", "w2", "b2"], ["g"]),
+             helper.make_node("Sigmoid", ["g"], ["gs"]),
+             helper.make_node("Mul", ["a", "gs"], ["y"])]
+    g = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 40, 40])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    plan = Builder(Logger()).build(m, BuilderConfig(device="cpu", bf16=True))
+    steps = plan.graph["steps"]
+    assert any(s["tactic"] == "cpu.se_gate_bf16" for s in steps), [(s["op"], s["tactic"]) for s in steps]
+    assert sum(s["op"] == "Cast" for s in steps) <= 2, [(s["op"], s["tactic"]) for s in steps]  # input and output
+    x = rng.standard_normal((1, 3, 40, 40)).astype(np.float32)
+    got = Engine(plan).create_execution_context().execute({"x": x})["y"]
+    want = run_oracle(m, {"x": x})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2

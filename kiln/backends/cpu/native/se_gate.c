@@ -25,6 +25,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -437,4 +438,46 @@ int kiln_se_gate_f32(const struct kiln_se_params *p, const float *x, long N, lon
     }
     free(heap);
     return 0;
+}
+
+/* Channel means of a bfloat16 map, for SEGate in CPU BF16 builds (kiln.backends.cpu.se, cpu.se_gate_bf16):
+ * means[n * C + c] = the mean over H x W of x[n, c] (bfloat16, read through its strides, in elements), in float
+ * partial sums added into double totals every MEAN_CHUNK pixels as above. Images x blocks of 64 channels are
+ * shared out on `threads` threads; within a block the pixels stream by with the block's sums in a float array
+ * (a contiguous run of channels when sc == 1, the channels-last layout). The gate's products then run on these
+ * means by kiln_se_gate_f32 over an N x C x 1 x 1 map. */
+#define MEAN_CHUNK 256
+static inline float bf16_value(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+void kiln_channel_means_bf16(const uint16_t *x, long N, long C, long H, long W, long sn, long sc, long sh, long sw,
+                             float *means, long threads) {
+    const long blocks = (C + 63) / 64, P = H * W;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * blocks > 1)
+    for (long job = 0; job < N * blocks; job++) {
+        const long n = job / blocks, c0 = (job % blocks) * 64, nc = C - c0 < 64 ? C - c0 : 64;
+        float acc[64];
+        double tot[64];
+        for (long k = 0; k < nc; k++) { acc[k] = 0.0f; tot[k] = 0.0; }
+        long run = 0;
+        for (long h = 0; h < H; h++) {
+            for (long w = 0; w < W; w++) {
+                const uint16_t *px = x + n * sn + h * sh + w * sw + c0 * sc;
+                if (sc == 1) {
+                    for (long k = 0; k < nc; k++) acc[k] += bf16_value(px[k]);
+                } else {
+                    for (long k = 0; k < nc; k++) acc[k] += bf16_value(px[k * sc]);
+                }
+                if (++run == MEAN_CHUNK) {
+                    for (long k = 0; k < nc; k++) { tot[k] += acc[k]; acc[k] = 0.0f; }
+                    run = 0;
+                }
+            }
+        }
+        for (long k = 0; k < nc; k++) means[n * C + c0 + k] = (float)((tot[k] + acc[k]) / (double)P);
+    }
 }
