@@ -71,7 +71,8 @@ def builder_config(args: argparse.Namespace) -> Any:
         raise KilnError(f"--opt-level must be >= 0, got {args.opt_level}")
     return BuilderConfig(device=args.device or "auto", profiles=_profiles(args), fp16=args.fp16, bf16=args.bf16,
                          tf32=args.tf32, flush_denormals=args.flush_denormals,
-                         workspace_bytes=args.workspace and args.workspace << 20, timing_cache=args.timing_cache, optimization_level=args.opt_level, **_int8_options(args))
+                         workspace_bytes=args.workspace and args.workspace << 20, timing_cache=args.timing_cache,
+                         optimization_level=args.opt_level, **_int8_options(args))
 
 
 def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:

@@ -11,24 +11,39 @@ duration of the call and restored after it, so code around Kiln keeps IEEE gradu
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import ctypes
+import functools
+from typing import Any, Iterator
 
 import torch
 
 from kiln.backends.cpu import native
 
 
+@functools.cache
+def _library() -> Any:
+    """native/fpmode.c with its signatures, loaded once (None where no C compiler works); every CPU execute
+    enters flushed_denormals, so no lock or lookup on that path."""
+    lib = native.load("fpmode")
+    if lib is not None:
+        lib.kiln_denormals.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.kiln_denormals.restype = ctypes.c_int
+        lib.kiln_denormals_mode.argtypes = []
+        lib.kiln_denormals_mode.restype = ctypes.c_int
+    return lib
+
+
 def available() -> bool:
     """Whether Kiln's CPU plans can run with denormals flushed here (a C compiler, an x86-64 or Arm CPU)."""
-    lib = native.load("fpmode")
+    lib = _library()
     return lib is not None and lib.kiln_denormals_mode() >= 0
 
 
 @contextlib.contextmanager
-def flushed_denormals(flush: bool = True) -> Iterator[None]:
-    """Run the body with denormals flushed to zero in this thread and its OpenMP team (a no-op when `flush`
-    is False, when they already are, or where the mode cannot be set: no C compiler, another architecture)."""
-    lib = native.load("fpmode") if flush else None
+def flushed_denormals() -> Iterator[None]:
+    """Run the body with denormals flushed to zero in this thread and its OpenMP team (a no-op where they
+    already are, or where the mode cannot be set: no C compiler, another architecture)."""
+    lib = _library()
     if lib is None:
         yield
         return

@@ -173,9 +173,9 @@ class CpuSEGateTactic(CpuTactic):
 
 class CpuSEGateBf16Tactic(CpuSEGateTactic):
     """SEGate on a bfloat16 map (CPU BF16 builds): the channel means in float32 by one C pass over the bfloat16
-    map (native/se_gate.c's kiln_channel_means_bf16), both products by the float32 kernel over those [N, C, 1, 1]
-    means (the weights widened once, exactly), the gate rounded to bfloat16 once, as the reference computes it. Without it the gate stays float32
-    in a BF16 build, and each squeeze-excite block gets two Casts (EfficientNet-B0: 34)."""
+    map (native/se_gate.c's kiln_channel_means_bf16), both products by the float32 kernel over those
+    [N, C, 1, 1] means (the weights widened once, exactly), the gate rounded to bfloat16 once, as the reference
+    computes it. Without it the gate stays float32 in a BF16 build, between two Casts per block."""
 
     id = "cpu.se_gate_bf16"
 
